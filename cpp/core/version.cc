@@ -1,0 +1,7 @@
+#include "core/version.h"
+
+namespace qs {
+
+int format_version() noexcept { return kFormatVersion; }
+
+}  // namespace qs

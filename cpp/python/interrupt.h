@@ -1,0 +1,54 @@
+// Binding layer: run a core computation with the GIL released, stay responsive
+// to Ctrl-C. The computation runs on a helper std::thread; the calling thread
+// waits in short slices and, between slices, re-acquires the GIL to let Python
+// run its signal handlers. A pending KeyboardInterrupt cancels the core (via
+// its CancelToken), joins it, and propagates to Python. Inputs must already be
+// converted to plain C++ values before calling this (GIL rules).
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+#include <chrono>
+#include <future>
+#include <thread>
+#include <type_traits>
+#include <utility>
+
+#include "core/parallel.h"
+
+namespace qs_py {
+
+namespace py = pybind11;
+
+template <class F>
+auto run_interruptible(F&& f) -> std::invoke_result_t<F&, qs::CancelToken&> {
+  using R = std::invoke_result_t<F&, qs::CancelToken&>;
+  qs::CancelToken token;
+  std::packaged_task<R()> task([&]() -> R { return f(token); });
+  std::future<R> result = task.get_future();
+  bool interrupted = false;
+  {
+    py::gil_scoped_release release;
+    std::thread runner(std::move(task));
+    while (result.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready) {
+      py::gil_scoped_acquire acquire;
+      if (PyErr_CheckSignals() != 0) {
+        interrupted = true;
+        token.cancel();
+        break;
+      }
+    }
+    runner.join();
+  }
+  if (interrupted) {
+    // The Python error (usually KeyboardInterrupt) is still set: raise it.
+    throw py::error_already_set();
+  }
+  try {
+    return result.get();
+  } catch (const qs::Cancelled&) {
+    throw py::error_already_set();
+  }
+}
+
+}  // namespace qs_py

@@ -1,0 +1,10 @@
+// Binding layer: one registration function per concept, defined in register_*.cc.
+#pragma once
+
+#include <pybind11/pybind11.h>
+
+namespace qs_py {
+
+void register_errors(pybind11::module_& m);
+
+}  // namespace qs_py

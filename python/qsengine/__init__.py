@@ -1,0 +1,18 @@
+"""qsengine: does a Mixture-of-Experts model or its quality-matched dense twin
+serve LLM decode traffic better on a given GPU cluster, by how much, and why?
+
+The public API is re-exported here; the compiled core ``qsengine._core`` is
+private.
+"""
+
+from __future__ import annotations
+
+from qsengine._core import __version__
+from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
+
+__all__ = [
+    "__version__",
+    "QsengineWarning",
+    "ResourceLimitError",
+    "SpecError",
+]

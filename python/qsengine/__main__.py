@@ -1,0 +1,5 @@
+import sys
+
+from qsengine.cli import main
+
+sys.exit(main())
