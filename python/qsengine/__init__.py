@@ -9,9 +9,17 @@ from __future__ import annotations
 
 from qsengine._core import __version__
 from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
+from qsengine.specs import Accelerator, Attention, Cluster, Model, Plan, Precision, Workload
 
 __all__ = [
     "__version__",
+    "Accelerator",
+    "Attention",
+    "Cluster",
+    "Model",
+    "Plan",
+    "Precision",
+    "Workload",
     "QsengineWarning",
     "ResourceLimitError",
     "SpecError",

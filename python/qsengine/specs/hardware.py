@@ -1,0 +1,87 @@
+"""Accelerators and clusters.
+
+Units inside the objects are SI base units: bytes, bytes/s, FLOP/s. The TOML
+files use the reference data's units (GB, TB/s, TFLOP/s, GB/s, Gbit/s) and the
+loaders convert.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """One GPU/accelerator.
+
+    Attributes:
+        id, name, source: identity and the URL the numbers come from.
+        hbm_bytes: HBM capacity.
+        hbm_bandwidth: peak HBM bandwidth, bytes/s.
+        flops: dense (non-sparse) peak FLOP/s per compute dtype, e.g.
+            ``{"bf16": 989e12, "fp8": 1979e12}``.
+        bandwidth_efficiency: achievable fraction of ``hbm_bandwidth`` (η_bw).
+        flops_efficiency: achievable fraction of peak FLOP/s (η_f).
+        scaleup_bandwidth: per-GPU unidirectional bandwidth inside the
+            scale-up domain (NVLink / xGMI / ICI), bytes/s.
+        internode_bandwidth: per-GPU network bandwidth across domains, bytes/s.
+        link_efficiency: achievable fraction of link bandwidths.
+        gpus_per_node: GPUs per server (tray).
+        scaleup_domain: GPUs sharing the scale-up fabric (8 for HGX, 72 for NVL72).
+        usable_hbm_fraction: fraction of HBM the serving engine may use.
+        runtime_reserve_bytes: per-GPU reserve for the runtime, CUDA graphs,
+            activations and workspace, taken out of the usable HBM.
+    """
+
+    id: str
+    name: str
+    hbm_bytes: float
+    hbm_bandwidth: float
+    flops: dict[str, float]
+    scaleup_bandwidth: float
+    internode_bandwidth: float
+    gpus_per_node: int
+    scaleup_domain: int
+    bandwidth_efficiency: float = 0.8
+    flops_efficiency: float = 0.7
+    link_efficiency: float = 0.7
+    usable_hbm_fraction: float = 0.9
+    runtime_reserve_bytes: float = 4e9
+    vendor: str = ""
+    source: str = ""
+    notes: str = field(default="", compare=False)
+
+    def __hash__(self) -> int:  # dict field: hash by identity-defining fields
+        return hash((self.id, self.hbm_bytes, self.hbm_bandwidth, tuple(sorted(self.flops.items()))))
+
+    def peak_flops(self, dtype: str) -> float:
+        """Dense peak FLOP/s for ``dtype``; falls back to the best lower precision
+        the accelerator supports (fp4 -> fp8 -> bf16)."""
+        for d in {"fp4": ("fp4", "fp8", "bf16"), "fp8": ("fp8", "bf16"), "int8": ("int8", "fp8", "bf16")}.get(
+            dtype, (dtype, "bf16")
+        ):
+            if d in self.flops:
+                return self.flops[d]
+        raise ValueError(f"accelerator {self.id!r}: no peak FLOP/s for dtype {dtype!r} (has {sorted(self.flops)})")
+
+    @property
+    def usable_bytes(self) -> float:
+        """HBM available to weights and KV: capacity·usable fraction − reserve."""
+        return self.hbm_bytes * self.usable_hbm_fraction - self.runtime_reserve_bytes
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``num_gpus`` identical accelerators, e.g. ``Cluster(h200, 8)`` ("8xH200")."""
+
+    accelerator: Accelerator
+    num_gpus: int
+    name: str = ""
+
+    @property
+    def label(self) -> str:
+        return self.name or f"{self.num_gpus}x{self.accelerator.id}"
+
+    @property
+    def num_nodes(self) -> int:
+        return -(-self.num_gpus // self.accelerator.gpus_per_node)

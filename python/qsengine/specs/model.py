@@ -1,0 +1,268 @@
+"""Model architecture specs and the parameter / KV arithmetic derived from them.
+
+Everything here is *computed* from the architecture; published totals are
+only used by the tests to check the arithmetic.
+
+Conventions (see ``docs/model.md``):
+
+* A layer is an attention block followed by an FFN block; the FFN is either a
+  dense FFN (``dense_layers`` of them) or an MoE block (``moe_layers``).
+  Layers in ``encoder_layers`` (encoder-decoder models such as Switch-C) hold
+  resident weights but take no part in a decode step and cache no KV.
+* Gated FFNs (SwiGLU, GeGLU) have three matrices (3·d·f), non-gated two (2·d·f).
+* ``active_params`` are the weights read to decode one token with one sequence:
+  every non-expert weight except the input embedding table (one row is read),
+  plus ``top_k`` routed experts and all shared experts in each MoE layer.
+  With tied embeddings the table is also the LM head and counts as active.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Literal
+
+AttentionKind = Literal["mha", "gqa", "mla"]
+LocalKind = Literal["sliding", "chunked"]
+
+
+@dataclass(frozen=True)
+class Attention:
+    """Self-attention block of one layer.
+
+    MHA/GQA: ``num_heads`` query heads, ``num_kv_heads`` key/value heads of
+    width ``head_dim`` (``v_head_dim`` defaults to ``head_dim``).
+
+    MLA (DeepSeek-V2/V3, Kimi-K2): queries through an optional low-rank
+    ``q_lora_rank``; keys/values through a ``kv_lora_rank`` latent plus a
+    decoupled RoPE key of width ``qk_rope_head_dim``; only the latent and the
+    RoPE key are cached. ``head_dim`` = ``qk_nope_head_dim + qk_rope_head_dim``.
+
+    ``local_layers`` of the model's decode layers attend only to a local window
+    of ``local_window`` tokens (``local_kind`` "sliding" or "chunked"); their KV
+    cache holds at most ``local_window`` tokens per sequence.
+    """
+
+    kind: AttentionKind
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    v_head_dim: int | None = None
+    q_lora_rank: int | None = None
+    kv_lora_rank: int | None = None
+    qk_rope_head_dim: int | None = None
+    qk_nope_head_dim: int | None = None
+    local_layers: int = 0
+    local_window: int | None = None
+    local_kind: LocalKind = "sliding"
+    qkv_bias: bool = False
+
+    @property
+    def value_dim(self) -> int:
+        return self.v_head_dim if self.v_head_dim is not None else self.head_dim
+
+    def params(self, hidden: int) -> int:
+        """Weights of one attention block (projections; norms excluded)."""
+        d, h = hidden, self.num_heads
+        if self.kind == "mla":
+            assert self.kv_lora_rank is not None and self.qk_rope_head_dim is not None
+            nope = self.head_dim - self.qk_rope_head_dim if self.qk_nope_head_dim is None else self.qk_nope_head_dim
+            qk = nope + self.qk_rope_head_dim
+            if self.q_lora_rank:
+                q = d * self.q_lora_rank + self.q_lora_rank + self.q_lora_rank * h * qk  # incl. q_a norm
+            else:
+                q = d * h * qk
+            kv_a = d * (self.kv_lora_rank + self.qk_rope_head_dim) + self.kv_lora_rank  # incl. kv_a norm
+            kv_b = self.kv_lora_rank * h * (nope + self.value_dim)
+            o = h * self.value_dim * d
+            return q + kv_a + kv_b + o
+        q = d * h * self.head_dim
+        kv = d * self.num_kv_heads * (self.head_dim + self.value_dim)
+        o = h * self.value_dim * d
+        bias = (h * self.head_dim + self.num_kv_heads * (self.head_dim + self.value_dim)) if self.qkv_bias else 0
+        return q + kv + o + bias
+
+    def kv_elements_per_token(self) -> int:
+        """Cached elements per token per layer (K and V, or MLA latent + RoPE key)."""
+        if self.kind == "mla":
+            assert self.kv_lora_rank is not None and self.qk_rope_head_dim is not None
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return self.num_kv_heads * (self.head_dim + self.value_dim)
+
+    def flops_per_token(self, hidden: int, context: int) -> float:
+        """FLOPs of one decode token in one layer at ``context`` cached tokens.
+
+        Projections: 2 per weight. Scores and weighted values: MHA/GQA
+        2·h·(head_dim + v_dim)·T; MLA in its absorbed decode form attends in
+        the latent space: 2·h·(2·kv_lora_rank + rope)·T.
+        """
+        proj = 2.0 * self.params(hidden)
+        h = self.num_heads
+        if self.kind == "mla":
+            assert self.kv_lora_rank is not None and self.qk_rope_head_dim is not None
+            per_ctx = 2.0 * h * (2 * self.kv_lora_rank + self.qk_rope_head_dim)
+        else:
+            per_ctx = 2.0 * h * (self.head_dim + self.value_dim)
+        return proj + per_ctx * context
+
+
+@dataclass(frozen=True)
+class Model:
+    """A decoder (or encoder-decoder) transformer, dense or Mixture-of-Experts.
+
+    Build from a shipped preset (:func:`qsengine.load_model`), a TOML file or a
+    Hugging Face ``config.json``; construct directly for a hypothetical model.
+    """
+
+    id: str
+    name: str
+    num_layers: int
+    hidden_size: int
+    vocab_size: int
+    attention: Attention
+    dense_layers: int
+    moe_layers: int
+    dense_intermediate: int = 0
+    routed_experts: int = 0
+    top_k: int = 0
+    moe_intermediate: int = 0
+    shared_experts: int = 0
+    shared_intermediate: int = 0
+    expert_groups: int = 1
+    top_groups: int = 1
+    gated_ffn: bool = True
+    ffn_bias: bool = False
+    tie_embeddings: bool = False
+    encoder_layers: int = 0
+    source: str = ""
+    published_total_params: float | None = None
+    published_active_params: float | None = None
+    notes: str = field(default="", compare=False)
+
+    # ----------------------------------------------------------- structure
+    @property
+    def is_moe(self) -> bool:
+        return self.moe_layers > 0 and self.routed_experts > 0
+
+    @property
+    def decode_layers(self) -> int:
+        """Layers that run in a decode step (all but encoder layers)."""
+        return self.num_layers - self.encoder_layers
+
+    @property
+    def decode_moe_layers(self) -> int:
+        """MoE layers that run in a decode step (encoder layers are spread
+        proportionally over dense and MoE layers)."""
+        if self.encoder_layers == 0:
+            return self.moe_layers
+        return round(self.moe_layers * self.decode_layers / self.num_layers)
+
+    @property
+    def decode_dense_layers(self) -> int:
+        return self.decode_layers - self.decode_moe_layers
+
+    # ----------------------------------------------------------- parameters
+    def _ffn_params(self, width: int) -> int:
+        mats = 3 if self.gated_ffn else 2
+        bias = (2 * width + self.hidden_size) if (self.ffn_bias and self.gated_ffn) else (
+            (width + self.hidden_size) if self.ffn_bias else 0)
+        return mats * self.hidden_size * width + bias
+
+    @property
+    def expert_params(self) -> int:
+        """Weights of one routed expert."""
+        return self._ffn_params(self.moe_intermediate) if self.is_moe else 0
+
+    @property
+    def shared_expert_params(self) -> int:
+        """Weights of one shared (always-on) expert."""
+        return self._ffn_params(self.shared_intermediate) if self.shared_experts else 0
+
+    @property
+    def dense_ffn_params(self) -> int:
+        """Weights of one dense FFN block."""
+        return self._ffn_params(self.dense_intermediate) if self.dense_layers else 0
+
+    @property
+    def attention_params(self) -> int:
+        """Weights of one attention block."""
+        return self.attention.params(self.hidden_size)
+
+    @property
+    def router_params(self) -> int:
+        """Weights of one MoE layer's router (d·E)."""
+        return self.hidden_size * self.routed_experts if self.is_moe else 0
+
+    @property
+    def norm_params(self) -> int:
+        """RMS/LayerNorm gains: two per layer plus the final norm."""
+        return (2 * self.num_layers + 1) * self.hidden_size
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.hidden_size
+
+    @property
+    def lm_head_params(self) -> int:
+        return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+
+    def params_by_component(self) -> dict[str, int]:
+        """Total parameters per component; the values sum to :attr:`total_params`.
+
+        Keys: attention, dense_ffn, routed_experts, shared_experts, router,
+        norms, embedding, lm_head.
+        """
+        return {
+            "attention": self.num_layers * self.attention_params,
+            "dense_ffn": self.dense_layers * self.dense_ffn_params,
+            "routed_experts": self.moe_layers * self.routed_experts * self.expert_params,
+            "shared_experts": self.moe_layers * self.shared_experts * self.shared_expert_params,
+            "router": self.moe_layers * self.router_params,
+            "norms": self.norm_params,
+            "embedding": self.embedding_params,
+            "lm_head": self.lm_head_params,
+        }
+
+    def active_params_by_component(self) -> dict[str, int]:
+        """Parameters read to decode one token of one sequence, per component."""
+        p = self.params_by_component()
+        p["routed_experts"] = self.moe_layers * self.top_k * self.expert_params
+        p["embedding"] = self.embedding_params if self.tie_embeddings else 0
+        return p
+
+    @property
+    def total_params(self) -> int:
+        return sum(self.params_by_component().values())
+
+    @property
+    def active_params(self) -> int:
+        return sum(self.active_params_by_component().values())
+
+    @property
+    def sparsity(self) -> float:
+        """s = active / total parameters (1.0 for a dense model)."""
+        return self.active_params / self.total_params
+
+    # ----------------------------------------------------------- KV cache
+    def kv_bytes_per_token_per_layer(self, kv_bytes: float = 2.0) -> float:
+        """KV-cache bytes one token adds to one full-attention layer."""
+        return self.attention.kv_elements_per_token() * kv_bytes
+
+    def kv_bytes_per_token(self, kv_bytes: float = 2.0) -> float:
+        """KV bytes per token summed over decode layers, ignoring window caps
+        (the per-token growth while context < every window)."""
+        return self.decode_layers * self.kv_bytes_per_token_per_layer(kv_bytes)
+
+    def kv_bytes_per_sequence(self, context: int, kv_bytes: float = 2.0) -> float:
+        """KV bytes of one sequence at ``context`` tokens, honouring local
+        (sliding / chunked) layers, which hold at most ``local_window`` tokens."""
+        per = self.kv_bytes_per_token_per_layer(kv_bytes)
+        local = self.attention.local_layers
+        window = self.attention.local_window or context
+        full = self.decode_layers - local
+        return per * (full * context + local * min(context, window))
+
+    # ----------------------------------------------------------- variants
+    def replace(self, **changes: object) -> "Model":
+        """A copy with some fields changed (validated like any new Model)."""
+        return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
