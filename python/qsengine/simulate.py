@@ -31,7 +31,18 @@ from qsengine.step import StepBreakdown, StepOptions, decode_step, moe_cost_coef
 
 __all__ = ["SideResult", "SimulationResult", "simulate", "evaluate_side"]
 
-_DEFAULT_MICROBATCHES = 20_000
+#: ``microbatches="auto"``: enough microbatches for a routing budget of about
+#: ``_AUTO_ASSIGNMENTS`` token-expert assignments, clamped to [_AUTO_MIN, _AUTO_MAX].
+_AUTO_ASSIGNMENTS = 1e8
+_AUTO_MIN = 200
+_AUTO_MAX = 20_000
+_DEFAULT_MICROBATCHES = "auto"
+
+
+def auto_microbatches(tokens: int, top_k: int, layers: int) -> int:
+    """Microbatches the ``"auto"`` setting runs for a routing problem of this size."""
+    per = max(1, tokens * top_k * max(layers, 1))
+    return int(min(_AUTO_MAX, max(_AUTO_MIN, _AUTO_ASSIGNMENTS // per)))
 
 
 @dataclass(frozen=True)
@@ -293,7 +304,7 @@ def evaluate_side(
     plan: Plan | str = "auto",
     precision: Precision,
     routing: Any = None,
-    microbatches: int = _DEFAULT_MICROBATCHES,
+    microbatches: int | str = _DEFAULT_MICROBATCHES,
     slo_tpot: float | None = None,
     seed: np.random.SeedSequence | None = None,
     threads: int | None = None,
@@ -333,7 +344,7 @@ def evaluate_side(
     _, p, pk, b, limit, st = best
 
     stats = None
-    if model.is_moe and microbatches > 0:
+    if model.is_moe and microbatches != 0:
         st, stats, b, limit = _monte_carlo(model, precision, cluster, p, context, b, limit, slo_tpot, routing,
                                            microbatches, seed, threads, options)
     return SideResult(model=model, feasible=True, plan=p, batch=b, replicas=p.dp,
@@ -342,7 +353,7 @@ def evaluate_side(
 
 
 def _monte_carlo(model: Model, precision: Precision, cluster: Cluster, plan: Plan, context: int, batch: int,
-                 limit: str, slo_tpot: float | None, routing: Any, microbatches: int,
+                 limit: str, slo_tpot: float | None, routing: Any, microbatches: int | str,
                  seed: np.random.SeedSequence | None, threads: int | None, options: StepOptions):
     """Step time at ``batch`` with the routed-expert straggler from the routing
     Monte Carlo; if the Monte Carlo TPOT misses the SLO, step the batch down."""
@@ -353,7 +364,9 @@ def _monte_carlo(model: Model, precision: Precision, cluster: Cluster, plan: Pla
     while True:
         shape = moe_layer_shape(model, plan, batch)
         tokens = max(1, int(round(shape.tokens)))
-        stats = route(model.routed_experts, model.top_k, tokens, microbatches, routing=routing,
+        n = auto_microbatches(tokens, model.top_k, model.decode_moe_layers) if microbatches == "auto" \
+            else int(microbatches)
+        stats = route(model.routed_experts, model.top_k, tokens, n, routing=routing,
                       placement=Placement.contiguous(shape.gpus), seed=seed, threads=threads,
                       layers=model.decode_moe_layers, cost=(a, bcoef))
         dist = stats.step_time
@@ -425,7 +438,7 @@ def simulate(
     routing: Any = "uniform",
     plan: Plan | str = "auto",
     precision: Precision | str | None = None,
-    microbatches: int = _DEFAULT_MICROBATCHES,
+    microbatches: int | str = _DEFAULT_MICROBATCHES,
     slo_tpot: float | None = None,
     seed: SeedLike = None,
     threads: int | None = None,
@@ -450,8 +463,10 @@ def simulate(
             for both sides.
         precision: numeric formats (preset name or :class:`Precision`);
             default bf16.
-        microbatches: Monte Carlo microbatches at the chosen batch; 0 uses the
-            closed form for independent routing.
+        microbatches: Monte Carlo microbatches at the chosen batch (each
+            passes through every MoE layer); ``"auto"`` sizes it to a fixed
+            routing budget (see :func:`auto_microbatches`); 0 uses the closed
+            form for independent routing only.
         slo_tpot: optional per-token latency target (seconds) capping the batch.
         seed: None, int or SeedSequence; recorded in ``result.inputs``.
         threads: C++ threads for the Monte Carlo (None = all cores).
@@ -471,8 +486,9 @@ def simulate(
     context = int(context)
     if context < 1:
         raise ValueError(f"context={context}: must be >= 1 token")
-    if isinstance(microbatches, bool) or not isinstance(microbatches, (int, np.integer)) or microbatches < 0:
-        raise ValueError(f"microbatches={microbatches!r}: must be an int >= 0")
+    if microbatches != "auto" and (isinstance(microbatches, bool) or not isinstance(microbatches, (int, np.integer))
+                                   or microbatches < 0):
+        raise ValueError(f"microbatches={microbatches!r}: must be 'auto' or an int >= 0")
     if slo_tpot is not None and not (isinstance(slo_tpot, (int, float)) and math.isfinite(slo_tpot)
                                      and slo_tpot > 0):
         raise ValueError(f"slo_tpot={slo_tpot!r}: must be a positive number of seconds or None")
@@ -492,7 +508,7 @@ def simulate(
 
     moe_seed, _ = seq.spawn(2)
     moe_side = evaluate_side(model, cluster, context, plan=plan, precision=precision, routing=routing,
-                             microbatches=int(microbatches), slo_tpot=slo_tpot, seed=moe_seed, threads=threads,
+                             microbatches=microbatches, slo_tpot=slo_tpot, seed=moe_seed, threads=threads,
                              options=options)
     dense_side = evaluate_side(dense_model, cluster, context, plan=plan, precision=precision, microbatches=0,
                                slo_tpot=slo_tpot, options=options)
@@ -516,7 +532,7 @@ def simulate(
         "routing": repr(routing),
         "plan": plan if isinstance(plan, str) else plan.label,
         "precision": dataclasses.asdict(precision),
-        "microbatches": int(microbatches),
+        "microbatches": microbatches if microbatches == "auto" else int(microbatches),
         "slo_tpot": slo_tpot,
         "seed": seed_record(seq),
         "twin_attention": twin_attention,
