@@ -35,7 +35,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from qsengine.errors import SpecError
-from qsengine.specs._validate import check_int, check_keys, did_you_mean, spec_source, type_fail
+from qsengine.specs._validate import check_float, check_int, check_keys, did_you_mean, spec_source, type_fail
 from qsengine.specs.hardware import Accelerator, Cluster
 from qsengine.specs.model import Attention, Model
 from qsengine.specs.precision import PRESETS, Precision, as_precision
@@ -429,18 +429,15 @@ def accelerator_from_dict(d: dict[str, Any], label: str) -> Accelerator:
         kw.setdefault("name", kw["id"])
         for key, (fname, factor) in _ACC_UNITS.items():
             if key in d:
-                v = d[key]
-                if isinstance(v, bool) or not isinstance(v, (int, float)):
-                    raise type_fail(label, key, v, "a number")
+                # validate in the file's units so the message shows what was written
+                v = check_float(label, key, d[key], allow_zero=(key == "runtime_reserve_gb"))
                 kw[fname] = v * factor
         fl = d["flops_tflops"]
         if not isinstance(fl, dict):
             raise type_fail(label, "flops_tflops", fl, "a table of dtype = TFLOP/s")
         flops: dict[str, float] = {}
         for k, v in fl.items():
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise type_fail(label, f"flops_tflops.{k}", v, "a number")
-            flops[k] = v * 1e12
+            flops[k] = check_float(label, f"flops_tflops.{k}", v) * 1e12
         kw["flops"] = flops
         return Accelerator(**kw)
 

@@ -120,7 +120,7 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
                 f"dense twin of {model.id}: field 'q' = {qv!r}: q x active ({target:.4g}) is smaller than the "
                 f"twin's attention, norm and embedding weights ({floor:.4g}); q must be > {floor / model.active_params:.4g}"
             )
-        return build(width)
+        return _checked(build(width), target, model, qv)
 
     # attention == "gqa": size hidden and depth, then solve the FFN width.
     per_layer_coef = 2 + 3 * GQA_FFN_RATIO  # q,o (2 d^2) + gated FFN (3 * ratio * d^2), K/V ignored for sizing
@@ -141,7 +141,7 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
 
         width, exact = _solve_width(build, target)
         if width >= 1:
-            return build(width)
+            return _checked(build(width), target, model, qv)
         if layers == 1:
             floor = build(1).active_params
             raise SpecError(
@@ -149,6 +149,21 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
                 f"one-layer GQA model of hidden size {hidden} ({floor:.4g}); use attention='same' or a larger q"
             )
         layers -= 1
+
+
+#: Largest relative miss of ``q x active`` a twin may have.
+TWIN_TOLERANCE = 0.005
+
+
+def _checked(twin: Model, target: float, model: Model, qv: float) -> Model:
+    miss = twin.active_params / target - 1.0
+    if abs(miss) > TWIN_TOLERANCE:
+        raise SpecError(
+            f"dense twin of {model.id}: field 'q' = {qv!r}: the nearest integer FFN width ({twin.dense_intermediate}) "
+            f"misses q x active by {100 * miss:+.2f}% (> {100 * TWIN_TOLERANCE}%): the model is too small for "
+            "this q; use a larger q"
+        )
+    return twin
 
 
 class Verdict(str, enum.Enum):
