@@ -297,3 +297,9 @@ def test_workloads():
         Workload.distribution([1, 2], [1.0])
     w = Workload.distribution([1000, 3000], [3, 1])
     assert w.context == 1500 and w.is_distribution
+
+
+def test_numpy_scalars_are_accepted_in_workloads():
+    np = pytest.importorskip("numpy")
+    w = Workload.distribution(np.array([1024, 4096]), np.array([1.0, 3.0]))
+    assert w.lengths == (1024, 4096) and type(w.lengths[0]) is int and w.context == 3328

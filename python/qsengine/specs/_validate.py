@@ -15,6 +15,7 @@ import contextlib
 import contextvars
 import difflib
 import math
+import numbers
 from collections.abc import Iterable, Iterator
 from typing import Any
 
@@ -57,9 +58,11 @@ def type_fail(src: str, name: str, value: object, expected: str) -> TypeError:
 
 
 def check_int(src: str, name: str, value: object, *, minimum: int | None = None) -> int:
-    """``value`` must be an ``int`` (not ``bool``, not ``float``), ``>= minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int):
+    """``value`` must be an integer (``int`` or e.g. ``numpy.int64``; not
+    ``bool``, not ``float``), ``>= minimum``. Returns it as ``int``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise type_fail(src, name, value, "an integer")
+    value = int(value)
     if minimum is not None and value < minimum:
         rule = "must be positive" if minimum == 1 else ("must be >= 0" if minimum == 0 else f"must be >= {minimum}")
         raise fail(src, name, value, rule)
@@ -81,7 +84,7 @@ def check_float(
 ) -> float:
     """``value`` must be a real number (int or float, not bool), finite, and
     ``> 0`` (``>= 0`` with ``allow_zero``), and ``<= maximum`` if given."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise type_fail(src, name, value, "a number")
     v = float(value)
     if math.isnan(v) or math.isinf(v):

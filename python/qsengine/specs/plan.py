@@ -160,8 +160,7 @@ class Workload:
         src = current_source("Workload")
         if not lengths:
             raise fail(src, "lengths", lengths, "must not be empty")
-        for i, n in enumerate(lengths):
-            check_int(src, f"lengths[{i}]", n, minimum=1)
+        lengths = tuple(check_int(src, f"lengths[{i}]", n, minimum=1) for i, n in enumerate(lengths))
         if len(w) != len(lengths):
             raise fail(src, "weights", len(w), f"needs one weight per length ({len(lengths)})")
         wf = tuple(check_float(src, f"weights[{i}]", x, allow_zero=True) for i, x in enumerate(w))
