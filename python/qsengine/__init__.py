@@ -10,6 +10,24 @@ from __future__ import annotations
 from qsengine._core import __version__
 from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
 from qsengine.specs import Accelerator, Attention, Cluster, Model, Plan, Precision, Workload
+from qsengine.specs import (
+    PRECISIONS,
+    QsResult,
+    Verdict,
+    accelerators,
+    as_accelerator,
+    as_cluster,
+    as_model,
+    as_precision,
+    clusters,
+    dense_twin,
+    load_accelerator,
+    load_cluster,
+    load_model,
+    models,
+    precisions,
+    qs,
+)
 
 __all__ = [
     "__version__",
@@ -23,4 +41,21 @@ __all__ = [
     "QsengineWarning",
     "ResourceLimitError",
     "SpecError",
+    # specs layer: presets, loaders, dense twin, qs inequality
+    "PRECISIONS",
+    "QsResult",
+    "Verdict",
+    "accelerators",
+    "as_accelerator",
+    "as_cluster",
+    "as_model",
+    "as_precision",
+    "clusters",
+    "dense_twin",
+    "load_accelerator",
+    "load_cluster",
+    "load_model",
+    "models",
+    "precisions",
+    "qs",
 ]

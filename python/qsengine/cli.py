@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 # (module, function) pairs; each function adds one or more sub-commands.
 _COMMANDS: list[tuple[str, str]] = [
-    ("qsengine.study", "add_parser"),
+    ("qsengine.specs.cli", "add_parser"),  # list, show
+    ("qsengine.study", "add_parser"),  # study, simulate
 ]
 
 

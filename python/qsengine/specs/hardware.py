@@ -9,6 +9,20 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from qsengine.specs._validate import (
+    check_float,
+    check_fraction,
+    check_int,
+    check_str,
+    current_source,
+    did_you_mean,
+    fail,
+    type_fail,
+)
+
+#: dtype keys an accelerator's ``flops`` table may use.
+FLOPS_DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "fp4", "nvfp4")
+
 
 @dataclass(frozen=True)
 class Accelerator:
@@ -51,6 +65,31 @@ class Accelerator:
     source: str = ""
     notes: str = field(default="", compare=False)
 
+    def __post_init__(self) -> None:
+        src = current_source(f"Accelerator {self.id!r}" if isinstance(self.id, str) else "Accelerator")
+        check_str(src, "id", self.id, nonempty=True)
+        check_str(src, "name", self.name)
+        for f in ("hbm_bytes", "hbm_bandwidth", "scaleup_bandwidth", "internode_bandwidth", "runtime_reserve_bytes"):
+            check_float(src, f, getattr(self, f), allow_zero=(f == "runtime_reserve_bytes"))
+        if not isinstance(self.flops, dict):
+            raise type_fail(src, "flops", self.flops, "a table of dtype -> FLOP/s")
+        if "bf16" not in self.flops:
+            raise fail(src, "flops", self.flops, "must give a 'bf16' peak")
+        for k, v in self.flops.items():
+            if k not in FLOPS_DTYPES:
+                raise fail(src, f"flops.{k}", v, f"unknown dtype; known: {list(FLOPS_DTYPES)}{did_you_mean(str(k), FLOPS_DTYPES)}")
+            check_float(src, f"flops.{k}", v)
+        for f in ("bandwidth_efficiency", "flops_efficiency", "link_efficiency", "usable_hbm_fraction"):
+            check_fraction(src, f, getattr(self, f))
+        check_int(src, "gpus_per_node", self.gpus_per_node, minimum=1)
+        check_int(src, "scaleup_domain", self.scaleup_domain, minimum=1)
+        check_str(src, "vendor", self.vendor)
+        check_str(src, "source", self.source)
+        if self.usable_bytes <= 0:
+            raise fail(src, "runtime_reserve_bytes", self.runtime_reserve_bytes,
+                       f"leaves no usable HBM: hbm_bytes x usable_hbm_fraction ({self.hbm_bytes * self.usable_hbm_fraction:.4g}) "
+                       "must exceed the reserve")
+
     def __hash__(self) -> int:  # dict field: hash by identity-defining fields
         return hash((self.id, self.hbm_bytes, self.hbm_bandwidth, tuple(sorted(self.flops.items()))))
 
@@ -77,10 +116,29 @@ class Cluster:
     accelerator: Accelerator
     num_gpus: int
     name: str = ""
+    source: str = field(default="", compare=False)
+    notes: str = field(default="", compare=False)
+
+    def __post_init__(self) -> None:
+        src = current_source(f"Cluster {self.name!r}" if self.name else "Cluster")
+        if not isinstance(self.accelerator, Accelerator):
+            raise type_fail(src, "accelerator", self.accelerator, "an Accelerator")
+        check_int(src, "num_gpus", self.num_gpus, minimum=1)
+        check_str(src, "name", self.name)
 
     @property
     def label(self) -> str:
         return self.name or f"{self.num_gpus}x{self.accelerator.id}"
+
+    @property
+    def total_hbm_bytes(self) -> float:
+        """HBM capacity summed over all GPUs."""
+        return self.num_gpus * self.accelerator.hbm_bytes
+
+    @property
+    def total_usable_bytes(self) -> float:
+        """Usable HBM (after usable fraction and reserve) summed over all GPUs."""
+        return self.num_gpus * self.accelerator.usable_bytes
 
     @property
     def num_nodes(self) -> int:

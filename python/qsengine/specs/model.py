@@ -20,7 +20,22 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
+
+from qsengine.specs._validate import (
+    check_bool,
+    check_choice,
+    check_float,
+    check_int,
+    check_opt_int,
+    check_str,
+    current_source,
+    fail,
+    type_fail,
+)
+
+if TYPE_CHECKING:
+    from qsengine.specs.precision import Precision
 
 AttentionKind = Literal["mha", "gqa", "mla"]
 LocalKind = Literal["sliding", "chunked"]
@@ -56,6 +71,9 @@ class Attention:
     local_window: int | None = None
     local_kind: LocalKind = "sliding"
     qkv_bias: bool = False
+
+    def __post_init__(self) -> None:
+        _validate_attention(self)
 
     @property
     def value_dim(self) -> int:
@@ -138,6 +156,12 @@ class Model:
     published_total_params: float | None = None
     published_active_params: float | None = None
     notes: str = field(default="", compare=False)
+    cross_attention: bool = False
+    max_context: int | None = None
+    published_active_includes_embedding: bool = field(default=False, compare=False)
+
+    def __post_init__(self) -> None:
+        _validate_model(self)
 
     # ----------------------------------------------------------- structure
     @property
@@ -189,14 +213,22 @@ class Model:
         return self.attention.params(self.hidden_size)
 
     @property
+    def attention_blocks(self) -> int:
+        """Attention blocks in the model: one self-attention per layer, plus one
+        cross-attention per decoder layer when ``cross_attention`` (T5-style
+        encoder-decoder; same projection shapes as self-attention)."""
+        return self.num_layers + (self.decode_layers if self.cross_attention else 0)
+
+    @property
     def router_params(self) -> int:
         """Weights of one MoE layer's router (d·E)."""
         return self.hidden_size * self.routed_experts if self.is_moe else 0
 
     @property
     def norm_params(self) -> int:
-        """RMS/LayerNorm gains: two per layer plus the final norm."""
-        return (2 * self.num_layers + 1) * self.hidden_size
+        """RMS/LayerNorm gains: two per layer (three in decoder layers with
+        cross-attention) plus the final norm."""
+        return (2 * self.num_layers + 1 + (self.decode_layers if self.cross_attention else 0)) * self.hidden_size
 
     @property
     def embedding_params(self) -> int:
@@ -213,7 +245,7 @@ class Model:
         norms, embedding, lm_head.
         """
         return {
-            "attention": self.num_layers * self.attention_params,
+            "attention": self.attention_blocks * self.attention_params,
             "dense_ffn": self.dense_layers * self.dense_ffn_params,
             "routed_experts": self.moe_layers * self.routed_experts * self.expert_params,
             "shared_experts": self.moe_layers * self.shared_experts * self.shared_expert_params,
@@ -253,6 +285,11 @@ class Model:
         (the per-token growth while context < every window)."""
         return self.decode_layers * self.kv_bytes_per_token_per_layer(kv_bytes)
 
+    def kv_bytes_per_token_long(self, kv_bytes: float = 2.0) -> float:
+        """KV bytes per token once the context exceeds every local window: only
+        the full-attention decode layers still grow."""
+        return (self.decode_layers - self.attention.local_layers) * self.kv_bytes_per_token_per_layer(kv_bytes)
+
     def kv_bytes_per_sequence(self, context: int, kv_bytes: float = 2.0) -> float:
         """KV bytes of one sequence at ``context`` tokens, honouring local
         (sliding / chunked) layers, which hold at most ``local_window`` tokens."""
@@ -262,7 +299,147 @@ class Model:
         full = self.decode_layers - local
         return per * (full * context + local * min(context, window))
 
+    # ----------------------------------------------------------- bytes
+    def weight_bytes_by_component(self, precision: "Precision | str" = "bf16") -> dict[str, float]:
+        """Resident weight bytes per component at ``precision`` (routed and
+        shared experts at ``expert_bytes``, everything else at ``weight_bytes``)."""
+        from qsengine.specs.precision import as_precision
+
+        p = as_precision(precision)
+        return {
+            k: v * (p.expert_bytes if k in ("routed_experts", "shared_experts") else p.weight_bytes)
+            for k, v in self.params_by_component().items()
+        }
+
+    def weight_bytes(self, precision: "Precision | str" = "bf16") -> float:
+        """Bytes of all resident weights at ``precision``."""
+        return sum(self.weight_bytes_by_component(precision).values())
+
     # ----------------------------------------------------------- variants
     def replace(self, **changes: object) -> "Model":
         """A copy with some fields changed (validated like any new Model)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
+
+    def dense_twin(self, q: "float | str", attention: str = "same") -> "Model":
+        """The quality-matched dense twin with ``q`` x :attr:`active_params`
+        weights (see :func:`qsengine.specs.twin.dense_twin`)."""
+        from qsengine.specs.twin import dense_twin
+
+        return dense_twin(self, q, attention=attention)
+
+    # ----------------------------------------------------------- TOML
+    def to_dict(self) -> dict[str, object]:
+        """Plain-data form in the shipped TOML schema (``[attention]`` table;
+        fields at their default and ``None`` values omitted)."""
+        from qsengine.specs.loaders import model_to_dict
+
+        return model_to_dict(self)
+
+    def to_toml(self) -> str:
+        """TOML text that :meth:`from_toml` / :func:`qsengine.load_model` read
+        back to an equal :class:`Model`."""
+        from qsengine.specs.loaders import model_to_toml
+
+        return model_to_toml(self)
+
+    @classmethod
+    def from_toml(cls, text: str, source: str = "<toml>") -> "Model":
+        """Parse TOML text in the shipped schema (see ``cluster_specs/models``)."""
+        from qsengine.specs.loaders import model_from_toml_text
+
+        return model_from_toml_text(text, source)
+
+
+# --------------------------------------------------------------- validation
+def _validate_attention(a: Attention) -> None:
+    src = current_source("Attention")
+    f = "attention."
+    check_choice(src, f + "kind", a.kind, ("mha", "gqa", "mla"))
+    check_int(src, f + "num_heads", a.num_heads, minimum=1)
+    check_int(src, f + "num_kv_heads", a.num_kv_heads, minimum=1)
+    check_int(src, f + "head_dim", a.head_dim, minimum=1)
+    check_opt_int(src, f + "v_head_dim", a.v_head_dim, minimum=1)
+    check_opt_int(src, f + "q_lora_rank", a.q_lora_rank, minimum=1)
+    check_opt_int(src, f + "kv_lora_rank", a.kv_lora_rank, minimum=1)
+    check_opt_int(src, f + "qk_rope_head_dim", a.qk_rope_head_dim, minimum=1)
+    check_opt_int(src, f + "qk_nope_head_dim", a.qk_nope_head_dim, minimum=0)
+    check_int(src, f + "local_layers", a.local_layers, minimum=0)
+    check_opt_int(src, f + "local_window", a.local_window, minimum=1)
+    check_choice(src, f + "local_kind", a.local_kind, ("sliding", "chunked"))
+    check_bool(src, f + "qkv_bias", a.qkv_bias)
+    if a.num_heads % a.num_kv_heads:
+        raise fail(src, f + "num_heads", a.num_heads, f"must be divisible by num_kv_heads ({a.num_kv_heads})")
+    if a.kind == "mha" and a.num_kv_heads != a.num_heads:
+        raise fail(src, f + "num_kv_heads", a.num_kv_heads,
+                   f"must equal num_heads ({a.num_heads}) for kind 'mha' (use kind 'gqa')")
+    mla_fields = ("q_lora_rank", "kv_lora_rank", "qk_rope_head_dim", "qk_nope_head_dim")
+    if a.kind == "mla":
+        for name in ("kv_lora_rank", "qk_rope_head_dim"):
+            if getattr(a, name) is None:
+                raise fail(src, f + name, None, "is required when kind is 'mla'")
+        assert a.qk_rope_head_dim is not None
+        if a.qk_rope_head_dim >= a.head_dim:
+            raise fail(src, f + "qk_rope_head_dim", a.qk_rope_head_dim, f"must be < head_dim ({a.head_dim})")
+        if a.qk_nope_head_dim is not None and a.qk_nope_head_dim + a.qk_rope_head_dim != a.head_dim:
+            raise fail(src, f + "head_dim", a.head_dim,
+                       f"must equal qk_nope_head_dim + qk_rope_head_dim ({a.qk_nope_head_dim} + {a.qk_rope_head_dim})")
+    else:
+        for name in mla_fields:
+            if getattr(a, name) is not None:
+                raise fail(src, f + name, getattr(a, name), f"is an MLA field; set only when kind is 'mla' (kind is {a.kind!r})")
+    if a.local_layers > 0 and a.local_window is None:
+        raise fail(src, f + "local_window", None, f"is required when local_layers ({a.local_layers}) > 0")
+    if a.local_layers == 0 and a.local_window is not None:
+        raise fail(src, f + "local_window", a.local_window, "must be unset when local_layers is 0")
+
+
+def _validate_model(m: Model) -> None:
+    src = current_source(f"Model {m.id!r}" if isinstance(m.id, str) else "Model")
+    check_str(src, "id", m.id, nonempty=True)
+    check_str(src, "name", m.name)
+    check_int(src, "num_layers", m.num_layers, minimum=1)
+    check_int(src, "hidden_size", m.hidden_size, minimum=1)
+    check_int(src, "vocab_size", m.vocab_size, minimum=1)
+    if not isinstance(m.attention, Attention):
+        raise type_fail(src, "attention", m.attention, "an Attention")
+    for name in ("dense_layers", "moe_layers", "dense_intermediate", "routed_experts", "top_k",
+                 "moe_intermediate", "shared_experts", "shared_intermediate", "encoder_layers"):
+        check_int(src, name, getattr(m, name), minimum=0)
+    check_int(src, "expert_groups", m.expert_groups, minimum=1)
+    check_int(src, "top_groups", m.top_groups, minimum=1)
+    for name in ("gated_ffn", "ffn_bias", "tie_embeddings", "cross_attention", "published_active_includes_embedding"):
+        check_bool(src, name, getattr(m, name))
+    check_str(src, "source", m.source)
+    check_str(src, "notes", m.notes)
+    for name in ("published_total_params", "published_active_params"):
+        if getattr(m, name) is not None:
+            check_float(src, name, getattr(m, name))
+    check_opt_int(src, "max_context", m.max_context, minimum=1)
+
+    if m.dense_layers + m.moe_layers != m.num_layers:
+        raise fail(src, "num_layers", m.num_layers,
+                   f"must equal dense_layers + moe_layers ({m.dense_layers} + {m.moe_layers})")
+    if m.dense_layers > 0 and m.dense_intermediate < 1:
+        raise fail(src, "dense_intermediate", m.dense_intermediate, f"must be positive when dense_layers ({m.dense_layers}) > 0")
+    if m.moe_layers > 0:
+        for name in ("routed_experts", "top_k", "moe_intermediate"):
+            if getattr(m, name) < 1:
+                raise fail(src, name, getattr(m, name), f"must be positive when moe_layers ({m.moe_layers}) > 0")
+    if m.top_k > m.routed_experts:
+        raise fail(src, "top_k", m.top_k, f"must be <= routed_experts ({m.routed_experts})")
+    if m.shared_experts > 0 and m.shared_intermediate < 1:
+        raise fail(src, "shared_intermediate", m.shared_intermediate, f"must be positive when shared_experts ({m.shared_experts}) > 0")
+    if m.top_groups > m.expert_groups:
+        raise fail(src, "top_groups", m.top_groups, f"must be <= expert_groups ({m.expert_groups})")
+    if m.routed_experts and m.routed_experts % m.expert_groups:
+        raise fail(src, "expert_groups", m.expert_groups, f"must divide routed_experts ({m.routed_experts})")
+    if m.routed_experts and m.top_k > m.top_groups * (m.routed_experts // m.expert_groups):
+        raise fail(src, "top_k", m.top_k,
+                   f"must be <= top_groups x experts per group ({m.top_groups} x {m.routed_experts // m.expert_groups})")
+    if m.encoder_layers >= m.num_layers:
+        raise fail(src, "encoder_layers", m.encoder_layers, f"must be < num_layers ({m.num_layers})")
+    if m.cross_attention and m.encoder_layers == 0:
+        raise fail(src, "cross_attention", m.cross_attention, "needs encoder_layers > 0 (encoder-decoder models only)")
+    if m.attention.local_layers > m.decode_layers:
+        raise fail(src, "attention.local_layers", m.attention.local_layers,
+                   f"must be <= decode layers ({m.decode_layers})")

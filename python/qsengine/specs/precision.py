@@ -12,9 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from qsengine.specs._validate import check_choice, check_float, check_str, current_source, did_you_mean, fail
+from qsengine.errors import SpecError
+
 ComputeDtype = Literal["bf16", "fp8", "fp4", "int8"]
 
 FP8_BLOCK_SCALE = 4.0 / (128 * 128)
+
+#: Element size of each compute dtype, bytes.
+COMPUTE_BYTES: dict[str, float] = {"bf16": 2.0, "fp8": 1.0, "int8": 1.0, "fp4": 0.5}
 MXFP4_BYTES = 0.5 + 1.0 / 32
 
 
@@ -38,6 +44,24 @@ class Precision:
     compute: ComputeDtype = "bf16"
     name: str = "bf16"
 
+    def __post_init__(self) -> None:
+        src = current_source(f"Precision {self.name!r}" if isinstance(self.name, str) else "Precision")
+        for f in ("weight_bytes", "expert_bytes", "kv_bytes", "activation_bytes"):
+            check_float(src, f, getattr(self, f), maximum=8.0)
+        check_choice(src, "compute", self.compute, COMPUTE_BYTES)
+        check_str(src, "name", self.name)
+        # A matmul in `compute` reads weights stored at most that wide (plus
+        # block-scale overhead, up to 1/16 of the element): bf16 weights with
+        # fp8 compute would be an inconsistent pair of dtypes. Narrower storage
+        # than compute (weight-only quantisation, e.g. MXFP4 experts with bf16
+        # compute) is fine.
+        cap = COMPUTE_BYTES[self.compute] * (1.0 + 1.0 / 16)
+        for f in ("weight_bytes", "expert_bytes"):
+            v = getattr(self, f)
+            if v > cap:
+                raise fail(src, f, v, f"is wider than compute dtype {self.compute!r} "
+                           f"({COMPUTE_BYTES[self.compute]} B + block scales <= {cap:g} B); inconsistent dtypes")
+
 
 PRESETS: dict[str, Precision] = {
     "bf16": Precision(),
@@ -47,3 +71,16 @@ PRESETS: dict[str, Precision] = {
     "mxfp4-experts": Precision(2.0, MXFP4_BYTES, 2.0, 2.0, "bf16", "mxfp4-experts"),
     "int8": Precision(1.0, 1.0, 1.0, 2.0, "int8", "int8"),
 }
+
+
+def as_precision(x: "Precision | str") -> Precision:
+    """A :class:`Precision` from itself or a preset name (case-insensitive:
+    ``"bf16"``, ``"fp8"``, ``"fp8-kvbf16"``, ``"fp4"``, ``"mxfp4-experts"``, ``"int8"``)."""
+    if isinstance(x, Precision):
+        return x
+    if not isinstance(x, str):
+        raise TypeError(f"precision: must be a Precision or a preset name, got {type(x).__name__}")
+    key = x.strip().lower().replace("_", "-")
+    if key not in PRESETS:
+        raise SpecError(f"precision: {x!r}: unknown preset; known: {sorted(PRESETS)}{did_you_mean(key, PRESETS)}")
+    return PRESETS[key]

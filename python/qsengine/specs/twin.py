@@ -1,0 +1,233 @@
+"""The quality-matched dense twin of a model, and the qs inequality.
+
+A dense model matches an MoE's quality at ``q`` times the MoE's *active*
+parameters (the study's size multiplier). The twin is built so that
+``twin.active_params == q * moe.active_params`` (within 0.5%, in practice
+within ~0.01%); see ``docs/model.md`` ("Dense twin construction").
+
+``qs = q * s = N_dense / N_total``: below 1 the quality-matched dense model is
+smaller than the weights the MoE keeps resident, and the MoE is structurally
+disadvantaged in long-context decode.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass
+from typing import Literal, Union
+
+from qsengine.errors import SpecError
+from qsengine.specs._validate import check_float, did_you_mean
+from qsengine.specs.model import Attention, Model
+
+QLike = Union[float, int, Literal["sqrt"]]
+
+#: Accepted ``attention=`` choices of :func:`dense_twin`.
+TWIN_ATTENTION = ("same", "gqa")
+#: Relative tolerance within which ``qs`` counts as 1 ("neutral").
+QS_NEUTRAL_TOL = 1e-6
+#: Aspect ratio hidden_size / layers of the ``attention="gqa"`` twin.
+GQA_ASPECT = 128
+#: Head width and KV heads of the ``attention="gqa"`` twin.
+GQA_HEAD_DIM = 128
+GQA_KV_HEADS = 8
+#: FFN width / hidden size used to size the ``attention="gqa"`` twin's depth
+#: and width (the FFN width itself is then solved exactly).
+GQA_FFN_RATIO = 3.5
+
+
+def resolve_q(model: Model, q: object) -> float:
+    """The numeric size multiplier: ``q`` itself (finite, > 0) or, for
+    ``"sqrt"``, the geometric-mean rule ``q = 1 / sqrt(s)``."""
+    if isinstance(q, str):
+        if q.strip().lower() == "sqrt":
+            return 1.0 / math.sqrt(model.sparsity)
+        raise SpecError(f"dense twin of {model.id}: field 'q' = {q!r}: must be a positive number or 'sqrt'"
+                        f"{did_you_mean(q.strip().lower(), ['sqrt'])}")
+    return check_float(f"dense twin of {model.id}", "q", q)
+
+
+def _dense(model: Model, *, ident: str, name: str, notes: str, attention: Attention, num_layers: int,
+           hidden: int, width: int, gated: bool, bias: bool, encoder_layers: int, cross: bool) -> Model:
+    return Model(
+        id=ident, name=name, num_layers=num_layers, hidden_size=hidden, vocab_size=model.vocab_size,
+        attention=attention, dense_layers=num_layers, moe_layers=0, dense_intermediate=width,
+        gated_ffn=gated, ffn_bias=bias, tie_embeddings=model.tie_embeddings, encoder_layers=encoder_layers,
+        cross_attention=cross, source="", published_total_params=None, published_active_params=None,
+        notes=notes, max_context=model.max_context,
+    )
+
+
+def _solve_width(build: "callable[[int], Model]", target: float) -> tuple[int, float]:  # type: ignore[valid-type]
+    """FFN width making ``build(width).active_params`` closest to ``target``;
+    returns (width, exact real-valued width). Active params are affine in the
+    width, so two evaluations give the line."""
+    a1 = build(1).active_params
+    slope = build(2).active_params - a1
+    exact = 1 + (target - a1) / slope
+    if exact < 1:
+        return 0, exact
+    # prefer a hardware-friendly multiple of 128 when it costs <= 0.1%
+    w128 = max(128, int(round(exact / 128)) * 128)
+    if abs(a1 + (w128 - 1) * slope - target) <= 1e-3 * target:
+        return w128, exact
+    return max(1, int(round(exact))), exact
+
+
+def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
+    """Dense model with ``q x model.active_params`` active parameters.
+
+    ``attention="same"``: keep the depth (including any encoder layers),
+    hidden size, attention block, embeddings and FFN style (gated or not, with
+    or without biases); every layer gets a dense FFN whose width is solved so
+    the active parameters hit the target. KV bytes per token are then equal to
+    the MoE's.
+
+    ``attention="gqa"``: a conventional decoder-only GQA shape: head width 128,
+    8 KV heads, ``hidden / layers = 128``, gated FFN; hidden size and depth are
+    sized for the target assuming FFN width 3.5 x hidden, then the FFN width
+    is solved exactly.
+
+    ``q`` may be ``"sqrt"`` (q = 1/sqrt(s)). Raises :class:`SpecError` if
+    ``q`` is not a positive finite number, or if ``q x active`` is too small to
+    hold even the non-FFN weights.
+    """
+    if not isinstance(model, Model):
+        raise TypeError(f"dense twin: model must be a Model, got {type(model).__name__}")
+    qv = resolve_q(model, q)
+    if attention not in TWIN_ATTENTION:
+        raise SpecError(f"dense twin of {model.id}: field 'attention' = {attention!r}: must be one of "
+                        f"{list(TWIN_ATTENTION)}{did_you_mean(str(attention), TWIN_ATTENTION)}")
+    target = qv * model.active_params
+    suffix = "" if attention == "same" else "-gqa"
+    ident = f"{model.id}-dense-q{qv:.2f}{suffix}"
+    name = f"{model.name} dense twin (q={qv:.3g}, attention={attention})"
+    notes = (f"Quality-matched dense twin of {model.id}: active parameters = q x {model.active_params} "
+             f"with q = {qv!r} (attention={attention!r}).")
+
+    if attention == "same":
+        def build(width: int) -> Model:
+            return _dense(model, ident=ident, name=name, notes=notes, attention=model.attention,
+                          num_layers=model.num_layers, hidden=model.hidden_size, width=width,
+                          gated=model.gated_ffn, bias=model.ffn_bias, encoder_layers=model.encoder_layers,
+                          cross=model.cross_attention)
+
+        width, exact = _solve_width(build, target)
+        if width < 1:
+            floor = build(1).active_params - (build(2).active_params - build(1).active_params)
+            raise SpecError(
+                f"dense twin of {model.id}: field 'q' = {qv!r}: q x active ({target:.4g}) is smaller than the "
+                f"twin's attention, norm and embedding weights ({floor:.4g}); q must be > {floor / model.active_params:.4g}"
+            )
+        return _checked(build(width), target, model, qv)
+
+    # attention == "gqa": size hidden and depth, then solve the FFN width.
+    per_layer_coef = 2 + 3 * GQA_FFN_RATIO  # q,o (2 d^2) + gated FFN (3 * ratio * d^2), K/V ignored for sizing
+    d_real = (max(target, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
+    for _ in range(3):  # take the LM head / embedding out of the budget
+        body = target - model.vocab_size * d_real
+        d_real = (max(body, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
+    step = 1024 if d_real >= 1024 else GQA_HEAD_DIM
+    hidden = max(GQA_HEAD_DIM, int(round(d_real / step)) * step)
+    heads = hidden // GQA_HEAD_DIM
+    kv = math.gcd(GQA_KV_HEADS, heads)
+    layers = max(1, int(round(hidden / GQA_ASPECT)))
+    att = Attention(kind="gqa" if kv != heads else "mha", num_heads=heads, num_kv_heads=kv, head_dim=GQA_HEAD_DIM)
+    while True:
+        def build(width: int, layers: int = layers) -> Model:
+            return _dense(model, ident=ident, name=name, notes=notes, attention=att, num_layers=layers,
+                          hidden=hidden, width=width, gated=True, bias=False, encoder_layers=0, cross=False)
+
+        width, exact = _solve_width(build, target)
+        if width >= 1:
+            return _checked(build(width), target, model, qv)
+        if layers == 1:
+            floor = build(1).active_params
+            raise SpecError(
+                f"dense twin of {model.id}: field 'q' = {qv!r}: q x active ({target:.4g}) is smaller than a "
+                f"one-layer GQA model of hidden size {hidden} ({floor:.4g}); use attention='same' or a larger q"
+            )
+        layers -= 1
+
+
+#: Largest relative miss of ``q x active`` a twin may have.
+TWIN_TOLERANCE = 0.005
+
+
+def _checked(twin: Model, target: float, model: Model, qv: float) -> Model:
+    miss = twin.active_params / target - 1.0
+    if abs(miss) > TWIN_TOLERANCE:
+        raise SpecError(
+            f"dense twin of {model.id}: field 'q' = {qv!r}: the nearest integer FFN width ({twin.dense_intermediate}) "
+            f"misses q x active by {100 * miss:+.2f}% (> {100 * TWIN_TOLERANCE}%): the model is too small for "
+            "this q; use a larger q"
+        )
+    return twin
+
+
+class Verdict(str, enum.Enum):
+    """Which side the qs inequality disadvantages in long-context decode."""
+
+    MOE_DISADVANTAGED = "moe-disadvantaged"
+    NEUTRAL = "neutral"
+    DENSE_DISADVANTAGED = "dense-disadvantaged"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class QsResult:
+    """The qs inequality for one model and size multiplier.
+
+    Attributes:
+        s: active / total parameters of the MoE.
+        q: dense-twin size multiplier over the MoE's active parameters.
+        qs: ``q * s = N_dense / N_total``.
+        verdict: ``"moe-disadvantaged"`` when qs < 1 (the quality-matched
+            dense model is smaller than the MoE's resident weights),
+            ``"dense-disadvantaged"`` when qs > 1, ``"neutral"`` within
+            :data:`QS_NEUTRAL_TOL` of 1.
+        asymptotic_ratio: ``1 / qs``, the bandwidth-bound long-context decode
+            throughput ratio dense / MoE when every expert is touched each step
+            (both read all their weights, and the KV per token is equal).
+        model: id of the MoE.
+    """
+
+    s: float
+    q: float
+    qs: float
+    verdict: Verdict
+    asymptotic_ratio: float
+    model: str = ""
+
+
+def qs(model: Model | str, q: QLike | Model | str = "sqrt") -> QsResult:
+    """s, q, qs = q·s, the verdict and 1/(qs) for ``model``.
+
+    ``q`` is a positive number, ``"sqrt"`` (q = 1/sqrt(s)), or an explicit
+    dense model (then q = dense.active_params / model.active_params). ``model``
+    (and a dense ``q``) may be a shipped name.
+    """
+    from qsengine.specs.loaders import as_model
+
+    m = as_model(model)
+    if isinstance(q, Model) or (isinstance(q, str) and q.strip().lower() != "sqrt"):
+        try:
+            dense = as_model(q)  # type: ignore[arg-type]
+        except SpecError as exc:
+            raise SpecError(f"qs of {m.id}: field 'q' = {q!r}: must be a positive number, 'sqrt' or a dense model "
+                            f"({exc})") from None
+        qv = dense.active_params / m.active_params
+    else:
+        qv = resolve_q(m, q)
+    s = m.sparsity
+    value = qv * s
+    if math.isclose(value, 1.0, rel_tol=QS_NEUTRAL_TOL):
+        verdict = Verdict.NEUTRAL
+    elif value < 1.0:
+        verdict = Verdict.MOE_DISADVANTAGED
+    else:
+        verdict = Verdict.DENSE_DISADVANTAGED
+    return QsResult(s=s, q=qv, qs=value, verdict=verdict, asymptotic_ratio=1.0 / value, model=m.id)

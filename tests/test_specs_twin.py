@@ -1,0 +1,106 @@
+"""The quality-matched dense twin and the qs inequality."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+import qsengine
+from qsengine import QsResult, SpecError, load_model, qs
+
+
+@pytest.mark.parametrize("name", qsengine.models())
+@pytest.mark.parametrize("q", [1.5, 2.5, "sqrt"])
+def test_twin_same_attention(name, q):
+    m = load_model(name)
+    t = m.dense_twin(q)
+    qv = 1 / math.sqrt(m.sparsity) if q == "sqrt" else q
+    assert t.active_params == pytest.approx(qv * m.active_params, rel=0.005)
+    assert not t.is_moe and t.moe_layers == 0 and t.dense_layers == m.num_layers
+    assert (t.num_layers, t.hidden_size, t.attention) == (m.num_layers, m.hidden_size, m.attention)
+    assert t.kv_bytes_per_token() == m.kv_bytes_per_token()
+    assert t.kv_bytes_per_sequence(131072) == m.kv_bytes_per_sequence(131072)
+    assert t.gated_ffn == m.gated_ffn
+    assert t.id == f"{m.id}-dense-q{qv:.2f}"
+    assert t.published_total_params is None and t.published_active_params is None
+
+
+@pytest.mark.parametrize("name", ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048", "gpt-oss-120b"])
+def test_twin_gqa(name):
+    m = load_model(name)
+    t = m.dense_twin(2.0, attention="gqa")
+    assert t.active_params == pytest.approx(2.0 * m.active_params, rel=0.005)
+    a = t.attention
+    assert a.head_dim == 128 and a.num_kv_heads == 8 and a.kind == "gqa"
+    assert t.hidden_size == 128 * a.num_heads
+    assert 60 <= t.hidden_size / t.num_layers <= 200
+    assert 1.0 <= t.dense_intermediate / t.hidden_size <= 6.0  # a conventional FFN ratio
+    assert t.id.endswith("-gqa") and t.encoder_layers == 0
+
+
+def test_deepseek_twin_example():
+    t = load_model("deepseek-v3").dense_twin(2.5)
+    assert t.id == "deepseek-v3-dense-q2.50"
+    assert t.kv_bytes_per_token() == 70_272
+
+
+@pytest.mark.parametrize(
+    "q,exc,message",
+    [
+        (0, SpecError, r"field 'q' = 0: must be positive"),
+        (-1.0, SpecError, r"field 'q' = -1.0: must be positive"),
+        (math.nan, SpecError, r"field 'q' = nan: must be finite"),
+        (math.inf, SpecError, r"field 'q' = inf: must be finite"),
+        ("cube", SpecError, r"field 'q' = 'cube': must be a positive number or 'sqrt'"),
+        ("sqr", SpecError, r"did you mean 'sqrt'"),
+        (True, TypeError, r"field 'q' = True: must be a number"),
+        (0.05, SpecError, r"field 'q' = 0.05: q x active .* is smaller than the twin's attention, norm and embedding weights .*; q must be > 0\.\d+"),
+    ],
+)
+def test_twin_bad_q(q, exc, message):
+    with pytest.raises(exc, match=message):
+        load_model("deepseek-v3").dense_twin(q)
+
+
+def test_twin_bad_attention_choice():
+    with pytest.raises(SpecError, match=r"field 'attention' = 'gqa2': must be one of \['same', 'gqa'\] \(did you mean 'gqa'\?\)"):
+        load_model("deepseek-v3").dense_twin(2, attention="gqa2")
+
+
+def test_qs_record():
+    m = load_model("deepseek-v3")
+    r = qs("deepseek-v3", 2.5)
+    assert isinstance(r, QsResult)
+    assert r.s == m.sparsity and r.q == 2.5
+    assert r.qs == pytest.approx(2.5 * m.sparsity)
+    assert r.asymptotic_ratio == pytest.approx(1 / r.qs)
+    assert r.verdict == "moe-disadvantaged" and str(r.verdict) == "moe-disadvantaged"
+    with pytest.raises(AttributeError):
+        r.q = 3.0  # type: ignore[misc]  # frozen
+    r = qs(m, "sqrt")
+    assert r.q == pytest.approx(1 / math.sqrt(m.sparsity))
+    assert r.qs == pytest.approx(math.sqrt(m.sparsity))
+
+
+def test_qs_verdicts():
+    m = load_model("mixtral-8x7b")
+    assert qs(m, 1 / m.sparsity).verdict == "neutral"
+    assert qs(m, 1.01 / m.sparsity).verdict == "dense-disadvantaged"
+    assert qs(m, 0.99 / m.sparsity).verdict == "moe-disadvantaged"
+
+
+def test_qs_study_models_are_moe_disadvantaged():
+    # the study's claim for q = 1/sqrt(s): qs = sqrt(s) < 1
+    for name in ("deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048"):
+        assert qs(name, "sqrt").verdict == "moe-disadvantaged"
+
+
+def test_qs_with_explicit_dense_model():
+    m = load_model("mixtral-8x7b")
+    dense = load_model("llama-3.1-70b")
+    r = qs(m, dense)
+    assert r.q == pytest.approx(dense.active_params / m.active_params)
+    assert qs("mixtral-8x7b", "llama-3.1-70b") == r
+    with pytest.raises(SpecError, match=r"field 'q' = 'lama-3.1-70b': must be a positive number, 'sqrt' or a dense model"):
+        qs(m, "lama-3.1-70b")
