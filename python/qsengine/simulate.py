@@ -156,7 +156,7 @@ class SimulationResult:
             "s": self.qs.s,
             "q": self.qs.q,
             "qs": self.qs.qs,
-            "qs_verdict": self.qs.verdict,
+            "qs_verdict": _verdict_text(self.qs.verdict),
             "moe": self.moe.to_dict(g),
             "dense": self.dense.to_dict(g),
             "inputs": self.inputs,
@@ -174,7 +174,7 @@ class SimulationResult:
             "s": self.qs.s,
             "q": self.qs.q,
             "qs": self.qs.qs,
-            "qs_verdict": self.qs.verdict,
+            "qs_verdict": _verdict_text(self.qs.verdict),
             "ratio": self.ratio if self.ratio is not None else math.nan,
             "verdict": self.verdict,
             "agrees_with_qs": self.agrees_with_qs,
@@ -210,7 +210,7 @@ class SimulationResult:
         lines = [
             f"{self.moe.model.name} vs dense twin ({self.dense.model.id}) on {self.cluster.label}, "
             f"context {self.context:,} tokens",
-            f"  s = {self.qs.s:.4f}, q = {self.qs.q:.3f}, qs = {self.qs.qs:.3f} -> {self.qs.verdict}",
+            f"  s = {self.qs.s:.4f}, q = {self.qs.q:.3f}, qs = {self.qs.qs:.3f} -> {_verdict_text(self.qs.verdict)}",
         ]
         hdr = f"  {'':8s}{'plan':>22s}{'batch':>9s}{'TPOT ms':>10s}{'p99 ms':>9s}{'tok/s':>12s}{'tok/s/GPU':>11s}  limit"
         lines.append(hdr)
@@ -540,3 +540,7 @@ def simulate(
     }
     return SimulationResult(moe=moe_side, dense=dense_side, cluster=cluster, context=context, ratio=ratio,
                             qs=rec, verdict=verdict, agrees_with_qs=agrees, break_even_q=q_star, inputs=inputs)
+
+
+def _verdict_text(v: Any) -> str:
+    return str(getattr(v, "value", v))
