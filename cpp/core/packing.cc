@@ -321,6 +321,10 @@ std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus
 bool ranks_before(const PlanEval& a, const PlanEval& b) {
   if (a.cluster_batch != b.cluster_batch) return a.cluster_batch > b.cluster_batch;
   if (a.feasible != b.feasible) return a.feasible;
+  if (!a.feasible) {  // both infeasible: the least overfull plan first
+    if (a.weights_fit != b.weights_fit) return a.weights_fit;
+    if (a.weight_bytes_max != b.weight_bytes_max) return a.weight_bytes_max < b.weight_bytes_max;
+  }
   const std::int64_t ca = a.plan.tp * a.plan.pp, cb = b.plan.tp * b.plan.pp;
   if (ca != cb) return ca < cb;
   if (a.plan.ep != b.plan.ep) return a.plan.ep < b.plan.ep;

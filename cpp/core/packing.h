@@ -143,7 +143,8 @@ PlanEval evaluate_plan(const MemoryDesc& desc, const PlanDesc& plan, std::int64_
 // Every valid plan for `num_gpus` GPUs, canonical order (tp, pp, ep, etp, attn_dp).
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& desc, std::int64_t num_gpus);
 // All plans for G in [g_lo, g_hi], evaluated; grouped by G, each group ranked
-// (cluster batch desc, then tp*pp, ep, tp, etp, attn_dp asc). Block-parallel
+// (cluster batch desc; infeasible plans after feasible ones, least overfull
+// first; then tp*pp, ep, tp, etp, attn_dp asc). Block-parallel
 // over G, bit-identical for any thread count.
 std::vector<PlanEval> search_plans(const MemoryDesc& desc, std::int64_t g_lo, std::int64_t g_hi, std::int64_t context,
                                    unsigned threads, const CancelToken* cancel = nullptr);

@@ -10,6 +10,7 @@ from __future__ import annotations
 from qsengine._core import __version__
 from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
 from qsengine.specs import Accelerator, Attention, Cluster, Model, Plan, Precision, Workload
+from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
 
 __all__ = [
     "__version__",
@@ -23,4 +24,9 @@ __all__ = [
     "QsengineWarning",
     "ResourceLimitError",
     "SpecError",
+    "Packing",
+    "pack",
+    "min_gpus",
+    "plans",
+    "rank_plans",
 ]

@@ -13,7 +13,9 @@ import sys
 from collections.abc import Sequence
 
 # (module, function) pairs; each function adds one or more sub-commands.
-_COMMANDS: list[tuple[str, str]] = []
+_COMMANDS: list[tuple[str, str]] = [
+    ("qsengine.packing", "add_parser"),
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
