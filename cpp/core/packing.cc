@@ -466,15 +466,14 @@ ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const Re
   // 2. Expected load per EP rank: home placement (contiguous blocks) first.
   out.load_before.assign(static_cast<std::size_t>(ep), 0.0);
   out.load_after.assign(static_cast<std::size_t>(ep), 0.0);
-  std::vector<std::uint8_t> holds(static_cast<std::size_t>(ep * E), 0);
   for (std::int64_t e = 0; e < E; ++e) {
     const std::int64_t home = e / per_rank;
     out.load_before[home] += pop[e];
     out.load_after[home] += pop[e] / static_cast<double>(out.copies[e]);
-    holds[home * E + e] = 1;
   }
   // 3. Replica copies, heaviest first, each onto the least-loaded rank with room
-  //    (preferring ranks that do not already hold that expert).
+  //    (pure LPT: a rule such as "avoid ranks already holding the expert" can
+  //    raise the maximum load, e.g. 2 equal experts on 2 ranks plus 1 replica).
   struct Copy { double load; std::int64_t expert; };
   std::vector<Copy> copies;
   for (std::int64_t e = 0; e < E; ++e) {
@@ -484,12 +483,9 @@ ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const Re
   out.rank_count.assign(static_cast<std::size_t>(ep), 0);
   for (const Copy& c : copies) {
     std::int64_t pick = -1;
-    for (int pass = 0; pass < 2 && pick < 0; ++pass) {
-      for (std::int64_t r = 0; r < ep; ++r) {
-        if (out.rank_count[r] >= rank_capacity[r]) continue;
-        if (pass == 0 && holds[r * E + c.expert]) continue;
-        if (pick < 0 || out.load_after[r] < out.load_after[pick]) pick = r;
-      }
+    for (std::int64_t r = 0; r < ep; ++r) {
+      if (out.rank_count[r] >= rank_capacity[r]) continue;
+      if (pick < 0 || out.load_after[r] < out.load_after[pick]) pick = r;
     }
     if (pick < 0) {
       std::int64_t room = 0, worst = 0;
@@ -505,7 +501,6 @@ ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const Re
     }
     out.rank_count[pick] += 1;
     out.load_after[pick] += c.load;
-    holds[pick * E + c.expert] = 1;
     out.replica_expert.push_back(c.expert);
     out.replica_rank.push_back(pick);
   }
