@@ -39,6 +39,7 @@ struct PlanTable {
   std::vector<std::int64_t> num_gpus, tp, pp, dp, ep, etp, units, unit_batch, cluster_batch, binding_stage;
   std::vector<std::uint8_t> attn_dp, feasible, weights_fit;
   std::vector<double> weight_bytes_max;
+  std::vector<std::string> label;
 
   explicit PlanTable(const std::vector<pk::PlanEval>& evals) {
     for (const auto& e : evals) {
@@ -56,6 +57,7 @@ struct PlanTable {
       weights_fit.push_back(e.weights_fit);
       binding_stage.push_back(e.binding_stage);
       weight_bytes_max.push_back(e.weight_bytes_max);
+      label.push_back(e.plan.label());
     }
   }
 };
@@ -121,6 +123,7 @@ void register_packing(py::module_& m) {
       QS_COL(num_gpus) QS_COL(tp) QS_COL(pp) QS_COL(dp) QS_COL(ep) QS_COL(etp) QS_COL(units) QS_COL(unit_batch)
       QS_COL(cluster_batch) QS_COL(binding_stage) QS_COL(weight_bytes_max)
 #undef QS_COL
+      .def_readonly("label", &PlanTable::label)
       .def_property_readonly("attn_dp", [](const PlanTable& t) { return to_numpy_bool(t.attn_dp); })
       .def_property_readonly("feasible", [](const PlanTable& t) { return to_numpy_bool(t.feasible); })
       .def_property_readonly("weights_fit", [](const PlanTable& t) { return to_numpy_bool(t.weights_fit); });

@@ -725,14 +725,10 @@ def plans(model: Model | str, cluster: Cluster | str | int) -> list[Plan]:
 
 
 def _table(t: Any) -> pd.DataFrame:
-    rows = [
-        _plan_from(tp, pp, dp, ep, etp, adp).label
-        for tp, pp, dp, ep, etp, adp in zip(t.tp, t.pp, t.dp, t.ep, t.etp, t.attn_dp)
-    ]
     return pd.DataFrame(
         {
             "num_gpus": t.num_gpus,
-            "plan": rows,
+            "plan": t.label,  # same rule as Plan.label (etp shown only when not the default)
             "tp": t.tp,
             "pp": t.pp,
             "dp": t.dp,
