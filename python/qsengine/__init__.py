@@ -28,6 +28,7 @@ from qsengine.specs import (
     precisions,
     qs,
 )
+from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
 
 __all__ = [
     "__version__",
@@ -58,4 +59,9 @@ __all__ = [
     "models",
     "precisions",
     "qs",
+    "Packing",
+    "pack",
+    "min_gpus",
+    "plans",
+    "rank_plans",
 ]

@@ -6,3 +6,126 @@ FORMAT_VERSION: int
 class ResourceLimitError(ValueError): ...
 
 def hardware_threads() -> int: ...
+
+# ---- packing (cpp/python/register_packing.cc)
+import numpy as np
+import numpy.typing as npt
+
+COMPONENTS: tuple[str, ...]
+
+class MemoryDesc:
+    attention_bytes: float
+    dense_ffn_bytes: float
+    expert_bytes: float
+    shared_expert_bytes: float
+    router_bytes: float
+    norm_bytes_per_layer: float
+    final_norm_bytes: float
+    embedding_bytes: float
+    lm_head_bytes: float
+    tie_embeddings: bool
+    layer_is_moe: list[int]
+    layer_has_kv: list[int]
+    layer_is_local: list[int]
+    routed_experts: int
+    moe_intermediate: int
+    num_heads: int
+    num_kv_heads: int
+    mla: bool
+    kv_bytes_per_token_per_layer: float
+    local_window: int
+    hbm_bytes: float
+    usable_fraction: float
+    reserve_bytes: float
+    def __init__(self) -> None: ...
+    @property
+    def usable_bytes(self) -> float: ...
+    def validate(self) -> None: ...
+
+class PlanDesc:
+    def __init__(self, tp: int = 1, pp: int = 1, dp: int = 1, ep: int = 1, etp: int = 0, attn_dp: bool = False) -> None: ...
+    tp: int
+    pp: int
+    dp: int
+    ep: int
+    etp: int
+    attn_dp: bool
+    @property
+    def expert_tp(self) -> int: ...
+    @property
+    def label(self) -> str: ...
+
+class PlanTable:
+    def __len__(self) -> int: ...
+    num_gpus: npt.NDArray[np.int64]
+    tp: npt.NDArray[np.int64]
+    pp: npt.NDArray[np.int64]
+    dp: npt.NDArray[np.int64]
+    ep: npt.NDArray[np.int64]
+    etp: npt.NDArray[np.int64]
+    units: npt.NDArray[np.int64]
+    unit_batch: npt.NDArray[np.int64]
+    cluster_batch: npt.NDArray[np.int64]
+    binding_stage: npt.NDArray[np.int64]
+    weight_bytes_max: npt.NDArray[np.float64]
+    label: list[str]
+    attn_dp: npt.NDArray[np.bool_]
+    feasible: npt.NDArray[np.bool_]
+    weights_fit: npt.NDArray[np.bool_]
+
+class PackResult:
+    plan: PlanDesc
+    num_gpus: int
+    num_units: int
+    context: int
+    capacity: float
+    usable: float
+    admissible_batch: int
+    cluster_batch: int
+    feasible: bool
+    reason: str
+    binding: str
+    binding_gpu: int
+    has_replicas: bool
+    replicas: int
+    imbalance_before: float
+    imbalance_after: float
+    cluster_batch_without_replicas: int
+    has_paged: bool
+    block_size: int
+    offered: int
+    placed: int
+    rejected: int
+    first_rejected: int
+    kv_placed_bytes: float
+    fragmentation_bytes: float
+    tokens_placed: int
+    unit: npt.NDArray[np.int64]
+    stage: npt.NDArray[np.int64]
+    dp_rank: npt.NDArray[np.int64]
+    tp_rank: npt.NDArray[np.int64]
+    ep_rank: npt.NDArray[np.int64]
+    replica_bytes: npt.NDArray[np.float64]
+    kv_bytes: npt.NDArray[np.float64]
+    kv_per_sequence: npt.NDArray[np.float64]
+    reserve: npt.NDArray[np.float64]
+    unusable: npt.NDArray[np.float64]
+    free: npt.NDArray[np.float64]
+    overflow: npt.NDArray[np.float64]
+    replica_count: npt.NDArray[np.int64]
+    unit_batch: npt.NDArray[np.int64]
+    expert_copies: npt.NDArray[np.int64]
+    replica_expert: npt.NDArray[np.int64]
+    replica_rank: npt.NDArray[np.int64]
+    load_before: npt.NDArray[np.float64]
+    load_after: npt.NDArray[np.float64]
+    unit_sequences: npt.NDArray[np.int64]
+    def weights(self, component: int) -> npt.NDArray[np.float64]: ...
+
+def plan_violation(desc: MemoryDesc, plan: PlanDesc, num_gpus: int) -> str: ...
+def enumerate_plans(desc: MemoryDesc, num_gpus: int) -> list[PlanDesc]: ...
+def search_plans(desc: MemoryDesc, g_lo: int, g_hi: int, context: int, threads: int = 0) -> PlanTable: ...
+def min_gpus(desc: MemoryDesc, context: int, max_gpus: int) -> tuple[int, PlanDesc | None]: ...
+def sample_lengths(values: npt.ArrayLike, weights: npt.ArrayLike, n: int, key0: int, key1: int, threads: int = 0) -> npt.NDArray[np.int64]: ...
+def pack(desc: MemoryDesc, plan: PlanDesc, num_gpus: int, context: int, popularity: npt.ArrayLike | None = None,
+         replicas: int = 0, lengths: npt.ArrayLike | None = None, block_size: int = 16) -> PackResult: ...

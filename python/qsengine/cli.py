@@ -16,6 +16,7 @@ from collections.abc import Sequence
 _COMMANDS: list[tuple[str, str]] = [
     ("qsengine.specs.cli", "add_parser"),  # list, show
     ("qsengine.study", "add_parser"),  # study, simulate
+    ("qsengine.packing", "add_parser"),
 ]
 
 

@@ -1,0 +1,785 @@
+// qsengine core: HBM packing. See packing.h and docs/packing.md.
+#include "core/packing.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <limits>
+#include <queue>
+#include <sstream>
+#include <stdexcept>
+#include <utility>
+
+#include "core/errors.h"
+
+namespace qs {
+namespace packing {
+
+namespace {
+
+constexpr std::int64_t kBatchCap = std::int64_t{1} << 62;
+
+// Broken invariants are bugs, not bad input: they must never pass silently,
+// so they throw in every build type (assert() vanishes in Release).
+#define QS_PACKING_INVARIANT(cond, msg)                                               \
+  do {                                                                                \
+    if (!(cond)) throw std::logic_error(std::string("qsengine packing invariant: ") + (msg)); \
+  } while (0)
+
+template <class... Args>
+std::string cat(Args&&... args) {
+  std::ostringstream os;
+  os.precision(17);
+  (os << ... << args);
+  return os.str();
+}
+
+std::string gb(double bytes) {
+  std::ostringstream os;
+  os.setf(std::ios::fixed);
+  os.precision(2);
+  os << bytes / 1e9 << " GB";
+  return os.str();
+}
+
+std::vector<std::int64_t> divisors(std::int64_t n) {
+  std::vector<std::int64_t> lo, hi;
+  for (std::int64_t d = 1; d * d <= n; ++d) {
+    if (n % d == 0) {
+      lo.push_back(d);
+      if (d != n / d) hi.push_back(n / d);
+    }
+  }
+  lo.insert(lo.end(), hi.rbegin(), hi.rend());
+  return lo;
+}
+
+void check_finite_nonneg(double v, const char* field) {
+  if (!std::isfinite(v) || v < 0) {
+    throw InvalidArgument(cat("memory description ", field, "=", v, ": must be a finite number >= 0"));
+  }
+}
+
+inline std::uint64_t splitmix64(std::uint64_t x) {
+  x += 0x9E3779B97F4A7C15ull;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+}  // namespace
+
+const char* component_name(int c) {
+  static const char* names[kNumComponents] = {"attention", "dense_ffn", "routed_experts", "shared_experts",
+                                              "router",    "norms",     "embedding",      "lm_head"};
+  if (c < 0 || c >= kNumComponents) throw InvalidArgument(cat("component index ", c, " out of range"));
+  return names[c];
+}
+
+bool MemoryDesc::is_moe() const {
+  if (routed_experts <= 0) return false;
+  return std::any_of(layer_is_moe.begin(), layer_is_moe.end(), [](int v) { return v != 0; });
+}
+
+std::string PlanDesc::label() const {
+  std::string s = cat("tp", tp, "-pp", pp, "-dp", dp, "-ep", ep);
+  if (etp > 0 && etp != (ep == 1 ? tp : 1)) s += cat("-etp", etp);
+  if (attn_dp) s += "-adp";
+  return s;
+}
+
+// ---------------------------------------------------------------- validation
+void validate_desc(const MemoryDesc& d) {
+  check_finite_nonneg(d.attention_bytes, "attention_bytes");
+  check_finite_nonneg(d.dense_ffn_bytes, "dense_ffn_bytes");
+  check_finite_nonneg(d.expert_bytes, "expert_bytes");
+  check_finite_nonneg(d.shared_expert_bytes, "shared_expert_bytes");
+  check_finite_nonneg(d.router_bytes, "router_bytes");
+  check_finite_nonneg(d.norm_bytes_per_layer, "norm_bytes_per_layer");
+  check_finite_nonneg(d.final_norm_bytes, "final_norm_bytes");
+  check_finite_nonneg(d.embedding_bytes, "embedding_bytes");
+  check_finite_nonneg(d.lm_head_bytes, "lm_head_bytes");
+  check_finite_nonneg(d.kv_bytes_per_token_per_layer, "kv_bytes_per_token_per_layer");
+  check_finite_nonneg(d.reserve_bytes, "reserve_bytes (accelerator.runtime_reserve_bytes)");
+  const std::int64_t L = d.num_layers();
+  if (L < 1) throw InvalidArgument("memory description: the model has no layers (num_layers must be >= 1)");
+  if (static_cast<std::int64_t>(d.layer_has_kv.size()) != L || static_cast<std::int64_t>(d.layer_is_local.size()) != L) {
+    throw InvalidArgument(cat("memory description: layer_is_moe, layer_has_kv and layer_is_local must all have ",
+                              "num_layers=", L, " entries (got ", d.layer_has_kv.size(), " and ",
+                              d.layer_is_local.size(), ")"));
+  }
+  std::int64_t kv_layers = 0, local = 0;
+  for (std::int64_t i = 0; i < L; ++i) {
+    kv_layers += d.layer_has_kv[i] != 0;
+    if (d.layer_is_local[i] != 0) {
+      ++local;
+      if (d.layer_has_kv[i] == 0) {
+        throw InvalidArgument(cat("memory description: layer ", i, " is local but caches no KV"));
+      }
+    }
+  }
+  if (kv_layers == 0) {
+    throw InvalidArgument("memory description: no decode layer caches KV (the model has no decoder layers)");
+  }
+  if (!(d.kv_bytes_per_token_per_layer > 0)) {
+    throw InvalidArgument(cat("memory description kv_bytes_per_token_per_layer=", d.kv_bytes_per_token_per_layer,
+                              ": must be > 0"));
+  }
+  if (local > 0 && d.local_window < 1) {
+    throw InvalidArgument(cat("attention.local_window=", d.local_window, ": must be >= 1 when there are ", local,
+                              " local layers"));
+  }
+  if (d.num_heads < 1) throw InvalidArgument(cat("attention.num_heads=", d.num_heads, ": must be >= 1"));
+  if (d.num_kv_heads < 1) throw InvalidArgument(cat("attention.num_kv_heads=", d.num_kv_heads, ": must be >= 1"));
+  if (d.routed_experts < 0) throw InvalidArgument(cat("routed_experts=", d.routed_experts, ": must be >= 0"));
+  if (d.is_moe() && d.moe_intermediate < 1) {
+    throw InvalidArgument(cat("moe_intermediate=", d.moe_intermediate, ": must be >= 1 for a MoE model"));
+  }
+  if (!std::isfinite(d.hbm_bytes) || !(d.hbm_bytes > 0)) {
+    throw InvalidArgument(cat("accelerator.hbm_bytes=", d.hbm_bytes, ": must be a finite number > 0"));
+  }
+  if (!std::isfinite(d.usable_fraction) || !(d.usable_fraction > 0) || d.usable_fraction > 1) {
+    throw InvalidArgument(cat("accelerator.usable_hbm_fraction=", d.usable_fraction, ": must be in (0, 1]"));
+  }
+  if (!(d.usable_bytes() > 0)) {
+    throw InvalidArgument(cat("accelerator: usable HBM = hbm_bytes*usable_hbm_fraction - runtime_reserve_bytes = ",
+                              d.usable_bytes(), " bytes: must be > 0"));
+  }
+}
+
+std::string plan_violation(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
+  if (p.tp < 1) return cat("plan.tp=", p.tp, ": must be >= 1");
+  if (p.pp < 1) return cat("plan.pp=", p.pp, ": must be >= 1");
+  if (p.dp < 1) return cat("plan.dp=", p.dp, ": must be >= 1");
+  if (p.ep < 1) return cat("plan.ep=", p.ep, ": must be >= 1");
+  if (p.etp < 0) return cat("plan.etp=", p.etp, ": must be >= 1 (or None for the default)");
+  if (num_gpus < 1) return cat("cluster.num_gpus=", num_gpus, ": must be >= 1");
+  if (p.num_gpus() != num_gpus) {
+    return cat("plan tp*pp*dp = ", p.tp, "*", p.pp, "*", p.dp, " = ", p.num_gpus(),
+               " must equal the cluster's num_gpus = ", num_gpus);
+  }
+  if (p.pp > d.num_layers()) return cat("plan.pp=", p.pp, " must be <= num_layers=", d.num_layers());
+  if (!p.attn_dp) {
+    if (d.num_heads % p.tp != 0) {
+      return cat("plan.tp=", p.tp, " must divide attention.num_heads=", d.num_heads);
+    }
+    if (!d.mla && d.num_kv_heads % p.tp != 0 && p.tp % d.num_kv_heads != 0) {
+      return cat("plan.tp=", p.tp, " must divide attention.num_kv_heads=", d.num_kv_heads,
+                 " or be a multiple of it (KV heads are split down to one per rank, then replicated)");
+    }
+  }
+  if (!d.is_moe()) {
+    if (p.ep != 1) return cat("plan.ep=", p.ep, ": expert parallelism needs a MoE model (this model has no routed experts)");
+    return "";
+  }
+  if (d.routed_experts % p.ep != 0) {
+    return cat("plan.ep=", p.ep, " must divide routed_experts=", d.routed_experts);
+  }
+  const std::int64_t etp = p.expert_tp();
+  const std::int64_t stage_gpus = p.dp * p.tp;
+  if (stage_gpus % (p.ep * etp) != 0) {
+    return cat("plan ep*etp = ", p.ep, "*", etp, " = ", p.ep * etp, " must divide the dp*tp = ", stage_gpus,
+               " GPUs of a pipeline stage");
+  }
+  if (d.moe_intermediate % etp != 0) {
+    return cat("plan.etp=", etp, " (expert tensor parallelism) must divide moe_intermediate=", d.moe_intermediate);
+  }
+  return "";
+}
+
+void validate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
+  std::string v = plan_violation(d, p, num_gpus);
+  if (!v.empty()) throw InvalidArgument(v);
+}
+
+// ---------------------------------------------------------------- per stage
+StageMemory stage_memory(const MemoryDesc& d, const PlanDesc& p, std::int64_t s) {
+  StageMemory m;
+  const std::int64_t L = d.num_layers();
+  m.first_layer = s * L / p.pp;
+  const std::int64_t end = (s + 1) * L / p.pp;
+  m.layers = end - m.first_layer;
+  for (std::int64_t i = m.first_layer; i < end; ++i) {
+    if (d.layer_is_moe[i]) ++m.moe_layers; else ++m.dense_layers;
+    if (d.layer_has_kv[i]) {
+      if (d.layer_is_local[i]) ++m.kv_local_layers; else ++m.kv_full_layers;
+    }
+  }
+  const bool first = s == 0, last = s == p.pp - 1;
+  const double shard = p.attn_dp ? 1.0 : static_cast<double>(p.tp);
+  const bool moe = d.is_moe();
+  const std::int64_t etp = moe ? p.expert_tp() : 1;
+  auto& w = m.weights;
+  w[kAttention] = static_cast<double>(m.layers) * d.attention_bytes / shard;
+  w[kDenseFfn] = static_cast<double>(m.dense_layers) * d.dense_ffn_bytes / shard;
+  w[kRoutedExperts] =
+      moe ? static_cast<double>(m.moe_layers * (d.routed_experts / p.ep)) * d.expert_bytes / static_cast<double>(etp)
+          : 0.0;
+  w[kSharedExperts] = static_cast<double>(m.moe_layers) * d.shared_expert_bytes / shard;
+  w[kRouter] = static_cast<double>(m.moe_layers) * d.router_bytes / shard;
+  w[kNorms] = (static_cast<double>(m.layers) * d.norm_bytes_per_layer + (last ? d.final_norm_bytes : 0.0)) / shard;
+  w[kEmbedding] = first ? d.embedding_bytes / shard : 0.0;
+  w[kLmHead] = last ? (d.lm_head_bytes + ((d.tie_embeddings && p.pp > 1) ? d.embedding_bytes : 0.0)) / shard : 0.0;
+  m.weight_total = 0.0;
+  for (int c = 0; c < kNumComponents; ++c) m.weight_total += w[c];
+  // KV: MLA latent and attn_dp keep the whole per-token KV on the GPU; MHA/GQA
+  // split the KV heads over tp ranks, down to one head per rank.
+  if (d.mla || p.attn_dp) {
+    m.kv_per_token_layer = d.kv_bytes_per_token_per_layer;
+  } else {
+    const std::int64_t heads_per_rank = p.tp <= d.num_kv_heads ? d.num_kv_heads / p.tp : 1;
+    m.kv_per_token_layer = d.kv_bytes_per_token_per_layer * static_cast<double>(heads_per_rank) /
+                           static_cast<double>(d.num_kv_heads);
+  }
+  m.replica_bytes = moe ? static_cast<double>(m.moe_layers) * d.expert_bytes / static_cast<double>(etp) : 0.0;
+  return m;
+}
+
+double kv_per_sequence(const StageMemory& sm, std::int64_t context, std::int64_t local_window) {
+  const std::int64_t local_tokens = local_window > 0 ? std::min(context, local_window) : context;
+  const std::int64_t tokens = sm.kv_full_layers * context + sm.kv_local_layers * local_tokens;
+  return sm.kv_per_token_layer * static_cast<double>(tokens);
+}
+
+std::int64_t floor_fit(double free, double per) {
+  if (!(free >= 0) || !(per > 0)) return 0;
+  double q = std::floor(free / per);
+  std::int64_t b = q >= static_cast<double>(kBatchCap) ? kBatchCap : static_cast<std::int64_t>(q);
+  while (b > 0 && static_cast<double>(b) * per > free) --b;
+  while (b < kBatchCap && static_cast<double>(b + 1) * per <= free) ++b;
+  return b;
+}
+
+// ---------------------------------------------------------------- plans
+PlanEval evaluate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, std::int64_t context) {
+  PlanEval e;
+  e.plan = p;
+  e.num_gpus = num_gpus;
+  e.units = p.num_units();
+  const double usable = d.usable_bytes();
+  std::int64_t batch = kBatchCap;
+  std::int64_t batch_stage = 0, fullest_stage = 0;
+  double wmax = -1;
+  for (std::int64_t s = 0; s < p.pp; ++s) {
+    const StageMemory sm = stage_memory(d, p, s);
+    if (sm.weight_total > wmax) {
+      wmax = sm.weight_total;
+      fullest_stage = s;
+    }
+    const double free = usable - sm.weight_total;
+    const double per = kv_per_sequence(sm, context, d.local_window);
+    if (per > 0) {
+      const std::int64_t b = floor_fit(free, per);
+      if (b < batch) {
+        batch = b;
+        batch_stage = s;
+      }
+    }
+  }
+  e.weight_bytes_max = wmax;
+  e.weights_fit = wmax <= usable;
+  if (!e.weights_fit) {
+    e.unit_batch = 0;
+    e.binding_stage = fullest_stage;
+  } else {
+    e.unit_batch = batch == kBatchCap ? 0 : batch;
+    e.binding_stage = batch_stage;
+  }
+  e.cluster_batch = e.unit_batch * e.units;
+  e.feasible = e.unit_batch >= 1;
+  return e;
+}
+
+std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus) {
+  std::vector<PlanDesc> out;
+  if (num_gpus < 1) return out;
+  const bool moe = d.is_moe();
+  for (std::int64_t tp : divisors(num_gpus)) {
+    for (std::int64_t pp : divisors(num_gpus / tp)) {
+      if (pp > d.num_layers()) break;
+      const std::int64_t dp = num_gpus / (tp * pp);
+      const bool heads_ok =
+          d.num_heads % tp == 0 && (d.mla || d.num_kv_heads % tp == 0 || tp % d.num_kv_heads == 0);
+      if (!moe) {
+        if (heads_ok) out.push_back(PlanDesc{tp, pp, dp, 1, 0, false});
+        continue;
+      }
+      const std::int64_t stage_gpus = dp * tp;
+      for (std::int64_t ep : divisors(stage_gpus)) {
+        if (d.routed_experts % ep != 0) continue;
+        for (std::int64_t etp : divisors(stage_gpus / ep)) {
+          if (d.moe_intermediate % etp != 0) continue;
+          if (heads_ok) out.push_back(PlanDesc{tp, pp, dp, ep, etp, false});
+          if (tp > 1) out.push_back(PlanDesc{tp, pp, dp, ep, etp, true});  // attn_dp; tp=1 would duplicate
+        }
+      }
+    }
+  }
+  return out;
+}
+
+bool ranks_before(const PlanEval& a, const PlanEval& b) {
+  if (a.cluster_batch != b.cluster_batch) return a.cluster_batch > b.cluster_batch;
+  if (a.feasible != b.feasible) return a.feasible;
+  if (!a.feasible) {  // both infeasible: the least overfull plan first
+    if (a.weights_fit != b.weights_fit) return a.weights_fit;
+    if (a.weight_bytes_max != b.weight_bytes_max) return a.weight_bytes_max < b.weight_bytes_max;
+  }
+  const std::int64_t ca = a.plan.tp * a.plan.pp, cb = b.plan.tp * b.plan.pp;
+  if (ca != cb) return ca < cb;
+  if (a.plan.ep != b.plan.ep) return a.plan.ep < b.plan.ep;
+  if (a.plan.tp != b.plan.tp) return a.plan.tp < b.plan.tp;
+  if (a.plan.expert_tp() != b.plan.expert_tp()) return a.plan.expert_tp() < b.plan.expert_tp();
+  return !a.plan.attn_dp && b.plan.attn_dp;
+}
+
+namespace {
+std::vector<PlanEval> ranked_for(const MemoryDesc& d, std::int64_t g, std::int64_t context) {
+  std::vector<PlanEval> evals;
+  for (const PlanDesc& p : enumerate_plans(d, g)) evals.push_back(evaluate_plan(d, p, g, context));
+  std::stable_sort(evals.begin(), evals.end(), ranks_before);
+  return evals;
+}
+void check_context(std::int64_t context) {
+  if (context < 1) throw InvalidArgument(cat("context=", context, ": must be a positive number of tokens"));
+}
+}  // namespace
+
+std::vector<PlanEval> search_plans(const MemoryDesc& d, std::int64_t g_lo, std::int64_t g_hi, std::int64_t context,
+                                   unsigned threads, const CancelToken* cancel) {
+  validate_desc(d);
+  check_context(context);
+  if (g_lo < 1 || g_hi < g_lo) {
+    throw InvalidArgument(cat("GPU range [", g_lo, ", ", g_hi, "]: need 1 <= g_lo <= g_hi"));
+  }
+  std::vector<PlanEval> out;
+  ordered_block_reduce<std::vector<PlanEval>>(
+      static_cast<std::uint64_t>(g_hi - g_lo + 1), threads, out,
+      [&](std::uint64_t b) { return ranked_for(d, g_lo + static_cast<std::int64_t>(b), context); },
+      [](std::vector<PlanEval>& acc, std::vector<PlanEval>&& r) { acc.insert(acc.end(), r.begin(), r.end()); },
+      cancel);
+  return out;
+}
+
+std::int64_t min_gpus(const MemoryDesc& d, std::int64_t context, std::int64_t max_gpus, PlanEval* best,
+                      const CancelToken* cancel) {
+  validate_desc(d);
+  check_context(context);
+  if (max_gpus < 1) throw InvalidArgument(cat("max_gpus=", max_gpus, ": must be >= 1"));
+  for (std::int64_t g = 1; g <= max_gpus; ++g) {
+    if (cancel && cancel->cancelled()) throw Cancelled();
+    std::vector<PlanEval> r = ranked_for(d, g, context);
+    if (!r.empty() && r.front().feasible) {
+      if (best) *best = r.front();
+      return g;
+    }
+  }
+  return 0;
+}
+
+// ---------------------------------------------------------------- sampling
+std::uint64_t stream_key(std::uint64_t key0, std::uint64_t key1, std::uint64_t block, std::uint64_t purpose) {
+  return splitmix64(key0 ^ splitmix64(key1 ^ splitmix64(block ^ splitmix64(purpose))));
+}
+
+std::uint64_t stream_u64(std::uint64_t key, std::uint64_t index) {
+  return splitmix64(key ^ splitmix64(index));
+}
+
+std::vector<std::int64_t> sample_lengths(const std::vector<std::int64_t>& values, const std::vector<double>& weights,
+                                         std::int64_t n, std::uint64_t key0, std::uint64_t key1, unsigned threads,
+                                         const CancelToken* cancel) {
+  if (values.empty()) throw InvalidArgument("lengths distribution: no values (the distribution has no mass)");
+  if (values.size() != weights.size()) {
+    throw InvalidArgument(cat("lengths distribution: ", values.size(), " lengths but ", weights.size(), " weights"));
+  }
+  if (n < 0) throw InvalidArgument(cat("num_sequences=", n, ": must be >= 0"));
+  std::vector<double> cum(values.size());
+  double total = 0;
+  for (std::size_t i = 0; i < values.size(); ++i) {
+    if (values[i] < 1) throw InvalidArgument(cat("lengths distribution value[", i, "]=", values[i], ": must be >= 1 token"));
+    if (!std::isfinite(weights[i]) || weights[i] < 0) {
+      throw InvalidArgument(cat("lengths distribution weight[", i, "]=", weights[i], ": must be finite and >= 0"));
+    }
+    total += weights[i];
+    cum[i] = total;
+  }
+  if (!(total > 0) || !std::isfinite(total)) {
+    throw InvalidArgument(cat("lengths distribution weights sum to ", total, ": the distribution has no mass"));
+  }
+  constexpr std::uint64_t kPurposeLengths = 0x4c454e47ull;  // "LENG"
+  const std::uint64_t n_blocks = static_cast<std::uint64_t>((n + kSampleBlock - 1) / kSampleBlock);
+  std::vector<std::int64_t> out;
+  out.reserve(static_cast<std::size_t>(n));
+  ordered_block_reduce<std::vector<std::int64_t>>(
+      n_blocks, threads, out,
+      [&](std::uint64_t b) {
+        const std::int64_t lo = static_cast<std::int64_t>(b) * kSampleBlock;
+        const std::int64_t hi = std::min(n, lo + kSampleBlock);
+        const std::uint64_t key = stream_key(key0, key1, b, kPurposeLengths);
+        std::vector<std::int64_t> r(static_cast<std::size_t>(hi - lo));
+        for (std::int64_t i = lo; i < hi; ++i) {
+          const double u = static_cast<double>(stream_u64(key, static_cast<std::uint64_t>(i - lo)) >> 11) * 0x1.0p-53;
+          const double x = u * total;
+          std::size_t k = static_cast<std::size_t>(std::upper_bound(cum.begin(), cum.end(), x) - cum.begin());
+          if (k >= values.size()) k = values.size() - 1;
+          while (weights[k] == 0 && k > 0) --k;  // only reachable through rounding at the top
+          r[static_cast<std::size_t>(i - lo)] = values[k];
+        }
+        return r;
+      },
+      [](std::vector<std::int64_t>& acc, std::vector<std::int64_t>&& r) { acc.insert(acc.end(), r.begin(), r.end()); },
+      cancel);
+  return out;
+}
+
+// ---------------------------------------------------------------- full pack
+namespace {
+
+struct ReplicaPlacement {
+  std::vector<std::int64_t> copies, rank_count, replica_expert, replica_rank;
+  std::vector<double> load_before, load_after;
+  double imbalance_before = 1, imbalance_after = 1;
+};
+
+ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const ReplicaRequest& req,
+                                const std::vector<std::int64_t>& rank_capacity,
+                                const std::vector<std::int64_t>& rank_witness_gpu,
+                                const std::vector<double>& witness_free, const std::vector<double>& witness_bytes) {
+  const std::int64_t E = d.routed_experts, ep = p.ep, per_rank = E / ep;
+  ReplicaPlacement out;
+  const auto& pop = req.popularity;
+  double total = 0;
+  for (double v : pop) total += v;
+  out.copies.assign(static_cast<std::size_t>(E), 1);
+  // 1. Give each replica to the expert with the largest per-copy load.
+  using Item = std::pair<double, std::int64_t>;  // (per-copy load, -expert) max-heap => lowest expert on ties
+  std::priority_queue<Item> heap;
+  for (std::int64_t e = 0; e < E; ++e) heap.push({pop[e], -e});
+  for (std::int64_t r = 0; r < req.replicas; ++r) {
+    Item top = heap.top();
+    heap.pop();
+    const std::int64_t e = -top.second;
+    ++out.copies[e];
+    heap.push({pop[e] / static_cast<double>(out.copies[e]), -e});
+  }
+  // 2. Expected load per EP rank: home placement (contiguous blocks) first.
+  out.load_before.assign(static_cast<std::size_t>(ep), 0.0);
+  out.load_after.assign(static_cast<std::size_t>(ep), 0.0);
+  for (std::int64_t e = 0; e < E; ++e) {
+    const std::int64_t home = e / per_rank;
+    out.load_before[home] += pop[e];
+    out.load_after[home] += pop[e] / static_cast<double>(out.copies[e]);
+  }
+  // 3. Replica copies, heaviest first, each onto the least-loaded rank with room
+  //    (pure LPT: a rule such as "avoid ranks already holding the expert" can
+  //    raise the maximum load, e.g. 2 equal experts on 2 ranks plus 1 replica).
+  struct Copy { double load; std::int64_t expert; };
+  std::vector<Copy> copies;
+  for (std::int64_t e = 0; e < E; ++e) {
+    for (std::int64_t c = 1; c < out.copies[e]; ++c) copies.push_back({pop[e] / static_cast<double>(out.copies[e]), e});
+  }
+  std::stable_sort(copies.begin(), copies.end(), [](const Copy& a, const Copy& b) { return a.load > b.load; });
+  out.rank_count.assign(static_cast<std::size_t>(ep), 0);
+  for (const Copy& c : copies) {
+    std::int64_t pick = -1;
+    for (std::int64_t r = 0; r < ep; ++r) {
+      if (out.rank_count[r] >= rank_capacity[r]) continue;
+      if (pick < 0 || out.load_after[r] < out.load_after[pick]) pick = r;
+    }
+    if (pick < 0) {
+      std::int64_t room = 0, worst = 0;
+      for (std::int64_t r = 0; r < ep; ++r) {
+        room += rank_capacity[r];
+        if (rank_capacity[r] < rank_capacity[worst]) worst = r;
+      }
+      const std::int64_t g = rank_witness_gpu[worst];
+      throw InvalidArgument(cat(
+          "replicas=", req.replicas, ": expert replicas do not fit in free HBM (rule: replicas must fit in the memory ",
+          "left after weights); the EP ranks have room for ", room, " replicas in total; e.g. GPU ", g, " has ",
+          gb(witness_free[g]), " free and one replica needs ", gb(witness_bytes[g])));
+    }
+    out.rank_count[pick] += 1;
+    out.load_after[pick] += c.load;
+    out.replica_expert.push_back(c.expert);
+    out.replica_rank.push_back(pick);
+  }
+  const double mean = total / static_cast<double>(ep);
+  out.imbalance_before = *std::max_element(out.load_before.begin(), out.load_before.end()) / mean;
+  out.imbalance_after = *std::max_element(out.load_after.begin(), out.load_after.end()) / mean;
+  return out;
+}
+
+struct Admission {
+  std::vector<std::int64_t> unit_batch;
+  bool weights_fit = true;
+  std::int64_t binding_gpu = -1;
+};
+
+Admission admit(const PackResult& r, const std::vector<double>& free0) {
+  Admission a;
+  a.unit_batch.assign(static_cast<std::size_t>(r.num_units), kBatchCap);
+  std::vector<std::int64_t> unit_gpu(static_cast<std::size_t>(r.num_units), -1);
+  std::int64_t overflow_gpu = -1;
+  for (std::int64_t g = 0; g < r.num_gpus; ++g) {
+    if (free0[g] < 0) {
+      a.weights_fit = false;
+      if (overflow_gpu < 0 || free0[g] < free0[overflow_gpu]) overflow_gpu = g;
+    }
+    const double per = r.kv_per_sequence[g];
+    if (per > 0) {
+      const std::int64_t b = floor_fit(free0[g], per);
+      const std::int64_t u = r.unit[g];
+      if (b < a.unit_batch[u]) {
+        a.unit_batch[u] = b;
+        unit_gpu[u] = g;
+      }
+    }
+  }
+  for (auto& b : a.unit_batch) if (b == kBatchCap) b = 0;
+  if (!a.weights_fit) {
+    std::fill(a.unit_batch.begin(), a.unit_batch.end(), 0);
+    a.binding_gpu = overflow_gpu;
+  } else {
+    std::int64_t best = 0;
+    for (std::int64_t u = 1; u < r.num_units; ++u) if (a.unit_batch[u] < a.unit_batch[best]) best = u;
+    a.binding_gpu = unit_gpu[best];
+  }
+  return a;
+}
+
+void pack_paged(const MemoryDesc& d, PackResult& r, const PagedRequest& req, const std::vector<double>& free0,
+                const std::vector<StageMemory>& sms, bool weights_fit, const CancelToken* cancel) {
+  if (req.block_size < 1) throw InvalidArgument(cat("block_size=", req.block_size, ": must be >= 1 token"));
+  const std::int64_t U = r.num_units, pp = r.plan.pp;
+  const std::int64_t bs = req.block_size;
+  const double gpus_per_unit_stage = r.plan.attn_dp ? 1.0 : static_cast<double>(r.plan.tp);
+  // Per (unit, stage): the smallest free memory among its GPUs (all share the same KV per token).
+  std::vector<double> cap(static_cast<std::size_t>(U * pp), std::numeric_limits<double>::infinity());
+  for (std::int64_t g = 0; g < r.num_gpus; ++g) {
+    double& c = cap[r.unit[g] * pp + r.stage[g]];
+    c = std::min(c, free0[g]);
+  }
+  std::vector<double> a(static_cast<std::size_t>(pp)), b(static_cast<std::size_t>(pp));
+  for (std::int64_t s = 0; s < pp; ++s) {
+    a[s] = sms[s].kv_per_token_layer * static_cast<double>(sms[s].kv_full_layers);
+    b[s] = sms[s].kv_per_token_layer * static_cast<double>(sms[s].kv_local_layers);
+  }
+  std::vector<double> used(static_cast<std::size_t>(U * pp), 0.0);
+  r.unit_sequences.assign(static_cast<std::size_t>(U), 0);
+  auto fill = [&](std::int64_t u) {
+    double f = 0;
+    for (std::int64_t s = 0; s < pp; ++s) {
+      if (a[s] == 0 && b[s] == 0) continue;
+      const double c = cap[u * pp + s];
+      f = std::max(f, c > 0 ? used[u * pp + s] / c : std::numeric_limits<double>::infinity());
+    }
+    return f;
+  };
+  using Item = std::pair<double, std::int64_t>;
+  std::priority_queue<Item, std::vector<Item>, std::greater<Item>> heap;
+  for (std::int64_t u = 0; u < U; ++u) heap.push({fill(u), u});
+  std::int64_t min_rejected = std::numeric_limits<std::int64_t>::max();
+  if (!weights_fit) min_rejected = 0;
+  std::vector<double> need(static_cast<std::size_t>(pp));
+  std::vector<Item> tried;
+  const std::int64_t n = static_cast<std::int64_t>(req.lengths.size());
+  r.offered = n;
+  for (std::int64_t i = 0; i < n; ++i) {
+    if ((i & 0xFFFF) == 0 && cancel && cancel->cancelled()) throw Cancelled();
+    const std::int64_t len = req.lengths[i];
+    if (len < 1) throw InvalidArgument(cat("lengths[", i, "]=", len, ": every context length must be >= 1 token"));
+    if (len >= min_rejected) {
+      ++r.rejected;
+      if (r.first_rejected < 0) r.first_rejected = i;
+      continue;
+    }
+    const std::int64_t local = d.local_window > 0 ? std::min(len, d.local_window) : len;
+    const std::int64_t pf = (len + bs - 1) / bs * bs, pl = (local + bs - 1) / bs * bs;
+    for (std::int64_t s = 0; s < pp; ++s) need[s] = a[s] * static_cast<double>(pf) + b[s] * static_cast<double>(pl);
+    std::int64_t placed_unit = -1;
+    tried.clear();
+    while (!heap.empty()) {
+      Item top = heap.top();
+      heap.pop();
+      const std::int64_t u = top.second;
+      bool ok = true;
+      for (std::int64_t s = 0; s < pp && ok; ++s) ok = used[u * pp + s] + need[s] <= cap[u * pp + s];
+      if (ok) {
+        for (std::int64_t s = 0; s < pp; ++s) used[u * pp + s] += need[s];
+        placed_unit = u;
+        tried.push_back({fill(u), u});
+        break;
+      }
+      tried.push_back(top);
+    }
+    for (const Item& t : tried) heap.push(t);
+    if (placed_unit < 0) {
+      ++r.rejected;
+      if (r.first_rejected < 0) r.first_rejected = i;
+      min_rejected = std::min(min_rejected, len);
+      continue;
+    }
+    ++r.placed;
+    ++r.unit_sequences[placed_unit];
+    r.tokens_placed += len;
+    for (std::int64_t s = 0; s < pp; ++s) {
+      r.fragmentation_bytes += gpus_per_unit_stage * (a[s] * static_cast<double>(pf - len) +
+                                                      b[s] * static_cast<double>(pl - local));
+    }
+  }
+  r.kv_placed_bytes = 0;
+  for (std::int64_t g = 0; g < r.num_gpus; ++g) {
+    r.kv_bytes[g] = used[r.unit[g] * pp + r.stage[g]];
+    r.kv_placed_bytes += r.kv_bytes[g];
+  }
+}
+
+}  // namespace
+
+PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, std::int64_t context,
+                const ReplicaRequest* replicas, const PagedRequest* paged, const CancelToken* cancel) {
+  validate_desc(d);
+  validate_plan(d, p, num_gpus);
+  check_context(context);
+  PackResult r;
+  r.plan = p;
+  r.num_gpus = num_gpus;
+  r.num_units = p.num_units();
+  r.context = context;
+  r.capacity = d.hbm_bytes;
+  r.usable = d.usable_bytes();
+  const std::int64_t G = num_gpus, tp = p.tp, pp = p.pp;
+  const bool moe = d.is_moe();
+  const std::int64_t etp = moe ? p.expert_tp() : 1;
+  std::vector<StageMemory> sms;
+  for (std::int64_t s = 0; s < pp; ++s) sms.push_back(stage_memory(d, p, s));
+
+  auto sz = static_cast<std::size_t>(G);
+  r.unit.resize(sz); r.stage.resize(sz); r.dp_rank.resize(sz); r.tp_rank.resize(sz); r.ep_rank.resize(sz);
+  for (auto& w : r.weights) w.resize(sz);
+  r.replica_bytes.assign(sz, 0.0); r.kv_bytes.assign(sz, 0.0); r.kv_per_sequence.resize(sz);
+  r.reserve.assign(sz, d.reserve_bytes); r.unusable.assign(sz, d.hbm_bytes - d.hbm_bytes * d.usable_fraction);
+  r.free.resize(sz); r.overflow.assign(sz, 0.0); r.replica_count.assign(sz, 0);
+  std::vector<double> free0(sz);
+  for (std::int64_t g = 0; g < G; ++g) {
+    const std::int64_t dpr = g / (pp * tp), s = (g / tp) % pp, t = g % tp;
+    const std::int64_t local = dpr * tp + t;  // index among the stage's dp*tp GPUs
+    r.dp_rank[g] = dpr; r.stage[g] = s; r.tp_rank[g] = t;
+    r.unit[g] = p.attn_dp ? local : dpr;
+    r.ep_rank[g] = moe ? (local % (p.ep * etp)) / etp : 0;
+    for (int c = 0; c < kNumComponents; ++c) r.weights[c][g] = sms[s].weights[c];
+    r.kv_per_sequence[g] = kv_per_sequence(sms[s], context, d.local_window);
+    free0[g] = r.usable - sms[s].weight_total;
+  }
+
+  // Admission without replicas (for the batch that replication costs).
+  Admission base = admit(r, free0);
+  std::int64_t base_cluster = 0;
+  for (auto b : base.unit_batch) base_cluster += b;
+  r.cluster_batch_without_replicas = base_cluster;
+
+  if (replicas) {
+    if (!moe) {
+      if (replicas->replicas > 0 || !replicas->popularity.empty()) {
+        throw InvalidArgument("replicas/popularity: expert replication needs a MoE model (this model has no routed experts)");
+      }
+    } else {
+      const std::int64_t E = d.routed_experts;
+      if (replicas->replicas < 0) throw InvalidArgument(cat("replicas=", replicas->replicas, ": must be >= 0"));
+      if (static_cast<std::int64_t>(replicas->popularity.size()) != E) {
+        throw InvalidArgument(cat("popularity has ", replicas->popularity.size(),
+                                  " entries: must have one per routed expert (", E, ")"));
+      }
+      double total = 0;
+      for (std::size_t e = 0; e < replicas->popularity.size(); ++e) {
+        const double v = replicas->popularity[e];
+        if (!std::isfinite(v) || v < 0) {
+          throw InvalidArgument(cat("popularity[", e, "]=", v, ": must be finite and >= 0"));
+        }
+        total += v;
+      }
+      if (!(total > 0)) throw InvalidArgument("popularity sums to 0: the distribution has no mass");
+      // Room for replicas on each EP rank: the tightest GPU of that rank.
+      std::vector<std::int64_t> cap(static_cast<std::size_t>(p.ep), kBatchCap), witness(static_cast<std::size_t>(p.ep), 0);
+      std::vector<double> wbytes(sz);
+      for (std::int64_t g = 0; g < G; ++g) {
+        const double rb = sms[r.stage[g]].replica_bytes;
+        wbytes[g] = rb;
+        if (rb <= 0) continue;
+        const std::int64_t c = floor_fit(free0[g], rb);
+        const std::int64_t er = r.ep_rank[g];
+        if (c < cap[er]) { cap[er] = c; witness[er] = g; }
+      }
+      ReplicaPlacement pl = place_replicas(d, p, *replicas, cap, witness, free0, wbytes);
+      r.has_replicas = true;
+      r.replicas = replicas->replicas;
+      r.expert_copies = pl.copies;
+      r.replica_expert = pl.replica_expert;
+      r.replica_rank = pl.replica_rank;
+      r.load_before = pl.load_before;
+      r.load_after = pl.load_after;
+      r.imbalance_before = pl.imbalance_before;
+      r.imbalance_after = pl.imbalance_after;
+      for (std::int64_t g = 0; g < G; ++g) {
+        r.replica_count[g] = pl.rank_count[r.ep_rank[g]];
+        r.replica_bytes[g] = static_cast<double>(r.replica_count[g]) * sms[r.stage[g]].replica_bytes;
+        free0[g] -= r.replica_bytes[g];
+        QS_PACKING_INVARIANT(r.replica_count[g] == 0 || free0[g] >= 0, cat("replicas overfill GPU ", g));
+      }
+    }
+  }
+
+  Admission adm = r.has_replicas ? admit(r, free0) : base;
+  r.unit_batch = adm.unit_batch;
+  r.binding_gpu = adm.binding_gpu;
+  r.admissible_batch = *std::min_element(r.unit_batch.begin(), r.unit_batch.end());
+  r.cluster_batch = 0;
+  for (auto b : r.unit_batch) r.cluster_batch += b;
+  r.feasible = adm.weights_fit && r.admissible_batch >= 1;
+  const std::int64_t bg = r.binding_gpu;
+  if (!adm.weights_fit) {
+    const double w = r.usable - free0[bg];
+    r.binding = "weights";
+    r.reason = cat("weights", (r.has_replicas && r.replica_bytes[bg] > 0) ? " and expert replicas" : "", " need ",
+                   gb(w), " on GPU ", bg, " (stage ", r.stage[bg], ") but only ", gb(r.usable),
+                   " is usable (hbm*usable_fraction - runtime reserve) under plan ", p.label());
+  } else if (bg >= 0) {
+    r.binding = "kv";
+    if (r.admissible_batch < 1) {
+      r.reason = cat("one sequence of ", context, " tokens needs ", gb(r.kv_per_sequence[bg]), " of KV cache on GPU ",
+                     bg, " (stage ", r.stage[bg], ") but only ", gb(free0[bg]), " is free after weights",
+                     r.has_replicas ? " and replicas" : "", " under plan ", p.label());
+    } else {
+      r.reason = cat("KV cache fills GPU ", bg, " (stage ", r.stage[bg], ") at ", r.admissible_batch,
+                     " sequences of ", context, " tokens per replica");
+    }
+  }
+
+  if (paged) {
+    r.has_paged = true;
+    r.block_size = paged->block_size;
+    pack_paged(d, r, *paged, free0, sms, adm.weights_fit, cancel);
+  } else if (adm.weights_fit) {
+    for (std::int64_t g = 0; g < G; ++g) {
+      r.kv_bytes[g] = static_cast<double>(r.unit_batch[r.unit[g]]) * r.kv_per_sequence[g];
+    }
+  }
+
+  for (std::int64_t g = 0; g < G; ++g) {
+    const double f = free0[g] - r.kv_bytes[g];
+    if (f >= 0) {
+      r.free[g] = f;
+    } else {
+      // Only weights that do not fit may overflow; then nothing else is placed.
+      QS_PACKING_INVARIANT(r.kv_bytes[g] == 0 && r.replica_bytes[g] == 0,
+                           cat("GPU ", g, " over capacity by ", -f, " bytes after placing KV/replicas"));
+      r.free[g] = 0;
+      r.overflow[g] = -f;
+    }
+  }
+  return r;
+}
+
+}  // namespace packing
+}  // namespace qs

@@ -1,0 +1,215 @@
+// qsengine core: HBM packing. Decides what sits on each GPU's HBM for a model
+// served on a cluster under a parallel plan: weights by component, expert
+// replicas, runtime reserve and the KV cache of the sequences each GPU serves.
+//
+// The input is a flat numeric MemoryDesc built by the Python layer from the
+// specs (per-layer bytes of each component, a per-layer structure mask, KV bytes
+// per token per layer, HBM numbers). All formulas are written out in
+// docs/packing.md; the short version:
+//
+//   GPU g = (dp rank d, pipeline stage s, tp rank t), g = (d*pp + s)*tp + t.
+//   Stage s holds layers [floor(s*L/pp), floor((s+1)*L/pp)); stage 0 the
+//   embedding, the last stage the final norm and the LM head (with tied
+//   embeddings and pp > 1 the last stage holds its own copy of the table).
+//   Non-expert weights (attention, dense FFN, shared experts, router, norms,
+//   embedding, LM head) are split tp ways, or replicated on every GPU of the
+//   stage with attn_dp. Routed experts: E/ep whole experts per EP rank, each
+//   split etp ways. KV per token per layer is split over tp ranks for MHA/GQA
+//   down to one KV head per rank (then replicated), never for MLA's latent,
+//   never with attn_dp (each GPU holds the full KV of its own sequences).
+//   usable = hbm * usable_fraction - reserve; a GPU is full when
+//   weights + replicas + KV > usable.
+//
+// Every function is deterministic; the multithreaded ones reduce in block order.
+#pragma once
+
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "core/parallel.h"
+
+namespace qs {
+namespace packing {
+
+// Weight components, in the order used by every per-GPU map.
+enum Component : int {
+  kAttention = 0,
+  kDenseFfn,
+  kRoutedExperts,
+  kSharedExperts,
+  kRouter,
+  kNorms,
+  kEmbedding,
+  kLmHead,
+  kNumComponents
+};
+
+// Name of a component ("attention", "dense_ffn", ...), as in Model.params_by_component().
+const char* component_name(int c);
+
+// The model x precision x accelerator, flattened to numbers. Bytes are per
+// block (one layer's attention, one routed expert, ...), unsharded.
+struct MemoryDesc {
+  double attention_bytes = 0;        // one attention block
+  double dense_ffn_bytes = 0;        // one dense FFN block
+  double expert_bytes = 0;           // one routed expert
+  double shared_expert_bytes = 0;    // all shared experts of one MoE layer
+  double router_bytes = 0;           // one MoE layer's router
+  double norm_bytes_per_layer = 0;   // norm gains of one layer
+  double final_norm_bytes = 0;       // the final norm
+  double embedding_bytes = 0;        // input embedding table
+  double lm_head_bytes = 0;          // untied LM head (0 when tied)
+  bool tie_embeddings = false;       // LM head reuses the embedding table
+
+  // Per-layer structure, length = number of layers (encoder layers included).
+  std::vector<int> layer_is_moe;     // 1: MoE FFN, 0: dense FFN
+  std::vector<int> layer_has_kv;     // 1: decode layer that caches KV (0: encoder layer)
+  std::vector<int> layer_is_local;   // 1: sliding/chunked layer (KV capped at local_window)
+
+  std::int64_t routed_experts = 0;
+  std::int64_t moe_intermediate = 0;  // expert FFN width (etp must divide it)
+  std::int64_t num_heads = 1;
+  std::int64_t num_kv_heads = 1;
+  bool mla = false;                   // MLA latent KV: not split across TP ranks
+  double kv_bytes_per_token_per_layer = 0;  // unsharded, one full-attention layer
+  std::int64_t local_window = 0;      // tokens; 0 when there are no local layers
+
+  double hbm_bytes = 0;
+  double usable_fraction = 1.0;
+  double reserve_bytes = 0;
+
+  std::int64_t num_layers() const { return static_cast<std::int64_t>(layer_is_moe.size()); }
+  bool is_moe() const;
+  // hbm_bytes * usable_fraction - reserve_bytes
+  double usable_bytes() const { return hbm_bytes * usable_fraction - reserve_bytes; }
+};
+
+// A parallel plan (see python/qsengine/specs/plan.py).
+struct PlanDesc {
+  std::int64_t tp = 1;
+  std::int64_t pp = 1;
+  std::int64_t dp = 1;
+  std::int64_t ep = 1;
+  std::int64_t etp = 0;  // 0: default = tp without EP, 1 with EP
+  bool attn_dp = false;
+
+  std::int64_t expert_tp() const { return etp > 0 ? etp : (ep == 1 ? tp : 1); }
+  std::int64_t num_gpus() const { return tp * pp * dp; }
+  // Serving units (independent admission domains): dp replicas, or dp*tp
+  // attention replicas with attn_dp.
+  std::int64_t num_units() const { return attn_dp ? dp * tp : dp; }
+  std::string label() const;
+};
+
+// Throws InvalidArgument naming the field, the value and the rule.
+void validate_desc(const MemoryDesc& desc);
+// "" when `plan` is valid for the model on `num_gpus` GPUs, else the rule broken.
+std::string plan_violation(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus);
+void validate_plan(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus);
+
+// What one GPU of pipeline stage s holds (every GPU of a stage is identical
+// before replicas are added).
+struct StageMemory {
+  std::int64_t first_layer = 0, layers = 0, dense_layers = 0, moe_layers = 0;
+  std::int64_t kv_full_layers = 0, kv_local_layers = 0;
+  std::array<double, kNumComponents> weights{};  // bytes per GPU
+  double weight_total = 0;                        // sum of weights, component order
+  double kv_per_token_layer = 0;  // bytes per cached token per layer on one GPU
+  double replica_bytes = 0;       // one extra copy of one expert in every MoE layer of the stage, per GPU
+};
+StageMemory stage_memory(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t stage);
+
+// KV bytes of one sequence of `context` tokens on one GPU of the stage.
+double kv_per_sequence(const StageMemory& sm, std::int64_t context, std::int64_t local_window);
+// Largest b >= 0 with b * per <= free (exact in double arithmetic); per > 0.
+std::int64_t floor_fit(double free, double per);
+
+// Fast evaluation of a valid plan at a fixed context (no per-GPU map).
+struct PlanEval {
+  PlanDesc plan;
+  std::int64_t num_gpus = 0;
+  std::int64_t units = 0;
+  std::int64_t unit_batch = 0;     // admissible sequences per serving unit
+  std::int64_t cluster_batch = 0;  // units * unit_batch
+  bool feasible = false;
+  bool weights_fit = false;
+  std::int64_t binding_stage = 0;
+  double weight_bytes_max = 0;     // weights on the fullest GPU
+};
+PlanEval evaluate_plan(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus, std::int64_t context);
+
+// Every valid plan for `num_gpus` GPUs, canonical order (tp, pp, ep, etp, attn_dp).
+std::vector<PlanDesc> enumerate_plans(const MemoryDesc& desc, std::int64_t num_gpus);
+// All plans for G in [g_lo, g_hi], evaluated; grouped by G, each group ranked
+// (cluster batch desc; infeasible plans after feasible ones, least overfull
+// first; then tp*pp, ep, tp, etp, attn_dp asc). Block-parallel
+// over G, bit-identical for any thread count.
+std::vector<PlanEval> search_plans(const MemoryDesc& desc, std::int64_t g_lo, std::int64_t g_hi, std::int64_t context,
+                                   unsigned threads, const CancelToken* cancel = nullptr);
+// Ranking order used by search_plans and plan="auto": true if a ranks before b.
+bool ranks_before(const PlanEval& a, const PlanEval& b);
+// Smallest G in [1, max_gpus] with a feasible plan (0 if none); *best gets the
+// best-ranked feasible plan at that G.
+std::int64_t min_gpus(const MemoryDesc& desc, std::int64_t context, std::int64_t max_gpus, PlanEval* best,
+                      const CancelToken* cancel = nullptr);
+
+// Counter-based random stream: SplitMix64 of (key, block, purpose, index).
+std::uint64_t stream_key(std::uint64_t key0, std::uint64_t key1, std::uint64_t block, std::uint64_t purpose);
+std::uint64_t stream_u64(std::uint64_t key, std::uint64_t index);
+// n context lengths drawn from the discrete distribution (values, weights),
+// in blocks of kSampleBlock keyed by block number.
+constexpr std::int64_t kSampleBlock = 65536;
+std::vector<std::int64_t> sample_lengths(const std::vector<std::int64_t>& values, const std::vector<double>& weights,
+                                         std::int64_t n, std::uint64_t key0, std::uint64_t key1, unsigned threads,
+                                         const CancelToken* cancel = nullptr);
+
+struct ReplicaRequest {
+  std::vector<double> popularity;  // E expected token shares (any positive scale)
+  std::int64_t replicas = 0;       // extra expert copies per EP group (per MoE layer)
+};
+
+struct PagedRequest {
+  std::vector<std::int64_t> lengths;  // context length of each arriving sequence
+  std::int64_t block_size = 16;       // tokens per KV block
+};
+
+// The full per-GPU memory map.
+struct PackResult {
+  PlanDesc plan;
+  std::int64_t num_gpus = 0, num_units = 0, context = 0;
+  double capacity = 0, usable = 0;
+  // per GPU (length num_gpus)
+  std::vector<std::int64_t> unit, stage, dp_rank, tp_rank, ep_rank;
+  std::array<std::vector<double>, kNumComponents> weights;
+  std::vector<double> replica_bytes, kv_bytes, kv_per_sequence, reserve, unusable, free, overflow;
+  std::vector<std::int64_t> replica_count;
+  // fixed-context admission
+  std::vector<std::int64_t> unit_batch;
+  std::int64_t admissible_batch = 0;  // min over units
+  std::int64_t cluster_batch = 0;     // sum over units
+  bool feasible = false;
+  std::string reason, binding;
+  std::int64_t binding_gpu = -1;
+  // expert replication
+  bool has_replicas = false;
+  std::int64_t replicas = 0;
+  std::vector<std::int64_t> expert_copies;             // per expert, in one EP group
+  std::vector<std::int64_t> replica_expert, replica_rank;
+  std::vector<double> load_before, load_after;         // per EP rank
+  double imbalance_before = 1, imbalance_after = 1;
+  std::int64_t cluster_batch_without_replicas = 0;
+  // paged mixed-length packing
+  bool has_paged = false;
+  std::int64_t block_size = 0, offered = 0, placed = 0, rejected = 0, first_rejected = -1;
+  double kv_placed_bytes = 0, fragmentation_bytes = 0;
+  std::int64_t tokens_placed = 0;
+  std::vector<std::int64_t> unit_sequences;
+};
+
+PackResult pack(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus, std::int64_t context,
+                const ReplicaRequest* replicas, const PagedRequest* paged, const CancelToken* cancel = nullptr);
+
+}  // namespace packing
+}  // namespace qs
