@@ -59,8 +59,8 @@ def all_plans(model: Model, num_gpus: int) -> list[Plan]:
                 for ep in range(1, G + 1):
                     for etp in range(1, G + 1):
                         for adp in (False, True):
-                            if adp and tp == 1:
-                                continue
+                            if (adp and tp == 1) or (dp * tp) % (ep * etp):
+                                continue  # the second: Plan itself refuses it
                             p = Plan(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, attn_dp=adp)
                             if plan_is_valid(model, p, G):
                                 out.append(p)

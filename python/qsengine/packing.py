@@ -19,7 +19,6 @@ Entry points:
 
 from __future__ import annotations
 
-import importlib
 import json
 import numbers
 from collections.abc import Sequence
@@ -33,7 +32,8 @@ from qsengine import _core
 from qsengine._core import FORMAT_VERSION
 from qsengine._seed import SeedLike, as_seed_sequence, philox_key, seed_record
 from qsengine.specs import Accelerator, Cluster, Model, Plan, Precision, Workload
-from qsengine.specs.precision import PRESETS
+from qsengine.specs import PRECISIONS
+from qsengine.specs.loaders import as_accelerator, as_cluster, as_model, as_precision
 
 if TYPE_CHECKING:  # pragma: no cover
     import matplotlib.axes
@@ -61,82 +61,22 @@ BindingConstraint = Literal["weights", "kv", ""]
 
 
 # --------------------------------------------------------------------- inputs
-def _loader(name: str):  # noqa: ANN202 - returns a loader function or None
-    try:
-        mod = importlib.import_module("qsengine.specs.loaders")
-    except ImportError:
-        return None
-    return getattr(mod, name, None)
-
-
 def _as_model(model: Model | str, field_name: str = "model") -> Model:
-    if isinstance(model, Model):
-        return model
-    if isinstance(model, str):
-        fn = _loader("as_model")
-        if fn is None:
-            raise TypeError(
-                f"{field_name}={model!r}: loading models by name needs qsengine.specs.loaders.as_model, which this "
-                "installation does not have; pass a qsengine.Model instead"
-            )
-        return fn(model)
-    raise TypeError(f"{field_name}={model!r} (type {type(model).__name__}): must be a qsengine.Model or a preset name")
+    return as_model(model)
 
 
 def _as_cluster(cluster: Cluster | str) -> Cluster:
-    if isinstance(cluster, Cluster):
-        return cluster
-    if isinstance(cluster, str):
-        fn = _loader("as_cluster")
-        if fn is None:
-            raise TypeError(
-                f"cluster={cluster!r}: loading clusters by name needs qsengine.specs.loaders.as_cluster, which this "
-                "installation does not have; pass a qsengine.Cluster(accelerator, num_gpus) instead"
-            )
-        return fn(cluster)
-    raise TypeError(
-        f"cluster={cluster!r} (type {type(cluster).__name__}): must be a qsengine.Cluster or a name like '8xH200'"
-    )
+    return as_cluster(cluster)
 
 
 def _as_accelerator(accelerator: Accelerator | Cluster | str) -> Accelerator:
-    if isinstance(accelerator, Accelerator):
-        return accelerator
     if isinstance(accelerator, Cluster):
         return accelerator.accelerator
-    if isinstance(accelerator, str):
-        fn = _loader("as_accelerator")
-        if fn is not None:
-            return fn(accelerator)
-        fn = _loader("as_cluster")
-        if fn is not None:
-            return fn(accelerator).accelerator
-        raise TypeError(
-            f"accelerator={accelerator!r}: loading accelerators by name needs qsengine.specs.loaders, which this "
-            "installation does not have; pass a qsengine.Accelerator instead"
-        )
-    raise TypeError(
-        f"accelerator={accelerator!r} (type {type(accelerator).__name__}): must be a qsengine.Accelerator, "
-        "a Cluster or a name"
-    )
+    return as_accelerator(accelerator)
 
 
 def _as_precision(precision: Precision | str | None) -> Precision:
-    if precision is None:
-        return Precision()
-    if isinstance(precision, Precision):
-        return precision
-    if isinstance(precision, str):
-        if precision in PRESETS:
-            return PRESETS[precision]
-        fn = _loader("as_precision")
-        if fn is not None:
-            return fn(precision)
-        raise ValueError(f"precision={precision!r}: unknown preset (known: {', '.join(sorted(PRESETS))})")
-    raise TypeError(
-        f"precision={precision!r} (type {type(precision).__name__}): must be None, a qsengine.Precision or a "
-        f"preset name ({', '.join(sorted(PRESETS))})"
-    )
+    return as_precision(precision)
 
 
 def _as_int(value: object, name: str, minimum: int) -> int:
@@ -834,7 +774,7 @@ def add_parser(sub: Any) -> None:
     ps.add_argument("--model", required=True, help="model preset name (needs the spec loaders)")
     ps.add_argument("--cluster", required=True, help="cluster name such as 8xH200 (needs the spec loaders)")
     ps.add_argument("--context", required=True, type=int, help="context length in tokens")
-    ps.add_argument("--precision", default=None, help=f"precision preset ({', '.join(sorted(PRESETS))}); default bf16")
+    ps.add_argument("--precision", default=None, help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default bf16")
     ps.add_argument("--plan", default="auto", help="'auto' or a label like tp8-pp1-dp1-ep8")
     ps.add_argument("--replicas", type=int, default=0, help="extra expert replicas per EP group")
     ps.add_argument("--json", action="store_true", help="print the full record as JSON")
