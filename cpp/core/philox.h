@@ -27,6 +27,9 @@ struct PhiloxKey {
   std::uint64_t k1 = 0;
 };
 
+// GCC/Clang 128-bit integer (marked __extension__ to stay -Wpedantic clean).
+__extension__ typedef unsigned __int128 u128;
+
 namespace philox_detail {
 constexpr std::uint64_t kM0 = 0xD2E7470EE14C6C93ull;
 constexpr std::uint64_t kM1 = 0xCA5A826395121157ull;
@@ -34,7 +37,7 @@ constexpr std::uint64_t kW0 = 0x9E3779B97F4A7C15ull;
 constexpr std::uint64_t kW1 = 0xBB67AE8584CAA73Bull;
 
 inline void mulhilo(std::uint64_t a, std::uint64_t b, std::uint64_t& hi, std::uint64_t& lo) {
-  const unsigned __int128 p = static_cast<unsigned __int128>(a) * b;
+  const u128 p = static_cast<u128>(a) * b;
   hi = static_cast<std::uint64_t>(p >> 64);
   lo = static_cast<std::uint64_t>(p);
 }
@@ -150,13 +153,13 @@ class PhiloxStream {
   // bits with rejection, so there is no bias at all).
   std::uint64_t below(std::uint64_t n) {
     std::uint64_t x = next64();
-    unsigned __int128 m = static_cast<unsigned __int128>(x) * n;
+    u128 m = static_cast<u128>(x) * n;
     std::uint64_t l = static_cast<std::uint64_t>(m);
     if (l < n) {
       const std::uint64_t t = (0 - n) % n;
       while (l < t) {
         x = next64();
-        m = static_cast<unsigned __int128>(x) * n;
+        m = static_cast<u128>(x) * n;
         l = static_cast<std::uint64_t>(m);
       }
     }
