@@ -37,6 +37,7 @@ struct AliasTable {
   std::uint32_t lemire_t = 0;         // 2^32 mod n: reject x*n low words below it
   std::vector<std::uint32_t> thr;     // accept column i iff low word < thr[i]
   std::vector<std::uint32_t> alias;   // otherwise take alias[i]
+  std::vector<std::uint64_t> packed;  // thr[i] | alias[i] << 32 (one load per draw)
   std::vector<double> w;              // the exact weights (for the fallback)
 
   void build(const std::vector<double>& weights) {
@@ -66,6 +67,8 @@ struct AliasTable {
     }
     for (std::uint32_t i : large) set(i, 1.0, i);
     for (std::uint32_t i : small) set(i, 1.0, i);  // rounding leftovers: full columns
+    packed.resize(n);
+    for (std::uint32_t i = 0; i < n; ++i) packed[i] = thr[i] | (static_cast<std::uint64_t>(alias[i]) << 32);
   }
 
  private:
@@ -212,6 +215,11 @@ struct Scratch {
   std::vector<std::int32_t> prev;         // [layers*B*k] Sticky chain state
   TrackedHist unique, umax, nmax, tpe, layer_t, step_t;
   std::uint32_t stamp = 0, slot_stamp = 0;
+  // Expert candidates: i.i.d. draws from the current layer's alias table,
+  // converted a whole Philox refill at a time (E = a rejected Lemire draw).
+  std::uint32_t cand[2 * PhiloxStream::kWords];
+  std::size_t cand_pos = 0, cand_end = 0;
+  const AliasTable* cand_table = nullptr;
 };
 
 class ScratchPool {
@@ -317,11 +325,11 @@ class Engine {
 
   std::unique_ptr<Scratch> make_scratch() const {
     auto s = std::make_unique<Scratch>();
-    s->mark.assign(E_, 0);
+    s->mark.assign(E_ + 1, 0);  // mark[E] is a sentinel, always "chosen"
     s->cnt.assign(E_, 0);
-    s->group_mark.assign(static_cast<std::size_t>(std::max<std::int64_t>(groups_, 1)), 0);
+    s->group_mark.assign(static_cast<std::size_t>(std::max<std::int64_t>(groups_, 1)) + 1, 0);
     if (replicas_) s->slot_mark.assign(static_cast<std::size_t>(slots_), 0);
-    s->touched.reserve(static_cast<std::size_t>(std::min(E_, bk_)));
+    s->touched.assign(static_cast<std::size_t>(E_ + 1), 0);
     s->u_g.assign(G_, 0);
     s->n_g.assign(G_, 0);
     s->sel.assign(static_cast<std::size_t>(bk_), 0);
@@ -408,39 +416,76 @@ class Engine {
     return stamp;
   }
 
-  // Draw picks [have, k) for one token, Plackett-Luce from `tab`, skipping
-  // experts marked with `stamp` (already chosen). If kGroups, only experts
-  // whose group is marked in s.group_mark are eligible.
+  // Refill the candidate buffer from the stream (branch-free conversion).
+  static void fill_candidates(const AliasTable& tab, PhiloxStream& rng, Scratch& s) {
+    const std::uint32_t* raw;
+    const int n = rng.take_all32(&raw);
+    const std::uint64_t E = tab.n;
+    const std::uint32_t lt = tab.lemire_t;
+    const std::uint64_t* packed = tab.packed.data();
+    std::uint32_t* cand = s.cand;
+    // Arithmetic selects: a compiled branch here would mispredict constantly.
+    for (int i = 0; i < n; ++i) {
+      const std::uint64_t m = static_cast<std::uint64_t>(raw[i]) * E;
+      const std::uint32_t low = static_cast<std::uint32_t>(m);
+      const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
+      const std::uint64_t entry = packed[col];
+      const std::uint32_t use_alias = 0u - static_cast<std::uint32_t>(low >= static_cast<std::uint32_t>(entry));
+      std::uint32_t e = col ^ ((col ^ static_cast<std::uint32_t>(entry >> 32)) & use_alias);
+      const std::uint32_t rejected = 0u - static_cast<std::uint32_t>(low < lt);  // Lemire rejection -> sentinel E
+      e = (e & ~rejected) | (static_cast<std::uint32_t>(E) & rejected);
+      cand[i] = e;
+    }
+    s.cand_pos = 0;
+    s.cand_end = static_cast<std::size_t>(n);
+  }
+
+  // Draw picks [have, k) for one token, Plackett-Luce from `tab`: accept the
+  // next i.i.d. candidate unless already chosen (marked with `stamp`) or, if
+  // kGroups, outside the token's chosen groups. Branch-free accept; after
+  // kRejectBudget + 4k rejections the remaining picks are drawn by exact
+  // sequential inversion instead.
   template <bool kGroups>
   void draw_experts(const AliasTable& tab, PhiloxStream& rng, Scratch& s, std::uint32_t stamp, std::int32_t* out,
                     std::int64_t have) const {
-    const std::uint64_t n = tab.n;
-    const std::uint32_t* thr = tab.thr.data();
-    const std::uint32_t* alias = tab.alias.data();
+    if (s.cand_table != &tab) {
+      s.cand_table = &tab;
+      s.cand_pos = s.cand_end = 0;
+    }
     std::uint32_t* mark = s.mark.data();
     const std::uint32_t* gmark = s.group_mark.data();
-    const std::uint32_t lt = tab.lemire_t;
-    for (std::int64_t j = have; j < k_; ++j) {
-      int tries = 0;
-      for (;;) {
-        const std::uint64_t m = static_cast<std::uint64_t>(rng.next32()) * n;
-        const std::uint32_t low = static_cast<std::uint32_t>(m);
-        if (low < lt) continue;  // exact rejection: the column stays uniform
-        const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
-        const std::uint32_t e = low < thr[col] ? col : alias[col];
-        bool ok = mark[e] != stamp;
-        if constexpr (kGroups) ok = ok && gmark[e / group_size_] == stamp;
-        if (ok) {
-          mark[e] = stamp;
-          out[j] = static_cast<std::int32_t>(e);
-          break;
+    mark[E_] = stamp;  // the sentinel is never fresh
+    const std::uint32_t* cand = s.cand;
+    std::size_t pos = s.cand_pos, end = s.cand_end;
+    std::int64_t n = have;
+    std::int64_t rejects = 0;
+    const std::int64_t budget = kRejectBudget + 4 * k_;
+    while (n < k_) {
+      if (pos == end) {
+        fill_candidates(tab, rng, s);
+        pos = 0;
+        end = s.cand_end;
+      }
+      const std::uint32_t e = cand[pos++];
+      std::uint32_t fresh = mark[e] != stamp;
+      if constexpr (kGroups) fresh &= static_cast<std::uint32_t>(gmark[e / group_size_] == stamp);
+      out[n] = static_cast<std::int32_t>(e);
+      mark[e] = stamp;
+      n += fresh;
+      rejects += 1 - static_cast<std::int64_t>(fresh);
+      if (__builtin_expect(rejects > budget, 0)) {
+        if constexpr (kGroups) {
+          // Ineligible experts were marked above; only true picks stay marked.
+          for (std::int64_t e2 = 0; e2 < E_; ++e2)
+            if (mark[e2] == stamp) mark[e2] = stamp - 1;
+          for (std::int64_t j = 0; j < n; ++j) mark[out[j]] = stamp;
         }
-        if (++tries >= kRejectBudget) {
-          out[j] = sequential_pick<kGroups>(tab, rng, s, stamp);
-          break;
-        }
+        for (std::int64_t j = n; j < k_; ++j) out[j] = sequential_pick<kGroups>(tab, rng, s, stamp);
+        break;
       }
     }
+    s.cand_pos = pos;
+    s.cand_end = end;
   }
 
   // Exact draw proportional to weight among the eligible, unchosen experts.
@@ -473,12 +518,12 @@ class Engine {
   }
 
   // Groups for one token (GroupLimited), marked with `stamp` in s.group_mark.
-  void draw_groups(const AliasTable& gt, PhiloxStream& rng, Scratch& s, std::uint32_t stamp) const {
+  void draw_groups(const AliasTable& gt, PhiloxStream& cur, Scratch& s, std::uint32_t stamp) const {
     const std::uint64_t n = gt.n;
     for (std::int64_t j = 0; j < req_.model.top_groups; ++j) {
       int tries = 0;
       for (;;) {
-        const std::uint64_t m = static_cast<std::uint64_t>(rng.next32()) * n;
+        const std::uint64_t m = static_cast<std::uint64_t>(cur.next32()) * n;
         const std::uint32_t low = static_cast<std::uint32_t>(m);
         if (low < gt.lemire_t) continue;
         const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
@@ -488,6 +533,7 @@ class Engine {
           break;
         }
         if (++tries >= kRejectBudget) {
+          PhiloxStream& rng = cur;
           double total = 0.0;
           std::int64_t last = -1;
           for (std::uint32_t q = 0; q < gt.n; ++q)
@@ -513,7 +559,7 @@ class Engine {
   }
 
   // Fill s.sel with the selections of microbatch m (global index), layer l.
-  void sample(std::int64_t m, std::int64_t l, bool chain_start, PhiloxStream& rng, Scratch& s) const {
+  void sample(std::int64_t m, std::int64_t l, bool chain_start, PhiloxStream& stream, Scratch& s) const {
     std::int32_t* sel = s.sel.data();
     const ModelSpec& model = req_.model;
     if (model.kind == ModelKind::Trace) {
@@ -522,6 +568,7 @@ class Engine {
       return;
     }
     const LayerTable& tab = tables_[per_layer_tables_ ? l : 0];
+    PhiloxStream& rng = stream;
     for (std::int64_t t = 0; t < B_; ++t) {
       if ((t & 16383) == 16383) check_cancel();
       const std::uint32_t stamp = next_stamp(s.stamp, s.mark);
@@ -563,13 +610,14 @@ class Engine {
     std::int64_t* u_g = s.u_g.data();
     std::int64_t* n_g = s.n_g.data();
     const std::int32_t* gpu_of = gpu_of_.data();
-    s.touched.clear();
-    std::uint32_t sstamp = 0;
-    if constexpr (kReplicas) sstamp = next_stamp(s.slot_stamp, s.slot_mark);
-    for (std::int64_t t = 0; t < B_; ++t) {
-      for (std::int64_t j = 0; j < k_; ++j) {
-        const std::int32_t e = sel[t * k_ + j];
-        if constexpr (kReplicas) {
+    std::int32_t* touched = s.touched.data();
+    std::int64_t nt = 0;
+    if constexpr (kReplicas) {
+      // Each (expert, replica) slot counts once per sample on its GPU.
+      const std::uint32_t sstamp = next_stamp(s.slot_stamp, s.slot_mark);
+      for (std::int64_t t = 0; t < B_; ++t) {
+        for (std::int64_t j = 0; j < k_; ++j) {
+          const std::int32_t e = sel[t * k_ + j];
           const std::int32_t slot = slot_base_[e] + static_cast<std::int32_t>(t % reps_[e]);
           const std::int32_t g = slot_gpu_[slot];
           ++n_g[g];
@@ -577,22 +625,31 @@ class Engine {
             s.slot_mark[slot] = sstamp;
             ++u_g[g];
           }
-          if (cnt[e]++ == 0) s.touched.push_back(e);
-        } else {
-          const std::int32_t g = gpu_of[e];
-          ++n_g[g];
-          if (cnt[e]++ == 0) {
-            s.touched.push_back(e);
-            ++u_g[g];
-          }
+          touched[nt] = e;
+          nt += cnt[e]++ == 0;
         }
       }
+    } else {
+      // Branch-free first-touch detection; per-GPU figures follow from the
+      // per-expert counts of the touched experts.
+      for (std::int64_t i = 0; i < bk_; ++i) {
+        const std::int32_t e = sel[i];
+        touched[nt] = e;
+        nt += cnt[e]++ == 0;
+      }
+      for (std::int64_t i = 0; i < nt; ++i) {
+        const std::int32_t e = touched[i];
+        const std::int32_t g = gpu_of[e];
+        ++u_g[g];
+        n_g[g] += cnt[e];
+      }
     }
-    const std::int64_t u = static_cast<std::int64_t>(s.touched.size());
+    const std::int64_t u = nt;
     s.unique.add(u);
     std::uint32_t cmax = 0;
     std::uint64_t* tpe = s.tpe.c.data();
-    for (std::int32_t e : s.touched) {
+    for (std::int64_t i = 0; i < nt; ++i) {
+      const std::int32_t e = touched[i];
       const std::uint32_t c = cnt[e];
       ++tpe[c];
       cmax = std::max(cmax, c);
@@ -630,6 +687,8 @@ class Engine {
     std::fill(s.slot_mark.begin(), s.slot_mark.end(), 0);
     s.stamp = 0;
     s.slot_stamp = 0;
+    s.cand_table = nullptr;
+    s.cand_pos = s.cand_end = 0;
     const std::int64_t m0 = b * block_;
     const std::int64_t m1 = std::min(req_.microbatches, m0 + block_);
     for (std::int64_t m = m0; m < m1; ++m) {
