@@ -14,4 +14,5 @@ PYBIND11_MODULE(_core, m) {
   m.def("hardware_threads", []() { return qs::resolve_threads(0); },
         "Number of threads used when threads=None.");
   qs_py::register_errors(m);
+  qs_py::register_routing(m);
 }
