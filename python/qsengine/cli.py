@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 # (module, function) pairs; each function adds one or more sub-commands.
 _COMMANDS: list[tuple[str, str]] = []
+_COMMANDS.append(("qsengine.study_routing", "add_parser"))
 
 
 def build_parser() -> argparse.ArgumentParser:
