@@ -646,15 +646,17 @@ class Engine {
     }
     const std::int64_t u = nt;
     s.unique.add(u);
-    std::uint32_t cmax = 0;
+    std::uint32_t cmax = 0, cmin = 0xFFFFFFFFu;
     std::uint64_t* tpe = s.tpe.c.data();
     for (std::int64_t i = 0; i < nt; ++i) {
       const std::int32_t e = touched[i];
       const std::uint32_t c = cnt[e];
       ++tpe[c];
       cmax = std::max(cmax, c);
+      cmin = std::min(cmin, c);
       cnt[e] = 0;
     }
+    s.tpe.note(cmin);  // the range taken at block end must cover every count written
     s.tpe.note(cmax);
     if (u < E_) s.tpe.add(0, static_cast<std::uint64_t>(E_ - u));
     std::int64_t umax = 0, nmax = 0;
