@@ -15,4 +15,5 @@ PYBIND11_MODULE(_core, m) {
         "Number of threads used when threads=None.");
   qs_py::register_errors(m);
   qs_py::register_packing(m);
+  qs_py::register_routing(m);
 }

@@ -29,6 +29,24 @@ from qsengine.specs import (
     qs,
 )
 from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
+from qsengine._limits import get_memory_limit, set_memory_limit
+from qsengine.routing import (
+    Dirichlet,
+    Distribution,
+    GroupLimited,
+    LayerCost,
+    Placement,
+    Popularity,
+    PowerLaw,
+    RoutingConfig,
+    RoutingStats,
+    Sticky,
+    Trace,
+    Uniform,
+    expected_unique,
+    route,
+    unique_variance,
+)
 
 __all__ = [
     "__version__",
@@ -64,4 +82,22 @@ __all__ = [
     "min_gpus",
     "plans",
     "rank_plans",
+    # routing (qsengine.routing)
+    "Dirichlet",
+    "Distribution",
+    "GroupLimited",
+    "LayerCost",
+    "Placement",
+    "Popularity",
+    "PowerLaw",
+    "RoutingConfig",
+    "RoutingStats",
+    "Sticky",
+    "Trace",
+    "Uniform",
+    "expected_unique",
+    "get_memory_limit",
+    "route",
+    "set_memory_limit",
+    "unique_variance",
 ]

@@ -16,7 +16,8 @@ from collections.abc import Sequence
 _COMMANDS: list[tuple[str, str]] = [
     ("qsengine.specs.cli", "add_parser"),  # list, show
     ("qsengine.study", "add_parser"),  # study, simulate
-    ("qsengine.packing", "add_parser"),
+    ("qsengine.packing", "add_parser"),  # pack
+    ("qsengine.study_routing", "add_parser"),  # route, routing-study
 ]
 
 
