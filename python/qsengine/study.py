@@ -37,7 +37,7 @@ class StudyConfig:
     contexts: tuple[int, ...] = DEFAULT_CONTEXTS
     q: float | str = "sqrt"
     routing: Any = "uniform"
-    precision: str = "bf16"
+    precision: str = "fp8"
     microbatches: int | str = "auto"
     slo_tpot: float | None = None
     seed: int = 20261128
@@ -109,12 +109,14 @@ def _plot_ratio(df, path: Path) -> None:
             s = sub[sub["cluster"] == c].sort_values("context")
             line, = ax.plot(s["context"], s["ratio"], marker="o", label=c)
             only = s[s["verdict"] == "dense-only"]
-            if len(only):
-                ax.scatter(only["context"], [ax.get_ylim()[1]] * len(only), marker="^", color=line.get_color())
+            if len(only):  # ratio undefined: mark along the top edge
+                ax.scatter(only["context"], [0.97] * len(only), marker="^", color=line.get_color(),
+                           transform=ax.get_xaxis_transform(), clip_on=False)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         qs = float(sub["qs"].iloc[0])
         ax.axhline(1.0 / qs, color="gray", lw=0.8, ls=":", label=f"1/qs = {1 / qs:.2f}")
         ax.set_xscale("log", base=2)
+        ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("throughput ratio dense / MoE")
         ax.set_title(f"{m} (qs = {qs:.2f}); ▲ = only the dense twin fits")
@@ -178,7 +180,8 @@ def add_parser(sub) -> None:
     p.add_argument("--clusters", nargs="+", default=list(DEFAULT_CLUSTERS))
     p.add_argument("--contexts", nargs="+", type=int, default=list(DEFAULT_CONTEXTS))
     p.add_argument("--q", default="sqrt", help="quality multiplier, a number or 'sqrt' (default)")
-    p.add_argument("--precision", default="bf16")
+    p.add_argument("--precision", default=StudyConfig().precision,
+                   help="weights/KV precision preset (default %(default)s: how these models are served)")
     p.add_argument("--microbatches", default="auto")
     p.add_argument("--slo-tpot-ms", type=float, default=None)
     p.add_argument("--seed", type=int, default=StudyConfig().seed)
