@@ -44,6 +44,22 @@ def main() -> int:
     lines = [f"qsengine {qsengine.__version__} sweep benchmark; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, python {platform.python_version()}"]
 
+    # 0. the sweep machinery alone (validation, ids, seeds, chunk tables, assembly) with a
+    #    trivial evaluator: the ceiling the sweep layer puts on any evaluator
+    from qsengine._sweep_testing import fake_point
+
+    grid_fake = {"model": MODELS, "cluster": CLUSTERS, "context": list(range(1024, 1024 + 2500 * (1 if args.quick else 5))),
+                 "microbatches": [0]}
+    t, df = timed(lambda: qsengine.sweep(grid_fake, seed=1, progress=False, _evaluate=fake_point), rep)
+    lines.append(f"sweep machinery, trivial evaluator, in-process: {len(df):,} points, median {t:.2f} s "
+                 f"-> {len(df) / t:,.0f} points/s")
+    from qsengine import routing as _routing
+
+    if not hasattr(_routing, "closed_form_popularity"):
+        lines.append("simulate-based figures skipped: qsengine.routing.closed_form_popularity is not available "
+                     "in this build (simulate cannot run)")
+        return _finish(lines, args)
+
     # 1. closed form (microbatches=0), in-process
     contexts = [4096, 8192, 16384, 32768, 65536, 131072]
     qs = [1.5, 2.0, 3.0, "sqrt"] if not args.quick else [2.0, "sqrt"]
@@ -80,6 +96,10 @@ def main() -> int:
         lines.append(f"closed form ({len(ref)} points): 2 Dask workers median {t_dask:.3f} s vs in-process "
                      f"{t_local:.3f} s -> ratio {t_dask / t_local:.2f} (identical frames)")
 
+    return _finish(lines, args)
+
+
+def _finish(lines, args) -> int:
     text = "\n".join(lines) + "\n"
     print(text, end="")
     out = Path(__file__).parent / "results" / "bench_sweep.txt"

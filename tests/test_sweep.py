@@ -299,3 +299,35 @@ def test_bad_arguments():
 def test_core_package_does_not_import_dask():
     code = "import sys, qsengine; qsengine.sweep; assert 'distributed' not in sys.modules and 'dask' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_real_sigint_keeps_completed_chunks_and_resume_completes(tmp_path):
+    """Ctrl-C (a real SIGINT) in a driver process: KeyboardInterrupt within a
+    second, completed chunks on disk, and the resumed sweep is complete."""
+    import signal
+    import time
+
+    ck = tmp_path / "ck"
+    code = (
+        "import qsengine, sys\n"
+        "from qsengine._sweep_testing import slow_point\n"
+        f"grid = {GRID!r}\n"
+        "try:\n"
+        f"    qsengine.sweep(grid, seed=7, progress=False, checkpoint={str(ck)!r}, chunk_size=2, _evaluate=slow_point)\n"
+        "except KeyboardInterrupt:\n"
+        "    print('interrupted', flush=True); sys.exit(130)\n"
+    )
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while len(list(ck.glob("chunk-*.parquet"))) < 3 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    t0 = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=30)
+    assert time.monotonic() - t0 < 1.5
+    assert proc.returncode == 130 and "interrupted" in out
+    done = len(list(ck.glob("chunk-*.parquet")))
+    assert 3 <= done < N // 2
+    df = _sweep(checkpoint=ck, chunk_size=2)
+    assert df.attrs["sweep"]["resumed_points"] == 2 * done
+    pdt.assert_frame_equal(df, _sweep())

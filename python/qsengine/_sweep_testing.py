@@ -70,3 +70,11 @@ def interrupt_after(kwargs: dict[str, Any], seed: np.random.SeedSequence, thread
         raise KeyboardInterrupt
     _calls["n"] += 1
     return fake_point(kwargs, seed, threads)
+
+
+def slow_point(kwargs: dict[str, Any], seed: np.random.SeedSequence, threads: int | None) -> dict[str, Any]:
+    """``fake_point`` after a 50 ms sleep (for real-signal interrupt tests)."""
+    import time
+
+    time.sleep(0.05)
+    return fake_point(kwargs, seed, threads)
