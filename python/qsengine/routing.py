@@ -333,6 +333,47 @@ def parse_routing(spec: str | RoutingModel) -> RoutingModel:
     )
 
 
+def independent_popularity(routing: RoutingModel | str, experts: int) -> np.ndarray | None:
+    """Per-expert weights of an *independent* routing model, for the closed form.
+
+    Tokens route independently with fixed weights under ``Uniform`` (returns
+    None), ``PowerLaw(alpha, ranks="fixed")`` (expert i has weight (i+1)^-alpha)
+    and ``Popularity``. Any other model (per-layer ranks, Dirichlet,
+    GroupLimited, Sticky, Trace) has no closed form: ValueError.
+    """
+    model = parse_routing(routing)
+    if isinstance(model, Uniform):
+        return None
+    if isinstance(model, PowerLaw) and model.ranks == "fixed":
+        return np.arange(1, experts + 1, dtype=float) ** -model.alpha
+    if isinstance(model, Popularity):
+        if len(model.weights) != experts:
+            raise ValueError(f"routing.weights: has {len(model.weights)} values, the model has {experts} experts")
+        return np.asarray(model.weights, dtype=float)
+    raise ValueError(
+        f"routing={model!r}: has no closed form (tokens are not routed independently with fixed weights); "
+        "use the Monte Carlo (microbatches > 0)"
+    )
+
+
+def proxy_popularity(routing: RoutingModel | str, experts: int) -> np.ndarray | None:
+    """Weights of the closest independent model, used only to *rank* plans
+    before the Monte Carlo runs: the model itself when independent, the base
+    model for GroupLimited and Sticky, uniform for models whose popularity is
+    random per layer (Dirichlet, per-layer ranks), and the recorded expert
+    frequencies for a Trace."""
+    model = parse_routing(routing)
+    if isinstance(model, (GroupLimited, Sticky)):
+        return proxy_popularity(model.base, experts)
+    if isinstance(model, Trace):
+        counts = np.bincount(np.asarray(model.expert_ids).ravel(), minlength=experts)[:experts].astype(float)
+        return counts if counts.sum() > 0 else None
+    try:
+        return independent_popularity(model, experts)
+    except ValueError:
+        return None
+
+
 def _model_from_dict(d: Mapping[str, Any]) -> RoutingModel | dict[str, Any]:
     kind = d.get("kind")
     if kind == "uniform":

@@ -303,7 +303,7 @@ def evaluate_side(
     *,
     plan: Plan | str = "auto",
     precision: Precision,
-    routing: Any = None,
+    routing: Any = "uniform",
     microbatches: int | str = _DEFAULT_MICROBATCHES,
     slo_tpot: float | None = None,
     seed: np.random.SeedSequence | None = None,
@@ -317,30 +317,39 @@ def evaluate_side(
     chosen point's step-time distribution.
     """
     from qsengine.packing import pack, plans as enumerate_plans
-    from qsengine.routing import closed_form_popularity
+    from qsengine.routing import independent_popularity, proxy_popularity
 
     options = options or StepOptions()
-    popularity = closed_form_popularity(routing, model.routed_experts) if model.is_moe else None
+    popularity = None
+    if model.is_moe:
+        # Without a Monte Carlo the closed form is the answer and must be exact
+        # for the routing model; with one, a proxy only ranks the plans.
+        popularity = (independent_popularity(routing, model.routed_experts) if microbatches == 0
+                      else proxy_popularity(routing, model.routed_experts))
+    if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None):
+        plan = dataclasses.replace(plan, ep=1, etp=None)  # a shared plan's expert degrees mean nothing here
     candidates: Iterable[Plan] = enumerate_plans(model, cluster) if isinstance(plan, str) else [plan]
     best: tuple[float, Plan, Any, int, str, StepBreakdown] | None = None
-    reasons: list[str] = []
+    closest: tuple[float, str] | None = None  # (weights on the fullest GPU, reason) of infeasible plans
     for p in candidates:
         pk = pack(model, cluster, context, plan=p, precision=precision)
         if not pk.feasible:
-            reasons.append(pk.reason)
+            need = float(np.max(pk.weight_bytes))
+            if closest is None or need < closest[0]:
+                closest = (need, pk.reason)
             continue
         b, limit, st = _best_batch(model, precision, cluster, p, context, int(pk.admissible_batch), slo_tpot,
                                    popularity, options)
         if st is None:
-            reasons.append(f"plan {p.label}: even batch 1 misses the TPOT target {slo_tpot * 1e3:.3g} ms"
-                           if slo_tpot else f"plan {p.label}: no batch fits")
+            if closest is None or closest[0] > 0:
+                closest = (0.0, f"even batch 1 misses the TPOT target {slo_tpot * 1e3:.3g} ms (plan {p.label})")
             continue
         thr = st.tokens_per_second * p.dp
         if best is None or thr > best[0] * (1 + 1e-12):
             best = (thr, p, pk, b, limit, st)
     if best is None:
-        reason = reasons[0] if len(set(reasons)) == 1 else "; ".join(sorted(set(reasons))[:3])
-        return SideResult(model=model, feasible=False, reason=reason or "no valid parallel plan")
+        reason = closest[1] if closest else f"no valid parallel plan for {model.id} on {cluster.label}"
+        return SideResult(model=model, feasible=False, reason=reason)
     _, p, pk, b, limit, st = best
 
     stats = None
@@ -397,9 +406,10 @@ def _break_even_q(model: Model, cluster: Cluster, context: int, moe_tps: float, 
     """q* with dense(q*) tokens/s == MoE tokens/s, by bisection on q.
 
     The dense side is deterministic, so each probe is a closed-form
-    evaluation; dense throughput falls as q grows. None if the ratio does not
-    cross 1 between the smallest constructible twin and the MoE's 1/s
-    (the twin as large as the MoE's total parameters)."""
+    evaluation; dense throughput falls as q grows. The bracket runs from the
+    smallest constructible twin (q ≥ 1) to 1/s (the twin as large as the
+    MoE's total parameters), widened up to 16/s when the dense twin still wins
+    there; None if the ratio does not cross 1 in it."""
 
     def ratio(q: float) -> float | None:
         try:
@@ -415,7 +425,12 @@ def _break_even_q(model: Model, cluster: Cluster, context: int, moe_tps: float, 
     while r_lo is None and lo < hi:  # smallest twin that can be built
         lo *= 1.5
         r_lo = ratio(lo)
-    if r_lo is None or r_hi is None or r_lo < 1.0 or r_hi > 1.0:
+    for _ in range(4):  # the dense side may still win at the MoE's full size
+        if r_hi is None or r_hi < 1.0:
+            break
+        hi *= 2.0
+        r_hi = ratio(hi)
+    if r_lo is None or r_hi is None or r_lo < 1.0 or r_hi >= 1.0:
         return None
     for _ in range(60):
         if hi / lo - 1.0 <= rtol:
@@ -460,7 +475,7 @@ def simulate(
         routing: routing model for the Monte Carlo ("uniform", or a
             :mod:`qsengine.routing` object).
         plan: ``"auto"`` (best plan per side by throughput) or a Plan used
-            for both sides.
+            for both sides (the dense side ignores its expert degrees).
         precision: numeric formats (preset name or :class:`Precision`);
             default bf16.
         microbatches: Monte Carlo microbatches at the chosen batch (each
