@@ -55,8 +55,8 @@ def main() -> int:
                  f"-> {len(df) / t:,.0f} points/s")
     from qsengine import routing as _routing
 
-    if not hasattr(_routing, "closed_form_popularity"):
-        lines.append("simulate-based figures skipped: qsengine.routing.closed_form_popularity is not available "
+    if not hasattr(_routing, "independent_popularity"):
+        lines.append("simulate-based figures skipped: simulate is not wired to qsengine.routing "
                      "in this build (simulate cannot run)")
         return _finish(lines, args)
 
