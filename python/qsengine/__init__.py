@@ -30,6 +30,7 @@ from qsengine.specs import (
 )
 from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
 from qsengine._limits import get_memory_limit, set_memory_limit
+from qsengine.sweep import load_results, sweep
 from qsengine.routing import (
     Dirichlet,
     Distribution,
@@ -100,4 +101,8 @@ __all__ = [
     "route",
     "set_memory_limit",
     "unique_variance",
+    # sweeps (qsengine.sweep; the function shadows the module attribute, import the
+    # module itself with importlib or `from qsengine.sweep import ...`)
+    "sweep",
+    "load_results",
 ]

@@ -18,6 +18,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("qsengine.study", "add_parser"),  # study, simulate
     ("qsengine.packing", "add_parser"),  # pack
     ("qsengine.study_routing", "add_parser"),  # route, routing-study
+    ("qsengine.sweep_cli", "add_parser"),  # sweep, report
 ]
 
 

@@ -1,0 +1,777 @@
+"""qsengine.sweep: :func:`qsengine.simulate` over a grid of points, on one
+machine or a Dask cluster, checkpointed so that nothing completed is lost.
+
+How a sweep runs (see ARCHITECTURE.md, "Sweeps"):
+
+1. **Validate** the whole grid before any work: unknown fields (with a
+   did-you-mean), empty lists, values of the wrong type, and every point's
+   specs (names resolved with the loaders, dense twin built, plan checked).
+2. **Identify** each point by its content: ``point_id`` is a SHA-256 of the
+   canonical JSON of its inputs (names resolved to the full spec content,
+   defaults filled in). Its seed is
+   ``SeedSequence(entropy=sweep_seed.entropy, spawn_key=sweep_seed.spawn_key +
+   words(point_id))``: never its position, chunk or worker, so a point's result
+   is identical whichever executor or chunking ran it. Identical points in a
+   grid are computed once.
+3. **Chunk** the points not yet done (grid order); closed-form points
+   (``microbatches=0``) go in large chunks, Monte Carlo points in small ones.
+4. **Run** the chunks in-process, in a process pool, on any
+   ``concurrent.futures.Executor`` or on Dask; results are taken as they
+   complete, each chunk is written to the checkpoint atomically, a chunk whose
+   worker died is resubmitted (up to ``retries`` times).
+5. **Assemble** one row per grid point in grid order: ``point_id``, the inputs
+   as ``in_<field>`` columns, and every field of
+   :meth:`qsengine.simulate.SimulationResult.to_record`.
+
+Dask is imported only when a Dask executor is used.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import hashlib
+import itertools
+import json
+import math
+import numbers
+import os
+import sys
+import time
+import uuid
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from qsengine._checkpoint import FORMAT_VERSION, Checkpoint
+from qsengine._seed import SeedLike, as_seed_sequence, seed_record
+
+__all__ = ["sweep", "load_results", "FIELDS", "point_id", "point_seed"]
+
+#: Grid fields, their defaults (those of :func:`qsengine.simulate`); ``...`` = required.
+FIELDS: dict[str, Any] = {
+    "model": ...,
+    "cluster": ...,
+    "context": ...,
+    "q": None,
+    "dense": None,
+    "routing": "uniform",
+    "plan": "auto",
+    "precision": None,
+    "microbatches": "auto",
+    "slo_tpot": None,
+    "twin_attention": "same",
+    "break_even": True,
+    "options": None,
+}
+
+#: Default points per chunk: closed-form points are cheap, Monte Carlo ones are not.
+CLOSED_FORM_CHUNK = 256
+MONTE_CARLO_CHUNK = 8
+
+Evaluator = Callable[[dict[str, Any], np.random.SeedSequence, "int | None"], dict[str, Any]]
+
+
+# ---------------------------------------------------------------------------
+# canonical content
+# ---------------------------------------------------------------------------
+
+
+def _plain(x: Any) -> Any:
+    """A JSON-able, canonical form of ``x`` (dataclasses by type and fields)."""
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return float(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        d = {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        return {"__type__": type(x).__name__, **d}
+    if isinstance(x, Mapping):
+        return {str(k): _plain(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(x, (list, tuple)):
+        return [_plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return [_plain(v) for v in x.tolist()]
+    if hasattr(x, "to_dict"):
+        return {"__type__": type(x).__name__, **_plain(x.to_dict())}
+    return {"__repr__": repr(x)}
+
+
+def _dumps(x: Any) -> str:
+    return json.dumps(x, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def point_id(canonical_json: str) -> str:
+    """The stable id of a point: 32 hex digits of SHA-256 of its canonical JSON."""
+    return hashlib.sha256(canonical_json.encode("utf-8")).hexdigest()[:32]
+
+
+def point_seed(root: np.random.SeedSequence, pid: str) -> np.random.SeedSequence:
+    """The seed of point ``pid`` under the sweep seed ``root``: the root's
+    entropy, with the point id's four 32-bit words appended to its spawn key."""
+    words = tuple(int(pid[i:i + 8], 16) for i in range(0, 32, 8))
+    return np.random.SeedSequence(root.entropy, spawn_key=tuple(root.spawn_key) + words)
+
+
+# ---------------------------------------------------------------------------
+# validation
+# ---------------------------------------------------------------------------
+
+
+def _err(field: str, value: Any, rule: str, exc: type[Exception] = ValueError) -> Exception:
+    return exc(f"grid: field {field!r} = {value!r}: {rule}")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+@dataclass(frozen=True)
+class _Value:
+    """One validated grid value: what simulate gets, its canonical JSON, its column value."""
+
+    arg: Any
+    canon: str
+    display: Any
+
+
+class _Validator:
+    """Checks grid values field by field (cached per distinct value) and
+    points as a whole (cached per distinct combination that matters)."""
+
+    def __init__(self) -> None:
+        self._cache: dict[tuple, _Value] = {}
+        self._model_cache: dict[str, Any] = {}
+        self._twin_cache: dict[tuple, None] = {}
+
+    def value(self, field: str, v: Any) -> _Value:
+        try:
+            key = (field, type(v), v)
+            hash(key)
+        except TypeError:
+            key = (field, "id", id(v))
+        got = self._cache.get(key)
+        if got is None:
+            got = self._cache[key] = self._check(field, v)
+        return got
+
+    def _spec(self, field: str, v: Any, loader: Callable[[Any], Any], kind: type, display: Callable[[Any], Any]):
+        if not isinstance(v, (str, kind)):
+            raise _err(field, v, f"must be a shipped name, a TOML path or a {kind.__name__}, "
+                                 f"got {type(v).__name__}", TypeError)
+        try:
+            obj = loader(v)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"grid: field {field!r} = {v!r}: {exc}") from None
+        return _Value(v, _dumps(_plain(obj)), display(obj)), obj
+
+    def _check(self, field: str, v: Any) -> _Value:
+        from qsengine.specs import Cluster, Model, Plan, Precision
+        from qsengine.specs.loaders import as_cluster, as_model, as_precision
+
+        if field == "model":
+            val, obj = self._spec(field, v, as_model, Model, lambda m: m.id)
+            if not obj.is_moe:
+                raise _err(field, v, "is a dense model; a sweep point compares an MoE model with its dense twin")
+            self._model_cache[val.canon] = obj
+            return val
+        if field == "dense":
+            if v is None:
+                return _Value(None, "null", None)
+            return self._spec(field, v, as_model, Model, lambda m: m.id)[0]
+        if field == "cluster":
+            return self._spec(field, v, as_cluster, Cluster, lambda c: c.label)[0]
+        if field == "precision":
+            if v is None:
+                v = "bf16"
+            return self._spec(field, v, as_precision, Precision, lambda p: p.name)[0]
+        if field == "context":
+            if not _is_int(v):
+                raise _err(field, v, f"must be an int number of tokens, got {type(v).__name__}", TypeError)
+            if v < 1:
+                raise _err(field, v, "must be >= 1 token")
+            return _Value(int(v), str(int(v)), int(v))
+        if field == "q":
+            if v is None:
+                return _Value(None, "null", None)
+            if isinstance(v, str):
+                if v.strip().lower() != "sqrt":
+                    raise _err(field, v, "must be a positive number or 'sqrt'")
+                return _Value("sqrt", '"sqrt"', "sqrt")
+            if not _is_real(v):
+                raise _err(field, v, f"must be a positive number, 'sqrt' or None, got {type(v).__name__}", TypeError)
+            if not (math.isfinite(v) and v > 0):
+                raise _err(field, v, "must be a finite number > 0")
+            return _Value(float(v), _dumps(float(v)), float(v))
+        if field == "routing":
+            try:
+                from qsengine.routing import parse_routing
+            except ImportError:  # pragma: no cover - routing module missing
+                parse_routing = None
+            if parse_routing is not None:
+                try:
+                    obj = parse_routing(v)
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(f"grid: field 'routing' = {v!r}: {exc}") from None
+                return _Value(v, _dumps(_plain(obj)), v.strip() if isinstance(v, str) else repr(v))
+            return _Value(v, _dumps(_plain(v)), v if isinstance(v, str) else repr(v))
+        if field == "plan":
+            if isinstance(v, str):
+                if v != "auto":
+                    raise _err(field, v, "must be 'auto' or a qsengine.Plan")
+                return _Value(v, '"auto"', "auto")
+            if not isinstance(v, Plan):
+                raise _err(field, v, f"must be 'auto' or a qsengine.Plan, got {type(v).__name__}", TypeError)
+            return _Value(v, _dumps(_plain(v)), v.label)
+        if field == "microbatches":
+            if v == "auto" and isinstance(v, str):
+                return _Value("auto", '"auto"', "auto")
+            if not _is_int(v):
+                raise _err(field, v, f"must be 'auto' or an int >= 0, got {type(v).__name__}", TypeError)
+            if v < 0:
+                raise _err(field, v, "must be 'auto' or an int >= 0")
+            return _Value(int(v), str(int(v)), int(v))
+        if field == "slo_tpot":
+            if v is None:
+                return _Value(None, "null", None)
+            if not _is_real(v):
+                raise _err(field, v, f"must be a positive number of seconds or None, got {type(v).__name__}",
+                           TypeError)
+            if not (math.isfinite(v) and v > 0):
+                raise _err(field, v, "must be a finite number of seconds > 0")
+            return _Value(float(v), _dumps(float(v)), float(v))
+        if field == "twin_attention":
+            if not isinstance(v, str):
+                raise _err(field, v, f"must be 'same' or 'gqa', got {type(v).__name__}", TypeError)
+            if v not in ("same", "gqa"):
+                raise _err(field, v, "must be 'same' or 'gqa'")
+            return _Value(v, _dumps(v), v)
+        if field == "break_even":
+            if not isinstance(v, (bool, np.bool_)):
+                raise _err(field, v, f"must be True or False, got {type(v).__name__}", TypeError)
+            return _Value(bool(v), _dumps(bool(v)), bool(v))
+        if field == "options":
+            from qsengine.step import StepOptions
+
+            if v is None:
+                v = StepOptions()
+            if not isinstance(v, StepOptions):
+                raise _err(field, v, f"must be a qsengine StepOptions or None, got {type(v).__name__}", TypeError)
+            return _Value(v, _dumps(_plain(v)), repr(v))
+        raise AssertionError(field)  # pragma: no cover
+
+    def point(self, index: int, values: dict[str, _Value]) -> None:
+        """Cross-field checks simulate would make (twin constructible, plan fits)."""
+        model = self._model_cache[values["model"].canon]
+        q, dense, att = values["q"], values["dense"], values["twin_attention"]
+        key = (values["model"].canon, q.canon, dense.canon, att.canon, values["plan"].canon, values["cluster"].canon)
+        if key in self._twin_cache:
+            return
+        where = (f"grid point {index} (model={values['model'].display!r}, cluster={values['cluster'].display!r}, "
+                 f"context={values['context'].display})")
+        if dense.arg is not None and q.arg is not None:
+            raise ValueError(f"{where}: fields 'q' = {q.arg!r} and 'dense' = {dense.display!r}: "
+                             "give either q or dense, not both")
+        if dense.arg is None:
+            try:
+                model.dense_twin("sqrt" if q.arg is None else q.arg, attention=att.arg)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{where}: field 'q' = {q.arg!r}: no dense twin can be built: {exc}") from None
+        plan = values["plan"].arg
+        if not isinstance(plan, str):
+            from qsengine.specs.loaders import as_cluster
+
+            try:
+                plan.validate_for(model, as_cluster(values["cluster"].arg))
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"{where}: field 'plan' = {plan.label!r}: {exc}") from None
+        self._twin_cache[key] = None
+
+
+@dataclass
+class _Points:
+    """The validated grid: one entry per grid position, plus unique points."""
+
+    ids: list[str]  # per grid position
+    unique: dict[str, int]  # point_id -> position of its first occurrence
+    values: list[dict[str, _Value]]  # per grid position
+    grid_hash: str
+
+    def kwargs(self, pos: int) -> dict[str, Any]:
+        return {k: v.arg for k, v in self.values[pos].items()}
+
+
+def _as_values(field: str, v: Any) -> list[Any]:
+    if isinstance(v, (list, tuple, range, np.ndarray)):
+        vals = list(v.tolist() if isinstance(v, np.ndarray) else v)
+        if not vals:
+            raise ValueError(f"grid: field {field!r} = {v!r}: empty list (give at least one value)")
+        return vals
+    if isinstance(v, (set, frozenset, Mapping)) or hasattr(v, "__next__"):
+        raise _err(field, v, f"must be a list of values (order matters), got {type(v).__name__}", TypeError)
+    return [v]  # a scalar is a one-value axis
+
+
+def _check_fields(keys, where: str) -> None:
+    from qsengine.specs._validate import did_you_mean
+
+    for k in keys:
+        if not isinstance(k, str):
+            raise TypeError(f"{where}: field names must be strings, got {k!r}")
+        if k not in FIELDS:
+            hint = did_you_mean(k, FIELDS)
+            extra = " (the seed is the sweep's seed=, threads are set per executor)" if k in ("seed", "threads") \
+                else ""
+            raise ValueError(f"{where}: unknown field {k!r}{hint}{extra}; known fields: {', '.join(FIELDS)}")
+    for k, d in FIELDS.items():
+        if d is ... and k not in keys:
+            raise ValueError(f"{where}: required field {k!r} is missing")
+
+
+def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
+    """Validate the whole grid (before any work) and list its points."""
+    val = _Validator()
+    positions: list[dict[str, _Value]] = []
+    if isinstance(grid, Mapping):
+        _check_fields(list(grid), "grid")
+        axes: list[tuple[str, list[_Value]]] = []
+        for k in FIELDS:
+            raw = _as_values(k, grid[k]) if k in grid else [FIELDS[k]]
+            axes.append((k, [val.value(k, v) for v in raw]))
+        names = [k for k, _ in axes]
+        for combo in itertools.product(*(vals for _, vals in axes)):
+            positions.append(dict(zip(names, combo)))
+    elif isinstance(grid, Sequence) and not isinstance(grid, (str, bytes)):
+        if not grid:
+            raise ValueError("grid: empty list of points (give at least one)")
+        for i, p in enumerate(grid):
+            if not isinstance(p, Mapping):
+                raise TypeError(f"grid point {i}: must be a dict of field values, got {type(p).__name__}")
+            _check_fields(list(p), f"grid point {i}")
+            try:
+                positions.append({k: val.value(k, p.get(k, d)) for k, d in FIELDS.items()})
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"grid point {i}: {exc}") from None
+    else:
+        raise TypeError(f"grid: must be a dict of lists or a list of point dicts, got {type(grid).__name__}")
+
+    ids: list[str] = []
+    unique: dict[str, int] = {}
+    h = hashlib.sha256()
+    for i, values in enumerate(positions):
+        val.point(i, values)
+        canon = "{" + ",".join(f'"{k}":{v.canon}' for k, v in values.items()) + "}"
+        pid = point_id(canon)
+        ids.append(pid)
+        unique.setdefault(pid, i)
+        h.update(pid.encode())
+    return _Points(ids=ids, unique=unique, values=positions, grid_hash=h.hexdigest()[:32])
+
+
+# ---------------------------------------------------------------------------
+# evaluation (runs wherever the executor puts it: keep it a pure function)
+# ---------------------------------------------------------------------------
+
+
+def simulate_point(kwargs: dict[str, Any], seed: np.random.SeedSequence, threads: int | None) -> dict[str, Any]:
+    """The default evaluator: ``simulate(**kwargs, seed=seed).to_record()``."""
+    from qsengine.simulate import simulate
+
+    return simulate(**kwargs, seed=seed, threads=threads).to_record()
+
+
+def _run_chunk(points: list[tuple[str, dict[str, Any]]], entropy: Any, spawn_key: tuple[int, ...],
+               threads: int | None, evaluate: Evaluator) -> list[dict[str, Any]]:
+    """Evaluate one chunk; returns one result record per point (in order)."""
+    root = np.random.SeedSequence(entropy, spawn_key=spawn_key)
+    rows = []
+    for pid, kwargs in points:
+        try:
+            rec = evaluate(kwargs, point_seed(root, pid), threads)
+        except Exception as exc:
+            exc.add_note(f"qsengine.sweep: while evaluating point {pid} {kwargs}")
+            raise
+        rows.append(rec)
+    return rows
+
+
+# ---------------------------------------------------------------------------
+# tables
+# ---------------------------------------------------------------------------
+
+
+def _column(values: list[Any]):
+    """A typed arrow column: ints, floats (None -> NaN), bools (None -> null), else strings."""
+    import pyarrow as pa
+
+    present = [v for v in values if v is not None]
+    if present and all(isinstance(v, (bool, np.bool_)) for v in present):
+        return pa.array([None if v is None else bool(v) for v in values], type=pa.bool_())
+    if present and all(_is_int(v) for v in present) and len(present) == len(values):
+        return pa.array([int(v) for v in values], type=pa.int64())
+    if present and all(_is_real(v) for v in present):
+        return pa.array([math.nan if v is None else float(v) for v in values], type=pa.float64())
+    if not present:
+        return pa.array(values, type=pa.null())
+    return pa.array([None if v is None else str(v) for v in values], type=pa.string())
+
+
+def _records_table(rows: list[dict[str, Any]]):
+    import pyarrow as pa
+
+    names: dict[str, None] = {}
+    for r in rows:
+        for k in r:
+            names.setdefault(k, None)
+    return pa.table({k: _column([r.get(k) for r in rows]) for k in names})
+
+
+def _inputs_table(points: _Points):
+    """point_id + ``in_<field>`` columns for the unique points (grid order)."""
+    import pyarrow as pa
+
+    pos = list(points.unique.values())
+    cols = {"point_id": pa.array(list(points.unique.keys()), type=pa.string())}
+    for k in FIELDS:
+        cols[f"in_{k}"] = _column([points.values[i][k].display for i in pos])
+    return pa.table(cols)
+
+
+def _concat(tables: list):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables, promote_options="default")
+
+
+# ---------------------------------------------------------------------------
+# executors
+# ---------------------------------------------------------------------------
+
+
+def _is_dask_client(x: Any) -> bool:
+    mod = type(x).__module__ or ""
+    return mod.startswith("distributed") and type(x).__name__ == "Client"
+
+
+def _drive_inprocess(chunks, args, on_done) -> None:
+    for i, ch in enumerate(chunks):
+        on_done(i, _run_chunk(ch, *args))
+
+
+def _drive_futures(ex: cf.Executor, chunks, args, on_done, retries: int,
+                   make_executor: Callable[[], cf.Executor] | None) -> None:
+    """Run chunks on a concurrent.futures executor; resubmit failed chunks.
+    ``make_executor`` (own pools only) replaces a pool broken by a dead worker."""
+    gen = 0
+    pending: dict[cf.Future, tuple[int, int, int]] = {}
+    for i, ch in enumerate(chunks):
+        pending[ex.submit(_run_chunk, ch, *args)] = (i, 0, gen)
+    try:
+        while pending:
+            done, _ = cf.wait(list(pending), return_when=cf.FIRST_COMPLETED)
+            for fut in done:
+                i, attempt, fgen = pending.pop(fut)
+                try:
+                    rows = fut.result()
+                except cf.BrokenExecutor:
+                    if make_executor is None or attempt >= retries:
+                        raise
+                    if fgen == gen:  # first failure seen from this pool: replace it
+                        ex.shutdown(wait=False, cancel_futures=True)
+                        ex = make_executor()
+                        gen += 1
+                    pending[ex.submit(_run_chunk, chunks[i], *args)] = (i, attempt + 1, gen)
+                except Exception:
+                    if attempt >= retries:
+                        raise
+                    pending[ex.submit(_run_chunk, chunks[i], *args)] = (i, attempt + 1, gen)
+                else:
+                    on_done(i, rows)
+    except BaseException:
+        for fut in pending:
+            fut.cancel()
+        raise
+    finally:
+        if make_executor is not None:
+            ex.shutdown(wait=False, cancel_futures=True)
+
+
+def _drive_dask(client, chunks, args, on_done, retries: int) -> None:
+    from distributed import as_completed
+
+    token = uuid.uuid4().hex[:12]
+
+    def submit(i: int, attempt: int):
+        return client.submit(_run_chunk, chunks[i], *args, key=f"qsengine-sweep-{token}-{i}-{attempt}",
+                             retries=retries, pure=False)
+
+    futs = {submit(i, 0): (i, 0) for i in range(len(chunks))}
+    ac = as_completed(list(futs))
+    try:
+        for fut in ac:
+            i, attempt = futs.pop(fut)
+            try:
+                rows = fut.result()
+            except Exception:  # KilledWorker (its worker died too often) or an error after retries
+                if attempt >= retries:
+                    raise
+                nf = submit(i, attempt + 1)
+                futs[nf] = (i, attempt + 1)
+                ac.add(nf)
+                continue
+            fut.release()
+            on_done(i, rows)
+    except BaseException:
+        client.cancel(list(futs))
+        raise
+
+
+def _workers_of(executor: Any) -> int:
+    if _is_dask_client(executor):
+        try:
+            return max(1, len(executor.scheduler_info()["workers"]))
+        except Exception:  # noqa: BLE001
+            return 1
+    return max(1, getattr(executor, "_max_workers", None) or os.cpu_count() or 1)
+
+
+# ---------------------------------------------------------------------------
+# the sweep
+# ---------------------------------------------------------------------------
+
+
+def _check_meta(ck: Checkpoint, meta: dict[str, Any], points: _Points, seed_rec: dict[str, Any],
+                version: str) -> None:
+    what = []
+    if meta.get("grid_hash") != points.grid_hash:
+        what.append("grid")
+    if meta.get("seed") != seed_rec:
+        what.append("seed")
+    if meta.get("qsengine_version") != version:
+        what.append(f"qsengine version ({meta.get('qsengine_version')} there, {version} here)")
+    if what:
+        raise ValueError(f"checkpoint {ck.path} was written for a different {'/'.join(what)}; "
+                         "use a new directory or resume=False to overwrite")
+
+
+def sweep(
+    grid: Mapping[str, Any] | Sequence[Mapping[str, Any]],
+    executor: Any = None,
+    checkpoint: str | os.PathLike[str] | None = None,
+    resume: bool = True,
+    progress: bool = True,
+    seed: SeedLike = None,
+    chunk_size: int | None = None,
+    *,
+    threads: int | None = None,
+    retries: int = 3,
+    _evaluate: Evaluator | None = None,
+):
+    """Run :func:`qsengine.simulate` over every point of ``grid``.
+
+    Args:
+        grid: a dict of lists (the cartesian product is swept, in the order
+            of :data:`FIELDS`, last field fastest) or a list of point dicts.
+            Fields are simulate's arguments: ``model``, ``cluster``,
+            ``context`` (required), ``q``, ``dense``, ``routing``, ``plan``,
+            ``precision``, ``microbatches``, ``slo_tpot``, ``twin_attention``,
+            ``break_even``, ``options``. A scalar is a one-value axis.
+        executor: None (in-process; the C++ core uses all cores per point),
+            ``"processes"`` (a process pool over the cores, one core per
+            point), a ``dask.distributed.Client`` or a scheduler address
+            (``"tcp://host:8786"``), or any ``concurrent.futures.Executor``.
+        checkpoint: a directory; each completed chunk is written there
+            atomically as parquet, with ``meta.json``.
+        resume: reuse the checkpoint's completed points (refused if it was
+            written for another grid, seed or qsengine version); False clears
+            the checkpoint's files and starts over.
+        progress: a tqdm bar with an ETA (only on a terminal).
+        seed: the sweep seed (None | int | SeedSequence). With None and an
+            existing checkpoint, the checkpoint's seed is reused; otherwise
+            fresh entropy is drawn. Recorded in ``df.attrs["sweep"]["seed"]``.
+        chunk_size: points per task (default: 256 for closed-form points,
+            small for Monte Carlo points). Results do not depend on it.
+        threads: C++ threads per point (default: all cores in-process, 1 in
+            worker processes and on Dask). Results do not depend on it.
+        retries: times a failed chunk (dead worker, error) is resubmitted.
+
+    Returns:
+        pandas.DataFrame, one row per grid point in grid order: ``point_id``,
+        the inputs as ``in_<field>``, and every result field (infeasible
+        points included, with ``moe_reason`` / ``dense_reason``).
+
+    Raises:
+        ValueError, TypeError: a bad grid (before any work), a mismatched
+            checkpoint. KeyboardInterrupt: completed chunks are on disk.
+    """
+    import pyarrow as pa
+
+    from qsengine import __version__
+
+    t0 = time.perf_counter()
+    if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
+        raise ValueError(f"chunk_size={chunk_size!r}: must be an int >= 1 or None")
+    if not _is_int(retries) or retries < 0:
+        raise ValueError(f"retries={retries!r}: must be an int >= 0")
+    if not (executor is None or executor == "processes" or isinstance(executor, (str, cf.Executor))
+            or _is_dask_client(executor)):
+        raise TypeError(f"executor={executor!r}: must be None, 'processes', a dask.distributed.Client, "
+                        "a scheduler address or a concurrent.futures.Executor")
+    if isinstance(executor, str) and executor != "processes" and "://" not in executor:
+        raise ValueError(f"executor={executor!r}: must be 'processes' or a scheduler address like "
+                         "'tcp://host:8786'")
+    points = _expand(grid)
+    evaluate = _evaluate or simulate_point
+
+    ck = Checkpoint(checkpoint) if checkpoint is not None else None
+    meta = None
+    if ck is not None:
+        if resume:
+            meta = ck.read_meta()
+            if meta is None and ck.chunk_files():
+                raise ValueError(f"checkpoint {ck.path} has chunks but no meta.json; "
+                                 "use a new directory or resume=False to overwrite")
+        else:
+            ck.clear()
+    if seed is None and meta is not None and isinstance(meta.get("seed"), dict):
+        root = np.random.SeedSequence(meta["seed"]["entropy"], spawn_key=tuple(meta["seed"]["spawn_key"]))
+    else:
+        root = as_seed_sequence(seed)
+    seed_rec = seed_record(root)
+    info = {"format_version": FORMAT_VERSION, "grid_hash": points.grid_hash, "seed": seed_rec,
+            "qsengine_version": __version__, "points": len(points.ids), "unique_points": len(points.unique)}
+    info["grid_fingerprint"] = hashlib.sha256(_dumps(info).encode()).hexdigest()[:32]
+
+    inputs = _inputs_table(points)
+    row_of = {pid: r for r, pid in enumerate(points.unique)}
+    tables: list = []
+    done: set[str] = set()
+    if ck is not None:
+        if meta is not None:
+            _check_meta(ck, meta, points, seed_rec, __version__)
+            scan = ck.scan(set(points.unique), ["point_id", *inputs.column_names[1:]])
+            tables, done = scan.tables, scan.done
+        else:
+            ck.write_meta(info)
+
+    # chunks of the points still to do, in grid order; closed-form ones large
+    todo = [pid for pid in points.unique if pid not in done]
+    closed = [p for p in todo if points.values[points.unique[p]]["microbatches"].arg == 0]
+    monte = [p for p in todo if points.values[points.unique[p]]["microbatches"].arg != 0]
+    workers = 1 if executor is None else _workers_of(executor) if not isinstance(executor, str) else 1
+    mc_size = chunk_size or (MONTE_CARLO_CHUNK if executor is None
+                             else max(1, min(MONTE_CARLO_CHUNK, math.ceil(len(monte) / (4 * workers)))))
+    cf_size = chunk_size or CLOSED_FORM_CHUNK
+    chunks = [[(p, points.kwargs(points.unique[p])) for p in group[s:s + size]]
+              for group, size in ((closed, cf_size), (monte, mc_size)) for s in range(0, len(group), size)]
+    if threads is None and executor is not None:
+        threads = 1
+    args = (root.entropy, tuple(root.spawn_key), threads, evaluate)
+
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(points.unique), initial=len(done), unit="pt", desc="qsengine sweep", smoothing=0.05,
+               disable=not progress or not sys.stderr.isatty())
+
+    def on_done(i: int, rows: list[dict[str, Any]]) -> None:
+        chunk = chunks[i]
+        table = _records_table(rows)
+        ins = inputs.take(pa.array([row_of[pid] for pid, _ in chunk]))
+        for name in reversed(ins.column_names):
+            table = table.add_column(0, name, ins.column(name))
+        if ck is not None:
+            ck.write_chunk(table)
+        tables.append(table)
+        bar.update(len(chunk))
+
+    own_client = None
+    try:
+        if not chunks:
+            pass
+        elif executor is None:
+            _drive_inprocess(chunks, args, on_done)
+        elif executor == "processes":
+            import multiprocessing
+
+            ctx = multiprocessing.get_context("spawn")  # no fork with the C++ thread pool alive
+
+            def make() -> cf.Executor:
+                return cf.ProcessPoolExecutor(max_workers=os.cpu_count() or 1, mp_context=ctx)
+
+            _drive_futures(make(), chunks, args, on_done, retries, make)
+        elif isinstance(executor, str):
+            from distributed import Client
+
+            own_client = Client(executor)
+            _drive_dask(own_client, chunks, args, on_done, retries)
+        elif _is_dask_client(executor):
+            _drive_dask(executor, chunks, args, on_done, retries)
+        else:
+            _drive_futures(executor, chunks, args, on_done, retries, None)
+    finally:
+        bar.close()
+        if own_client is not None:
+            own_client.close()
+
+    df = _assemble(points, inputs, tables)
+    df.attrs["sweep"] = {**info, "computed_points": len(todo), "resumed_points": len(done),
+                         "elapsed_s": time.perf_counter() - t0,
+                         "checkpoint": str(ck.path) if ck is not None else None}
+    return df
+
+
+def _assemble(points: _Points, inputs, tables: list):
+    """One row per grid position (grid order): inputs from the grid, results
+    from the chunk tables (however they were chunked or read back)."""
+    import pyarrow as pa
+
+    in_cols = set(inputs.column_names)
+    if tables:
+        res = _concat([t.drop_columns([c for c in t.column_names if c in in_cols and c != "point_id"])
+                       for t in tables])
+        at = {pid: r for r, pid in enumerate(res.column("point_id").to_pylist())}
+        missing = [pid for pid in points.unique if pid not in at]
+        if missing:  # pragma: no cover - guarded by construction
+            raise RuntimeError(f"sweep: {len(missing)} point(s) have no result (e.g. {missing[0]})")
+        res = res.drop_columns(["point_id"]).take(pa.array([at[pid] for pid in points.ids]))
+    else:
+        res = pa.table({})
+    row_of = {pid: r for r, pid in enumerate(points.unique)}
+    full = inputs.take(pa.array([row_of[pid] for pid in points.ids]))
+    for name in res.column_names:
+        full = full.append_column(name, res.column(name))
+    return full.to_pandas()
+
+
+def load_results(path: str | os.PathLike[str]):
+    """Results of a sweep directory as a DataFrame: ``results.parquet`` if the
+    sweep finished, otherwise the verified chunks of its checkpoint (any
+    order; corrupted chunks are reported and skipped)."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    if p.is_file():
+        return pq.read_table(p).to_pandas()
+    if (p / "results.parquet").exists():
+        return pq.read_table(p / "results.parquet").to_pandas()
+    ck = Checkpoint(p)
+    ck.read_meta()
+    files = ck.chunk_files()
+    if not files:
+        raise ValueError(f"{p}: no results.parquet and no checkpoint chunks")
+    scan = ck.scan(None, ["point_id"])
+    if not scan.tables:
+        return pd.DataFrame()
+    return _concat(scan.tables).to_pandas()

@@ -1,0 +1,288 @@
+"""``qsengine sweep`` and ``qsengine report``: sweeps from a TOML file, and the
+standard figures from a results directory.
+
+SWEEP.toml::
+
+    [sweep]                 # optional
+    seed = 20261128         # sweep seed (recorded; reused on resume)
+    chunk_size = 64         # points per task (results do not depend on it)
+
+    [grid]                  # lists are swept as a cartesian product
+    model = ["qwen3-30b-a3b", "mixtral-8x7b"]
+    cluster = ["8xh100", "8xh200"]
+    context = [4096, 32768]
+    microbatches = [0]
+
+Dask: ``--workers N`` starts a local cluster of N single-threaded worker
+processes bound to 127.0.0.1; ``--scheduler ADDRESS`` connects to a running
+scheduler (``tls://`` addresses with ``--tls-ca-file/--tls-cert/--tls-key``).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import sys
+import tomllib
+from pathlib import Path
+from typing import Any
+
+__all__ = ["add_parser", "load_sweep_toml", "report"]
+
+_SWEEP_KEYS = ("seed", "chunk_size", "retries")
+MAX_TOML_BYTES = 4 * 1024 * 1024
+
+
+def load_sweep_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(grid, options)`` from a sweep TOML file (validated by :func:`qsengine.sweep`)."""
+    from qsengine.specs._validate import did_you_mean
+
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot read the sweep file ({exc.strerror})") from None
+    if size > MAX_TOML_BYTES:
+        raise ValueError(f"{p}: {size} bytes is larger than the {MAX_TOML_BYTES}-byte limit for sweep files")
+    try:
+        doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ValueError(f"{p}: not valid TOML: {exc}") from None
+    for k in doc:
+        if k not in ("grid", "sweep"):
+            raise ValueError(f"{p}: unknown table [{k}]{did_you_mean(k, ['grid', 'sweep'])}; "
+                             "expected [grid] and optionally [sweep]")
+    grid = doc.get("grid")
+    if not isinstance(grid, dict) or not grid:
+        raise ValueError(f"{p}: needs a non-empty [grid] table of lists (model, cluster, context, ...)")
+    opts = doc.get("sweep", {})
+    if not isinstance(opts, dict):
+        raise ValueError(f"{p}: [sweep] must be a table")
+    for k in opts:
+        if k not in _SWEEP_KEYS:
+            raise ValueError(f"{p}: [sweep] unknown key {k!r}{did_you_mean(k, _SWEEP_KEYS)}; "
+                             f"known: {', '.join(_SWEEP_KEYS)}")
+    return grid, opts
+
+
+def _write_results(df, out: Path) -> list[Path]:
+    from qsengine._checkpoint import atomic_write_bytes, table_to_parquet_bytes
+
+    import pyarrow as pa
+
+    pq_path, csv_path = out / "results.parquet", out / "results.csv"
+    atomic_write_bytes(pq_path, table_to_parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)))
+    buf = io.StringIO()
+    df.to_csv(buf, index=False)
+    atomic_write_bytes(csv_path, buf.getvalue().encode("utf-8"))
+    return [pq_path, csv_path]
+
+
+def _run_sweep_cli(args) -> int:
+    from qsengine.sweep import sweep
+
+    grid, opts = load_sweep_toml(args.file)
+    seed = args.seed if args.seed is not None else opts.get("seed")
+    chunk = args.chunk_size if args.chunk_size is not None else opts.get("chunk_size")
+    retries = opts.get("retries", 3)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
+    if any(tls) and not all(tls):
+        raise ValueError("--tls-ca-file, --tls-cert and --tls-key go together")
+    cluster = client = None
+    executor: Any = None
+    try:
+        if args.workers is not None:
+            if args.workers < 1:
+                raise ValueError(f"--workers {args.workers}: must be >= 1")
+            from distributed import Client, LocalCluster
+
+            # bound to localhost: a laptop sweep never listens on the network
+            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                   host="127.0.0.1", dashboard_address=None)
+            executor = client = Client(cluster)
+        elif args.scheduler is not None:
+            from distributed import Client
+
+            security = None
+            if all(tls):
+                from distributed.security import Security
+
+                security = Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
+                                    tls_client_key=args.tls_key, require_encryption=True)
+            executor = client = Client(args.scheduler, security=security)
+        df = sweep(grid, executor=executor, checkpoint=out, resume=not args.no_resume,
+                   progress=not args.no_progress, seed=seed, chunk_size=chunk, retries=retries)
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+    paths = _write_results(df, out)
+    info = df.attrs["sweep"]
+    print(f"{len(df)} points ({info['computed_points']} computed, {info['resumed_points']} from the checkpoint) "
+          f"in {info['elapsed_s']:.1f} s; seed entropy {info['seed']['entropy']}")
+    for p in paths:
+        print(p)
+    return 0
+
+
+# ---------------------------------------------------------------------------
+# report
+# ---------------------------------------------------------------------------
+
+
+def _col(df, name: str):
+    if name in df.columns:
+        return name
+    if f"in_{name}" in df.columns:
+        return f"in_{name}"
+    return None
+
+
+def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
+    """Draw the standard figures of a sweep's results; returns the PNG paths.
+
+    * ``ratio_heatmap.png``: dense/MoE throughput ratio over context × cluster,
+      one panel per model (median over any other swept inputs; cells where
+      only one side fits are labelled);
+    * ``break_even_q.png``: break-even q* vs context, one line per cluster;
+    * ``throughput.png``: tokens/s per GPU and admitted batch of the MoE and
+      its dense twin vs context (the fragmentation + HBM-headroom penalties).
+    """
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from qsengine.sweep import load_results
+
+    src = Path(path)
+    df = load_results(src)
+    dest = Path(out) if out is not None else (src if src.is_dir() else src.parent)
+    dest.mkdir(parents=True, exist_ok=True)
+    cm, cc, ct = _col(df, "model"), _col(df, "cluster"), _col(df, "context")
+    if not (cm and cc and ct) or len(df) == 0:
+        raise ValueError(f"{src}: results need model, cluster and context columns (got {list(df.columns)[:8]}...)")
+    models = list(dict.fromkeys(df[cm]))
+    written: list[Path] = []
+
+    def panels(n: int, w: float = 5.5, h: float = 3.8):
+        ncol = min(2, n)
+        nrow = math.ceil(n / ncol)
+        fig, axes = plt.subplots(nrow, ncol, figsize=(w * ncol, h * nrow), squeeze=False)
+        for ax in list(axes.flat)[n:]:
+            ax.set_visible(False)
+        return fig, list(axes.flat)
+
+    def save(fig, name: str) -> None:
+        p = dest / name
+        fig.tight_layout()
+        fig.savefig(p, dpi=110)
+        plt.close(fig)
+        written.append(p)
+
+    if "ratio" in df.columns:
+        fig, axes = panels(len(models))
+        for ax, m in zip(axes, models):
+            sub = df[df[cm] == m]
+            clusters = list(dict.fromkeys(sub[cc]))
+            contexts = sorted(set(int(x) for x in sub[ct]))
+            grid = np.full((len(clusters), len(contexts)), np.nan)
+            labels = [["" for _ in contexts] for _ in clusters]
+            for (c, t), g in sub.groupby([cc, ct], sort=False):
+                i, j = clusters.index(c), contexts.index(int(t))
+                r = g["ratio"].astype(float)
+                grid[i, j] = float(np.nanmedian(r)) if r.notna().any() else np.nan
+                if np.isnan(grid[i, j]) and "verdict" in g.columns:
+                    labels[i][j] = str(g["verdict"].iloc[0])
+                elif not np.isnan(grid[i, j]):
+                    labels[i][j] = f"{grid[i, j]:.2f}"
+            finite = grid[np.isfinite(grid)]
+            span = max(abs(np.log2(finite)).max(), 0.1) if finite.size else 1.0
+            im = ax.imshow(np.log2(grid), cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
+            ax.set_xticks(range(len(contexts)), [f"{t // 1024}K" for t in contexts])
+            ax.set_yticks(range(len(clusters)), clusters)
+            for i in range(len(clusters)):
+                for j in range(len(contexts)):
+                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7)
+            ax.set_xlabel("context")
+            ax.set_title(f"{m}: dense/MoE throughput ratio", fontsize=9)
+            fig.colorbar(im, ax=ax, label="log2 ratio (red: dense wins)")
+        save(fig, "ratio_heatmap.png")
+
+    if "break_even_q" in df.columns and df["break_even_q"].astype(float).notna().any():
+        fig, axes = panels(len(models))
+        for ax, m in zip(axes, models):
+            sub = df[df[cm] == m]
+            for c in dict.fromkeys(sub[cc]):
+                s = sub[sub[cc] == c].groupby(ct)["break_even_q"].median().sort_index()
+                ax.plot(s.index, s.values, marker="o", label=str(c))
+            if "q" in sub.columns:
+                ax.axhline(float(sub["q"].median()), color="gray", ls=":", lw=0.8, label="q swept (median)")
+            ax.set_xscale("log", base=2)
+            ax.set_xlabel("context (tokens)")
+            ax.set_ylabel("break-even q*")
+            ax.set_title(f"{m}: dense twin wins below q*", fontsize=9)
+            ax.legend(fontsize=7)
+        save(fig, "break_even_q.png")
+
+    pairs = [("tokens_per_s_per_gpu", "tokens/s per GPU"), ("batch", "concurrent sequences")]
+    avail = [(k, lab) for k, lab in pairs if f"moe_{k}" in df.columns and f"dense_{k}" in df.columns]
+    if avail:
+        fig, axes = plt.subplots(len(avail), len(models), figsize=(4.5 * len(models), 3.5 * len(avail)),
+                                 squeeze=False)
+        for col, m in enumerate(models):
+            sub = df[df[cm] == m]
+            for row, (k, lab) in enumerate(avail):
+                ax = axes[row][col]
+                for n, c in enumerate(dict.fromkeys(sub[cc])):
+                    s = sub[sub[cc] == c].groupby(ct)[[f"moe_{k}", f"dense_{k}"]].median().sort_index()
+                    color = plt.get_cmap("tab10")(n % 10)
+                    ax.plot(s.index, s[f"moe_{k}"], marker="o", color=color, label=f"{c} MoE")
+                    ax.plot(s.index, s[f"dense_{k}"], marker="s", ls="--", color=color, label=f"{c} dense")
+                ax.set_xscale("log", base=2)
+                ax.set_yscale("log")
+                ax.set_xlabel("context (tokens)")
+                ax.set_ylabel(lab)
+                ax.set_title(m, fontsize=9)
+                ax.legend(fontsize=6)
+        save(fig, "throughput.png")
+    return written
+
+
+def _run_report_cli(args) -> int:
+    for p in report(args.dir, args.out):
+        print(p)
+    return 0
+
+
+def add_parser(sub) -> None:
+    """``qsengine sweep`` and ``qsengine report``."""
+    p = sub.add_parser("sweep", help="run a grid of simulate points (local, process pool or Dask), checkpointed")
+    p.add_argument("file", type=Path, metavar="SWEEP.toml", help="[grid] table of lists, optional [sweep] table")
+    p.add_argument("--out", type=Path, required=True, help="directory: checkpoint chunks + results.parquet/csv")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (tcp://host:8786)")
+    where.add_argument("--workers", type=int, metavar="N", help="start a local Dask cluster of N worker processes")
+    p.add_argument("--no-resume", action="store_true", help="discard the checkpoint in --out and start over")
+    p.add_argument("--seed", type=int, default=None, help="sweep seed (overrides [sweep] seed)")
+    p.add_argument("--chunk-size", type=int, default=None, help="points per task (overrides [sweep] chunk_size)")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--tls-ca-file", default=None, help="CA certificate for a tls:// scheduler")
+    p.add_argument("--tls-cert", default=None, help="client certificate for a tls:// scheduler")
+    p.add_argument("--tls-key", default=None, help="client private key for a tls:// scheduler")
+    p.set_defaults(handler=_run_sweep_cli)
+
+    r = sub.add_parser("report", help="standard figures from a sweep results directory")
+    r.add_argument("dir", type=Path, metavar="DIR", help="a sweep --out directory (or a results.parquet)")
+    r.add_argument("--out", type=Path, default=None, help="where to save the PNGs (default: DIR)")
+    r.set_defaults(handler=_run_report_cli)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    from qsengine.cli import main
+
+    sys.exit(main(["sweep", *sys.argv[1:]]))
