@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 import qsengine
-from qsengine.simulate import simulate
+from qsengine.simulation import simulate
 from qsengine.study import StudyConfig, run_study
 from qsengine.step import moe_cost_coefficients, moe_layer_shape
 

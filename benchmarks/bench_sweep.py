@@ -82,7 +82,7 @@ def main() -> int:
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("qsengine.simulate"))  # warm imports outside the timing
+        client.run(lambda: __import__("qsengine.simulation"))  # warm imports outside the timing
         for name, g, t_local, ref in (("Monte Carlo 1e4", grid_mc, t_mc, df_mc),):
             t_dask, df_dask = timed(lambda: qsengine.sweep(g, seed=1, progress=False, executor=client,
                                                            chunk_size=1), rep)

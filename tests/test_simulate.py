@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 
 import qsengine
 from qsengine import Attention, Cluster, Model, Plan, Precision
-from qsengine.simulate import evaluate_side, simulate
+from qsengine.simulation import evaluate_side, simulate
 from qsengine.step import decode_step, moe_cost_coefficients, moe_layer_shape
 
 BF16 = Precision()

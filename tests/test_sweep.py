@@ -24,7 +24,7 @@ import qsengine
 from qsengine import QsengineWarning
 from qsengine._sweep_testing import arm_interrupt, exit_once, fake_point, interrupt_after
 
-sweep_mod = sys.modules["qsengine.sweep"]
+sweep_mod = sys.modules["qsengine.sweeping"]
 
 GRID = {
     "model": ["qwen3-30b-a3b", "mixtral-8x7b"],
@@ -297,7 +297,7 @@ def test_bad_arguments():
 
 
 def test_core_package_does_not_import_dask():
-    code = "import sys, qsengine; qsengine.sweep; assert 'distributed' not in sys.modules and 'dask' not in sys.modules"
+    code = "import sys, qsengine; qsengine.sweep; qsengine.simulate; assert 'distributed' not in sys.modules and 'dask' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 

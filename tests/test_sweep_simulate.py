@@ -25,8 +25,8 @@ GRID = {"model": ["qwen3-30b-a3b", "mixtral-8x7b"], "cluster": ["8xh100", "8xh20
 
 @needs_simulate
 def test_real_simulate_rows_match_simulate_and_executors_agree(tmp_path):
-    from qsengine.simulate import simulate
-    from qsengine.sweep import point_seed
+    from qsengine.simulation import simulate
+    from qsengine.sweeping import point_seed
 
     df = qsengine.sweep(GRID, seed=3, progress=False)
     assert len(df) == 16

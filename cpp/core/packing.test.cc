@@ -7,27 +7,11 @@
 #include <string>
 
 #include "core/errors.h"
+#include "core/test_util.h"
 
 using namespace qs::packing;
+using qs::test::throws_invalid;
 
-static int failures = 0;
-#define CHECK(cond)                                                        \
-  do {                                                                     \
-    if (!(cond)) {                                                         \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                          \
-    }                                                                      \
-  } while (0)
-
-template <class F>
-static bool throws_invalid(F f, const char* needle) {
-  try {
-    f();
-  } catch (const qs::InvalidArgument& e) {
-    return std::string(e.what()).find(needle) != std::string::npos;
-  }
-  return false;
-}
 
 // A small GQA MoE: 8 layers (first 2 dense), 16 experts, 8 heads / 2 KV heads.
 static MemoryDesc toy_moe() {
@@ -194,10 +178,5 @@ int main() {
   test_threads_and_sampling();
   test_paged();
   test_min_gpus();
-  if (failures) {
-    std::fprintf(stderr, "%d check(s) failed\n", failures);
-    return 1;
-  }
-  std::puts("packing tests passed");
-  return 0;
+  return qs::test::report("packing");
 }

@@ -9,9 +9,10 @@
 #include <cstdio>
 #include <cstdlib>
 
+#include "core/test_util.h"
+
 namespace {
 
-int failures = 0;
 
 void check_stream(qs::PhiloxKey key, std::uint64_t index, std::uint64_t purpose, const std::uint64_t (&expected)[8]) {
   qs::PhiloxStream s(key, index, purpose);
@@ -21,7 +22,7 @@ void check_stream(qs::PhiloxKey key, std::uint64_t index, std::uint64_t purpose,
       std::fprintf(stderr, "philox mismatch key=(%llx,%llx) index=%llu purpose=%llu word %d: got %016llx want %016llx\n",
                    (unsigned long long)key.k0, (unsigned long long)key.k1, (unsigned long long)index,
                    (unsigned long long)purpose, i, (unsigned long long)got, (unsigned long long)expected[i]);
-      ++failures;
+      ++qs::test::failures;
     }
   }
 }
@@ -33,7 +34,7 @@ void check_split32() {
     const std::uint32_t lo = b.next32(), hi = b.next32();
     if (lo != static_cast<std::uint32_t>(w) || hi != static_cast<std::uint32_t>(w >> 32)) {
       std::fprintf(stderr, "next32 split mismatch at word %d\n", i);
-      ++failures;
+      ++qs::test::failures;
       return;
     }
   }
@@ -46,7 +47,7 @@ void check_below() {
   for (long c : counts)
     if (c < 9500 || c > 10500) {
       std::fprintf(stderr, "below(7) frequency out of range: %ld\n", c);
-      ++failures;
+      ++qs::test::failures;
     }
 }
 
@@ -61,10 +62,5 @@ int main() {
                 0xa12302b012b4de8cull, 0x2b17ba479ce9e2c2ull, 0x9580db6793fe3b15ull, 0xc1a644a113dba122ull});
   check_split32();
   check_below();
-  if (failures) {
-    std::fprintf(stderr, "%d failure(s)\n", failures);
-    return EXIT_FAILURE;
-  }
-  std::puts("philox: all tests passed");
-  return EXIT_SUCCESS;
+  return qs::test::report("philox");
 }

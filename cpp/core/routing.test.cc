@@ -8,19 +8,12 @@
 #include <string>
 
 #include "core/errors.h"
+#include "core/test_util.h"
 
 using namespace qs::routing;
 
 namespace {
 
-int failures = 0;
-#define CHECK(cond)                                                      \
-  do {                                                                   \
-    if (!(cond)) {                                                       \
-      std::fprintf(stderr, "%s:%d: CHECK failed: %s\n", __FILE__, __LINE__, #cond); \
-      ++failures;                                                        \
-    }                                                                    \
-  } while (0)
 
 RouteRequest base_request(std::int64_t E, std::int64_t k, std::int64_t B, std::int64_t mb, std::int64_t G) {
   RouteRequest r;
@@ -118,11 +111,11 @@ void test_validation() {
     try {
       route(r);
       std::fprintf(stderr, "no exception for %s\n", needle);
-      ++failures;
+      ++qs::test::failures;
     } catch (const qs::InvalidArgument& e) {
       if (std::string(e.what()).find(needle) == std::string::npos) {
         std::fprintf(stderr, "message '%s' lacks '%s'\n", e.what(), needle);
-        ++failures;
+        ++qs::test::failures;
       }
     }
   };
@@ -145,10 +138,5 @@ int main() {
   test_invariants_and_threads();
   test_trace();
   test_validation();
-  if (failures) {
-    std::fprintf(stderr, "%d failure(s)\n", failures);
-    return EXIT_FAILURE;
-  }
-  std::puts("routing: all tests passed");
-  return EXIT_SUCCESS;
+  return qs::test::report("routing");
 }

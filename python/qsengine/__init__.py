@@ -2,35 +2,18 @@
 serve LLM decode traffic better on a given GPU cluster, by how much, and why?
 
 The public API is re-exported here; the compiled core ``qsengine._core`` is
-private.
+private. Modules: ``specs`` (models, hardware, plans), ``routing`` (routing
+Monte Carlo), ``packing`` (HBM packing), ``step`` (decode step model),
+``simulation`` (:func:`simulate`), ``sweeping`` (:func:`sweep`), ``study``.
 """
 
 from __future__ import annotations
 
+from qsengine import specs as _specs
 from qsengine._core import __version__
-from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
-from qsengine.specs import Accelerator, Attention, Cluster, Model, Plan, Precision, Workload
-from qsengine.specs import (
-    PRECISIONS,
-    QsResult,
-    Verdict,
-    accelerators,
-    as_accelerator,
-    as_cluster,
-    as_model,
-    as_precision,
-    clusters,
-    dense_twin,
-    load_accelerator,
-    load_cluster,
-    load_model,
-    models,
-    precisions,
-    qs,
-)
-from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
 from qsengine._limits import get_memory_limit, set_memory_limit
-from qsengine.sweep import load_results, sweep
+from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
+from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
 from qsengine.routing import (
     Dirichlet,
     Distribution,
@@ -48,42 +31,24 @@ from qsengine.routing import (
     route,
     unique_variance,
 )
+from qsengine.simulation import SideResult, SimulationResult, simulate
+from qsengine.specs import *  # noqa: F403 - the specs layer's own __all__
+from qsengine.step import StepBreakdown, StepOptions
+from qsengine.sweeping import load_results, sweep
 
 __all__ = [
     "__version__",
-    "Accelerator",
-    "Attention",
-    "Cluster",
-    "Model",
-    "Plan",
-    "Precision",
-    "Workload",
     "QsengineWarning",
     "ResourceLimitError",
     "SpecError",
-    # specs layer: presets, loaders, dense twin, qs inequality
-    "PRECISIONS",
-    "QsResult",
-    "Verdict",
-    "accelerators",
-    "as_accelerator",
-    "as_cluster",
-    "as_model",
-    "as_precision",
-    "clusters",
-    "dense_twin",
-    "load_accelerator",
-    "load_cluster",
-    "load_model",
-    "models",
-    "precisions",
-    "qs",
+    *_specs.__all__,
+    # packing
     "Packing",
     "pack",
     "min_gpus",
     "plans",
     "rank_plans",
-    # routing (qsengine.routing)
+    # routing
     "Dirichlet",
     "Distribution",
     "GroupLimited",
@@ -101,8 +66,13 @@ __all__ = [
     "route",
     "set_memory_limit",
     "unique_variance",
-    # sweeps (qsengine.sweep; the function shadows the module attribute, import the
-    # module itself with importlib or `from qsengine.sweep import ...`)
+    # decode model and comparison
+    "SideResult",
+    "SimulationResult",
+    "StepBreakdown",
+    "StepOptions",
+    "simulate",
+    # sweeps
     "sweep",
     "load_results",
 ]

@@ -79,7 +79,7 @@ def _write_results(df, out: Path) -> list[Path]:
 
 
 def _run_sweep_cli(args) -> int:
-    from qsengine.sweep import sweep
+    from qsengine.sweeping import sweep
 
     grid, opts = load_sweep_toml(args.file)
     seed = args.seed if args.seed is not None else opts.get("seed")
@@ -157,7 +157,7 @@ def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from qsengine.sweep import load_results
+    from qsengine.sweeping import load_results
 
     src = Path(path)
     df = load_results(src)

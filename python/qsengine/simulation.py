@@ -1,4 +1,4 @@
-"""qsengine.simulate: MoE against its quality-matched dense twin on one cluster.
+"""qsengine.simulation: MoE against its quality-matched dense twin on one cluster.
 
 Pipeline for each side (MoE, dense twin):
 

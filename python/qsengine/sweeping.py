@@ -21,7 +21,7 @@ How a sweep runs (see ARCHITECTURE.md, "Sweeps"):
    worker died is resubmitted (up to ``retries`` times).
 5. **Assemble** one row per grid point in grid order: ``point_id``, the inputs
    as ``in_<field>`` columns, and every field of
-   :meth:`qsengine.simulate.SimulationResult.to_record`.
+   :meth:`qsengine.simulation.SimulationResult.to_record`.
 
 Dask is imported only when a Dask executor is used.
 """
@@ -386,7 +386,7 @@ def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
 
 def simulate_point(kwargs: dict[str, Any], seed: np.random.SeedSequence, threads: int | None) -> dict[str, Any]:
     """The default evaluator: ``simulate(**kwargs, seed=seed).to_record()``."""
-    from qsengine.simulate import simulate
+    from qsengine.simulation import simulate
 
     return simulate(**kwargs, seed=seed, threads=threads).to_record()
 
