@@ -98,6 +98,7 @@ def _plot_ratio(df, path: Path) -> None:
 
     matplotlib.use("Agg", force=False)
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import FormatStrFormatter
 
     models = list(dict.fromkeys(df["model"]))
     ncol = min(2, len(models))
@@ -105,18 +106,20 @@ def _plot_ratio(df, path: Path) -> None:
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 4.2 * nrow), squeeze=False)
     for ax, m in zip(axes.flat, models):
         sub = df[df["model"] == m]
-        for c in dict.fromkeys(sub["cluster"]):
+        for j, c in enumerate(dict.fromkeys(sub["cluster"])):
             s = sub[sub["cluster"] == c].sort_values("context")
             line, = ax.plot(s["context"], s["ratio"], marker="o", label=c)
             only = s[s["verdict"] == "dense-only"]
-            if len(only):  # ratio undefined: mark along the top edge
-                ax.scatter(only["context"], [0.97] * len(only), marker="^", color=line.get_color(),
+            if len(only):  # ratio undefined: one row of markers per cluster along the top edge
+                ax.scatter(only["context"], [0.97 - 0.035 * j] * len(only), marker="^", color=line.get_color(),
                            transform=ax.get_xaxis_transform(), clip_on=False)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
         qs = float(sub["qs"].iloc[0])
         ax.axhline(1.0 / qs, color="gray", lw=0.8, ls=":", label=f"1/qs = {1 / qs:.2f}")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
+        ax.yaxis.set_minor_formatter(FormatStrFormatter("%g"))
         ax.set_xlabel("context (tokens)")
         ax.set_ylabel("throughput ratio dense / MoE")
         ax.set_title(f"{m} (qs = {qs:.2f}); ▲ = only the dense twin fits")
