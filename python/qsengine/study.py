@@ -69,8 +69,10 @@ def run_study(config: StudyConfig | None = None, *, progress: bool = True, figur
         res = simulate(m, c, t, q=cfg.q, routing=cfg.routing, precision=cfg.precision,
                        microbatches=cfg.microbatches, slo_tpot=cfg.slo_tpot, seed=point_seed, threads=cfg.threads)
         rows.append(res.to_record())
-        if c == cfg.clusters[0] and t == cfg.contexts[len(cfg.contexts) // 2]:
-            examples[m] = res  # HBM figure: first cluster, middle context
+        # HBM figure: middle context, first cluster where the MoE fits (else the first cluster).
+        if t == cfg.contexts[len(cfg.contexts) // 2] and (m not in examples or
+                                                           (res.moe.feasible and not examples[m].moe.feasible)):
+            examples[m] = res
     elapsed = time.perf_counter() - t0
     df = pd.DataFrame(rows)
     df.to_csv(out / "results.csv", index=False)
@@ -139,17 +141,26 @@ def _plot_hbm(examples: dict[str, Any], path: Path) -> None:
 
     if not examples:
         return
+    import textwrap
+
     fig, axes = plt.subplots(len(examples), 2, figsize=(11, 3.2 * len(examples)), squeeze=False)
+    handles: dict[str, Any] = {}
     for row, (m, res) in zip(axes, examples.items()):
         for ax, side, label in ((row[0], res.moe, "MoE"), (row[1], res.dense, "dense twin")):
+            where = f"{m} {label} on {res.cluster.label} @ {res.context // 1024}K"
             if side.packing is not None:
                 side.packing.plot(ax=ax)
-                ax.set_title(f"{m} {label}: {side.plan.label}, batch {side.cluster_batch}", fontsize=9)
+                for h, lab in zip(*ax.get_legend_handles_labels()):
+                    handles.setdefault(lab, h)
+                ax.get_legend().remove()
+                ax.set_title(f"{where}: {side.plan.label}, batch {side.cluster_batch}", fontsize=8)
             else:
-                ax.text(0.5, 0.5, f"{m} {label}: infeasible\n{side.reason}", ha="center", va="center",
-                        fontsize=8, wrap=True, transform=ax.transAxes)
+                text = textwrap.fill(f"{where}: infeasible. {side.reason}", 60)
+                ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, transform=ax.transAxes)
                 ax.set_axis_off()
-    fig.tight_layout()
+    fig.legend(list(handles.values()), list(handles.keys()), loc="lower center", ncol=min(6, len(handles)),
+               fontsize=8)
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
