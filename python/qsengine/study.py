@@ -179,7 +179,7 @@ def _plot_fragmentation(path: Path, *, seed: int, threads: int | None) -> None:
     for ax, routing, label in ((axes[0], Uniform(), "uniform"),
                                (axes[1], GroupLimited(8, 4, PowerLaw(1.01)), "group-limited power law 1.01")):
         df = fragmentation_curve(256, 8, 8, batches, routing=routing, microbatches=2000, seed=seed)
-        plot_fragmentation(df, ax=ax)
+        plot_fragmentation(df, ax=ax, label=label)
         ax.set_title(f"DeepSeek-V3 routing (E=256, k=8, 8 GPUs): {label}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
