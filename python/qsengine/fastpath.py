@@ -158,6 +158,8 @@ class _Side:
     time: np.ndarray
     p99: np.ndarray
     tps: np.ndarray  # cluster tokens/s
+    why: np.ndarray  # infeasible lanes: plan index whose reason evaluate_side reports
+    why_slo: np.ndarray  # True: that plan misses the TPOT target at batch 1; False: its packing fails
 
 
 def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.ndarray | None = None) -> _Side:
@@ -167,7 +169,7 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
     n = context.shape[0]
     P = len(fam.plans)
     out = _Side(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n),
-                np.zeros(n), np.zeros(n))
+                np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool))
     if P == 0 or n == 0:
         return out
     lane = np.repeat(np.arange(n), P)
@@ -232,6 +234,14 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
         arg = np.where(better, j, arg)
     feas = arg >= 0
     k = np.maximum(where[np.arange(n), np.maximum(arg, 0)], 0)
+    # the reason evaluate_side gives when no plan is feasible: the first plan
+    # that packs but misses the SLO at batch 1, else the packing-infeasible plan
+    # with the least weight on its fullest GPU (first of equals)
+    slo_fail = np.zeros((n, P), bool)
+    slo_fail[lane[rows[~valid]], pidx[rows[~valid]]] = True
+    need = np.where(ok, np.inf, fam.memory.weight_total.max(axis=1)[pidx]).reshape(n, P)
+    out.why_slo = slo_fail.any(axis=1)
+    out.why = np.where(out.why_slo, np.argmax(slo_fail, axis=1), np.argmin(need, axis=1))
     if K == 0:
         return out
     out.feasible = feas
@@ -242,13 +252,6 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
     out.p99 = np.where(feas, p99[k], np.nan)
     out.tps = np.where(feas, best, 0.0)
     return out
-
-
-def _reason(key: tuple, make) -> str:
-    got = _REASONS.get(key)
-    if got is None:
-        got = _REASONS[key] = make()
-    return got
 
 
 # ---------------------------------------------------------------------------
@@ -340,7 +343,6 @@ def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any
     ``plan``, ``precision``, ``slo_tpot``, ``twin_attention``, ``break_even``,
     ``options``; names or specs). Points the fast path does not cover
     (:func:`covers`) are passed to simulate one by one."""
-    from qsengine.simulation import evaluate_side
     from qsengine.specs.loaders import as_cluster, as_model, as_precision
     from qsengine.specs.twin import qs as qs_record
     from qsengine.specs.twin import resolve_q
@@ -463,16 +465,7 @@ def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any
                 row[f"{side}_tpot_ms"] = float(res.time[k]) * 1e3
                 row[f"{side}_tpot_p99_ms"] = float(res.p99[k]) * 1e3
             else:
-                if side == "moe":
-                    rkey = ("moe",) + mk
-                    reason = _reason(rkey, lambda: evaluate_side(
-                        model, cluster, context, plan=plan, precision=precision, routing=routing, microbatches=0,
-                        slo_tpot=slo, options=options).reason)
-                else:
-                    rkey = ("dense",) + dk
-                    reason = _reason(rkey, lambda: evaluate_side(
-                        model.dense_twin(q_value), cluster, context, plan=plan, precision=precision,
-                        microbatches=0, slo_tpot=slo, options=options).reason)
+                reason = _infeasible_reason(side, res, k, model, cluster, precision, context, q_value, slo)
                 row[f"{side}_reason"] = reason
                 row[f"{side}_plan"] = ""
                 row[f"{side}_batch"] = 0
@@ -483,6 +476,29 @@ def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any
                 row[f"{side}_tpot_p99_ms"] = math.nan
         rows[i] = row
     return rows  # type: ignore[return-value]
+
+
+def _infeasible_reason(side: str, res: "_Sides", k: int, model: Model, cluster: Cluster, precision: Precision,
+                       context: int, q_value: Any, slo: float | None) -> str:
+    """evaluate_side's reason for an infeasible side (the packer's own words)."""
+    from qsengine.packing import pack
+
+    plans = res.plans[k]
+    if not plans:
+        m = model if side == "moe" else model.dense_twin(q_value)
+        return f"no valid parallel plan for {m.id} on {cluster.label}"
+    plan = plans[int(res.why[k])]
+    if res.why_slo[k]:
+        return f"even batch 1 misses the TPOT target {slo * 1e3:.3g} ms (plan {plan.label})"
+    key = (side, model, q_value if side == "dense" else None, cluster, precision, context, plan)
+    got = _REASONS.get(key)
+    if got is None:
+        m = model if side == "moe" else model.dense_twin(q_value)
+        got = pack(m, cluster, context, plan=plan, precision=precision).reason
+        if len(_REASONS) > 100_000:
+            _REASONS.clear()
+        _REASONS[key] = got
+    return got
 
 
 def _routing_of(canon_routing: Any, norm: list[tuple]) -> Any:
@@ -502,12 +518,14 @@ class _Sides:
     time: np.ndarray
     p99: np.ndarray
     tps: np.ndarray
+    why: np.ndarray
+    why_slo: np.ndarray
     plans: list
 
 
 def _empty_sides(n: int) -> _Sides:
     return _Sides(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n),
-                  np.zeros(n), np.zeros(n), [()] * n)
+                  np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool), [()] * n)
 
 
 def _fill(out: _Sides, idx: np.ndarray, side: _Side, plans: tuple) -> None:
@@ -518,6 +536,8 @@ def _fill(out: _Sides, idx: np.ndarray, side: _Side, plans: tuple) -> None:
     out.time[idx] = side.time
     out.p99[idx] = side.p99
     out.tps[idx] = side.tps
+    out.why[idx] = side.why
+    out.why_slo[idx] = side.why_slo
     for i in idx:
         out.plans[i] = plans
 
