@@ -46,6 +46,7 @@ from qsengine.step import StepOptions, StepParams, step_params, step_time
 __all__ = ["evaluate_closed_form", "covers"]
 
 _TIE = 1e-3  # simulation._verdict's tie tolerance
+_DEFAULT_OPTIONS = StepOptions()
 
 
 # ---------------------------------------------------------------------------
@@ -349,16 +350,26 @@ def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any
 
     rows: list[dict[str, Any] | None] = [None] * len(points)
     norm: list[tuple] = []
+    # resolve each distinct raw value once (names hash fast; spec objects by identity)
+    seen: dict[tuple, Any] = {}
+
+    def resolve(kind: str, raw: Any, load) -> Any:
+        k = (kind, raw) if raw is None or isinstance(raw, (str, int, float)) else (kind, id(raw))
+        got = seen.get(k)
+        if got is None:
+            got = seen[k] = (load(raw), raw)  # keep raw alive: its id stays unique
+        return got[0]
+
     for i, pt in enumerate(points):
         if not covers(pt):
             rows[i] = _scalar(pt)
             continue
-        model = as_model(pt["model"])
-        cluster = as_cluster(pt["cluster"])
-        precision = as_precision(pt.get("precision"))
+        model = resolve("model", pt["model"], as_model)
+        cluster = resolve("cluster", pt["cluster"], as_cluster)
+        precision = resolve("precision", pt.get("precision"), as_precision)
         context = pt["context"]
         slo = pt.get("slo_tpot")
-        options = pt.get("options") or StepOptions()
+        options = pt.get("options") or _DEFAULT_OPTIONS
         if (isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1
                 or not model.is_moe or (slo is not None and not (isinstance(slo, (int, float)) and slo > 0
                                                                   and math.isfinite(slo)))):
@@ -371,14 +382,27 @@ def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any
                      bool(pt.get("break_even", True))))
     if not norm:
         return rows  # type: ignore[return-value]
+    # small integer codes for the specs: keys below hash ints, not dataclasses
+    codes: dict[int, int] = {}
+
+    def code(obj: Any) -> int:
+        c = codes.get(id(obj))
+        if c is None:
+            c = codes[id(obj)] = len(codes)
+        return c
+
+    specs: dict[tuple, tuple] = {}
 
     # ---- MoE side: once per distinct (model, cluster, precision, plan, options, routing, context, slo)
     moe_keys: dict[tuple, int] = {}
     moe_of = []
     for (_, model, cluster, precision, context, _, routing, plan, slo, options, _) in norm:
-        k = (model, cluster, precision, plan, options, _canon(routing), context, slo)
+        sk = (code(model), code(cluster), code(precision), _canon(plan), code(options), _canon(routing))
+        if sk not in specs:
+            specs[sk] = (model, cluster, precision, plan, options, _canon(routing))
+        k = sk + (context, slo)
         moe_of.append(moe_keys.setdefault(k, len(moe_keys)))
-    moe_list = list(moe_keys)
+    moe_list = [specs[k[:6]] + k[6:] for k in moe_keys]
     moe = _sides_by_family(moe_list, lambda k: _family(k[0], k[1], k[2], k[3], k[4], _routing_of(k[5], norm)),
                            lambda k: (k[6], k[7]))
 
@@ -387,12 +411,15 @@ def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any
     dense_keys: dict[tuple, int] = {}
     dense_of = []
     for (_, model, cluster, precision, context, q_value, _, plan, slo, options, _) in norm:
-        qk = (model, q_value)
+        qk = (code(model), q_value)
         if qk not in qvals:
             qvals[qk] = resolve_q(model, q_value)
-        k = (model, qvals[qk], cluster, precision, plan, options, context, slo)
+        sk = (code(model), code(cluster), code(precision), _canon(plan), code(options))
+        if sk not in specs:
+            specs[sk] = (model, cluster, precision, plan, options)
+        k = sk + (qvals[qk], context, slo)
         dense_of.append(dense_keys.setdefault(k, len(dense_keys)))
-    dense_list = list(dense_keys)
+    dense_list = [(specs[k[:5]][0], k[5]) + specs[k[:5]][1:] + k[6:] for k in dense_keys]
     dense = _dense_sides(dense_list)
 
     # ---- break-even q*: once per distinct MoE key (it does not depend on q)
@@ -403,14 +430,17 @@ def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any
     be_lanes = [(moe_list[m][0], moe_list[m][1], moe_list[m][2], moe_list[m][3], moe_list[m][4], moe_list[m][6],
                  np.nan if moe_list[m][7] is None else moe_list[m][7]) for m in be_keys]
     groups: dict[tuple, list[int]] = {}
+    gkeys: dict[tuple, tuple] = {}
     for i, ln in enumerate(be_lanes):
-        groups.setdefault(ln[:5], []).append(i)
+        ck = (code(ln[0]), code(ln[1]), code(ln[2]), _canon(ln[3]), code(ln[4]))
+        gkeys.setdefault(ck, ln[:5])
+        groups.setdefault(gkeys[ck], []).append(i)
     q_star = _break_even(groups, be_lanes, moe.tps[list(be_keys)]) if be_lanes else np.zeros(0)
 
     # ---- rows
     qs_cache: dict[tuple, Any] = {}
     for j, (i, model, cluster, precision, context, q_value, routing, plan, slo, options, be) in enumerate(norm):
-        qk = (model, q_value)
+        qk = (code(model), q_value)
         rec = qs_cache.get(qk)
         if rec is None:
             rec = qs_cache[qk] = qs_record(model, q_value)
@@ -560,9 +590,14 @@ def _dense_sides(keys: list[tuple]) -> _Sides:
     """keys: (model, q, cluster, precision, plan, options, context, slo)."""
     out = _empty_sides(len(keys))
     by: dict[tuple, list[int]] = {}
+    spec: dict[tuple, tuple] = {}
     for i, k in enumerate(keys):
-        by.setdefault((k[0], k[2], k[3], k[4], k[5]), []).append(i)
-    for (model, cluster, precision, plan, options), members in by.items():
+        ik = (id(k[0]), id(k[2]), id(k[3]), _canon(k[4]), id(k[5]))
+        if ik not in spec:
+            spec[ik] = (k[0], k[2], k[3], k[4], k[5])
+        by.setdefault(ik, []).append(i)
+    for ik, members in by.items():
+        model, cluster, precision, plan, options = spec[ik]
         idx = np.array(members)
         q = np.array([keys[i][1] for i in members])
         width, ok, ffn = _twin_widths(model, q)
