@@ -60,15 +60,60 @@ def main() -> int:
                      "in this build (simulate cannot run)")
         return _finish(lines, args)
 
-    # 1. closed form (microbatches=0), in-process
+    # 1. closed form (microbatches=0): the vectorised fast path on a grid of >= 1e5 points,
+    #    against the per-point simulate() path on a subset (checked equal)
+    import numpy as np
+
+    from qsengine.fastpath import evaluate_closed_form
+
+    cf_models = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "qwen3-30b-a3b"]
+    cf_clusters = ["8xh100", "8xh200", "8xb200", "8xmi300x", "8xmi355x", "16xh100", "16xh200", "8xa100"]
+    cf_contexts = [int(x) for x in np.geomspace(1024, 262144, 64).round()]
+    cf_qs = [float(x) for x in np.linspace(1.2, 8.0, 50)]
+    pts = [dict(model=m, cluster=c, context=t, q=q, microbatches=0, precision="fp8")
+           for m in cf_models for c in cf_clusters for t in cf_contexts for q in cf_qs]
+    t0 = time.perf_counter()
+    first = evaluate_closed_form(pts)
+    t_cold = time.perf_counter() - t0
+    t_fast = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        again = evaluate_closed_form(pts)
+        t_fast.append(time.perf_counter() - t0)
+        assert again == first or all(str(a) == str(b) for a, b in zip(again, first))
+    t_fast = statistics.median(t_fast)
+    lines.append(f"closed form fast path (evaluate_closed_form), {len(pts):,} points "
+                 f"({len(cf_models)} models x {len(cf_clusters)} clusters x {len(cf_contexts)} contexts x "
+                 f"{len(cf_qs)} q, break-even on): first call {t_cold:.2f} s (builds the plan caches) -> "
+                 f"{len(pts) / t_cold:,.0f} points/s; median of {rep} warm calls {t_fast:.2f} s -> "
+                 f"{len(pts) / t_fast:,.0f} points/s")
+    # distinct (model, cluster, context) only: every point needs its own MoE side and q*
+    pts_u = [dict(model=m, cluster=c, context=t, q=2.0, microbatches=0, precision="fp8")
+             for m in cf_models for c in cf_clusters for t in range(4096, 4096 + 64 * 40, 40)]
+    t0 = time.perf_counter()
+    evaluate_closed_form(pts_u)
+    t_u = time.perf_counter() - t0
+    lines.append(f"closed form fast path, {len(pts_u):,} points with no shared MoE side (one q each, all "
+                 f"distinct contexts): {t_u:.2f} s -> {len(pts_u) / t_u:,.0f} points/s")
+    sub = pts[:: len(pts) // 6][:6]
+    t0 = time.perf_counter()
+    slow = [qsengine.simulate(**p).to_record() for p in sub]
+    t_slow = (time.perf_counter() - t0) / len(sub)
+    fast_sub = evaluate_closed_form(sub)
+    same = all(str(a) == str(b) for a, b in zip(slow, fast_sub))
+    lines.append(f"closed form per-point simulate() path on {len(sub)} of those points: {t_slow:.2f} s/point -> "
+                 f"{1 / t_slow:,.1f} points/s; fast/per-point throughput ratio (warm) "
+                 f"{(len(pts) / t_fast) * t_slow:,.0f}x; records identical: {same}")
+    grid_big = {"model": cf_models, "cluster": cf_clusters, "context": cf_contexts, "q": cf_qs,
+                "microbatches": [0], "precision": ["fp8"]}
+    t0 = time.perf_counter()
+    df_big = qsengine.sweep(grid_big, seed=1, progress=False)
+    t_sw = time.perf_counter() - t0
+    lines.append(f"the same {len(df_big):,} points through qsengine.sweep in-process (validation, ids, fast path, "
+                 f"tables): {t_sw:.2f} s -> {len(df_big) / t_sw:,.0f} points/s")
     contexts = [4096, 8192, 16384, 32768, 65536, 131072]
     qs = [1.5, 2.0, 3.0, "sqrt"] if not args.quick else [2.0, "sqrt"]
     grid_cf = {"model": MODELS, "cluster": CLUSTERS, "context": contexts, "q": qs, "microbatches": [0]}
-    for be in (True, False):
-        g = {**grid_cf, "break_even": [be]}
-        t, df = timed(lambda: qsengine.sweep(g, seed=1, progress=False), rep)
-        lines.append(f"closed form, in-process, break_even={be}: {len(df)} points, median {t:.3f} s "
-                     f"-> {len(df) / t:,.0f} points/s")
 
     # 2. Monte Carlo at 1e4 microbatches, in-process
     grid_mc = {"model": MODELS, "cluster": CLUSTERS, "context": [4096, 32768] if not args.quick else [32768],

@@ -5,6 +5,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -155,6 +156,45 @@ void register_packing(py::module_& m) {
 
   m.def("plan_violation", &pk::plan_violation, py::arg("desc"), py::arg("plan"), py::arg("num_gpus"),
         "'' if the plan is valid for the model on num_gpus GPUs, else the rule it breaks.");
+  m.def(
+      "stage_table",
+      [](const pk::MemoryDesc& desc, const std::vector<pk::PlanDesc>& plans, std::int64_t num_gpus) {
+        // What one GPU of every pipeline stage of every plan holds: the per-plan
+        // constants from which the fast path derives admissible batches for any
+        // context exactly as evaluate_plan/pack do (docs/packing.md).
+        pk::validate_desc(desc);
+        std::vector<std::int64_t> plan_idx, stage, full, local, dense;
+        std::vector<double> weights, total, kv;
+        for (std::size_t i = 0; i < plans.size(); ++i) {
+          pk::validate_plan(desc, plans[i], num_gpus);
+          for (std::int64_t s = 0; s < plans[i].pp; ++s) {
+            const pk::StageMemory sm = pk::stage_memory(desc, plans[i], s);
+            plan_idx.push_back(static_cast<std::int64_t>(i));
+            stage.push_back(s);
+            for (int c = 0; c < pk::kNumComponents; ++c) weights.push_back(sm.weights[c]);
+            total.push_back(sm.weight_total);
+            kv.push_back(sm.kv_per_token_layer);
+            full.push_back(sm.kv_full_layers);
+            local.push_back(sm.kv_local_layers);
+            dense.push_back(sm.dense_layers);
+          }
+        }
+        py::dict out;
+        out["plan"] = to_numpy(plan_idx);
+        out["stage"] = to_numpy(stage);
+        py::array_t<double> w({static_cast<py::ssize_t>(total.size()), static_cast<py::ssize_t>(pk::kNumComponents)});
+        std::copy(weights.begin(), weights.end(), w.mutable_data());
+        out["weights"] = w;
+        out["weight_total"] = to_numpy(total);
+        out["kv_per_token_layer"] = to_numpy(kv);
+        out["kv_full_layers"] = to_numpy(full);
+        out["kv_local_layers"] = to_numpy(local);
+        out["dense_layers"] = to_numpy(dense);
+        return out;
+      },
+      py::arg("desc"), py::arg("plans"), py::arg("num_gpus"),
+      "Per (plan, pipeline stage): weight bytes by component on one GPU, their total, KV bytes per token per "
+      "layer, and the full/local KV layers.");
   m.def("enumerate_plans", &pk::enumerate_plans, py::arg("desc"), py::arg("num_gpus"),
         "Every valid plan for num_gpus GPUs, in canonical order.");
 

@@ -779,3 +779,122 @@ def add_parser(sub: Any) -> None:
     ps.add_argument("--replicas", type=int, default=0, help="extra expert replicas per EP group")
     ps.add_argument("--json", action="store_true", help="print the full record as JSON")
     ps.set_defaults(handler=_cmd_pack)
+
+
+# ------------------------------------------------------------- batched admission
+#: packing.cc's kBatchCap: "no KV constraint" marker of floor_fit.
+_BATCH_CAP = 1 << 62
+
+
+@dataclass(frozen=True)
+class PlanMemory:
+    """Per-plan constants of one model × precision × cluster from which
+    :func:`admissible_batches` derives the admissible batch of any (plan,
+    context) exactly as :func:`pack` does: per pipeline stage (rows padded to
+    ``max_pp``), the weight bytes on one GPU by component and in total, the KV
+    bytes per token per layer, and the full/local KV layers.
+
+    Arrays have shape (plans, max_pp); padding stages carry no KV and no weights
+    (``weight_total`` = -inf)."""
+
+    plans: tuple[Plan, ...]
+    usable: float
+    local_window: int
+    shard: np.ndarray  # (plans,) 1 with attn_dp else tp
+    weights: np.ndarray  # (plans, max_pp, components)
+    weight_total: np.ndarray
+    kv_per_token_layer: np.ndarray
+    kv_full_layers: np.ndarray
+    kv_local_layers: np.ndarray
+    dense_layers: np.ndarray
+
+
+def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list: Sequence[Plan] | None = None
+                ) -> PlanMemory:
+    """The :class:`PlanMemory` of ``plan_list`` (default: every valid plan, in
+    :func:`plans` order)."""
+    desc = memory_description(model, precision, cluster.accelerator)
+    g = int(cluster.num_gpus)
+    if plan_list is None:
+        pdescs = list(_core.enumerate_plans(desc, g))
+        plan_list = [_plan_from_desc(p) for p in pdescs]
+    else:
+        pdescs = [_plan_desc(p) for p in plan_list]
+    t = _core.stage_table(desc, pdescs, g)
+    n = len(plan_list)
+    max_pp = max([p.pp for p in plan_list], default=1)
+    shape = (n, max_pp)
+    idx = (t["plan"], t["stage"])
+    weights = np.zeros(shape + (len(COMPONENTS),))
+    weights[idx] = t["weights"]
+    total = np.full(shape, -np.inf)
+    total[idx] = t["weight_total"]
+    kv = np.zeros(shape)
+    kv[idx] = t["kv_per_token_layer"]
+    full = np.zeros(shape, dtype=np.int64)
+    full[idx] = t["kv_full_layers"]
+    local = np.zeros(shape, dtype=np.int64)
+    local[idx] = t["kv_local_layers"]
+    dense = np.zeros(shape, dtype=np.int64)
+    dense[idx] = t["dense_layers"]
+    shard = np.array([1.0 if p.attn_dp else float(p.tp) for p in plan_list])
+    return PlanMemory(plans=tuple(plan_list), usable=float(desc.usable_bytes), local_window=int(desc.local_window),
+                      shard=shard, weights=weights, weight_total=total, kv_per_token_layer=kv, kv_full_layers=full,
+                      kv_local_layers=local, dense_layers=dense)
+
+
+def floor_fit(free: np.ndarray, per: np.ndarray) -> np.ndarray:
+    """packing.cc ``floor_fit`` over arrays: the largest b >= 0 with
+    b·per <= free (0 when free < 0 or per <= 0), in the same double arithmetic."""
+    free = np.asarray(free, dtype=np.float64)
+    per = np.asarray(per, dtype=np.float64)
+    ok = (free >= 0) & (per > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        q = np.floor(np.where(ok, free / np.where(ok, per, 1.0), 0.0))
+    b = np.where(q >= float(_BATCH_CAP), _BATCH_CAP, q).astype(np.int64)
+    b = np.where(ok, b, 0)
+    while True:
+        down = ok & (b > 0) & (b.astype(np.float64) * per > free)
+        if not down.any():
+            break
+        b = b - down
+    while True:
+        up = ok & (b < _BATCH_CAP) & ((b + 1).astype(np.float64) * per <= free)
+        if not up.any():
+            break
+        b = b + up
+    return b
+
+
+def admissible_batches(pm: PlanMemory, plan_index: np.ndarray, context: np.ndarray,
+                       dense_ffn_bytes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Admissible batch per replica (and whether the weights fit) for many
+    (plan, context) lanes: ``pack(model, cluster, context, plan,
+    precision).admissible_batch`` exactly, from the per-plan constants.
+
+    ``dense_ffn_bytes`` (per lane) replaces the model's dense FFN block bytes:
+    the dense twins of one MoE differ only there, so one :class:`PlanMemory`
+    of any of them serves all.
+    """
+    pi = np.asarray(plan_index, dtype=np.int64)
+    ctx = np.asarray(context, dtype=np.int64)[:, None]
+    if dense_ffn_bytes is None:
+        total = pm.weight_total[pi]
+    else:
+        comp = pm.weights[pi].copy()
+        ffn_col = COMPONENTS.index("dense_ffn")
+        comp[:, :, ffn_col] = pm.dense_layers[pi].astype(np.float64) * np.asarray(dense_ffn_bytes)[:, None] \
+            / pm.shard[pi][:, None]
+        total = np.zeros(comp.shape[:2])
+        for c in range(comp.shape[2]):
+            total = total + comp[:, :, c]
+        total = np.where(np.isfinite(pm.weight_total[pi]), total, -np.inf)
+    local_tokens = np.minimum(ctx, pm.local_window) if pm.local_window > 0 else ctx
+    tokens = pm.kv_full_layers[pi] * ctx + pm.kv_local_layers[pi] * local_tokens
+    per = pm.kv_per_token_layer[pi] * tokens.astype(np.float64)
+    free = pm.usable - total
+    b = np.where(per > 0, floor_fit(free, per), _BATCH_CAP)
+    batch = b.min(axis=1)
+    fit = total.max(axis=1) <= pm.usable
+    batch = np.where(fit & (batch != _BATCH_CAP), batch, 0)
+    return batch, fit

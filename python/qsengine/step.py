@@ -31,6 +31,7 @@ the full-depth time at batch ``B/pp`` and throughput is ``B / TPOT``.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Literal
@@ -49,6 +50,11 @@ __all__ = [
     "moe_layer_shape",
     "moe_cost_coefficients",
     "moe_straggler_closed_form",
+    "straggler_closed_form",
+    "max_iid_normal",
+    "StepParams",
+    "step_params",
+    "step_time",
     "decode_step",
 ]
 
@@ -125,25 +131,6 @@ class StepBreakdown:
         ]
 
 
-def _roofline(nbytes: float, flops: float, acc: Accelerator, dtype: str) -> tuple[float, Bound]:
-    t_bw = nbytes / (acc.hbm_bandwidth * acc.bandwidth_efficiency)
-    t_f = flops / (acc.peak_flops(dtype) * acc.flops_efficiency)
-    return (t_bw, "bandwidth") if t_bw >= t_f else (t_f, "compute")
-
-
-def _link(acc: Accelerator, group: int) -> float:
-    """Per-GPU bandwidth (bytes/s) for a collective over ``group`` GPUs."""
-    bw = acc.scaleup_bandwidth if group <= acc.scaleup_domain else acc.internode_bandwidth
-    return bw * acc.link_efficiency
-
-
-def _allreduce_time(nbytes: float, group: int, acc: Accelerator, opt: StepOptions) -> float:
-    """Ring all-reduce of ``nbytes`` per GPU over ``group`` GPUs."""
-    if group <= 1:
-        return 0.0
-    return opt.collective_latency + 2.0 * (group - 1) / group * nbytes / _link(acc, group)
-
-
 @dataclass(frozen=True)
 class MoeLayerShape:
     """How one MoE layer's routed experts meet its tokens under a plan.
@@ -183,35 +170,223 @@ def moe_cost_coefficients(model: Model, precision: Precision, acc: Accelerator, 
     return a, b
 
 
+# ---------------------------------------------------------------------------
+# The vectorised core. Every step time, scalar or swept, is computed here:
+# :func:`decode_step` calls it with one-element arrays, the closed-form fast
+# path (qsengine.fastpath) with arrays over points x plans x batches.
+# ---------------------------------------------------------------------------
+
+#: z of the normal 0.99 quantile (p99 = mean + Z99·sd of the summed straggler).
+Z99 = 2.3263478740408408
+
+#: The numeric fields of :class:`StepParams` (each a float64 array over lanes).
+STEP_FIELDS = (
+    # precision
+    "d", "wb", "eb", "kvb", "ab",
+    # accelerator (bandwidths already times their efficiency; link_eff applies to links)
+    "bw", "flops", "scaleup", "internode", "link_eff", "domain",
+    # plan
+    "tp", "pp", "dp", "ep", "etp", "attn_dp", "copies",
+    # model
+    "layers", "local", "window", "attn_params", "attn_proj_flops", "attn_ctx_flops", "kv_layer", "kv_split",
+    "dense_layers", "ffn_params", "moe_layers", "router_params", "shared_params", "expert_params", "experts",
+    "top_k", "vd",
+    # options
+    "latency", "overlap",
+)
+
+
+@dataclass(frozen=True)
+class StepParams:
+    """Everything the step model needs from model × precision × accelerator ×
+    plan × options, flattened to numbers: one float64 array per field, all of
+    the same length (one entry per *lane*). Build one lane with
+    :func:`step_params`; the fast path stacks many (:meth:`stack`, :meth:`take`).
+    """
+
+    d: np.ndarray
+    wb: np.ndarray
+    eb: np.ndarray
+    kvb: np.ndarray
+    ab: np.ndarray
+    bw: np.ndarray
+    flops: np.ndarray
+    scaleup: np.ndarray
+    internode: np.ndarray
+    link_eff: np.ndarray
+    domain: np.ndarray
+    tp: np.ndarray
+    pp: np.ndarray
+    dp: np.ndarray
+    ep: np.ndarray
+    etp: np.ndarray
+    attn_dp: np.ndarray
+    copies: np.ndarray
+    layers: np.ndarray
+    local: np.ndarray
+    window: np.ndarray
+    attn_params: np.ndarray
+    attn_proj_flops: np.ndarray
+    attn_ctx_flops: np.ndarray
+    kv_layer: np.ndarray
+    kv_split: np.ndarray
+    dense_layers: np.ndarray
+    ffn_params: np.ndarray
+    moe_layers: np.ndarray
+    router_params: np.ndarray
+    shared_params: np.ndarray
+    expert_params: np.ndarray
+    experts: np.ndarray
+    top_k: np.ndarray
+    vd: np.ndarray
+    latency: np.ndarray
+    overlap: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.d.shape[0])
+
+    def take(self, idx: np.ndarray) -> "StepParams":
+        """The lanes ``idx`` (fancy indexing of every field)."""
+        return StepParams(**{f: getattr(self, f)[idx] for f in STEP_FIELDS})
+
+    def replace(self, **fields: np.ndarray) -> "StepParams":
+        return dataclasses.replace(self, **{k: np.ascontiguousarray(v, dtype=np.float64) for k, v in fields.items()})
+
+    @staticmethod
+    def stack(parts: "list[StepParams]") -> "StepParams":
+        return StepParams(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in STEP_FIELDS})
+
+
+def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan,
+                options: StepOptions | None = None) -> StepParams:
+    """One lane of :class:`StepParams` for a model, precision, accelerator and plan."""
+    opt = options or StepOptions()
+    att = model.attention
+    moe = model.is_moe
+    n_moe = model.decode_moe_layers if moe else 0
+    n_dense = model.decode_dense_layers
+    if att.kind == "mla":
+        ctx_flops = 2.0 * att.num_heads * (2 * att.kv_lora_rank + att.qk_rope_head_dim)
+    else:
+        ctx_flops = 2.0 * att.num_heads * (att.head_dim + att.value_dim)
+    kv_split = 1 if (plan.attn_dp or att.kind == "mla") else min(plan.tp, att.num_kv_heads)
+    vals = dict(
+        d=model.hidden_size, wb=precision.weight_bytes, eb=precision.expert_bytes, kvb=precision.kv_bytes,
+        ab=precision.activation_bytes,
+        bw=acc.hbm_bandwidth * acc.bandwidth_efficiency,
+        flops=acc.peak_flops(precision.compute) * acc.flops_efficiency,
+        scaleup=acc.scaleup_bandwidth, internode=acc.internode_bandwidth, link_eff=acc.link_efficiency,
+        domain=acc.scaleup_domain,
+        tp=plan.tp, pp=plan.pp, dp=plan.dp, ep=plan.ep, etp=plan.expert_tp, attn_dp=bool(plan.attn_dp),
+        copies=plan.expert_copies if moe else 1,
+        layers=model.decode_layers, local=att.local_layers, window=(att.local_window or 0) if att.local_layers else 0,
+        attn_params=model.attention_params, attn_proj_flops=2.0 * att.params(model.hidden_size),
+        attn_ctx_flops=ctx_flops, kv_layer=model.kv_bytes_per_token_per_layer(precision.kv_bytes),
+        kv_split=kv_split,
+        dense_layers=n_dense, ffn_params=model.dense_ffn_params if (n_dense > 0) else 0,
+        moe_layers=n_moe, router_params=model.router_params if moe else 0,
+        shared_params=model.shared_experts * model.shared_expert_params if moe else 0,
+        expert_params=model.expert_params if moe else 0, experts=model.routed_experts if moe else 1,
+        top_k=model.top_k if moe else 1, vd=model.vocab_size * model.hidden_size,
+        latency=opt.collective_latency, overlap=bool(opt.overlap_comm),
+    )
+    return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})
+
+
+def _roof(nbytes: np.ndarray, flops: np.ndarray, p: StepParams) -> tuple[np.ndarray, np.ndarray]:
+    """Roofline time and whether bandwidth bound it (t_bw >= t_flops)."""
+    t_bw = nbytes / p.bw
+    t_f = flops / p.flops
+    bw_bound = t_bw >= t_f
+    return np.where(bw_bound, t_bw, t_f), bw_bound
+
+
+def _link_bw(p: StepParams, group: np.ndarray) -> np.ndarray:
+    """Per-GPU bandwidth (bytes/s) of a collective over ``group`` GPUs."""
+    return np.where(group <= p.domain, p.scaleup, p.internode) * p.link_eff
+
+
+def _allreduce(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:
+    """Ring all-reduce of ``nbytes`` per GPU over ``group`` GPUs (0 for one GPU)."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        t = p.latency + 2.0 * (group - 1) / group * nbytes / _link_bw(p, group)
+    return np.where(group > 1, t, 0.0)
+
+
+# --------------------------------------------------------------- straggler
+_MAX_IID: dict[int, tuple[float, float]] = {}
+
+
+def max_iid_normal(g: int) -> tuple[float, float]:
+    """(c_G, s_G): mean and standard deviation of the maximum of G independent
+    standard normals, by one numerical integral per G (cached):
+    c_G = ∫ x·G·φ(x)·Φ(x)^(G−1) dx on [−12, 12] (trapezoid, 24 001 points,
+    |error| < 1e-10); c_1 = 0, s_1 = 1."""
+    g = int(g)
+    got = _MAX_IID.get(g)
+    if got is None:
+        if g <= 1:
+            got = (0.0, 1.0)
+        else:
+            x = np.linspace(-12.0, 12.0, 24001)
+            cdf = 0.5 * np.array([math.erfc(-v / math.sqrt(2.0)) for v in x])
+            pdf = g * np.exp(-0.5 * x * x) / math.sqrt(2.0 * math.pi) * cdf ** (g - 1)
+            m1 = float(np.trapezoid(x * pdf, x))
+            m2 = float(np.trapezoid(x * x * pdf, x))
+            got = (m1, math.sqrt(max(m2 - m1 * m1, 0.0)))
+        _MAX_IID[g] = got
+    return got
+
+
 def _erf(z: np.ndarray) -> np.ndarray:
     """Vectorised erf (Abramowitz & Stegun 7.1.26, |error| < 1.5e-7)."""
     sign = np.sign(z)
     x = np.abs(z)
-    t = 1.0 / (1.0 + 0.3275911 * x)
-    poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
-    return sign * (1.0 - poly * np.exp(-x * x))
+    with np.errstate(over="ignore"):  # x*x overflows to inf for σ -> 0: exp(-inf) = 0, as intended
+        t = 1.0 / (1.0 + 0.3275911 * x)
+        poly = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))))
+        return sign * (1.0 - poly * np.exp(-x * x))
 
 
-def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray) -> tuple[float, float]:
-    """Mean and std of the maximum of independent normals N(mu_i, sigma_i²).
+_GRID = 2049
 
-    Numerical integration of the CDF of the maximum, F(x) = Π Φ((x-μ_i)/σ_i).
-    """
-    mu = np.asarray(mu, dtype=float)
-    sigma = np.maximum(np.asarray(sigma, dtype=float), 1e-300)
-    if mu.size == 1:
-        return float(mu[0]), float(sigma[0])
-    lo = float(np.min(mu - 8 * sigma))
-    hi = float(np.max(mu + 8 * sigma))
-    if hi <= lo:
-        return float(np.max(mu)), 0.0
-    x = np.linspace(lo, hi, 2049)
-    z = (x[:, None] - mu[None, :]) / (sigma[None, :] * math.sqrt(2.0))
-    cdf = np.prod(0.5 * (1.0 + _erf(z)), axis=1)
-    pdf = np.gradient(cdf, x)
-    m1 = float(np.trapezoid(x * pdf, x))
-    m2 = float(np.trapezoid(x * x * pdf, x))
-    return m1, math.sqrt(max(m2 - m1 * m1, 0.0))
+
+def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of the maximum of independent normals N(mu_ig, sigma_ig²),
+    one maximum per row i (shape (N, G) -> two (N,) arrays), by numerical
+    integration of the CDF of the maximum, F(x) = Π_g Φ((x-μ_g)/σ_g), on 2049
+    points over [min(μ−8σ), max(μ+8σ)]. Rows are independent: a row's result
+    does not depend on the other rows (products over g are taken in g order,
+    sums run along contiguous rows)."""
+    mu = np.ascontiguousarray(mu, dtype=np.float64)
+    sigma = np.maximum(np.ascontiguousarray(sigma, dtype=np.float64), 1e-300)
+    n, g = mu.shape
+    if g == 1:
+        return mu[:, 0].copy(), sigma[:, 0].copy()
+    lo = np.min(mu - 8 * sigma, axis=1)
+    hi = np.max(mu + 8 * sigma, axis=1)
+    m1 = np.max(mu, axis=1)
+    sd = np.zeros(n)
+    ok = hi > lo
+    for s in range(0, n, 64):  # blocks keep the (rows, grid) temporaries small
+        rows = np.flatnonzero(ok[s:s + 64]) + s
+        if rows.size == 0:
+            continue
+        frac = np.linspace(0.0, 1.0, _GRID)
+        x = lo[rows, None] + (hi[rows] - lo[rows])[:, None] * frac[None, :]
+        cdf = np.ones_like(x)
+        for j in range(g):
+            z = (x - mu[rows, j, None]) / (sigma[rows, j, None] * math.sqrt(2.0))
+            cdf *= 0.5 * (1.0 + _erf(z))
+        pdf = np.gradient(cdf, axis=1) / np.gradient(x, axis=1)
+        dx = np.diff(x, axis=1)
+        a1 = x * pdf
+        a2 = x * a1
+        e1 = np.sum(dx * (a1[:, 1:] + a1[:, :-1]) / 2.0, axis=1)
+        e2 = np.sum(dx * (a2[:, 1:] + a2[:, :-1]) / 2.0, axis=1)
+        m1[rows] = e1
+        sd[rows] = np.sqrt(np.maximum(e2 - e1 * e1, 0.0))
+    return m1, sd
 
 
 def _inclusion_probabilities(weights: np.ndarray, k: int) -> np.ndarray:
@@ -238,6 +413,72 @@ def _inclusion_probabilities(weights: np.ndarray, k: int) -> np.ndarray:
     return 1 - np.exp(-0.5 * (lo + hi) * w)
 
 
+def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np.ndarray, a: np.ndarray,
+                          b: np.ndarray, pi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and std of one MoE layer's straggler ``max_g max(a·u_g, b·n_g)``
+    for many lanes at once (arrays over lanes; ``experts``/``top_k``/``pi``
+    shared). ``pi`` = per-expert inclusion probabilities (None: uniform k/E).
+
+    Uniform routing makes the G GPUs identical: each GPU's cost is normal
+    N(μ, σ²) and the maximum has mean μ + σ·c_G and std σ·s_G
+    (:func:`max_iid_normal`). With popularity the GPUs differ and the maximum
+    is integrated numerically (:func:`_expected_max_normals`)."""
+    B = np.ascontiguousarray(tokens, dtype=np.float64)
+    G = np.asarray(gpus, dtype=np.int64)
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    n = B.shape[0]
+    mean = np.zeros(n)
+    sd = np.zeros(n)
+    live = B > 0
+    if pi is None:
+        p1 = top_k / experts
+        touched = -np.expm1(B * np.log1p(np.full(n, -min(p1, 1 - 1e-15))))
+        per = (experts // G).astype(np.float64)
+        mu_u = per * touched
+        var_u = per * (touched * (1 - touched))
+        mu_n = B * (per * p1)
+        frac = per / experts
+        var_tok = top_k * frac * (1 - frac) * (experts - top_k) / max(experts - 1, 1)
+        var_n = B * var_tok
+        use_u = a * mu_u >= b * mu_n
+        mu = np.where(use_u, a * mu_u, b * mu_n)
+        sig = np.where(use_u, a * np.sqrt(var_u), b * np.sqrt(var_n))
+        cg = np.empty(n)
+        sg = np.empty(n)
+        for g in np.unique(G):
+            c, s = max_iid_normal(int(g))
+            cg[G == g] = c
+            sg[G == g] = s
+        mean = np.where(live, mu + sig * cg, 0.0)
+        sd = np.where(live, sig * sg, 0.0)
+        return mean, sd
+    pi = np.ascontiguousarray(pi, dtype=np.float64)
+    lp = np.log1p(-np.minimum(pi, 1 - 1e-15))
+    for g in np.unique(G):
+        rows = np.flatnonzero((G == g) & live)
+        if rows.size == 0:
+            continue
+        g = int(g)
+        per = experts // g
+        Bs = B[rows]
+        touched = -np.expm1(Bs[:, None] * lp[None, :])  # (rows, E)
+        tg = touched.reshape(rows.size, g, per)
+        mu_u = tg.sum(axis=2)
+        var_u = (tg * (1 - tg)).sum(axis=2)
+        pg = pi.reshape(g, per)
+        mu_n = Bs[:, None] * pg.sum(axis=1)[None, :]
+        var_n = Bs[:, None] * (pg * (1 - pg)).sum(axis=1)[None, :]
+        ar, br = a[rows, None], b[rows, None]
+        use_u = ar * mu_u >= br * mu_n
+        mu = np.where(use_u, ar * mu_u, br * mu_n)
+        sig = np.where(use_u, ar * np.sqrt(var_u), br * np.sqrt(var_n))
+        m, s = _expected_max_normals(mu, sig)
+        mean[rows] = m
+        sd[rows] = s
+    return mean, sd
+
+
 def moe_straggler_closed_form(
     experts: int,
     top_k: int,
@@ -248,36 +489,152 @@ def moe_straggler_closed_form(
     popularity: np.ndarray | None = None,
 ) -> tuple[float, float]:
     """Mean and std of the straggler time ``max_g max(a·u_g, b·n_g)`` of one
-    MoE layer under independent routing (tokens route independently).
+    MoE layer under independent routing (one lane of
+    :func:`straggler_closed_form`; ``popularity`` = expert weights, None =
+    uniform)."""
+    pi = None if popularity is None else _inclusion_probabilities(popularity, top_k)
+    m, s = straggler_closed_form(experts, top_k, np.array([float(tokens)]), np.array([int(gpus)]),
+                                 np.array([float(a)]), np.array([float(b)]), pi)
+    return float(m[0]), float(s[0])
 
-    Per GPU (contiguous placement), u_g is a sum of per-expert "touched"
-    indicators with P = 1 − (1 − π_e)^B and n_g a sum of per-token counts with
-    mean B·Σπ_e; both are taken as normal, and the expected maximum over GPUs
-    is integrated numerically. For uniform routing the means are exact:
-    E[u_g] = (E/G)·(1 − (1 − k/E)^B), E[n_g] = B·k/G.
+
+# ---------------------------------------------------------------- the step
+def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
+              uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+              detail: bool = False) -> dict[str, np.ndarray]:
+    """Step time of one replica for every lane of ``p`` (see docs/model.md).
+
+    ``batch`` and ``context`` are arrays over the lanes. The routed-expert
+    straggler comes from ``moe_step_time`` (mean, p50, p99 arrays from the
+    Monte Carlo) or, if None, from the closed form (``pi`` = inclusion
+    probabilities, ``uniform`` when None). Returns arrays ``time``, ``p50``,
+    ``p99``, ``tokens`` (routed per EP group); with ``detail`` also each
+    piece's ``<piece>_time/_bytes/_flops/_bw`` (bandwidth-bound flag).
     """
-    B = float(tokens)
-    if B <= 0:
-        return 0.0, 0.0
-    pi = np.full(experts, top_k / experts) if popularity is None else _inclusion_probabilities(popularity, top_k)
-    touched = -np.expm1(B * np.log1p(-np.minimum(pi, 1 - 1e-15)))
-    per = experts // gpus
-    tg = touched.reshape(gpus, per)
-    pg = pi.reshape(gpus, per)
-    mu_u = tg.sum(axis=1)
-    var_u = (tg * (1 - tg)).sum(axis=1)
-    # n_g: per token, the number of its k experts on GPU g (hypergeometric for uniform).
-    mu_n = B * pg.sum(axis=1)
-    if popularity is None:
-        frac = per / experts
-        var_tok = top_k * frac * (1 - frac) * (experts - top_k) / max(experts - 1, 1)
-        var_n = np.full(gpus, B * var_tok)
+    batch = np.asarray(batch, dtype=np.float64)
+    ctx = np.asarray(context, dtype=np.float64)
+    out: dict[str, np.ndarray] = {}
+    micro = batch / p.pp
+    adp = p.attn_dp > 0
+    shard = np.where(adp, 1.0, p.tp)
+    seqs = np.where(adp, micro / p.tp, micro)
+    ctx_local = np.where(p.window > 0, np.minimum(ctx, p.window), ctx)
+
+    # attention: full-context layers, then local-window layers
+    norm_bytes = 2 * p.d * p.wb
+    pieces = []
+    for name, nl, c in (("attention", p.layers - p.local, ctx), ("attention_local", p.local, ctx_local)):
+        w = p.attn_params * p.wb / shard + norm_bytes
+        kv = seqs * c * p.kv_layer / p.kv_split
+        fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
+        t, bwb = _roof(w + kv, fl, p)
+        pieces.append(np.where(nl > 0, t * nl, 0.0))
+        if detail:
+            out.update({f"{name}_time": pieces[-1], f"{name}_bytes": (w + kv) * nl, f"{name}_flops": fl * nl,
+                        f"{name}_bw": bwb, f"{name}_n": nl})
+    # dense FFN
+    has = (p.dense_layers > 0) & (p.ffn_params > 0)
+    w = p.ffn_params * p.wb / shard
+    fl = 2.0 * seqs * p.ffn_params / shard
+    t, bwb = _roof(w, fl, p)
+    pieces.append(np.where(has, t * p.dense_layers, 0.0))
+    if detail:
+        out.update(dense_time=pieces[-1], dense_bytes=w * p.dense_layers, dense_flops=fl * p.dense_layers,
+                   dense_bw=bwb, dense_n=np.where(has, p.dense_layers, 0.0))
+    # MoE: router + shared experts, routed experts (straggler)
+    n_moe = p.moe_layers
+    is_moe = n_moe > 0
+    per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
+    fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
+    t, bwb = _roof(per_layer, fl, p)
+    pieces.append(np.where(is_moe, t * n_moe, 0.0))
+    if detail:
+        out.update(shared_time=pieces[-1], shared_bytes=per_layer * n_moe, shared_flops=fl * n_moe, shared_bw=bwb)
+    tokens = batch / p.pp * p.dp / p.copies
+    a = p.expert_params * p.eb / p.etp / p.bw
+    bcoef = 2.0 * p.expert_params / p.etp / p.flops
+    if moe_step_time is None:
+        rows = np.flatnonzero(is_moe)
+        m = np.zeros(len(batch))
+        s = np.zeros(len(batch))
+        if rows.size:
+            experts = int(p.experts[rows[0]])
+            top_k = int(p.top_k[rows[0]])
+            m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows],
+                                                     bcoef[rows], None if uniform else pi)
+        moe_mean = np.where(is_moe, n_moe * m, 0.0)
+        sd = np.sqrt(n_moe) * s
+        moe_p50 = moe_mean
+        moe_p99 = np.where(is_moe, moe_mean + Z99 * sd, 0.0)
     else:
-        var_n = B * (pg * (1 - pg)).sum(axis=1)
-    use_u = a * mu_u >= b * mu_n
-    mu = np.where(use_u, a * mu_u, b * mu_n)
-    sd = np.where(use_u, a * np.sqrt(var_u), b * np.sqrt(var_n))
-    return _expected_max_normals(mu, sd)
+        moe_mean, moe_p50, moe_p99 = (np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
+    pieces.append(moe_mean)
+    if detail:
+        p1 = p.top_k / p.experts
+        with np.errstate(divide="ignore", invalid="ignore"):
+            mean_u = (p.experts // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
+            mean_n = tokens * p.top_k / p.ep
+        eb_layer = mean_u * p.expert_params * p.eb / p.etp
+        fl_layer = 2.0 * mean_n * p.expert_params / p.etp
+        _, bwb = _roof(eb_layer, fl_layer, p)
+        out.update(routed_time=moe_mean, routed_bytes=eb_layer * n_moe, routed_flops=fl_layer * n_moe,
+                   routed_bw=bwb)
+    # LM head
+    w = p.vd * p.wb / shard
+    fl = 2.0 * seqs * p.vd / shard
+    t, bwb = _roof(w, fl, p)
+    pieces.append(t)
+    if detail:
+        out.update(lm_time=t, lm_bytes=w, lm_flops=fl, lm_bw=bwb)
+
+    # communication
+    comm = []
+    act = seqs * p.d * p.ab
+    n = 2 * p.layers
+    comm.append(np.where(shard > 1, _allreduce(act, p.tp, p) * n, 0.0))
+    if detail:
+        out.update(tp_time=comm[-1], tp_bytes=act * n, tp_n=n, tp_on=shard > 1)
+    has_ep = is_moe & (p.ep > 1)
+    stage_gpus = p.dp * p.tp
+    tokens_src = micro * p.dp / stage_gpus
+    group = p.ep * p.etp
+    remote = (p.ep - 1) / p.ep
+    nbytes = tokens_src * p.top_k * p.d * p.ab * remote
+    inter_frac = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
+    t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
+                       nbytes * inter_frac / (p.internode * p.link_eff))
+    t = 2 * (p.latency + t_one)
+    comm.append(np.where(has_ep, t * n_moe, 0.0))
+    if detail:
+        out.update(ep_time=comm[-1], ep_bytes=2 * nbytes * n_moe, ep_on=has_ep)
+    has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
+    nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
+    comm.append(np.where(has_etp, _allreduce(nbytes, p.etp, p) * n_moe, 0.0))
+    if detail:
+        out.update(etp_time=comm[-1], etp_bytes=nbytes * n_moe, etp_on=has_etp)
+    nbytes = micro * p.d * p.ab
+    t = (p.pp - 1) * (p.latency + nbytes / _link_bw(p, p.tp * p.pp))
+    comm.append(np.where(p.pp > 1, t, 0.0))
+    if detail:
+        out.update(pp_time=comm[-1], pp_bytes=nbytes * (p.pp - 1), pp_n=p.pp - 1, moe_n=n_moe)
+
+    compute_time = pieces[0]
+    for x in pieces[1:]:
+        compute_time = compute_time + x
+    comm_time = comm[0]
+    for x in comm[1:]:
+        comm_time = comm_time + x
+    det = compute_time - moe_mean
+    ov = p.overlap > 0
+    out["time"] = np.where(ov, np.maximum(compute_time, comm_time), compute_time + comm_time)
+    out["p50"] = np.where(ov, np.maximum(det + moe_p50, comm_time), det + moe_p50 + comm_time)
+    out["p99"] = np.where(ov, np.maximum(det + moe_p99, comm_time), det + moe_p99 + comm_time)
+    out["tokens"] = np.where(is_moe, tokens, 0.0)
+    return out
+
+
+def _bound(flag: np.ndarray) -> Bound:
+    return "bandwidth" if bool(flag[0]) else "compute"
 
 
 def decode_step(
@@ -293,7 +650,7 @@ def decode_step(
     options: StepOptions | None = None,
 ) -> StepBreakdown:
     """Time of one decode step of one data-parallel replica serving ``batch``
-    sequences at ``context`` cached tokens each.
+    sequences at ``context`` cached tokens each: one lane of :func:`step_time`.
 
     Args:
         moe_step_time: (mean, p50, p99) of the routed-expert straggler time
@@ -303,126 +660,52 @@ def decode_step(
             form for independent routing with ``popularity`` (uniform if None)
             is used.
     """
-    opt = options or StepOptions()
     if batch < 1:
         raise ValueError(f"batch={batch!r}: must be >= 1")
     if not (context > 0 and math.isfinite(context)):
         raise ValueError(f"context={context!r}: must be a positive finite number of tokens")
-    d = model.hidden_size
-    wb, eb, kvb, ab = precision.weight_bytes, precision.expert_bytes, precision.kv_bytes, precision.activation_bytes
-    dtype = precision.compute
-    tp, pp = plan.tp, plan.pp
-    micro = batch / pp  # sequences per pipeline microbatch
-    # Non-expert parts: sharded over tp, or replicated with DP-attention where
-    # each of the tp GPUs serves micro/tp sequences on its own.
-    shard = 1 if plan.attn_dp else tp
-    seqs_gpu = micro / tp if plan.attn_dp else micro
-    att = model.attention
-    kv_split = 1 if (plan.attn_dp or att.kind == "mla") else min(tp, att.num_kv_heads)
+    p = step_params(model, precision, acc, plan, options)
+    pi = None
+    if popularity is not None and model.is_moe:
+        pi = _inclusion_probabilities(popularity, model.top_k)
+    mst = None if moe_step_time is None else tuple(np.array([float(v)]) for v in moe_step_time)
+    r = step_time(p, np.array([float(batch)]), np.array([float(context)]), pi=pi, uniform=pi is None,
+                  moe_step_time=mst, detail=True)
+    return breakdown(r, 0, int(batch), float(context))
+
+
+def breakdown(r: dict[str, np.ndarray], i: int, batch: int, context: float) -> StepBreakdown:
+    """Lane ``i`` of a detailed :func:`step_time` result as a StepBreakdown."""
+    def f(k: str) -> float:
+        return float(r[k][i])
+
+    def bnd(k: str) -> Bound:
+        return "bandwidth" if bool(r[k][i]) else "compute"
 
     pieces: list[Piece] = []
-    L = model.decode_layers
-    local = att.local_layers
-    window = att.local_window or context
-    ctx_local = min(context, window)
-
-    # Attention (full-context and local-window layers).
-    norm_bytes = 2 * d * wb
-    for name, nlayers, ctx in (("attention", L - local, context), ("attention (local)", local, ctx_local)):
-        if nlayers <= 0:
-            continue
-        w = model.attention_params * wb / shard + norm_bytes
-        kv = seqs_gpu * ctx * model.kv_bytes_per_token_per_layer(kvb) / kv_split
-        fl = seqs_gpu * att.flops_per_token(d, ctx) / shard
-        t, bound = _roofline(w + kv, fl, acc, dtype)
-        pieces.append(Piece(name, t * nlayers, (w + kv) * nlayers, fl * nlayers, bound, nlayers))
-
-    # Dense FFN layers.
-    n_dense = model.decode_dense_layers
-    if n_dense > 0 and model.dense_ffn_params > 0:
-        w = model.dense_ffn_params * wb / shard
-        fl = 2.0 * seqs_gpu * model.dense_ffn_params / shard
-        t, bound = _roofline(w, fl, acc, dtype)
-        pieces.append(Piece("dense ffn", t * n_dense, w * n_dense, fl * n_dense, bound, n_dense))
-
-    # MoE layers: router + shared experts (deterministic), routed experts (random).
-    n_moe = model.decode_moe_layers if model.is_moe else 0
-    moe_mean = moe_p50 = moe_p99 = 0.0
-    shape = None
+    for key, name in (("attention", "attention"), ("attention_local", "attention (local)")):
+        nl = int(r[f"{key}_n"][i])
+        if nl > 0:
+            pieces.append(Piece(name, f(f"{key}_time"), f(f"{key}_bytes"), f(f"{key}_flops"), bnd(f"{key}_bw"), nl))
+    nd = int(r["dense_n"][i])
+    if nd > 0:
+        pieces.append(Piece("dense ffn", f("dense_time"), f("dense_bytes"), f("dense_flops"), bnd("dense_bw"), nd))
+    n_moe = int(r["moe_n"][i])
     if n_moe > 0:
-        per_layer = model.router_params * wb / shard + model.shared_experts * model.shared_expert_params * eb / shard
-        fl = 2.0 * seqs_gpu * (model.router_params + model.shared_experts * model.shared_expert_params) / shard
-        t, bound = _roofline(per_layer, fl, acc, dtype)
-        pieces.append(Piece("router + shared experts", t * n_moe, per_layer * n_moe, fl * n_moe, bound, n_moe))
-
-        shape = moe_layer_shape(model, plan, batch)
-        a, bcoef = moe_cost_coefficients(model, precision, acc, plan)
-        if moe_step_time is None:
-            m, s = moe_straggler_closed_form(model.routed_experts, model.top_k, shape.tokens, shape.gpus,
-                                             a, bcoef, popularity)
-            moe_mean = n_moe * m
-            sd = math.sqrt(n_moe) * s
-            moe_p50, moe_p99 = moe_mean, moe_mean + 2.3263478740408408 * sd
-        else:
-            moe_mean, moe_p50, moe_p99 = moe_step_time
-        # Bytes/FLOPs of the average GPU (for the breakdown table).
-        pi = model.top_k / model.routed_experts
-        mean_u = shape.experts_per_gpu * -math.expm1(shape.tokens * math.log1p(-min(pi, 1 - 1e-15)))
-        mean_n = shape.tokens * model.top_k / shape.gpus
-        eb_layer = mean_u * model.expert_params * eb / shape.etp
-        fl_layer = 2.0 * mean_n * model.expert_params / shape.etp
-        _, bound = _roofline(eb_layer, fl_layer, acc, dtype)
-        pieces.append(Piece("routed experts (straggler)", moe_mean, eb_layer * n_moe, fl_layer * n_moe, bound, n_moe))
-
-    # LM head (last stage only; embedding lookup reads B rows: negligible).
-    w = model.vocab_size * d * wb / shard
-    fl = 2.0 * seqs_gpu * model.vocab_size * d / shard
-    t, bound = _roofline(w, fl, acc, dtype)
-    pieces.append(Piece("lm head", t, w, fl, bound, 1))
-
-    # Communication.
-    comm: list[Piece] = []
-    act = seqs_gpu * d * ab
-    if shard > 1:
-        t = _allreduce_time(act, tp, acc, opt)
-        n = 2 * L
-        comm.append(Piece("tp all-reduce", t * n, act * n, 0.0, "link", n))
-    if n_moe > 0 and shape is not None:
-        stage_gpus = plan.dp * tp
-        tokens_src = micro * plan.dp / stage_gpus  # tokens each GPU of the stage sends
-        group = shape.gpus * shape.etp
-        if shape.gpus > 1:
-            remote = (shape.gpus - 1) / shape.gpus
-            nbytes = tokens_src * model.top_k * d * ab * remote
-            dom = acc.scaleup_domain
-            inter_frac = 0.0 if group <= dom else 1.0 - dom / group
-            t_one = max(nbytes * (1 - inter_frac) / (acc.scaleup_bandwidth * acc.link_efficiency),
-                        nbytes * inter_frac / (acc.internode_bandwidth * acc.link_efficiency))
-            t = 2 * (opt.collective_latency + t_one)
-            comm.append(Piece("ep all-to-all", t * n_moe, 2 * nbytes * n_moe, 0.0, "link", n_moe))
-        if shape.etp > 1 and not (shard > 1 and shape.etp == tp and shape.gpus == 1):
-            # Expert-TP partial sums need their own reduction unless the
-            # attention TP all-reduce already covers it (classic TP MoE).
-            nbytes = shape.tokens / max(shape.gpus, 1) * model.top_k * d * ab
-            t = _allreduce_time(nbytes, shape.etp, acc, opt)
-            comm.append(Piece("expert-tp all-reduce", t * n_moe, nbytes * n_moe, 0.0, "link", n_moe))
-    if pp > 1:
-        nbytes = micro * d * ab
-        group = tp * pp
-        bw = _link(acc, group)
-        t = (pp - 1) * (opt.collective_latency + nbytes / bw)
-        comm.append(Piece("pp send", t, nbytes * (pp - 1), 0.0, "link", pp - 1))
-
-    compute_time = sum(p.time for p in pieces)
-    comm_time = sum(p.time for p in comm)
-    det = compute_time - moe_mean
-    if opt.overlap_comm:
-        total = max(compute_time, comm_time)
-        p50 = max(det + moe_p50, comm_time)
-        p99 = max(det + moe_p99, comm_time)
-    else:
-        total = compute_time + comm_time
-        p50 = det + moe_p50 + comm_time
-        p99 = det + moe_p99 + comm_time
-    return StepBreakdown(batch=int(batch), context=float(context), pieces=tuple(pieces + comm), time=total,
-                         time_p50=p50, time_p99=p99, moe_tokens=shape.tokens if shape else 0.0)
+        pieces.append(Piece("router + shared experts", f("shared_time"), f("shared_bytes"), f("shared_flops"),
+                            bnd("shared_bw"), n_moe))
+        pieces.append(Piece("routed experts (straggler)", f("routed_time"), f("routed_bytes"), f("routed_flops"),
+                            bnd("routed_bw"), n_moe))
+    pieces.append(Piece("lm head", f("lm_time"), f("lm_bytes"), f("lm_flops"), bnd("lm_bw"), 1))
+    if bool(r["tp_on"][i]):
+        n = int(r["tp_n"][i])
+        pieces.append(Piece("tp all-reduce", f("tp_time"), f("tp_bytes"), 0.0, "link", n))
+    if bool(r["ep_on"][i]):
+        pieces.append(Piece("ep all-to-all", f("ep_time"), f("ep_bytes"), 0.0, "link", n_moe))
+    if bool(r["etp_on"][i]):
+        pieces.append(Piece("expert-tp all-reduce", f("etp_time"), f("etp_bytes"), 0.0, "link", n_moe))
+    npp = int(r["pp_n"][i])
+    if npp > 0:
+        pieces.append(Piece("pp send", f("pp_time"), f("pp_bytes"), 0.0, "link", npp))
+    return StepBreakdown(batch=int(batch), context=float(context), pieces=tuple(pieces), time=f("time"),
+                         time_p50=f("p50"), time_p99=f("p99"), moe_tokens=f("tokens"))

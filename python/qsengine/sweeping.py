@@ -69,7 +69,11 @@ FIELDS: dict[str, Any] = {
 }
 
 #: Default points per chunk: closed-form points are cheap, Monte Carlo ones are not.
+#: With the default evaluator closed-form chunks go to the vectorised fast path
+#: (qsengine.fastpath) in one call, so they are large; a custom evaluator is
+#: called per point and keeps the small chunks.
 CLOSED_FORM_CHUNK = 256
+CLOSED_FORM_FAST_CHUNK = 20_000
 MONTE_CARLO_CHUNK = 8
 
 Evaluator = Callable[[dict[str, Any], np.random.SeedSequence, "int | None"], dict[str, Any]]
@@ -395,6 +399,14 @@ def _run_chunk(points: list[tuple[str, dict[str, Any]]], entropy: Any, spawn_key
                threads: int | None, evaluate: Evaluator) -> list[dict[str, Any]]:
     """Evaluate one chunk; returns one result record per point (in order)."""
     root = np.random.SeedSequence(entropy, spawn_key=spawn_key)
+    if evaluate is simulate_point and points and all(kw.get("microbatches") == 0 for _, kw in points):
+        # closed form: no randomness (the seed is not used), one vectorised call
+        from qsengine.fastpath import evaluate_closed_form
+
+        try:
+            return evaluate_closed_form([kw for _, kw in points])
+        except Exception:  # noqa: BLE001 - re-run point by point: the failing point is named below
+            pass
     rows = []
     for pid, kwargs in points:
         try:
@@ -672,7 +684,13 @@ def sweep(
     workers = 1 if executor is None else _workers_of(executor) if not isinstance(executor, str) else 1
     mc_size = chunk_size or (MONTE_CARLO_CHUNK if executor is None
                              else max(1, min(MONTE_CARLO_CHUNK, math.ceil(len(monte) / (4 * workers)))))
-    cf_size = chunk_size or CLOSED_FORM_CHUNK
+    if chunk_size:
+        cf_size = chunk_size
+    elif evaluate is not simulate_point:
+        cf_size = CLOSED_FORM_CHUNK
+    else:  # fast path: big chunks, but enough of them to keep every worker busy
+        cf_size = CLOSED_FORM_FAST_CHUNK if executor is None else \
+            max(CLOSED_FORM_CHUNK, min(CLOSED_FORM_FAST_CHUNK, math.ceil(len(closed) / (4 * workers))))
     chunks = [[(p, points.kwargs(points.unique[p])) for p in group[s:s + size]]
               for group, size in ((closed, cf_size), (monte, mc_size)) for s in range(0, len(group), size)]
     if threads is None and executor is not None:

@@ -17,6 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Literal, Union
 
+import numpy as np
+
 from qsengine.errors import SpecError
 from qsengine.specs._validate import check_float, did_you_mean
 from qsengine.specs.model import Attention, Model
@@ -59,20 +61,43 @@ def _dense(model: Model, *, ident: str, name: str, notes: str, attention: Attent
     )
 
 
+def solve_widths(a1, slope, target):
+    """FFN widths for many targets at once (numpy arrays; the one rule both
+    :func:`dense_twin` and the closed-form fast path use).
+
+    ``a1`` = active parameters at width 1, ``slope`` = active parameters per
+    unit of width (active parameters are affine in the width), ``target`` =
+    q x active. Returns (width, exact): width 0 where even width 1 overshoots
+    (exact < 1); a multiple of 128 when that misses the target by <= 0.1%;
+    else the nearest integer."""
+    a1 = np.asarray(a1, dtype=np.int64)
+    slope = np.asarray(slope, dtype=np.int64)
+    target = np.asarray(target, dtype=np.float64)
+    exact = 1 + (target - a1) / slope
+    w128 = np.maximum(128, np.round(exact / 128).astype(np.int64) * 128)
+    ok128 = np.abs(a1 + (w128 - 1) * slope - target) <= 1e-3 * target
+    wint = np.maximum(1, np.round(exact).astype(np.int64))
+    width = np.where(exact < 1, 0, np.where(ok128, w128, wint))
+    return width, exact
+
+
+def twin_width_ok(a1, slope, width, target):
+    """Whether a solved width is a valid twin: >= 1 and its active parameters
+    a1 + (width - 1)·slope within :data:`TWIN_TOLERANCE` of the target."""
+    width = np.asarray(width, dtype=np.int64)
+    active = np.asarray(a1, dtype=np.int64) + (width - 1) * np.asarray(slope, dtype=np.int64)
+    miss = active / np.asarray(target, dtype=np.float64) - 1.0
+    return (width >= 1) & ~(np.abs(miss) > TWIN_TOLERANCE)
+
+
 def _solve_width(build: "callable[[int], Model]", target: float) -> tuple[int, float]:  # type: ignore[valid-type]
     """FFN width making ``build(width).active_params`` closest to ``target``;
     returns (width, exact real-valued width). Active params are affine in the
-    width, so two evaluations give the line."""
+    width, so two evaluations give the line (:func:`solve_widths`)."""
     a1 = build(1).active_params
     slope = build(2).active_params - a1
-    exact = 1 + (target - a1) / slope
-    if exact < 1:
-        return 0, exact
-    # prefer a hardware-friendly multiple of 128 when it costs <= 0.1%
-    w128 = max(128, int(round(exact / 128)) * 128)
-    if abs(a1 + (w128 - 1) * slope - target) <= 1e-3 * target:
-        return w128, exact
-    return max(1, int(round(exact))), exact
+    width, exact = solve_widths(np.array([a1]), np.array([slope]), np.array([float(target)]))
+    return int(width[0]), float(exact[0])
 
 
 def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:

@@ -1,0 +1,121 @@
+"""The closed-form fast path equals simulate(microbatches=0).to_record() exactly."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas.testing as pdt
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import qsengine
+from qsengine.fastpath import evaluate_closed_form
+from qsengine.packing import admissible_batches, pack, plan_memory
+from qsengine.specs.loaders import as_cluster, as_model, as_precision
+from qsengine.sweeping import simulate_point
+
+MOE_MODELS = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048", "qwen3-30b-a3b", "mixtral-8x7b",
+              "gpt-oss-120b", "llama-4-scout", "dbrx", "kimi-k2"]
+CLUSTERS = ["8xh100", "8xh200", "8xb200", "8xmi300x", "16xh100", "8xa100"]
+
+
+def _same(slow: dict, fast: dict) -> list:
+    assert list(slow) == list(fast)
+    bad = []
+    for k, a in slow.items():
+        b = fast[k]
+        if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+            continue
+        if a != b or type(a) is not type(b):
+            bad.append((k, a, b))
+    return bad
+
+
+points = st.fixed_dictionaries({
+    "model": st.sampled_from(MOE_MODELS),
+    "cluster": st.sampled_from(CLUSTERS),
+    "context": st.one_of(st.sampled_from([1, 4096, 32768, 131072, 262144]), st.integers(1, 262144)),
+    "q": st.one_of(st.just("sqrt"), st.none(), st.floats(1.05, 12.0)),
+    "slo_tpot": st.one_of(st.none(), st.floats(0.002, 0.2)),
+    "precision": st.sampled_from([None, "bf16", "fp8"]),
+    "routing": st.sampled_from(["uniform", "uniform", "powerlaw:1.01"]),
+    "break_even": st.booleans(),
+    "microbatches": st.just(0),
+})
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(points, min_size=1, max_size=3))
+def test_fast_path_equals_simulate_bit_for_bit(pts):
+    fast = evaluate_closed_form(pts)
+    for p, f in zip(pts, fast):
+        try:
+            slow = qsengine.simulate(**p).to_record()
+        except ValueError:  # e.g. q too small for a twin: the fast path must raise too
+            with pytest.raises(ValueError):
+                evaluate_closed_form([p])
+            continue
+        assert _same(slow, f) == [], p
+
+
+def test_covers_infeasible_slo_and_no_break_even_cases():
+    pts = [
+        dict(model="switch-c-2048", cluster="8xh100", context=4096, microbatches=0),  # MoE does not fit
+        dict(model="deepseek-v3", cluster="8xa100", context=262144, microbatches=0),  # KV/weights
+        dict(model="qwen3-30b-a3b", cluster="8xh100", context=8192, slo_tpot=1e-4, microbatches=0),  # SLO
+        dict(model="qwen3-30b-a3b", cluster="8xh100", context=8192, q=40.0, microbatches=0),  # no crossing
+        dict(model="qwen3-30b-a3b", cluster="8xh100", context=8192, routing="powerlaw:1.2", microbatches=0),
+        dict(model="mixtral-8x7b", cluster="16xh100", context=1, q=1.5, slo_tpot=0.01, precision="fp8",
+             microbatches=0),
+    ]
+    fast = evaluate_closed_form(pts)
+    for p, f in zip(pts, fast):
+        assert _same(qsengine.simulate(**p).to_record(), f) == [], p
+    assert not fast[0]["moe_feasible"] and fast[0]["moe_reason"]
+    assert "TPOT target" in fast[2]["moe_reason"]
+
+
+def test_uncovered_points_fall_back_to_simulate():
+    p = dict(model="qwen3-30b-a3b", cluster="8xh100", context=4096, twin_attention="gqa", microbatches=0,
+             break_even=False)
+    assert _same(qsengine.simulate(**p).to_record(), evaluate_closed_form([p])[0]) == []
+
+
+@pytest.mark.parametrize("model", MOE_MODELS + ["llama-3.1-70b", "qwen3-32b"])
+def test_batched_admissible_batches_equal_pack(model):
+    m = as_model(model)
+    rng = np.random.default_rng(0)
+    for cluster in ["8xh100", "8xmi300x", "16xh200", "72xgb200"]:
+        c = as_cluster(cluster)
+        for prec in ["bf16", "fp8"]:
+            p = as_precision(prec)
+            pm = plan_memory(m, c, p)
+            idx = rng.choice(len(pm.plans), size=min(12, len(pm.plans)), replace=False)
+            for ctx in (1, 4096, 131072, 262144):
+                got, _ = admissible_batches(pm, idx, np.full(idx.size, ctx))
+                want = [pack(m, c, ctx, plan=pm.plans[i], precision=p).admissible_batch for i in idx]
+                assert got.tolist() == want, (model, cluster, prec, ctx)
+
+
+def test_twin_admission_from_one_plan_memory():
+    m = as_model("qwen3-235b-a22b")
+    c, p = as_cluster("8xh200"), as_precision("fp8")
+    base = plan_memory(m.dense_twin(1.5), c, p)
+    for q in (1.5, 2.7, 5.0):
+        twin = m.dense_twin(q)
+        idx = np.arange(len(base.plans))
+        got, _ = admissible_batches(base, idx, np.full(idx.size, 32768),
+                                    np.full(idx.size, twin.dense_ffn_params * p.weight_bytes))
+        want, _ = admissible_batches(plan_memory(twin, c, p), idx, np.full(idx.size, 32768))
+        assert got.tolist() == want.tolist()
+
+
+def test_sweep_fast_path_equals_slow_path():
+    grid = {"model": ["qwen3-30b-a3b", "mixtral-8x7b"], "cluster": ["8xh100", "16xh200"],
+            "context": [2048, 65536], "q": ["sqrt", 2.5], "slo_tpot": [None, 0.03], "microbatches": [0]}
+    fast = qsengine.sweep(grid, seed=3, progress=False)
+    slow = qsengine.sweep(grid, seed=3, progress=False,
+                          _evaluate=lambda kw, seed, threads: simulate_point(kw, seed, threads))
+    pdt.assert_frame_equal(fast, slow)
