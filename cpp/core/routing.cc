@@ -39,47 +39,107 @@ struct AliasTable {
   std::vector<std::uint32_t> alias;   // otherwise take alias[i]
   std::vector<std::uint64_t> packed;  // thr[i] | alias[i] << 32 (one load per draw)
   std::vector<double> w;              // the exact weights (for the fallback)
+  // n <= 256 only: the same weights padded with zeros to exactly 256 columns
+  // (zero-weight columns always take their alias), drawn with 16 bits: the low
+  // byte is the column (exactly uniform, no rejection), the high byte c8 the
+  // top byte of a 32-bit coin U compared with the column's 32-bit threshold T:
+  // c8 < T>>24 accepts, c8 > T>>24 takes the alias, and on a tie (c8 == T>>24,
+  // the low 24 bits of T nonzero, alias != column) 24 fresh bits from the
+  // block's tie stream finish the comparison. The decision is exactly U < T.
+  bool small = false;
+  std::uint32_t sm[256] = {};      // T>>24 | alias << 8 | tie-possible << 16
+  std::uint32_t sm_thr[256] = {};  // T (low 24 bits settle a tie)
 
   void build(const std::vector<double>& weights) {
     n = static_cast<std::uint32_t>(weights.size());
     lemire_t = static_cast<std::uint32_t>((0x100000000ull) % n);
     w = weights;
-    thr.assign(n, 0);
-    alias.assign(n, 0);
+    vose(weights, thr, alias);
+    packed.resize(n);
+    for (std::uint32_t i = 0; i < n; ++i) packed[i] = thr[i] | (static_cast<std::uint64_t>(alias[i]) << 32);
+    small = n <= 256;
+    if (small) {
+      std::vector<double> padded(weights);
+      padded.resize(256, 0.0);
+      std::vector<std::uint32_t> t, a;
+      vose(padded, t, a);
+      for (std::uint32_t i = 0; i < 256; ++i) {
+        const bool tie = (t[i] & 0xFFFFFFu) != 0 && a[i] != i;
+        sm[i] = (t[i] >> 24) | (a[i] << 8) | (static_cast<std::uint32_t>(tie) << 16);
+        sm_thr[i] = t[i];
+      }
+    }
+  }
+
+  // One 16-bit draw of a small table (the tie stream supplies rare extra bits).
+  std::uint32_t draw16(std::uint32_t x, PhiloxStream& tie) const {
+    const std::uint32_t col = x & 0xFFu, c8 = x >> 8;
+    const std::uint32_t ent = sm[col];
+    const std::uint32_t t8 = ent & 0xFFu;
+    const std::uint32_t al = (ent >> 8) & 0xFFu;
+    // Arithmetic select: the coin is unpredictable, a branch would mispredict.
+    const std::uint32_t use_alias = 0u - static_cast<std::uint32_t>(c8 >= t8);
+    std::uint32_t e = col ^ ((col ^ al) & use_alias);
+    if (__builtin_expect((c8 == t8) & (ent >> 16), 0)) e = (tie.next32() >> 8) < (sm_thr[col] & 0xFFFFFFu) ? col : al;
+    return e;
+  }
+
+ private:
+  // Vose's construction in exact integer arithmetic: column capacity 2^32
+  // units, total m * 2^32 units shared out by weight (floor, then the
+  // remaining units to the largest fractional parts). Every pairing is exact,
+  // so no column is left over by rounding (a floating-point Vose can leave a
+  // zero-weight column "full" of itself, which would draw it).
+  static void vose(const std::vector<double>& weights, std::vector<std::uint32_t>& thr,
+                   std::vector<std::uint32_t>& alias) {
+    const std::uint32_t m = static_cast<std::uint32_t>(weights.size());
+    constexpr std::int64_t kCap = std::int64_t{1} << 32;
+    thr.assign(m, 0);
+    alias.assign(m, 0);
     double total = 0.0;
     for (double x : weights) total += x;
-    std::vector<double> p(n);
-    std::vector<std::uint32_t> small, large;
-    for (std::uint32_t i = 0; i < n; ++i) {
-      p[i] = weights[i] / total * n;
-      (p[i] < 1.0 ? small : large).push_back(i);
+    std::vector<std::int64_t> q(m);
+    std::vector<double> frac(m);
+    const double scale = static_cast<double>(m) * 4294967296.0 / total;
+    std::int64_t sum = 0;
+    std::uint32_t biggest = 0;
+    for (std::uint32_t i = 0; i < m; ++i) {
+      const double x = weights[i] * scale;
+      q[i] = static_cast<std::int64_t>(std::floor(x));
+      frac[i] = weights[i] > 0.0 ? x - static_cast<double>(q[i]) : -1.0;  // zero weights get no units
+      sum += q[i];
+      if (q[i] > q[biggest]) biggest = i;
     }
+    std::int64_t deficit = static_cast<std::int64_t>(m) * kCap - sum;
+    if (deficit > 0) {
+      std::vector<std::uint32_t> order(m);
+      for (std::uint32_t i = 0; i < m; ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) { return frac[a] > frac[b]; });
+      for (std::uint32_t j = 0; j < m && deficit > 0 && frac[order[j]] >= 0.0; ++j, --deficit) ++q[order[j]];
+    }
+    q[biggest] += deficit;  // whatever is left (double rounding of huge columns): negligible
+    std::vector<std::uint32_t> small, large;
+    for (std::uint32_t i = 0; i < m; ++i) (q[i] < kCap ? small : large).push_back(i);
     while (!small.empty() && !large.empty()) {
       const std::uint32_t s = small.back();
       small.pop_back();
       const std::uint32_t l = large.back();
-      set(s, p[s], l);
-      p[l] = (p[l] + p[s]) - 1.0;
-      if (p[l] < 1.0) {
+      thr[s] = static_cast<std::uint32_t>(q[s]);
+      alias[s] = l;
+      q[l] -= kCap - q[s];
+      if (q[l] < kCap) {
         large.pop_back();
         small.push_back(l);
       }
     }
-    for (std::uint32_t i : large) set(i, 1.0, i);
-    for (std::uint32_t i : small) set(i, 1.0, i);  // rounding leftovers: full columns
-    packed.resize(n);
-    for (std::uint32_t i = 0; i < n; ++i) packed[i] = thr[i] | (static_cast<std::uint64_t>(alias[i]) << 32);
-  }
-
- private:
-  void set(std::uint32_t i, double prob, std::uint32_t a) {
-    const double t = std::ldexp(prob, 32);
-    if (t >= 4294967295.0) {
+    // Exact arithmetic: every column left holds exactly kCap units.
+    for (std::uint32_t i : large) {
       thr[i] = 0xFFFFFFFFu;
       alias[i] = i;  // a full column: the coin does not matter
-    } else {
-      thr[i] = static_cast<std::uint32_t>(std::llround(std::max(0.0, t)));
-      alias[i] = a;
+    }
+    for (std::uint32_t i : small) {  // unreachable unless the units did not add up
+      thr[i] = 0xFFFFFFFFu;
+      alias[i] = i;
     }
   }
 };
@@ -217,9 +277,14 @@ struct Scratch {
   std::uint32_t stamp = 0, slot_stamp = 0;
   // Expert candidates: i.i.d. draws from the current layer's alias table,
   // converted a whole Philox refill at a time (E = a rejected Lemire draw).
-  std::uint32_t cand[2 * PhiloxStream::kWords];
+  std::uint32_t cand[4 * PhiloxStream::kWords];  // 16-bit draws: four per word
   std::size_t cand_pos = 0, cand_end = 0;
   const AliasTable* cand_table = nullptr;
+  PhiloxStream tie;             // the block's tie stream (kPurposeTie)
+  std::uint32_t pos_base = 0;   // Independent: accepted picks so far in this block (mod resets)
+  const unsigned char* ind_bytes = nullptr;  // Independent: the stream buffer being drawn from,
+  std::uint32_t ind_pos = 0, ind_end = 0;    // its next and end 16- (or 32-) bit draw
+  unsigned ind_refills = 0;
 };
 
 class ScratchPool {
@@ -420,10 +485,20 @@ class Engine {
   static void fill_candidates(const AliasTable& tab, PhiloxStream& rng, Scratch& s) {
     const std::uint32_t* raw;
     const int n = rng.take_all32(&raw);
+    std::uint32_t* cand = s.cand;
+    if (tab.small) {
+      // Two 16-bit draws per 32-bit value, low half first.
+      for (int i = 0; i < n; ++i) {
+        cand[2 * i] = tab.draw16(raw[i] & 0xFFFFu, s.tie);
+        cand[2 * i + 1] = tab.draw16(raw[i] >> 16, s.tie);
+      }
+      s.cand_pos = 0;
+      s.cand_end = static_cast<std::size_t>(2 * n);
+      return;
+    }
     const std::uint64_t E = tab.n;
     const std::uint32_t lt = tab.lemire_t;
     const std::uint64_t* packed = tab.packed.data();
-    std::uint32_t* cand = s.cand;
     // Arithmetic selects: a compiled branch here would mispredict constantly.
     for (int i = 0; i < n; ++i) {
       const std::uint64_t m = static_cast<std::uint64_t>(raw[i]) * E;
@@ -486,6 +561,114 @@ class Engine {
     }
     s.cand_pos = pos;
     s.cand_end = end;
+  }
+
+  // Independent model: the picks of all B tokens of one sample in a single
+  // loop over candidates, with no per-token branch to mispredict. c counts the
+  // picks accepted so far in the block (from s.pos_base); the current token's
+  // picks end at tok_end. mark[e] holds the tok_end of the last token that
+  // drew e, so e is fresh for the current token iff mark[e] <= c. Each
+  // candidate is written at sel[c - base] and kept only if fresh (c advances).
+  // Candidates come from the stream buffer (kept across samples of the block);
+  // a token still unfinished at two consecutive buffer refills (it has drawn
+  // at least a whole buffer of candidates: remaining mass tiny) gets its
+  // remaining picks by exact sequential inversion; that stopping time does not
+  // depend on which expert would have been accepted, so the law is unchanged.
+  template <bool kSmall>
+  void sample_independent(const AliasTable& tab, PhiloxStream& rng, Scratch& s) const {
+    std::uint32_t* mark = s.mark.data();
+    std::int32_t* sel = s.sel.data();
+    const std::uint32_t k = static_cast<std::uint32_t>(k_);
+    const std::uint32_t bk = static_cast<std::uint32_t>(bk_);
+    if (static_cast<std::uint64_t>(s.pos_base) + bk + k >= 0xFFFFFFFFull) {
+      std::fill(s.mark.begin(), s.mark.end(), 0);
+      s.pos_base = 0;
+    }
+    const std::uint32_t base = s.pos_base;
+    const std::uint32_t stop = base + bk;
+    const std::uint64_t E = tab.n;
+    const std::uint32_t lt = tab.lemire_t;
+    const std::uint64_t* packed = tab.packed.data();
+    std::uint32_t c = base, tok_end = base + k, tok_at_refill = 0;
+    const unsigned char* bytes = s.ind_bytes;
+    std::uint32_t pos = s.ind_pos, end = s.ind_end;
+    for (;;) {
+      if (pos == end) {
+        if ((++s.ind_refills & 255u) == 0) check_cancel();
+        const std::uint32_t* raw;
+        end = static_cast<std::uint32_t>(rng.take_all32(&raw));
+        bytes = reinterpret_cast<const unsigned char*>(raw);
+        if constexpr (kSmall) end *= 2;
+        pos = 0;
+        if (__builtin_expect(tok_end == tok_at_refill, 0)) {
+          c = finish_token(tab, s, c, tok_end, sel, base);
+          tok_end += k;
+          if (c == stop) break;
+        }
+        tok_at_refill = tok_end;
+      }
+      // At most one pick per candidate: n candidates cannot overshoot stop.
+      const std::uint32_t n = std::min(end - pos, stop - c);
+      const std::uint32_t pend = pos + n;
+      for (; pos < pend; ++pos) {
+        std::uint32_t e;
+        if constexpr (kSmall) {
+          std::uint16_t x;
+          std::memcpy(&x, bytes + 2 * pos, sizeof(x));  // little-endian: low half of each word first
+          e = tab.draw16(x, s.tie);
+        } else {
+          std::uint32_t x;
+          std::memcpy(&x, bytes + 4 * pos, sizeof(x));
+          const std::uint64_t m = static_cast<std::uint64_t>(x) * E;
+          const std::uint32_t low = static_cast<std::uint32_t>(m);
+          if (__builtin_expect(low < lt, 0)) continue;  // Lemire rejection: the column would be biased
+          const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
+          const std::uint64_t entry = packed[col];
+          e = low < static_cast<std::uint32_t>(entry) ? col : static_cast<std::uint32_t>(entry >> 32);
+        }
+        const std::uint32_t fresh = mark[e] <= c;
+        sel[c - base] = static_cast<std::int32_t>(e);
+        mark[e] = tok_end;
+        c += fresh;
+        // Token boundary without a branch (it would mispredict once per token).
+        tok_end += k & (0u - static_cast<std::uint32_t>(c == tok_end));
+      }
+      if (c == stop) break;
+    }
+    s.ind_bytes = bytes;
+    s.ind_pos = pos;
+    s.ind_end = end;
+    s.pos_base = stop;
+  }
+
+  // Remaining picks of the token ending at tok_end (c picks made so far) by
+  // exact sequential inversion over the experts it has not drawn; returns tok_end.
+  static std::uint32_t finish_token(const AliasTable& tab, Scratch& s, std::uint32_t c, std::uint32_t tok_end,
+                                    std::int32_t* sel, std::uint32_t base) {
+    std::uint32_t* mark = s.mark.data();
+    while (c < tok_end) {
+      double total = 0.0;
+      std::int64_t last = -1;
+      for (std::uint32_t q = 0; q < tab.n; ++q)
+        if (mark[q] <= c && tab.w[q] > 0.0) {
+          total += tab.w[q];
+          last = q;
+        }
+      double u = s.tie.uniform() * total;
+      std::int64_t pick = last;
+      for (std::uint32_t q = 0; q < tab.n; ++q)
+        if (mark[q] <= c && tab.w[q] > 0.0) {
+          u -= tab.w[q];
+          if (u < 0.0) {
+            pick = q;
+            break;
+          }
+        }
+      mark[pick] = tok_end;
+      sel[c - base] = static_cast<std::int32_t>(pick);
+      ++c;
+    }
+    return c;
   }
 
   // Exact draw proportional to weight among the eligible, unchosen experts.
@@ -569,6 +752,13 @@ class Engine {
     }
     const LayerTable& tab = tables_[per_layer_tables_ ? l : 0];
     PhiloxStream& rng = stream;
+    if (model.kind == ModelKind::Independent) {
+      if (tab.experts.small)
+        sample_independent<true>(tab.experts, rng, s);
+      else
+        sample_independent<false>(tab.experts, rng, s);
+      return;
+    }
     for (std::int64_t t = 0; t < B_; ++t) {
       if ((t & 16383) == 16383) check_cancel();
       const std::uint32_t stamp = next_stamp(s.stamp, s.mark);
@@ -691,6 +881,10 @@ class Engine {
     s.slot_stamp = 0;
     s.cand_table = nullptr;
     s.cand_pos = s.cand_end = 0;
+    s.tie.reset(req_.key, static_cast<std::uint64_t>(b), kPurposeTie);
+    s.pos_base = 0;
+    s.ind_bytes = nullptr;
+    s.ind_pos = s.ind_end = 0;
     const std::int64_t m0 = b * block_;
     const std::int64_t m1 = std::min(req_.microbatches, m0 + block_);
     for (std::int64_t m = m0; m < m1; ++m) {
