@@ -285,6 +285,7 @@ struct Scratch {
   const unsigned char* ind_bytes = nullptr;  // Independent: the stream buffer being drawn from,
   std::uint32_t ind_pos = 0, ind_end = 0;    // its next and end 16- (or 32-) bit draw
   unsigned ind_refills = 0;
+  bool counted = false;  // cnt already holds this sample's per-expert counts
 };
 
 class ScratchPool {
@@ -574,9 +575,10 @@ class Engine {
   // at least a whole buffer of candidates: remaining mass tiny) gets its
   // remaining picks by exact sequential inversion; that stopping time does not
   // depend on which expert would have been accepted, so the law is unchanged.
-  template <bool kSmall>
+  template <bool kSmall, bool kCount>
   void sample_independent(const AliasTable& tab, PhiloxStream& rng, Scratch& s) const {
     std::uint32_t* mark = s.mark.data();
+    std::uint32_t* cnt = s.cnt.data();
     std::int32_t* sel = s.sel.data();
     const std::uint32_t k = static_cast<std::uint32_t>(k_);
     const std::uint32_t bk = static_cast<std::uint32_t>(bk_);
@@ -601,7 +603,7 @@ class Engine {
         if constexpr (kSmall) end *= 2;
         pos = 0;
         if (__builtin_expect(tok_end == tok_at_refill, 0)) {
-          c = finish_token(tab, s, c, tok_end, sel, base);
+          c = finish_token(tab, s, c, tok_end, sel, base, kCount);
           tok_end += k;
           if (c == stop) break;
         }
@@ -629,6 +631,7 @@ class Engine {
         const std::uint32_t fresh = mark[e] <= c;
         sel[c - base] = static_cast<std::int32_t>(e);
         mark[e] = tok_end;
+        if constexpr (kCount) cnt[e] += fresh;
         c += fresh;
         // Token boundary without a branch (it would mispredict once per token).
         tok_end += k & (0u - static_cast<std::uint32_t>(c == tok_end));
@@ -639,12 +642,13 @@ class Engine {
     s.ind_pos = pos;
     s.ind_end = end;
     s.pos_base = stop;
+    s.counted = kCount;
   }
 
   // Remaining picks of the token ending at tok_end (c picks made so far) by
   // exact sequential inversion over the experts it has not drawn; returns tok_end.
   static std::uint32_t finish_token(const AliasTable& tab, Scratch& s, std::uint32_t c, std::uint32_t tok_end,
-                                    std::int32_t* sel, std::uint32_t base) {
+                                    std::int32_t* sel, std::uint32_t base, bool count) {
     std::uint32_t* mark = s.mark.data();
     while (c < tok_end) {
       double total = 0.0;
@@ -665,6 +669,7 @@ class Engine {
           }
         }
       mark[pick] = tok_end;
+      if (count) ++s.cnt[pick];
       sel[c - base] = static_cast<std::int32_t>(pick);
       ++c;
     }
@@ -753,10 +758,11 @@ class Engine {
     const LayerTable& tab = tables_[per_layer_tables_ ? l : 0];
     PhiloxStream& rng = stream;
     if (model.kind == ModelKind::Independent) {
+      // Count per expert while drawing unless replicas need the token index.
       if (tab.experts.small)
-        sample_independent<true>(tab.experts, rng, s);
+        replicas_ ? sample_independent<true, false>(tab.experts, rng, s) : sample_independent<true, true>(tab.experts, rng, s);
       else
-        sample_independent<false>(tab.experts, rng, s);
+        replicas_ ? sample_independent<false, false>(tab.experts, rng, s) : sample_independent<false, true>(tab.experts, rng, s);
       return;
     }
     for (std::int64_t t = 0; t < B_; ++t) {
@@ -819,6 +825,27 @@ class Engine {
           nt += cnt[e]++ == 0;
         }
       }
+    } else if (s.counted) {
+      // Counts already made while drawing (Independent): one pass over the
+      // experts gives u, u_g, n_g and the tokens-per-expert histogram.
+      std::uint64_t* tpe = s.tpe.c.data();
+      std::uint32_t u = 0, cmax = 0;
+      for (std::int64_t e = 0; e < E_; ++e) {
+        const std::uint32_t c = cnt[e];
+        cnt[e] = 0;
+        const std::uint32_t nz = c != 0;
+        const std::int32_t g = gpu_of[e];
+        u += nz;
+        u_g[g] += nz;
+        n_g[g] += c;
+        ++tpe[c];
+        cmax = std::max(cmax, c);
+      }
+      s.counted = false;
+      s.unique.add(u);
+      s.tpe.note(0);
+      s.tpe.note(cmax);
+      return finish_account(s, r);
     } else {
       // Branch-free first-touch detection; per-GPU figures follow from the
       // per-expert counts of the touched experts.
@@ -849,6 +876,13 @@ class Engine {
     s.tpe.note(cmin);  // the range taken at block end must cover every count written
     s.tpe.note(cmax);
     if (u < E_) s.tpe.add(0, static_cast<std::uint64_t>(E_ - u));
+    return finish_account(s, r);
+  }
+
+  // Per-GPU maxima and sums of one sample (u_g, n_g), reset; the layer time.
+  double finish_account(Scratch& s, BlockResult& r) const {
+    std::int64_t* u_g = s.u_g.data();
+    std::int64_t* n_g = s.n_g.data();
     std::int64_t umax = 0, nmax = 0;
     double lt = 0.0;
     for (std::int64_t g = 0; g < G_; ++g) {
