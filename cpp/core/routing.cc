@@ -2,6 +2,7 @@
 #include "core/routing.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -12,6 +13,11 @@
 #include <utility>
 
 #include "core/errors.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define QS_ROUTING_X86_DISPATCH 1
+#endif
 
 namespace qs::routing {
 
@@ -143,6 +149,85 @@ struct AliasTable {
     }
   }
 };
+
+// ---------------------------------------------------------------------------
+// Bulk conversion of 16-bit draws to experts (small tables). The result is a
+// pure function of the draws and the tie stream (consumed in draw order), so
+// the SIMD variant and the portable loop give identical output.
+// ---------------------------------------------------------------------------
+
+std::atomic<bool> g_portable_only{false};
+
+void convert16_portable(const AliasTable& tab, const unsigned char* bytes, int n, std::uint8_t* out,
+                        PhiloxStream& tie) {
+  for (int i = 0; i < n; ++i) {
+    std::uint16_t x;
+    std::memcpy(&x, bytes + 2 * i, sizeof(x));  // little-endian: low half of each word first
+    out[i] = static_cast<std::uint8_t>(tab.draw16(x, tie));
+  }
+}
+
+#ifdef QS_ROUTING_X86_DISPATCH
+// AVX-512 VBMI: 32 draws per step; the 256-byte threshold and alias tables are
+// looked up with two 128-byte vpermi2b each. Lanes whose coin byte equals the
+// threshold byte are redone by the scalar draw16 (in lane order), which
+// consumes tie bits exactly when the portable loop would.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void convert16_vbmi(const AliasTable& tab,
+                                                                          const unsigned char* bytes, int n,
+                                                                          std::uint8_t* out, PhiloxStream& tie) {
+  alignas(64) std::uint8_t t8[256], al[256];
+  for (int c = 0; c < 256; ++c) {
+    t8[c] = static_cast<std::uint8_t>(tab.sm[c] & 0xFFu);
+    al[c] = static_cast<std::uint8_t>((tab.sm[c] >> 8) & 0xFFu);
+  }
+  const __m512i tA = _mm512_load_si512(t8), tB = _mm512_load_si512(t8 + 64);
+  const __m512i tC = _mm512_load_si512(t8 + 128), tD = _mm512_load_si512(t8 + 192);
+  const __m512i aA = _mm512_load_si512(al), aB = _mm512_load_si512(al + 64);
+  const __m512i aC = _mm512_load_si512(al + 128), aD = _mm512_load_si512(al + 192);
+  const __m512i lowbyte = _mm512_set1_epi16(0x00FF);
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512i x = _mm512_loadu_si512(bytes + 2 * i);
+    const __m512i col = _mm512_and_si512(x, lowbyte);
+    const __m512i c8 = _mm512_srli_epi16(x, 8);
+    const __mmask64 hi = _mm512_movepi8_mask(col);  // column >= 128
+    const __m512i thr = _mm512_and_si512(
+        _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(tA, col, tB), _mm512_permutex2var_epi8(tC, col, tD)),
+        lowbyte);
+    const __m512i ali = _mm512_and_si512(
+        _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(aA, col, aB), _mm512_permutex2var_epi8(aC, col, aD)),
+        lowbyte);
+    const __mmask32 keep = _mm512_cmplt_epu16_mask(c8, thr);
+    const __mmask32 tie_lanes = _mm512_cmpeq_epu16_mask(c8, thr);
+    const __m512i e = _mm512_mask_blend_epi16(keep, ali, col);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_mask_cvtepi16_epi8(_mm256_setzero_si256(), 0xFFFFFFFFu, e));
+    for (std::uint32_t m = tie_lanes; m != 0; m &= m - 1) {
+      const int j = i + __builtin_ctz(m);
+      std::uint16_t xv;
+      std::memcpy(&xv, bytes + 2 * j, sizeof(xv));
+      out[j] = static_cast<std::uint8_t>(tab.draw16(xv, tie));
+    }
+  }
+  convert16_portable(tab, bytes + 2 * i, n - i, out + i, tie);
+}
+#endif
+
+using Convert16 = void (*)(const AliasTable&, const unsigned char*, int, std::uint8_t*, PhiloxStream&);
+
+Convert16 pick_convert16() {
+#ifdef QS_ROUTING_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vbmi"))
+    return convert16_vbmi;
+#endif
+  return convert16_portable;
+}
+
+const Convert16 g_convert16_best = pick_convert16();
+
+inline Convert16 convert16() { return g_portable_only.load(std::memory_order_relaxed) ? convert16_portable : g_convert16_best; }
 
 struct LayerTable {
   AliasTable experts;
@@ -285,6 +370,7 @@ struct Scratch {
   const unsigned char* ind_bytes = nullptr;  // Independent: the stream buffer being drawn from,
   std::uint32_t ind_pos = 0, ind_end = 0;    // its next and end 16- (or 32-) bit draw
   unsigned ind_refills = 0;
+  alignas(64) std::uint8_t cand8[4 * PhiloxStream::kWords];  // small tables: converted candidates
   bool counted = false;  // cnt already holds this sample's per-expert counts
 };
 
@@ -489,10 +575,8 @@ class Engine {
     std::uint32_t* cand = s.cand;
     if (tab.small) {
       // Two 16-bit draws per 32-bit value, low half first.
-      for (int i = 0; i < n; ++i) {
-        cand[2 * i] = tab.draw16(raw[i] & 0xFFFFu, s.tie);
-        cand[2 * i + 1] = tab.draw16(raw[i] >> 16, s.tie);
-      }
+      convert16()(tab, reinterpret_cast<const unsigned char*>(raw), 2 * n, s.cand8, s.tie);
+      for (int i = 0; i < 2 * n; ++i) cand[i] = s.cand8[i];
       s.cand_pos = 0;
       s.cand_end = static_cast<std::size_t>(2 * n);
       return;
@@ -592,6 +676,7 @@ class Engine {
     const std::uint32_t lt = tab.lemire_t;
     const std::uint64_t* packed = tab.packed.data();
     std::uint32_t c = base, tok_end = base + k, tok_at_refill = 0;
+    const Convert16 convert = convert16();
     const unsigned char* bytes = s.ind_bytes;
     std::uint32_t pos = s.ind_pos, end = s.ind_end;
     for (;;) {
@@ -600,7 +685,11 @@ class Engine {
         const std::uint32_t* raw;
         end = static_cast<std::uint32_t>(rng.take_all32(&raw));
         bytes = reinterpret_cast<const unsigned char*>(raw);
-        if constexpr (kSmall) end *= 2;
+        if constexpr (kSmall) {
+          end *= 2;
+          convert(tab, bytes, static_cast<int>(end), s.cand8, s.tie);
+          bytes = s.cand8;
+        }
         pos = 0;
         if (__builtin_expect(tok_end == tok_at_refill, 0)) {
           c = finish_token(tab, s, c, tok_end, sel, base, kCount);
@@ -615,9 +704,7 @@ class Engine {
       for (; pos < pend; ++pos) {
         std::uint32_t e;
         if constexpr (kSmall) {
-          std::uint16_t x;
-          std::memcpy(&x, bytes + 2 * pos, sizeof(x));  // little-endian: low half of each word first
-          e = tab.draw16(x, s.tie);
+          e = bytes[pos];
         } else {
           std::uint32_t x;
           std::memcpy(&x, bytes + 4 * pos, sizeof(x));
@@ -983,6 +1070,8 @@ void check_weights(const char* name, const std::vector<double>& w, std::int64_t 
 }
 
 }  // namespace
+
+void set_portable_only(bool on) { g_portable_only.store(on, std::memory_order_relaxed); }
 
 void Moments::merge(const Moments& o) {
   if (o.n == 0) return;

@@ -194,5 +194,8 @@ std::uint64_t estimate_memory(const RouteRequest& req, unsigned threads);
 std::int64_t block_size(const RouteRequest& req);
 // Validates, checks memory (qs::ResourceLimitExceeded), runs. Throws Cancelled.
 RouteResult route(const RouteRequest& req, const CancelToken* cancel = nullptr);
+// Tests: use only the portable code paths (no runtime-dispatched SIMD), which
+// must give bit-identical results. Process-wide; default off.
+void set_portable_only(bool on);
 
 }  // namespace qs::routing
