@@ -55,6 +55,8 @@ struct AliasTable {
   bool small = false;
   std::uint32_t sm[256] = {};      // T>>24 | alias << 8 | tie-possible << 16
   std::uint32_t sm_thr[256] = {};  // T (low 24 bits settle a tie)
+  std::uint8_t sm_t8[256] = {};    // T>>24 and alias as byte tables (SIMD lookups)
+  std::uint8_t sm_al[256] = {};
 
   void build(const std::vector<double>& weights) {
     n = static_cast<std::uint32_t>(weights.size());
@@ -73,6 +75,8 @@ struct AliasTable {
         const bool tie = (t[i] & 0xFFFFFFu) != 0 && a[i] != i;
         sm[i] = (t[i] >> 24) | (a[i] << 8) | (static_cast<std::uint32_t>(tie) << 16);
         sm_thr[i] = t[i];
+        sm_t8[i] = static_cast<std::uint8_t>(t[i] >> 24);
+        sm_al[i] = static_cast<std::uint8_t>(a[i]);
       }
     }
   }
@@ -175,15 +179,12 @@ void convert16_portable(const AliasTable& tab, const unsigned char* bytes, int n
 __attribute__((target("avx512f,avx512bw,avx512vbmi"))) void convert16_vbmi(const AliasTable& tab,
                                                                           const unsigned char* bytes, int n,
                                                                           std::uint8_t* out, PhiloxStream& tie) {
-  alignas(64) std::uint8_t t8[256], al[256];
-  for (int c = 0; c < 256; ++c) {
-    t8[c] = static_cast<std::uint8_t>(tab.sm[c] & 0xFFu);
-    al[c] = static_cast<std::uint8_t>((tab.sm[c] >> 8) & 0xFFu);
-  }
-  const __m512i tA = _mm512_load_si512(t8), tB = _mm512_load_si512(t8 + 64);
-  const __m512i tC = _mm512_load_si512(t8 + 128), tD = _mm512_load_si512(t8 + 192);
-  const __m512i aA = _mm512_load_si512(al), aB = _mm512_load_si512(al + 64);
-  const __m512i aC = _mm512_load_si512(al + 128), aD = _mm512_load_si512(al + 192);
+  const std::uint8_t* t8 = tab.sm_t8;
+  const std::uint8_t* al = tab.sm_al;
+  const __m512i tA = _mm512_loadu_si512(t8), tB = _mm512_loadu_si512(t8 + 64);
+  const __m512i tC = _mm512_loadu_si512(t8 + 128), tD = _mm512_loadu_si512(t8 + 192);
+  const __m512i aA = _mm512_loadu_si512(al), aB = _mm512_loadu_si512(al + 64);
+  const __m512i aC = _mm512_loadu_si512(al + 128), aD = _mm512_loadu_si512(al + 192);
   const __m512i lowbyte = _mm512_set1_epi16(0x00FF);
   int i = 0;
   for (; i + 32 <= n; i += 32) {

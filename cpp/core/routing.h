@@ -38,6 +38,9 @@
 // <= 1/256) 24 further bits from the block's tie stream complete the exact
 // comparison U < T. So each column is taken with probability exactly T/2^32:
 // the only approximation is rounding the weights to multiples of 2^-32 / 256.
+// A whole refill (256 draws) is converted at once, with AVX-512 VBMI when the
+// CPU has it (chosen at run time; the portable loop gives identical output,
+// see set_portable_only).
 //
 // E > 256: each draw uses 32 random bits (two per Philox word): the column is
 // floor(x*E/2^32) with Lemire's exact rejection (so the column is exactly

@@ -1,9 +1,11 @@
 // Throughput of the routing engine (built with -DQSENGINE_BUILD_TESTS=ON as
-// routing_perf; not a test). Usage: routing_perf [microbatches] [threads]
+// routing_perf; not a test). Usage: routing_perf [microbatches] [threads] [portable]
+// ("portable" disables the runtime-dispatched SIMD paths).
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <ctime>
+#include <string>
 
 #include "core/routing.h"
 
@@ -11,6 +13,7 @@ int main(int argc, char** argv) {
   using namespace qs::routing;
   const std::int64_t mb = argc > 1 ? std::atoll(argv[1]) : 200000;
   const int threads = argc > 2 ? std::atoi(argv[2]) : 1;
+  if (argc > 3 && std::string(argv[3]) == "portable") set_portable_only(true);
   RouteRequest r;
   r.experts = 256;
   r.top_k = 8;
