@@ -660,7 +660,10 @@ class Engine {
   // at least a whole buffer of candidates: remaining mass tiny) gets its
   // remaining picks by exact sequential inversion; that stopping time does not
   // depend on which expert would have been accepted, so the law is unchanged.
-  template <bool kSmall, bool kCount>
+  // kCount: count per expert while drawing; kSel: store the selections (for
+  // record or replicas); kPow2: k is a power of two, so the current token's
+  // end is (c | (k-1)) + 1 (base is a multiple of k), cheaper than tracking it.
+  template <bool kSmall, bool kCount, bool kSel, bool kPow2>
   void sample_independent(const AliasTable& tab, PhiloxStream& rng, Scratch& s) const {
     std::uint32_t* mark = s.mark.data();
     std::uint32_t* cnt = s.cnt.data();
@@ -714,16 +717,19 @@ class Engine {
           if (__builtin_expect(low < lt, 0)) continue;  // Lemire rejection: the column would be biased
           const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
           const std::uint64_t entry = packed[col];
-          e = low < static_cast<std::uint32_t>(entry) ? col : static_cast<std::uint32_t>(entry >> 32);
+          const std::uint32_t use_alias = 0u - static_cast<std::uint32_t>(low >= static_cast<std::uint32_t>(entry));
+          e = col ^ ((col ^ static_cast<std::uint32_t>(entry >> 32)) & use_alias);
         }
+        if constexpr (kPow2) tok_end = (c | (k - 1)) + 1;
         const std::uint32_t fresh = mark[e] <= c;
-        sel[c - base] = static_cast<std::int32_t>(e);
+        if constexpr (kSel) sel[c - base] = static_cast<std::int32_t>(e);
         mark[e] = tok_end;
         if constexpr (kCount) cnt[e] += fresh;
         c += fresh;
         // Token boundary without a branch (it would mispredict once per token).
-        tok_end += k & (0u - static_cast<std::uint32_t>(c == tok_end));
+        if constexpr (!kPow2) tok_end += k & (0u - static_cast<std::uint32_t>(c == tok_end));
       }
+      if constexpr (kPow2) tok_end = (c | (k - 1)) + 1;
       if (c == stop) break;
     }
     s.ind_bytes = bytes;
@@ -731,6 +737,23 @@ class Engine {
     s.ind_end = end;
     s.pos_base = stop;
     s.counted = kCount;
+  }
+
+  // Count per expert while drawing unless replicas need the token index;
+  // store the selections only when they are recorded or replicas need them.
+  template <bool kSmall>
+  void dispatch_independent(const AliasTable& tab, PhiloxStream& rng, Scratch& s) const {
+    const bool pow2 = (k_ & (k_ - 1)) == 0;
+    if (replicas_) {
+      pow2 ? sample_independent<kSmall, false, true, true>(tab, rng, s)
+           : sample_independent<kSmall, false, true, false>(tab, rng, s);
+    } else if (record_) {
+      pow2 ? sample_independent<kSmall, true, true, true>(tab, rng, s)
+           : sample_independent<kSmall, true, true, false>(tab, rng, s);
+    } else {
+      pow2 ? sample_independent<kSmall, true, false, true>(tab, rng, s)
+           : sample_independent<kSmall, true, false, false>(tab, rng, s);
+    }
   }
 
   // Remaining picks of the token ending at tok_end (c picks made so far) by
@@ -846,11 +869,10 @@ class Engine {
     const LayerTable& tab = tables_[per_layer_tables_ ? l : 0];
     PhiloxStream& rng = stream;
     if (model.kind == ModelKind::Independent) {
-      // Count per expert while drawing unless replicas need the token index.
       if (tab.experts.small)
-        replicas_ ? sample_independent<true, false>(tab.experts, rng, s) : sample_independent<true, true>(tab.experts, rng, s);
+        dispatch_independent<true>(tab.experts, rng, s);
       else
-        replicas_ ? sample_independent<false, false>(tab.experts, rng, s) : sample_independent<false, true>(tab.experts, rng, s);
+        dispatch_independent<false>(tab.experts, rng, s);
       return;
     }
     for (std::int64_t t = 0; t < B_; ++t) {
