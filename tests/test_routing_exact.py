@@ -64,3 +64,17 @@ def test_every_pick_position_matches_enumeration(weights, k):
     law = _exact_position_laws(weights, k)
     for j in range(k):
         _check(np.bincount(sel[:, j], minlength=E) / tokens, law[j], tokens)
+
+
+@pytest.mark.parametrize("make", [lambda w: w, lambda w: q.Sticky(0.5, w)])
+def test_weights_that_underflow_when_normalised_are_still_drawn(make):
+    # 5e-324 / sum underflows to 0; with k = E every positive-weight expert
+    # must still be picked (this used to index expert -1 in the fallback).
+    weights = (7.2, 8.9, 5e-324, 1e-195, 1.9, 5.9e-195, 9.9, 1e-300)
+    E = k = len(weights)
+    model = make(q.Popularity(weights))
+    sel = sample_routing(E, k, 6, 30, routing=model, seed=0)
+    assert (np.sort(sel, axis=-1) == np.arange(E)).all()
+    s = q.route(E, k, 6, 30, routing=model, seed=0)
+    assert s.unique.mean == E
+    assert (np.asarray(s.layer_weights[0]) > 0).all()

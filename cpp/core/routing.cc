@@ -58,14 +58,16 @@ struct AliasTable {
   std::uint8_t sm_t8[256] = {};    // T>>24 and alias as byte tables (SIMD lookups)
   std::uint8_t sm_al[256] = {};
 
-  void build(const std::vector<double>& weights) {
+  // with_small: also build the padded 16-bit table (expert tables, n <= 256;
+  // group tables are drawn with 32 bits and skip it).
+  void build(const std::vector<double>& weights, bool with_small) {
     n = static_cast<std::uint32_t>(weights.size());
     lemire_t = static_cast<std::uint32_t>((0x100000000ull) % n);
     w = weights;
     vose(weights, thr, alias);
     packed.resize(n);
     for (std::uint32_t i = 0; i < n; ++i) packed[i] = thr[i] | (static_cast<std::uint64_t>(alias[i]) << 32);
-    small = n <= 256;
+    small = with_small && n <= 256;
     if (small) {
       std::vector<double> padded(weights);
       padded.resize(256, 0.0);
@@ -289,7 +291,10 @@ std::vector<double> layer_weights(const RouteRequest& req, std::int64_t layer) {
   }
   double total = 0.0;
   for (double x : w) total += x;
-  for (double& x : w) x /= total;
+  // A positive weight must stay positive after normalising (e.g. 5e-324 among
+  // weights ~1 underflows to 0): the exact fallback draws only positive
+  // weights, and with k close to E it must still find k of them.
+  for (double& x : w) x = x > 0.0 ? std::max(x / total, std::numeric_limits<double>::denorm_min()) : 0.0;
   return w;
 }
 
@@ -438,11 +443,11 @@ class Engine {
     for (std::int64_t t = 0; t < W; ++t) {
       std::vector<double> w = layer_weights(req, t);
       layer_weights_.insert(layer_weights_.end(), w.begin(), w.end());
-      tables_[t].experts.build(w);
+      tables_[t].experts.build(w, true);
       if (req.model.kind == ModelKind::GroupLimited) {
         std::vector<double> gw(static_cast<std::size_t>(groups_), 0.0);
         for (std::int64_t e = 0; e < E_; ++e) gw[e / group_size_] += w[e];
-        tables_[t].groups.build(gw);
+        tables_[t].groups.build(gw, false);
       }
     }
     per_layer_tables_ = W > 1;
@@ -1253,7 +1258,9 @@ std::uint64_t estimate_memory(const RouteRequest& req, unsigned threads) {
   double bins = 0;
   if (req.cost.enabled) bins = 2.0 * 20000.0;  // generous: log bins of layer and step time
   const double hists = 8.0 * (2.0 * (E + 1) + (bk + 1) + (B + 1) + 2.0 * G + bins);
-  const double tables = static_cast<double>(std::max<std::int64_t>(weight_tables(req), 1)) * E * 32.0;
+  // Per table: the E-column tables (plus group tables) and the fixed-size
+  // 256-column arrays every AliasTable carries (sm, sm_thr, sm_t8, sm_al).
+  const double tables = static_cast<double>(std::max<std::int64_t>(weight_tables(req), 1)) * (E * 32.0 + 2.0 * 2600.0);
   double scratch = hists + 4.0 * (3.0 * E + slots + bk) + 8.0 * 2.0 * G + 64.0 * 8.0;
   if (req.model.kind == ModelKind::Sticky) scratch += 4.0 * L * bk;
   const double t = static_cast<double>(std::max(1u, threads));
