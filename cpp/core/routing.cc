@@ -665,6 +665,13 @@ class Engine {
   // at least a whole buffer of candidates: remaining mass tiny) gets its
   // remaining picks by exact sequential inversion; that stopping time does not
   // depend on which expert would have been accepted, so the law is unchanged.
+  // Where the time goes (E=256, k=8, B=256, PowerLaw(1.0): 1.17 candidates per
+  // pick, ~2.5 ns per pick on one 3 GHz core): this loop ~50% (about 3 cycles
+  // per candidate: c is carried through compare, set and add, and mark/cnt of
+  // popular experts are re-read right after being stored), the Philox refill
+  // ~30% (Philox4x64-10 needs 20 64x64->128 multiplies per 4 words: ~27
+  // cycles per block, 16 bits per candidate), the SIMD conversion ~9%, the
+  // per-sample statistics ~10%.
   // kCount: count per expert while drawing; kSel: store the selections (for
   // record or replicas); kPow2: k is a power of two, so the current token's
   // end is (c | (k-1)) + 1 (base is a multiple of k), cheaper than tracking it.
