@@ -29,14 +29,19 @@ E, K, B, GPUS = 256, 8, 256, 8
 MODEL = q.PowerLaw(1.0)
 
 
-def engine_rate(microbatches: int, threads: int | None, repeats: int) -> tuple[float, float]:
-    times = []
+def engine_rate(microbatches: int, threads: int | None, repeats: int) -> tuple[float, float, float]:
+    """Median wall-clock rate, its time, and the median rate per CPU-second
+    (process CPU time: on a shared machine the wall time also counts the time
+    other processes held the cores, the CPU time does not)."""
+    times, cpus = [], []
     for r in range(repeats):
-        t0 = time.perf_counter()
+        c0, t0 = time.process_time(), time.perf_counter()
         q.route(E, K, B, microbatches, routing=MODEL, placement=q.Placement.contiguous(GPUS), seed=r, threads=threads)
         times.append(time.perf_counter() - t0)
+        cpus.append(time.process_time() - c0)
     t = statistics.median(times)
-    return microbatches * B * K / t, t
+    work = microbatches * B * K
+    return work / t, t, work / statistics.median(cpus)
 
 
 def numpy_route(microbatches: int, rng: np.random.Generator, chunk: int = 16) -> np.ndarray:
@@ -91,6 +96,8 @@ def main() -> int:
     say(f"qsengine {q.__version__} routing benchmark  {time.strftime('%Y-%m-%d %H:%M:%S')}")
     say(f"machine: {platform.machine()} {platform.processor() or ''} hardware threads={hw}  python {platform.python_version()}  numpy {np.__version__}")
     say(f"workload: E={E} k={K} B={B} PowerLaw(1.0), {GPUS} GPUs contiguous; medians of {args.repeats} runs")
+    say("load average at start (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg())
+        + f"  (above {hw} means other processes share the cores: wall-clock rates drop)")
     say()
 
     # correctness first
@@ -110,14 +117,14 @@ def main() -> int:
     say()
 
     mb = 200000
-    r1, t1 = engine_rate(mb, 1, args.repeats)
-    rall, tall = engine_rate(mb, None, args.repeats)
-    r2, _ = engine_rate(mb, 2, args.repeats) if hw >= 2 else (r1, t1)
+    r1, t1, c1 = engine_rate(mb, 1, args.repeats)
+    rall, tall, call = engine_rate(mb, None, args.repeats)
+    r2, _, _ = engine_rate(mb, 2, args.repeats) if hw >= 2 else (r1, t1, c1)
     rn, tn = numpy_rate(200, max(3, args.repeats // 2))
-    say(f"{'implementation':<34}{'assignments/s':>16}{'vs numpy':>10}")
+    say(f"{'implementation':<34}{'assignments/s':>16}{'vs numpy':>10}{'per CPU-second':>18}")
     say(f"{'numpy Gumbel top-k (argpartition)':<34}{rn / 1e6:>14.2f} M{1.0:>10.0f}x")
-    say(f"{'qsengine, 1 thread':<34}{r1 / 1e6:>14.1f} M{r1 / rn:>10.0f}x")
-    say(f"{f'qsengine, all threads ({hw})':<34}{rall / 1e6:>14.1f} M{rall / rn:>10.0f}x")
+    say(f"{'qsengine, 1 thread':<34}{r1 / 1e6:>14.1f} M{r1 / rn:>10.0f}x{c1 / 1e6:>16.1f} M")
+    say(f"{f'qsengine, all threads ({hw})':<34}{rall / 1e6:>14.1f} M{rall / rn:>10.0f}x{call / 1e6:>16.1f} M")
     say(f"scaling 1 -> 2 threads: {r2 / r1:.2f}x   (per core at {hw} threads: {rall / hw / 1e6:.1f} M/s)")
     say()
 
@@ -137,6 +144,7 @@ def main() -> int:
         rss.append(m)
         say(f"{n:>14.0e}{m:>16.1f}{t:>14.2f}")
     say(f"peak RSS spread: {max(rss) - min(rss):.1f} MiB (flat = memory independent of microbatches)")
+    say("load average at end (1, 5, 15 min): " + ", ".join(f"{x:.2f}" for x in os.getloadavg()))
     say()
     targets = {
         "per-core >= 200 M/s": r1 >= 200e6,

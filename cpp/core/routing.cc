@@ -2,6 +2,7 @@
 #include "core/routing.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -12,6 +13,11 @@
 #include <utility>
 
 #include "core/errors.h"
+
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define QS_ROUTING_X86_DISPATCH 1
+#endif
 
 namespace qs::routing {
 
@@ -39,50 +45,192 @@ struct AliasTable {
   std::vector<std::uint32_t> alias;   // otherwise take alias[i]
   std::vector<std::uint64_t> packed;  // thr[i] | alias[i] << 32 (one load per draw)
   std::vector<double> w;              // the exact weights (for the fallback)
+  // n <= 256 only: the same weights padded with zeros to exactly 256 columns
+  // (zero-weight columns always take their alias), drawn with 16 bits: the low
+  // byte is the column (exactly uniform, no rejection), the high byte c8 the
+  // top byte of a 32-bit coin U compared with the column's 32-bit threshold T:
+  // c8 < T>>24 accepts, c8 > T>>24 takes the alias, and on a tie (c8 == T>>24,
+  // the low 24 bits of T nonzero, alias != column) 24 fresh bits from the
+  // block's tie stream finish the comparison. The decision is exactly U < T.
+  bool small = false;
+  std::uint32_t sm[256] = {};      // T>>24 | alias << 8 | tie-possible << 16
+  std::uint32_t sm_thr[256] = {};  // T (low 24 bits settle a tie)
+  std::uint8_t sm_t8[256] = {};    // T>>24 and alias as byte tables (SIMD lookups)
+  std::uint8_t sm_al[256] = {};
 
-  void build(const std::vector<double>& weights) {
+  // with_small: also build the padded 16-bit table (expert tables, n <= 256;
+  // group tables are drawn with 32 bits and skip it).
+  void build(const std::vector<double>& weights, bool with_small) {
     n = static_cast<std::uint32_t>(weights.size());
     lemire_t = static_cast<std::uint32_t>((0x100000000ull) % n);
     w = weights;
-    thr.assign(n, 0);
-    alias.assign(n, 0);
+    vose(weights, thr, alias);
+    packed.resize(n);
+    for (std::uint32_t i = 0; i < n; ++i) packed[i] = thr[i] | (static_cast<std::uint64_t>(alias[i]) << 32);
+    small = with_small && n <= 256;
+    if (small) {
+      std::vector<double> padded(weights);
+      padded.resize(256, 0.0);
+      std::vector<std::uint32_t> t, a;
+      vose(padded, t, a);
+      for (std::uint32_t i = 0; i < 256; ++i) {
+        const bool tie = (t[i] & 0xFFFFFFu) != 0 && a[i] != i;
+        sm[i] = (t[i] >> 24) | (a[i] << 8) | (static_cast<std::uint32_t>(tie) << 16);
+        sm_thr[i] = t[i];
+        sm_t8[i] = static_cast<std::uint8_t>(t[i] >> 24);
+        sm_al[i] = static_cast<std::uint8_t>(a[i]);
+      }
+    }
+  }
+
+  // One 16-bit draw of a small table (the tie stream supplies rare extra bits).
+  std::uint32_t draw16(std::uint32_t x, PhiloxStream& tie) const {
+    const std::uint32_t col = x & 0xFFu, c8 = x >> 8;
+    const std::uint32_t ent = sm[col];
+    const std::uint32_t t8 = ent & 0xFFu;
+    const std::uint32_t al = (ent >> 8) & 0xFFu;
+    // Arithmetic select: the coin is unpredictable, a branch would mispredict.
+    const std::uint32_t use_alias = 0u - static_cast<std::uint32_t>(c8 >= t8);
+    std::uint32_t e = col ^ ((col ^ al) & use_alias);
+    if (__builtin_expect((c8 == t8) & (ent >> 16), 0)) e = (tie.next32() >> 8) < (sm_thr[col] & 0xFFFFFFu) ? col : al;
+    return e;
+  }
+
+ private:
+  // Vose's construction in exact integer arithmetic: column capacity 2^32
+  // units, total m * 2^32 units shared out by weight (floor, then the
+  // remaining units to the largest fractional parts). Every pairing is exact,
+  // so no column is left over by rounding (a floating-point Vose can leave a
+  // zero-weight column "full" of itself, which would draw it).
+  static void vose(const std::vector<double>& weights, std::vector<std::uint32_t>& thr,
+                   std::vector<std::uint32_t>& alias) {
+    const std::uint32_t m = static_cast<std::uint32_t>(weights.size());
+    constexpr std::int64_t kCap = std::int64_t{1} << 32;
+    thr.assign(m, 0);
+    alias.assign(m, 0);
     double total = 0.0;
     for (double x : weights) total += x;
-    std::vector<double> p(n);
-    std::vector<std::uint32_t> small, large;
-    for (std::uint32_t i = 0; i < n; ++i) {
-      p[i] = weights[i] / total * n;
-      (p[i] < 1.0 ? small : large).push_back(i);
+    std::vector<std::int64_t> q(m);
+    std::vector<double> frac(m);
+    const double scale = static_cast<double>(m) * 4294967296.0 / total;
+    std::int64_t sum = 0;
+    std::uint32_t biggest = 0;
+    for (std::uint32_t i = 0; i < m; ++i) {
+      const double x = weights[i] * scale;
+      q[i] = static_cast<std::int64_t>(std::floor(x));
+      frac[i] = weights[i] > 0.0 ? x - static_cast<double>(q[i]) : -1.0;  // zero weights get no units
+      sum += q[i];
+      if (q[i] > q[biggest]) biggest = i;
     }
+    std::int64_t deficit = static_cast<std::int64_t>(m) * kCap - sum;
+    if (deficit > 0) {
+      std::vector<std::uint32_t> order(m);
+      for (std::uint32_t i = 0; i < m; ++i) order[i] = i;
+      std::stable_sort(order.begin(), order.end(), [&](std::uint32_t a, std::uint32_t b) { return frac[a] > frac[b]; });
+      for (std::uint32_t j = 0; j < m && deficit > 0 && frac[order[j]] >= 0.0; ++j, --deficit) ++q[order[j]];
+    }
+    q[biggest] += deficit;  // whatever is left (double rounding of huge columns): negligible
+    std::vector<std::uint32_t> small, large;
+    for (std::uint32_t i = 0; i < m; ++i) (q[i] < kCap ? small : large).push_back(i);
     while (!small.empty() && !large.empty()) {
       const std::uint32_t s = small.back();
       small.pop_back();
       const std::uint32_t l = large.back();
-      set(s, p[s], l);
-      p[l] = (p[l] + p[s]) - 1.0;
-      if (p[l] < 1.0) {
+      thr[s] = static_cast<std::uint32_t>(q[s]);
+      alias[s] = l;
+      q[l] -= kCap - q[s];
+      if (q[l] < kCap) {
         large.pop_back();
         small.push_back(l);
       }
     }
-    for (std::uint32_t i : large) set(i, 1.0, i);
-    for (std::uint32_t i : small) set(i, 1.0, i);  // rounding leftovers: full columns
-    packed.resize(n);
-    for (std::uint32_t i = 0; i < n; ++i) packed[i] = thr[i] | (static_cast<std::uint64_t>(alias[i]) << 32);
-  }
-
- private:
-  void set(std::uint32_t i, double prob, std::uint32_t a) {
-    const double t = std::ldexp(prob, 32);
-    if (t >= 4294967295.0) {
+    // Exact arithmetic: every column left holds exactly kCap units.
+    for (std::uint32_t i : large) {
       thr[i] = 0xFFFFFFFFu;
       alias[i] = i;  // a full column: the coin does not matter
-    } else {
-      thr[i] = static_cast<std::uint32_t>(std::llround(std::max(0.0, t)));
-      alias[i] = a;
+    }
+    for (std::uint32_t i : small) {  // unreachable unless the units did not add up
+      thr[i] = 0xFFFFFFFFu;
+      alias[i] = i;
     }
   }
 };
+
+// ---------------------------------------------------------------------------
+// Bulk conversion of 16-bit draws to experts (small tables). The result is a
+// pure function of the draws and the tie stream (consumed in draw order), so
+// the SIMD variant and the portable loop give identical output.
+// ---------------------------------------------------------------------------
+
+std::atomic<bool> g_portable_only{false};
+
+void convert16_portable(const AliasTable& tab, const unsigned char* bytes, int n, std::uint8_t* out,
+                        PhiloxStream& tie) {
+  for (int i = 0; i < n; ++i) {
+    std::uint16_t x;
+    std::memcpy(&x, bytes + 2 * i, sizeof(x));  // little-endian: low half of each word first
+    out[i] = static_cast<std::uint8_t>(tab.draw16(x, tie));
+  }
+}
+
+#ifdef QS_ROUTING_X86_DISPATCH
+// AVX-512 VBMI: 32 draws per step; the 256-byte threshold and alias tables are
+// looked up with two 128-byte vpermi2b each. Lanes whose coin byte equals the
+// threshold byte are redone by the scalar draw16 (in lane order), which
+// consumes tie bits exactly when the portable loop would.
+__attribute__((target("avx512f,avx512bw,avx512vbmi"))) void convert16_vbmi(const AliasTable& tab,
+                                                                          const unsigned char* bytes, int n,
+                                                                          std::uint8_t* out, PhiloxStream& tie) {
+  const std::uint8_t* t8 = tab.sm_t8;
+  const std::uint8_t* al = tab.sm_al;
+  const __m512i tA = _mm512_loadu_si512(t8), tB = _mm512_loadu_si512(t8 + 64);
+  const __m512i tC = _mm512_loadu_si512(t8 + 128), tD = _mm512_loadu_si512(t8 + 192);
+  const __m512i aA = _mm512_loadu_si512(al), aB = _mm512_loadu_si512(al + 64);
+  const __m512i aC = _mm512_loadu_si512(al + 128), aD = _mm512_loadu_si512(al + 192);
+  const __m512i lowbyte = _mm512_set1_epi16(0x00FF);
+  int i = 0;
+  for (; i + 32 <= n; i += 32) {
+    const __m512i x = _mm512_loadu_si512(bytes + 2 * i);
+    const __m512i col = _mm512_and_si512(x, lowbyte);
+    const __m512i c8 = _mm512_srli_epi16(x, 8);
+    const __mmask64 hi = _mm512_movepi8_mask(col);  // column >= 128
+    const __m512i thr = _mm512_and_si512(
+        _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(tA, col, tB), _mm512_permutex2var_epi8(tC, col, tD)),
+        lowbyte);
+    const __m512i ali = _mm512_and_si512(
+        _mm512_mask_blend_epi8(hi, _mm512_permutex2var_epi8(aA, col, aB), _mm512_permutex2var_epi8(aC, col, aD)),
+        lowbyte);
+    const __mmask32 keep = _mm512_cmplt_epu16_mask(c8, thr);
+    const __mmask32 tie_lanes = _mm512_cmpeq_epu16_mask(c8, thr);
+    const __m512i e = _mm512_mask_blend_epi16(keep, ali, col);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + i),
+                        _mm512_mask_cvtepi16_epi8(_mm256_setzero_si256(), 0xFFFFFFFFu, e));
+    for (std::uint32_t m = tie_lanes; m != 0; m &= m - 1) {
+      const int j = i + __builtin_ctz(m);
+      std::uint16_t xv;
+      std::memcpy(&xv, bytes + 2 * j, sizeof(xv));
+      out[j] = static_cast<std::uint8_t>(tab.draw16(xv, tie));
+    }
+  }
+  convert16_portable(tab, bytes + 2 * i, n - i, out + i, tie);
+}
+#endif
+
+using Convert16 = void (*)(const AliasTable&, const unsigned char*, int, std::uint8_t*, PhiloxStream&);
+
+Convert16 pick_convert16() {
+#ifdef QS_ROUTING_X86_DISPATCH
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+      __builtin_cpu_supports("avx512vbmi"))
+    return convert16_vbmi;
+#endif
+  return convert16_portable;
+}
+
+const Convert16 g_convert16_best = pick_convert16();
+
+inline Convert16 convert16() { return g_portable_only.load(std::memory_order_relaxed) ? convert16_portable : g_convert16_best; }
 
 struct LayerTable {
   AliasTable experts;
@@ -143,7 +291,10 @@ std::vector<double> layer_weights(const RouteRequest& req, std::int64_t layer) {
   }
   double total = 0.0;
   for (double x : w) total += x;
-  for (double& x : w) x /= total;
+  // A positive weight must stay positive after normalising (e.g. 5e-324 among
+  // weights ~1 underflows to 0): the exact fallback draws only positive
+  // weights, and with k close to E it must still find k of them.
+  for (double& x : w) x = x > 0.0 ? std::max(x / total, std::numeric_limits<double>::denorm_min()) : 0.0;
   return w;
 }
 
@@ -217,9 +368,16 @@ struct Scratch {
   std::uint32_t stamp = 0, slot_stamp = 0;
   // Expert candidates: i.i.d. draws from the current layer's alias table,
   // converted a whole Philox refill at a time (E = a rejected Lemire draw).
-  std::uint32_t cand[2 * PhiloxStream::kWords];
+  std::uint32_t cand[4 * PhiloxStream::kWords];  // 16-bit draws: four per word
   std::size_t cand_pos = 0, cand_end = 0;
   const AliasTable* cand_table = nullptr;
+  PhiloxStream tie;             // the block's tie stream (kPurposeTie)
+  std::uint32_t pos_base = 0;   // Independent: accepted picks so far in this block (mod resets)
+  const unsigned char* ind_bytes = nullptr;  // Independent: the stream buffer being drawn from,
+  std::uint32_t ind_pos = 0, ind_end = 0;    // its next and end 16- (or 32-) bit draw
+  unsigned ind_refills = 0;
+  alignas(64) std::uint8_t cand8[4 * PhiloxStream::kWords];  // small tables: converted candidates
+  bool counted = false;  // cnt already holds this sample's per-expert counts
 };
 
 class ScratchPool {
@@ -285,11 +443,11 @@ class Engine {
     for (std::int64_t t = 0; t < W; ++t) {
       std::vector<double> w = layer_weights(req, t);
       layer_weights_.insert(layer_weights_.end(), w.begin(), w.end());
-      tables_[t].experts.build(w);
+      tables_[t].experts.build(w, true);
       if (req.model.kind == ModelKind::GroupLimited) {
         std::vector<double> gw(static_cast<std::size_t>(groups_), 0.0);
         for (std::int64_t e = 0; e < E_; ++e) gw[e / group_size_] += w[e];
-        tables_[t].groups.build(gw);
+        tables_[t].groups.build(gw, false);
       }
     }
     per_layer_tables_ = W > 1;
@@ -420,10 +578,18 @@ class Engine {
   static void fill_candidates(const AliasTable& tab, PhiloxStream& rng, Scratch& s) {
     const std::uint32_t* raw;
     const int n = rng.take_all32(&raw);
+    std::uint32_t* cand = s.cand;
+    if (tab.small) {
+      // Two 16-bit draws per 32-bit value, low half first.
+      convert16()(tab, reinterpret_cast<const unsigned char*>(raw), 2 * n, s.cand8, s.tie);
+      for (int i = 0; i < 2 * n; ++i) cand[i] = s.cand8[i];
+      s.cand_pos = 0;
+      s.cand_end = static_cast<std::size_t>(2 * n);
+      return;
+    }
     const std::uint64_t E = tab.n;
     const std::uint32_t lt = tab.lemire_t;
     const std::uint64_t* packed = tab.packed.data();
-    std::uint32_t* cand = s.cand;
     // Arithmetic selects: a compiled branch here would mispredict constantly.
     for (int i = 0; i < n; ++i) {
       const std::uint64_t m = static_cast<std::uint64_t>(raw[i]) * E;
@@ -486,6 +652,151 @@ class Engine {
     }
     s.cand_pos = pos;
     s.cand_end = end;
+  }
+
+  // Independent model: the picks of all B tokens of one sample in a single
+  // loop over candidates, with no per-token branch to mispredict. c counts the
+  // picks accepted so far in the block (from s.pos_base); the current token's
+  // picks end at tok_end. mark[e] holds the tok_end of the last token that
+  // drew e, so e is fresh for the current token iff mark[e] <= c. Each
+  // candidate is written at sel[c - base] and kept only if fresh (c advances).
+  // Candidates come from the stream buffer (kept across samples of the block);
+  // a token still unfinished at two consecutive buffer refills (it has drawn
+  // at least a whole buffer of candidates: remaining mass tiny) gets its
+  // remaining picks by exact sequential inversion; that stopping time does not
+  // depend on which expert would have been accepted, so the law is unchanged.
+  // Where the time goes (E=256, k=8, B=256, PowerLaw(1.0): 1.17 candidates per
+  // pick, ~2.5 ns per pick on one 3 GHz core): this loop ~50% (about 3 cycles
+  // per candidate: c is carried through compare, set and add, and mark/cnt of
+  // popular experts are re-read right after being stored), the Philox refill
+  // ~30% (Philox4x64-10 needs 20 64x64->128 multiplies per 4 words: ~27
+  // cycles per block, 16 bits per candidate), the SIMD conversion ~9%, the
+  // per-sample statistics ~10%.
+  // kCount: count per expert while drawing; kSel: store the selections (for
+  // record or replicas); kPow2: k is a power of two, so the current token's
+  // end is (c | (k-1)) + 1 (base is a multiple of k), cheaper than tracking it.
+  template <bool kSmall, bool kCount, bool kSel, bool kPow2>
+  void sample_independent(const AliasTable& tab, PhiloxStream& rng, Scratch& s) const {
+    std::uint32_t* mark = s.mark.data();
+    std::uint32_t* cnt = s.cnt.data();
+    std::int32_t* sel = s.sel.data();
+    const std::uint32_t k = static_cast<std::uint32_t>(k_);
+    const std::uint32_t bk = static_cast<std::uint32_t>(bk_);
+    if (static_cast<std::uint64_t>(s.pos_base) + bk + k >= 0xFFFFFFFFull) {
+      std::fill(s.mark.begin(), s.mark.end(), 0);
+      s.pos_base = 0;
+    }
+    const std::uint32_t base = s.pos_base;
+    const std::uint32_t stop = base + bk;
+    const std::uint64_t E = tab.n;
+    const std::uint32_t lt = tab.lemire_t;
+    const std::uint64_t* packed = tab.packed.data();
+    std::uint32_t c = base, tok_end = base + k, tok_at_refill = 0;
+    const Convert16 convert = convert16();
+    const unsigned char* bytes = s.ind_bytes;
+    std::uint32_t pos = s.ind_pos, end = s.ind_end;
+    for (;;) {
+      if (pos == end) {
+        if ((++s.ind_refills & 255u) == 0) check_cancel();
+        const std::uint32_t* raw;
+        end = static_cast<std::uint32_t>(rng.take_all32(&raw));
+        bytes = reinterpret_cast<const unsigned char*>(raw);
+        if constexpr (kSmall) {
+          end *= 2;
+          convert(tab, bytes, static_cast<int>(end), s.cand8, s.tie);
+          bytes = s.cand8;
+        }
+        pos = 0;
+        if (__builtin_expect(tok_end == tok_at_refill, 0)) {
+          c = finish_token(tab, s, c, tok_end, sel, base, kCount);
+          tok_end += k;
+          if (c == stop) break;
+        }
+        tok_at_refill = tok_end;
+      }
+      // At most one pick per candidate: n candidates cannot overshoot stop.
+      const std::uint32_t n = std::min(end - pos, stop - c);
+      const std::uint32_t pend = pos + n;
+      for (; pos < pend; ++pos) {
+        std::uint32_t e;
+        if constexpr (kSmall) {
+          e = bytes[pos];
+        } else {
+          std::uint32_t x;
+          std::memcpy(&x, bytes + 4 * pos, sizeof(x));
+          const std::uint64_t m = static_cast<std::uint64_t>(x) * E;
+          const std::uint32_t low = static_cast<std::uint32_t>(m);
+          if (__builtin_expect(low < lt, 0)) continue;  // Lemire rejection: the column would be biased
+          const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
+          const std::uint64_t entry = packed[col];
+          const std::uint32_t use_alias = 0u - static_cast<std::uint32_t>(low >= static_cast<std::uint32_t>(entry));
+          e = col ^ ((col ^ static_cast<std::uint32_t>(entry >> 32)) & use_alias);
+        }
+        if constexpr (kPow2) tok_end = (c | (k - 1)) + 1;
+        const std::uint32_t fresh = mark[e] <= c;
+        if constexpr (kSel) sel[c - base] = static_cast<std::int32_t>(e);
+        mark[e] = tok_end;
+        if constexpr (kCount) cnt[e] += fresh;
+        c += fresh;
+        // Token boundary without a branch (it would mispredict once per token).
+        if constexpr (!kPow2) tok_end += k & (0u - static_cast<std::uint32_t>(c == tok_end));
+      }
+      if constexpr (kPow2) tok_end = (c | (k - 1)) + 1;
+      if (c == stop) break;
+    }
+    s.ind_bytes = bytes;
+    s.ind_pos = pos;
+    s.ind_end = end;
+    s.pos_base = stop;
+    s.counted = kCount;
+  }
+
+  // Count per expert while drawing unless replicas need the token index;
+  // store the selections only when they are recorded or replicas need them.
+  template <bool kSmall>
+  void dispatch_independent(const AliasTable& tab, PhiloxStream& rng, Scratch& s) const {
+    const bool pow2 = (k_ & (k_ - 1)) == 0;
+    if (replicas_) {
+      pow2 ? sample_independent<kSmall, false, true, true>(tab, rng, s)
+           : sample_independent<kSmall, false, true, false>(tab, rng, s);
+    } else if (record_) {
+      pow2 ? sample_independent<kSmall, true, true, true>(tab, rng, s)
+           : sample_independent<kSmall, true, true, false>(tab, rng, s);
+    } else {
+      pow2 ? sample_independent<kSmall, true, false, true>(tab, rng, s)
+           : sample_independent<kSmall, true, false, false>(tab, rng, s);
+    }
+  }
+
+  // Remaining picks of the token ending at tok_end (c picks made so far) by
+  // exact sequential inversion over the experts it has not drawn; returns tok_end.
+  static std::uint32_t finish_token(const AliasTable& tab, Scratch& s, std::uint32_t c, std::uint32_t tok_end,
+                                    std::int32_t* sel, std::uint32_t base, bool count) {
+    std::uint32_t* mark = s.mark.data();
+    while (c < tok_end) {
+      double total = 0.0;
+      std::int64_t last = -1;
+      for (std::uint32_t q = 0; q < tab.n; ++q)
+        if (mark[q] <= c && tab.w[q] > 0.0) {
+          total += tab.w[q];
+          last = q;
+        }
+      double u = s.tie.uniform() * total;
+      std::int64_t pick = last;
+      for (std::uint32_t q = 0; q < tab.n; ++q)
+        if (mark[q] <= c && tab.w[q] > 0.0) {
+          u -= tab.w[q];
+          if (u < 0.0) {
+            pick = q;
+            break;
+          }
+        }
+      mark[pick] = tok_end;
+      if (count) ++s.cnt[pick];
+      sel[c - base] = static_cast<std::int32_t>(pick);
+      ++c;
+    }
+    return c;
   }
 
   // Exact draw proportional to weight among the eligible, unchosen experts.
@@ -569,6 +880,13 @@ class Engine {
     }
     const LayerTable& tab = tables_[per_layer_tables_ ? l : 0];
     PhiloxStream& rng = stream;
+    if (model.kind == ModelKind::Independent) {
+      if (tab.experts.small)
+        dispatch_independent<true>(tab.experts, rng, s);
+      else
+        dispatch_independent<false>(tab.experts, rng, s);
+      return;
+    }
     for (std::int64_t t = 0; t < B_; ++t) {
       if ((t & 16383) == 16383) check_cancel();
       const std::uint32_t stamp = next_stamp(s.stamp, s.mark);
@@ -629,6 +947,27 @@ class Engine {
           nt += cnt[e]++ == 0;
         }
       }
+    } else if (s.counted) {
+      // Counts already made while drawing (Independent): one pass over the
+      // experts gives u, u_g, n_g and the tokens-per-expert histogram.
+      std::uint64_t* tpe = s.tpe.c.data();
+      std::uint32_t u = 0, cmax = 0;
+      for (std::int64_t e = 0; e < E_; ++e) {
+        const std::uint32_t c = cnt[e];
+        cnt[e] = 0;
+        const std::uint32_t nz = c != 0;
+        const std::int32_t g = gpu_of[e];
+        u += nz;
+        u_g[g] += nz;
+        n_g[g] += c;
+        ++tpe[c];
+        cmax = std::max(cmax, c);
+      }
+      s.counted = false;
+      s.unique.add(u);
+      s.tpe.note(0);
+      s.tpe.note(cmax);
+      return finish_account(s, r);
     } else {
       // Branch-free first-touch detection; per-GPU figures follow from the
       // per-expert counts of the touched experts.
@@ -659,6 +998,13 @@ class Engine {
     s.tpe.note(cmin);  // the range taken at block end must cover every count written
     s.tpe.note(cmax);
     if (u < E_) s.tpe.add(0, static_cast<std::uint64_t>(E_ - u));
+    return finish_account(s, r);
+  }
+
+  // Per-GPU maxima and sums of one sample (u_g, n_g), reset; the layer time.
+  double finish_account(Scratch& s, BlockResult& r) const {
+    std::int64_t* u_g = s.u_g.data();
+    std::int64_t* n_g = s.n_g.data();
     std::int64_t umax = 0, nmax = 0;
     double lt = 0.0;
     for (std::int64_t g = 0; g < G_; ++g) {
@@ -691,6 +1037,10 @@ class Engine {
     s.slot_stamp = 0;
     s.cand_table = nullptr;
     s.cand_pos = s.cand_end = 0;
+    s.tie.reset(req_.key, static_cast<std::uint64_t>(b), kPurposeTie);
+    s.pos_base = 0;
+    s.ind_bytes = nullptr;
+    s.ind_pos = s.ind_end = 0;
     const std::int64_t m0 = b * block_;
     const std::int64_t m1 = std::min(req_.microbatches, m0 + block_);
     for (std::int64_t m = m0; m < m1; ++m) {
@@ -755,6 +1105,8 @@ void check_weights(const char* name, const std::vector<double>& w, std::int64_t 
 }
 
 }  // namespace
+
+void set_portable_only(bool on) { g_portable_only.store(on, std::memory_order_relaxed); }
 
 void Moments::merge(const Moments& o) {
   if (o.n == 0) return;
@@ -913,7 +1265,9 @@ std::uint64_t estimate_memory(const RouteRequest& req, unsigned threads) {
   double bins = 0;
   if (req.cost.enabled) bins = 2.0 * 20000.0;  // generous: log bins of layer and step time
   const double hists = 8.0 * (2.0 * (E + 1) + (bk + 1) + (B + 1) + 2.0 * G + bins);
-  const double tables = static_cast<double>(std::max<std::int64_t>(weight_tables(req), 1)) * E * 32.0;
+  // Per table: the E-column tables (plus group tables) and the fixed-size
+  // 256-column arrays every AliasTable carries (sm, sm_thr, sm_t8, sm_al).
+  const double tables = static_cast<double>(std::max<std::int64_t>(weight_tables(req), 1)) * (E * 32.0 + 2.0 * 2600.0);
   double scratch = hists + 4.0 * (3.0 * E + slots + bk) + 8.0 * 2.0 * G + 64.0 * 8.0;
   if (req.model.kind == ModelKind::Sticky) scratch += 4.0 * L * bk;
   const double t = static_cast<double>(std::max(1u, threads));

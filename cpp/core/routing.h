@@ -7,6 +7,8 @@
 // Randomness. Streams are PhiloxStream(key, index, purpose) (philox.h):
 //   purpose kPurposeRouting    (1), index = work block  -> all draws of a block
 //   purpose kPurposePopularity (2), index = layer       -> per-layer popularity
+//   purpose kPurposeTie        (3), index = work block  -> rare extra coin bits
+//                                                          and fallback uniforms
 // Work blocks hold a fixed number of microbatches that depends only on the
 // request (never on the thread count); block results are merged in block
 // order by ordered_block_reduce, so results are bit-identical for any threads.
@@ -15,19 +17,38 @@
 // replacement, each proportional to weight among the experts not yet chosen),
 // implemented as: draw from the full distribution with a Walker/Vose alias
 // table and reject experts already chosen, which is exactly the conditional
-// law of each sequential draw. After kRejectBudget consecutive rejections of a
-// pick (remaining mass tiny: k close to E, or very skewed weights) the pick
-// falls back to exact sequential inversion over the remaining experts in
-// double precision (still exact: the stopping time is independent of which
-// remaining expert would have been accepted).
+// law of each sequential draw. When the remaining mass is tiny (k close to E,
+// or very skewed weights) a token's remaining picks fall back to exact
+// sequential inversion over the remaining experts in double precision, after
+// kRejectBudget + 4k consecutive rejections (GroupLimited, Sticky) or when the
+// token is still unfinished at two consecutive stream refills (Independent).
+// Either rule is a stopping time that does not depend on which remaining
+// expert would have been accepted, so the law is unchanged.
 //
-// Alias draws use 32 random bits each (two per Philox word): the column is
+// Alias tables are built in exact integer arithmetic: each column holds 2^32
+// units, an expert's units are its weight share of E * 2^32 rounded (largest
+// remainders), and each column's threshold T is a 32-bit integer: the column's
+// own expert is taken with probability exactly T / 2^32.
+//
+// E <= 256 (the common case): the table is padded with zero-weight columns to
+// exactly 256 columns and each draw uses 16 random bits (four per Philox word,
+// low half first): the low byte is the column (exactly uniform, no rejection),
+// the high byte c8 is the top byte of a 32-bit coin U compared with T:
+// c8 < T>>24 accepts, c8 > T>>24 takes the alias, and on a tie (probability
+// <= 1/256) 24 further bits from the block's tie stream complete the exact
+// comparison U < T. So each column is taken with probability exactly T/2^32:
+// the only approximation is rounding the weights to multiples of 2^-32 / 256.
+// A whole refill (256 draws) is converted at once, with AVX-512 VBMI when the
+// CPU has it (chosen at run time; the portable loop gives identical output,
+// see set_portable_only).
+//
+// E > 256: each draw uses 32 random bits (two per Philox word): the column is
 // floor(x*E/2^32) with Lemire's exact rejection (so the column is exactly
-// uniform) and the coin is the low 32 bits of x*E compared with the column's
-// 32-bit threshold. Conditioned on the column, those low bits form an
-// arithmetic progression of step E, so each alias column's acceptance
-// probability differs from its double-precision value by at most E * 2^-32
-// (6e-8 for E = 256), far below the Monte Carlo error of any feasible run.
+// uniform) and the coin is the low 32 bits of x*E compared with T.
+// Conditioned on the column, those low bits form an arithmetic progression of
+// step E, so each alias column's acceptance probability differs from T/2^32 by
+// at most E * 2^-32, far below the Monte Carlo error of any feasible run.
+// Group draws (GroupLimited) use this 32-bit scheme for any number of groups.
 // Bernoulli coins (Sticky's rho) likewise use 32 bits: bias <= 2^-32.
 #pragma once
 
@@ -41,6 +62,7 @@ namespace qs::routing {
 
 constexpr std::uint64_t kPurposeRouting = 1;
 constexpr std::uint64_t kPurposePopularity = 2;
+constexpr std::uint64_t kPurposeTie = 3;
 constexpr int kRejectBudget = 64;
 // Relative width of a log-binned cost histogram bin: quantiles reported at the
 // geometric bin centre are within sqrt(1.001) - 1 < 0.05% of the truth.
@@ -175,5 +197,8 @@ std::uint64_t estimate_memory(const RouteRequest& req, unsigned threads);
 std::int64_t block_size(const RouteRequest& req);
 // Validates, checks memory (qs::ResourceLimitExceeded), runs. Throws Cancelled.
 RouteResult route(const RouteRequest& req, const CancelToken* cancel = nullptr);
+// Tests: use only the portable code paths (no runtime-dispatched SIMD), which
+// must give bit-identical results. Process-wide; default off.
+void set_portable_only(bool on);
 
 }  // namespace qs::routing
