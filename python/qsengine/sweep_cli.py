@@ -48,6 +48,8 @@ def load_sweep_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not valid TOML: nested too deeply") from None
     for k in doc:
         if k not in ("grid", "sweep"):
             raise ValueError(f"{p}: unknown table [{k}]{did_you_mean(k, ['grid', 'sweep'])}; "
