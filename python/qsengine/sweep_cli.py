@@ -42,10 +42,14 @@ def load_sweep_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         size = p.stat().st_size
     except OSError as exc:
         raise ValueError(f"{p}: cannot read the sweep file ({exc.strerror})") from None
+    if not p.is_file():
+        raise ValueError(f"{p}: not a sweep file (a directory or special file)")
     if size > MAX_TOML_BYTES:
         raise ValueError(f"{p}: {size} bytes is larger than the {MAX_TOML_BYTES}-byte limit for sweep files")
     try:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot read the sweep file ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: not valid TOML: {exc}") from None
     except RecursionError:
