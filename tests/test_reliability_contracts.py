@@ -180,3 +180,138 @@ def test_merged_histograms_beyond_2_pow_32_stay_exact():
     assert m.unique.n == 2 * (2**33 + 1) * 100
     assert m.unique.mean == pytest.approx(s.unique.mean)
     assert q.RoutingStats.from_dict(json.loads(json.dumps(m.to_dict()))) == m
+
+
+# --------------------------------------------------------------- durable results
+def _results_dir(tmp_path):
+    from qsengine.cli import main
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[grid]\nmodel = ["qwen3-30b-a3b"]\ncluster = ["8xh100", "8xh200"]\ncontext = [4096]\n'
+                    'microbatches = [0]\nbreak_even = [false]\n')
+    out = tmp_path / "out"
+    assert main(["sweep", str(grid), "--out", str(out), "--no-progress", "--seed", "1"]) == 0
+    return out
+
+
+def _rewrite_meta(path, **changes):
+    import pyarrow.parquet as pq
+
+    t = pq.read_table(path)
+    meta = dict(t.schema.metadata or {})
+    for k, v in changes.items():
+        key = f"qsengine.{k}".encode()
+        if v is None:
+            meta.pop(key, None)
+        else:
+            meta[key] = str(v).encode()
+    pq.write_table(t.replace_schema_metadata(meta), path)
+
+
+def test_results_file_records_its_format_and_other_versions_are_refused(tmp_path):
+    from qsengine._checkpoint import RESULTS_FORMAT, RESULTS_FORMAT_VERSION, read_results_table
+    from qsengine.sweep_cli import report
+
+    out = _results_dir(tmp_path)
+    res = out / "results.parquet"
+    meta = read_results_table(res).schema.metadata
+    assert meta[b"qsengine.format"] == RESULTS_FORMAT.encode()
+    assert meta[b"qsengine.format_version"] == str(RESULTS_FORMAT_VERSION).encode()
+    df = read_results_table(res).to_pandas()
+    assert len(df) == 2 and report(out)  # the current version reads and plots
+    # an older file (before versions were recorded) is read as version 1
+    _rewrite_meta(res, format=None, format_version=None)
+    pd.testing.assert_frame_equal(read_results_table(res).to_pandas(), df)
+    # a newer version, a garbled version or another format: refused by name
+    for changes, needle in [(dict(format=RESULTS_FORMAT, format_version=2), "format version 2"),
+                            (dict(format=RESULTS_FORMAT, format_version="x"), "format version x"),
+                            (dict(format="someone.else"), "not 'qsengine.sweep.results'")]:
+        _rewrite_meta(res, **changes)
+        with pytest.raises(ValueError, match=needle):
+            read_results_table(res)
+        with pytest.raises(ValueError, match=needle):
+            report(out)
+    res.write_bytes(b"PAR1 truncated")
+    with pytest.raises(ValueError, match="not a readable parquet"):
+        read_results_table(res)
+
+
+@pytest.mark.xfail(strict=True, reason="sweeping.load_results reads results.parquet with pq.read_table and never "
+                   "checks its format version: a newer file is read silently. Fix: use "
+                   "qsengine._checkpoint.read_results_table there (report() already does).")
+def test_load_results_refuses_a_newer_results_version(tmp_path):
+    out = _results_dir(tmp_path)
+    _rewrite_meta(out / "results.parquet", format_version=2)
+    with pytest.raises(ValueError, match="format version 2"):
+        q.load_results(out)
+
+
+def test_routing_stats_and_simulation_records_carry_versions():
+    s = q.route(8, 2, 4, 10, seed=1)
+    d = s.to_dict()
+    assert d["format"] and d["version"] == 1
+    for bad in (dict(d, version=2), dict(d, version=0), dict(d, format="x")):
+        with pytest.raises(ValueError, match="version|format"):
+            q.RoutingStats.from_dict(bad)
+    r = q.simulate("qwen3-30b-a3b", "8xh100", 4096, microbatches=0, break_even=False)
+    assert r.to_dict()["format"] == "qsengine.SimulationResult" and r.to_dict()["version"] == 1
+
+
+# --------------------------------------------------------------- untrusted inputs
+def test_local_dask_cluster_of_the_cli_binds_to_localhost(tmp_path, monkeypatch):
+    """`qsengine sweep --workers N` starts its scheduler and workers on 127.0.0.1."""
+    pytest.importorskip("distributed")
+    import distributed
+
+    seen = {}
+    real = distributed.LocalCluster
+
+    class Spy(real):  # type: ignore[misc, valid-type]
+        def __init__(self, *a, **kw):
+            seen.update(kw)
+            super().__init__(*a, **kw)
+            seen["address"] = self.scheduler_address
+            seen["dashboard"] = self.dashboard_link or ""
+
+    monkeypatch.setattr(distributed, "LocalCluster", Spy)
+    from qsengine.cli import main
+
+    grid = tmp_path / "grid.toml"
+    grid.write_text('[grid]\nmodel = ["qwen3-30b-a3b"]\ncluster = ["8xh100"]\ncontext = [4096]\n'
+                    'microbatches = [0]\nbreak_even = [false]\n')
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "o"), "--workers", "1", "--no-progress"]) == 0
+    assert seen["host"] == "127.0.0.1" and seen["address"].startswith("tcp://127.0.0.1:")
+    # dashboard_address=None does not switch the dashboard off, but it too is on localhost
+    assert seen["dashboard"] == "" or seen["dashboard"].startswith("http://127.0.0.1:")
+
+
+def test_readme_documents_tls_for_multi_machine_clusters():
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for needle in ("--protocol tls", "--tls-ca-file", "--tls-cert", "--tls-key", "tls://",
+                   "require_encryption=True", "never expose a\nscheduler on a public interface"):
+        assert needle in readme, needle
+
+
+def test_no_loader_evaluates_code():
+    """Inputs are parsed with tomllib/json/numpy (allow_pickle=False) only."""
+    import ast
+    from pathlib import Path
+
+    pkg = Path(q.__file__).parent
+    for f in pkg.rglob("*.py"):
+        tree = ast.parse(f.read_text())
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Call):
+                fn = node.func
+                name = fn.id if isinstance(fn, ast.Name) else fn.attr if isinstance(fn, ast.Attribute) else ""
+                if isinstance(fn, ast.Name):  # the builtins (re.compile is fine)
+                    assert name not in ("eval", "exec", "compile", "__import__"), f"{f}:{node.lineno}: {name}()"
+                if name in ("load", "loads") and isinstance(fn, ast.Attribute) and getattr(fn.value, "id", "") in (
+                        "pickle", "marshal", "yaml", "dill", "cloudpickle"):
+                    raise AssertionError(f"{f}:{node.lineno}: {fn.value.id}.{name}")
+                if name == "load" and getattr(fn.value, "id", "") == "np":
+                    kws = {k.arg: k.value for k in node.keywords}
+                    assert "allow_pickle" in kws and isinstance(kws["allow_pickle"], ast.Constant) \
+                        and kws["allow_pickle"].value is False, f"{f}:{node.lineno}: np.load without allow_pickle=False"
