@@ -157,3 +157,30 @@ def test_popularity_refuses_weights_the_core_cannot_normalise():
     # tiny but representable relative to the sum is fine
     s = q.route(4, 4, 1, 10, routing=q.Popularity((1.0, 1.0, 1.0, 1e-200)), seed=1)
     assert set(s.unique.values[s.unique.counts > 0]) == {4}
+
+
+_CORE_UB = """
+from qsengine import _core
+try:
+    _core.route(experts=4, top_k=2, batch=2**62, microbatches=1, layers=1, model_kind=0, weight_kind=0, alpha=1.0,
+                ranks=0, weights=None, concentration=None, groups=1, top_groups=1, rho=0.0, trace=None, gpus=1,
+                expert_gpus=[[0], [0], [0], [0]], cost_a=None, cost_b=None, key0=1, key1=2, threads=1,
+                memory_limit=1 << 30, record=False)
+except ValueError as exc:
+    print(exc)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason="cpp/core/routing.cc validate(): the message for batch > 2^31/top_k computes "
+                   "B * k in int64, which overflows (signed-overflow UB, found by UBSan; prints a negative product). "
+                   "qsengine.route now checks batch*top_k in Python first.")
+def test_core_batch_times_top_k_message_does_not_overflow():
+    p = subprocess.run([sys.executable, "-c", _CORE_UB], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0 and "batch*top_k=9223372036854775808 " in p.stdout, (p.stdout, p.stderr[-1500:])
+
+
+def test_route_checks_core_bounds_before_building_anything():
+    with pytest.raises(ValueError, match=r"batch\*top_k=9223372036854775808 must be < 2\^31"):
+        q.route(4, 2, 2**62, 1)
+    with pytest.raises(ValueError, match="experts=16777217: must be between 1 and 16777216"):
+        q.route(2**24 + 1, 2, 1, 1)

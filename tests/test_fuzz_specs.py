@@ -57,14 +57,14 @@ def mutated(draw, docs: dict):
         for k in path[:-1]:
             parent = parent[k]
         op = draw(st.sampled_from(["set", "set", "delete", "add"]))
-        if op == "set":
-            parent[path[-1]] = draw(BAD_VALUES)
+        if op == "set":  # deepcopy: sampled values are shared between test cases
+            parent[path[-1]] = copy.deepcopy(draw(BAD_VALUES))
         elif op == "delete":
             del parent[path[-1]]
         else:
             key = draw(st.one_of(st.text(min_size=1, max_size=10), st.just(path[-1] + "s"),
                                  st.just(path[-1].upper())))
-            parent[key] = draw(BAD_VALUES)
+            parent[key] = copy.deepcopy(draw(BAD_VALUES))
     return doc
 
 

@@ -1032,6 +1032,13 @@ def _prepare(experts: object, top_k: object, batch: object, microbatches: object
         raise TypeError(f"placement={placement!r}: must be a qsengine.Placement, an int (contiguous GPUs) or None")
     if k > E:
         raise ValueError(f"top_k={k}: must be <= experts={E} (each token picks top_k distinct experts)")
+    # The core's own bounds, checked here first: Python ints are exact, while
+    # the core's message for batch*top_k overflowed int64 (UBSan) and the
+    # placement below is built before the core sees experts.
+    if E > 1 << 24:
+        raise ValueError(f"experts={E}: must be between 1 and 16777216")
+    if B * k >= 1 << 31:
+        raise ValueError(f"batch={B}: batch*top_k={B * k} must be < 2^31")
     # The per-expert placement lists are built here, in Python, before the
     # core's own estimate runs: refuse a huge expert count before building them.
     need = E * _PLACEMENT_BYTES_PER_EXPERT

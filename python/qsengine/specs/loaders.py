@@ -285,7 +285,7 @@ def load_model(spec: str | os.PathLike[str] | Model, *, id: str | None = None) -
         raise TypeError(f"model: must be a Model, a name or a path, got {type(spec).__name__}")
     if _looks_like_path(spec) or (isinstance(spec, str) and _is_file(spec)):
         path = Path(spec)
-        label = str(path)
+        label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
         text = _read(path, label)
         if path.suffix == ".json":
             try:
@@ -462,7 +462,7 @@ def load_accelerator(spec: str | os.PathLike[str] | Accelerator) -> Accelerator:
         raise TypeError(f"accelerator: must be an Accelerator, a name or a path, got {type(spec).__name__}")
     if _looks_like_path(spec):
         path = Path(spec)
-        label = str(path)
+        label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
         return accelerator_from_dict(_parse_toml(_read(path, label), label), label)
     return _load_shipped_accelerator(_lookup("accelerators", spec, ACCELERATOR_ALIASES))
 
@@ -504,7 +504,7 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
         raise TypeError(f"cluster: must be a Cluster, a name or a path, got {type(spec).__name__}")
     if _looks_like_path(spec):
         path = Path(spec)
-        label = str(path)
+        label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
         return cluster_from_dict(_parse_toml(_read(path, label), label), label)
     shipped = _shipped("clusters")
     key = re.sub(r"\s+", "", spec.strip().lower())
