@@ -10,7 +10,7 @@
 #
 # Leak detection is off (CPython keeps objects alive until exit by design); any
 # ASan error or UBSan finding aborts the process and fails the run. Runtime on
-# 2 cores: see docs/reliability.md (about 9 minutes including both builds).
+# 2 cores: about 4.5 minutes from scratch, both builds included (docs/reliability.md).
 #
 # Usage: ci/sanitize.sh [PYTHON]   (PYTHON: the interpreter that makes the
 # sanitizer venv; default python3). Needs the network (or a pip cache) for
