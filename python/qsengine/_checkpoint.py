@@ -35,7 +35,8 @@ from typing import Any, Iterable
 
 from qsengine.errors import QsengineWarning
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "Checkpoint", "ChunkScan"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "RESULTS_FORMAT", "RESULTS_FORMAT_VERSION", "Checkpoint", "ChunkScan",
+           "read_results_table", "results_metadata"]
 
 FORMAT = "qsengine.sweep"
 #: Version of the checkpoint layout and of the chunk columns' meaning.
@@ -83,6 +84,51 @@ def table_to_parquet_bytes(table) -> bytes:
     buf = io.BytesIO()
     pq.write_table(table, buf, compression="zstd")
     return buf.getvalue()
+
+
+#: A finished sweep's ``results.parquet`` (written by ``qsengine sweep``) names
+#: its format in the parquet schema metadata. Files written before the format
+#: was recorded (no key) have the same columns as version 1 and are read as it.
+RESULTS_FORMAT = "qsengine.sweep.results"
+RESULTS_FORMAT_VERSION = 1
+_RESULTS_KEYS = (b"qsengine.format", b"qsengine.format_version", b"qsengine.version")
+
+
+def results_metadata(version: str) -> dict[bytes, bytes]:
+    """Schema metadata that marks a results table (merge into the table's own)."""
+    return {b"qsengine.format": RESULTS_FORMAT.encode(),
+            b"qsengine.format_version": str(RESULTS_FORMAT_VERSION).encode(),
+            b"qsengine.version": version.encode()}
+
+
+def read_results_table(path: str | os.PathLike[str]):
+    """A results parquet file as a pyarrow Table: a file of another format or
+    of a newer format version is refused with a clear message, never misread;
+    an unversioned (older) file is read as version 1."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = Path(path)
+    try:
+        table = pq.read_table(p)
+    except (OSError, pa.ArrowException) as exc:
+        raise ValueError(f"{p}: not a readable parquet results file ({exc})") from None
+    meta = table.schema.metadata or {}
+    fmt = meta.get(b"qsengine.format")
+    if fmt is None:
+        return table  # written before versions were recorded: version-1 columns
+    if fmt.decode(errors="replace") != RESULTS_FORMAT:
+        raise ValueError(f"{p}: a {fmt.decode(errors='replace')!r} file, not {RESULTS_FORMAT!r} sweep results")
+    raw = meta.get(b"qsengine.format_version", b"?").decode(errors="replace")
+    try:
+        version = int(raw)
+    except ValueError:
+        version = None
+    if version != RESULTS_FORMAT_VERSION:
+        writer = meta.get(b"qsengine.version", b"?").decode(errors="replace")
+        raise ValueError(f"{p}: results format version {raw} (written by qsengine {writer}), but this qsengine "
+                         f"reads version {RESULTS_FORMAT_VERSION}; use a matching qsengine or re-run the sweep")
+    return table
 
 
 @dataclass

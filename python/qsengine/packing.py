@@ -30,6 +30,8 @@ import pandas as pd
 
 from qsengine import _core
 from qsengine._core import FORMAT_VERSION
+from qsengine._limits import get_memory_limit
+from qsengine.errors import ResourceLimitError
 from qsengine._seed import SeedLike, as_seed_sequence, philox_key, seed_record
 from qsengine.specs import Accelerator, Cluster, Model, Plan, Precision, Workload
 from qsengine.specs import PRECISIONS
@@ -85,7 +87,12 @@ def _as_int(value: object, name: str, minimum: int) -> int:
     v = int(value)
     if v < minimum:
         raise ValueError(f"{name}={v}: must be >= {minimum}")
+    if v > _MAX_INT:
+        raise ValueError(f"{name}={v}: must be <= 2^53")
     return v
+
+
+_MAX_INT = 2**53  # as the spec fields (specs._validate.MAX_SPEC_INT): exact in float64, no int64 overflow
 
 
 def _as_context(context: int | Workload) -> int:
@@ -95,6 +102,8 @@ def _as_context(context: int | Workload) -> int:
         raise TypeError(f"context={context!r} (type {type(context).__name__}): must be an integer number of tokens")
     if int(context) <= 0:
         raise ValueError(f"context={int(context)}: must be a positive number of tokens")
+    if int(context) > _MAX_INT:
+        raise ValueError(f"context={int(context)}: must be <= 2^53 tokens")
     return int(context)
 
 
@@ -501,6 +510,7 @@ def _resolve_lengths(
         if not lengths.is_distribution:
             raise ValueError("lengths: the Workload has no length distribution (use Workload.distribution(...))")
         n = _as_int(num_sequences if num_sequences is not None else 100_000, "num_sequences", 1)
+        _check_paged_memory(n, "num_sequences")
         seq = as_seed_sequence(seed)
         k0, k1 = philox_key(seq)
         values = np.asarray(lengths.lengths, dtype=np.int64)
@@ -519,7 +529,24 @@ def _resolve_lengths(
     bad = np.flatnonzero(arr < 1)
     if bad.size:
         raise ValueError(f"lengths[{bad[0]}]={arr[bad[0]]}: every context length must be >= 1 token")
+    _check_paged_memory(int(arr.size), "lengths")
     return np.ascontiguousarray(arr, dtype=np.int64), None
+
+
+#: Bytes the paged packer holds per offered sequence: the drawn length, the
+#: core's copy of it and its per-sequence bookkeeping (estimate, rounded up).
+PAGED_BYTES_PER_SEQUENCE = 32
+
+
+def _check_paged_memory(n: int, name: str) -> None:
+    """Refuse a paged packing whose per-sequence arrays would exceed the memory
+    limit (:func:`qsengine.set_memory_limit`), before anything is allocated."""
+    need = n * PAGED_BYTES_PER_SEQUENCE
+    limit = get_memory_limit()
+    if need > limit:
+        raise ResourceLimitError(
+            f"{name}: {n} sequences need about {need} bytes for paged packing, above the memory limit of {limit} "
+            "bytes; pack fewer sequences or raise it with qsengine.set_memory_limit / QSENGINE_MAX_MEMORY")
 
 
 def _auto_plan(desc: _core.MemoryDesc, num_gpus: int, context: int, want_ep: bool, threads: int) -> _core.PlanDesc:
@@ -594,7 +621,11 @@ def pack(
         if popularity is None:
             pop = np.ones(model.routed_experts)
         else:
-            pop = np.asarray(popularity, dtype=np.float64)
+            try:
+                pop = np.asarray(popularity, dtype=np.float64)
+            except (TypeError, ValueError):
+                raise TypeError(f"popularity={popularity!r}: must be a sequence of {model.routed_experts} "
+                                "non-negative numbers (one per routed expert)") from None
             if pop.ndim != 1 or pop.size != model.routed_experts:
                 raise ValueError(
                     f"popularity: has shape {pop.shape}; must have one value per routed expert ({model.routed_experts})"

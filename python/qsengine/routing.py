@@ -82,6 +82,32 @@ def _float(name: str, value: object) -> float:
     return v
 
 
+def _check_npy_header(fh: Any, where: str, limit: int) -> None:
+    """Read a .npy header (no data) and refuse arrays above ``limit`` bytes."""
+    from qsengine.errors import ResourceLimitError
+
+    fmt = np.lib.format
+    version = fmt.read_magic(fh)
+    if version == (1, 0):
+        shape, _, dtype = fmt.read_array_header_1_0(fh)
+    else:  # 2.0; 3.0 differs only in the header's text encoding (utf-8 vs latin-1)
+        shape, _, dtype = fmt.read_array_header_2_0(fh)
+    if dtype.hasobject:
+        raise ValueError(f"{where}: holds Python objects (pickled data is never loaded)")
+    count = 1
+    for n in shape:
+        count *= int(n)
+    need = count * dtype.itemsize
+    if need > limit:
+        raise ResourceLimitError(f"{where}: header declares shape {shape} of {dtype} = {need} bytes, above the "
+                                 f"limit {limit}")
+
+
+#: Smallest positive weight relative to the sum that Popularity accepts (the
+#: core floors generated weights at 1e-300 too); below it w / sum underflows.
+_MIN_RELATIVE_WEIGHT = 1e-300
+
+
 def _float_vector(name: str, value: object) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name}={value!r}: must be a sequence of numbers")
@@ -145,6 +171,16 @@ class Popularity:
         w = _float_vector("routing.weights", self.weights)
         if len(w) == 0 or not any(x > 0 for x in w):
             raise ValueError("routing.weights: all weights are zero; at least top_k must be positive")
+        # The core normalises w / sum(w): a sum that overflows, or a positive
+        # weight that underflows to 0 after it, would silently change the model
+        # (and a "positive" expert the core can never draw broke top_k = E).
+        total = sum(w)
+        if not math.isfinite(total):
+            raise ValueError(f"routing.weights: the sum of the weights overflows ({total}); rescale them")
+        for i, x in enumerate(w):
+            if 0.0 < x < _MIN_RELATIVE_WEIGHT * total:
+                raise ValueError(f"routing.weights[{i}]={x!r}: a positive weight must be at least "
+                                 f"{_MIN_RELATIVE_WEIGHT:g} of the total ({total:.6g}); use 0 for an unused expert")
         object.__setattr__(self, "weights", w)
 
     def to_dict(self) -> dict[str, Any]:
@@ -271,22 +307,67 @@ class Trace:
         Files larger than ``max_bytes`` (default: the memory limit) are refused."""
         from qsengine.errors import ResourceLimitError
 
+        import tokenize
+        import zipfile
+        import zlib
+
         limit = get_memory_limit() if max_bytes is None else int(max_bytes)
-        size = os.path.getsize(path)
+        where = f"Trace.load({os.fspath(path)!r})"
+        try:
+            size = os.path.getsize(path)
+        except OSError as exc:
+            raise ValueError(f"{where}: cannot read the file ({exc.strerror or exc})") from None
         if size > limit:
-            raise ResourceLimitError(f"Trace.load({os.fspath(path)!r}): file has {size} bytes, above the limit {limit}")
-        loaded = np.load(path, allow_pickle=False)
-        if isinstance(loaded, np.ndarray):
-            arr = loaded
-        else:
-            with loaded as data:
-                names = list(data.keys())
-                if key is None:
-                    key = "expert_ids" if "expert_ids" in names else (names[0] if len(names) == 1 else None)
-                if key is None or key not in names:
-                    raise ValueError(f"Trace.load({os.fspath(path)!r}): key={key!r}: pick one of {names}")
-                arr = data[key]
-        return cls(np.asarray(arr))
+            raise ResourceLimitError(f"{where}: file has {size} bytes, above the limit {limit}")
+        # Only numpy's own parser runs (allow_pickle=False: no object arrays,
+        # no code). The header's shape is checked against the limit before the
+        # data is read (a 100-byte file can claim 10^11 elements). A truncated
+        # or corrupted file, or a zip member that fails its CRC, is reported as
+        # a ValueError naming the file.
+        try:
+            with open(path, "rb") as fh:
+                magic = fh.read(6)
+            if magic == b"\x93NUMPY":
+                with open(path, "rb") as fh:
+                    _check_npy_header(fh, where, limit)
+            loaded = np.load(path, allow_pickle=False)
+            if isinstance(loaded, np.ndarray):
+                arr = loaded
+            else:
+                with loaded as data:
+                    names = list(data.keys())
+                    if key is None:
+                        key = "expert_ids" if "expert_ids" in names else (names[0] if len(names) == 1 else None)
+                    if key is None or key not in names:
+                        raise ValueError(f"{where}: key={key!r}: pick one of {names}")
+                    member = f"{key}.npy"
+                    if member not in data.zip.namelist():
+                        raise ValueError(f"{where}: member {key!r} is not a .npy array")
+                    # a compressed member may inflate far beyond the file size
+                    inflated = data.zip.getinfo(member).file_size
+                    if inflated > limit:
+                        raise ResourceLimitError(f"{where}: array {key!r} inflates to {inflated} bytes, above the "
+                                                 f"limit {limit}")
+                    with data.zip.open(member) as fh:
+                        _check_npy_header(fh, f"{where}[{key!r}]", limit)
+                    arr = data[key]
+        except ValueError as exc:
+            if str(exc).startswith(where):
+                raise
+            raise ValueError(f"{where}: not a readable .npy/.npz integer array ({exc})") from None
+        except MemoryError:
+            raise ResourceLimitError(f"{where}: the array does not fit in memory") from None
+        except (OSError, EOFError, SyntaxError, zipfile.BadZipFile, zlib.error, KeyError, NotImplementedError,
+                tokenize.TokenError) as exc:
+            raise ValueError(f"{where}: corrupted or truncated .npy/.npz file ({type(exc).__name__}: {exc})") from None
+        if not isinstance(arr, np.ndarray):
+            raise ValueError(f"{where}: does not hold a numpy array")
+        if arr.nbytes > limit:
+            raise ResourceLimitError(f"{where}: array has {arr.nbytes} bytes, above the limit {limit}")
+        try:
+            return cls(np.asarray(arr))
+        except (TypeError, ValueError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
 
     def to_dict(self) -> dict[str, Any]:
         digest = hashlib.sha256(self.expert_ids.tobytes()).hexdigest()
@@ -919,6 +1000,11 @@ class RoutingStats:
 # ---------------------------------------------------------------------------
 
 
+#: Bytes per expert of the placement lists (a Python list of GPU ids, then the
+#: core's vector of them): an over-estimate used to refuse huge expert counts.
+_PLACEMENT_BYTES_PER_EXPERT = 128
+
+
 def _prepare(experts: object, top_k: object, batch: object, microbatches: object, routing: object,
              placement: object, threads: object, layers: object, cost: object) -> tuple[dict[str, Any], RoutingConfig]:
     E = _int("experts", experts)
@@ -946,6 +1032,22 @@ def _prepare(experts: object, top_k: object, batch: object, microbatches: object
         raise TypeError(f"placement={placement!r}: must be a qsengine.Placement, an int (contiguous GPUs) or None")
     if k > E:
         raise ValueError(f"top_k={k}: must be <= experts={E} (each token picks top_k distinct experts)")
+    # The core's own bounds, checked here first: Python ints are exact, while
+    # the core's message for batch*top_k overflowed int64 (UBSan) and the
+    # placement below is built before the core sees experts.
+    if E > 1 << 24:
+        raise ValueError(f"experts={E}: must be between 1 and 16777216")
+    if B * k >= 1 << 31:
+        raise ValueError(f"batch={B}: batch*top_k={B * k} must be < 2^31")
+    # The per-expert placement lists are built here, in Python, before the
+    # core's own estimate runs: refuse a huge expert count before building them.
+    need = E * _PLACEMENT_BYTES_PER_EXPERT
+    if need > get_memory_limit():
+        from qsengine.errors import ResourceLimitError
+
+        raise ResourceLimitError(
+            f"experts={E}: the expert placement alone would need about {need} bytes, above the memory limit of "
+            f"{get_memory_limit()} bytes (qsengine.set_memory_limit or QSENGINE_MAX_MEMORY)")
     expert_gpus = placement.expert_gpus(E)
     cost_a = cost_b = None
     if cost is not None:

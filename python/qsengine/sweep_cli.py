@@ -42,12 +42,18 @@ def load_sweep_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
         size = p.stat().st_size
     except OSError as exc:
         raise ValueError(f"{p}: cannot read the sweep file ({exc.strerror})") from None
+    if not p.is_file():
+        raise ValueError(f"{p}: not a sweep file (a directory or special file)")
     if size > MAX_TOML_BYTES:
         raise ValueError(f"{p}: {size} bytes is larger than the {MAX_TOML_BYTES}-byte limit for sweep files")
     try:
         doc = tomllib.loads(p.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ValueError(f"{p}: cannot read the sweep file ({exc.strerror or exc})") from None
     except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
         raise ValueError(f"{p}: not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ValueError(f"{p}: not valid TOML: nested too deeply") from None
     for k in doc:
         if k not in ("grid", "sweep"):
             raise ValueError(f"{p}: unknown table [{k}]{did_you_mean(k, ['grid', 'sweep'])}; "
@@ -70,8 +76,13 @@ def _write_results(df, out: Path) -> list[Path]:
 
     import pyarrow as pa
 
+    from qsengine import __version__
+    from qsengine._checkpoint import results_metadata
+
     pq_path, csv_path = out / "results.parquet", out / "results.csv"
-    atomic_write_bytes(pq_path, table_to_parquet_bytes(pa.Table.from_pandas(df, preserve_index=False)))
+    table = pa.Table.from_pandas(df, preserve_index=False)
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **results_metadata(__version__)})
+    atomic_write_bytes(pq_path, table_to_parquet_bytes(table))
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_bytes(csv_path, buf.getvalue().encode("utf-8"))
@@ -157,10 +168,13 @@ def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
+    from qsengine._checkpoint import read_results_table
     from qsengine.sweeping import load_results
 
     src = Path(path)
-    df = load_results(src)
+    results = src if src.is_file() else src / "results.parquet"
+    # load_results reads any parquet; the versioned reader refuses other formats
+    df = read_results_table(results).to_pandas() if results.is_file() else load_results(src)
     dest = Path(out) if out is not None else (src if src.is_dir() else src.parent)
     dest.mkdir(parents=True, exist_ok=True)
     cm, cc, ct = _col(df, "model"), _col(df, "cluster"), _col(df, "context")

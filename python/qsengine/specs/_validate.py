@@ -57,15 +57,24 @@ def type_fail(src: str, name: str, value: object, expected: str) -> TypeError:
     return TypeError(f"{src}: field {name!r} = {_fmt(value)}: must be {expected}, got {type(value).__name__}")
 
 
-def check_int(src: str, name: str, value: object, *, minimum: int | None = None) -> int:
+#: Largest integer any spec field accepts: counts above 2^53 are not exact in
+#: the float64 arithmetic of the memory and step models, and would overflow
+#: the core's 64-bit products (a hand-written or JSON file can hold any size).
+MAX_SPEC_INT = 2**53
+
+
+def check_int(src: str, name: str, value: object, *, minimum: int | None = None,
+              maximum: int | None = MAX_SPEC_INT) -> int:
     """``value`` must be an integer (``int`` or e.g. ``numpy.int64``; not
-    ``bool``, not ``float``), ``>= minimum``. Returns it as ``int``."""
+    ``bool``, not ``float``), ``>= minimum`` and ``<= maximum``. Returns it as ``int``."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise type_fail(src, name, value, "an integer")
     value = int(value)
     if minimum is not None and value < minimum:
         rule = "must be positive" if minimum == 1 else ("must be >= 0" if minimum == 0 else f"must be >= {minimum}")
         raise fail(src, name, value, rule)
+    if maximum is not None and value > maximum:
+        raise fail(src, name, value, f"must be <= {maximum}")
     return value
 
 

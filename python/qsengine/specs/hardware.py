@@ -109,6 +109,11 @@ class Accelerator:
         return self.hbm_bytes * self.usable_hbm_fraction - self.runtime_reserve_bytes
 
 
+#: Largest cluster a spec may describe (packing keeps per-GPU maps; 2^20 GPUs
+#: is far above any deployed system and keeps those maps in the megabytes).
+MAX_GPUS = 1 << 20
+
+
 @dataclass(frozen=True)
 class Cluster:
     """``num_gpus`` identical accelerators, e.g. ``Cluster(h200, 8)`` ("8xH200")."""
@@ -123,7 +128,7 @@ class Cluster:
         src = current_source(f"Cluster {self.name!r}" if self.name else "Cluster")
         if not isinstance(self.accelerator, Accelerator):
             raise type_fail(src, "accelerator", self.accelerator, "an Accelerator")
-        check_int(src, "num_gpus", self.num_gpus, minimum=1)
+        check_int(src, "num_gpus", self.num_gpus, minimum=1, maximum=MAX_GPUS)
         check_str(src, "name", self.name)
 
     @property

@@ -170,6 +170,8 @@ def _parse_toml(text: str, label: str) -> dict[str, Any]:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         raise SpecError(f"{label}: invalid TOML: {exc}") from None
+    except RecursionError:  # arrays/tables nested thousands deep
+        raise SpecError(f"{label}: invalid TOML: nested too deeply") from None
 
 
 def _label(path: Path, shipped: bool) -> str:
@@ -180,6 +182,13 @@ def _looks_like_path(x: str | os.PathLike[str]) -> bool:
     if isinstance(x, os.PathLike):
         return True
     return x.endswith((".toml", ".json")) or os.sep in x or "/" in x
+
+
+def _is_file(name: str) -> bool:
+    try:
+        return Path(name).is_file()
+    except (OSError, ValueError):  # name too long, NUL byte, ...: not a file we can read
+        return False
 
 
 def _norm(name: str) -> str:
@@ -274,15 +283,17 @@ def load_model(spec: str | os.PathLike[str] | Model, *, id: str | None = None) -
         return spec
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"model: must be a Model, a name or a path, got {type(spec).__name__}")
-    if _looks_like_path(spec) or (isinstance(spec, str) and Path(spec).is_file()):
+    if _looks_like_path(spec) or (isinstance(spec, str) and _is_file(spec)):
         path = Path(spec)
-        label = str(path)
+        label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
         text = _read(path, label)
         if path.suffix == ".json":
             try:
                 cfg = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise SpecError(f"{label}: invalid JSON: {exc}") from None
+            except RecursionError:  # arrays/objects nested thousands deep
+                raise SpecError(f"{label}: invalid JSON: nested too deeply") from None
             if id is None:
                 id = _hf_id(cfg, path)
             return model_from_hf_config(cfg, label, id=id)
@@ -451,7 +462,7 @@ def load_accelerator(spec: str | os.PathLike[str] | Accelerator) -> Accelerator:
         raise TypeError(f"accelerator: must be an Accelerator, a name or a path, got {type(spec).__name__}")
     if _looks_like_path(spec):
         path = Path(spec)
-        label = str(path)
+        label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
         return accelerator_from_dict(_parse_toml(_read(path, label), label), label)
     return _load_shipped_accelerator(_lookup("accelerators", spec, ACCELERATOR_ALIASES))
 
@@ -493,7 +504,7 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
         raise TypeError(f"cluster: must be a Cluster, a name or a path, got {type(spec).__name__}")
     if _looks_like_path(spec):
         path = Path(spec)
-        label = str(path)
+        label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
         return cluster_from_dict(_parse_toml(_read(path, label), label), label)
     shipped = _shipped("clusters")
     key = re.sub(r"\s+", "", spec.strip().lower())
@@ -504,7 +515,10 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
         raise SpecError(f"cluster {spec!r}: expected a shipped name or 'N x ACCELERATOR' such as '8xH200'"
                         f"{did_you_mean(key, shipped)}; known: {', '.join(shipped)}")
     n = int(m.group(1))
-    acc = load_accelerator(m.group(2))
+    try:
+        acc = load_accelerator(m.group(2))
+    except SpecError as exc:
+        raise SpecError(f"cluster {spec!r}: {exc}") from None
     # the canonical shipped cluster of that shape, if any
     for path in shipped.values():
         c = _load_shipped_cluster(path)
@@ -512,7 +526,8 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
             return c
     if n < 1:
         raise SpecError(f"cluster {spec!r}: field 'num_gpus' = {n}: must be positive")
-    return Cluster(acc, n)
+    with spec_source(f"cluster {spec!r}"):
+        return Cluster(acc, n)
 
 
 @lru_cache(maxsize=None)

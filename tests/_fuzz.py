@@ -1,0 +1,125 @@
+"""Shared machinery of the fuzz suite (tests/test_fuzz_*.py).
+
+Every public entry point is called with hypothesis-generated inputs: valid,
+borderline and garbage. The only outcomes allowed (docs/reliability.md):
+
+* a result, whose invariants the test then checks; or
+* a ValueError / TypeError (SpecError and ResourceLimitError are documented
+  subclasses) whose message names the input: it must mention at least one of
+  the argument/field names or the file the test passed.
+
+Anything else (another exception type, a crash, a hang) fails the test.
+
+Example counts scale with ``QSENGINE_FUZZ_SCALE`` (default 1: the CI budget
+of about two minutes; e.g. 20 for a nightly run). Every case that ran is
+counted per entry point in :data:`COUNTS` and reported at the end of the
+pytest session (and written to ``$QSENGINE_FUZZ_COUNTS`` as JSON if set).
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import os
+from typing import Any, Callable, Iterable
+
+from hypothesis import HealthCheck, settings
+from hypothesis import strategies as st
+
+import qsengine as q
+
+SCALE = float(os.environ.get("QSENGINE_FUZZ_SCALE", "1"))
+#: entry point -> outcome ("ok" or the exception class name) -> cases
+COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+
+ALLOWED = (ValueError, TypeError)
+
+
+def fuzz_settings(examples: int, **kw: Any) -> settings:
+    """hypothesis settings for one fuzz test: ``examples`` × QSENGINE_FUZZ_SCALE."""
+    return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, database=None,
+                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
+                                           HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
+                    **kw)
+
+
+def _mentions(msg: str, names: Iterable[str]) -> bool:
+    low = msg.lower()
+    return any(n and n.lower() in low for n in names)
+
+
+def outcome(entry: str, call: Callable[[], Any], names: Iterable[str], inputs: Iterable[Any] = ()) -> Any:
+    """Run ``call``; return its result, or None if it raised an allowed error
+    whose message names one of ``names`` (argument/field names, files) or one
+    of the string ``inputs`` themselves. Other exceptions propagate (a bug)."""
+    names = list(names) + [v.strip() for v in inputs if isinstance(v, str) and len(v.strip()) >= 2]
+    try:
+        result = call()
+    except ALLOWED as exc:
+        COUNTS[entry][type(exc).__name__] += 1
+        msg = str(exc)
+        assert msg.strip(), f"{entry}: {type(exc).__name__} with an empty message"
+        assert _mentions(msg, names), f"{entry}: message does not name the input ({names}): {msg!r}"
+        return None
+    except BaseException as exc:
+        COUNTS[entry][f"BUG:{type(exc).__name__}"] += 1
+        raise
+    COUNTS[entry]["ok"] += 1
+    return result
+
+
+def finite(x: float) -> bool:
+    return isinstance(x, (int, float)) and math.isfinite(x)
+
+
+# ---------------------------------------------------------------- strategies
+_junk_text = st.sampled_from(["", " ", "é", "∞", "\x00", "nan", "inf", "-1", "0", "1e400", "🙂", "a" * 300,
+                              "../../etc/passwd", "__import__('os')", "$(rm -rf /)", "{}", "[]", "null"])
+JUNK = st.one_of(
+    st.none(), st.booleans(), _junk_text, st.text(max_size=20),
+    st.integers(-(2**70), 2**70), st.sampled_from([0, -1, -(2**63), 2**63 - 1, 2**63, 2**64, 10**30]),
+    st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([float("nan"), float("inf"), -float("inf"), -0.0,
+                                                                    1e-320, 1e308]),
+    st.lists(st.integers(-3, 3), max_size=3), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.just(object()), st.just(b"bytes"), st.just(1 + 2j),
+)
+
+
+def maybe(valid: st.SearchStrategy, junk_in: int = 10) -> st.SearchStrategy:
+    """``valid`` most of the time, garbage (:data:`JUNK`) about once in ``junk_in``
+    draws (so a call with many arguments is often entirely valid)."""
+    return st.sampled_from(range(junk_in)).flatmap(lambda i: JUNK if i == junk_in - 1 else valid)
+
+
+def memory_limited(limit: int = 256 << 20):
+    """Context manager: a small memory limit so huge requests are refused cheaply."""
+    import contextlib
+
+    @contextlib.contextmanager
+    def cm():
+        from qsengine import _limits
+
+        old = _limits._override
+        q.set_memory_limit(limit)
+        try:
+            yield
+        finally:
+            _limits._override = old
+
+    return cm()
+
+
+@st.composite
+def call_args(draw, valid: dict[str, st.SearchStrategy], bad: dict[str, st.SearchStrategy] | None = None):
+    """Keyword arguments: all drawn from ``valid``; then, in about half of the
+    cases, one to three of them replaced by a borderline/garbage value (from
+    ``bad[name]`` if given, else :data:`JUNK`). Returns ``(kwargs, changed)``."""
+    kwargs = {k: draw(v) for k, v in valid.items()}
+    changed: list[str] = []
+    if draw(st.booleans()):
+        for _ in range(draw(st.integers(1, 3))):
+            k = draw(st.sampled_from(sorted(valid)))
+            pool = (bad or {}).get(k)
+            kwargs[k] = draw(st.one_of(pool, JUNK) if pool is not None else JUNK)
+            changed.append(k)
+    return kwargs, changed

@@ -1,0 +1,29 @@
+"""Session hooks shared by the whole suite.
+
+The fuzz suite (tests/test_fuzz_*.py, machinery in tests/_fuzz.py) counts the
+cases it ran per entry point; the counts are printed at the end of the session
+and, if ``QSENGINE_FUZZ_COUNTS`` names a file, written there as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    fuzz = sys.modules.get("_fuzz")
+    if fuzz is None or not fuzz.COUNTS:
+        return
+    counts = {entry: dict(c) for entry, c in sorted(fuzz.COUNTS.items())}
+    total = sum(sum(c.values()) for c in counts.values())
+    tr = terminalreporter
+    tr.write_sep("-", f"fuzz cases: {total} (scale {fuzz.SCALE:g})")
+    for entry, c in counts.items():
+        detail = ", ".join(f"{k} {v}" for k, v in sorted(c.items()))
+        tr.write_line(f"  {entry:<22} {sum(c.values()):>6}   {detail}")
+    path = os.environ.get("QSENGINE_FUZZ_COUNTS")
+    if path:
+        with open(path, "w", encoding="utf-8") as fh:
+            json.dump({"total": total, "scale": fuzz.SCALE, "entry_points": counts}, fh, indent=2, sort_keys=True)
