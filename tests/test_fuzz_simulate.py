@@ -128,10 +128,6 @@ def test_fuzz_sweep(tmp_path_factory, args, extra, form, seed):
     assert again.drop(columns=[]).equals(df)
 
 
-@pytest.mark.xfail(strict=True, raises=RuntimeWarning,
-                   reason="step.py _erf/_expected_max_normals: z = (x - mu)/sigma reaches ~1e154 when a GPU's "
-                   "sigma is ~0 (PowerLaw routing, few microbatches); -x*x overflows with a RuntimeWarning. The "
-                   "value is still right (erf -> +-1); clip z or use np.errstate there.")
 def test_step_model_raises_no_overflow_warning_for_a_skewed_small_monte_carlo():
     with warnings.catch_warnings():
         warnings.simplefilter("error", RuntimeWarning)

@@ -1143,7 +1143,12 @@ void validate(const RouteRequest& req) {
   if (k < 1) fail("top_k=", k, ": must be >= 1");
   if (k > E) fail("top_k=", k, ": must be <= experts=", E, " (each token picks top_k distinct experts)");
   if (B < 1) fail("batch=", B, ": must be >= 1");
-  if (B > (std::int64_t{1} << 31) / k) fail("batch=", B, ": batch*top_k=", B * k, " must be < 2^31");
+  if (B > (std::int64_t{1} << 31) / k) {
+    // The product itself may not fit in int64: print it unsigned (or as "> 2^64").
+    const auto ub = static_cast<std::uint64_t>(B), uk = static_cast<std::uint64_t>(k);
+    if (ub > UINT64_MAX / uk) fail("batch=", B, ": batch*top_k > 2^64 must be < 2^31");
+    fail("batch=", B, ": batch*top_k=", ub * uk, " must be < 2^31");
+  }
   if (req.microbatches < 1) fail("microbatches=", req.microbatches, ": must be >= 1");
   if (req.layers < 1 || req.layers > (1 << 20)) fail("layers=", req.layers, ": must be between 1 and 1048576");
   if (req.microbatches > (std::int64_t{1} << 62) / req.layers)

@@ -103,10 +103,6 @@ def _check_npy_header(fh: Any, where: str, limit: int) -> None:
                                  f"limit {limit}")
 
 
-#: Smallest positive weight relative to the sum that Popularity accepts (the
-#: core floors generated weights at 1e-300 too); below it w / sum underflows.
-_MIN_RELATIVE_WEIGHT = 1e-300
-
 
 def _float_vector(name: str, value: object) -> tuple[float, ...]:
     if isinstance(value, (str, bytes)):
@@ -171,16 +167,12 @@ class Popularity:
         w = _float_vector("routing.weights", self.weights)
         if len(w) == 0 or not any(x > 0 for x in w):
             raise ValueError("routing.weights: all weights are zero; at least top_k must be positive")
-        # The core normalises w / sum(w): a sum that overflows, or a positive
-        # weight that underflows to 0 after it, would silently change the model
-        # (and a "positive" expert the core can never draw broke top_k = E).
+        # The core normalises w / sum(w): a sum that overflows would silently
+        # give NaN tables. (A positive weight that underflows after it is kept
+        # drawable by the core, which floors it: see routing.h.)
         total = sum(w)
         if not math.isfinite(total):
             raise ValueError(f"routing.weights: the sum of the weights overflows ({total}); rescale them")
-        for i, x in enumerate(w):
-            if 0.0 < x < _MIN_RELATIVE_WEIGHT * total:
-                raise ValueError(f"routing.weights[{i}]={x!r}: a positive weight must be at least "
-                                 f"{_MIN_RELATIVE_WEIGHT:g} of the total ({total:.6g}); use 0 for an unused expert")
         object.__setattr__(self, "weights", w)
 
     def to_dict(self) -> dict[str, Any]:

@@ -777,13 +777,14 @@ def load_results(path: str | os.PathLike[str]):
     sweep finished, otherwise the verified chunks of its checkpoint (any
     order; corrupted chunks are reported and skipped)."""
     import pandas as pd
-    import pyarrow.parquet as pq
+
+    from qsengine._checkpoint import read_results_table
 
     p = Path(path)
     if p.is_file():
-        return pq.read_table(p).to_pandas()
+        return read_results_table(p).to_pandas()
     if (p / "results.parquet").exists():
-        return pq.read_table(p / "results.parquet").to_pandas()
+        return read_results_table(p / "results.parquet").to_pandas()
     ck = Checkpoint(p)
     ck.read_meta()
     files = ck.chunk_files()
