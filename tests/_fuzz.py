@@ -11,7 +11,8 @@ borderline and garbage. The only outcomes allowed (docs/reliability.md):
 Anything else (another exception type, a crash, a hang) fails the test.
 
 Example counts scale with ``QSENGINE_FUZZ_SCALE`` (default 1: the CI budget
-of about two minutes; e.g. 20 for a nightly run). Every case that ran is
+of about two minutes; e.g. 20 for a nightly run, with QSENGINE_FUZZ_RANDOM=1
+for fresh cases instead of the fixed reproducible set). Every case that ran is
 counted per entry point in :data:`COUNTS` and reported at the end of the
 pytest session (and written to ``$QSENGINE_FUZZ_COUNTS`` as JSON if set).
 """
@@ -29,6 +30,9 @@ from hypothesis import strategies as st
 import qsengine as q
 
 SCALE = float(os.environ.get("QSENGINE_FUZZ_SCALE", "1"))
+#: CI runs a fixed, reproducible set of cases; QSENGINE_FUZZ_RANDOM=1 (nightly,
+#: with a larger scale) draws new ones each run.
+RANDOM = os.environ.get("QSENGINE_FUZZ_RANDOM", "0") == "1"
 #: entry point -> outcome ("ok" or the exception class name) -> cases
 COUNTS: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 
@@ -38,6 +42,7 @@ ALLOWED = (ValueError, TypeError)
 def fuzz_settings(examples: int, **kw: Any) -> settings:
     """hypothesis settings for one fuzz test: ``examples`` × QSENGINE_FUZZ_SCALE."""
     return settings(max_examples=max(1, int(examples * SCALE)), deadline=None, database=None,
+                    derandomize=not RANDOM,
                     suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much,
                                            HealthCheck.data_too_large, HealthCheck.function_scoped_fixture],
                     **kw)

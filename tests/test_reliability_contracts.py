@@ -49,6 +49,7 @@ def _run_and_interrupt(code: str, wait_for: str = "ready", after: float = 1.0):
 def test_ctrl_c_during_simulate_returns_promptly_and_interpreter_survives():
     code = r"""
 import qsengine as q
+q.set_work_limit(10**18)  # deliberately hours of work: the test interrupts it
 q.simulate("qwen3-30b-a3b", "8xh100", 4096, microbatches=1, break_even=False, seed=1)  # warm up imports
 print("ready", flush=True)
 try:
@@ -312,3 +313,22 @@ def test_no_loader_evaluates_code():
                     kws = {k.arg: k.value for k in node.keywords}
                     assert "allow_pickle" in kws and isinstance(kws["allow_pickle"], ast.Constant) \
                         and kws["allow_pickle"].value is False, f"{f}:{node.lineno}: np.load without allow_pickle=False"
+
+
+def test_route_refuses_work_above_the_limit_before_running():
+    import time
+
+    t0 = time.perf_counter()
+    with pytest.raises(q.ResourceLimitError, match=r"microbatches=10000000000: .* exceed the work limit"):
+        q.route(256, 8, 256, 10**10, seed=1)
+    assert time.perf_counter() - t0 < 1.0
+    q.set_work_limit(10**4)
+    try:
+        with pytest.raises(q.ResourceLimitError, match="work limit"):
+            q.route(8, 2, 4, 10**4)
+        assert q.route(8, 2, 4, 100).unique.n == 100
+    finally:
+        q.set_work_limit(None)
+    assert q.get_work_limit() == 10**12
+    with pytest.raises(ValueError, match="limit=0"):
+        q.set_work_limit(0)

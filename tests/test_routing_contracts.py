@@ -98,6 +98,7 @@ def test_gil_released_during_run():
 def test_ctrl_c_interrupts_promptly():
     code = r"""
 import sys, time, qsengine as q
+q.set_work_limit(10**18)  # deliberately long: the test interrupts it
 print("ready", flush=True)
 t0 = time.perf_counter()
 try:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from qsengine import specs as _specs
 from qsengine._core import __version__
-from qsengine._limits import get_memory_limit, set_memory_limit
+from qsengine._limits import get_memory_limit, get_work_limit, set_memory_limit, set_work_limit
 from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
 from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
 from qsengine.routing import (
@@ -63,8 +63,10 @@ __all__ = [
     "Uniform",
     "expected_unique",
     "get_memory_limit",
+    "get_work_limit",
     "route",
     "set_memory_limit",
+    "set_work_limit",
     "unique_variance",
     # decode model and comparison
     "SideResult",

@@ -59,3 +59,45 @@ def get_memory_limit() -> int:
     if env:
         return _parse_bytes(env, name=_ENV)
     return DEFAULT_MEMORY_LIMIT
+
+
+# ---------------------------------------------------------------------------
+# Work limit: token-expert assignments one routing Monte Carlo may simulate.
+# ---------------------------------------------------------------------------
+
+#: Default: 1e12 assignments, about an hour on one core at the engine's
+#: measured rate (~4e8/s); larger studies raise it explicitly.
+DEFAULT_WORK_LIMIT: int = 10**12
+_WORK_ENV = "QSENGINE_MAX_ASSIGNMENTS"
+_work_override: int | None = None
+
+__all__ += ["DEFAULT_WORK_LIMIT", "get_work_limit", "set_work_limit"]
+
+
+def set_work_limit(limit: int | None) -> None:
+    """Set the most token-expert assignments (microbatches × layers × batch ×
+    top_k) one :func:`qsengine.route` call may simulate; None restores the
+    default (env ``QSENGINE_MAX_ASSIGNMENTS``, else 1e12)."""
+    global _work_override
+    if limit is None:
+        _work_override = None
+        return
+    if isinstance(limit, bool) or not isinstance(limit, numbers.Integral) or int(limit) < 1:
+        raise ValueError(f"limit={limit!r}: must be a positive int (assignments) or None")
+    _work_override = int(limit)
+
+
+def get_work_limit() -> int:
+    """The work limit (assignments per routing Monte Carlo) currently in force."""
+    if _work_override is not None:
+        return _work_override
+    env = os.environ.get(_WORK_ENV)
+    if env:
+        try:
+            value = int(float(env))
+        except ValueError:
+            raise ValueError(f"{_WORK_ENV}={env!r}: must be a number of assignments such as 1e12") from None
+        if value < 1:
+            raise ValueError(f"{_WORK_ENV}={env!r}: must be positive")
+        return value
+    return DEFAULT_WORK_LIMIT

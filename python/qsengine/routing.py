@@ -27,7 +27,8 @@ from typing import Any, Literal, Union
 import numpy as np
 
 from qsengine import _core
-from qsengine._limits import get_memory_limit
+from qsengine._core import ResourceLimitError
+from qsengine._limits import get_memory_limit, get_work_limit
 from qsengine._seed import SeedLike, as_seed_sequence, philox_key, seed_record
 
 __all__ = [
@@ -1101,10 +1102,18 @@ def route(experts: int, top_k: int, batch: int, microbatches: int | None, routin
 
     Returns:
         :class:`RoutingStats`. Raises ValueError/TypeError naming a bad
-        argument, :class:`qsengine.ResourceLimitError` above the memory limit,
-        KeyboardInterrupt on Ctrl-C.
+        argument, :class:`qsengine.ResourceLimitError` above the memory limit
+        or above the work limit (:func:`qsengine.set_work_limit`: at most
+        1e12 token-expert assignments per call by default), KeyboardInterrupt
+        on Ctrl-C.
     """
     args, config = _prepare(experts, top_k, batch, microbatches, routing, placement, threads, layers, cost)
+    work = args["microbatches"] * args["layers"] * args["batch"] * args["top_k"]
+    if work > get_work_limit():
+        raise ResourceLimitError(
+            f"microbatches={args['microbatches']}: {work:.3g} token-expert assignments "
+            f"(microbatches x layers x batch x top_k) exceed the work limit {get_work_limit():.3g}; "
+            "use fewer microbatches or raise it with qsengine.set_work_limit / QSENGINE_MAX_ASSIGNMENTS")
     seq = as_seed_sequence(seed)
     k0, k1 = philox_key(seq)
     raw = _core.route(**args, key0=k0, key1=k1, record=False)

@@ -125,6 +125,9 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
         raise SpecError(f"dense twin of {model.id}: field 'attention' = {attention!r}: must be one of "
                         f"{list(TWIN_ATTENTION)}{did_you_mean(str(attention), TWIN_ATTENTION)}")
     target = qv * model.active_params
+    if not target <= 2.0**53:  # also catches inf/NaN: spec integers stay exact in a double
+        raise SpecError(f"dense twin of {model.id}: field 'q' = {qv!r}: q x active ({target:.4g}) exceeds 2^53 "
+                        "parameters")
     suffix = "" if attention == "same" else "-gqa"
     ident = f"{model.id}-dense-q{qv:.2f}{suffix}"
     name = f"{model.name} dense twin (q={qv:.3g}, attention={attention})"
