@@ -32,18 +32,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from qsengine.packing import PlanMemory, admissible_batches, plan_memory
+from qsengine.packing import COMPONENTS, PlanMemory, admissible_batches, plan_memory
 from qsengine.simulation import _verdict_text
 from qsengine.specs import Cluster, Model, Plan, Precision
 from qsengine.step import StepOptions, StepParams, step_params, step_time
 
-__all__ = ["evaluate_closed_form", "covers"]
+__all__ = ["evaluate_closed_form", "evaluate_columns", "encode_points", "covers", "RECORD_COLUMNS"]
 
 _TIE = 1e-3  # simulation._verdict's tie tolerance
 _DEFAULT_OPTIONS = StepOptions()
@@ -161,6 +161,7 @@ class _Side:
     tps: np.ndarray  # cluster tokens/s
     why: np.ndarray  # infeasible lanes: plan index whose reason evaluate_side reports
     why_slo: np.ndarray  # True: that plan misses the TPOT target at batch 1; False: its packing fails
+    why_fit: np.ndarray  # that plan's weights fit (its packing fails on the KV cache)
 
 
 def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.ndarray | None = None) -> _Side:
@@ -170,14 +171,14 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
     n = context.shape[0]
     P = len(fam.plans)
     out = _Side(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n),
-                np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool))
+                np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool), np.zeros(n, bool))
     if P == 0 or n == 0:
         return out
     lane = np.repeat(np.arange(n), P)
     pidx = np.tile(np.arange(P), n)
     ctx = context[lane]
     ffn_bytes = None if ffn_params is None else ffn_params[lane] * fam.precision.weight_bytes
-    adm, _ = admissible_batches(fam.memory, pidx, ctx, ffn_bytes)
+    adm, fit = admissible_batches(fam.memory, pidx, ctx, ffn_bytes)
     ok = adm >= 1  # pack(...).feasible: weights fit and one sequence fits
     rows = np.flatnonzero(ok)
     sp = fam.params.take(pidx[rows])
@@ -240,9 +241,14 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
     # with the least weight on its fullest GPU (first of equals)
     slo_fail = np.zeros((n, P), bool)
     slo_fail[lane[rows[~valid]], pidx[rows[~valid]]] = True
-    need = np.where(ok, np.inf, fam.memory.weight_total.max(axis=1)[pidx]).reshape(n, P)
     out.why_slo = slo_fail.any(axis=1)
-    out.why = np.where(out.why_slo, np.argmax(slo_fail, axis=1), np.argmin(need, axis=1))
+    out.why = np.argmax(slo_fail, axis=1)
+    none_ok = np.flatnonzero(~ok.reshape(n, P).any(axis=1) & ~out.why_slo)
+    if none_ok.size:
+        sub = (none_ok[:, None] * P + np.arange(P)).ravel()  # their rows, every plan
+        need = _fullest_weight(fam.memory, pidx[sub], None if ffn_bytes is None else ffn_bytes[sub])
+        out.why[none_ok] = np.argmin(need.reshape(none_ok.size, P), axis=1)
+        out.why_fit[none_ok] = fit[none_ok * P + out.why[none_ok]]
     if K == 0:
         return out
     out.feasible = feas
@@ -255,35 +261,46 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
     return out
 
 
+
+
+def _fullest_weight(pm: PlanMemory, plan_index: np.ndarray, dense_ffn_bytes: np.ndarray | None) -> np.ndarray:
+    """Weight bytes on the fullest GPU of each (plan, twin FFN bytes) row, as
+    ``max(pack(...).weight_bytes)``: each stage's components summed in
+    component order (packing.cc ``stage_memory``)."""
+    comp = pm.weights[plan_index]
+    if dense_ffn_bytes is not None:
+        comp = comp.copy()
+        comp[:, :, COMPONENTS.index("dense_ffn")] = pm.dense_layers[plan_index].astype(np.float64) \
+            * np.asarray(dense_ffn_bytes, dtype=np.float64)[:, None] / pm.shard[plan_index][:, None]
+    total = np.zeros(comp.shape[:2])
+    for c in range(comp.shape[2]):
+        total = total + comp[:, :, c]
+    return np.where(np.isfinite(pm.weight_total[plan_index]), total, -np.inf).max(axis=1)
 # ---------------------------------------------------------------------------
-# break-even q*, vectorised over points
+# break-even q*, vectorised over lanes
 # ---------------------------------------------------------------------------
 
 
-def _break_even(groups: dict[tuple, list[int]], lanes: list[tuple], moe_tps: np.ndarray, rtol: float = 1e-3
-                ) -> np.ndarray:
-    """``simulation._break_even_q`` for every lane at once (nan = None).
+def _break_even(twins: list[tuple], twin_of: np.ndarray, context: np.ndarray, slo: np.ndarray, moe_tps: np.ndarray,
+                sparsity: np.ndarray, rtol: float = 1e-3) -> np.ndarray:
+    """``simulation._break_even_q`` for many lanes at once (nan = None).
 
-    ``lanes[i]`` = (model, cluster, precision, plan, options, context, slo);
-    ``groups`` maps a twin family key to its lane indices."""
-    n = len(lanes)
-    sparsity = np.array([ln[0].sparsity for ln in lanes])
+    Lane i compares an MoE side of throughput ``moe_tps[i]`` with the twins of
+    ``twins[twin_of[i]]`` = (model, cluster, precision, plan, options) at
+    ``context[i]``, ``slo[i]`` (nan = none)."""
+    n = twin_of.size
 
     def ratio(idx: np.ndarray, q: np.ndarray) -> np.ndarray:
         """ratio(q) for lanes idx: nan = twin cannot be built, 0 = infeasible."""
         r = np.full(idx.size, np.nan)
-        for key, members in groups.items():
-            sel = np.flatnonzero(np.isin(idx, members))
-            if sel.size == 0:
-                continue
-            model, cluster, precision, plan, options = key
+        for t, sel in _split(twin_of[idx]):
+            model, cluster, precision, plan, options = twins[t]
             width, ok, ffn = _twin_widths(model, q[sel])
             fam = _family(_twin_line(model)[0], cluster, precision, plan, options, "uniform")
             lanes_ok = sel[ok]
-            ctx = np.array([lanes[i][5] for i in idx[lanes_ok]], dtype=np.int64)
-            slo = np.array([lanes[i][6] for i in idx[lanes_ok]], dtype=np.float64)
-            side = _side(fam, ctx, slo, ffn[ok])
-            r[lanes_ok] = np.where(side.feasible, side.tps / moe_tps[idx[lanes_ok]], 0.0)
+            lanes = idx[lanes_ok]
+            side = _side(fam, context[lanes], slo[lanes], ffn[ok])
+            r[lanes_ok] = np.where(side.feasible, side.tps / moe_tps[lanes], 0.0)
         return r
 
     every = np.arange(n)
@@ -321,191 +338,309 @@ def _break_even(groups: dict[tuple, list[int]], lanes: list[tuple], moe_tps: np.
 
 
 # ---------------------------------------------------------------------------
-# the entry point
+# lanes and groups
 # ---------------------------------------------------------------------------
 
 
-def covers(point: dict[str, Any]) -> bool:
+def _factorize(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(group of each lane, first lane of each group), groups numbered in order
+    of first appearance."""
+    import pandas as pd
+
+    codes, uniq = pd.factorize(key, sort=False)
+    first = np.full(len(uniq), -1, dtype=np.int64)
+    # the first lane of each group: scatter lanes in reverse so the smallest wins
+    first[codes[::-1]] = np.arange(codes.size - 1, -1, -1)
+    return codes.astype(np.int64, copy=False), first
+
+
+def _group(n: int, *codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Group lanes by equal tuples of integer codes: (group of each lane,
+    first lane of each group)."""
+    key = np.zeros(n, dtype=np.int64)
+    for c in codes:
+        size = int(c.max()) + 1 if c.size else 1
+        if size > 1:  # a constant code does not split anything
+            key = _factorize(key * size + c)[0]  # re-compacted: stays < n, never overflows
+    return _factorize(key)
+
+
+def _split(groups: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """[(group, positions of that group in ``groups``)] for each group present."""
+    order = np.argsort(groups, kind="stable")
+    sorted_groups = groups[order]
+    cuts = np.flatnonzero(np.diff(sorted_groups)) + 1
+    return [(int(sorted_groups[part[0]]), order[part]) for part in np.split(np.arange(order.size), cuts)
+            if part.size] if order.size else []
+
+
+#: Columns of ``SimulationResult.to_record()`` in order, with their kind:
+#: "str", "int", "float", "bool", or "bool?" (True/False/None).
+RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
+    ("model", "str"), ("dense_model", "str"), ("cluster", "str"), ("gpus", "int"), ("context", "int"),
+    ("s", "float"), ("q", "float"), ("qs", "float"), ("qs_verdict", "str"), ("ratio", "float"),
+    ("verdict", "str"), ("agrees_with_qs", "bool?"), ("break_even_q", "float"),
+    *((f"{side}_{name}", kind) for side in ("moe", "dense") for name, kind in (
+        ("feasible", "bool"), ("reason", "str"), ("plan", "str"), ("batch", "int"), ("batch_limit", "str"),
+        ("tokens_per_s", "float"), ("tokens_per_s_per_gpu", "float"), ("tpot_ms", "float"),
+        ("tpot_p99_ms", "float"))),
+)
+_EMPTY = {"str": "", "int": 0, "float": math.nan, "bool": False, "bool?": None}
+
+
+def _empty_columns(n: int) -> dict[str, np.ndarray]:
+    dtypes = {"str": object, "int": np.int64, "float": np.float64, "bool": bool, "bool?": object}
+    return {name: np.full(n, _EMPTY[kind], dtype=dtypes[kind]) for name, kind in RECORD_COLUMNS}
+
+
+#: The point columns of :func:`evaluate_columns`: per field, (distinct values, code per lane).
+Columns = Mapping[str, "tuple[Sequence[Any], np.ndarray]"]
+
+
+def encode_points(points: Sequence[Mapping[str, Any]]) -> tuple[dict[str, tuple[list[Any], np.ndarray]], int]:
+    """Point dicts as :data:`Columns` (missing fields take simulate's defaults)."""
+    from qsengine.simulation import POINT_FIELDS
+
+    n = len(points)
+    cols: dict[str, tuple[list[Any], np.ndarray]] = {}
+    for field, default in POINT_FIELDS.items():
+        distinct: list[Any] = []
+        index: dict[Any, int] = {}
+        codes = np.empty(n, dtype=np.int64)
+        for i, pt in enumerate(points):
+            v = pt.get(field, default) if default is not ... else pt[field]
+            try:
+                k = (type(v), v)
+                c = index.get(k)
+            except TypeError:  # unhashable: by identity
+                k = ("id", id(v))
+                c = index.get(k)
+            if c is None:
+                c = index[k] = len(distinct)
+                distinct.append(v)
+            codes[i] = c
+        cols[field] = (distinct, codes)
+    return cols, n
+
+
+def _columns_to_records(out: Mapping[str, np.ndarray], n: int) -> list[dict[str, Any]]:
+    names = [name for name, _ in RECORD_COLUMNS]
+    lists = [out[name].tolist() for name in names]
+    return [dict(zip(names, vals)) for vals in zip(*lists)] if n else []
+
+
+# ---------------------------------------------------------------------------
+# the entry points
+# ---------------------------------------------------------------------------
+
+
+def covers(point: Mapping[str, Any]) -> bool:
     """Whether the fast path computes this point itself (else it calls simulate)."""
-    return (point.get("microbatches", "auto") == 0 and point.get("dense") is None
+    return (_is_zero(point.get("microbatches", "auto")) and point.get("dense") is None
             and point.get("twin_attention", "same") == "same")
 
 
-def _scalar(point: dict[str, Any]) -> dict[str, Any]:
-    from qsengine.simulation import simulate
-
-    return simulate(**point).to_record()
+def _is_zero(v: Any) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v == 0
 
 
-def evaluate_closed_form(points: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+def evaluate_closed_form(points: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
     """``[simulate(**p).to_record() for p in points]`` for closed-form points
     (``microbatches=0``), vectorised. Each point is a dict of simulate's
     keyword arguments (``model``, ``cluster``, ``context``, ``q``, ``routing``,
     ``plan``, ``precision``, ``slo_tpot``, ``twin_attention``, ``break_even``,
     ``options``; names or specs). Points the fast path does not cover
-    (:func:`covers`) are passed to simulate one by one."""
+    (:func:`covers`) are passed to simulate one by one.
+
+    This is the list-of-dicts face of :func:`evaluate_columns` (which sweeps
+    call directly, and which is several times faster on large batches)."""
+    cols, n = encode_points(points)
+    return _columns_to_records(evaluate_columns(cols, n), n)
+
+
+def evaluate_columns(columns: Columns, n: int) -> dict[str, np.ndarray]:
+    """The records of ``n`` points given column-wise, as columns.
+
+    ``columns[field] = (values, codes)``: the distinct values of that
+    simulate argument and, per point, the index of its value (every field of
+    :data:`qsengine.simulation.POINT_FIELDS`; a missing field takes its
+    default). Returns ``{name: array of n}`` for every column of
+    ``SimulationResult.to_record()`` (:data:`RECORD_COLUMNS`): int64, float64
+    and bool arrays, object arrays of str, and of True/False/None for
+    ``agrees_with_qs``. Equal, element by element, to the records of
+    ``simulate(**point)`` (which is called for points the fast path does not
+    cover, and which raises the errors of bad points)."""
+    from qsengine.simulation import POINT_FIELDS, simulate
     from qsengine.specs.loaders import as_cluster, as_model, as_precision
     from qsengine.specs.twin import qs as qs_record
     from qsengine.specs.twin import resolve_q
 
-    rows: list[dict[str, Any] | None] = [None] * len(points)
-    norm: list[tuple] = []
-    # resolve each distinct raw value once (names hash fast; spec objects by identity)
-    seen: dict[tuple, Any] = {}
-
-    def resolve(kind: str, raw: Any, load) -> Any:
-        k = (kind, raw) if raw is None or isinstance(raw, (str, int, float)) else (kind, id(raw))
-        got = seen.get(k)
-        if got is None:
-            got = seen[k] = (load(raw), raw)  # keep raw alive: its id stays unique
-        return got[0]
-
-    for i, pt in enumerate(points):
-        if not covers(pt):
-            rows[i] = _scalar(pt)
-            continue
-        model = resolve("model", pt["model"], as_model)
-        cluster = resolve("cluster", pt["cluster"], as_cluster)
-        precision = resolve("precision", pt.get("precision"), as_precision)
-        context = pt["context"]
-        slo = pt.get("slo_tpot")
-        options = pt.get("options") or _DEFAULT_OPTIONS
-        if (isinstance(context, bool) or not isinstance(context, (int, np.integer)) or context < 1
-                or not model.is_moe or (slo is not None and not (isinstance(slo, (int, float)) and slo > 0
-                                                                  and math.isfinite(slo)))):
-            rows[i] = _scalar(pt)  # simulate raises the error it raises
-            continue
-        q = pt.get("q")
-        q_value = "sqrt" if q is None else q
-        norm.append((i, model, cluster, precision, int(context), q_value, pt.get("routing", "uniform"),
-                     pt.get("plan", "auto"), None if slo is None else float(slo), options,
-                     bool(pt.get("break_even", True))))
-    if not norm:
-        return rows  # type: ignore[return-value]
-    # small integer codes for the specs: keys below hash ints, not dataclasses
-    codes: dict[int, int] = {}
-
-    def code(obj: Any) -> int:
-        c = codes.get(id(obj))
-        if c is None:
-            c = codes[id(obj)] = len(codes)
-        return c
-
-    specs: dict[tuple, tuple] = {}
-
-    # ---- MoE side: once per distinct (model, cluster, precision, plan, options, routing, context, slo)
-    moe_keys: dict[tuple, int] = {}
-    moe_of = []
-    for (_, model, cluster, precision, context, _, routing, plan, slo, options, _) in norm:
-        sk = (code(model), code(cluster), code(precision), _canon(plan), code(options), _canon(routing))
-        if sk not in specs:
-            specs[sk] = (model, cluster, precision, plan, options, _canon(routing))
-        k = sk + (context, slo)
-        moe_of.append(moe_keys.setdefault(k, len(moe_keys)))
-    moe_list = [specs[k[:6]] + k[6:] for k in moe_keys]
-    moe = _sides_by_family(moe_list, lambda k: _family(k[0], k[1], k[2], k[3], k[4], _routing_of(k[5], norm)),
-                           lambda k: (k[6], k[7]))
-
-    # ---- dense twin: once per distinct (model, q, cluster, precision, plan, options, context, slo)
-    qvals: dict[tuple, float] = {}
-    dense_keys: dict[tuple, int] = {}
-    dense_of = []
-    for (_, model, cluster, precision, context, q_value, _, plan, slo, options, _) in norm:
-        qk = (code(model), q_value)
-        if qk not in qvals:
-            qvals[qk] = resolve_q(model, q_value)
-        sk = (code(model), code(cluster), code(precision), _canon(plan), code(options))
-        if sk not in specs:
-            specs[sk] = (model, cluster, precision, plan, options)
-        k = sk + (qvals[qk], context, slo)
-        dense_of.append(dense_keys.setdefault(k, len(dense_keys)))
-    dense_list = [(specs[k[:5]][0], k[5]) + specs[k[:5]][1:] + k[6:] for k in dense_keys]
-    dense = _dense_sides(dense_list)
-
-    # ---- break-even q*: once per distinct MoE key (it does not depend on q)
-    be_keys: dict[int, int] = {}
-    for j, (*_, be) in enumerate(norm):
-        if be and moe.feasible[moe_of[j]]:
-            be_keys.setdefault(moe_of[j], len(be_keys))
-    be_lanes = [(moe_list[m][0], moe_list[m][1], moe_list[m][2], moe_list[m][3], moe_list[m][4], moe_list[m][6],
-                 np.nan if moe_list[m][7] is None else moe_list[m][7]) for m in be_keys]
-    groups: dict[tuple, list[int]] = {}
-    gkeys: dict[tuple, tuple] = {}
-    for i, ln in enumerate(be_lanes):
-        ck = (code(ln[0]), code(ln[1]), code(ln[2]), _canon(ln[3]), code(ln[4]))
-        gkeys.setdefault(ck, ln[:5])
-        groups.setdefault(gkeys[ck], []).append(i)
-    q_star = _break_even(groups, be_lanes, moe.tps[list(be_keys)]) if be_lanes else np.zeros(0)
-
-    # ---- rows
-    qs_cache: dict[tuple, Any] = {}
-    for j, (i, model, cluster, precision, context, q_value, routing, plan, slo, options, be) in enumerate(norm):
-        qk = (code(model), q_value)
-        rec = qs_cache.get(qk)
-        if rec is None:
-            rec = qs_cache[qk] = qs_record(model, q_value)
-        m, d = moe_of[j], dense_of[j]
-        mk, dk = moe_list[m], dense_list[d]
-        qv = qvals[qk]
-        g = cluster.num_gpus
-        row: dict[str, Any] = {
-            "model": model.id,
-            "dense_model": f"{model.id}-dense-q{qv:.2f}",
-            "cluster": cluster.label,
-            "gpus": g,
-            "context": context,
-            "s": rec.s,
-            "q": rec.q,
-            "qs": rec.qs,
-            "qs_verdict": _verdict_text(rec.verdict),
-        }
-        mf, df = bool(moe.feasible[m]), bool(dense.feasible[d])
-        ratio = float(dense.tps[d] / moe.tps[m]) if (mf and df) else None
-        if not mf and not df:
-            verdict = "neither"
-        elif not mf:
-            verdict = "dense-only"
-        elif not df:
-            verdict = "moe-only"
-        elif abs(ratio - 1.0) <= _TIE:  # type: ignore[operator]
-            verdict = "tie"
+    cols: dict[str, tuple[Sequence[Any], np.ndarray]] = {}
+    for field, default in POINT_FIELDS.items():
+        if field in columns:
+            vals, codes = columns[field]
+            codes = np.asarray(codes, dtype=np.int64)
+            if codes.shape != (n,) or (n and (codes.min() < 0 or codes.max() >= len(vals))):
+                raise ValueError(f"evaluate_columns: field {field!r}: codes must be {n} indices into its "
+                                 f"{len(vals)} values")
+            cols[field] = (list(vals), codes)
+        elif default is ...:
+            raise ValueError(f"evaluate_columns: required field {field!r} is missing")
         else:
-            verdict = "dense" if ratio > 1 else "moe"  # type: ignore[operator]
-        agrees = None
-        if ratio is not None and verdict != "tie":
-            agrees = (verdict == "dense") == (rec.qs < 1.0)
-        qstar = math.nan
-        if be and mf:
-            v = q_star[be_keys[m]]
-            qstar = float(v)
-        row.update(ratio=ratio if ratio is not None else math.nan, verdict=verdict, agrees_with_qs=agrees,
-                   break_even_q=qstar)
-        for side, res, k, feas, model_for_reason in (("moe", moe, m, mf, None), ("dense", dense, d, df, q_value)):
-            fam_plans = moe.plans[k] if side == "moe" else dense.plans[k]
-            row[f"{side}_feasible"] = feas
-            if feas:
-                plan_obj = fam_plans[int(res.plan[k])]
-                tps = float(res.tps[k])
-                row[f"{side}_reason"] = ""
-                row[f"{side}_plan"] = plan_obj.label
-                row[f"{side}_batch"] = int(res.batch[k]) * plan_obj.dp
-                row[f"{side}_batch_limit"] = "slo" if res.limit[k] else "hbm"
-                row[f"{side}_tokens_per_s"] = tps
-                row[f"{side}_tokens_per_s_per_gpu"] = tps / g
-                row[f"{side}_tpot_ms"] = float(res.time[k]) * 1e3
-                row[f"{side}_tpot_p99_ms"] = float(res.p99[k]) * 1e3
-            else:
-                reason = _infeasible_reason(side, res, k, model, cluster, precision, context, q_value, slo)
-                row[f"{side}_reason"] = reason
-                row[f"{side}_plan"] = ""
-                row[f"{side}_batch"] = 0
-                row[f"{side}_batch_limit"] = ""
-                row[f"{side}_tokens_per_s"] = 0.0
-                row[f"{side}_tokens_per_s_per_gpu"] = 0.0
-                row[f"{side}_tpot_ms"] = math.nan
-                row[f"{side}_tpot_p99_ms"] = math.nan
-        rows[i] = row
-    return rows  # type: ignore[return-value]
+            cols[field] = ([default], np.zeros(n, dtype=np.int64))
+    out = _empty_columns(n)
+    if n == 0:
+        return out
+
+    def per_value(field: str, fn) -> list[Any]:
+        return [fn(v) for v in cols[field][0]]
+
+    def lane(field: str, table: Sequence[Any], dtype: Any = None) -> np.ndarray:
+        return np.asarray(table, dtype=dtype)[cols[field][1]]
+
+    # ---- which lanes the fast path covers (checked per distinct value); the rest go to simulate
+    models = per_value("model", as_model)
+    good = lane("model", [m.is_moe for m in models], bool)
+    good &= lane("microbatches", per_value("microbatches", _is_zero), bool)
+    good &= lane("dense", per_value("dense", lambda v: v is None), bool)
+    good &= lane("twin_attention", per_value("twin_attention", lambda v: isinstance(v, str) and v == "same"), bool)
+    good &= lane("context", per_value("context", lambda v: isinstance(v, (int, np.integer))
+                                      and not isinstance(v, (bool, np.bool_)) and v >= 1), bool)
+    good &= lane("slo_tpot", per_value("slo_tpot", lambda v: v is None or (
+        isinstance(v, (int, float, np.integer, np.floating)) and not isinstance(v, (bool, np.bool_))
+        and math.isfinite(v) and v > 0)), bool)
+    scalar = np.flatnonzero(~good)
+    fast = np.flatnonzero(good)
+    if fast.size:
+        _evaluate_fast(cols, fast, models, out, as_cluster, as_precision, qs_record, resolve_q)
+    for i in scalar.tolist():  # simulate computes (or raises for) what the fast path does not cover
+        rec = simulate(**{f: cols[f][0][cols[f][1][i]] for f in cols}).to_record()
+        for name, value in rec.items():
+            out[name][i] = value
+    return out
+
+
+def _evaluate_fast(cols, lanes: np.ndarray, models: list[Model], out: dict[str, np.ndarray], as_cluster,
+                   as_precision, qs_record, resolve_q) -> None:
+    """Fill ``out`` at ``lanes`` (all covered by the fast path)."""
+    n = lanes.size
+    code = {f: c[lanes] for f, (_, c) in cols.items()}
+    clusters = [as_cluster(v) for v in cols["cluster"][0]]
+    precisions = [as_precision(v) for v in cols["precision"][0]]
+    options = [v or _DEFAULT_OPTIONS for v in cols["options"][0]]
+    plans = cols["plan"][0]
+    routings = cols["routing"][0]
+    contexts = np.array([int(v) for v in cols["context"][0]], dtype=np.int64)
+    slos = np.array([np.nan if v is None else float(v) for v in cols["slo_tpot"][0]])
+    breaks = np.array([bool(v) for v in cols["break_even"][0]])
+    ctx, slo = contexts[code["context"]], slos[code["slo_tpot"]]
+    m, c, pr, pl, op, rt = (code[f] for f in ("model", "cluster", "precision", "plan", "options", "routing"))
+
+    def spec(i: int) -> tuple:  # (model, cluster, precision, plan, options) of lane i
+        return models[m[i]], clusters[c[i]], precisions[pr[i]], plans[pl[i]], options[op[i]]
+
+    # ---- (model, q) pairs: the twin's q, qs record and id (resolve_q raises for a bad q, as simulate does)
+    mq, mq_first = _group(n, m, code["q"])
+    qv = np.empty(mq_first.size)
+    mq_rec = []
+    for g, i in enumerate(mq_first.tolist()):
+        model, q = models[m[i]], cols["q"][0][code["q"][i]]
+        q_value = "sqrt" if q is None else q
+        qv[g] = resolve_q(model, q_value)
+        rec = qs_record(model, q_value)
+        mq_rec.append((rec, f"{model.id}-dense-q{qv[g]:.2f}", q_value))
+
+    # ---- the MoE side: once per distinct (specs, routing, context, slo)
+    mg, m_first = _group(n, m, c, pr, pl, op, rt, code["context"], code["slo_tpot"])
+    moe = _Sides.empty(m_first.size)
+    fg, f_first = _group(m_first.size, m[m_first], c[m_first], pr[m_first], pl[m_first], op[m_first], rt[m_first])
+    for f, members in _split(fg):
+        i = m_first[f_first[f]]
+        model, cluster, precision, plan, opts = spec(i)
+        fam = _family(model, cluster, precision, plan, opts, routings[rt[i]])
+        lanes_f = m_first[members]
+        moe.fill(members, _side(fam, ctx[lanes_f], slo[lanes_f]), fam.plans)
+
+    # ---- the dense twin: once per distinct (specs, q, context, slo), one family per MoE spec
+    dg, d_first = _group(n, m, c, pr, pl, op, code["q"], code["context"], code["slo_tpot"])
+    dense = _Sides.empty(d_first.size)
+    tg, t_first = _group(d_first.size, m[d_first], c[d_first], pr[d_first], pl[d_first], op[d_first])
+    for t, members in _split(tg):
+        i = d_first[t_first[t]]
+        model, cluster, precision, plan, opts = spec(i)
+        lanes_t = d_first[members]
+        q = qv[mq[lanes_t]]
+        width, ok, ffn = _twin_widths(model, q)
+        if not ok.all():  # simulate builds the twin before anything else: same error
+            model.dense_twin(mq_rec[mq[lanes_t[~ok][0]]][2])
+        fam = _family(_twin_line(model)[0], cluster, precision, plan, opts, "uniform")
+        dense.fill(members, _side(fam, ctx[lanes_t], slo[lanes_t], ffn), fam.plans)
+
+    # ---- break-even q*: once per distinct MoE side that is feasible and asked for it
+    be = breaks[code["break_even"]]
+    want = np.zeros(m_first.size, bool)
+    want[mg[be]] = True
+    want &= moe.feasible
+    be_groups = np.flatnonzero(want)
+    q_star = np.full(m_first.size, np.nan)
+    if be_groups.size:
+        be_lanes = m_first[be_groups]
+        tw, tw_first = _group(be_lanes.size, *(x[be_lanes] for x in (m, c, pr, pl, op)))
+        q_star[be_groups] = _break_even([spec(be_lanes[i]) for i in tw_first.tolist()], tw, ctx[be_lanes],
+                                        slo[be_lanes], moe.tps[be_groups],
+                                        np.array([models[k].sparsity for k in m[be_lanes]]))
+
+    # ---- columns
+    put = {name: col for name, col in out.items()}
+
+    def set_(name: str, values: Any) -> None:
+        put[name][lanes] = values
+
+    set_("model", np.array([x.id for x in models], dtype=object)[m])
+    set_("dense_model", np.array([r[1] for r in mq_rec], dtype=object)[mq])
+    set_("cluster", np.array([x.label for x in clusters], dtype=object)[c])
+    gpus = np.array([x.num_gpus for x in clusters], dtype=np.int64)[c]
+    set_("gpus", gpus)
+    set_("context", ctx)
+    set_("s", np.array([r[0].s for r in mq_rec])[mq])
+    set_("q", np.array([r[0].q for r in mq_rec])[mq])
+    qs_val = np.array([r[0].qs for r in mq_rec])[mq]
+    set_("qs", qs_val)
+    set_("qs_verdict", np.array([_verdict_text(r[0].verdict) for r in mq_rec], dtype=object)[mq])
+    mf, df = moe.feasible[mg], dense.feasible[dg]
+    both = mf & df
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ratio = np.where(both, dense.tps[dg] / moe.tps[mg], np.nan)
+    tie = both & (np.abs(ratio - 1.0) <= _TIE)
+    verdict = np.select([~mf & ~df, ~mf, ~df, tie, ratio > 1], ["neither", "dense-only", "moe-only", "tie", "dense"],
+                        "moe").astype(object)
+    set_("ratio", ratio)
+    set_("verdict", verdict)
+    agrees = np.full(n, None, dtype=object)
+    decided = both & ~tie
+    agrees[decided] = ((ratio > 1) == (qs_val < 1.0))[decided]
+    set_("agrees_with_qs", agrees)
+    set_("break_even_q", np.where(be & mf, q_star[mg], np.nan))
+    for side, res, grp in (("moe", moe, mg), ("dense", dense, dg)):
+        feas = res.feasible[grp]
+        set_(f"{side}_feasible", feas)
+        labels, dps = res.plan_columns()
+        set_(f"{side}_plan", np.where(feas, labels[grp], ""))
+        set_(f"{side}_batch", np.where(feas, res.batch[grp] * dps[grp], 0))
+        set_(f"{side}_batch_limit", np.where(feas, np.where(res.limit[grp] == 1, "slo", "hbm"), "").astype(object))
+        tps = np.where(feas, res.tps[grp], 0.0)
+        set_(f"{side}_tokens_per_s", tps)
+        set_(f"{side}_tokens_per_s_per_gpu", tps / gpus)
+        set_(f"{side}_tpot_ms", np.where(feas, res.time[grp] * 1e3, np.nan))
+        set_(f"{side}_tpot_p99_ms", np.where(feas, res.p99[grp] * 1e3, np.nan))
+        reasons = np.full(res.feasible.size, "", dtype=object)
+        first = m_first if side == "moe" else d_first
+        for g in np.flatnonzero(~res.feasible).tolist():
+            i = first[g]
+            model, cluster, precision, _, _ = spec(i)
+            reasons[g] = _infeasible_reason(side, res, g, model, cluster, precision, int(ctx[i]),
+                                            mq_rec[mq[i]][2], None if np.isnan(slo[i]) else float(slo[i]))
+        set_(f"{side}_reason", reasons[grp])
 
 
 def _infeasible_reason(side: str, res: "_Sides", k: int, model: Model, cluster: Cluster, precision: Precision,
@@ -513,14 +648,16 @@ def _infeasible_reason(side: str, res: "_Sides", k: int, model: Model, cluster: 
     """evaluate_side's reason for an infeasible side (the packer's own words)."""
     from qsengine.packing import pack
 
-    plans = res.plans[k]
+    plans = res.plans_of(k)
     if not plans:
         m = model if side == "moe" else model.dense_twin(q_value)
         return f"no valid parallel plan for {m.id} on {cluster.label}"
     plan = plans[int(res.why[k])]
     if res.why_slo[k]:
         return f"even batch 1 misses the TPOT target {slo * 1e3:.3g} ms (plan {plan.label})"
-    key = (side, model, q_value if side == "dense" else None, cluster, precision, context, plan)
+    # the packer's reason when the weights do not fit does not depend on the context
+    key = (side, model, q_value if side == "dense" else None, cluster, precision,
+           context if res.why_fit[k] else None, plan)
     got = _REASONS.get(key)
     if got is None:
         m = model if side == "moe" else model.dense_twin(q_value)
@@ -531,16 +668,10 @@ def _infeasible_reason(side: str, res: "_Sides", k: int, model: Model, cluster: 
     return got
 
 
-def _routing_of(canon_routing: Any, norm: list[tuple]) -> Any:
-    """The routing value (as given) whose canonical key is ``canon_routing``."""
-    for t in norm:
-        if _canon(t[6]) == canon_routing:
-            return t[6]
-    return canon_routing  # pragma: no cover
-
-
 @dataclass
 class _Sides:
+    """Side results of many groups, each group filled from one family's _side."""
+
     feasible: np.ndarray
     plan: np.ndarray
     batch: np.ndarray
@@ -550,62 +681,30 @@ class _Sides:
     tps: np.ndarray
     why: np.ndarray
     why_slo: np.ndarray
-    plans: list
+    why_fit: np.ndarray
+    family: np.ndarray  # index into families
+    families: list[tuple[Plan, ...]]  # the plan list of each family filled in
 
+    @classmethod
+    def empty(cls, n: int) -> "_Sides":
+        return cls(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n),
+                   np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool), np.zeros(n, bool),
+                   np.zeros(n, np.int64), [])
 
-def _empty_sides(n: int) -> _Sides:
-    return _Sides(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n),
-                  np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool), [()] * n)
+    def fill(self, idx: np.ndarray, side: _Side, plans: tuple[Plan, ...]) -> None:
+        for name in ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_slo", "why_fit"):
+            getattr(self, name)[idx] = getattr(side, name)
+        self.family[idx] = len(self.families)
+        self.families.append(plans)
 
+    def plans_of(self, k: int) -> tuple[Plan, ...]:
+        return self.families[int(self.family[k])]
 
-def _fill(out: _Sides, idx: np.ndarray, side: _Side, plans: tuple) -> None:
-    out.feasible[idx] = side.feasible
-    out.plan[idx] = side.plan
-    out.batch[idx] = side.batch
-    out.limit[idx] = side.limit
-    out.time[idx] = side.time
-    out.p99[idx] = side.p99
-    out.tps[idx] = side.tps
-    out.why[idx] = side.why
-    out.why_slo[idx] = side.why_slo
-    for i in idx:
-        out.plans[i] = plans
-
-
-def _sides_by_family(keys: list[tuple], family_of, lane_of) -> _Sides:
-    out = _empty_sides(len(keys))
-    by: dict[int, tuple[_Family, list[int]]] = {}
-    for i, k in enumerate(keys):
-        fam = family_of(k)
-        by.setdefault(id(fam), (fam, []))[1].append(i)
-    for fam, members in by.values():
-        idx = np.array(members)
-        ctx = np.array([lane_of(keys[i])[0] for i in members], dtype=np.int64)
-        slo = np.array([np.nan if lane_of(keys[i])[1] is None else lane_of(keys[i])[1] for i in members])
-        _fill(out, idx, _side(fam, ctx, slo), fam.plans)
-    return out
-
-
-def _dense_sides(keys: list[tuple]) -> _Sides:
-    """keys: (model, q, cluster, precision, plan, options, context, slo)."""
-    out = _empty_sides(len(keys))
-    by: dict[tuple, list[int]] = {}
-    spec: dict[tuple, tuple] = {}
-    for i, k in enumerate(keys):
-        ik = (id(k[0]), id(k[2]), id(k[3]), _canon(k[4]), id(k[5]))
-        if ik not in spec:
-            spec[ik] = (k[0], k[2], k[3], k[4], k[5])
-        by.setdefault(ik, []).append(i)
-    for ik, members in by.items():
-        model, cluster, precision, plan, options = spec[ik]
-        idx = np.array(members)
-        q = np.array([keys[i][1] for i in members])
-        width, ok, ffn = _twin_widths(model, q)
-        if not ok.all():  # simulate builds the twin before anything else: same error
-            bad = int(idx[~ok][0])
-            model.dense_twin(keys[bad][1])
-        fam = _family(_twin_line(model)[0], cluster, precision, plan, options, "uniform")
-        ctx = np.array([keys[i][6] for i in members], dtype=np.int64)
-        slo = np.array([np.nan if keys[i][7] is None else keys[i][7] for i in members])
-        _fill(out, idx, _side(fam, ctx, slo, ffn), fam.plans)
-    return out
+    def plan_columns(self) -> tuple[np.ndarray, np.ndarray]:
+        """(label, dp) of each group's chosen plan (meaningless where infeasible)."""
+        labels = np.array([""] + [p.label for ps in self.families for p in ps], dtype=object)
+        dps = np.array([1] + [p.dp for ps in self.families for p in ps], dtype=np.int64)
+        offset = np.cumsum([1] + [len(ps) for ps in self.families])[:-1]
+        at = np.where(self.feasible, offset[self.family] + self.plan, 0) if self.families else \
+            np.zeros(self.feasible.size, dtype=np.int64)
+        return labels[at], dps[at]

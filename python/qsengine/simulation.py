@@ -38,6 +38,25 @@ _AUTO_MIN = 200
 _AUTO_MAX = 20_000
 _DEFAULT_MICROBATCHES = "auto"
 
+#: The point fields of :func:`simulate` (its keyword arguments that define a
+#: result, without ``seed``/``threads``) and their defaults (``...`` =
+#: required). Sweeps and the closed-form fast path take points in this shape.
+POINT_FIELDS: dict[str, Any] = {
+    "model": ...,
+    "cluster": ...,
+    "context": ...,
+    "q": None,
+    "dense": None,
+    "routing": "uniform",
+    "plan": "auto",
+    "precision": None,
+    "microbatches": _DEFAULT_MICROBATCHES,
+    "slo_tpot": None,
+    "twin_attention": "same",
+    "break_even": True,
+    "options": None,
+}
+
 
 def auto_microbatches(tokens: int, top_k: int, layers: int) -> int:
     """Microbatches the ``"auto"`` setting runs for a routing problem of this size."""
