@@ -12,7 +12,8 @@ from hypothesis import strategies as st
 
 import qsengine
 from qsengine import Accelerator, Attention, Cluster, Model, Plan, Precision
-from qsengine.packing import COMPONENTS, search_plans
+from qsengine import _core
+from qsengine.packing import COMPONENTS, admissible_batches, memory_description, plan_memory, search_plans
 from qsengine.specs.precision import PRESETS
 
 import reference_packing as ref
@@ -247,3 +248,87 @@ def test_paged_distribution_is_seeded_and_thread_invariant():
     assert a.paged.placed + a.paged.rejected == 200_000
     # the paged cluster is full: the rejected sequences did not fit anywhere
     assert a.paged.rejected > 0
+
+
+# ------------------------------------------------------------------ batched admission
+# contexts at the local windows (8, 100, 5000) of small_models and the largest accepted
+_EDGE_CONTEXTS = [1, 2, 7, 8, 9, 99, 100, 101, 4999, 5000, 5001, 20000, 2**53]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(cases(), st.data())
+def test_batched_admission_equals_pack(case, data):
+    """admissible_batches (the core kernel) == pack(...).admissible_batch lane by lane, for random
+    plans and contexts, with and without the dense-FFN override (a twin that differs only in its
+    dense FFN width, whose bytes the lane carries)."""
+    model, prec, acc, _, G, _ = case
+    cl = Cluster(acc, G)
+    pm = plan_memory(model, cl, prec)
+    n = data.draw(st.integers(1, 8), label="lanes")
+    idx = data.draw(st.lists(st.integers(0, len(pm.plans) - 1), min_size=n, max_size=n), label="plan_index")
+    ctx = data.draw(st.lists(st.one_of(st.integers(1, 20000), st.sampled_from(_EDGE_CONTEXTS)), min_size=n,
+                             max_size=n), label="context")
+    widths = data.draw(st.lists(st.sampled_from([None, 1, 37, 128, 256, 1000, 40000]), min_size=n, max_size=n),
+                       label="dense widths")
+    twins = [model if w is None or not model.dense_layers else dataclasses.replace(model, dense_intermediate=w)
+             for w in widths]
+    ffn = np.array([memory_description(t, prec, acc).dense_ffn_bytes for t in twins])
+
+    batch, fit = admissible_batches(pm, np.array(idx), np.array(ctx))
+    twin_batch, twin_fit = admissible_batches(pm, np.array(idx), np.array(ctx), ffn)
+    assert batch.dtype == np.int64 and fit.dtype == np.bool_ and batch.shape == fit.shape == (n,)
+    for k in range(n):
+        for m, b, f in ((model, batch[k], fit[k]), (twins[k], twin_batch[k], twin_fit[k])):
+            p = qsengine.pack(m, cl, ctx[k], plan=pm.plans[idx[k]], precision=prec)
+            assert b == p.admissible_batch, (k, m.dense_intermediate)
+            assert f == (p.binding_constraint != "weights")
+            assert p.feasible == (f and b >= 1)
+
+
+def test_batched_admission_rejects_bad_lanes_by_name():
+    pm = plan_memory(QWEN3_235B, Cluster(H200, 8), PRESETS["fp8"])
+    P = len(pm.plans)
+    idx, ctx, ffn = np.arange(P), np.full(P, 4096), np.full(P, 1e8)
+    with pytest.raises(ValueError, match=rf"lane 3: plan_index={P} out of range .*0 <= plan_index < {P}"):
+        admissible_batches(pm, np.r_[0, 1, 2, P, -1], np.full(5, 4096))
+    with pytest.raises(ValueError, match=r"lane 0: plan_index=-1 out of range"):
+        admissible_batches(pm, [-1], [4096])
+    with pytest.raises(ValueError, match=r"lane 5: context=0: must be a positive number of tokens"):
+        admissible_batches(pm, idx, np.where(idx == 5, 0, ctx))
+    with pytest.raises(ValueError, match=r"lane 1: context=-7: must be a positive"):
+        admissible_batches(pm, idx[:2], [1, -7])
+    with pytest.raises(ValueError, match=r"lane 2: context=9007199254740993: .*<= 2\^53"):
+        admissible_batches(pm, idx[:3], [1, 2, 2**53 + 1])
+    with pytest.raises(ValueError, match=r"lane 4: dense_ffn_bytes=-1: must be a finite number >= 0"):
+        admissible_batches(pm, idx, ctx, np.where(idx == 4, -1.0, ffn))
+    with pytest.raises(ValueError, match=r"lane 0: dense_ffn_bytes=nan: must be a finite number >= 0"):
+        admissible_batches(pm, idx, ctx, np.full(P, np.nan))
+    with pytest.raises(ValueError, match=r"lane 1: dense_ffn_bytes=inf"):
+        admissible_batches(pm, idx[:2], ctx[:2], [0.0, np.inf])
+    with pytest.raises(ValueError, match=rf"plan_index has {P} lanes but context has {P - 1}"):
+        admissible_batches(pm, idx, ctx[:-1])
+    with pytest.raises(ValueError, match=rf"plan_index has {P} lanes but dense_ffn_bytes has {P + 1}"):
+        admissible_batches(pm, idx, ctx, np.r_[ffn, 1.0])
+    with pytest.raises(ValueError, match=r"context must be a 1-d array with one entry per lane \(got 0 dimensions\)"):
+        admissible_batches(pm, idx[:1], 4096)
+    with pytest.raises(ValueError, match=r"threads=0: must be >= 1"):
+        _core.admissible_batches(pm.table, idx, ctx, None, 0)
+    # no lanes: empty results
+    b, f = admissible_batches(pm, np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0))
+    assert b.shape == f.shape == (0,)
+
+
+def test_batched_admission_is_thread_count_invariant():
+    pm = plan_memory(DEEPSEEK_V3, Cluster(H200, 16), PRESETS["fp8"])
+    rng = np.random.default_rng(5)
+    n = 200_000  # several parallel blocks
+    idx = rng.integers(0, len(pm.plans), n)
+    ctx = rng.integers(1, 300_000, n)
+    ffn = rng.uniform(0, 5e8, n)
+    for dense in (None, ffn):
+        one = _core.admissible_batches(pm.table, idx, ctx, dense, threads=1)
+        two = _core.admissible_batches(pm.table, idx, ctx, dense, threads=2)
+        default = admissible_batches(pm, idx, ctx, dense)
+        for a, b in ((one, two), (one, default)):
+            assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+        assert one[0].max() > 0 and one[1].any() and not one[1].all()

@@ -60,6 +60,21 @@ void check_finite_nonneg(double v, const char* field) {
   }
 }
 
+// What divides the non-expert weights of one GPU: 1 with attn_dp (replicated), else tp.
+double stage_shard(const PlanDesc& p) { return p.attn_dp ? 1.0 : static_cast<double>(p.tp); }
+
+// Dense-FFN bytes on one GPU of a stage with `dense_layers` dense layers.
+double dense_ffn_weight(std::int64_t dense_layers, double dense_ffn_bytes, double shard) {
+  return static_cast<double>(dense_layers) * dense_ffn_bytes / shard;
+}
+
+// Sum of a GPU's weights, in component order (the order fixes the rounding).
+double component_sum(const std::array<double, kNumComponents>& w) {
+  double total = 0.0;
+  for (int c = 0; c < kNumComponents; ++c) total += w[c];
+  return total;
+}
+
 inline std::uint64_t splitmix64(std::uint64_t x) {
   x += 0x9E3779B97F4A7C15ull;
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
@@ -206,12 +221,12 @@ StageMemory stage_memory(const MemoryDesc& d, const PlanDesc& p, std::int64_t s)
     }
   }
   const bool first = s == 0, last = s == p.pp - 1;
-  const double shard = p.attn_dp ? 1.0 : static_cast<double>(p.tp);
+  const double shard = stage_shard(p);
   const bool moe = d.is_moe();
   const std::int64_t etp = moe ? p.expert_tp() : 1;
   auto& w = m.weights;
   w[kAttention] = static_cast<double>(m.layers) * d.attention_bytes / shard;
-  w[kDenseFfn] = static_cast<double>(m.dense_layers) * d.dense_ffn_bytes / shard;
+  w[kDenseFfn] = dense_ffn_weight(m.dense_layers, d.dense_ffn_bytes, shard);
   w[kRoutedExperts] =
       moe ? static_cast<double>(m.moe_layers * (d.routed_experts / p.ep)) * d.expert_bytes / static_cast<double>(etp)
           : 0.0;
@@ -220,8 +235,7 @@ StageMemory stage_memory(const MemoryDesc& d, const PlanDesc& p, std::int64_t s)
   w[kNorms] = (static_cast<double>(m.layers) * d.norm_bytes_per_layer + (last ? d.final_norm_bytes : 0.0)) / shard;
   w[kEmbedding] = first ? d.embedding_bytes / shard : 0.0;
   w[kLmHead] = last ? (d.lm_head_bytes + ((d.tie_embeddings && p.pp > 1) ? d.embedding_bytes : 0.0)) / shard : 0.0;
-  m.weight_total = 0.0;
-  for (int c = 0; c < kNumComponents; ++c) m.weight_total += w[c];
+  m.weight_total = component_sum(w);
   // KV: MLA latent and attn_dp keep the whole per-token KV on the GPU; MHA/GQA
   // split the KV heads over tp ranks, down to one head per rank.
   if (d.mla || p.attn_dp) {
@@ -251,43 +265,132 @@ std::int64_t floor_fit(double free, double per) {
 }
 
 // ---------------------------------------------------------------- plans
-PlanEval evaluate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, std::int64_t context) {
-  PlanEval e;
-  e.plan = p;
-  e.num_gpus = num_gpus;
-  e.units = p.num_units();
-  const double usable = d.usable_bytes();
-  std::int64_t batch = kBatchCap;
+namespace {
+
+// Admission of one serving unit, folded over the pipeline stages of a plan in
+// stage order. evaluate_plan and admissible_batches both fold their stages
+// through add() and read the result here, so they agree bit for bit.
+struct StageFold {
+  double usable;
+  std::int64_t batch = kBatchCap;  // min over stages holding KV of floor_fit(free, per)
   std::int64_t batch_stage = 0, fullest_stage = 0;
-  double wmax = -1;
-  for (std::int64_t s = 0; s < p.pp; ++s) {
-    const StageMemory sm = stage_memory(d, p, s);
-    if (sm.weight_total > wmax) {
-      wmax = sm.weight_total;
+  double wmax = -1;                // weights on the fullest stage's GPU
+
+  explicit StageFold(double usable_bytes) : usable(usable_bytes) {}
+
+  // Stage s: weight_total bytes of weights and `per` bytes of KV per sequence on one GPU.
+  void add(std::int64_t s, double weight_total, double per) {
+    if (weight_total > wmax) {
+      wmax = weight_total;
       fullest_stage = s;
     }
-    const double free = usable - sm.weight_total;
-    const double per = kv_per_sequence(sm, context, d.local_window);
     if (per > 0) {
-      const std::int64_t b = floor_fit(free, per);
+      const std::int64_t b = floor_fit(usable - weight_total, per);
       if (b < batch) {
         batch = b;
         batch_stage = s;
       }
     }
   }
-  e.weight_bytes_max = wmax;
-  e.weights_fit = wmax <= usable;
-  if (!e.weights_fit) {
-    e.unit_batch = 0;
-    e.binding_stage = fullest_stage;
-  } else {
-    e.unit_batch = batch == kBatchCap ? 0 : batch;
-    e.binding_stage = batch_stage;
+  bool weights_fit() const { return wmax <= usable; }
+  // Admissible sequences per serving unit: 0 when the weights do not fit or no stage holds KV.
+  std::int64_t unit_batch() const { return !weights_fit() || batch == kBatchCap ? 0 : batch; }
+  std::int64_t binding_stage() const { return weights_fit() ? batch_stage : fullest_stage; }
+};
+
+}  // namespace
+
+PlanEval evaluate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, std::int64_t context) {
+  PlanEval e;
+  e.plan = p;
+  e.num_gpus = num_gpus;
+  e.units = p.num_units();
+  StageFold fold(d.usable_bytes());
+  for (std::int64_t s = 0; s < p.pp; ++s) {
+    const StageMemory sm = stage_memory(d, p, s);
+    fold.add(s, sm.weight_total, kv_per_sequence(sm, context, d.local_window));
   }
+  e.weight_bytes_max = fold.wmax;
+  e.weights_fit = fold.weights_fit();
+  e.unit_batch = fold.unit_batch();
+  e.binding_stage = fold.binding_stage();
   e.cluster_batch = e.unit_batch * e.units;
   e.feasible = e.unit_batch >= 1;
   return e;
+}
+
+// ---------------------------------------------------------------- batched admission
+AdmissionTable::AdmissionTable(const MemoryDesc& d, const std::vector<PlanDesc>& plan_list, std::int64_t g)
+    : num_gpus(g), usable(d.usable_bytes()), local_window(d.local_window), plans(plan_list) {
+  validate_desc(d);
+  shard.reserve(plans.size());
+  stage_begin.reserve(plans.size() + 1);
+  stage_begin.push_back(0);
+  for (std::size_t i = 0; i < plans.size(); ++i) {
+    const std::string v = plan_violation(d, plans[i], g);
+    if (!v.empty()) throw InvalidArgument(cat("plans[", i, "] (", plans[i].label(), "): ", v));
+    shard.push_back(stage_shard(plans[i]));
+    for (std::int64_t s = 0; s < plans[i].pp; ++s) stages.push_back(stage_memory(d, plans[i], s));
+    stage_begin.push_back(static_cast<std::int64_t>(stages.size()));
+  }
+}
+
+namespace {
+constexpr std::int64_t kAdmissionBlock = 16384;  // lanes per parallel block
+struct NoResult {};
+}  // namespace
+
+void admissible_batches(const AdmissionTable& t, std::int64_t n, const std::int64_t* plan_index,
+                        const std::int64_t* context, const double* dense_ffn_bytes, std::int64_t* batch,
+                        std::uint8_t* fit, unsigned threads, const CancelToken* cancel) {
+  if (n < 0) throw InvalidArgument(cat("admissible_batches: n=", n, " lanes: must be >= 0"));
+  const std::int64_t P = t.num_plans();
+  QS_PACKING_INVARIANT(static_cast<std::int64_t>(t.shard.size()) == P &&
+                           static_cast<std::int64_t>(t.stage_begin.size()) == P + 1,
+                       "admission table: shard/stage_begin do not match the plans");
+  auto lane = [&](std::int64_t i) {
+    const std::int64_t p = plan_index[i];
+    if (p < 0 || p >= P) {
+      throw InvalidArgument(cat("admissible_batches: lane ", i, ": plan_index=", p, " out of range (the table has ",
+                                P, " plans: need 0 <= plan_index < ", P, ")"));
+    }
+    const std::int64_t ctx = context[i];
+    if (ctx < 1 || ctx > kMaxAdmissionContext) {
+      throw InvalidArgument(cat("admissible_batches: lane ", i, ": context=", ctx,
+                                ": must be a positive number of tokens <= 2^53"));
+    }
+    StageFold fold(t.usable);
+    const StageMemory* first = t.stages.data() + t.stage_begin[p];
+    const std::int64_t pp = t.stage_begin[p + 1] - t.stage_begin[p];
+    if (dense_ffn_bytes == nullptr) {
+      for (std::int64_t s = 0; s < pp; ++s) {
+        fold.add(s, first[s].weight_total, kv_per_sequence(first[s], ctx, t.local_window));
+      }
+    } else {
+      const double ffn = dense_ffn_bytes[i];
+      if (!std::isfinite(ffn) || ffn < 0) {
+        throw InvalidArgument(cat("admissible_batches: lane ", i, ": dense_ffn_bytes=", ffn,
+                                  ": must be a finite number >= 0"));
+      }
+      for (std::int64_t s = 0; s < pp; ++s) {
+        std::array<double, kNumComponents> w = first[s].weights;
+        w[kDenseFfn] = dense_ffn_weight(first[s].dense_layers, ffn, t.shard[p]);
+        fold.add(s, component_sum(w), kv_per_sequence(first[s], ctx, t.local_window));
+      }
+    }
+    batch[i] = fold.unit_batch();
+    fit[i] = fold.weights_fit() ? 1 : 0;
+  };
+  NoResult none;
+  ordered_block_reduce<NoResult>(
+      static_cast<std::uint64_t>((n + kAdmissionBlock - 1) / kAdmissionBlock), threads, none,
+      [&](std::uint64_t b) {
+        const std::int64_t lo = static_cast<std::int64_t>(b) * kAdmissionBlock;
+        const std::int64_t hi = std::min(n, lo + kAdmissionBlock);
+        for (std::int64_t i = lo; i < hi; ++i) lane(i);  // each lane writes only its own outputs
+        return NoResult{};
+      },
+      [](NoResult&, NoResult&&) {}, cancel);
 }
 
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus) {

@@ -140,6 +140,40 @@ struct PlanEval {
 };
 PlanEval evaluate_plan(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus, std::int64_t context);
 
+// Batched admission: the stages of a list of valid plans of one model x
+// precision x cluster, computed once (stage_memory), from which
+// admissible_batches evaluates many (plan, context) lanes.
+struct AdmissionTable {
+  // Validates the description and every plan (InvalidArgument naming plans[i]).
+  AdmissionTable(const MemoryDesc& desc, const std::vector<PlanDesc>& plans, std::int64_t num_gpus);
+
+  std::int64_t num_gpus = 0;
+  double usable = 0;               // desc.usable_bytes()
+  std::int64_t local_window = 0;   // desc.local_window
+  std::vector<PlanDesc> plans;
+  std::vector<double> shard;       // per plan: 1 with attn_dp, else tp (divides non-expert weights)
+  std::vector<std::int64_t> stage_begin;  // per plan + 1: plan i's stages are stages[stage_begin[i], stage_begin[i+1])
+  std::vector<StageMemory> stages;
+
+  std::int64_t num_plans() const { return static_cast<std::int64_t>(plans.size()); }
+};
+
+// Largest context admissible_batches accepts (as the Python layer's contexts).
+constexpr std::int64_t kMaxAdmissionContext = std::int64_t{1} << 53;
+
+// For lanes i in [0, n): batch[i] = evaluate_plan(desc, plans[plan_index[i]],
+// num_gpus, context[i]).unit_batch and fit[i] = its weights_fit (0/1), in the
+// same double arithmetic. With dense_ffn_bytes (nullable; per lane) each
+// stage's dense-FFN weight is dense_layers * dense_ffn_bytes[i] / shard and
+// its weight total the component-order sum, exactly as stage_memory with
+// desc.dense_ffn_bytes = dense_ffn_bytes[i]. Pure per-lane work, in blocks
+// over `threads` threads: the result does not depend on the thread count.
+// Throws InvalidArgument naming the first bad lane (plan index out of range,
+// context outside [1, 2^53], dense_ffn_bytes not finite or negative).
+void admissible_batches(const AdmissionTable& table, std::int64_t n, const std::int64_t* plan_index,
+                        const std::int64_t* context, const double* dense_ffn_bytes, std::int64_t* batch,
+                        std::uint8_t* fit, unsigned threads, const CancelToken* cancel = nullptr);
+
 // Every valid plan for `num_gpus` GPUs, canonical order (tp, pp, ep, etp, attn_dp).
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& desc, std::int64_t num_gpus);
 // All plans for G in [g_lo, g_hi], evaluated; grouped by G, each group ranked

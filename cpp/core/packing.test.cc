@@ -1,6 +1,7 @@
 // Tests of the packing core on its own (no Python). Run with ctest.
 #include "core/packing.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
@@ -170,6 +171,198 @@ static void test_min_gpus() {
   }
 }
 
+// A dense GQA model: 6 decoder layers, two of them local, tied embeddings.
+static MemoryDesc toy_dense() {
+  MemoryDesc d;
+  d.attention_bytes = 3e6;
+  d.dense_ffn_bytes = 9e6;
+  d.norm_bytes_per_layer = 2e3;
+  d.final_norm_bytes = 1e3;
+  d.embedding_bytes = 6e6;
+  d.tie_embeddings = true;
+  for (int i = 0; i < 6; ++i) {
+    d.layer_is_moe.push_back(0);
+    d.layer_has_kv.push_back(1);
+    d.layer_is_local.push_back(i == 1 || i == 4);
+  }
+  d.local_window = 300;
+  d.num_heads = 12;
+  d.num_kv_heads = 4;
+  d.kv_bytes_per_token_per_layer = 3072;
+  d.hbm_bytes = 1e9;
+  d.usable_fraction = 0.95;
+  d.reserve_bytes = 5e7;
+  return d;
+}
+
+struct Lanes {
+  std::vector<std::int64_t> plan, context, batch;
+  std::vector<double> ffn;
+  std::vector<std::uint8_t> fit;
+  void run(const AdmissionTable& t, bool with_ffn, unsigned threads) {
+    batch.assign(plan.size(), -1);
+    fit.assign(plan.size(), 2);
+    admissible_batches(t, static_cast<std::int64_t>(plan.size()), plan.data(), context.data(),
+                       with_ffn ? ffn.data() : nullptr, batch.data(), fit.data(), threads);
+  }
+};
+
+// admissible_batches == evaluate_plan lane by lane, with and without the dense-FFN override.
+static void test_batched_admission_equals_evaluate_plan() {
+  MemoryDesc mla = toy_moe();
+  mla.mla = true;
+  mla.layer_is_local.assign(8, 0);
+  mla.local_window = 0;
+  MemoryDesc tight = toy_moe();
+  tight.hbm_bytes = 1.2e8;  // usable 8e6: the weights overflow on few GPUs
+  MemoryDesc encoder = toy_dense();
+  encoder.layer_has_kv[0] = 0;  // an encoder layer: no KV
+  encoder.layer_is_local[1] = 0;
+  const std::vector<std::int64_t> contexts{1, 2, 100, 299, 300, 301, 4096, 65536, std::int64_t{1} << 24,
+                                           kMaxAdmissionContext};
+  const std::vector<double> ffns{0.0, 1.0, 9e6, 12e6, 7.77e7, 3e9};
+  std::int64_t lanes = 0, unfit = 0, zero = 0, positive = 0, override_changed = 0;
+  for (const MemoryDesc& d : {toy_moe(), mla, tight, toy_dense(), encoder}) {
+    for (std::int64_t g : {1, 2, 3, 4, 8, 12}) {
+      const std::vector<PlanDesc> plans = enumerate_plans(d, g);
+      const AdmissionTable t(d, plans, g);
+      CHECK(t.num_plans() == static_cast<std::int64_t>(plans.size()));
+      Lanes a;
+      for (std::size_t i = 0; i < plans.size(); ++i) {
+        for (std::int64_t c : contexts) {
+          for (double f : ffns) {
+            a.plan.push_back(static_cast<std::int64_t>(i));
+            a.context.push_back(c);
+            a.ffn.push_back(f);
+          }
+        }
+      }
+      Lanes b = a;
+      a.run(t, false, 2);
+      b.run(t, true, 2);
+      for (std::size_t k = 0; k < a.plan.size(); ++k) {
+        const PlanDesc& p = plans[a.plan[k]];
+        const PlanEval e = evaluate_plan(d, p, g, a.context[k]);
+        CHECK(a.batch[k] == e.unit_batch);
+        CHECK(a.fit[k] == (e.weights_fit ? 1 : 0));
+        MemoryDesc twin = d;
+        twin.dense_ffn_bytes = b.ffn[k];
+        const PlanEval et = evaluate_plan(twin, p, g, b.context[k]);
+        CHECK(b.batch[k] == et.unit_batch);
+        CHECK(b.fit[k] == (et.weights_fit ? 1 : 0));
+        ++lanes;
+        unfit += !et.weights_fit;
+        zero += et.weights_fit && et.unit_batch == 0;
+        positive += et.unit_batch > 0;
+        override_changed += b.batch[k] != a.batch[k];
+      }
+    }
+  }
+  // The cases above cover every branch: weights that do not fit, KV that does not, and room.
+  CHECK(lanes > 10000);
+  CHECK(unfit > 0 && zero > 0 && positive > 0 && override_changed > 0);
+}
+
+// Lanes whose KV exactly fills the free memory (usable = weights + 5 sequences),
+// and one ulp less: one ulp more weight, or another summation order, and the
+// batch changes.
+static void test_batched_admission_at_the_boundary() {
+  MemoryDesc base = toy_dense();
+  base.attention_bytes = 3.1e6 + 0.3;  // fractional bytes: the component sums round
+  base.norm_bytes_per_layer = 2e3 / 3;
+  base.embedding_bytes = 6e6 + 0.7;
+  base.usable_fraction = 1.0;
+  base.reserve_bytes = 0;
+  std::int64_t lanes = 0, five = 0;
+  // twin: the model with the lane's dense_ffn_bytes; the table is built from base's.
+  auto check = [&](const MemoryDesc& twin, const PlanDesc& p, std::int64_t g, std::int64_t ctx) {
+    MemoryDesc d = twin;
+    d.dense_ffn_bytes = base.dense_ffn_bytes;
+    const AdmissionTable t(d, {p}, g);
+    const PlanEval e = evaluate_plan(twin, p, g, ctx);
+    const std::int64_t zero = 0;
+    std::int64_t b = -1;
+    std::uint8_t f = 2;
+    admissible_batches(t, 1, &zero, &ctx, &twin.dense_ffn_bytes, &b, &f, 1);
+    CHECK(b == e.unit_batch && f == 1 && e.weights_fit);
+    if (twin.dense_ffn_bytes == base.dense_ffn_bytes) {  // no override needed
+      admissible_batches(t, 1, &zero, &ctx, nullptr, &b, &f, 1);
+      CHECK(b == e.unit_batch);
+    }
+    ++lanes;
+    five += e.unit_batch == 5;
+  };
+  for (std::int64_t g : {1, 2, 4, 6}) {
+    for (const PlanDesc& p : enumerate_plans(base, g)) {
+      if (p.pp != 1) continue;  // one stage: it binds
+      for (double ffn : {9e6, 9e6 / 7, 1.3e7 + 0.1, 1e7 / 3, 2.2e7 / 7, 5e6 + 1.0 / 3, 1.1e7 / 9}) {
+        for (std::int64_t ctx : {1, 1000, 4097}) {
+          MemoryDesc twin = base;
+          twin.dense_ffn_bytes = ffn;
+          const StageMemory sm = stage_memory(twin, p, 0);
+          const double hbm = sm.weight_total + 5 * kv_per_sequence(sm, ctx, twin.local_window);
+          for (double h : {hbm, std::nextafter(hbm, 0.0)}) {
+            twin.hbm_bytes = h;
+            check(twin, p, g, ctx);
+          }
+        }
+      }
+    }
+  }
+  CHECK(five > 50 && five < lanes);
+}
+
+static void test_batched_admission_threads_and_validation() {
+  MemoryDesc d = toy_moe();
+  const std::vector<PlanDesc> plans = enumerate_plans(d, 8);
+  const AdmissionTable t(d, plans, 8);
+  Lanes a;
+  std::uint64_t x = 12345;
+  for (int i = 0; i < 100000; ++i) {  // several parallel blocks
+    x = x * 6364136223846793005ull + 1442695040888963407ull;
+    a.plan.push_back(static_cast<std::int64_t>((x >> 33) % plans.size()));
+    a.context.push_back(1 + static_cast<std::int64_t>((x >> 13) % 300000));
+    a.ffn.push_back(static_cast<double>((x >> 40) % 100000) * 1e3);
+  }
+  for (bool with_ffn : {false, true}) {
+    Lanes one = a, three = a, hw = a;
+    one.run(t, with_ffn, 1);
+    three.run(t, with_ffn, 3);
+    hw.run(t, with_ffn, qs::resolve_threads(0));
+    CHECK(one.batch == three.batch && one.fit == three.fit);
+    CHECK(one.batch == hw.batch && one.fit == hw.fit);
+    CHECK(*std::min_element(one.batch.begin(), one.batch.end()) >= 0);
+  }
+  CHECK(throws_invalid([&] { AdmissionTable(d, {PlanDesc{1, 1, 8, 1, 0, false}, PlanDesc{1, 1, 8, 3, 0, false}}, 8); },
+                       "plans[1] (tp1-pp1-dp8-ep3): plan.ep=3 must divide"));
+  // Bad lanes are reported by index and value; with several, the first one, for any thread count.
+  auto bad = [&](auto edit, bool with_ffn, const char* needle) {
+    for (unsigned threads : {1u, 3u}) {
+      Lanes l = a;
+      edit(l);
+      CHECK(throws_invalid([&] { l.run(t, with_ffn, threads); }, needle));
+    }
+  };
+  const auto P = static_cast<std::int64_t>(plans.size());
+  bad([&](Lanes& l) { l.plan[70000] = P; l.plan[90000] = -1; }, false,
+      ("lane 70000: plan_index=" + std::to_string(P) + " out of range").c_str());
+  bad([&](Lanes& l) { l.plan[99999] = -1; }, false, "lane 99999: plan_index=-1 out of range");
+  bad([&](Lanes& l) { l.context[5] = 0; l.context[50000] = -3; }, false, "lane 5: context=0: must be a positive");
+  bad([&](Lanes& l) { l.context[17] = kMaxAdmissionContext + 1; }, false, "lane 17: context=9007199254740993");
+  bad([&](Lanes& l) { l.ffn[40000] = -1.0; }, true, "lane 40000: dense_ffn_bytes=-1: must be a finite number >= 0");
+  bad([&](Lanes& l) { l.ffn[3] = std::nan(""); }, true, "lane 3: dense_ffn_bytes=nan");
+  bad([&](Lanes& l) { l.ffn[3] = INFINITY; }, true, "lane 3: dense_ffn_bytes=inf");
+  {  // without the override the ffn values are not read
+    Lanes l = a;
+    l.ffn[3] = std::nan("");
+    l.run(t, false, 2);
+    CHECK(l.batch[3] >= 0);
+  }
+  Lanes empty;
+  empty.run(t, true, 2);
+  CHECK(empty.batch.empty());
+}
+
 int main() {
   test_conservation_and_capacity();
   test_validation();
@@ -178,5 +371,8 @@ int main() {
   test_threads_and_sampling();
   test_paged();
   test_min_gpus();
+  test_batched_admission_equals_evaluate_plan();
+  test_batched_admission_at_the_boundary();
+  test_batched_admission_threads_and_validation();
   return qs::test::report("packing");
 }

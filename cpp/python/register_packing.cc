@@ -73,6 +73,50 @@ std::vector<std::int64_t> as_int64(const py::array_t<std::int64_t, py::array::c_
   return std::vector<std::int64_t>(a.data(), a.data() + a.size());
 }
 
+// Per (plan, pipeline stage) of an admission table: what one GPU of the stage
+// holds (the per-plan constants behind admissible_batches; docs/packing.md).
+py::dict stage_columns(const pk::AdmissionTable& t) {
+  std::vector<std::int64_t> plan_idx, stage, full, local, dense;
+  std::vector<double> weights, total, kv;
+  for (std::int64_t i = 0; i < t.num_plans(); ++i) {
+    for (std::int64_t k = t.stage_begin[i]; k < t.stage_begin[i + 1]; ++k) {
+      const pk::StageMemory& sm = t.stages[static_cast<std::size_t>(k)];
+      plan_idx.push_back(i);
+      stage.push_back(k - t.stage_begin[i]);
+      for (int c = 0; c < pk::kNumComponents; ++c) weights.push_back(sm.weights[c]);
+      total.push_back(sm.weight_total);
+      kv.push_back(sm.kv_per_token_layer);
+      full.push_back(sm.kv_full_layers);
+      local.push_back(sm.kv_local_layers);
+      dense.push_back(sm.dense_layers);
+    }
+  }
+  py::dict out;
+  out["plan"] = to_numpy(plan_idx);
+  out["stage"] = to_numpy(stage);
+  py::array_t<double> w({static_cast<py::ssize_t>(total.size()), static_cast<py::ssize_t>(pk::kNumComponents)});
+  std::copy(weights.begin(), weights.end(), w.mutable_data());
+  out["weights"] = w;
+  out["weight_total"] = to_numpy(total);
+  out["kv_per_token_layer"] = to_numpy(kv);
+  out["kv_full_layers"] = to_numpy(full);
+  out["kv_local_layers"] = to_numpy(local);
+  out["dense_layers"] = to_numpy(dense);
+  return out;
+}
+
+using LaneArray = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
+using LaneDoubles = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+// n lanes of a 1-d per-lane argument; names it when it is not.
+py::ssize_t lane_count(const py::array& a, const char* name) {
+  if (a.ndim() != 1) {
+    throw qs::InvalidArgument(std::string("admissible_batches: ") + name + " must be a 1-d array with one entry per " +
+                              "lane (got " + std::to_string(a.ndim()) + " dimensions)");
+  }
+  return a.shape(0);
+}
+
 }  // namespace
 
 void register_packing(py::module_& m) {
@@ -156,45 +200,73 @@ void register_packing(py::module_& m) {
 
   m.def("plan_violation", &pk::plan_violation, py::arg("desc"), py::arg("plan"), py::arg("num_gpus"),
         "'' if the plan is valid for the model on num_gpus GPUs, else the rule it breaks.");
+  py::class_<pk::AdmissionTable>(
+      m, "AdmissionTable",
+      "The pipeline stages of a list of valid plans of one model x precision x cluster (stage_memory), "
+      "from which admissible_batches evaluates many (plan, context) lanes.")
+      .def(py::init<const pk::MemoryDesc&, const std::vector<pk::PlanDesc>&, std::int64_t>(), py::arg("desc"),
+           py::arg("plans"), py::arg("num_gpus"),
+           "Validates desc and every plan (ValueError naming plans[i] and the rule it breaks).")
+      .def("__len__", &pk::AdmissionTable::num_plans)
+      .def_readonly("num_gpus", &pk::AdmissionTable::num_gpus)
+      .def_readonly("usable", &pk::AdmissionTable::usable)
+      .def_readonly("local_window", &pk::AdmissionTable::local_window)
+      .def_readonly("plans", &pk::AdmissionTable::plans)
+      .def("stage_table", &stage_columns,
+           "Per (plan, pipeline stage): weight bytes by component on one GPU, their total, KV bytes per token per "
+           "layer, the full/local KV layers and the dense layers.");
+
   m.def(
       "stage_table",
       [](const pk::MemoryDesc& desc, const std::vector<pk::PlanDesc>& plans, std::int64_t num_gpus) {
-        // What one GPU of every pipeline stage of every plan holds: the per-plan
-        // constants from which the fast path derives admissible batches for any
-        // context exactly as evaluate_plan/pack do (docs/packing.md).
-        pk::validate_desc(desc);
-        std::vector<std::int64_t> plan_idx, stage, full, local, dense;
-        std::vector<double> weights, total, kv;
-        for (std::size_t i = 0; i < plans.size(); ++i) {
-          pk::validate_plan(desc, plans[i], num_gpus);
-          for (std::int64_t s = 0; s < plans[i].pp; ++s) {
-            const pk::StageMemory sm = pk::stage_memory(desc, plans[i], s);
-            plan_idx.push_back(static_cast<std::int64_t>(i));
-            stage.push_back(s);
-            for (int c = 0; c < pk::kNumComponents; ++c) weights.push_back(sm.weights[c]);
-            total.push_back(sm.weight_total);
-            kv.push_back(sm.kv_per_token_layer);
-            full.push_back(sm.kv_full_layers);
-            local.push_back(sm.kv_local_layers);
-            dense.push_back(sm.dense_layers);
-          }
-        }
-        py::dict out;
-        out["plan"] = to_numpy(plan_idx);
-        out["stage"] = to_numpy(stage);
-        py::array_t<double> w({static_cast<py::ssize_t>(total.size()), static_cast<py::ssize_t>(pk::kNumComponents)});
-        std::copy(weights.begin(), weights.end(), w.mutable_data());
-        out["weights"] = w;
-        out["weight_total"] = to_numpy(total);
-        out["kv_per_token_layer"] = to_numpy(kv);
-        out["kv_full_layers"] = to_numpy(full);
-        out["kv_local_layers"] = to_numpy(local);
-        out["dense_layers"] = to_numpy(dense);
-        return out;
+        return stage_columns(pk::AdmissionTable(desc, plans, num_gpus));
       },
       py::arg("desc"), py::arg("plans"), py::arg("num_gpus"),
-      "Per (plan, pipeline stage): weight bytes by component on one GPU, their total, KV bytes per token per "
-      "layer, and the full/local KV layers.");
+      "AdmissionTable(desc, plans, num_gpus).stage_table().");
+
+  m.def(
+      "admissible_batches",
+      [](const pk::AdmissionTable& table, LaneArray plan_index, LaneArray context,
+         std::optional<LaneDoubles> dense_ffn_bytes, std::optional<int> threads) {
+        const py::ssize_t n = lane_count(plan_index, "plan_index");
+        const py::ssize_t nc = lane_count(context, "context");
+        if (nc != n) {
+          throw qs::InvalidArgument("admissible_batches: plan_index has " + std::to_string(n) +
+                                    " lanes but context has " + std::to_string(nc) + ": need one entry per lane in each");
+        }
+        if (dense_ffn_bytes) {
+          const py::ssize_t nf = lane_count(*dense_ffn_bytes, "dense_ffn_bytes");
+          if (nf != n) {
+            throw qs::InvalidArgument("admissible_batches: plan_index has " + std::to_string(n) +
+                                      " lanes but dense_ffn_bytes has " + std::to_string(nf) +
+                                      ": need one entry per lane in each");
+          }
+        }
+        if (threads && *threads < 1) {
+          throw qs::InvalidArgument("admissible_batches: threads=" + std::to_string(*threads) +
+                                    ": must be >= 1 (or None for every hardware thread)");
+        }
+        const unsigned nt = qs::resolve_threads(threads.value_or(0));
+        py::array_t<std::int64_t> batch(n);
+        py::array_t<bool> fit(n);
+        const std::int64_t* pi = plan_index.data();
+        const std::int64_t* ctx = context.data();
+        const double* ffn = dense_ffn_bytes ? dense_ffn_bytes->data() : nullptr;
+        std::int64_t* b = batch.mutable_data();
+        auto* f = reinterpret_cast<std::uint8_t*>(fit.mutable_data());  // numpy bool: one byte, 0 or 1
+        {
+          // The inputs are kept alive by this frame; a short pure kernel, so no interrupt polling.
+          py::gil_scoped_release release;
+          pk::admissible_batches(table, static_cast<std::int64_t>(n), pi, ctx, ffn, b, f, nt);
+        }
+        return py::make_tuple(batch, fit);
+      },
+      py::arg("table"), py::arg("plan_index"), py::arg("context"), py::arg("dense_ffn_bytes") = py::none(),
+      py::arg("threads") = py::none(),
+      "(batch int64, fit bool) per lane: evaluate_plan(desc, plans[plan_index[i]], num_gpus, context[i]).unit_batch "
+      "and weights_fit, with dense_ffn_bytes[i] (if given) in place of desc.dense_ffn_bytes. Releases the GIL; "
+      "threads=None uses every hardware thread (the result does not depend on it). ValueError names the first "
+      "bad lane.");
   m.def("enumerate_plans", &pk::enumerate_plans, py::arg("desc"), py::arg("num_gpus"),
         "Every valid plan for num_gpus GPUs, in canonical order.");
 

@@ -813,10 +813,6 @@ def add_parser(sub: Any) -> None:
 
 
 # ------------------------------------------------------------- batched admission
-#: packing.cc's kBatchCap: "no KV constraint" marker of floor_fit.
-_BATCH_CAP = 1 << 62
-
-
 @dataclass(frozen=True)
 class PlanMemory:
     """Per-plan constants of one model × precision × cluster from which
@@ -826,7 +822,8 @@ class PlanMemory:
     bytes per token per layer, and the full/local KV layers.
 
     Arrays have shape (plans, max_pp); padding stages carry no KV and no weights
-    (``weight_total`` = -inf)."""
+    (``weight_total`` = -inf). ``table`` is the core's ``AdmissionTable`` of the
+    same plans (the same stages), on which :func:`admissible_batches` runs."""
 
     plans: tuple[Plan, ...]
     usable: float
@@ -838,6 +835,7 @@ class PlanMemory:
     kv_full_layers: np.ndarray
     kv_local_layers: np.ndarray
     dense_layers: np.ndarray
+    table: _core.AdmissionTable = field(repr=False, compare=False)
 
 
 def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list: Sequence[Plan] | None = None
@@ -851,7 +849,8 @@ def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list:
         plan_list = [_plan_from_desc(p) for p in pdescs]
     else:
         pdescs = [_plan_desc(p) for p in plan_list]
-    t = _core.stage_table(desc, pdescs, g)
+    table = _core.AdmissionTable(desc, pdescs, g)
+    t = table.stage_table()
     n = len(plan_list)
     max_pp = max([p.pp for p in plan_list], default=1)
     shape = (n, max_pp)
@@ -871,30 +870,7 @@ def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list:
     shard = np.array([1.0 if p.attn_dp else float(p.tp) for p in plan_list])
     return PlanMemory(plans=tuple(plan_list), usable=float(desc.usable_bytes), local_window=int(desc.local_window),
                       shard=shard, weights=weights, weight_total=total, kv_per_token_layer=kv, kv_full_layers=full,
-                      kv_local_layers=local, dense_layers=dense)
-
-
-def floor_fit(free: np.ndarray, per: np.ndarray) -> np.ndarray:
-    """packing.cc ``floor_fit`` over arrays: the largest b >= 0 with
-    b·per <= free (0 when free < 0 or per <= 0), in the same double arithmetic."""
-    free = np.asarray(free, dtype=np.float64)
-    per = np.asarray(per, dtype=np.float64)
-    ok = (free >= 0) & (per > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        q = np.floor(np.where(ok, free / np.where(ok, per, 1.0), 0.0))
-    b = np.where(q >= float(_BATCH_CAP), _BATCH_CAP, q).astype(np.int64)
-    b = np.where(ok, b, 0)
-    while True:
-        down = ok & (b > 0) & (b.astype(np.float64) * per > free)
-        if not down.any():
-            break
-        b = b - down
-    while True:
-        up = ok & (b < _BATCH_CAP) & ((b + 1).astype(np.float64) * per <= free)
-        if not up.any():
-            break
-        b = b + up
-    return b
+                      kv_local_layers=local, dense_layers=dense, table=table)
 
 
 def admissible_batches(pm: PlanMemory, plan_index: np.ndarray, context: np.ndarray,
@@ -906,26 +882,13 @@ def admissible_batches(pm: PlanMemory, plan_index: np.ndarray, context: np.ndarr
     ``dense_ffn_bytes`` (per lane) replaces the model's dense FFN block bytes:
     the dense twins of one MoE differ only there, so one :class:`PlanMemory`
     of any of them serves all.
+
+    Runs in the C++ core (``_core.admissible_batches`` on ``pm.table``): the
+    same per-stage code as the core's plan evaluation, over lanes in parallel
+    with the GIL released (the result does not depend on the thread count).
+    Returns (batch int64, fit bool), one entry per lane. Raises ValueError
+    naming the first bad lane (plan index out of range, context outside
+    [1, 2^53], dense FFN bytes negative or not finite) or the argument whose
+    length differs from ``plan_index``'s.
     """
-    pi = np.asarray(plan_index, dtype=np.int64)
-    ctx = np.asarray(context, dtype=np.int64)[:, None]
-    if dense_ffn_bytes is None:
-        total = pm.weight_total[pi]
-    else:
-        comp = pm.weights[pi].copy()
-        ffn_col = COMPONENTS.index("dense_ffn")
-        comp[:, :, ffn_col] = pm.dense_layers[pi].astype(np.float64) * np.asarray(dense_ffn_bytes)[:, None] \
-            / pm.shard[pi][:, None]
-        total = np.zeros(comp.shape[:2])
-        for c in range(comp.shape[2]):
-            total = total + comp[:, :, c]
-        total = np.where(np.isfinite(pm.weight_total[pi]), total, -np.inf)
-    local_tokens = np.minimum(ctx, pm.local_window) if pm.local_window > 0 else ctx
-    tokens = pm.kv_full_layers[pi] * ctx + pm.kv_local_layers[pi] * local_tokens
-    per = pm.kv_per_token_layer[pi] * tokens.astype(np.float64)
-    free = pm.usable - total
-    b = np.where(per > 0, floor_fit(free, per), _BATCH_CAP)
-    batch = b.min(axis=1)
-    fit = total.max(axis=1) <= pm.usable
-    batch = np.where(fit & (batch != _BATCH_CAP), batch, 0)
-    return batch, fit
+    return _core.admissible_batches(pm.table, plan_index, context, dense_ffn_bytes)
