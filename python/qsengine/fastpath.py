@@ -164,37 +164,63 @@ class _Side:
     why_fit: np.ndarray  # that plan's weights fit (its packing fails on the KV cache)
 
 
-def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.ndarray | None = None) -> _Side:
-    """Best plan and batch of one family for many lanes (context, slo
-    (nan = none)[, twin FFN params]): ``simulation.evaluate_side`` with
-    ``microbatches=0``, over arrays."""
+def _side(fams: "_Family | Sequence[_Family]", context: np.ndarray, slo: np.ndarray,
+          ffn_params: np.ndarray | None = None, family: np.ndarray | None = None) -> _Side:
+    """Best plan and batch for many lanes (context, slo (nan = none)[, twin FFN
+    params]): ``simulation.evaluate_side`` with ``microbatches=0``, over
+    arrays. Lane i belongs to ``fams[family[i]]`` (one family: all lanes); the
+    families must share their routing law (``pi``, experts and top-k: dense
+    twins always do); the plan index returned is into the lane's family's
+    plans."""
+    if isinstance(fams, _Family):
+        fams = [fams]
     n = context.shape[0]
-    P = len(fam.plans)
+    fam_of = np.zeros(n, np.int64) if family is None else np.asarray(family, dtype=np.int64)
     out = _Side(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n),
                 np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool), np.zeros(n, bool))
-    if P == 0 or n == 0:
+    counts = np.array([len(f.plans) for f in fams], dtype=np.int64)
+    if n == 0 or not counts.any():
         return out
-    lane = np.repeat(np.arange(n), P)
-    pidx = np.tile(np.arange(P), n)
+    # lanes sorted by family: each family's rows (lane x its plans) are one slice
+    order = np.argsort(fam_of, kind="stable")
+    per_lane = counts[fam_of[order]]
+    lane = order[np.repeat(np.arange(n), per_lane)]
+    start = np.cumsum(per_lane) - per_lane
+    pidx = np.arange(lane.size) - np.repeat(start, per_lane)  # plan index within the lane's family
+    fam_row = fam_of[lane]
     ctx = context[lane]
-    ffn_bytes = None if ffn_params is None else ffn_params[lane] * fam.precision.weight_bytes
-    adm, fit = admissible_batches(fam.memory, pidx, ctx, ffn_bytes)
+    wb = np.array([f.precision.weight_bytes for f in fams], dtype=np.float64)
+    ffn_bytes = None if ffn_params is None else ffn_params[lane] * wb[fam_row]
+    adm = np.zeros(lane.size, np.int64)
+    fit = np.zeros(lane.size, bool)
+    bounds = np.searchsorted(fam_row, np.arange(len(fams) + 1)) if len(fams) > 1 else np.array([0, lane.size])
+    for f, fam in enumerate(fams):
+        sl = slice(bounds[f], bounds[f + 1])
+        if sl.start < sl.stop:
+            adm[sl], fit[sl] = admissible_batches(fam.memory, pidx[sl], ctx[sl],
+                                                  None if ffn_bytes is None else ffn_bytes[sl])
     ok = adm >= 1  # pack(...).feasible: weights fit and one sequence fits
     rows = np.flatnonzero(ok)
-    sp = fam.params.take(pidx[rows])
+    stack = _stacked(fams)
+    sp = stack.params.take(stack.offset[fam_row[rows]] + pidx[rows])
     if ffn_params is not None:
         sp = sp.replace(ffn_params=ffn_params[lane[rows]].astype(np.float64))
     c = ctx[rows].astype(np.float64)
     s = slo[lane[rows]]
-    pi = fam.pi
+    pi = fams[0].pi
+    if any(f.pi is not pi or (f.model.routed_experts, f.model.top_k) != (fams[0].model.routed_experts,
+                                                                          fams[0].model.top_k) for f in fams):
+        raise ValueError("_side: stacked families must share their routing law (pi, experts, top-k)")
 
-    def step(sub: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:
+    def step(sub: np.ndarray | None, b: np.ndarray) -> dict[str, np.ndarray]:
+        if sub is None:
+            return step_time(sp, b.astype(np.float64), c, pi=pi, uniform=pi is None)
         return step_time(sp.take(sub), b.astype(np.float64), c[sub], pi=pi, uniform=pi is None)
 
     K = rows.size
-    batch = adm[rows].copy()
+    batch = adm[rows]
     limit = np.zeros(K, np.int8)
-    top = step(np.arange(K), batch)
+    top = step(None, batch)
     time, p99 = top["time"], top["p99"]
     valid = np.ones(K, bool)
     has_slo = ~np.isnan(s)
@@ -221,19 +247,14 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
             time[act] = final["time"]
             p99[act] = final["p99"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        thr = np.where(time > 0, batch / time, 0.0) * fam.dp[pidx[rows]]
+        thr = np.where(time > 0, batch / time, 0.0) * stack.dp[stack.offset[fam_row[rows]] + pidx[rows]]
     # in-order selection: a plan replaces the best only if better by 1e-12 (relative)
+    P = int(counts.max())
     T = np.full((n, P), np.nan)
     T[lane[rows[valid]], pidx[rows[valid]]] = thr[valid]
     where = np.full((n, P), -1)
     where[lane[rows], pidx[rows]] = np.arange(K)
-    best = np.full(n, np.nan)
-    arg = np.full(n, -1)
-    for j in range(P):
-        t = T[:, j]
-        better = ~np.isnan(t) & (np.isnan(best) | (t > best * (1 + 1e-12)))
-        best = np.where(better, t, best)
-        arg = np.where(better, j, arg)
+    best, arg = _in_order_best(T)
     feas = arg >= 0
     k = np.maximum(where[np.arange(n), np.maximum(arg, 0)], 0)
     # the reason evaluate_side gives when no plan is feasible: the first plan
@@ -243,12 +264,18 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
     slo_fail[lane[rows[~valid]], pidx[rows[~valid]]] = True
     out.why_slo = slo_fail.any(axis=1)
     out.why = np.argmax(slo_fail, axis=1)
-    none_ok = np.flatnonzero(~ok.reshape(n, P).any(axis=1) & ~out.why_slo)
-    if none_ok.size:
-        sub = (none_ok[:, None] * P + np.arange(P)).ravel()  # their rows, every plan
-        need = _fullest_weight(fam.memory, pidx[sub], None if ffn_bytes is None else ffn_bytes[sub])
-        out.why[none_ok] = np.argmin(need.reshape(none_ok.size, P), axis=1)
-        out.why_fit[none_ok] = fit[none_ok * P + out.why[none_ok]]
+    none_ok = (np.bincount(lane[rows], minlength=n) == 0) & ~out.why_slo & (counts[fam_of] > 0)
+    if none_ok.any():
+        lane_start = np.empty(n, np.int64)
+        lane_start[order] = start
+        bad = np.flatnonzero(none_ok)
+        for f, pos in _split(fam_of[bad]):
+            Pf = int(counts[f])
+            sub = (lane_start[bad[pos]][:, None] + np.arange(Pf)).ravel()  # their rows, every plan
+            need = _fullest_weight(fams[f].memory, pidx[sub], None if ffn_bytes is None else ffn_bytes[sub])
+            why = np.argmin(need.reshape(pos.size, Pf), axis=1)
+            out.why[bad[pos]] = why
+            out.why_fit[bad[pos]] = fit[lane_start[bad[pos]] + why]
     if K == 0:
         return out
     out.feasible = feas
@@ -261,6 +288,31 @@ def _side(fam: _Family, context: np.ndarray, slo: np.ndarray, ffn_params: np.nda
     return out
 
 
+@dataclass
+class _Stack:
+    """The plans of several families end to end (global plan = offset[family] + plan)."""
+
+    offset: np.ndarray
+    params: StepParams
+    dp: np.ndarray
+
+
+_STACKS: dict[tuple[int, ...], tuple[tuple[_Family, ...], _Stack]] = {}
+
+
+def _stacked(fams: Sequence[_Family]) -> _Stack:
+    key = tuple(id(f) for f in fams)
+    got = _STACKS.get(key)
+    if got is None:
+        present = [f for f in fams if f.plans]
+        counts = [len(f.plans) for f in fams]
+        stack = _Stack(offset=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
+                       params=StepParams.stack([f.params for f in present]),
+                       dp=np.concatenate([f.dp for f in present]))
+        if len(_STACKS) > 4096:
+            _STACKS.clear()
+        got = _STACKS[key] = (tuple(fams), stack)  # keep the families alive: their ids stay unique
+    return got[1]
 
 
 def _fullest_weight(pm: PlanMemory, plan_index: np.ndarray, dense_ffn_bytes: np.ndarray | None) -> np.ndarray:
@@ -276,6 +328,37 @@ def _fullest_weight(pm: PlanMemory, plan_index: np.ndarray, dense_ffn_bytes: np.
     for c in range(comp.shape[2]):
         total = total + comp[:, :, c]
     return np.where(np.isfinite(pm.weight_total[plan_index]), total, -np.inf).max(axis=1)
+
+
+def _in_order_best(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of ``T`` (nan = no value): the value and column that a scan in
+    column order keeps when a value replaces the best only if better by 1e-12
+    (relative) -- evaluate_side's rule. Rows whose maximum beats every other
+    value by more than that tolerance take the argmax; the few others are
+    scanned."""
+    n, P = T.shape
+    valid = ~np.isnan(T)
+    filled = np.where(valid, T, -np.inf)
+    arg = np.argmax(filled, axis=1)
+    best = filled[np.arange(n), arg]
+    second = np.max(np.where(np.arange(P) == arg[:, None], -np.inf, filled), axis=1) if P > 1 \
+        else np.full(n, -np.inf)
+    clear = ((best > second * (1 + 1e-12)) & (best >= 0)) | (second == -np.inf)
+    arg = np.where(valid.any(axis=1), arg, -1)
+    best = np.where(arg >= 0, best, np.nan)
+    scan = np.flatnonzero(~clear & (arg >= 0))
+    if scan.size:
+        b = np.full(scan.size, np.nan)
+        a = np.full(scan.size, -1)
+        for j in range(P):
+            t = T[scan, j]
+            better = ~np.isnan(t) & (np.isnan(b) | (t > b * (1 + 1e-12)))
+            b = np.where(better, t, b)
+            a = np.where(better, j, a)
+        best[scan], arg[scan] = b, a
+    return best, arg
+
+
 # ---------------------------------------------------------------------------
 # break-even q*, vectorised over lanes
 # ---------------------------------------------------------------------------
@@ -290,17 +373,19 @@ def _break_even(twins: list[tuple], twin_of: np.ndarray, context: np.ndarray, sl
     ``context[i]``, ``slo[i]`` (nan = none)."""
     n = twin_of.size
 
+    fams = [_family(_twin_line(t[0])[0], t[1], t[2], t[3], t[4], "uniform") for t in twins]
+
     def ratio(idx: np.ndarray, q: np.ndarray) -> np.ndarray:
         """ratio(q) for lanes idx: nan = twin cannot be built, 0 = infeasible."""
         r = np.full(idx.size, np.nan)
+        ok = np.zeros(idx.size, bool)
+        ffn = np.zeros(idx.size)
         for t, sel in _split(twin_of[idx]):
-            model, cluster, precision, plan, options = twins[t]
-            width, ok, ffn = _twin_widths(model, q[sel])
-            fam = _family(_twin_line(model)[0], cluster, precision, plan, options, "uniform")
-            lanes_ok = sel[ok]
-            lanes = idx[lanes_ok]
-            side = _side(fam, context[lanes], slo[lanes], ffn[ok])
-            r[lanes_ok] = np.where(side.feasible, side.tps / moe_tps[lanes], 0.0)
+            _, ok[sel], ffn[sel] = _twin_widths(twins[t][0], q[sel])
+        lanes_ok = np.flatnonzero(ok)
+        lanes = idx[lanes_ok]
+        side = _side(fams, context[lanes], slo[lanes], ffn[lanes_ok], family=twin_of[lanes])
+        r[lanes_ok] = np.where(side.feasible, side.tps / moe_tps[lanes], 0.0)
         return r
 
     every = np.arange(n)
@@ -550,31 +635,45 @@ def _evaluate_fast(cols, lanes: np.ndarray, models: list[Model], out: dict[str, 
         rec = qs_record(model, q_value)
         mq_rec.append((rec, f"{model.id}-dense-q{qv[g]:.2f}", q_value))
 
-    # ---- the MoE side: once per distinct (specs, routing, context, slo)
+    # ---- the MoE side: once per distinct (specs, routing, context, slo); families with
+    # the same routing law (all uniform ones) in one stacked call
     mg, m_first = _group(n, m, c, pr, pl, op, rt, code["context"], code["slo_tpot"])
     moe = _Sides.empty(m_first.size)
     fg, f_first = _group(m_first.size, m[m_first], c[m_first], pr[m_first], pl[m_first], op[m_first], rt[m_first])
-    for f, members in _split(fg):
-        i = m_first[f_first[f]]
+    fams = []
+    for i in m_first[f_first].tolist():
         model, cluster, precision, plan, opts = spec(i)
-        fam = _family(model, cluster, precision, plan, opts, routings[rt[i]])
+        fams.append(_family(model, cluster, precision, plan, opts, routings[rt[i]]))
+    laws: dict[tuple, list[int]] = {}  # the closed-form straggler takes one routing law per call
+    for f, fam in enumerate(fams):
+        laws.setdefault((id(fam.pi), fam.model.routed_experts, fam.model.top_k), []).append(f)
+    for fs in laws.values():
+        local = np.full(len(fams), -1, np.int64)
+        local[fs] = np.arange(len(fs))
+        members = np.flatnonzero(local[fg] >= 0)
         lanes_f = m_first[members]
-        moe.fill(members, _side(fam, ctx[lanes_f], slo[lanes_f]), fam.plans)
+        stacked = [fams[f] for f in fs]
+        moe.fill(members, _side(stacked, ctx[lanes_f], slo[lanes_f], family=local[fg[members]]), stacked,
+                 local[fg[members]])
 
-    # ---- the dense twin: once per distinct (specs, q, context, slo), one family per MoE spec
+    # ---- the dense twin: once per distinct (specs, q, context, slo); one family per MoE
+    # spec, all in one stacked call
     dg, d_first = _group(n, m, c, pr, pl, op, code["q"], code["context"], code["slo_tpot"])
     dense = _Sides.empty(d_first.size)
     tg, t_first = _group(d_first.size, m[d_first], c[d_first], pr[d_first], pl[d_first], op[d_first])
+    twin_fams = []
+    ffn = np.empty(d_first.size)
     for t, members in _split(tg):
         i = d_first[t_first[t]]
         model, cluster, precision, plan, opts = spec(i)
         lanes_t = d_first[members]
-        q = qv[mq[lanes_t]]
-        width, ok, ffn = _twin_widths(model, q)
+        width, ok, ffn[members] = _twin_widths(model, qv[mq[lanes_t]])
         if not ok.all():  # simulate builds the twin before anything else: same error
             model.dense_twin(mq_rec[mq[lanes_t[~ok][0]]][2])
-        fam = _family(_twin_line(model)[0], cluster, precision, plan, opts, "uniform")
-        dense.fill(members, _side(fam, ctx[lanes_t], slo[lanes_t], ffn), fam.plans)
+    for i in d_first[t_first].tolist():
+        model, cluster, precision, plan, opts = spec(i)
+        twin_fams.append(_family(_twin_line(model)[0], cluster, precision, plan, opts, "uniform"))
+    dense.fill(np.arange(d_first.size), _side(twin_fams, ctx[d_first], slo[d_first], ffn, family=tg), twin_fams, tg)
 
     # ---- break-even q*: once per distinct MoE side that is feasible and asked for it
     be = breaks[code["break_even"]]
@@ -691,11 +790,12 @@ class _Sides:
                    np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool), np.zeros(n, bool),
                    np.zeros(n, np.int64), [])
 
-    def fill(self, idx: np.ndarray, side: _Side, plans: tuple[Plan, ...]) -> None:
+    def fill(self, idx: np.ndarray, side: _Side, fams: Sequence[_Family], family: np.ndarray) -> None:
+        """Groups ``idx`` take ``side``'s lanes; lane j is of ``fams[family[j]]``."""
         for name in ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_slo", "why_fit"):
             getattr(self, name)[idx] = getattr(side, name)
-        self.family[idx] = len(self.families)
-        self.families.append(plans)
+        self.family[idx] = len(self.families) + family
+        self.families.extend(f.plans for f in fams)
 
     def plans_of(self, k: int) -> tuple[Plan, ...]:
         return self.families[int(self.family[k])]

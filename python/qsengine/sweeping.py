@@ -48,25 +48,12 @@ import numpy as np
 
 from qsengine._checkpoint import FORMAT_VERSION, Checkpoint
 from qsengine._seed import SeedLike, as_seed_sequence, seed_record
+from qsengine.simulation import POINT_FIELDS
 
 __all__ = ["sweep", "load_results", "FIELDS", "point_id", "point_seed"]
 
 #: Grid fields, their defaults (those of :func:`qsengine.simulate`); ``...`` = required.
-FIELDS: dict[str, Any] = {
-    "model": ...,
-    "cluster": ...,
-    "context": ...,
-    "q": None,
-    "dense": None,
-    "routing": "uniform",
-    "plan": "auto",
-    "precision": None,
-    "microbatches": "auto",
-    "slo_tpot": None,
-    "twin_attention": "same",
-    "break_even": True,
-    "options": None,
-}
+FIELDS: dict[str, Any] = POINT_FIELDS
 
 #: Default points per chunk: closed-form points are cheap, Monte Carlo ones are not.
 #: With the default evaluator closed-form chunks go to the vectorised fast path
@@ -158,6 +145,7 @@ class _Validator:
         self._cache: dict[tuple, _Value] = {}
         self._model_cache: dict[str, Any] = {}
         self._twin_cache: dict[tuple, None] = {}
+        self._plan_cache: dict[tuple, None] = {}
 
     def value(self, field: str, v: Any) -> _Value:
         try:
@@ -279,41 +267,54 @@ class _Validator:
         """Cross-field checks simulate would make (twin constructible, plan fits)."""
         model = self._model_cache[values["model"].canon]
         q, dense, att = values["q"], values["dense"], values["twin_attention"]
-        key = (values["model"].canon, q.canon, dense.canon, att.canon, values["plan"].canon, values["cluster"].canon)
-        if key in self._twin_cache:
-            return
+        twin_key = (values["model"].canon, q.canon, dense.canon, att.canon)
+        plan_key = (values["model"].canon, values["plan"].canon, values["cluster"].canon)
         where = (f"grid point {index} (model={values['model'].display!r}, cluster={values['cluster'].display!r}, "
                  f"context={values['context'].display})")
-        if dense.arg is not None and q.arg is not None:
-            raise ValueError(f"{where}: fields 'q' = {q.arg!r} and 'dense' = {dense.display!r}: "
-                             "give either q or dense, not both")
-        if dense.arg is None:
-            try:
-                model.dense_twin("sqrt" if q.arg is None else q.arg, attention=att.arg)
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"{where}: field 'q' = {q.arg!r}: no dense twin can be built: {exc}") from None
+        if twin_key not in self._twin_cache:
+            if dense.arg is not None and q.arg is not None:
+                raise ValueError(f"{where}: fields 'q' = {q.arg!r} and 'dense' = {dense.display!r}: "
+                                 "give either q or dense, not both")
+            if dense.arg is None:
+                try:
+                    model.dense_twin("sqrt" if q.arg is None else q.arg, attention=att.arg)
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(f"{where}: field 'q' = {q.arg!r}: no dense twin can be built: {exc}") from None
+            self._twin_cache[twin_key] = None
         plan = values["plan"].arg
-        if not isinstance(plan, str):
+        if plan_key not in self._plan_cache and not isinstance(plan, str):
             from qsengine.specs.loaders import as_cluster
 
             try:
                 plan.validate_for(model, as_cluster(values["cluster"].arg))
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"{where}: field 'plan' = {plan.label!r}: {exc}") from None
-        self._twin_cache[key] = None
+        self._plan_cache[plan_key] = None
 
 
 @dataclass
 class _Points:
-    """The validated grid: one entry per grid position, plus unique points."""
+    """The validated grid, column-wise: per field its distinct values and the
+    value code of every grid position; the point id of every position; the
+    unique points (first occurrence of each id, in grid order)."""
 
-    ids: list[str]  # per grid position
-    unique: dict[str, int]  # point_id -> position of its first occurrence
-    values: list[dict[str, _Value]]  # per grid position
+    values: dict[str, list[_Value]]  # field -> distinct validated values
+    codes: dict[str, np.ndarray]  # field -> value code per grid position
+    ids: list[str]  # point id per grid position
+    unique: np.ndarray  # grid position of each unique point (grid order)
+    unique_of: np.ndarray  # per grid position: its unique point's index
     grid_hash: str
 
+    @property
+    def unique_ids(self) -> list[str]:
+        return [self.ids[i] for i in self.unique.tolist()]
+
     def kwargs(self, pos: int) -> dict[str, Any]:
-        return {k: v.arg for k, v in self.values[pos].items()}
+        return {k: self.values[k][int(c[pos])].arg for k, c in self.codes.items()}
+
+    def arg_columns(self, positions: np.ndarray) -> dict[str, tuple[list[Any], np.ndarray]]:
+        """The points at ``positions`` as fast-path columns (simulate's arguments)."""
+        return {k: ([v.arg for v in self.values[k]], c[positions]) for k, c in self.codes.items()}
 
 
 def _as_values(field: str, v: Any) -> list[Any]:
@@ -346,41 +347,108 @@ def _check_fields(keys, where: str) -> None:
 def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
     """Validate the whole grid (before any work) and list its points."""
     val = _Validator()
-    positions: list[dict[str, _Value]] = []
+    values: dict[str, list[_Value]] = {}
+    codes: dict[str, np.ndarray] = {}
     if isinstance(grid, Mapping):
         _check_fields(list(grid), "grid")
-        axes: list[tuple[str, list[_Value]]] = []
-        for k in FIELDS:
-            raw = _as_values(k, grid[k]) if k in grid else [FIELDS[k]]
-            axes.append((k, [val.value(k, v) for v in raw]))
-        names = [k for k, _ in axes]
-        for combo in itertools.product(*(vals for _, vals in axes)):
-            positions.append(dict(zip(names, combo)))
+        axes = {k: [val.value(k, v) for v in (_as_values(k, grid[k]) if k in grid else [FIELDS[k]])]
+                for k in FIELDS}
+        n = math.prod(len(v) for v in axes.values())
+        stride = n
+        for k, vals in axes.items():  # the cartesian product, last field fastest
+            stride //= len(vals)
+            values[k] = vals
+            codes[k] = (np.arange(n, dtype=np.int64) // stride) % len(vals)
     elif isinstance(grid, Sequence) and not isinstance(grid, (str, bytes)):
         if not grid:
             raise ValueError("grid: empty list of points (give at least one)")
+        n = len(grid)
+        index: dict[str, dict[int, int]] = {k: {} for k in FIELDS}
+        for k in FIELDS:
+            values[k] = []
+            codes[k] = np.empty(n, dtype=np.int64)
         for i, p in enumerate(grid):
             if not isinstance(p, Mapping):
                 raise TypeError(f"grid point {i}: must be a dict of field values, got {type(p).__name__}")
             _check_fields(list(p), f"grid point {i}")
-            try:
-                positions.append({k: val.value(k, p.get(k, d)) for k, d in FIELDS.items()})
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"grid point {i}: {exc}") from None
+            for k, d in FIELDS.items():
+                try:
+                    v = val.value(k, p.get(k, d))
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(f"grid point {i}: {exc}") from None
+                c = index[k].get(id(v))  # the validator returns one _Value per distinct raw value
+                if c is None:
+                    c = index[k][id(v)] = len(values[k])
+                    values[k].append(v)
+                codes[k][i] = c
     else:
         raise TypeError(f"grid: must be a dict of lists or a list of point dicts, got {type(grid).__name__}")
 
-    ids: list[str] = []
-    unique: dict[str, int] = {}
-    h = hashlib.sha256()
-    for i, values in enumerate(positions):
-        val.point(i, values)
-        canon = "{" + ",".join(f'"{k}":{v.canon}' for k, v in values.items()) + "}"
-        pid = point_id(canon)
-        ids.append(pid)
-        unique.setdefault(pid, i)
-        h.update(pid.encode())
-    return _Points(ids=ids, unique=unique, values=positions, grid_hash=h.hexdigest()[:32])
+    # cross-field checks once per distinct combination that matters, in grid order
+    cross = ("model", "q", "dense", "twin_attention", "plan", "cluster")
+    _, first = _factorize_codes(n, [codes[k] for k in cross])
+    for i in first.tolist():
+        val.point(i, {k: values[k][int(codes[k][i])] for k in FIELDS})
+
+    ids = _point_ids(n, values, codes)
+    import pandas as pd
+
+    unique_of, uniq = pd.factorize(np.asarray(ids, dtype=object), sort=False)
+    unique = np.full(len(uniq), -1, dtype=np.int64)
+    unique[unique_of[::-1]] = np.arange(n - 1, -1, -1)
+    grid_hash = hashlib.sha256("".join(ids).encode()).hexdigest()[:32]
+    return _Points(values=values, codes=codes, ids=ids, unique=unique, unique_of=unique_of.astype(np.int64),
+                   grid_hash=grid_hash)
+
+
+def _factorize_codes(n: int, codes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Group positions by equal tuples of codes: (group per position, first
+    position of each group), groups in order of first appearance."""
+    from qsengine.fastpath import _group
+
+    return _group(n, *codes)
+
+
+def _point_ids(n: int, values: dict[str, list[_Value]], codes: dict[str, np.ndarray]) -> list[str]:
+    """:func:`point_id` of every position, i.e. SHA-256 of the canonical JSON
+    ``{"model":...,"cluster":...,...}`` (fields in :data:`FIELDS` order).
+
+    The JSON of a position is the concatenation of one part per field, so the
+    hash is built as a trie over the fields: the hash state of each distinct
+    prefix is computed once and copied for its children. Fields with one value
+    are folded into the part before them; the cost is about one state copy and
+    one digest per point."""
+    parts = {k: [(("," if j else "{") + f'"{k}":{v.canon}').encode() for v in values[k]]
+             for j, k in enumerate(FIELDS)}
+    levels: list[tuple[np.ndarray, list[bytes]]] = []  # (code per position, part per code) of varying fields
+    head = b""
+    for k in FIELDS:
+        c = codes[k]
+        if len(values[k]) == 1 or (n and int(c.min()) == int(c.max())):
+            piece = parts[k][int(c[0])] if n else parts[k][0]
+            if levels:  # fold a constant field into the part of the varying field before it
+                cs, ps = levels[-1]
+                levels[-1] = (cs, [x + piece for x in ps])
+            else:
+                head += piece
+        else:
+            levels.append((c, list(parts[k])))
+    if not levels:
+        return [point_id((head + b"}").decode())] * n
+    cs, ps = levels[-1]
+    levels[-1] = (cs, [x + b"}" for x in ps])
+    states = [hashlib.sha256(head)]
+    group = np.zeros(n, dtype=np.int64)
+    for c, ps in levels:
+        child, first = _factorize_codes(n, [group, c])
+        new = []
+        for pc, cc in zip(group[first].tolist(), c[first].tolist()):
+            h = states[pc].copy()
+            h.update(ps[cc])
+            new.append(h)
+        states, group = new, child
+    digests = [h.hexdigest()[:32] for h in states]
+    return [digests[g] for g in group.tolist()]
 
 
 # ---------------------------------------------------------------------------
@@ -395,27 +463,49 @@ def simulate_point(kwargs: dict[str, Any], seed: np.random.SeedSequence, threads
     return simulate(**kwargs, seed=seed, threads=threads).to_record()
 
 
-def _run_chunk(points: list[tuple[str, dict[str, Any]]], entropy: Any, spawn_key: tuple[int, ...],
-               threads: int | None, evaluate: Evaluator) -> list[dict[str, Any]]:
-    """Evaluate one chunk; returns one result record per point (in order)."""
-    root = np.random.SeedSequence(entropy, spawn_key=spawn_key)
-    if evaluate is simulate_point and points and all(kw.get("microbatches") == 0 for _, kw in points):
+@dataclass
+class _Chunk:
+    """One task: unique points ``rows`` (indices into the sweep's unique
+    points) with their ids, as fast-path columns (closed form, default
+    evaluator) or as (id, simulate kwargs) pairs."""
+
+    rows: np.ndarray
+    ids: list[str]
+    columns: dict[str, tuple[list[Any], np.ndarray]] | None = None
+    points: list[tuple[str, dict[str, Any]]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def kwargs(self) -> list[tuple[str, dict[str, Any]]]:
+        if self.points is not None:
+            return self.points
+        assert self.columns is not None
+        return [(pid, {k: vals[int(c[i])] for k, (vals, c) in self.columns.items()})
+                for i, pid in enumerate(self.ids)]
+
+
+def _run_chunk(chunk: _Chunk, entropy: Any, spawn_key: tuple[int, ...], threads: int | None,
+               evaluate: Evaluator):
+    """Evaluate one chunk; returns its results as an arrow table (one row per point, in order)."""
+    if chunk.columns is not None:
         # closed form: no randomness (the seed is not used), one vectorised call
-        from qsengine.fastpath import evaluate_closed_form
+        from qsengine.fastpath import evaluate_columns
 
         try:
-            return evaluate_closed_form([kw for _, kw in points])
+            return _columns_table(evaluate_columns(chunk.columns, len(chunk)))
         except Exception:  # noqa: BLE001 - re-run point by point: the failing point is named below
             pass
+    root = np.random.SeedSequence(entropy, spawn_key=spawn_key)
     rows = []
-    for pid, kwargs in points:
+    for pid, kwargs in chunk.kwargs():
         try:
             rec = evaluate(kwargs, point_seed(root, pid), threads)
         except Exception as exc:
             exc.add_note(f"qsengine.sweep: while evaluating point {pid} {kwargs}")
             raise
         rows.append(rec)
-    return rows
+    return _records_table(rows)
 
 
 # ---------------------------------------------------------------------------
@@ -449,14 +539,25 @@ def _records_table(rows: list[dict[str, Any]]):
     return pa.table({k: _column([r.get(k) for r in rows]) for k in names})
 
 
+def _columns_table(cols: Mapping[str, np.ndarray]):
+    """The fast path's result columns as the table :func:`_records_table`
+    makes of the same records (same names, order and arrow types)."""
+    import pyarrow as pa
+
+    from qsengine.fastpath import RECORD_COLUMNS
+
+    types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "bool?": pa.bool_()}
+    return pa.table({name: pa.array(cols[name], type=types[kind]) for name, kind in RECORD_COLUMNS})
+
+
 def _inputs_table(points: _Points):
     """point_id + ``in_<field>`` columns for the unique points (grid order)."""
     import pyarrow as pa
 
-    pos = list(points.unique.values())
-    cols = {"point_id": pa.array(list(points.unique.keys()), type=pa.string())}
+    cols = {"point_id": pa.array(points.unique_ids, type=pa.string())}
     for k in FIELDS:
-        cols[f"in_{k}"] = _column([points.values[i][k].display for i in pos])
+        distinct = _column([v.display for v in points.values[k]])
+        cols[f"in_{k}"] = distinct.take(pa.array(points.codes[k][points.unique]))
     return pa.table(cols)
 
 
@@ -666,33 +767,44 @@ def sweep(
     info["grid_fingerprint"] = hashlib.sha256(_dumps(info).encode()).hexdigest()[:32]
 
     inputs = _inputs_table(points)
-    row_of = {pid: r for r, pid in enumerate(points.unique)}
+    unique_ids = points.unique_ids
     tables: list = []
     done: set[str] = set()
     if ck is not None:
         if meta is not None:
             _check_meta(ck, meta, points, seed_rec, __version__)
-            scan = ck.scan(set(points.unique), ["point_id", *inputs.column_names[1:]])
+            scan = ck.scan(set(unique_ids), ["point_id", *inputs.column_names[1:]])
             tables, done = scan.tables, scan.done
         else:
             ck.write_meta(info)
 
     # chunks of the points still to do, in grid order; closed-form ones large
-    todo = [pid for pid in points.unique if pid not in done]
-    closed = [p for p in todo if points.values[points.unique[p]]["microbatches"].arg == 0]
-    monte = [p for p in todo if points.values[points.unique[p]]["microbatches"].arg != 0]
+    todo = np.array([pid not in done for pid in unique_ids], dtype=bool) if done else \
+        np.ones(len(unique_ids), dtype=bool)
+    mb = points.codes["microbatches"][points.unique]
+    zero = np.array([v.arg == 0 for v in points.values["microbatches"]], dtype=bool)[mb]
+    closed, monte = np.flatnonzero(todo & zero), np.flatnonzero(todo & ~zero)
     workers = 1 if executor is None else _workers_of(executor) if not isinstance(executor, str) else 1
     mc_size = chunk_size or (MONTE_CARLO_CHUNK if executor is None
-                             else max(1, min(MONTE_CARLO_CHUNK, math.ceil(len(monte) / (4 * workers)))))
+                             else max(1, min(MONTE_CARLO_CHUNK, math.ceil(monte.size / (4 * workers)))))
+    fast = evaluate is simulate_point
     if chunk_size:
         cf_size = chunk_size
-    elif evaluate is not simulate_point:
+    elif not fast:
         cf_size = CLOSED_FORM_CHUNK
     else:  # fast path: big chunks, but enough of them to keep every worker busy
         cf_size = CLOSED_FORM_FAST_CHUNK if executor is None else \
-            max(CLOSED_FORM_CHUNK, min(CLOSED_FORM_FAST_CHUNK, math.ceil(len(closed) / (4 * workers))))
-    chunks = [[(p, points.kwargs(points.unique[p])) for p in group[s:s + size]]
-              for group, size in ((closed, cf_size), (monte, mc_size)) for s in range(0, len(group), size)]
+            max(CLOSED_FORM_CHUNK, min(CLOSED_FORM_FAST_CHUNK, math.ceil(closed.size / (4 * workers))))
+
+    def chunk(rows: np.ndarray, columns: bool) -> _Chunk:
+        ids = [unique_ids[r] for r in rows.tolist()]
+        pos = points.unique[rows]
+        if columns:
+            return _Chunk(rows, ids, columns=points.arg_columns(pos))
+        return _Chunk(rows, ids, points=[(pid, points.kwargs(p)) for pid, p in zip(ids, pos.tolist())])
+
+    chunks = [chunk(group[s:s + size], fast and group is closed)
+              for group, size in ((closed, cf_size), (monte, mc_size)) for s in range(0, group.size, size)]
     if threads is None and executor is not None:
         threads = 1
     args = (root.entropy, tuple(root.spawn_key), threads, evaluate)
@@ -702,16 +814,14 @@ def sweep(
     bar = tqdm(total=len(points.unique), initial=len(done), unit="pt", desc="qsengine sweep", smoothing=0.05,
                disable=not progress or not sys.stderr.isatty())
 
-    def on_done(i: int, rows: list[dict[str, Any]]) -> None:
-        chunk = chunks[i]
-        table = _records_table(rows)
-        ins = inputs.take(pa.array([row_of[pid] for pid, _ in chunk]))
+    def on_done(i: int, table) -> None:
+        ins = inputs.take(pa.array(chunks[i].rows))
         for name in reversed(ins.column_names):
             table = table.add_column(0, name, ins.column(name))
         if ck is not None:
             ck.write_chunk(table)
         tables.append(table)
-        bar.update(len(chunk))
+        bar.update(len(chunks[i]))
 
     own_client = None
     try:
@@ -743,7 +853,7 @@ def sweep(
             own_client.close()
 
     df = _assemble(points, inputs, tables)
-    df.attrs["sweep"] = {**info, "computed_points": len(todo), "resumed_points": len(done),
+    df.attrs["sweep"] = {**info, "computed_points": int(todo.sum()), "resumed_points": len(done),
                          "elapsed_s": time.perf_counter() - t0,
                          "checkpoint": str(ck.path) if ck is not None else None}
     return df
@@ -753,22 +863,19 @@ def _assemble(points: _Points, inputs, tables: list):
     """One row per grid position (grid order): inputs from the grid, results
     from the chunk tables (however they were chunked or read back)."""
     import pyarrow as pa
+    import pyarrow.compute as pc
 
     in_cols = set(inputs.column_names)
+    full = inputs.take(pa.array(points.unique_of))
     if tables:
         res = _concat([t.drop_columns([c for c in t.column_names if c in in_cols and c != "point_id"])
                        for t in tables])
-        at = {pid: r for r, pid in enumerate(res.column("point_id").to_pylist())}
-        missing = [pid for pid in points.unique if pid not in at]
-        if missing:  # pragma: no cover - guarded by construction
-            raise RuntimeError(f"sweep: {len(missing)} point(s) have no result (e.g. {missing[0]})")
-        res = res.drop_columns(["point_id"]).take(pa.array([at[pid] for pid in points.ids]))
-    else:
-        res = pa.table({})
-    row_of = {pid: r for r, pid in enumerate(points.unique)}
-    full = inputs.take(pa.array([row_of[pid] for pid in points.ids]))
-    for name in res.column_names:
-        full = full.append_column(name, res.column(name))
+        at = pc.index_in(inputs.column("point_id"), value_set=res.column("point_id"))
+        if at.null_count:  # pragma: no cover - guarded by construction
+            raise RuntimeError(f"sweep: {at.null_count} point(s) have no result")
+        res = res.drop_columns(["point_id"]).take(at.take(pa.array(points.unique_of)))
+        for name in res.column_names:
+            full = full.append_column(name, res.column(name))
     return full.to_pandas()
 
 
