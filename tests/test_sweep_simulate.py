@@ -11,19 +11,15 @@ import pandas.testing as pdt
 import pytest
 
 import qsengine
-import qsengine.routing
 from qsengine._sweep_testing import fake_point
 from qsengine.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
-needs_simulate = pytest.mark.skipif(not hasattr(qsengine.routing, "independent_popularity"),
-                                    reason="this build's simulate is not wired to the routing module")
 
 GRID = {"model": ["qwen3-30b-a3b", "mixtral-8x7b"], "cluster": ["8xh100", "8xh200"], "context": [4096, 32768],
         "microbatches": [0, 50]}
 
 
-@needs_simulate
 def test_real_simulate_rows_match_simulate_and_executors_agree(tmp_path):
     from qsengine.simulation import simulate
     from qsengine.sweeping import point_seed
@@ -42,7 +38,17 @@ def test_real_simulate_rows_match_simulate_and_executors_agree(tmp_path):
     assert {"moe_feasible", "moe_reason", "ratio", "break_even_q"} <= set(df.columns)
 
 
-@needs_simulate
+def test_closed_form_sweep_same_for_any_threads_and_chunking():
+    """The fast path runs chunks on threads in-process: results must not
+    depend on the thread count, the chunking or completion order."""
+    grid = {"model": ["qwen3-30b-a3b", "mixtral-8x7b", "deepseek-v3"], "cluster": ["8xh100", "16xh200"],
+            "context": [1024, 8192, 131072], "q": ["sqrt", 2.0, 4.5], "slo_tpot": [None, 0.02], "microbatches": [0]}
+    ref = qsengine.sweep(grid, seed=1, progress=False, threads=1)
+    assert len(ref) == 108 and ref["ratio"].notna().any()
+    for kw in ({}, {"threads": 2, "chunk_size": 5}, {"threads": 2, "chunk_size": 1000}):
+        pdt.assert_frame_equal(qsengine.sweep(grid, seed=1, progress=False, **kw), ref)
+
+
 def test_cli_sweep_example_and_report(tmp_path):
     out = tmp_path / "res"
     assert main(["sweep", str(ROOT / "examples" / "sweep_small.toml"), "--out", str(out), "--no-progress"]) == 0
@@ -84,7 +90,6 @@ def test_cli_help_lists_sweep_and_report():
     assert "sweep" in out and "report" in out
 
 
-@needs_simulate
 def test_real_simulate_dask_local_cluster_equals_in_process():
     distributed = pytest.importorskip("distributed")
     grid = {**GRID, "model": ["qwen3-30b-a3b"], "break_even": [False]}

@@ -31,7 +31,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import dataclasses
 import hashlib
-import itertools
 import json
 import math
 import numbers
@@ -439,16 +438,27 @@ def _point_ids(n: int, values: dict[str, list[_Value]], codes: dict[str, np.ndar
     levels[-1] = (cs, [x + b"}" for x in ps])
     states = [hashlib.sha256(head)]
     group = np.zeros(n, dtype=np.int64)
-    for c, ps in levels:
+    for depth, (c, ps) in enumerate(levels):
         child, first = _factorize_codes(n, [group, c])
-        new = []
-        for pc, cc in zip(group[first].tolist(), c[first].tolist()):
-            h = states[pc].copy()
+        copies = [h.copy for h in states]
+        pairs = zip(group[first].tolist(), c[first].tolist())
+        if depth < len(levels) - 1:
+            states = []
+            for pc, cc in pairs:
+                h = copies[pc]()
+                h.update(ps[cc])
+                states.append(h)
+            group = child
+            continue
+        digests = []
+        for pc, cc in pairs:
+            h = copies[pc]()
             h.update(ps[cc])
-            new.append(h)
-        states, group = new, child
-    digests = [h.hexdigest()[:32] for h in states]
-    return [digests[g] for g in group.tolist()]
+            digests.append(h.hexdigest()[:32])
+        if first.size == n and not (first - np.arange(n)).any():  # every position distinct, in order
+            return digests
+        return [digests[g] for g in child.tolist()]
+    raise AssertionError("unreachable")  # pragma: no cover
 
 
 # ---------------------------------------------------------------------------
@@ -577,9 +587,18 @@ def _is_dask_client(x: Any) -> bool:
     return mod.startswith("distributed") and type(x).__name__ == "Client"
 
 
-def _drive_inprocess(chunks, args, on_done) -> None:
-    for i, ch in enumerate(chunks):
-        on_done(i, _run_chunk(ch, *args))
+def _drive_inprocess(chunks: list[_Chunk], args, on_done, workers: int) -> None:
+    """Run chunks in this process. Fast-path chunks (numpy on large arrays and
+    the core, both mostly without the GIL) run on ``workers`` threads; the
+    others one after another (the core already uses every core per point)."""
+    fast = [i for i, ch in enumerate(chunks) if ch.columns is not None]
+    rest = range(len(chunks))
+    if workers > 1 and len(fast) > 1:
+        with cf.ThreadPoolExecutor(min(workers, len(fast)), thread_name_prefix="qsengine-sweep") as ex:
+            _drive_futures(ex, [chunks[i] for i in fast], args, lambda j, table: on_done(fast[j], table), 0, None)
+        rest = [i for i in rest if chunks[i].columns is None]
+    for i in rest:
+        on_done(i, _run_chunk(chunks[i], *args))
 
 
 def _drive_futures(ex: cf.Executor, chunks, args, on_done, retries: int,
@@ -784,7 +803,10 @@ def sweep(
     mb = points.codes["microbatches"][points.unique]
     zero = np.array([v.arg == 0 for v in points.values["microbatches"]], dtype=bool)[mb]
     closed, monte = np.flatnonzero(todo & zero), np.flatnonzero(todo & ~zero)
-    workers = 1 if executor is None else _workers_of(executor) if not isinstance(executor, str) else 1
+    if executor is None:
+        workers = threads or os.cpu_count() or 1
+    else:
+        workers = _workers_of(executor) if not isinstance(executor, str) else 1
     mc_size = chunk_size or (MONTE_CARLO_CHUNK if executor is None
                              else max(1, min(MONTE_CARLO_CHUNK, math.ceil(monte.size / (4 * workers)))))
     fast = evaluate is simulate_point
@@ -793,8 +815,7 @@ def sweep(
     elif not fast:
         cf_size = CLOSED_FORM_CHUNK
     else:  # fast path: big chunks, but enough of them to keep every worker busy
-        cf_size = CLOSED_FORM_FAST_CHUNK if executor is None else \
-            max(CLOSED_FORM_CHUNK, min(CLOSED_FORM_FAST_CHUNK, math.ceil(closed.size / (4 * workers))))
+        cf_size = max(CLOSED_FORM_CHUNK, min(CLOSED_FORM_FAST_CHUNK, math.ceil(closed.size / (2 * workers))))
 
     def chunk(rows: np.ndarray, columns: bool) -> _Chunk:
         ids = [unique_ids[r] for r in rows.tolist()]
@@ -828,7 +849,7 @@ def sweep(
         if not chunks:
             pass
         elif executor is None:
-            _drive_inprocess(chunks, args, on_done)
+            _drive_inprocess(chunks, args, on_done, workers)
         elif executor == "processes":
             import multiprocessing
 
