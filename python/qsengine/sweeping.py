@@ -59,7 +59,7 @@ FIELDS: dict[str, Any] = POINT_FIELDS
 #: (qsengine.fastpath) in one call, so they are large; a custom evaluator is
 #: called per point and keeps the small chunks.
 CLOSED_FORM_CHUNK = 256
-CLOSED_FORM_FAST_CHUNK = 20_000
+CLOSED_FORM_FAST_CHUNK = 65_536
 MONTE_CARLO_CHUNK = 8
 
 Evaluator = Callable[[dict[str, Any], np.random.SeedSequence, "int | None"], dict[str, Any]]
@@ -815,7 +815,10 @@ def sweep(
     elif not fast:
         cf_size = CLOSED_FORM_CHUNK
     else:  # fast path: big chunks, but enough of them to keep every worker busy
-        cf_size = max(CLOSED_FORM_CHUNK, min(CLOSED_FORM_FAST_CHUNK, math.ceil(closed.size / (2 * workers))))
+        # in-process: one chunk per thread (a chunk shares its MoE sides and q* searches);
+        # distributed: two per worker, for balance
+        per = workers if executor is None else 2 * workers
+        cf_size = max(CLOSED_FORM_CHUNK, min(CLOSED_FORM_FAST_CHUNK, math.ceil(closed.size / per)))
 
     def chunk(rows: np.ndarray, columns: bool) -> _Chunk:
         ids = [unique_ids[r] for r in rows.tolist()]
