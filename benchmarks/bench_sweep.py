@@ -1,5 +1,6 @@
-"""Sweep throughput: closed-form points/s in-process, Monte Carlo points/min at
-1e4 microbatches, and the overhead of two Dask workers against in-process.
+"""Sweep throughput: closed-form points/s through qsengine.sweep in-process (and
+its pieces), Monte Carlo points/min at 1e4 microbatches, and the overhead of two
+Dask workers against in-process.
 
 Run:  python benchmarks/bench_sweep.py [--quick]
 Writes benchmarks/results/bench_sweep.txt. Each figure is the median of
@@ -36,6 +37,15 @@ def timed(fn, repeats: int):
     return statistics.median(times), frames[0]
 
 
+def timed_plain(fn, repeats: int):
+    times, out = [], None
+    for _ in range(repeats):
+        t = time.perf_counter()
+        out = fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times), out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true", help="smaller grids, fewer repeats")
@@ -44,73 +54,63 @@ def main() -> int:
     lines = [f"qsengine {qsengine.__version__} sweep benchmark; {platform.processor() or platform.machine()}, "
              f"{os.cpu_count()} cores, python {platform.python_version()}"]
 
-    # 0. the sweep machinery alone (validation, ids, seeds, chunk tables, assembly) with a
-    #    trivial evaluator: the ceiling the sweep layer puts on any evaluator
+    # 0. the per-point evaluator path (custom evaluators, Monte Carlo points) with a trivial
+    #    evaluator: validation, ids, a seed per point, record tables, assembly
     from qsengine._sweep_testing import fake_point
 
     grid_fake = {"model": MODELS, "cluster": CLUSTERS, "context": list(range(1024, 1024 + 2500 * (1 if args.quick else 5))),
                  "microbatches": [0]}
     t, df = timed(lambda: qsengine.sweep(grid_fake, seed=1, progress=False, _evaluate=fake_point), rep)
-    lines.append(f"sweep machinery, trivial evaluator, in-process: {len(df):,} points, median {t:.2f} s "
+    lines.append(f"per-point evaluator path, trivial evaluator, in-process: {len(df):,} points, median {t:.2f} s "
                  f"-> {len(df) / t:,.0f} points/s")
-    from qsengine import routing as _routing
-
-    if not hasattr(_routing, "independent_popularity"):
-        lines.append("simulate-based figures skipped: simulate is not wired to qsengine.routing "
-                     "in this build (simulate cannot run)")
-        return _finish(lines, args)
-
-    # 1. closed form (microbatches=0): the vectorised fast path on a grid of >= 1e5 points,
-    #    against the per-point simulate() path on a subset (checked equal)
+    # 1. closed form (microbatches=0): the vectorised fast path, through qsengine.sweep (the
+    #    figure a user sees) and its pieces, against the per-point simulate() path (checked equal)
     import numpy as np
 
-    from qsengine.fastpath import evaluate_closed_form
+    from qsengine.fastpath import encode_points, evaluate_closed_form, evaluate_columns
 
     cf_models = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "qwen3-30b-a3b"]
     cf_clusters = ["8xh100", "8xh200", "8xb200", "8xmi300x", "8xmi355x", "16xh100", "16xh200", "8xa100"]
     cf_contexts = [int(x) for x in np.geomspace(1024, 262144, 64).round()]
     cf_qs = [float(x) for x in np.linspace(1.2, 8.0, 50)]
-    pts = [dict(model=m, cluster=c, context=t, q=q, microbatches=0, precision="fp8")
-           for m in cf_models for c in cf_clusters for t in cf_contexts for q in cf_qs]
-    t0 = time.perf_counter()
-    first = evaluate_closed_form(pts)
-    t_cold = time.perf_counter() - t0
-    t_fast = []
-    for _ in range(rep):
-        t0 = time.perf_counter()
-        again = evaluate_closed_form(pts)
-        t_fast.append(time.perf_counter() - t0)
-        assert again == first or all(str(a) == str(b) for a, b in zip(again, first))
-    t_fast = statistics.median(t_fast)
-    lines.append(f"closed form fast path (evaluate_closed_form), {len(pts):,} points "
-                 f"({len(cf_models)} models x {len(cf_clusters)} clusters x {len(cf_contexts)} contexts x "
-                 f"{len(cf_qs)} q, break-even on): first call {t_cold:.2f} s (builds the plan caches) -> "
-                 f"{len(pts) / t_cold:,.0f} points/s; median of {rep} warm calls {t_fast:.2f} s -> "
-                 f"{len(pts) / t_fast:,.0f} points/s")
-    # distinct (model, cluster, context) only: every point needs its own MoE side and q*
-    pts_u = [dict(model=m, cluster=c, context=t, q=2.0, microbatches=0, precision="fp8")
-             for m in cf_models for c in cf_clusters for t in range(4096, 4096 + 64 * 40, 40)]
-    t0 = time.perf_counter()
-    evaluate_closed_form(pts_u)
-    t_u = time.perf_counter() - t0
-    lines.append(f"closed form fast path, {len(pts_u):,} points with no shared MoE side (one q each, all "
-                 f"distinct contexts): {t_u:.2f} s -> {len(pts_u) / t_u:,.0f} points/s")
-    sub = pts[:: len(pts) // 6][:6]
-    t0 = time.perf_counter()
-    slow = [qsengine.simulate(**p).to_record() for p in sub]
-    t_slow = (time.perf_counter() - t0) / len(sub)
-    fast_sub = evaluate_closed_form(sub)
-    same = all(str(a) == str(b) for a, b in zip(slow, fast_sub))
-    lines.append(f"closed form per-point simulate() path on {len(sub)} of those points: {t_slow:.2f} s/point -> "
-                 f"{1 / t_slow:,.1f} points/s; fast/per-point throughput ratio (warm) "
-                 f"{(len(pts) / t_fast) * t_slow:,.0f}x; records identical: {same}")
     grid_big = {"model": cf_models, "cluster": cf_clusters, "context": cf_contexts, "q": cf_qs,
                 "microbatches": [0], "precision": ["fp8"]}
     t0 = time.perf_counter()
     df_big = qsengine.sweep(grid_big, seed=1, progress=False)
-    t_sw = time.perf_counter() - t0
-    lines.append(f"the same {len(df_big):,} points through qsengine.sweep in-process (validation, ids, fast path, "
-                 f"tables): {t_sw:.2f} s -> {len(df_big) / t_sw:,.0f} points/s")
+    t_cold = time.perf_counter() - t0
+    n_big = len(df_big)
+    shape = (f"{len(cf_models)} models x {len(cf_clusters)} clusters x {len(cf_contexts)} contexts x "
+             f"{len(cf_qs)} q, fp8, break-even q* on")
+    lines.append(f"closed form through qsengine.sweep in-process, {n_big:,} points ({shape}): first sweep "
+                 f"{t_cold:.2f} s (builds the plan caches) -> {n_big / t_cold:,.0f} points/s")
+    t_sw, _ = timed(lambda: qsengine.sweep(grid_big, seed=1, progress=False), rep + 1)
+    lines.append(f"  warm, median of {rep + 1}: {t_sw:.2f} s -> {n_big / t_sw:,.0f} points/s "
+                 f"(validation, point ids, fast path on {os.cpu_count()} threads, tables, DataFrame)")
+    t_1, df_1 = timed(lambda: qsengine.sweep(grid_big, seed=1, progress=False, threads=1), rep)
+    pdt.assert_frame_equal(df_1, df_big)
+    lines.append(f"  the same on 1 thread: {t_1:.2f} s -> {n_big / t_1:,.0f} points/s; "
+                 f"{os.cpu_count()} threads / 1 thread speed-up {t_1 / t_sw:.2f}x (identical frames)")
+    pts = [dict(model=m, cluster=c, context=t, q=q, microbatches=0, precision="fp8")
+           for m in cf_models for c in cf_clusters for t in cf_contexts for q in cf_qs]
+    cols, n = encode_points(pts)
+    t_cols, _ = timed_plain(lambda: evaluate_columns(cols, n), rep)
+    t_recs, recs = timed_plain(lambda: evaluate_closed_form(pts), rep)
+    lines.append(f"  fast path alone, one call on 1 thread: evaluate_columns {t_cols:.2f} s -> "
+                 f"{n / t_cols:,.0f} points/s; evaluate_closed_form (list of dicts in and out) {t_recs:.2f} s -> "
+                 f"{n / t_recs:,.0f} points/s")
+    if not args.quick:
+        grid_m = {**grid_big, "q": [float(x) for x in np.linspace(1.2, 8.0, 500)]}
+        t_m, df_m = timed(lambda: qsengine.sweep(grid_m, seed=1, progress=False), 1)
+        lines.append(f"  a million-point grid (500 q): {len(df_m):,} points in {t_m:.1f} s -> "
+                     f"{len(df_m) / t_m:,.0f} points/s")
+    sub = pts[:: len(pts) // 6][:6]
+    t0 = time.perf_counter()
+    slow = [qsengine.simulate(**p).to_record() for p in sub]
+    t_slow = (time.perf_counter() - t0) / len(sub)
+    same = all(str(a) == str(recs[pts.index(p)]) for a, p in zip(slow, sub))
+    lines.append(f"per-point path, simulate(microbatches=0).to_record() on {len(sub)} of those points: "
+                 f"{t_slow:.2f} s/point -> {1 / t_slow:,.1f} points/s; sweep/per-point throughput ratio "
+                 f"{(n_big / t_sw) * t_slow:,.0f}x; records identical: {same}")
     contexts = [4096, 8192, 16384, 32768, 65536, 131072]
     qs = [1.5, 2.0, 3.0, "sqrt"] if not args.quick else [2.0, "sqrt"]
     grid_cf = {"model": MODELS, "cluster": CLUSTERS, "context": contexts, "q": qs, "microbatches": [0]}

@@ -52,6 +52,29 @@ def test_all_experts_touched_ratio_tends_to_bytes_ratio():
     assert t_moe / t_twin == pytest.approx((w_moe + kv) / (w_twin + kv), rel=0.01)
 
 
+@settings(max_examples=60, deadline=None)
+@given(model=st.sampled_from(["llama-3.1-70b", "qwen3-32b", "qwen3-30b-a3b", "deepseek-v3", "mixtral-8x7b"]),
+       cluster=st.sampled_from(["8xh100", "16xh200", "72xgb200"]), prec=st.sampled_from(["bf16", "fp8"]),
+       batch=st.integers(1, 4096), context=st.integers(1, 262144), overlap=st.booleans())
+def test_step_time_skipping_zero_moe_pieces_is_bit_identical(model, cluster, prec, batch, context, overlap):
+    """step_time skips the MoE pieces when no lane is MoE (they are exact
+    zeros); the full computation (detail=True always runs them) must give the
+    same bits, for dense and MoE lanes alike."""
+    from qsengine.packing import plans
+    from qsengine.specs.loaders import as_cluster, as_model, as_precision
+    from qsengine.step import StepOptions, StepParams, step_params, step_time
+
+    m, c, p = as_model(model), as_cluster(cluster), as_precision(prec)
+    opts = StepOptions(overlap_comm=overlap)
+    ps = plans(m, c)[:12]
+    sp = StepParams.stack([step_params(m, p, c.accelerator, plan, opts) for plan in ps])
+    b = np.full(len(ps), float(batch))
+    ctx = np.full(len(ps), float(context))
+    fast, full = step_time(sp, b, ctx), step_time(sp, b, ctx, detail=True)
+    for key in ("time", "p50", "p99", "tokens"):
+        assert np.array_equal(fast[key], full[key]), key
+
+
 @settings(max_examples=40, deadline=None)
 @given(scale=st.floats(1.0, 8.0), batch=st.integers(1, 2048), context=st.integers(1, 131072),
        tp=st.sampled_from([1, 2, 4, 8]))

@@ -541,44 +541,49 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     if detail:
         out.update(dense_time=pieces[-1], dense_bytes=w * p.dense_layers, dense_flops=fl * p.dense_layers,
                    dense_bw=bwb, dense_n=np.where(has, p.dense_layers, 0.0))
-    # MoE: router + shared experts, routed experts (straggler)
+    # MoE: router + shared experts, routed experts (straggler). Dense-only lanes
+    # skip it: its pieces would be exact zeros, and x + 0.0 == x for the
+    # non-negative times summed below, so the results are bit-identical.
     n_moe = p.moe_layers
     is_moe = n_moe > 0
-    per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
-    fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
-    t, bwb = _roof(per_layer, fl, p)
-    pieces.append(np.where(is_moe, t * n_moe, 0.0))
-    if detail:
-        out.update(shared_time=pieces[-1], shared_bytes=per_layer * n_moe, shared_flops=fl * n_moe, shared_bw=bwb)
+    any_moe = detail or bool(is_moe.any())
     tokens = batch / p.pp * p.dp / p.copies
-    a = p.expert_params * p.eb / p.etp / p.bw
-    bcoef = 2.0 * p.expert_params / p.etp / p.flops
-    if moe_step_time is None:
-        rows = np.flatnonzero(is_moe)
-        m = np.zeros(len(batch))
-        s = np.zeros(len(batch))
-        if rows.size:
-            experts = int(p.experts[rows[0]])
-            top_k = int(p.top_k[rows[0]])
-            m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows],
-                                                     bcoef[rows], None if uniform else pi)
-        moe_mean = np.where(is_moe, n_moe * m, 0.0)
-        sd = np.sqrt(n_moe) * s
-        moe_p50 = moe_mean
-        moe_p99 = np.where(is_moe, moe_mean + Z99 * sd, 0.0)
-    else:
-        moe_mean, moe_p50, moe_p99 = (np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
-    pieces.append(moe_mean)
-    if detail:
-        p1 = p.top_k / p.experts
-        with np.errstate(divide="ignore", invalid="ignore"):
-            mean_u = (p.experts // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
-            mean_n = tokens * p.top_k / p.ep
-        eb_layer = mean_u * p.expert_params * p.eb / p.etp
-        fl_layer = 2.0 * mean_n * p.expert_params / p.etp
-        _, bwb = _roof(eb_layer, fl_layer, p)
-        out.update(routed_time=moe_mean, routed_bytes=eb_layer * n_moe, routed_flops=fl_layer * n_moe,
-                   routed_bw=bwb)
+    moe_mean = moe_p50 = moe_p99 = None
+    if any_moe:
+        per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
+        fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
+        t, bwb = _roof(per_layer, fl, p)
+        pieces.append(np.where(is_moe, t * n_moe, 0.0))
+        if detail:
+            out.update(shared_time=pieces[-1], shared_bytes=per_layer * n_moe, shared_flops=fl * n_moe, shared_bw=bwb)
+        a = p.expert_params * p.eb / p.etp / p.bw
+        bcoef = 2.0 * p.expert_params / p.etp / p.flops
+        if moe_step_time is None:
+            rows = np.flatnonzero(is_moe)
+            m = np.zeros(len(batch))
+            s = np.zeros(len(batch))
+            if rows.size:
+                experts = int(p.experts[rows[0]])
+                top_k = int(p.top_k[rows[0]])
+                m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows],
+                                                         bcoef[rows], None if uniform else pi)
+            moe_mean = np.where(is_moe, n_moe * m, 0.0)
+            sd = np.sqrt(n_moe) * s
+            moe_p50 = moe_mean
+            moe_p99 = np.where(is_moe, moe_mean + Z99 * sd, 0.0)
+        else:
+            moe_mean, moe_p50, moe_p99 = (np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
+        pieces.append(moe_mean)
+        if detail:
+            p1 = p.top_k / p.experts
+            with np.errstate(divide="ignore", invalid="ignore"):
+                mean_u = (p.experts // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
+                mean_n = tokens * p.top_k / p.ep
+            eb_layer = mean_u * p.expert_params * p.eb / p.etp
+            fl_layer = 2.0 * mean_n * p.expert_params / p.etp
+            _, bwb = _roof(eb_layer, fl_layer, p)
+            out.update(routed_time=moe_mean, routed_bytes=eb_layer * n_moe, routed_flops=fl_layer * n_moe,
+                       routed_bw=bwb)
     # LM head
     w = p.vd * p.wb / shard
     fl = 2.0 * seqs * p.vd / shard
@@ -594,24 +599,25 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     comm.append(np.where(shard > 1, _allreduce(act, p.tp, p) * n, 0.0))
     if detail:
         out.update(tp_time=comm[-1], tp_bytes=act * n, tp_n=n, tp_on=shard > 1)
-    has_ep = is_moe & (p.ep > 1)
-    stage_gpus = p.dp * p.tp
-    tokens_src = micro * p.dp / stage_gpus
-    group = p.ep * p.etp
-    remote = (p.ep - 1) / p.ep
-    nbytes = tokens_src * p.top_k * p.d * p.ab * remote
-    inter_frac = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
-    t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
-                       nbytes * inter_frac / (p.internode * p.link_eff))
-    t = 2 * (p.latency + t_one)
-    comm.append(np.where(has_ep, t * n_moe, 0.0))
-    if detail:
-        out.update(ep_time=comm[-1], ep_bytes=2 * nbytes * n_moe, ep_on=has_ep)
-    has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
-    nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
-    comm.append(np.where(has_etp, _allreduce(nbytes, p.etp, p) * n_moe, 0.0))
-    if detail:
-        out.update(etp_time=comm[-1], etp_bytes=nbytes * n_moe, etp_on=has_etp)
+    if any_moe:
+        has_ep = is_moe & (p.ep > 1)
+        stage_gpus = p.dp * p.tp
+        tokens_src = micro * p.dp / stage_gpus
+        group = p.ep * p.etp
+        remote = (p.ep - 1) / p.ep
+        nbytes = tokens_src * p.top_k * p.d * p.ab * remote
+        inter_frac = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
+        t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
+                           nbytes * inter_frac / (p.internode * p.link_eff))
+        t = 2 * (p.latency + t_one)
+        comm.append(np.where(has_ep, t * n_moe, 0.0))
+        if detail:
+            out.update(ep_time=comm[-1], ep_bytes=2 * nbytes * n_moe, ep_on=has_ep)
+        has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
+        nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
+        comm.append(np.where(has_etp, _allreduce(nbytes, p.etp, p) * n_moe, 0.0))
+        if detail:
+            out.update(etp_time=comm[-1], etp_bytes=nbytes * n_moe, etp_on=has_etp)
     nbytes = micro * p.d * p.ab
     t = (p.pp - 1) * (p.latency + nbytes / _link_bw(p, p.tp * p.pp))
     comm.append(np.where(p.pp > 1, t, 0.0))
@@ -624,11 +630,14 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     comm_time = comm[0]
     for x in comm[1:]:
         comm_time = comm_time + x
-    det = compute_time - moe_mean
     ov = p.overlap > 0
     out["time"] = np.where(ov, np.maximum(compute_time, comm_time), compute_time + comm_time)
-    out["p50"] = np.where(ov, np.maximum(det + moe_p50, comm_time), det + moe_p50 + comm_time)
-    out["p99"] = np.where(ov, np.maximum(det + moe_p99, comm_time), det + moe_p99 + comm_time)
+    if moe_mean is None:  # dense only: no straggler, every quantile is the time
+        out["p50"], out["p99"] = out["time"].copy(), out["time"].copy()
+    else:
+        det = compute_time - moe_mean
+        out["p50"] = np.where(ov, np.maximum(det + moe_p50, comm_time), det + moe_p50 + comm_time)
+        out["p99"] = np.where(ov, np.maximum(det + moe_p99, comm_time), det + moe_p99 + comm_time)
     out["tokens"] = np.where(is_moe, tokens, 0.0)
     return out
 
