@@ -63,22 +63,10 @@ BindingConstraint = Literal["weights", "kv", ""]
 
 
 # --------------------------------------------------------------------- inputs
-def _as_model(model: Model | str, field_name: str = "model") -> Model:
-    return as_model(model)
-
-
-def _as_cluster(cluster: Cluster | str) -> Cluster:
-    return as_cluster(cluster)
-
-
 def _as_accelerator(accelerator: Accelerator | Cluster | str) -> Accelerator:
     if isinstance(accelerator, Cluster):
         return accelerator.accelerator
     return as_accelerator(accelerator)
-
-
-def _as_precision(precision: Precision | str | None) -> Precision:
-    return as_precision(precision)
 
 
 def _as_int(value: object, name: str, minimum: int) -> int:
@@ -122,8 +110,8 @@ def memory_description(
     layers before MoE layers (DeepSeek's ``first_k_dense_replace``), local
     (sliding/chunked) layers spread evenly over the decode layers.
     """
-    model = _as_model(model)
-    prec = _as_precision(precision)
+    model = as_model(model)
+    prec = as_precision(precision)
     L = model.num_layers
     if model.dense_layers + model.moe_layers != L:
         raise ValueError(
@@ -603,9 +591,9 @@ def pack(
         (``.feasible`` is False, ``.reason`` says why); bad inputs raise
         ValueError/TypeError naming the field.
     """
-    model = _as_model(model)
-    cluster = _as_cluster(cluster)
-    prec = _as_precision(precision)
+    model = as_model(model)
+    cluster = as_cluster(cluster)
+    prec = as_precision(precision)
     ctx = _as_context(context)
     replicas = _as_int(replicas, "replicas", 0)
     nthreads = _threads(threads)
@@ -690,8 +678,8 @@ def pack(
 def plans(model: Model | str, cluster: Cluster | str | int) -> list[Plan]:
     """Every valid parallel plan for the model on the cluster (or on an int
     number of GPUs), in canonical order (tp, pp, ep, etp, attn_dp)."""
-    model = _as_model(model)
-    g = _as_int(cluster, "num_gpus", 1) if isinstance(cluster, numbers.Integral) else _as_cluster(cluster).num_gpus
+    model = as_model(model)
+    g = _as_int(cluster, "num_gpus", 1) if isinstance(cluster, numbers.Integral) else as_cluster(cluster).num_gpus
     return [_plan_from_desc(p) for p in _core.enumerate_plans(memory_description(model), g)]
 
 
@@ -727,8 +715,8 @@ def rank_plans(
     """Every valid plan for the cluster, best first: admissible cluster batch
     (desc), infeasible plans last (least overfull first), ties to smaller
     tp·pp, then smaller ep. One row per plan."""
-    model = _as_model(model)
-    cluster = _as_cluster(cluster)
+    model = as_model(model)
+    cluster = as_cluster(cluster)
     desc = memory_description(model, precision, cluster.accelerator)
     g = cluster.num_gpus
     return _table(_core.search_plans(desc, g, g, _as_context(context), _threads(threads)))
@@ -745,7 +733,7 @@ def search_plans(
 ) -> pd.DataFrame:
     """Every valid plan for every cluster size in [min_gpus, max_gpus], each
     size's plans ranked as in :func:`rank_plans`. Multithreaded, deterministic."""
-    model = _as_model(model)
+    model = as_model(model)
     acc = _as_accelerator(accelerator)
     desc = memory_description(model, precision, acc)
     lo = _as_int(min_gpus, "min_gpus", 1)
@@ -763,7 +751,7 @@ def min_gpus(
     """The smallest number of ``accelerator`` GPUs on which ``model`` is
     feasible (at least one sequence of ``context`` tokens fits) under some
     valid plan; None if no cluster of up to ``max_gpus`` GPUs works."""
-    model = _as_model(model)
+    model = as_model(model)
     acc = _as_accelerator(accelerator)
     desc = memory_description(model, precision, acc)
     g, _ = _core.min_gpus(desc, _as_context(context), _as_int(max_gpus, "max_gpus", 1))
@@ -789,7 +777,7 @@ def _parse_plan(text: str) -> Plan | Literal["auto"]:
 
 
 def _cmd_pack(args: Any) -> int:
-    cluster = _as_cluster(args.cluster)
+    cluster = as_cluster(args.cluster)
     p = pack(args.model, cluster, args.context, plan=_parse_plan(args.plan), precision=args.precision,
              replicas=args.replicas)
     if args.json:
