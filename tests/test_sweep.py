@@ -136,6 +136,23 @@ def test_dask_local_cluster_equals_in_process(reference, dask_client):
     pdt.assert_frame_equal(_sweep(executor=dask_client.scheduler.address, chunk_size=7), reference)
 
 
+def test_dask_never_has_more_chunks_in_flight_than_threads(reference, dask_client, monkeypatch):
+    """Chunks are handed out as slots free (2 workers x 1 thread here), so a
+    long chunk never holds others queued on its worker while another idles."""
+    live, peak = [], [0]
+    real = dask_client.submit
+
+    def spy(*a, **kw):
+        fut = real(*a, **kw)
+        live[:] = [f for f in live if not f.done()] + [fut]
+        peak[0] = max(peak[0], len(live))
+        return fut
+
+    monkeypatch.setattr(dask_client, "submit", spy)
+    pdt.assert_frame_equal(_sweep(executor=dask_client, chunk_size=1), reference)
+    assert 1 <= peak[0] <= 2
+
+
 def _disarm():
     for k in ("QSENGINE_TEST_KILL_CONTEXT", "QSENGINE_TEST_MARKERS"):
         os.environ.pop(k, None)

@@ -640,6 +640,13 @@ def _drive_futures(ex: cf.Executor, chunks, args, on_done, retries: int,
 
 
 def _drive_dask(client, chunks, args, on_done, retries: int) -> None:
+    """Run chunks on Dask, as many in flight as the cluster has threads: a
+    chunk is submitted only when a slot frees, so no chunk waits behind a long
+    one on a busy worker while another worker idles (tasks of unknown, very
+    unequal cost; Dask does not steal them reliably). Slots are re-read from
+    the scheduler, so workers that join are used."""
+    from collections import deque
+
     from distributed import as_completed
 
     token = uuid.uuid4().hex[:12]
@@ -648,9 +655,20 @@ def _drive_dask(client, chunks, args, on_done, retries: int) -> None:
         return client.submit(_run_chunk, chunks[i], *args, key=f"qsengine-sweep-{token}-{i}-{attempt}",
                              retries=retries, pure=False)
 
-    futs = {submit(i, 0): (i, 0) for i in range(len(chunks))}
-    ac = as_completed(list(futs))
+    waiting = deque(range(len(chunks)))
+    futs: dict[Any, tuple[int, int]] = {}
+    ac = as_completed()
+
+    def top_up() -> None:
+        slots = _threads_of(client)
+        while waiting and len(futs) < slots:
+            i = waiting.popleft()
+            f = submit(i, 0)
+            futs[f] = (i, 0)
+            ac.add(f)
+
     try:
+        top_up()
         for fut in ac:
             i, attempt = futs.pop(fut)
             try:
@@ -664,9 +682,18 @@ def _drive_dask(client, chunks, args, on_done, retries: int) -> None:
                 continue
             fut.release()
             on_done(i, rows)
+            top_up()
     except BaseException:
         client.cancel(list(futs))
         raise
+
+
+def _threads_of(client) -> int:
+    """Threads of a Dask cluster's workers (at least 1)."""
+    try:
+        return max(1, sum(int(w.get("nthreads", 1)) for w in client.scheduler_info()["workers"].values()))
+    except Exception:  # noqa: BLE001 - no scheduler info yet
+        return 1
 
 
 def _workers_of(executor: Any) -> int:
