@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pandas.testing as pdt
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 import qsengine
@@ -169,6 +169,7 @@ def test_in_order_best_equals_the_scan(n, p, seed):
                           st.sampled_from(["bf16", "fp8"]), st.integers(1, 262144),
                           st.one_of(st.none(), st.floats(0.002, 0.2)), st.floats(1.05, 6.0)),
                 min_size=1, max_size=8))
+@example(lanes=[("deepseek-v3", "8xh100", "bf16", 1, None, 2.0), ("grok-1", "8xh100", "bf16", 1, None, 4.0)])
 def test_stacked_families_equal_one_family_at_a_time(lanes):
     """One _side call over several families (dense twins: one routing law)
     gives each lane what its own family's call gives."""

@@ -177,8 +177,9 @@ def _side(fams: "_Family | Sequence[_Family]", context: np.ndarray, slo: np.ndar
         fams = [fams]
     n = context.shape[0]
     fam_of = np.zeros(n, np.int64) if family is None else np.asarray(family, dtype=np.int64)
-    out = _Side(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.zeros(n),
-                np.zeros(n), np.zeros(n), np.full(n, -1), np.zeros(n, bool), np.zeros(n, bool))
+    # infeasible lanes: plan -1, batch 0, time and p99 nan, throughput 0 (whatever else is stacked)
+    out = _Side(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8), np.full(n, np.nan),
+                np.full(n, np.nan), np.zeros(n), np.full(n, -1), np.zeros(n, bool), np.zeros(n, bool))
     counts = np.array([len(f.plans) for f in fams], dtype=np.int64)
     if n == 0 or not counts.any():
         return out
