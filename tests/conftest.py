@@ -1,5 +1,7 @@
 """Session hooks shared by the whole suite.
 
+Hypothesis examples are fixed (derandomized) unless QSENGINE_FUZZ_RANDOM=1.
+
 The fuzz suite (tests/test_fuzz_*.py, machinery in tests/_fuzz.py) counts the
 cases it ran per entry point; the counts are printed at the end of the session
 and, if ``QSENGINE_FUZZ_COUNTS`` names a file, written there as JSON.
@@ -10,6 +12,15 @@ from __future__ import annotations
 import json
 import os
 import sys
+
+from hypothesis import settings
+
+# Property tests draw a fixed, reproducible set of examples (a red CI replays
+# exactly); QSENGINE_FUZZ_RANDOM=1 draws fresh ones (nightly / exploration),
+# like the fuzz suite.
+settings.register_profile("fixed", derandomize=True)
+settings.register_profile("random", derandomize=False)
+settings.load_profile("random" if os.environ.get("QSENGINE_FUZZ_RANDOM", "0") == "1" else "fixed")
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
