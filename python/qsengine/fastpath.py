@@ -1,9 +1,11 @@
 """The closed-form fast path: many ``simulate(..., microbatches=0)`` points per call.
 
-``evaluate_closed_form(points)`` returns exactly the rows
-``simulate(**point).to_record()`` would, for a whole list of points, by
-running the *same* step model (:func:`qsengine.step.step_time`) over arrays of
-lanes instead of one point at a time:
+:func:`evaluate_columns` (points as columns of value codes, results as
+columns; what sweeps call) and :func:`evaluate_closed_form` (a list of point
+dicts, a list of records) return exactly the rows
+``simulate(**point).to_record()`` would, by running the *same* step model
+(:func:`qsengine.step.step_time`) over arrays of lanes instead of one point at
+a time:
 
 * per (model, cluster, precision, plan spec, options, routing) a **family** is
   built once and cached: its plan list, the per-plan packing constants
@@ -13,7 +15,8 @@ lanes instead of one point at a time:
   their FFN width (solved for many q at once by
   :func:`qsengine.specs.twin.solve_widths`);
 * a **side** (the MoE, or a dense twin) of many lanes (context, SLO[, width])
-  is evaluated over lanes x plans at once: admissible batch
+  is evaluated over lanes x plans at once (families sharing a routing law,
+  e.g. all dense twins, in one call): admissible batch
   (:func:`qsengine.packing.admissible_batches`, equal to ``pack``), the
   largest batch meeting the SLO (the same bisection as
   ``simulation._best_batch``, in lockstep over lanes), the step time, and the
@@ -567,9 +570,7 @@ def evaluate_columns(columns: Columns, n: int) -> dict[str, np.ndarray]:
     ``simulate(**point)`` (which is called for points the fast path does not
     cover, and which raises the errors of bad points)."""
     from qsengine.simulation import POINT_FIELDS, simulate
-    from qsengine.specs.loaders import as_cluster, as_model, as_precision
-    from qsengine.specs.twin import qs as qs_record
-    from qsengine.specs.twin import resolve_q
+    from qsengine.specs.loaders import as_model
 
     cols: dict[str, tuple[Sequence[Any], np.ndarray]] = {}
     for field, default in POINT_FIELDS.items():
@@ -608,7 +609,7 @@ def evaluate_columns(columns: Columns, n: int) -> dict[str, np.ndarray]:
     scalar = np.flatnonzero(~good)
     fast = np.flatnonzero(good)
     if fast.size:
-        _evaluate_fast(cols, fast, models, out, as_cluster, as_precision, qs_record, resolve_q)
+        _evaluate_fast(cols, fast, models, out)
     for i in scalar.tolist():  # simulate computes (or raises for) what the fast path does not cover
         rec = simulate(**{f: cols[f][0][cols[f][1][i]] for f in cols}).to_record()
         for name, value in rec.items():
@@ -616,9 +617,12 @@ def evaluate_columns(columns: Columns, n: int) -> dict[str, np.ndarray]:
     return out
 
 
-def _evaluate_fast(cols, lanes: np.ndarray, models: list[Model], out: dict[str, np.ndarray], as_cluster,
-                   as_precision, qs_record, resolve_q) -> None:
+def _evaluate_fast(cols, lanes: np.ndarray, models: list[Model], out: dict[str, np.ndarray]) -> None:
     """Fill ``out`` at ``lanes`` (all covered by the fast path)."""
+    from qsengine.specs.loaders import as_cluster, as_precision
+    from qsengine.specs.twin import qs as qs_record
+    from qsengine.specs.twin import resolve_q
+
     n = lanes.size
     code = {f: c[lanes] for f, (_, c) in cols.items()}
     clusters = [as_cluster(v) for v in cols["cluster"][0]]
@@ -672,15 +676,15 @@ def _evaluate_fast(cols, lanes: np.ndarray, models: list[Model], out: dict[str, 
     dg, d_first = _group(n, m, c, pr, pl, op, code["q"], code["context"], code["slo_tpot"])
     dense = _Sides.empty(d_first.size)
     tg, t_first = _group(d_first.size, m[d_first], c[d_first], pr[d_first], pl[d_first], op[d_first])
-    twin_fams = []
     ffn = np.empty(d_first.size)
     for t, members in _split(tg):
         i = d_first[t_first[t]]
         model, cluster, precision, plan, opts = spec(i)
         lanes_t = d_first[members]
-        width, ok, ffn[members] = _twin_widths(model, qv[mq[lanes_t]])
+        _, ok, ffn[members] = _twin_widths(model, qv[mq[lanes_t]])
         if not ok.all():  # simulate builds the twin before anything else: same error
             model.dense_twin(mq_rec[mq[lanes_t[~ok][0]]][2])
+    twin_fams = []
     for i in d_first[t_first].tolist():
         model, cluster, precision, plan, opts = spec(i)
         twin_fams.append(_family(_twin_line(model)[0], cluster, precision, plan, opts, "uniform"))
@@ -701,10 +705,8 @@ def _evaluate_fast(cols, lanes: np.ndarray, models: list[Model], out: dict[str, 
                                         np.array([models[k].sparsity for k in m[be_lanes]]))
 
     # ---- columns
-    put = {name: col for name, col in out.items()}
-
     def set_(name: str, values: Any) -> None:
-        put[name][lanes] = values
+        out[name][lanes] = values
 
     set_("model", np.array([x.id for x in models], dtype=object)[m])
     set_("dense_model", np.array([r[1] for r in mq_rec], dtype=object)[mq])
