@@ -112,6 +112,19 @@ def test_twin_admission_from_one_plan_memory():
         assert got.tolist() == want.tolist()
 
 
+def test_fullest_gpu_weight_equals_pack():
+    m = as_model("qwen3-235b-a22b")
+    c, p = as_cluster("8xh100"), as_precision("bf16")
+    base = plan_memory(m.dense_twin(1.5), c, p)
+    idx = np.arange(len(base.plans))
+    for q in (1.5, 4.0, 9.0):  # large twins do not fit: the reason comes from the fullest GPU
+        twin = m.dense_twin(q)
+        _, _, fullest = admissible_batches(base, idx, np.full(idx.size, 4096),
+                                           np.full(idx.size, twin.dense_ffn_params * p.weight_bytes), fullest=True)
+        want = [float(np.max(pack(twin, c, 4096, plan=base.plans[i], precision=p).weight_bytes)) for i in idx]
+        assert fullest.tolist() == want
+
+
 def test_sweep_fast_path_equals_slow_path():
     grid = {"model": ["qwen3-30b-a3b", "mixtral-8x7b"], "cluster": ["8xh100", "16xh200"],
             "context": [2048, 65536], "q": ["sqrt", 2.5], "slo_tpot": [None, 0.03], "microbatches": [0]}

@@ -342,7 +342,7 @@ struct NoResult {};
 
 void admissible_batches(const AdmissionTable& t, std::int64_t n, const std::int64_t* plan_index,
                         const std::int64_t* context, const double* dense_ffn_bytes, std::int64_t* batch,
-                        std::uint8_t* fit, unsigned threads, const CancelToken* cancel) {
+                        std::uint8_t* fit, double* weight_max, unsigned threads, const CancelToken* cancel) {
   if (n < 0) throw InvalidArgument(cat("admissible_batches: n=", n, " lanes: must be >= 0"));
   const std::int64_t P = t.num_plans();
   QS_PACKING_INVARIANT(static_cast<std::int64_t>(t.shard.size()) == P &&
@@ -380,6 +380,7 @@ void admissible_batches(const AdmissionTable& t, std::int64_t n, const std::int6
     }
     batch[i] = fold.unit_batch();
     fit[i] = fold.weights_fit() ? 1 : 0;
+    if (weight_max != nullptr) weight_max[i] = fold.wmax;
   };
   NoResult none;
   ordered_block_reduce<NoResult>(

@@ -166,13 +166,16 @@ constexpr std::int64_t kMaxAdmissionContext = std::int64_t{1} << 53;
 // same double arithmetic. With dense_ffn_bytes (nullable; per lane) each
 // stage's dense-FFN weight is dense_layers * dense_ffn_bytes[i] / shard and
 // its weight total the component-order sum, exactly as stage_memory with
-// desc.dense_ffn_bytes = dense_ffn_bytes[i]. Pure per-lane work, in blocks
+// desc.dense_ffn_bytes = dense_ffn_bytes[i]. weight_max (nullable) gets the
+// weight bytes on the lane's fullest GPU (evaluate_plan's weight_bytes_max,
+// i.e. max(pack(...).weight_bytes)). Pure per-lane work, in blocks
 // over `threads` threads: the result does not depend on the thread count.
 // Throws InvalidArgument naming the first bad lane (plan index out of range,
 // context outside [1, 2^53], dense_ffn_bytes not finite or negative).
 void admissible_batches(const AdmissionTable& table, std::int64_t n, const std::int64_t* plan_index,
                         const std::int64_t* context, const double* dense_ffn_bytes, std::int64_t* batch,
-                        std::uint8_t* fit, unsigned threads, const CancelToken* cancel = nullptr);
+                        std::uint8_t* fit, double* weight_max, unsigned threads,
+                        const CancelToken* cancel = nullptr);
 
 // Every valid plan for `num_gpus` GPUs, canonical order (tp, pp, ep, etp, attn_dp).
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& desc, std::int64_t num_gpus);

@@ -199,11 +199,13 @@ struct Lanes {
   std::vector<std::int64_t> plan, context, batch;
   std::vector<double> ffn;
   std::vector<std::uint8_t> fit;
+  std::vector<double> wmax;
   void run(const AdmissionTable& t, bool with_ffn, unsigned threads) {
     batch.assign(plan.size(), -1);
     fit.assign(plan.size(), 2);
+    wmax.assign(plan.size(), -2);
     admissible_batches(t, static_cast<std::int64_t>(plan.size()), plan.data(), context.data(),
-                       with_ffn ? ffn.data() : nullptr, batch.data(), fit.data(), threads);
+                       with_ffn ? ffn.data() : nullptr, batch.data(), fit.data(), wmax.data(), threads);
   }
 };
 
@@ -245,11 +247,13 @@ static void test_batched_admission_equals_evaluate_plan() {
         const PlanEval e = evaluate_plan(d, p, g, a.context[k]);
         CHECK(a.batch[k] == e.unit_batch);
         CHECK(a.fit[k] == (e.weights_fit ? 1 : 0));
+        CHECK(a.wmax[k] == e.weight_bytes_max);
         MemoryDesc twin = d;
         twin.dense_ffn_bytes = b.ffn[k];
         const PlanEval et = evaluate_plan(twin, p, g, b.context[k]);
         CHECK(b.batch[k] == et.unit_batch);
         CHECK(b.fit[k] == (et.weights_fit ? 1 : 0));
+        CHECK(b.wmax[k] == et.weight_bytes_max);
         ++lanes;
         unfit += !et.weights_fit;
         zero += et.weights_fit && et.unit_batch == 0;
@@ -283,10 +287,11 @@ static void test_batched_admission_at_the_boundary() {
     const std::int64_t zero = 0;
     std::int64_t b = -1;
     std::uint8_t f = 2;
-    admissible_batches(t, 1, &zero, &ctx, &twin.dense_ffn_bytes, &b, &f, 1);
-    CHECK(b == e.unit_batch && f == 1 && e.weights_fit);
+    double w = -2;
+    admissible_batches(t, 1, &zero, &ctx, &twin.dense_ffn_bytes, &b, &f, &w, 1);
+    CHECK(b == e.unit_batch && f == 1 && e.weights_fit && w == e.weight_bytes_max);
     if (twin.dense_ffn_bytes == base.dense_ffn_bytes) {  // no override needed
-      admissible_batches(t, 1, &zero, &ctx, nullptr, &b, &f, 1);
+      admissible_batches(t, 1, &zero, &ctx, nullptr, &b, &f, nullptr, 1);
       CHECK(b == e.unit_batch);
     }
     ++lanes;
@@ -329,8 +334,8 @@ static void test_batched_admission_threads_and_validation() {
     one.run(t, with_ffn, 1);
     three.run(t, with_ffn, 3);
     hw.run(t, with_ffn, qs::resolve_threads(0));
-    CHECK(one.batch == three.batch && one.fit == three.fit);
-    CHECK(one.batch == hw.batch && one.fit == hw.fit);
+    CHECK(one.batch == three.batch && one.fit == three.fit && one.wmax == three.wmax);
+    CHECK(one.batch == hw.batch && one.fit == hw.fit && one.wmax == hw.wmax);
     CHECK(*std::min_element(one.batch.begin(), one.batch.end()) >= 0);
   }
   CHECK(throws_invalid([&] { AdmissionTable(d, {PlanDesc{1, 1, 8, 1, 0, false}, PlanDesc{1, 1, 8, 3, 0, false}}, 8); },

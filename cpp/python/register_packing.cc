@@ -249,6 +249,7 @@ void register_packing(py::module_& m) {
         const unsigned nt = qs::resolve_threads(threads.value_or(0));
         py::array_t<std::int64_t> batch(n);
         py::array_t<bool> fit(n);
+        py::array_t<double> weight_max(n);
         const std::int64_t* pi = plan_index.data();
         const std::int64_t* ctx = context.data();
         const double* ffn = dense_ffn_bytes ? dense_ffn_bytes->data() : nullptr;
@@ -257,14 +258,15 @@ void register_packing(py::module_& m) {
         {
           // The inputs are kept alive by this frame; a short pure kernel, so no interrupt polling.
           py::gil_scoped_release release;
-          pk::admissible_batches(table, static_cast<std::int64_t>(n), pi, ctx, ffn, b, f, nt);
+          pk::admissible_batches(table, static_cast<std::int64_t>(n), pi, ctx, ffn, b, f, weight_max.mutable_data(),
+                                 nt);
         }
-        return py::make_tuple(batch, fit);
+        return py::make_tuple(batch, fit, weight_max);
       },
       py::arg("table"), py::arg("plan_index"), py::arg("context"), py::arg("dense_ffn_bytes") = py::none(),
       py::arg("threads") = py::none(),
-      "(batch int64, fit bool) per lane: evaluate_plan(desc, plans[plan_index[i]], num_gpus, context[i]).unit_batch "
-      "and weights_fit, with dense_ffn_bytes[i] (if given) in place of desc.dense_ffn_bytes. Releases the GIL; "
+      "(batch int64, fit bool, weight_max float64) per lane: evaluate_plan(desc, plans[plan_index[i]], num_gpus, "
+      "context[i]).unit_batch, weights_fit and weight_bytes_max (weights on the fullest GPU), with dense_ffn_bytes[i] (if given) in place of desc.dense_ffn_bytes. Releases the GIL; "
       "threads=None uses every hardware thread (the result does not depend on it). ValueError names the first "
       "bad lane.");
   m.def("enumerate_plans", &pk::enumerate_plans, py::arg("desc"), py::arg("num_gpus"),

@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from qsengine.packing import COMPONENTS, PlanMemory, admissible_batches, plan_memory
+from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.simulation import _verdict_text
 from qsengine.specs import Cluster, Model, Plan, Precision
 from qsengine.step import StepOptions, StepParams, step_params, step_time
@@ -198,12 +198,13 @@ def _side(fams: "_Family | Sequence[_Family]", context: np.ndarray, slo: np.ndar
     ffn_bytes = None if ffn_params is None else ffn_params[lane] * wb[fam_row]
     adm = np.zeros(lane.size, np.int64)
     fit = np.zeros(lane.size, bool)
+    fullest = np.zeros(lane.size)  # weight bytes on the row's fullest GPU
     bounds = np.searchsorted(fam_row, np.arange(len(fams) + 1)) if len(fams) > 1 else np.array([0, lane.size])
     for f, fam in enumerate(fams):
         sl = slice(bounds[f], bounds[f + 1])
         if sl.start < sl.stop:
-            adm[sl], fit[sl] = admissible_batches(fam.memory, pidx[sl], ctx[sl],
-                                                  None if ffn_bytes is None else ffn_bytes[sl])
+            adm[sl], fit[sl], fullest[sl] = admissible_batches(
+                fam.memory, pidx[sl], ctx[sl], None if ffn_bytes is None else ffn_bytes[sl], fullest=True)
     ok = adm >= 1  # pack(...).feasible: weights fit and one sequence fits
     rows = np.flatnonzero(ok)
     stack = _stacked(fams)
@@ -286,8 +287,7 @@ def _side(fams: "_Family | Sequence[_Family]", context: np.ndarray, slo: np.ndar
         for f, pos in _split(fam_of[bad]):
             Pf = int(counts[f])
             sub = (lane_start[bad[pos]][:, None] + np.arange(Pf)).ravel()  # their rows, every plan
-            need = _fullest_weight(fams[f].memory, pidx[sub], None if ffn_bytes is None else ffn_bytes[sub])
-            why = np.argmin(need.reshape(pos.size, Pf), axis=1)
+            why = np.argmin(fullest[sub].reshape(pos.size, Pf), axis=1)
             out.why[bad[pos]] = why
             out.why_fit[bad[pos]] = fit[lane_start[bad[pos]] + why]
     if K == 0:
@@ -327,21 +327,6 @@ def _stacked(fams: Sequence[_Family]) -> _Stack:
             _STACKS.clear()
         got = _STACKS[key] = (tuple(fams), stack)  # keep the families alive: their ids stay unique
     return got[1]
-
-
-def _fullest_weight(pm: PlanMemory, plan_index: np.ndarray, dense_ffn_bytes: np.ndarray | None) -> np.ndarray:
-    """Weight bytes on the fullest GPU of each (plan, twin FFN bytes) row, as
-    ``max(pack(...).weight_bytes)``: each stage's components summed in
-    component order (packing.cc ``stage_memory``)."""
-    comp = pm.weights[plan_index]
-    if dense_ffn_bytes is not None:
-        comp = comp.copy()
-        comp[:, :, COMPONENTS.index("dense_ffn")] = pm.dense_layers[plan_index].astype(np.float64) \
-            * np.asarray(dense_ffn_bytes, dtype=np.float64)[:, None] / pm.shard[plan_index][:, None]
-    total = np.zeros(comp.shape[:2])
-    for c in range(comp.shape[2]):
-        total = total + comp[:, :, c]
-    return np.where(np.isfinite(pm.weight_total[plan_index]), total, -np.inf).max(axis=1)
 
 
 def _in_order_best(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

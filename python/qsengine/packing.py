@@ -862,7 +862,8 @@ def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list:
 
 
 def admissible_batches(pm: PlanMemory, plan_index: np.ndarray, context: np.ndarray,
-                       dense_ffn_bytes: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                       dense_ffn_bytes: np.ndarray | None = None, *, fullest: bool = False
+                       ) -> tuple[np.ndarray, ...]:
     """Admissible batch per replica (and whether the weights fit) for many
     (plan, context) lanes: ``pack(model, cluster, context, plan,
     precision).admissible_batch`` exactly, from the per-plan constants.
@@ -874,9 +875,12 @@ def admissible_batches(pm: PlanMemory, plan_index: np.ndarray, context: np.ndarr
     Runs in the C++ core (``_core.admissible_batches`` on ``pm.table``): the
     same per-stage code as the core's plan evaluation, over lanes in parallel
     with the GIL released (the result does not depend on the thread count).
-    Returns (batch int64, fit bool), one entry per lane. Raises ValueError
+    Returns (batch int64, fit bool), one entry per lane; with ``fullest``
+    also the weight bytes on each lane's fullest GPU (``max(pack(...).weight_bytes)``).
+    Raises ValueError
     naming the first bad lane (plan index out of range, context outside
     [1, 2^53], dense FFN bytes negative or not finite) or the argument whose
     length differs from ``plan_index``'s.
     """
-    return _core.admissible_batches(pm.table, plan_index, context, dense_ffn_bytes)
+    batch, fit, weight_max = _core.admissible_batches(pm.table, plan_index, context, dense_ffn_bytes)
+    return (batch, fit, weight_max) if fullest else (batch, fit)
