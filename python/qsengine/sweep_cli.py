@@ -36,21 +36,13 @@ MAX_TOML_BYTES = 4 * 1024 * 1024
 def load_sweep_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     """``(grid, options)`` from a sweep TOML file (validated by :func:`qsengine.sweep`)."""
     from qsengine.specs._validate import did_you_mean
+    from qsengine.specs.loaders import _read
 
     p = Path(path)
+    text = _read(p, str(p), kind="sweep files", limit=MAX_TOML_BYTES)  # bounded, regular file, UTF-8
     try:
-        size = p.stat().st_size
-    except OSError as exc:
-        raise ValueError(f"{p}: cannot read the sweep file ({exc.strerror})") from None
-    if not p.is_file():
-        raise ValueError(f"{p}: not a sweep file (a directory or special file)")
-    if size > MAX_TOML_BYTES:
-        raise ValueError(f"{p}: {size} bytes is larger than the {MAX_TOML_BYTES}-byte limit for sweep files")
-    try:
-        doc = tomllib.loads(p.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ValueError(f"{p}: cannot read the sweep file ({exc.strerror or exc})") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
         raise ValueError(f"{p}: not valid TOML: {exc}") from None
     except RecursionError:
         raise ValueError(f"{p}: not valid TOML: nested too deeply") from None

@@ -143,22 +143,24 @@ def precisions() -> list[str]:
     return list(PRESETS)
 
 
-def _read(path: Path, label: str) -> str:
+def _read(path: Path, label: str, kind: str = "spec files", limit: int = MAX_SPEC_BYTES) -> str:
+    """The UTF-8 text of a regular file of at most ``limit`` bytes (SpecError
+    naming ``label`` otherwise; ``kind`` names the files in the size message)."""
     try:
         size = path.stat().st_size
     except OSError as exc:
         raise SpecError(f"{label}: cannot read: {exc.strerror or exc}") from None
     if not path.is_file():
         raise SpecError(f"{label}: not a regular file")
-    if size > MAX_SPEC_BYTES:
-        raise SpecError(f"{label}: file is {size} bytes: spec files must be <= {MAX_SPEC_BYTES} bytes")
+    if size > limit:
+        raise SpecError(f"{label}: file is {size} bytes: {kind} must be <= {limit} bytes")
     try:
         with open(path, "rb") as fh:
-            data = fh.read(MAX_SPEC_BYTES + 1)
+            data = fh.read(limit + 1)
     except OSError as exc:
         raise SpecError(f"{label}: cannot read: {exc.strerror or exc}") from None
-    if len(data) > MAX_SPEC_BYTES:
-        raise SpecError(f"{label}: spec files must be <= {MAX_SPEC_BYTES} bytes")
+    if len(data) > limit:
+        raise SpecError(f"{label}: {kind} must be <= {limit} bytes")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -172,6 +174,10 @@ def _parse_toml(text: str, label: str) -> dict[str, Any]:
         raise SpecError(f"{label}: invalid TOML: {exc}") from None
     except RecursionError:  # arrays/tables nested thousands deep
         raise SpecError(f"{label}: invalid TOML: nested too deeply") from None
+
+
+def _read_toml(path: Path, label: str) -> dict[str, Any]:
+    return _parse_toml(_read(path, label), label)
 
 
 def _label(path: Path, shipped: bool) -> str:
@@ -305,7 +311,7 @@ def load_model(spec: str | os.PathLike[str] | Model, *, id: str | None = None) -
 @lru_cache(maxsize=None)
 def _load_shipped_model(path: Path) -> Model:
     label = _label(path, True)
-    return model_from_dict(_parse_toml(_read(path, label), label), label)
+    return model_from_dict(_read_toml(path, label), label)
 
 
 # ------------------------------------------------------------------ Hugging Face
@@ -463,14 +469,14 @@ def load_accelerator(spec: str | os.PathLike[str] | Accelerator) -> Accelerator:
     if _looks_like_path(spec):
         path = Path(spec)
         label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
-        return accelerator_from_dict(_parse_toml(_read(path, label), label), label)
+        return accelerator_from_dict(_read_toml(path, label), label)
     return _load_shipped_accelerator(_lookup("accelerators", spec, ACCELERATOR_ALIASES))
 
 
 @lru_cache(maxsize=None)
 def _load_shipped_accelerator(path: Path) -> Accelerator:
     label = _label(path, True)
-    return accelerator_from_dict(_parse_toml(_read(path, label), label), label)
+    return accelerator_from_dict(_read_toml(path, label), label)
 
 
 # ------------------------------------------------------------------ clusters
@@ -505,7 +511,7 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
     if _looks_like_path(spec):
         path = Path(spec)
         label = os.fspath(spec)  # as the user wrote it (Path() drops a trailing slash)
-        return cluster_from_dict(_parse_toml(_read(path, label), label), label)
+        return cluster_from_dict(_read_toml(path, label), label)
     shipped = _shipped("clusters")
     key = re.sub(r"\s+", "", spec.strip().lower())
     if key in shipped:
@@ -533,7 +539,7 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
 @lru_cache(maxsize=None)
 def _load_shipped_cluster(path: Path) -> Cluster:
     label = _label(path, True)
-    return cluster_from_dict(_parse_toml(_read(path, label), label), label)
+    return cluster_from_dict(_read_toml(path, label), label)
 
 
 # ------------------------------------------------------------------ as_*
