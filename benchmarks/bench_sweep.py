@@ -26,24 +26,23 @@ MODELS = ["qwen3-30b-a3b", "mixtral-8x7b"]
 CLUSTERS = ["8xh100", "8xh200"]
 
 
-def timed(fn, repeats: int):
-    times, frames = [], []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        frames.append(fn())
-        times.append(time.perf_counter() - t)
-    for f in frames[1:]:
-        pdt.assert_frame_equal(f, frames[0])
-    return statistics.median(times), frames[0]
-
-
 def timed_plain(fn, repeats: int):
+    """(median seconds, last result) of ``repeats`` calls."""
     times, out = [], None
     for _ in range(repeats):
         t = time.perf_counter()
         out = fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times), out
+
+
+def timed(fn, repeats: int):
+    """timed_plain for frame-returning calls, each frame checked equal to the first."""
+    frames = []
+    t, _ = timed_plain(lambda: frames.append(fn()), repeats)
+    for f in frames[1:]:
+        pdt.assert_frame_equal(f, frames[0])
+    return t, frames[0]
 
 
 def main() -> int:

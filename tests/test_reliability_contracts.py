@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 
-import numpy as np
 import pandas as pd
 import pytest
 
@@ -25,14 +24,18 @@ SANITIZED = os.environ.get("QSENGINE_SANITIZED") == "1"
 LATENCY = 3.0 if SANITIZED else 1.0
 
 
-def _run_and_interrupt(code: str, wait_for: str = "ready", after: float = 1.0):
+def _run_and_interrupt(code: str, wait_for: str = "ready", after: float = 1.0, until=None):
     """Start ``code`` in a fresh interpreter, SIGINT it ``after`` seconds past
-    the line ``wait_for``; return (latency until it printed 'interrupted',
-    its whole stdout, return code)."""
+    the line ``wait_for`` (and, if given, past ``until()`` turning true, polled
+    for up to 120 s); return (latency until it printed 'interrupted', its
+    whole stdout, return code, stderr)."""
     p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         line = p.stdout.readline().strip()
         assert line == wait_for, (line, p.stderr.read() if p.poll() is not None else "")
+        deadline = time.monotonic() + 120
+        while until is not None and not until() and time.monotonic() < deadline:
+            time.sleep(0.02)
         time.sleep(after)
         assert p.poll() is None, "finished before the signal: make the work longer"
         t0 = time.monotonic()
@@ -86,23 +89,8 @@ except KeyboardInterrupt:
 print("usable", q.simulate("qwen3-30b-a3b", "8xh100", 4096, microbatches=0, break_even=False).ratio is not None,
       flush=True)
 """
-    p = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    try:
-        assert p.stdout.readline().strip() == "ready"
-        deadline = time.monotonic() + 120
-        while len(list(ck.glob("chunk-*.parquet"))) < 2 and time.monotonic() < deadline:
-            time.sleep(0.02)
-        time.sleep(0.1)  # inside the next point
-        assert p.poll() is None
-        t0 = time.monotonic()
-        p.send_signal(signal.SIGINT)
-        first = p.stdout.readline()
-        latency = time.monotonic() - t0
-        rest, err = p.communicate(timeout=60)
-    finally:
-        if p.poll() is None:
-            p.kill()
-    out = first + rest
+    # SIGINT 0.1 s into the point after the second completed chunk
+    latency, out, _, err = _run_and_interrupt(code, after=0.1, until=lambda: len(list(ck.glob("chunk-*.parquet"))) >= 2)
     assert out.startswith("interrupted") and "usable True" in out, (out, err[-2000:])
     assert latency < LATENCY, latency
     done = len(list(ck.glob("chunk-*.parquet")))

@@ -41,6 +41,8 @@ from typing import Any
 
 import numpy as np
 
+from qsengine._groups import group as _group
+from qsengine._groups import split as _split
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.simulation import _verdict_text
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -424,38 +426,6 @@ def _break_even(twins: list[tuple], twin_of: np.ndarray, context: np.ndarray, sl
 # ---------------------------------------------------------------------------
 # lanes and groups
 # ---------------------------------------------------------------------------
-
-
-def _factorize(key: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(group of each lane, first lane of each group), groups numbered in order
-    of first appearance."""
-    import pandas as pd
-
-    codes, uniq = pd.factorize(key, sort=False)
-    first = np.full(len(uniq), -1, dtype=np.int64)
-    # the first lane of each group: scatter lanes in reverse so the smallest wins
-    first[codes[::-1]] = np.arange(codes.size - 1, -1, -1)
-    return codes.astype(np.int64, copy=False), first
-
-
-def _group(n: int, *codes: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Group lanes by equal tuples of integer codes: (group of each lane,
-    first lane of each group)."""
-    key = np.zeros(n, dtype=np.int64)
-    for c in codes:
-        size = int(c.max()) + 1 if c.size else 1
-        if size > 1:  # a constant code does not split anything
-            key = _factorize(key * size + c)[0]  # re-compacted: stays < n, never overflows
-    return _factorize(key)
-
-
-def _split(groups: np.ndarray) -> list[tuple[int, np.ndarray]]:
-    """[(group, positions of that group in ``groups``)] for each group present."""
-    order = np.argsort(groups, kind="stable")
-    sorted_groups = groups[order]
-    cuts = np.flatnonzero(np.diff(sorted_groups)) + 1
-    return [(int(sorted_groups[part[0]]), order[part]) for part in np.split(np.arange(order.size), cuts)
-            if part.size] if order.size else []
 
 
 #: Columns of ``SimulationResult.to_record()`` in order, with their kind:

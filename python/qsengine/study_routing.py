@@ -11,7 +11,6 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-import numpy as np
 import pandas as pd
 
 from qsengine._seed import SeedLike, as_seed_sequence

@@ -46,6 +46,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qsengine._checkpoint import FORMAT_VERSION, Checkpoint
+from qsengine._groups import factorize, group
 from qsengine._seed import SeedLike, as_seed_sequence, seed_record
 from qsengine.simulation import POINT_FIELDS
 
@@ -385,27 +386,15 @@ def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
 
     # cross-field checks once per distinct combination that matters, in grid order
     cross = ("model", "q", "dense", "twin_attention", "plan", "cluster")
-    _, first = _factorize_codes(n, [codes[k] for k in cross])
+    _, first = group(n, *(codes[k] for k in cross))
     for i in first.tolist():
         val.point(i, {k: values[k][int(codes[k][i])] for k in FIELDS})
 
     ids = _point_ids(n, values, codes)
-    import pandas as pd
-
-    unique_of, uniq = pd.factorize(np.asarray(ids, dtype=object), sort=False)
-    unique = np.full(len(uniq), -1, dtype=np.int64)
-    unique[unique_of[::-1]] = np.arange(n - 1, -1, -1)
+    unique_of, unique = factorize(np.asarray(ids, dtype=object))
     grid_hash = hashlib.sha256("".join(ids).encode()).hexdigest()[:32]
-    return _Points(values=values, codes=codes, ids=ids, unique=unique, unique_of=unique_of.astype(np.int64),
+    return _Points(values=values, codes=codes, ids=ids, unique=unique, unique_of=unique_of,
                    grid_hash=grid_hash)
-
-
-def _factorize_codes(n: int, codes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
-    """Group positions by equal tuples of codes: (group per position, first
-    position of each group), groups in order of first appearance."""
-    from qsengine.fastpath import _group
-
-    return _group(n, *codes)
 
 
 def _point_ids(n: int, values: dict[str, list[_Value]], codes: dict[str, np.ndarray]) -> list[str]:
@@ -437,18 +426,18 @@ def _point_ids(n: int, values: dict[str, list[_Value]], codes: dict[str, np.ndar
     cs, ps = levels[-1]
     levels[-1] = (cs, [x + b"}" for x in ps])
     states = [hashlib.sha256(head)]
-    group = np.zeros(n, dtype=np.int64)
+    parent = np.zeros(n, dtype=np.int64)  # the prefix group of each position
     for depth, (c, ps) in enumerate(levels):
-        child, first = _factorize_codes(n, [group, c])
+        child, first = group(n, parent, c)
         copies = [h.copy for h in states]
-        pairs = zip(group[first].tolist(), c[first].tolist())
+        pairs = zip(parent[first].tolist(), c[first].tolist())
         if depth < len(levels) - 1:
             states = []
             for pc, cc in pairs:
                 h = copies[pc]()
                 h.update(ps[cc])
                 states.append(h)
-            group = child
+            parent = child
             continue
         digests = []
         for pc, cc in pairs:
