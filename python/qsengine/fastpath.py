@@ -48,7 +48,7 @@ from qsengine.simulation import _verdict_text
 from qsengine.specs import Cluster, Model, Plan, Precision
 from qsengine.step import StepOptions, StepParams, step_params, step_time
 
-__all__ = ["evaluate_closed_form", "evaluate_columns", "encode_points", "covers", "RECORD_COLUMNS"]
+__all__ = ["evaluate_closed_form", "evaluate_columns", "encode_points", "RECORD_COLUMNS"]
 
 _TIE = 1e-3  # simulation._verdict's tie tolerance
 _BLOCK = 1 << 14  # rows per step-model call: its ~150 temporaries stay in cache
@@ -488,12 +488,6 @@ def _columns_to_records(out: Mapping[str, np.ndarray], n: int) -> list[dict[str,
 # ---------------------------------------------------------------------------
 
 
-def covers(point: Mapping[str, Any]) -> bool:
-    """Whether the fast path computes this point itself (else it calls simulate)."""
-    return (_is_zero(point.get("microbatches", "auto")) and point.get("dense") is None
-            and point.get("twin_attention", "same") == "same")
-
-
 def _is_zero(v: Any) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_)) and v == 0
 
@@ -503,8 +497,9 @@ def evaluate_closed_form(points: Sequence[Mapping[str, Any]]) -> list[dict[str, 
     (``microbatches=0``), vectorised. Each point is a dict of simulate's
     keyword arguments (``model``, ``cluster``, ``context``, ``q``, ``routing``,
     ``plan``, ``precision``, ``slo_tpot``, ``twin_attention``, ``break_even``,
-    ``options``; names or specs). Points the fast path does not cover
-    (:func:`covers`) are passed to simulate one by one.
+    ``options``; names or specs). Points the fast path does not cover (an
+    explicit ``dense`` model, ``twin_attention="gqa"``, ``microbatches != 0``,
+    a dense ``model`` or an invalid value) are passed to simulate one by one.
 
     This is the list-of-dicts face of :func:`evaluate_columns` (which sweeps
     call directly, and which is several times faster on large batches)."""
