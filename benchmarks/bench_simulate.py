@@ -29,9 +29,9 @@ from pathlib import Path
 import numpy as np
 
 import qsengine
-from qsengine.simulation import simulate
+from qsengine.decode.simulate import simulate
+from qsengine.decode.step import moe_cost_coefficients, moe_layer_shape
 from qsengine.study import StudyConfig, run_study
-from qsengine.step import moe_cost_coefficients, moe_layer_shape
 
 
 def _median_time(fn, repeats: int) -> tuple[float, object]:
@@ -73,6 +73,18 @@ def main() -> int:
         lines.append(s)
 
     say(f"qsengine {qsengine.__version__}, {qsengine._core.hardware_threads()} hardware threads")
+    # one closed-form point, warm (the target: <= 50 ms), against the slow obvious
+    # reference (pack() per plan, scalar bisection; tests/reference_simulate.py)
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import reference_simulate as ref
+
+    pt = dict(model="deepseek-v3", cluster="8xh200", context=32768, precision="fp8", microbatches=0)
+    simulate(**pt)  # warm the plan caches
+    t_pt, r_pt = _median_time(lambda: simulate(**pt), max(5, reps * 3))
+    t_ref, rec_ref = _median_time(lambda: ref.record(**pt), 1)
+    same = ref.same(rec_ref, r_pt.to_record()) == []
+    say(f"one closed-form simulate point (deepseek-v3, 8xh200, 32K, fp8, plan auto, q* on), warm: "
+        f"{t_pt * 1e3:.1f} ms; slow reference {t_ref * 1e3:.0f} ms (x{t_ref / t_pt:.0f}); identical: {same}")
     model, cluster, ctx = "deepseek-v3", "8xmi355x", 32768
     kw = dict(precision="fp8", seed=1, break_even=False)
     t_cf, res_cf = _median_time(lambda: simulate(model, cluster, ctx, microbatches=0, **kw), reps)

@@ -66,7 +66,7 @@ def main() -> int:
     #    figure a user sees) and its pieces, against the per-point simulate() path (checked equal)
     import numpy as np
 
-    from qsengine.fastpath import encode_points, evaluate_closed_form, evaluate_columns
+    from qsengine.decode.pipeline import encode_points, evaluate_columns
 
     cf_models = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "qwen3-30b-a3b"]
     cf_clusters = ["8xh100", "8xh200", "8xb200", "8xmi300x", "8xmi355x", "16xh100", "16xh200", "8xa100"]
@@ -92,11 +92,31 @@ def main() -> int:
     pts = [dict(model=m, cluster=c, context=t, q=q, microbatches=0, precision="fp8")
            for m in cf_models for c in cf_clusters for t in cf_contexts for q in cf_qs]
     cols, n = encode_points(pts)
-    t_cols, _ = timed_plain(lambda: evaluate_columns(cols, n), rep)
-    t_recs, recs = timed_plain(lambda: evaluate_closed_form(pts), rep)
-    lines.append(f"  fast path alone, one call on 1 thread: evaluate_columns {t_cols:.2f} s -> "
-                 f"{n / t_cols:,.0f} points/s; evaluate_closed_form (list of dicts in and out) {t_recs:.2f} s -> "
-                 f"{n / t_recs:,.0f} points/s")
+    t_cols, out = timed_plain(lambda: evaluate_columns(cols, n), rep)
+    names = list(out)
+    recs = [dict(zip(names, vals)) for vals in zip(*[out[k].tolist() for k in names])]
+    lines.append(f"  pipeline alone, one call on 1 thread: evaluate_columns {t_cols:.2f} s -> "
+                 f"{n / t_cols:,.0f} points/s")
+    # the same grid shape with the conventional (GQA) twin, and with explicit dense models
+    grid_gqa = {**grid_big, "twin_attention": ["gqa"]}
+    t_g0 = time.perf_counter()
+    df_gqa = qsengine.sweep(grid_gqa, seed=1, progress=False)
+    t_g0 = time.perf_counter() - t_g0
+    t_g, _ = timed(lambda: qsengine.sweep(grid_gqa, seed=1, progress=False), rep)
+    lines.append(f"closed form, twin_attention='gqa', {len(df_gqa):,} points: first sweep {t_g0:.2f} s, warm median "
+                 f"{t_g:.2f} s -> {len(df_gqa) / t_g:,.0f} points/s")
+    grid_dense = {"model": cf_models, "cluster": cf_clusters, "context": cf_contexts,
+                  "dense": ["llama-3.1-70b", "qwen3-32b", "llama-3.1-8b", "llama-3.1-405b"] * 1,
+                  "microbatches": [0], "precision": ["fp8", "bf16", "fp8-kvbf16", "fp4"]}
+    grid_dense["context"] = [int(x) for x in np.geomspace(1024, 262144, 200).round()]
+    with __import__("warnings").catch_warnings():
+        __import__("warnings").simplefilter("ignore", qsengine.ContextWarning)
+        t_d0 = time.perf_counter()
+        df_dense = qsengine.sweep(grid_dense, seed=1, progress=False)
+        t_d0 = time.perf_counter() - t_d0
+        t_d, _ = timed(lambda: qsengine.sweep(grid_dense, seed=1, progress=False), rep)
+    lines.append(f"closed form, explicit dense models, {len(df_dense):,} points: first sweep {t_d0:.2f} s, warm "
+                 f"median {t_d:.2f} s -> {len(df_dense) / t_d:,.0f} points/s")
     if not args.quick:
         grid_m = {**grid_big, "q": [float(x) for x in np.linspace(1.2, 8.0, 500)]}
         t_m, df_m = timed(lambda: qsengine.sweep(grid_m, seed=1, progress=False), 1)
@@ -107,7 +127,7 @@ def main() -> int:
     slow = [qsengine.simulate(**p).to_record() for p in sub]
     t_slow = (time.perf_counter() - t0) / len(sub)
     same = all(str(a) == str(recs[pts.index(p)]) for a, p in zip(slow, sub))
-    lines.append(f"per-point path, simulate(microbatches=0).to_record() on {len(sub)} of those points: "
+    lines.append(f"one point at a time, simulate(microbatches=0).to_record() on {len(sub)} of those points: "
                  f"{t_slow:.2f} s/point -> {1 / t_slow:,.1f} points/s; sweep/per-point throughput ratio "
                  f"{(n_big / t_sw) * t_slow:,.0f}x; records identical: {same}")
     contexts = [4096, 8192, 16384, 32768, 65536, 131072]
@@ -126,7 +146,7 @@ def main() -> int:
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
                       dashboard_address=None) as cluster, Client(cluster) as client:
-        client.run(lambda: __import__("qsengine.simulation"))  # warm imports outside the timing
+        client.run(lambda: __import__("qsengine.decode.simulate"))  # warm imports outside the timing
         for name, g, t_local, ref in (("Monte Carlo 1e4", grid_mc, t_mc, df_mc),):
             t_dask, df_dask = timed(lambda: qsengine.sweep(g, seed=1, progress=False, executor=client,
                                                            chunk_size=1), rep)

@@ -3,8 +3,9 @@ serve LLM decode traffic better on a given GPU cluster, by how much, and why?
 
 The public API is re-exported here; the compiled core ``qsengine._core`` is
 private. Modules: ``specs`` (models, hardware, plans), ``routing`` (routing
-Monte Carlo), ``packing`` (HBM packing), ``step`` (decode step model),
-``simulation`` (:func:`simulate`), ``sweeping`` (:func:`sweep`), ``study``.
+Monte Carlo), ``packing`` (HBM packing), ``decode`` (points, the step model,
+the evaluation pipeline and :func:`simulate`), ``sweeping`` (:func:`sweep`),
+``study``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,8 @@ from qsengine.routing import (
     route,
     unique_variance,
 )
-from qsengine.simulation import SideResult, SimulationResult, simulate
+from qsengine.decode import ContextWarning, Point, SideResult, SimulationResult, StepBreakdown, StepOptions, simulate
 from qsengine.specs import *  # noqa: F403 - the specs layer's own __all__
-from qsengine.step import StepBreakdown, StepOptions
 from qsengine.sweeping import load_results, sweep
 
 __all__ = [
@@ -69,6 +69,8 @@ __all__ = [
     "set_work_limit",
     "unique_variance",
     # decode model and comparison
+    "ContextWarning",
+    "Point",
     "SideResult",
     "SimulationResult",
     "StepBreakdown",

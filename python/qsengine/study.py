@@ -52,7 +52,7 @@ def run_study(config: StudyConfig | None = None, *, progress: bool = True, figur
     import pandas as pd
     from tqdm.auto import tqdm
 
-    from qsengine.simulation import simulate
+    from qsengine.decode.simulate import simulate
 
     cfg = config or StudyConfig()
     out = Path(cfg.out)
@@ -252,7 +252,7 @@ def _run_study_cli(args) -> int:
 def _run_simulate_cli(args) -> int:
     import json
 
-    from qsengine.simulation import simulate
+    from qsengine.decode.simulate import simulate
 
     res = simulate(args.model, args.cluster, args.context, q=_parse_q(args.q), dense=args.dense,
                    routing=args.routing, precision=args.precision,

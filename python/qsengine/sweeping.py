@@ -21,7 +21,7 @@ How a sweep runs (see ARCHITECTURE.md, "Sweeps"):
    worker died is resubmitted (up to ``retries`` times).
 5. **Assemble** one row per grid point in grid order: ``point_id``, the inputs
    as ``in_<field>`` columns, and every field of
-   :meth:`qsengine.simulation.SimulationResult.to_record`.
+   :meth:`qsengine.SimulationResult.to_record`.
 
 Dask is imported only when a Dask executor is used.
 """
@@ -48,7 +48,8 @@ import numpy as np
 from qsengine._checkpoint import FORMAT_VERSION, Checkpoint
 from qsengine._groups import factorize, group
 from qsengine._seed import SeedLike, as_seed_sequence, seed_record
-from qsengine.simulation import POINT_FIELDS
+from qsengine.decode.point import FIELDS as POINT_FIELDS
+from qsengine.decode.point import Validator, Value, canonical_json
 
 __all__ = ["sweep", "load_results", "FIELDS", "point_id", "point_seed"]
 
@@ -57,7 +58,7 @@ FIELDS: dict[str, Any] = POINT_FIELDS
 
 #: Default points per chunk: closed-form points are cheap, Monte Carlo ones are not.
 #: With the default evaluator closed-form chunks go to the vectorised fast path
-#: (qsengine.fastpath) in one call, so they are large; a custom evaluator is
+#: (qsengine.decode.pipeline) in one call, so they are large; a custom evaluator is
 #: called per point and keeps the small chunks.
 CLOSED_FORM_CHUNK = 256
 CLOSED_FORM_FAST_CHUNK = 65_536
@@ -66,42 +67,9 @@ MONTE_CARLO_CHUNK = 8
 Evaluator = Callable[[dict[str, Any], np.random.SeedSequence, "int | None"], dict[str, Any]]
 
 
-# ---------------------------------------------------------------------------
-# canonical content
-# ---------------------------------------------------------------------------
-
-
-def _plain(x: Any) -> Any:
-    """A JSON-able, canonical form of ``x`` (dataclasses by type and fields)."""
-    if x is None or isinstance(x, (bool, str)):
-        return x
-    if isinstance(x, (np.bool_,)):
-        return bool(x)
-    if isinstance(x, numbers.Integral):
-        return int(x)
-    if isinstance(x, numbers.Real):
-        return float(x)
-    if dataclasses.is_dataclass(x) and not isinstance(x, type):
-        d = {f.name: _plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
-        return {"__type__": type(x).__name__, **d}
-    if isinstance(x, Mapping):
-        return {str(k): _plain(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, np.ndarray):
-        return [_plain(v) for v in x.tolist()]
-    if hasattr(x, "to_dict"):
-        return {"__type__": type(x).__name__, **_plain(x.to_dict())}
-    return {"__repr__": repr(x)}
-
-
-def _dumps(x: Any) -> str:
-    return json.dumps(x, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def point_id(canonical_json: str) -> str:
-    """The stable id of a point: 32 hex digits of SHA-256 of its canonical JSON."""
-    return hashlib.sha256(canonical_json.encode("utf-8")).hexdigest()[:32]
+def point_id(text: str) -> str:
+    """The stable id of a point: 32 hex digits of SHA-256 of its canonical JSON ``text``."""
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()[:32]
 
 
 def point_seed(root: np.random.SeedSequence, pid: str) -> np.random.SeedSequence:
@@ -128,177 +96,13 @@ def _is_real(v: Any) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
-@dataclass(frozen=True)
-class _Value:
-    """One validated grid value: what simulate gets, its canonical JSON, its column value."""
-
-    arg: Any
-    canon: str
-    display: Any
-
-
-class _Validator:
-    """Checks grid values field by field (cached per distinct value) and
-    points as a whole (cached per distinct combination that matters)."""
-
-    def __init__(self) -> None:
-        self._cache: dict[tuple, _Value] = {}
-        self._model_cache: dict[str, Any] = {}
-        self._twin_cache: dict[tuple, None] = {}
-        self._plan_cache: dict[tuple, None] = {}
-
-    def value(self, field: str, v: Any) -> _Value:
-        try:
-            key = (field, type(v), v)
-            hash(key)
-        except TypeError:
-            key = (field, "id", id(v))
-        got = self._cache.get(key)
-        if got is None:
-            got = self._cache[key] = self._check(field, v)
-        return got
-
-    def _spec(self, field: str, v: Any, loader: Callable[[Any], Any], kind: type, display: Callable[[Any], Any]):
-        if not isinstance(v, (str, kind)):
-            raise _err(field, v, f"must be a shipped name, a TOML path or a {kind.__name__}, "
-                                 f"got {type(v).__name__}", TypeError)
-        try:
-            obj = loader(v)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"grid: field {field!r} = {v!r}: {exc}") from None
-        return _Value(v, _dumps(_plain(obj)), display(obj)), obj
-
-    def _check(self, field: str, v: Any) -> _Value:
-        from qsengine.specs import Cluster, Model, Plan, Precision
-        from qsengine.specs.loaders import as_cluster, as_model, as_precision
-
-        if field == "model":
-            val, obj = self._spec(field, v, as_model, Model, lambda m: m.id)
-            if not obj.is_moe:
-                raise _err(field, v, "is a dense model; a sweep point compares an MoE model with its dense twin")
-            self._model_cache[val.canon] = obj
-            return val
-        if field == "dense":
-            if v is None:
-                return _Value(None, "null", None)
-            return self._spec(field, v, as_model, Model, lambda m: m.id)[0]
-        if field == "cluster":
-            return self._spec(field, v, as_cluster, Cluster, lambda c: c.label)[0]
-        if field == "precision":
-            if v is None:
-                v = "bf16"
-            return self._spec(field, v, as_precision, Precision, lambda p: p.name)[0]
-        if field == "context":
-            if not _is_int(v):
-                raise _err(field, v, f"must be an int number of tokens, got {type(v).__name__}", TypeError)
-            if v < 1:
-                raise _err(field, v, "must be >= 1 token")
-            return _Value(int(v), str(int(v)), int(v))
-        if field == "q":
-            if v is None:
-                return _Value(None, "null", None)
-            if isinstance(v, str):
-                if v.strip().lower() != "sqrt":
-                    raise _err(field, v, "must be a positive number or 'sqrt'")
-                return _Value("sqrt", '"sqrt"', "sqrt")
-            if not _is_real(v):
-                raise _err(field, v, f"must be a positive number, 'sqrt' or None, got {type(v).__name__}", TypeError)
-            if not (math.isfinite(v) and v > 0):
-                raise _err(field, v, "must be a finite number > 0")
-            return _Value(float(v), _dumps(float(v)), float(v))
-        if field == "routing":
-            try:
-                from qsengine.routing import parse_routing
-            except ImportError:  # pragma: no cover - routing module missing
-                parse_routing = None
-            if parse_routing is not None:
-                try:
-                    obj = parse_routing(v)
-                except (ValueError, TypeError) as exc:
-                    raise type(exc)(f"grid: field 'routing' = {v!r}: {exc}") from None
-                return _Value(v, _dumps(_plain(obj)), v.strip() if isinstance(v, str) else repr(v))
-            return _Value(v, _dumps(_plain(v)), v if isinstance(v, str) else repr(v))
-        if field == "plan":
-            if isinstance(v, str):
-                if v != "auto":
-                    raise _err(field, v, "must be 'auto' or a qsengine.Plan")
-                return _Value(v, '"auto"', "auto")
-            if not isinstance(v, Plan):
-                raise _err(field, v, f"must be 'auto' or a qsengine.Plan, got {type(v).__name__}", TypeError)
-            return _Value(v, _dumps(_plain(v)), v.label)
-        if field == "microbatches":
-            if v == "auto" and isinstance(v, str):
-                return _Value("auto", '"auto"', "auto")
-            if not _is_int(v):
-                raise _err(field, v, f"must be 'auto' or an int >= 0, got {type(v).__name__}", TypeError)
-            if v < 0:
-                raise _err(field, v, "must be 'auto' or an int >= 0")
-            return _Value(int(v), str(int(v)), int(v))
-        if field == "slo_tpot":
-            if v is None:
-                return _Value(None, "null", None)
-            if not _is_real(v):
-                raise _err(field, v, f"must be a positive number of seconds or None, got {type(v).__name__}",
-                           TypeError)
-            if not (math.isfinite(v) and v > 0):
-                raise _err(field, v, "must be a finite number of seconds > 0")
-            return _Value(float(v), _dumps(float(v)), float(v))
-        if field == "twin_attention":
-            if not isinstance(v, str):
-                raise _err(field, v, f"must be 'same' or 'gqa', got {type(v).__name__}", TypeError)
-            if v not in ("same", "gqa"):
-                raise _err(field, v, "must be 'same' or 'gqa'")
-            return _Value(v, _dumps(v), v)
-        if field == "break_even":
-            if not isinstance(v, (bool, np.bool_)):
-                raise _err(field, v, f"must be True or False, got {type(v).__name__}", TypeError)
-            return _Value(bool(v), _dumps(bool(v)), bool(v))
-        if field == "options":
-            from qsengine.step import StepOptions
-
-            if v is None:
-                v = StepOptions()
-            if not isinstance(v, StepOptions):
-                raise _err(field, v, f"must be a qsengine StepOptions or None, got {type(v).__name__}", TypeError)
-            return _Value(v, _dumps(_plain(v)), repr(v))
-        raise AssertionError(field)  # pragma: no cover
-
-    def point(self, index: int, values: dict[str, _Value]) -> None:
-        """Cross-field checks simulate would make (twin constructible, plan fits)."""
-        model = self._model_cache[values["model"].canon]
-        q, dense, att = values["q"], values["dense"], values["twin_attention"]
-        twin_key = (values["model"].canon, q.canon, dense.canon, att.canon)
-        plan_key = (values["model"].canon, values["plan"].canon, values["cluster"].canon)
-        where = (f"grid point {index} (model={values['model'].display!r}, cluster={values['cluster'].display!r}, "
-                 f"context={values['context'].display})")
-        if twin_key not in self._twin_cache:
-            if dense.arg is not None and q.arg is not None:
-                raise ValueError(f"{where}: fields 'q' = {q.arg!r} and 'dense' = {dense.display!r}: "
-                                 "give either q or dense, not both")
-            if dense.arg is None:
-                try:
-                    model.dense_twin("sqrt" if q.arg is None else q.arg, attention=att.arg)
-                except (ValueError, TypeError) as exc:
-                    raise type(exc)(f"{where}: field 'q' = {q.arg!r}: no dense twin can be built: {exc}") from None
-            self._twin_cache[twin_key] = None
-        plan = values["plan"].arg
-        if plan_key not in self._plan_cache and not isinstance(plan, str):
-            from qsengine.specs.loaders import as_cluster
-
-            try:
-                plan.validate_for(model, as_cluster(values["cluster"].arg))
-            except (ValueError, TypeError) as exc:
-                raise type(exc)(f"{where}: field 'plan' = {plan.label!r}: {exc}") from None
-        self._plan_cache[plan_key] = None
-
-
 @dataclass
 class _Points:
     """The validated grid, column-wise: per field its distinct values and the
     value code of every grid position; the point id of every position; the
     unique points (first occurrence of each id, in grid order)."""
 
-    values: dict[str, list[_Value]]  # field -> distinct validated values
+    values: dict[str, list[Value]]  # field -> distinct validated values
     codes: dict[str, np.ndarray]  # field -> value code per grid position
     ids: list[str]  # point id per grid position
     unique: np.ndarray  # grid position of each unique point (grid order)
@@ -344,14 +148,22 @@ def _check_fields(keys, where: str) -> None:
             raise ValueError(f"{where}: required field {k!r} is missing")
 
 
-def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
-    """Validate the whole grid (before any work) and list its points."""
-    val = _Validator()
-    values: dict[str, list[_Value]] = {}
+def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]], strict: bool = False) -> _Points:
+    """Validate the whole grid (before any work) with the points' one
+    :class:`~qsengine.decode.point.Validator` and list its points."""
+    val = Validator(strict)
+
+    def checked(k: str, v: Any, where: str) -> Value:
+        try:
+            return val.value(k, v)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"{where}: {exc}") from None
+
+    values: dict[str, list[Value]] = {}
     codes: dict[str, np.ndarray] = {}
     if isinstance(grid, Mapping):
         _check_fields(list(grid), "grid")
-        axes = {k: [val.value(k, v) for v in (_as_values(k, grid[k]) if k in grid else [FIELDS[k]])]
+        axes = {k: [checked(k, v, "grid") for v in (_as_values(k, grid[k]) if k in grid else [FIELDS[k]])]
                 for k in FIELDS}
         n = math.prod(len(v) for v in axes.values())
         stride = n
@@ -372,11 +184,8 @@ def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
                 raise TypeError(f"grid point {i}: must be a dict of field values, got {type(p).__name__}")
             _check_fields(list(p), f"grid point {i}")
             for k, d in FIELDS.items():
-                try:
-                    v = val.value(k, p.get(k, d))
-                except (ValueError, TypeError) as exc:
-                    raise type(exc)(f"grid point {i}: {exc}") from None
-                c = index[k].get(id(v))  # the validator returns one _Value per distinct raw value
+                v = checked(k, p.get(k, d), f"grid point {i}")
+                c = index[k].get(id(v))  # the validator returns one Value per distinct raw value
                 if c is None:
                     c = index[k][id(v)] = len(values[k])
                     values[k].append(v)
@@ -385,10 +194,15 @@ def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
         raise TypeError(f"grid: must be a dict of lists or a list of point dicts, got {type(grid).__name__}")
 
     # cross-field checks once per distinct combination that matters, in grid order
-    cross = ("model", "q", "dense", "twin_attention", "plan", "cluster")
+    cross = ("model", "q", "dense", "twin_attention", "plan", "cluster", "context", "routing", "microbatches")
     _, first = group(n, *(codes[k] for k in cross))
     for i in first.tolist():
-        val.point(i, {k: values[k][int(codes[k][i])] for k in FIELDS})
+        pv = {k: values[k][int(codes[k][i])] for k in FIELDS}
+        try:
+            val.point(pv)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"grid point {i} (model={pv['model'].display!r}, cluster={pv['cluster'].display!r}, "
+                            f"context={pv['context'].display}): {exc}") from None
 
     ids = _point_ids(n, values, codes)
     unique_of, unique = factorize(np.asarray(ids, dtype=object))
@@ -397,7 +211,7 @@ def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]]) -> _Points:
                    grid_hash=grid_hash)
 
 
-def _point_ids(n: int, values: dict[str, list[_Value]], codes: dict[str, np.ndarray]) -> list[str]:
+def _point_ids(n: int, values: dict[str, list[Value]], codes: dict[str, np.ndarray]) -> list[str]:
     """:func:`point_id` of every position, i.e. SHA-256 of the canonical JSON
     ``{"model":...,"cluster":...,...}`` (fields in :data:`FIELDS` order).
 
@@ -457,7 +271,7 @@ def _point_ids(n: int, values: dict[str, list[_Value]], codes: dict[str, np.ndar
 
 def simulate_point(kwargs: dict[str, Any], seed: np.random.SeedSequence, threads: int | None) -> dict[str, Any]:
     """The default evaluator: ``simulate(**kwargs, seed=seed).to_record()``."""
-    from qsengine.simulation import simulate
+    from qsengine.decode.simulate import simulate
 
     return simulate(**kwargs, seed=seed, threads=threads).to_record()
 
@@ -489,10 +303,10 @@ def _run_chunk(chunk: _Chunk, entropy: Any, spawn_key: tuple[int, ...], threads:
     """Evaluate one chunk; returns its results as an arrow table (one row per point, in order)."""
     if chunk.columns is not None:
         # closed form: no randomness (the seed is not used), one vectorised call
-        from qsengine.fastpath import evaluate_columns
+        from qsengine.decode.pipeline import evaluate_columns
 
         try:
-            return _columns_table(evaluate_columns(chunk.columns, len(chunk)))
+            return _columns_table(evaluate_columns(chunk.columns, len(chunk), check_points=False))
         except Exception:  # noqa: BLE001 - re-run point by point: the failing point is named below
             pass
     root = np.random.SeedSequence(entropy, spawn_key=spawn_key)
@@ -543,7 +357,7 @@ def _columns_table(cols: Mapping[str, np.ndarray]):
     makes of the same records (same names, order and arrow types)."""
     import pyarrow as pa
 
-    from qsengine.fastpath import RECORD_COLUMNS
+    from qsengine.decode.pipeline import RECORD_COLUMNS
 
     types = {"str": pa.string(), "int": pa.int64(), "float": pa.float64(), "bool": pa.bool_(), "bool?": pa.bool_()}
     return pa.table({name: pa.array(cols[name], type=types[kind]) for name, kind in RECORD_COLUMNS})
@@ -724,6 +538,7 @@ def sweep(
     *,
     threads: int | None = None,
     retries: int = 3,
+    strict: bool = False,
     _evaluate: Evaluator | None = None,
 ):
     """Run :func:`qsengine.simulate` over every point of ``grid``.
@@ -753,6 +568,9 @@ def sweep(
         threads: C++ threads per point (default: all cores in-process, 1 in
             worker processes and on Dask). Results do not depend on it.
         retries: times a failed chunk (dead worker, error) is resubmitted.
+        strict: a context beyond a model's maximum context is an error
+            (default: a :class:`qsengine.ContextWarning`, once per distinct
+            model and context, before any work).
 
     Returns:
         pandas.DataFrame, one row per grid point in grid order: ``point_id``,
@@ -779,7 +597,7 @@ def sweep(
     if isinstance(executor, str) and executor != "processes" and "://" not in executor:
         raise ValueError(f"executor={executor!r}: must be 'processes' or a scheduler address like "
                          "'tcp://host:8786'")
-    points = _expand(grid)
+    points = _expand(grid, strict)
     evaluate = _evaluate or simulate_point
 
     ck = Checkpoint(checkpoint) if checkpoint is not None else None
@@ -799,7 +617,7 @@ def sweep(
     seed_rec = seed_record(root)
     info = {"format_version": FORMAT_VERSION, "grid_hash": points.grid_hash, "seed": seed_rec,
             "qsengine_version": __version__, "points": len(points.ids), "unique_points": len(points.unique)}
-    info["grid_fingerprint"] = hashlib.sha256(_dumps(info).encode()).hexdigest()[:32]
+    info["grid_fingerprint"] = hashlib.sha256(canonical_json(info).encode()).hexdigest()[:32]
 
     inputs = _inputs_table(points)
     unique_ids = points.unique_ids

@@ -62,8 +62,7 @@ def _dense(model: Model, *, ident: str, name: str, notes: str, attention: Attent
 
 
 def solve_widths(a1, slope, target):
-    """FFN widths for many targets at once (numpy arrays; the one rule both
-    :func:`dense_twin` and the closed-form fast path use).
+    """FFN widths for many targets at once (numpy arrays).
 
     ``a1`` = active parameters at width 1, ``slope`` = active parameters per
     unit of width (active parameters are affine in the width), ``target`` =
@@ -90,14 +89,160 @@ def twin_width_ok(a1, slope, width, target):
     return (width >= 1) & ~(np.abs(miss) > TWIN_TOLERANCE)
 
 
-def _solve_width(build: "callable[[int], Model]", target: float) -> tuple[int, float]:  # type: ignore[valid-type]
-    """FFN width making ``build(width).active_params`` closest to ``target``;
-    returns (width, exact real-valued width). Active params are affine in the
-    width, so two evaluations give the line (:func:`solve_widths`)."""
-    a1 = build(1).active_params
-    slope = build(2).active_params - a1
-    width, exact = solve_widths(np.array([a1]), np.array([slope]), np.array([float(target)]))
-    return int(width[0]), float(exact[0])
+@dataclass(frozen=True)
+class TwinShape:
+    """Everything of a dense twin but its FFN width: twins of one shape differ
+    only in the width, and their parameters are affine in it."""
+
+    attention: Attention
+    num_layers: int
+    hidden: int
+    gated: bool
+    bias: bool
+    encoder_layers: int
+    cross: bool
+
+
+@dataclass(frozen=True)
+class TwinLine:
+    """The twins of one MoE and one :class:`TwinShape`: ``base`` is the
+    width-1 twin; a twin of width w has ``a1 + (w-1)·slope`` active and
+    ``f1 + (w-1)·fslope`` dense-FFN parameters."""
+
+    shape: TwinShape
+    base: Model
+    a1: int
+    slope: int
+    f1: int
+    fslope: int
+
+    def build(self, model: Model, width: int, ident: str, name: str, notes: str) -> Model:
+        sh = self.shape
+        return _dense(model, ident=ident, name=name, notes=notes, attention=sh.attention, num_layers=sh.num_layers,
+                      hidden=sh.hidden, width=int(width), gated=sh.gated, bias=sh.bias,
+                      encoder_layers=sh.encoder_layers, cross=sh.cross)
+
+    def ffn_params(self, width: np.ndarray) -> np.ndarray:
+        """Dense-FFN parameters of the twins of these widths (>= 1)."""
+        return self.f1 + (np.maximum(np.asarray(width, dtype=np.int64), 1) - 1) * self.fslope
+
+
+_LINES: dict[tuple[Model, TwinShape], TwinLine] = {}
+
+
+def twin_line(model: Model, shape: TwinShape) -> TwinLine:
+    """The :class:`TwinLine` of ``model``'s twins of ``shape`` (cached)."""
+    got = _LINES.get((model, shape))
+    if got is None:
+        probe = TwinLine(shape, model, 0, 0, 0, 0)
+        m1 = probe.build(model, 1, f"{model.id}-dense", f"{model.name} dense twin", "")
+        m2 = probe.build(model, 2, f"{model.id}-dense", f"{model.name} dense twin", "")
+        got = TwinLine(shape, m1, m1.active_params, m2.active_params - m1.active_params, m1.dense_ffn_params,
+                       m2.dense_ffn_params - m1.dense_ffn_params)
+        if len(_LINES) > 4096:
+            _LINES.clear()
+        _LINES[(model, shape)] = got
+    return got
+
+
+def _gqa_shape(model: Model, hidden: int, layers: int) -> TwinShape:
+    heads = hidden // GQA_HEAD_DIM
+    kv = math.gcd(GQA_KV_HEADS, heads)
+    att = Attention(kind="gqa" if kv != heads else "mha", num_heads=heads, num_kv_heads=kv, head_dim=GQA_HEAD_DIM)
+    return TwinShape(att, layers, hidden, True, False, 0, False)
+
+
+@dataclass(frozen=True)
+class TwinSolution:
+    """Twins of one MoE for many q (:func:`solve_twins`): per lane the index
+    of its line in ``lines``, its FFN width, and whether it is a valid twin;
+    ``failure`` says why not (``"floor"``: even width 1 overshoots the target;
+    ``"tolerance"``: the nearest width misses it by more than
+    :data:`TWIN_TOLERANCE`; ``"size"``: q x active exceeds 2^53)."""
+
+    lines: tuple[TwinLine, ...]
+    line_of: np.ndarray
+    width: np.ndarray
+    ok: np.ndarray
+    failure: np.ndarray  # object: "" where ok
+
+    def ffn_params(self) -> np.ndarray:
+        out = np.zeros(self.width.shape, dtype=np.float64)
+        for i, line in enumerate(self.lines):
+            sel = self.line_of == i
+            out[sel] = line.ffn_params(self.width[sel])
+        return out
+
+
+def solve_twins(model: Model, qv: np.ndarray, attention: str = "same") -> TwinSolution:
+    """The dense twins of ``model`` for many numeric q at once: the one
+    construction rule behind :func:`dense_twin` and the vectorised pipeline.
+
+    ``attention="same"``: one shape (the MoE's depth, hidden size, attention,
+    embeddings and FFN style); ``"gqa"``: hidden size and depth sized for the
+    target assuming FFN width 3.5 x hidden (head width 128, 8 KV heads,
+    ``hidden / layers = 128``), one layer fewer while even width 1 overshoots.
+    Then the FFN width is solved exactly on each shape's line."""
+    qv = np.asarray(qv, dtype=np.float64).reshape(-1)
+    n = qv.size
+    target = qv * model.active_params
+    width = np.zeros(n, dtype=np.int64)
+    ok = np.zeros(n, dtype=bool)
+    failure = np.full(n, "", dtype=object)
+    line_of = np.zeros(n, dtype=np.int64)
+    lines: list[TwinLine] = []
+    index: dict[TwinShape, int] = {}
+    big = ~(target <= 2.0**53)  # also inf/NaN: spec integers stay exact in a double
+    failure[big] = "size"
+
+    def place(lanes: np.ndarray, shape: TwinShape) -> None:
+        k = index.get(shape)
+        if k is None:
+            k = index[shape] = len(lines)
+            lines.append(twin_line(model, shape))
+        line = lines[k]
+        w, _ = solve_widths(np.full(lanes.size, line.a1), np.full(lanes.size, line.slope), target[lanes])
+        line_of[lanes] = k
+        width[lanes] = w
+        good = twin_width_ok(line.a1, line.slope, w, target[lanes])
+        ok[lanes] = good
+        failure[lanes] = np.where(good, "", np.where(w < 1, "floor", "tolerance"))
+
+    live = np.flatnonzero(~big)
+    if attention == "same":
+        if live.size:
+            place(live, TwinShape(model.attention, model.num_layers, model.hidden_size, model.gated_ffn,
+                                  model.ffn_bias, model.encoder_layers, model.cross_attention))
+        return TwinSolution(tuple(lines), line_of, width, ok, failure)
+    # "gqa": size hidden and depth, then solve the FFN width
+    per_layer_coef = 2 + 3 * GQA_FFN_RATIO  # q,o (2 d^2) + gated FFN (3 * ratio * d^2), K/V ignored for sizing
+    t = target[live]
+    d_real = (np.maximum(t, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
+    for _ in range(3):  # take the LM head / embedding out of the budget
+        body = t - model.vocab_size * d_real
+        d_real = (np.maximum(body, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
+    step = np.where(d_real >= 1024, 1024, GQA_HEAD_DIM)
+    hidden = np.maximum(GQA_HEAD_DIM, np.round(d_real / step).astype(np.int64) * step)
+    layers = np.maximum(1, np.round(hidden / GQA_ASPECT).astype(np.int64))
+    todo = np.arange(live.size)
+    while todo.size:
+        again = []
+        keys = np.stack([hidden[todo], layers[todo]], axis=1)
+        uniq, inv = np.unique(keys, axis=0, return_inverse=True)
+        for j, (h, nl) in enumerate(uniq.tolist()):
+            sel = todo[inv.reshape(-1) == j]
+            place(live[sel], _gqa_shape(model, int(h), int(nl)))
+            if nl > 1:
+                retry = sel[width[live[sel]] < 1]
+                layers[retry] -= 1
+                again.append(retry)
+        todo = np.concatenate(again) if again else np.zeros(0, dtype=np.int64)
+    return TwinSolution(tuple(lines), line_of, width, ok, failure)
+
+
+def twin_id(model: Model, qv: float, attention: str) -> str:
+    """The id of ``model``'s twin at numeric ``qv`` (the records' ``dense_model``)."""
+    return f"{model.id}-dense-q{qv:.2f}{'' if attention == 'same' else '-' + attention}"
 
 
 def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
@@ -116,7 +261,7 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
 
     ``q`` may be ``"sqrt"`` (q = 1/sqrt(s)). Raises :class:`SpecError` if
     ``q`` is not a positive finite number, or if ``q x active`` is too small to
-    hold even the non-FFN weights.
+    hold even the non-FFN weights. One lane of :func:`solve_twins`.
     """
     if not isinstance(model, Model):
         raise TypeError(f"dense twin: model must be a Model, got {type(model).__name__}")
@@ -125,73 +270,32 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
         raise SpecError(f"dense twin of {model.id}: field 'attention' = {attention!r}: must be one of "
                         f"{list(TWIN_ATTENTION)}{did_you_mean(str(attention), TWIN_ATTENTION)}")
     target = qv * model.active_params
-    if not target <= 2.0**53:  # also catches inf/NaN: spec integers stay exact in a double
-        raise SpecError(f"dense twin of {model.id}: field 'q' = {qv!r}: q x active ({target:.4g}) exceeds 2^53 "
-                        "parameters")
-    suffix = "" if attention == "same" else "-gqa"
-    ident = f"{model.id}-dense-q{qv:.2f}{suffix}"
+    sol = solve_twins(model, np.array([qv]), attention)
+    why = sol.failure[0]
+    src = f"dense twin of {model.id}: field 'q' = {qv!r}"
+    if why == "size":
+        raise SpecError(f"{src}: q x active ({target:.4g}) exceeds 2^53 parameters")
+    line = sol.lines[int(sol.line_of[0])]
+    if why == "floor":
+        if attention == "same":
+            floor = line.a1 - line.slope
+            raise SpecError(f"{src}: q x active ({target:.4g}) is smaller than the twin's attention, norm and "
+                            f"embedding weights ({floor:.4g}); q must be > {floor / model.active_params:.4g}")
+        raise SpecError(f"{src}: q x active ({target:.4g}) is smaller than a one-layer GQA model of hidden size "
+                        f"{line.shape.hidden} ({line.a1:.4g}); use attention='same' or a larger q")
+    width = int(sol.width[0])
+    if why == "tolerance":
+        miss = (line.a1 + (width - 1) * line.slope) / target - 1.0
+        raise SpecError(f"{src}: the nearest integer FFN width ({width}) misses q x active by {100 * miss:+.2f}% "
+                        f"(> {100 * TWIN_TOLERANCE}%): the model is too small for this q; use a larger q")
     name = f"{model.name} dense twin (q={qv:.3g}, attention={attention})"
     notes = (f"Quality-matched dense twin of {model.id}: active parameters = q x {model.active_params} "
              f"with q = {qv!r} (attention={attention!r}).")
-
-    if attention == "same":
-        def build(width: int) -> Model:
-            return _dense(model, ident=ident, name=name, notes=notes, attention=model.attention,
-                          num_layers=model.num_layers, hidden=model.hidden_size, width=width,
-                          gated=model.gated_ffn, bias=model.ffn_bias, encoder_layers=model.encoder_layers,
-                          cross=model.cross_attention)
-
-        width, exact = _solve_width(build, target)
-        if width < 1:
-            floor = build(1).active_params - (build(2).active_params - build(1).active_params)
-            raise SpecError(
-                f"dense twin of {model.id}: field 'q' = {qv!r}: q x active ({target:.4g}) is smaller than the "
-                f"twin's attention, norm and embedding weights ({floor:.4g}); q must be > {floor / model.active_params:.4g}"
-            )
-        return _checked(build(width), target, model, qv)
-
-    # attention == "gqa": size hidden and depth, then solve the FFN width.
-    per_layer_coef = 2 + 3 * GQA_FFN_RATIO  # q,o (2 d^2) + gated FFN (3 * ratio * d^2), K/V ignored for sizing
-    d_real = (max(target, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
-    for _ in range(3):  # take the LM head / embedding out of the budget
-        body = target - model.vocab_size * d_real
-        d_real = (max(body, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
-    step = 1024 if d_real >= 1024 else GQA_HEAD_DIM
-    hidden = max(GQA_HEAD_DIM, int(round(d_real / step)) * step)
-    heads = hidden // GQA_HEAD_DIM
-    kv = math.gcd(GQA_KV_HEADS, heads)
-    layers = max(1, int(round(hidden / GQA_ASPECT)))
-    att = Attention(kind="gqa" if kv != heads else "mha", num_heads=heads, num_kv_heads=kv, head_dim=GQA_HEAD_DIM)
-    while True:
-        def build(width: int, layers: int = layers) -> Model:
-            return _dense(model, ident=ident, name=name, notes=notes, attention=att, num_layers=layers,
-                          hidden=hidden, width=width, gated=True, bias=False, encoder_layers=0, cross=False)
-
-        width, exact = _solve_width(build, target)
-        if width >= 1:
-            return _checked(build(width), target, model, qv)
-        if layers == 1:
-            floor = build(1).active_params
-            raise SpecError(
-                f"dense twin of {model.id}: field 'q' = {qv!r}: q x active ({target:.4g}) is smaller than a "
-                f"one-layer GQA model of hidden size {hidden} ({floor:.4g}); use attention='same' or a larger q"
-            )
-        layers -= 1
+    return line.build(model, width, twin_id(model, qv, attention), name, notes)
 
 
 #: Largest relative miss of ``q x active`` a twin may have.
 TWIN_TOLERANCE = 0.005
-
-
-def _checked(twin: Model, target: float, model: Model, qv: float) -> Model:
-    miss = twin.active_params / target - 1.0
-    if abs(miss) > TWIN_TOLERANCE:
-        raise SpecError(
-            f"dense twin of {model.id}: field 'q' = {qv!r}: the nearest integer FFN width ({twin.dense_intermediate}) "
-            f"misses q x active by {100 * miss:+.2f}% (> {100 * TWIN_TOLERANCE}%): the model is too small for "
-            "this q; use a larger q"
-        )
-    return twin
 
 
 class Verdict(str, enum.Enum):

@@ -173,7 +173,7 @@ def moe_cost_coefficients(model: Model, precision: Precision, acc: Accelerator, 
 # ---------------------------------------------------------------------------
 # The vectorised core. Every step time, scalar or swept, is computed here:
 # :func:`decode_step` calls it with one-element arrays, the closed-form fast
-# path (qsengine.fastpath) with arrays over points x plans x batches.
+# pipeline (qsengine.decode.pipeline) with arrays over points x plans x batches.
 # ---------------------------------------------------------------------------
 
 #: z of the normal 0.99 quantile (p99 = mean + Z99·sd of the summed straggler).

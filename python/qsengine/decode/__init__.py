@@ -1,0 +1,21 @@
+"""The decode model and the comparison: one pipeline from a point to its answer.
+
+Modules, one role each:
+
+* :mod:`~qsengine.decode.point`: the point's fields, defaults and validation;
+* :mod:`~qsengine.decode.step`: the step model (roofline pieces, communication,
+  the closed-form straggler), vectorised over lanes;
+* :mod:`~qsengine.decode.pipeline`: the evaluation pipeline over arrays of
+  points (admission, best batch and plan, Monte Carlo refinement, comparison,
+  break-even q*);
+* :mod:`~qsengine.decode.result`: the typed results;
+* :mod:`~qsengine.decode.simulate`: :func:`simulate`, the pipeline at n = 1.
+"""
+
+from qsengine.decode.point import ContextWarning, Point
+from qsengine.decode.result import SideResult, SimulationResult
+from qsengine.decode.simulate import simulate
+from qsengine.decode.step import StepBreakdown, StepOptions, decode_step
+
+__all__ = ["ContextWarning", "Point", "SideResult", "SimulationResult", "StepBreakdown", "StepOptions",
+           "decode_step", "simulate"]

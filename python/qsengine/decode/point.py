@@ -1,0 +1,346 @@
+"""One comparison point: its fields, their defaults, and their validation.
+
+A *point* is everything that defines one MoE-vs-dense comparison (the keyword
+arguments of :func:`qsengine.simulate` without ``seed``/``threads``). Every
+field is checked here, once, by the same code whichever entry point received
+it: :func:`qsengine.simulate` (one point), :func:`qsengine.sweep` and the
+study (a grid, checked per distinct value and per distinct combination before
+any work), and the vectorised pipeline (:mod:`qsengine.decode.pipeline`).
+
+Messages have one format, ``field '<name>' = <value>: <rule>``; a sweep
+prefixes ``grid:`` or ``grid point <i>:``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from qsengine.errors import QsengineWarning
+from qsengine.specs import Cluster, Model, Plan, Precision
+
+__all__ = ["FIELDS", "Value", "Validator", "Point", "ContextWarning", "canonical_json", "plain"]
+
+#: ``microbatches`` default of a point.
+DEFAULT_MICROBATCHES = "auto"
+
+#: The point fields, in canonical order, and their defaults (``...`` = required).
+FIELDS: dict[str, Any] = {
+    "model": ...,
+    "cluster": ...,
+    "context": ...,
+    "q": None,
+    "dense": None,
+    "routing": "uniform",
+    "plan": "auto",
+    "precision": None,
+    "microbatches": DEFAULT_MICROBATCHES,
+    "slo_tpot": None,
+    "twin_attention": "same",
+    "break_even": True,
+    "options": None,
+}
+
+
+class ContextWarning(QsengineWarning):
+    """A point's context is longer than the model's published maximum context.
+
+    The result is computed (the physics does not stop at the limit) but the
+    model was not trained for it. ``strict=True`` (simulate, sweep) makes it
+    an error."""
+
+
+def plain(x: Any) -> Any:
+    """A JSON-able, canonical form of ``x`` (dataclasses by type and fields)."""
+    import dataclasses
+    from collections.abc import Mapping
+
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, (np.bool_,)):
+        return bool(x)
+    if isinstance(x, numbers.Integral):
+        return int(x)
+    if isinstance(x, numbers.Real):
+        return float(x)
+    if dataclasses.is_dataclass(x) and not isinstance(x, type):
+        d = {f.name: plain(getattr(x, f.name)) for f in dataclasses.fields(x)}
+        return {"__type__": type(x).__name__, **d}
+    if isinstance(x, Mapping):
+        return {str(k): plain(v) for k, v in sorted(x.items(), key=lambda kv: str(kv[0]))}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return [plain(v) for v in x.tolist()]
+    if hasattr(x, "to_dict"):
+        return {"__type__": type(x).__name__, **plain(x.to_dict())}
+    return {"__repr__": repr(x)}
+
+
+def canonical_json(x: Any) -> str:
+    """Sorted-key, compact JSON of a :func:`plain` value (what a point id hashes)."""
+    return json.dumps(x, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_real(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _err(field: str, value: Any, rule: str, exc: type[Exception] = ValueError) -> Exception:
+    return exc(f"field {field!r} = {value!r}: {rule}")
+
+
+@dataclass(frozen=True)
+class Value:
+    """One validated field value.
+
+    ``arg``: the value as given (normalised: ``"sqrt"``, floats, ints);
+    ``obj``: the resolved object the pipeline uses (a Model, Cluster,
+    Precision, StepOptions, routing model, or ``arg``); ``canon``: its
+    canonical JSON (names resolved to their spec content, defaults filled
+    in); ``display``: its short form for tables (ids, labels)."""
+
+    arg: Any
+    obj: Any
+    canon: str
+    display: Any
+
+
+def _spec(field: str, v: Any, loader: Callable[[Any], Any], kind: type, display: Callable[[Any], Any]) -> Value:
+    if not isinstance(v, (str, kind)):
+        raise _err(field, v, f"must be a shipped name, a TOML path or a {kind.__name__}, got {type(v).__name__}",
+                   TypeError)
+    try:
+        obj = loader(v)
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"field {field!r} = {v!r}: {exc}") from None
+    return Value(v, obj, canonical_json(plain(obj)), display(obj))
+
+
+def check_value(field: str, v: Any) -> Value:
+    """Validate one field's value on its own; raise naming the field, the value and the rule."""
+    from qsengine.specs.loaders import as_cluster, as_model, as_precision
+
+    if field == "model":
+        val = _spec(field, v, as_model, Model, lambda m: m.id)
+        if not val.obj.is_moe:
+            raise _err(field, v, "is a dense model; a point compares an MoE model with a dense one "
+                                 "(give the MoE as model and the dense model as dense)")
+        return val
+    if field == "dense":
+        if v is None:
+            return Value(None, None, "null", None)
+        val = _spec(field, v, as_model, Model, lambda m: m.id)
+        if val.obj.is_moe:
+            raise _err(field, v, "is an MoE model; the dense side must be a dense model "
+                                 "(or leave dense=None for the quality-matched twin)")
+        return val
+    if field == "cluster":
+        return _spec(field, v, as_cluster, Cluster, lambda c: c.label)
+    if field == "precision":
+        if v is None:
+            v = "bf16"
+        return _spec(field, v, as_precision, Precision, lambda p: p.name)
+    if field == "context":
+        if not _is_int(v):
+            raise _err(field, v, f"must be an int number of tokens, got {type(v).__name__}", TypeError)
+        if v < 1:
+            raise _err(field, v, "must be >= 1 token")
+        if v > 2**53:
+            raise _err(field, v, "must be <= 2^53 tokens")
+        return Value(int(v), int(v), str(int(v)), int(v))
+    if field == "q":
+        if v is None:
+            return Value(None, None, "null", None)
+        if isinstance(v, str):
+            if v.strip().lower() != "sqrt":
+                raise _err(field, v, "must be a positive number or 'sqrt'")
+            return Value("sqrt", "sqrt", '"sqrt"', "sqrt")
+        if not _is_real(v):
+            raise _err(field, v, f"must be a positive number, 'sqrt' or None, got {type(v).__name__}", TypeError)
+        if not (math.isfinite(v) and v > 0):
+            raise _err(field, v, "must be a finite number > 0")
+        return Value(float(v), float(v), canonical_json(float(v)), float(v))
+    if field == "routing":
+        from qsengine.routing import parse_routing
+
+        try:
+            obj = parse_routing(v)
+        except (ValueError, TypeError) as exc:
+            raise type(exc)(f"field 'routing' = {v!r}: {exc}") from None
+        return Value(v, obj, canonical_json(plain(obj)), v.strip() if isinstance(v, str) else repr(v))
+    if field == "plan":
+        if isinstance(v, str):
+            if v != "auto":
+                raise _err(field, v, "must be 'auto' or a qsengine.Plan")
+            return Value(v, v, '"auto"', "auto")
+        if not isinstance(v, Plan):
+            raise _err(field, v, f"must be 'auto' or a qsengine.Plan, got {type(v).__name__}", TypeError)
+        return Value(v, v, canonical_json(plain(v)), v.label)
+    if field == "microbatches":
+        if isinstance(v, str) and v == "auto":
+            return Value("auto", "auto", '"auto"', "auto")
+        if not _is_int(v):
+            raise _err(field, v, f"must be 'auto' or an int >= 0, got {type(v).__name__}", TypeError)
+        if v < 0:
+            raise _err(field, v, "must be 'auto' or an int >= 0")
+        return Value(int(v), int(v), str(int(v)), int(v))
+    if field == "slo_tpot":
+        if v is None:
+            return Value(None, None, "null", None)
+        if not _is_real(v):
+            raise _err(field, v, f"must be a positive number of seconds or None, got {type(v).__name__}",
+                       TypeError)
+        if not (math.isfinite(v) and v > 0):
+            raise _err(field, v, "must be a finite number of seconds > 0 (None for no target)")
+        return Value(float(v), float(v), canonical_json(float(v)), float(v))
+    if field == "twin_attention":
+        from qsengine.specs.twin import TWIN_ATTENTION
+
+        if not isinstance(v, str):
+            raise _err(field, v, f"must be one of {list(TWIN_ATTENTION)}, got {type(v).__name__}", TypeError)
+        if v not in TWIN_ATTENTION:
+            raise _err(field, v, f"must be one of {list(TWIN_ATTENTION)}")
+        return Value(v, v, canonical_json(v), v)
+    if field == "break_even":
+        if not isinstance(v, (bool, np.bool_)):
+            raise _err(field, v, f"must be True or False, got {type(v).__name__}", TypeError)
+        return Value(bool(v), bool(v), canonical_json(bool(v)), bool(v))
+    if field == "options":
+        from qsengine.decode.step import StepOptions
+
+        if v is None:
+            v = StepOptions()
+        if not isinstance(v, StepOptions):
+            raise _err(field, v, f"must be a qsengine.StepOptions or None, got {type(v).__name__}", TypeError)
+        return Value(v, v, canonical_json(plain(v)), repr(v))
+    raise AssertionError(field)  # pragma: no cover
+
+
+def _key(field: str, v: Any) -> tuple:
+    try:
+        key = (field, type(v), v)
+        hash(key)
+        return key
+    except TypeError:
+        return (field, "id", id(v))
+
+
+class Validator:
+    """Checks point fields value by value (cached per distinct value) and
+    points as a whole (cached per distinct combination that matters): the
+    one validation of simulate, sweep and the study."""
+
+    def __init__(self, strict: bool = False) -> None:
+        self.strict = bool(strict)
+        self._values: dict[tuple, Value] = {}
+        self._twins: dict[tuple, None] = {}
+        self._plans: dict[tuple, None] = {}
+        self._contexts: dict[tuple, None] = {}
+        self._laws: dict[tuple, None] = {}
+
+    def value(self, field: str, v: Any) -> Value:
+        key = _key(field, v)
+        got = self._values.get(key)
+        if got is None:
+            got = self._values[key] = check_value(field, v)
+        return got
+
+    def point(self, values: dict[str, Value]) -> None:
+        """Cross-field checks: q or dense (not both), the twin can be built,
+        the plan fits the model on the cluster, a closed-form point
+        (``microbatches=0``) has independent routing, the context is within
+        the models' maximum (a :class:`ContextWarning`, an error when strict)."""
+        model: Model = values["model"].obj
+        q, dense, att = values["q"], values["dense"], values["twin_attention"]
+        twin_key = (values["model"].canon, q.canon, dense.canon, att.canon)
+        if twin_key not in self._twins:
+            if dense.arg is not None and q.arg is not None:
+                raise ValueError(f"fields 'q' = {q.arg!r} and 'dense' = {dense.display!r}: "
+                                 "give either q or dense, not both")
+            if dense.arg is None:
+                try:
+                    model.dense_twin("sqrt" if q.arg is None else q.arg, attention=att.arg)
+                except (ValueError, TypeError) as exc:
+                    raise type(exc)(f"field 'q' = {q.arg!r}: no dense twin can be built: {exc}") from None
+            self._twins[twin_key] = None
+        plan = values["plan"].obj
+        plan_key = (values["model"].canon, dense.canon, values["plan"].canon, values["cluster"].canon)
+        if plan_key not in self._plans and not isinstance(plan, str):
+            try:
+                plan.validate_for(model, values["cluster"].obj)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"field 'plan' = {plan.label!r}: {exc}") from None
+            self._plans[plan_key] = None
+        ctx_key = (values["model"].canon, dense.canon, values["context"].canon)
+        if ctx_key not in self._contexts:
+            context = values["context"].obj
+            for side, m in (("model", model), ("dense", dense.obj)):
+                if m is not None and m.max_context is not None and context > m.max_context:
+                    msg = (f"field 'context' = {context}: beyond {side} {m.id}'s maximum context "
+                           f"({m.max_context:,} tokens)")
+                    if self.strict:
+                        raise ValueError(msg + " (strict=True)")
+                    warnings.warn(msg + "; the result extrapolates past what the model was trained for",
+                                  ContextWarning, stacklevel=4)
+            self._contexts[ctx_key] = None
+        law_key = (values["model"].canon, values["routing"].canon, values["microbatches"].canon)
+        if law_key not in self._laws and values["microbatches"].obj == 0:
+            from qsengine.routing import independent_popularity
+
+            try:
+                independent_popularity(values["routing"].obj, model.routed_experts)
+            except ValueError as exc:
+                raise ValueError(f"field 'routing' = {values['routing'].display!r}: {exc}") from None
+        self._laws[law_key] = None
+
+
+@dataclass(frozen=True)
+class Point:
+    """A validated point: every field resolved to the object the pipeline uses."""
+
+    model: Model
+    cluster: Cluster
+    context: int
+    q: float | str | None
+    dense: Model | None
+    routing: Any
+    plan: Plan | str
+    precision: Precision
+    microbatches: int | str
+    slo_tpot: float | None
+    twin_attention: str
+    break_even: bool
+    options: Any
+    values: dict[str, Value]
+
+    @classmethod
+    def make(cls, *, strict: bool = False, **kwargs: Any) -> "Point":
+        """Validate ``kwargs`` (point fields; defaults filled in) into a Point."""
+        from qsengine.specs._validate import did_you_mean
+
+        for k in kwargs:
+            if k not in FIELDS:
+                raise TypeError(f"unknown point field {k!r}{did_you_mean(k, list(FIELDS))}")
+        v = Validator(strict)
+        values: dict[str, Value] = {}
+        for f, d in FIELDS.items():
+            if d is ... and f not in kwargs:
+                raise TypeError(f"required field {f!r} is missing")
+            values[f] = v.value(f, kwargs.get(f, d))
+        v.point(values)
+        return cls(**{f: values[f].obj if f not in ("q",) else values[f].arg for f in FIELDS}, values=values)
+
+    def columns(self) -> dict[str, tuple[list[Any], np.ndarray]]:
+        """This point as pipeline columns (one lane)."""
+        return {f: ([val], np.zeros(1, dtype=np.int64)) for f, val in self.values.items()}

@@ -1,0 +1,224 @@
+"""Typed results of a comparison: :class:`SideResult` (one side at its
+operating point) and :class:`SimulationResult` (both sides, the ratio, the qs
+verdict and q*), with their exports (dict, flat record, pandas), summary and
+plot."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from qsengine.decode.step import StepBreakdown
+from qsengine.specs import Cluster, Model, Plan
+from qsengine.specs.twin import QsResult
+
+if TYPE_CHECKING:
+    from qsengine.packing import Packing
+    from qsengine.routing import RoutingStats
+
+__all__ = ["SideResult", "SimulationResult"]
+
+
+@dataclass(frozen=True)
+class SideResult:
+    """One side of the comparison (the MoE or the dense model) at its best
+    batch and plan. ``feasible=False`` carries the ``reason`` and no numbers."""
+
+    model: Model
+    feasible: bool
+    reason: str = ""
+    plan: Plan | None = None
+    batch: int = 0
+    replicas: int = 0
+    admissible_batch: int = 0
+    batch_limit: str = ""
+    step: StepBreakdown | None = None
+    packing: "Packing | None" = None
+    routing: "RoutingStats | None" = None
+
+    @property
+    def cluster_batch(self) -> int:
+        """Concurrent sequences over the whole cluster."""
+        return self.batch * self.replicas
+
+    @property
+    def tpot(self) -> float:
+        """Mean per-token latency (s)."""
+        return self.step.time if self.step else math.inf
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Decode tokens/s of the whole cluster."""
+        return self.step.tokens_per_second * self.replicas if self.step else 0.0
+
+    @property
+    def tokens_per_second_per_user(self) -> float:
+        return 1.0 / self.tpot if self.step else 0.0
+
+    def tokens_per_second_per_gpu(self, gpus: int) -> float:
+        return self.tokens_per_second / gpus
+
+    def to_dict(self, gpus: int) -> dict[str, Any]:
+        d: dict[str, Any] = {
+            "model": self.model.id,
+            "feasible": self.feasible,
+            "reason": self.reason,
+            "plan": self.plan.label if self.plan else None,
+            "batch_per_replica": self.batch,
+            "replicas": self.replicas,
+            "cluster_batch": self.cluster_batch,
+            "admissible_batch": self.admissible_batch,
+            "batch_limit": self.batch_limit,
+            "total_params": self.model.total_params,
+            "active_params": self.model.active_params,
+        }
+        if self.step is not None:
+            d.update(
+                tpot_mean_s=self.step.time,
+                tpot_p50_s=self.step.time_p50,
+                tpot_p99_s=self.step.time_p99,
+                tokens_per_s=self.tokens_per_second,
+                tokens_per_s_per_gpu=self.tokens_per_second_per_gpu(gpus),
+                tokens_per_s_per_user=self.tokens_per_second_per_user,
+                step_pieces=self.step.as_rows(),
+            )
+        return d
+
+
+@dataclass(frozen=True)
+class SimulationResult:
+    """MoE vs its quality-matched dense twin on one cluster at one context.
+
+    Attributes:
+        moe, dense: the two sides.
+        ratio: dense tokens/s ÷ MoE tokens/s, or None when a side is infeasible
+            (see ``outcome``).
+        qs: the :class:`qsengine.QsResult` record (s, q, qs, verdict, 1/qs).
+        verdict: which side serves better ("dense", "moe", "tie",
+            "dense-only" when only the dense model fits, "moe-only",
+            "neither").
+        agrees_with_qs: whether the simulated winner is the one the qs
+            inequality predicts (None when not comparable).
+        break_even_q: q* at which the ratio is 1 (None if not bracketed).
+        inputs: everything the result came from, including the seed record.
+    """
+
+    moe: SideResult
+    dense: SideResult
+    cluster: Cluster
+    context: int
+    ratio: float | None
+    qs: QsResult
+    verdict: str
+    agrees_with_qs: bool | None
+    break_even_q: float | None
+    inputs: dict[str, Any] = field(default_factory=dict)
+    record: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    # ------------------------------------------------------------ export
+    def to_dict(self) -> dict[str, Any]:
+        g = self.cluster.num_gpus
+        return {
+            "format": "qsengine.SimulationResult",
+            "version": 1,
+            "cluster": self.cluster.label,
+            "gpus": g,
+            "context": self.context,
+            "ratio": self.ratio,
+            "verdict": self.verdict,
+            "agrees_with_qs": self.agrees_with_qs,
+            "break_even_q": self.break_even_q,
+            "s": self.qs.s,
+            "q": self.qs.q,
+            "qs": self.qs.qs,
+            "qs_verdict": _verdict_text(self.qs.verdict),
+            "moe": self.moe.to_dict(g),
+            "dense": self.dense.to_dict(g),
+            "inputs": self.inputs,
+        }
+
+    def to_record(self) -> dict[str, Any]:
+        """One flat row (scalars only) for tables and sweeps: the pipeline's
+        record of this point (columns :data:`qsengine.decode.pipeline.RECORD_COLUMNS`)."""
+        return dict(self.record)
+
+    def to_pandas(self):  # -> pandas.DataFrame
+        """Step-time breakdown of both sides as a long table."""
+        import pandas as pd
+
+        rows = []
+        for side, r in (("moe", self.moe), ("dense", self.dense)):
+            if r.step is None:
+                rows.append({"side": side, "piece": "(infeasible)", "time_s": math.nan, "reason": r.reason})
+                continue
+            for row in r.step.as_rows():
+                rows.append({"side": side, **row})
+        return pd.DataFrame(rows)
+
+    def summary(self) -> str:
+        """A readable table of both sides and the verdict."""
+        lines = [
+            f"{self.moe.model.name} vs dense twin ({self.dense.model.id}) on {self.cluster.label}, "
+            f"context {self.context:,} tokens",
+            f"  s = {self.qs.s:.4f}, q = {self.qs.q:.3f}, qs = {self.qs.qs:.3f} -> {_verdict_text(self.qs.verdict)}",
+        ]
+        hdr = f"  {'':8s}{'plan':>22s}{'batch':>9s}{'TPOT ms':>10s}{'p99 ms':>9s}{'tok/s':>12s}{'tok/s/GPU':>11s}  limit"
+        lines.append(hdr)
+        for side, r in (("MoE", self.moe), ("dense", self.dense)):
+            if not r.feasible:
+                lines.append(f"  {side:8s} infeasible: {r.reason}")
+                continue
+            assert r.step is not None and r.plan is not None
+            lines.append(
+                f"  {side:8s}{r.plan.label:>22s}{r.cluster_batch:>9,d}{r.tpot * 1e3:>10.2f}"
+                f"{r.step.time_p99 * 1e3:>9.2f}{r.tokens_per_second:>12,.0f}"
+                f"{r.tokens_per_second_per_gpu(self.cluster.num_gpus):>11,.0f}  {r.batch_limit}"
+            )
+        if self.ratio is not None:
+            lines.append(f"  ratio dense/MoE = {self.ratio:.3f} -> {self.verdict} "
+                         f"({'agrees' if self.agrees_with_qs else 'disagrees'} with the qs verdict)")
+        else:
+            lines.append(f"  verdict: {self.verdict}")
+        if self.break_even_q is not None:
+            lines.append(f"  break-even q* = {self.break_even_q:.3f}")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        r = f"{self.ratio:.3f}" if self.ratio is not None else "n/a"
+        return (f"SimulationResult({self.moe.model.id} on {self.cluster.label} @ {self.context}: "
+                f"ratio={r}, verdict={self.verdict!r})")
+
+    def plot(self, ax=None):
+        """Bar chart of the step-time breakdown of both sides (matplotlib Axes)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(7, 4))
+        names: list[str] = []
+        for r in (self.moe, self.dense):
+            if r.step:
+                for p in r.step.pieces:
+                    if p.name not in names:
+                        names.append(p.name)
+        bottoms = np.zeros(2)
+        cmap = plt.get_cmap("tab10")
+        for i, name in enumerate(names):
+            vals = []
+            for r in (self.moe, self.dense):
+                t = 0.0
+                if r.step:
+                    t = sum(p.time for p in r.step.pieces if p.name == name) * 1e3
+                vals.append(t)
+            ax.bar(["MoE", "dense twin"], vals, bottom=bottoms, label=name, color=cmap(i % 10))
+            bottoms += np.array(vals)
+        ax.set_ylabel("time per decode step (ms)")
+        ax.set_title(f"{self.moe.model.id} on {self.cluster.label}, context {self.context}")
+        ax.legend(fontsize=7)
+        return ax
+
+
+def _verdict_text(v: Any) -> str:
+    return str(getattr(v, "value", v))

@@ -1,0 +1,145 @@
+""":func:`simulate`: one comparison point through the pipeline (n = 1).
+
+Nothing is computed here that the pipeline does not compute for a sweep:
+the point is validated (:class:`qsengine.decode.point.Point`), evaluated by
+:func:`qsengine.decode.pipeline.evaluate` on one lane, and its sides are
+dressed as typed results: the step breakdown at the chosen operating point
+(one lane of the same step model), the packing of the chosen plan, and the
+routing statistics of the Monte Carlo refinement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import numpy as np
+
+from qsengine._seed import SeedLike, as_seed_sequence, seed_record
+from qsengine.decode.pipeline import Evaluation, _SideSet, evaluate
+from qsengine.decode.point import DEFAULT_MICROBATCHES, Point
+from qsengine.decode.result import SideResult, SimulationResult
+from qsengine.decode.step import StepOptions, decode_step
+from qsengine.specs import Cluster, Model, Plan, Precision
+
+__all__ = ["simulate"]
+
+
+def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: Point, refined: Any) -> SideResult:
+    from qsengine.packing import pack
+    from qsengine.routing import independent_popularity, proxy_popularity
+
+    sd = sides.side
+    if not sd.feasible[g]:
+        reason = ev.columns["moe_reason" if model.is_moe else "dense_reason"][0]
+        return SideResult(model=model, feasible=False, reason=str(reason))
+    plan = sides.plan_of(g)
+    assert plan is not None
+    batch = int(sd.batch[g])
+    options = point.options
+    acc = point.cluster.accelerator
+    if refined is not None:
+        step = decode_step(model, point.precision, acc, plan, batch, point.context, moe_step_time=refined.moe_step_time,
+                           options=options)
+    else:
+        pop = None
+        if model.is_moe:
+            closed = point.microbatches == 0
+            pop = (independent_popularity if closed else proxy_popularity)(point.routing, model.routed_experts)
+        step = decode_step(model, point.precision, acc, plan, batch, point.context, popularity=pop, options=options)
+    pk = pack(model, point.cluster, point.context, plan=plan, precision=point.precision)
+    return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
+                      admissible_batch=int(pk.admissible_batch), batch_limit="slo" if sd.limit[g] == 1 else "hbm",
+                      step=step, packing=pk, routing=None if refined is None else refined.stats)
+
+
+def simulate(
+    model: Model | str,
+    cluster: Cluster | str,
+    context: int,
+    q: float | str | None = None,
+    dense: Model | str | None = None,
+    routing: Any = "uniform",
+    plan: Plan | str = "auto",
+    precision: Precision | str | None = None,
+    microbatches: int | str = DEFAULT_MICROBATCHES,
+    slo_tpot: float | None = None,
+    seed: SeedLike = None,
+    threads: int | None = None,
+    *,
+    twin_attention: str = "same",
+    break_even: bool = True,
+    options: StepOptions | None = None,
+    strict: bool = False,
+) -> SimulationResult:
+    """Decode throughput of an MoE model and its quality-matched dense twin.
+
+    Args:
+        model: the MoE model (spec or shipped name, e.g. ``"deepseek-v3"``).
+        cluster: e.g. ``"8xH200"`` or a :class:`qsengine.Cluster`.
+        context: tokens in each sequence's KV cache.
+        q: quality multiplier: the dense twin has ``q × active`` parameters;
+            ``"sqrt"`` (the default when ``q`` and ``dense`` are None) uses
+            q = 1/sqrt(s).
+        dense: an explicit dense model instead of a twin built from ``q``
+            (then q = dense active ÷ MoE active parameters, as in :func:`qs`).
+        routing: routing model for the Monte Carlo ("uniform", or a
+            :mod:`qsengine.routing` object).
+        plan: ``"auto"`` (best plan per side by throughput) or a Plan used
+            for both sides (the dense side ignores its expert degrees).
+        precision: numeric formats (preset name or :class:`Precision`);
+            default bf16.
+        microbatches: Monte Carlo microbatches at the chosen batch (each
+            passes through every MoE layer); ``"auto"`` sizes it to a fixed
+            routing budget (see :func:`qsengine.decode.pipeline.auto_microbatches`);
+            0 uses the closed form (independent routing only).
+        slo_tpot: optional per-token latency target (seconds) capping the batch.
+        seed: None, int or SeedSequence; recorded in ``result.inputs``.
+        threads: C++ threads for the Monte Carlo (None = all cores).
+        twin_attention: "same" (twin keeps the MoE's attention and depth) or
+            "gqa" (a conventional dense shape).
+        break_even: compute q* (a few dozen closed-form dense evaluations).
+        options: :class:`StepOptions` of the step model.
+        strict: a context beyond a model's maximum context is an error
+            instead of a :class:`qsengine.decode.point.ContextWarning`.
+    """
+    point = Point.make(strict=strict, model=model, cluster=cluster, context=context, q=q, dense=dense,
+                       routing=routing, plan=plan, precision=precision, microbatches=microbatches,
+                       slo_tpot=slo_tpot, twin_attention=twin_attention, break_even=break_even, options=options)
+    seq = as_seed_sequence(seed)
+    moe_seed, _ = seq.spawn(2)
+    ev = evaluate(point.columns(), 1, seeds=[moe_seed], threads=threads, check_points=False)
+    rec = {name: (v.item() if isinstance(v, np.generic) else v) for name, v in
+           ((name, col[0]) for name, col in ev.columns.items())}
+    mg, dg = int(ev.moe_group[0]), int(ev.dense_group[0])
+    dense_model = ev.dense_models[int(ev.dense_model_group[0])]
+    if dense_model is None:
+        dense_model = point.model.dense_twin(float(ev.q_value[0]), attention=point.twin_attention)
+    moe_side = _side_result(ev, ev.moe, mg, point.model, point, ev.refined.get(mg))
+    dense_side = _side_result(ev, ev.dense, dg, dense_model, point, None)
+    from qsengine.specs.twin import qs as qs_record
+
+    qs_rec = qs_record(point.model, point.dense if point.dense is not None else
+                       ("sqrt" if point.q is None else point.q))
+    ratio = rec["ratio"]
+    q_star = rec["break_even_q"]
+    inputs = {
+        "model": point.model.id,
+        "dense": dense_model.id,
+        "cluster": point.cluster.label,
+        "context": point.context,
+        "q": qs_rec.q,
+        "routing": repr(routing),
+        "plan": point.plan if isinstance(point.plan, str) else point.plan.label,
+        "precision": dataclasses.asdict(point.precision),
+        "microbatches": point.microbatches,
+        "slo_tpot": point.slo_tpot,
+        "seed": seed_record(seq),
+        "twin_attention": point.twin_attention,
+        "options": dataclasses.asdict(point.options),
+    }
+    return SimulationResult(moe=moe_side, dense=dense_side, cluster=point.cluster, context=point.context,
+                            ratio=None if math.isnan(ratio) else ratio, qs=qs_rec, verdict=rec["verdict"],
+                            agrees_with_qs=rec["agrees_with_qs"],
+                            break_even_q=None if math.isnan(q_star) else q_star, inputs=inputs, record=rec)
