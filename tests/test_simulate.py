@@ -72,7 +72,29 @@ def test_step_time_skipping_zero_moe_pieces_is_bit_identical(model, cluster, pre
     ctx = np.full(len(ps), float(context))
     fast, full = step_time(sp, b, ctx), step_time(sp, b, ctx, detail=True)
     for key in ("time", "p50", "p99", "tokens"):
-        assert np.array_equal(fast[key], full[key]), key
+        assert np.array_equal(getattr(fast, key), getattr(full, key)), key
+    assert fast.pieces == () and full.pieces
+
+
+def test_step_time_refuses_lanes_with_different_routing_laws():
+    from qsengine.decode.step import StepParams, step_params, step_time
+    from qsengine.specs.loaders import as_cluster, as_model, as_precision
+
+    c, p = as_cluster("8xh100"), as_precision("bf16")
+    sp = StepParams.stack([step_params(as_model(m), p, c.accelerator, Plan(dp=8, ep=8))
+                           for m in ("qwen3-30b-a3b", "mixtral-8x7b")])
+    with pytest.raises(ValueError, match="disagree on experts/top_k"):
+        step_time(sp, np.array([64.0, 64.0]), np.array([4096.0, 4096.0]))
+
+
+def test_breakdown_pieces_add_up_to_the_step():
+    res = simulate("deepseek-v3", "16xh100", 8192, precision="fp8", microbatches=0, break_even=False)
+    for side in (res.moe, res.dense):
+        st_ = side.step
+        assert sum(p.time for p in st_.pieces) == pytest.approx(st_.time, rel=1e-12)
+        names = [p.name for p in st_.pieces]
+        assert len(names) == len(set(names)) and "lm head" in names
+        assert all(p.bound in ("bandwidth", "compute", "link") for p in st_.pieces)
 
 
 @settings(max_examples=40, deadline=None)

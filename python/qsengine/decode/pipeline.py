@@ -251,8 +251,8 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
                 sp = sp.replace(ffn_params=ffn_rows[blk])
             bb = (b[lo:lo + _BLOCK] * unit[blk]).astype(np.float64)
             r = step_time(sp, bb, c[blk], pi=pi, uniform=pi is None)
-            got["time"][lo:lo + blk.size] = r["time"]
-            got["p99"][lo:lo + blk.size] = r["p99"]
+            got["time"][lo:lo + blk.size] = r.time
+            got["p99"][lo:lo + blk.size] = r.p99
         return got
 
     K = rows.size
@@ -531,9 +531,9 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
         mst = (dist.mean, dist.quantile(0.5), dist.quantile(0.99))
         r = step_time(p, np.array([float(batch)]), np.array([float(context)]),
                       moe_step_time=tuple(np.array([v]) for v in mst))  # type: ignore[arg-type]
-        t = float(r["time"][0])
+        t = float(r.time[0])
         if slo_tpot is None or t <= slo_tpot or batch <= unit:
-            return Refined(batch, limit, mst, t, float(r["p99"][0]), batch / t * plan.dp if t > 0 else 0.0, stats)
+            return Refined(batch, limit, mst, t, float(r.p99[0]), batch / t * plan.dp if t > 0 else 0.0, stats)
         batch = max(unit, int(batch * slo_tpot / t) // unit * unit)
         limit = 1
 

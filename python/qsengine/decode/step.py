@@ -34,7 +34,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -55,6 +55,8 @@ __all__ = [
     "StepParams",
     "step_params",
     "step_time",
+    "StepTimes",
+    "PieceArrays",
     "decode_step",
 ]
 
@@ -499,21 +501,71 @@ def moe_straggler_closed_form(
 
 
 # ---------------------------------------------------------------- the step
+@dataclass(frozen=True)
+class PieceArrays:
+    """One term of the step time over lanes (arrays of the lanes' length).
+
+    ``time`` (s), ``bytes`` and ``flops`` per GPU summed over the ``count``
+    layers it appears in (the busiest GPU for the routed experts);
+    ``bandwidth``: whether bandwidth (not compute) bound it, for compute
+    pieces; ``link``: a communication piece; ``present``: the piece exists
+    for the lane (e.g. no TP all-reduce at tp = 1)."""
+
+    name: str
+    time: np.ndarray
+    bytes: np.ndarray
+    flops: np.ndarray
+    count: np.ndarray
+    present: np.ndarray
+    bandwidth: np.ndarray | None = None
+    link: bool = False
+
+    def bound(self, i: int) -> Bound:
+        if self.link:
+            return "link"
+        assert self.bandwidth is not None
+        return "bandwidth" if bool(self.bandwidth[i]) else "compute"
+
+
+@dataclass(frozen=True)
+class StepTimes:
+    """:func:`step_time`'s result over lanes: mean (``time``), p50 and p99
+    TPOT in seconds, tokens routed per EP group and step (``tokens``), and
+    with ``detail=True`` every piece (:class:`PieceArrays`, in step order)."""
+
+    time: np.ndarray
+    p50: np.ndarray
+    p99: np.ndarray
+    tokens: np.ndarray
+    pieces: tuple[PieceArrays, ...] = ()
+
+
 def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
               uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-              detail: bool = False) -> dict[str, np.ndarray]:
+              detail: bool = False) -> StepTimes:
     """Step time of one replica for every lane of ``p`` (see docs/model.md).
 
     ``batch`` and ``context`` are arrays over the lanes. The routed-expert
     straggler comes from ``moe_step_time`` (mean, p50, p99 arrays from the
     Monte Carlo) or, if None, from the closed form (``pi`` = inclusion
-    probabilities, ``uniform`` when None). Returns arrays ``time``, ``p50``,
-    ``p99``, ``tokens`` (routed per EP group); with ``detail`` also each
-    piece's ``<piece>_time/_bytes/_flops/_bw`` (bandwidth-bound flag).
+    probabilities, ``uniform`` when None), which takes one routing law per
+    call: MoE lanes must agree on experts and top-k (ValueError otherwise).
     """
     batch = np.asarray(batch, dtype=np.float64)
     ctx = np.asarray(context, dtype=np.float64)
-    out: dict[str, np.ndarray] = {}
+    n_lanes = batch.shape[0]
+    detailed: list[PieceArrays] = []
+    no = np.zeros(n_lanes, dtype=bool)
+
+    def keep(name: str, time: np.ndarray, nbytes: Any, flops: Any, count: Any, present: Any,
+             bandwidth: np.ndarray | None = None, link: bool = False) -> None:
+        if detail:
+            def arr(x: Any) -> np.ndarray:
+                return np.broadcast_to(np.asarray(x, dtype=np.float64), (n_lanes,))
+            detailed.append(PieceArrays(name, arr(time), arr(nbytes), arr(flops), arr(count),
+                                        np.broadcast_to(np.asarray(present, dtype=bool), (n_lanes,)),
+                                        None if bandwidth is None else np.broadcast_to(bandwidth, (n_lanes,)), link))
+
     micro = batch / p.pp
     adp = p.attn_dp > 0
     shard = np.where(adp, 1.0, p.tp)
@@ -523,24 +575,20 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     # attention: full-context layers, then local-window layers
     norm_bytes = 2 * p.d * p.wb
     pieces = []
-    for name, nl, c in (("attention", p.layers - p.local, ctx), ("attention_local", p.local, ctx_local)):
+    for name, nl, c in (("attention", p.layers - p.local, ctx), ("attention (local)", p.local, ctx_local)):
         w = p.attn_params * p.wb / shard + norm_bytes
         kv = seqs * c * p.kv_layer / p.kv_split
         fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
         t, bwb = _roof(w + kv, fl, p)
         pieces.append(np.where(nl > 0, t * nl, 0.0))
-        if detail:
-            out.update({f"{name}_time": pieces[-1], f"{name}_bytes": (w + kv) * nl, f"{name}_flops": fl * nl,
-                        f"{name}_bw": bwb, f"{name}_n": nl})
+        keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, bwb)
     # dense FFN
     has = (p.dense_layers > 0) & (p.ffn_params > 0)
     w = p.ffn_params * p.wb / shard
     fl = 2.0 * seqs * p.ffn_params / shard
     t, bwb = _roof(w, fl, p)
     pieces.append(np.where(has, t * p.dense_layers, 0.0))
-    if detail:
-        out.update(dense_time=pieces[-1], dense_bytes=w * p.dense_layers, dense_flops=fl * p.dense_layers,
-                   dense_bw=bwb, dense_n=np.where(has, p.dense_layers, 0.0))
+    keep("dense ffn", pieces[-1], w * p.dense_layers, fl * p.dense_layers, p.dense_layers, has, bwb)
     # MoE: router + shared experts, routed experts (straggler). Dense-only lanes
     # skip it: its pieces would be exact zeros, and x + 0.0 == x for the
     # non-negative times summed below, so the results are bit-identical.
@@ -554,17 +602,19 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
         t, bwb = _roof(per_layer, fl, p)
         pieces.append(np.where(is_moe, t * n_moe, 0.0))
-        if detail:
-            out.update(shared_time=pieces[-1], shared_bytes=per_layer * n_moe, shared_flops=fl * n_moe, shared_bw=bwb)
+        keep("router + shared experts", pieces[-1], per_layer * n_moe, fl * n_moe, n_moe, is_moe, bwb)
         a = p.expert_params * p.eb / p.etp / p.bw
         bcoef = 2.0 * p.expert_params / p.etp / p.flops
         if moe_step_time is None:
             rows = np.flatnonzero(is_moe)
-            m = np.zeros(len(batch))
-            s = np.zeros(len(batch))
+            m = np.zeros(n_lanes)
+            s = np.zeros(n_lanes)
             if rows.size:
                 experts = int(p.experts[rows[0]])
                 top_k = int(p.top_k[rows[0]])
+                if np.any(p.experts[rows] != experts) or np.any(p.top_k[rows] != top_k):
+                    raise ValueError("step_time: MoE lanes disagree on experts/top_k; the closed-form straggler "
+                                     "takes one routing law per call (split the lanes)")
                 m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows],
                                                          bcoef[rows], None if uniform else pi)
             moe_mean = np.where(is_moe, n_moe * m, 0.0)
@@ -582,23 +632,20 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
             eb_layer = mean_u * p.expert_params * p.eb / p.etp
             fl_layer = 2.0 * mean_n * p.expert_params / p.etp
             _, bwb = _roof(eb_layer, fl_layer, p)
-            out.update(routed_time=moe_mean, routed_bytes=eb_layer * n_moe, routed_flops=fl_layer * n_moe,
-                       routed_bw=bwb)
+            keep("routed experts (straggler)", moe_mean, eb_layer * n_moe, fl_layer * n_moe, n_moe, is_moe, bwb)
     # LM head
     w = p.vd * p.wb / shard
     fl = 2.0 * seqs * p.vd / shard
     t, bwb = _roof(w, fl, p)
     pieces.append(t)
-    if detail:
-        out.update(lm_time=t, lm_bytes=w, lm_flops=fl, lm_bw=bwb)
+    keep("lm head", t, w, fl, 1.0, ~no, bwb)
 
     # communication
     comm = []
     act = seqs * p.d * p.ab
     n = 2 * p.layers
     comm.append(np.where(shard > 1, _allreduce(act, p.tp, p) * n, 0.0))
-    if detail:
-        out.update(tp_time=comm[-1], tp_bytes=act * n, tp_n=n, tp_on=shard > 1)
+    keep("tp all-reduce", comm[-1], act * n, 0.0, n, shard > 1, link=True)
     if any_moe:
         has_ep = is_moe & (p.ep > 1)
         stage_gpus = p.dp * p.tp
@@ -611,18 +658,15 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
                            nbytes * inter_frac / (p.internode * p.link_eff))
         t = 2 * (p.latency + t_one)
         comm.append(np.where(has_ep, t * n_moe, 0.0))
-        if detail:
-            out.update(ep_time=comm[-1], ep_bytes=2 * nbytes * n_moe, ep_on=has_ep)
+        keep("ep all-to-all", comm[-1], 2 * nbytes * n_moe, 0.0, n_moe, has_ep, link=True)
         has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
         nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
         comm.append(np.where(has_etp, _allreduce(nbytes, p.etp, p) * n_moe, 0.0))
-        if detail:
-            out.update(etp_time=comm[-1], etp_bytes=nbytes * n_moe, etp_on=has_etp)
+        keep("expert-tp all-reduce", comm[-1], nbytes * n_moe, 0.0, n_moe, has_etp, link=True)
     nbytes = micro * p.d * p.ab
     t = (p.pp - 1) * (p.latency + nbytes / _link_bw(p, p.tp * p.pp))
     comm.append(np.where(p.pp > 1, t, 0.0))
-    if detail:
-        out.update(pp_time=comm[-1], pp_bytes=nbytes * (p.pp - 1), pp_n=p.pp - 1, moe_n=n_moe)
+    keep("pp send", comm[-1], nbytes * (p.pp - 1), 0.0, p.pp - 1, p.pp > 1, link=True)
 
     compute_time = pieces[0]
     for x in pieces[1:]:
@@ -631,19 +675,14 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     for x in comm[1:]:
         comm_time = comm_time + x
     ov = p.overlap > 0
-    out["time"] = np.where(ov, np.maximum(compute_time, comm_time), compute_time + comm_time)
+    time = np.where(ov, np.maximum(compute_time, comm_time), compute_time + comm_time)
     if moe_mean is None:  # dense only: no straggler, every quantile is the time
-        out["p50"], out["p99"] = out["time"].copy(), out["time"].copy()
+        p50, p99 = time.copy(), time.copy()
     else:
         det = compute_time - moe_mean
-        out["p50"] = np.where(ov, np.maximum(det + moe_p50, comm_time), det + moe_p50 + comm_time)
-        out["p99"] = np.where(ov, np.maximum(det + moe_p99, comm_time), det + moe_p99 + comm_time)
-    out["tokens"] = np.where(is_moe, tokens, 0.0)
-    return out
-
-
-def _bound(flag: np.ndarray) -> Bound:
-    return "bandwidth" if bool(flag[0]) else "compute"
+        p50 = np.where(ov, np.maximum(det + moe_p50, comm_time), det + moe_p50 + comm_time)
+        p99 = np.where(ov, np.maximum(det + moe_p99, comm_time), det + moe_p99 + comm_time)
+    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=tuple(detailed))
 
 
 def decode_step(
@@ -679,42 +718,14 @@ def decode_step(
         pi = _inclusion_probabilities(popularity, model.top_k)
     mst = None if moe_step_time is None else tuple(np.array([float(v)]) for v in moe_step_time)
     r = step_time(p, np.array([float(batch)]), np.array([float(context)]), pi=pi, uniform=pi is None,
-                  moe_step_time=mst, detail=True)
+                  moe_step_time=mst, detail=True)  # type: ignore[arg-type]
     return breakdown(r, 0, int(batch), float(context))
 
 
-def breakdown(r: dict[str, np.ndarray], i: int, batch: int, context: float) -> StepBreakdown:
-    """Lane ``i`` of a detailed :func:`step_time` result as a StepBreakdown."""
-    def f(k: str) -> float:
-        return float(r[k][i])
-
-    def bnd(k: str) -> Bound:
-        return "bandwidth" if bool(r[k][i]) else "compute"
-
-    pieces: list[Piece] = []
-    for key, name in (("attention", "attention"), ("attention_local", "attention (local)")):
-        nl = int(r[f"{key}_n"][i])
-        if nl > 0:
-            pieces.append(Piece(name, f(f"{key}_time"), f(f"{key}_bytes"), f(f"{key}_flops"), bnd(f"{key}_bw"), nl))
-    nd = int(r["dense_n"][i])
-    if nd > 0:
-        pieces.append(Piece("dense ffn", f("dense_time"), f("dense_bytes"), f("dense_flops"), bnd("dense_bw"), nd))
-    n_moe = int(r["moe_n"][i])
-    if n_moe > 0:
-        pieces.append(Piece("router + shared experts", f("shared_time"), f("shared_bytes"), f("shared_flops"),
-                            bnd("shared_bw"), n_moe))
-        pieces.append(Piece("routed experts (straggler)", f("routed_time"), f("routed_bytes"), f("routed_flops"),
-                            bnd("routed_bw"), n_moe))
-    pieces.append(Piece("lm head", f("lm_time"), f("lm_bytes"), f("lm_flops"), bnd("lm_bw"), 1))
-    if bool(r["tp_on"][i]):
-        n = int(r["tp_n"][i])
-        pieces.append(Piece("tp all-reduce", f("tp_time"), f("tp_bytes"), 0.0, "link", n))
-    if bool(r["ep_on"][i]):
-        pieces.append(Piece("ep all-to-all", f("ep_time"), f("ep_bytes"), 0.0, "link", n_moe))
-    if bool(r["etp_on"][i]):
-        pieces.append(Piece("expert-tp all-reduce", f("etp_time"), f("etp_bytes"), 0.0, "link", n_moe))
-    npp = int(r["pp_n"][i])
-    if npp > 0:
-        pieces.append(Piece("pp send", f("pp_time"), f("pp_bytes"), 0.0, "link", npp))
-    return StepBreakdown(batch=int(batch), context=float(context), pieces=tuple(pieces), time=f("time"),
-                         time_p50=f("p50"), time_p99=f("p99"), moe_tokens=f("tokens"))
+def breakdown(r: StepTimes, i: int, batch: int, context: float) -> StepBreakdown:
+    """Lane ``i`` of a detailed :func:`step_time` result as a StepBreakdown
+    (the pieces present for that lane, in step order)."""
+    pieces = tuple(Piece(pa.name, float(pa.time[i]), float(pa.bytes[i]), float(pa.flops[i]), pa.bound(i),
+                         int(pa.count[i])) for pa in r.pieces if bool(pa.present[i]))
+    return StepBreakdown(batch=int(batch), context=float(context), pieces=pieces, time=float(r.time[i]),
+                         time_p50=float(r.p50[i]), time_p99=float(r.p99[i]), moe_tokens=float(r.tokens[i]))
