@@ -302,7 +302,7 @@ BASE = {"model": ["qwen3-30b-a3b"], "cluster": ["8xh100"], "context": [4096]}
     ({"model": ["qwen3-30b-a3b"], "context": [4096]}, ValueError, r"required field 'cluster' is missing"),
     ([], ValueError, r"empty list of points"),
     ([{"model": "qwen3-30b-a3b", "cluster": "8xh100", "context": -5}], ValueError,
-     r"grid point 0: grid: field 'context' = -5"),
+     r"grid point 0: field 'context' = -5"),
     ("model=x", TypeError, r"must be a dict of lists or a list of point dicts"),
 ])
 def test_bad_grid_refused_before_any_work(grid, exc, match, tmp_path):

@@ -194,15 +194,8 @@ def _expand(grid: Mapping[str, Any] | Sequence[Mapping[str, Any]], strict: bool 
         raise TypeError(f"grid: must be a dict of lists or a list of point dicts, got {type(grid).__name__}")
 
     # cross-field checks once per distinct combination that matters, in grid order
-    cross = ("model", "q", "dense", "twin_attention", "plan", "cluster", "context", "routing", "microbatches")
-    _, first = group(n, *(codes[k] for k in cross))
-    for i in first.tolist():
-        pv = {k: values[k][int(codes[k][i])] for k in FIELDS}
-        try:
-            val.point(pv)
-        except (ValueError, TypeError) as exc:
-            raise type(exc)(f"grid point {i} (model={pv['model'].display!r}, cluster={pv['cluster'].display!r}, "
-                            f"context={pv['context'].display}): {exc}") from None
+    val.points(values, codes, n, lambda i, pv: f"grid point {i} (model={pv['model'].display!r}, "
+                                              f"cluster={pv['cluster'].display!r}, context={pv['context'].display})")
 
     ids = _point_ids(n, values, codes)
     unique_of, unique = factorize(np.asarray(ids, dtype=object))

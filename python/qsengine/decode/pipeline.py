@@ -686,12 +686,8 @@ def _resolve(columns: Columns, n: int, check_points: bool, strict: bool
         else:
             values[fname] = [val.value(fname, default)]
             codes[fname] = np.zeros(n, dtype=np.int64)
-    cross = ("model", "q", "dense", "twin_attention", "plan", "cluster", "context", "routing", "microbatches")
     if n and check_points:
-        _, first = _group(n, *(codes[k] for k in cross))
-        for i in first.tolist():
-            pv = {k: values[k][int(codes[k][i])] for k in FIELDS}
-            val.point(pv)
+        val.points(values, codes, n)
     return values, codes
 
 

@@ -13,6 +13,7 @@ prefixes ``grid:`` or ``grid point <i>:``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import numbers
@@ -244,10 +245,7 @@ class Validator:
     def __init__(self, strict: bool = False) -> None:
         self.strict = bool(strict)
         self._values: dict[tuple, Value] = {}
-        self._twins: dict[tuple, None] = {}
-        self._plans: dict[tuple, None] = {}
-        self._contexts: dict[tuple, None] = {}
-        self._laws: dict[tuple, None] = {}
+        self._done: dict[tuple, None] = {}
 
     def value(self, field: str, v: Any) -> Value:
         key = _key(field, v)
@@ -257,52 +255,93 @@ class Validator:
         return got
 
     def point(self, values: dict[str, Value]) -> None:
-        """Cross-field checks: q or dense (not both), the twin can be built,
-        the plan fits the model on the cluster, a closed-form point
-        (``microbatches=0``) has independent routing, the context is within
-        the models' maximum (a :class:`ContextWarning`, an error when strict)."""
-        model: Model = values["model"].obj
+        """Cross-field checks of one point: q or dense (not both), the twin
+        can be built, the plan fits the model on the cluster, a closed-form
+        point (``microbatches=0``) has independent routing, the context is
+        within the models' maximum (a :class:`ContextWarning`, an error when
+        strict). Each check runs once per distinct combination it reads."""
+        for fields, check in self.CHECKS:
+            key = (check, *(values[f].canon for f in fields))
+            if key not in self._done:
+                check(self, values)
+                self._done[key] = None
+
+    def _twin(self, values: dict[str, Value]) -> None:
         q, dense, att = values["q"], values["dense"], values["twin_attention"]
-        twin_key = (values["model"].canon, q.canon, dense.canon, att.canon)
-        if twin_key not in self._twins:
-            if dense.arg is not None and q.arg is not None:
-                raise ValueError(f"fields 'q' = {q.arg!r} and 'dense' = {dense.display!r}: "
-                                 "give either q or dense, not both")
-            if dense.arg is None:
-                try:
-                    model.dense_twin("sqrt" if q.arg is None else q.arg, attention=att.arg)
-                except (ValueError, TypeError) as exc:
-                    raise type(exc)(f"field 'q' = {q.arg!r}: no dense twin can be built: {exc}") from None
-            self._twins[twin_key] = None
-        plan = values["plan"].obj
-        plan_key = (values["model"].canon, dense.canon, values["plan"].canon, values["cluster"].canon)
-        if plan_key not in self._plans and not isinstance(plan, str):
+        if dense.arg is not None and q.arg is not None:
+            raise ValueError(f"fields 'q' = {q.arg!r} and 'dense' = {dense.display!r}: "
+                             "give either q or dense, not both")
+        if dense.arg is None:
             try:
-                plan.validate_for(model, values["cluster"].obj)
+                values["model"].obj.dense_twin("sqrt" if q.arg is None else q.arg, attention=att.arg)
+            except (ValueError, TypeError) as exc:
+                raise type(exc)(f"field 'q' = {q.arg!r}: no dense twin can be built: {exc}") from None
+
+    def _plan(self, values: dict[str, Value]) -> None:
+        plan = values["plan"].obj
+        if isinstance(plan, str):
+            return
+        for m in (values["model"].obj, values["dense"].obj):
+            if m is None:
+                continue
+            try:
+                (plan if m.is_moe or (plan.ep == 1 and plan.etp is None)
+                 else dataclasses.replace(plan, ep=1, etp=None)).validate_for(m, values["cluster"].obj)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"field 'plan' = {plan.label!r}: {exc}") from None
-            self._plans[plan_key] = None
-        ctx_key = (values["model"].canon, dense.canon, values["context"].canon)
-        if ctx_key not in self._contexts:
-            context = values["context"].obj
-            for side, m in (("model", model), ("dense", dense.obj)):
-                if m is not None and m.max_context is not None and context > m.max_context:
-                    msg = (f"field 'context' = {context}: beyond {side} {m.id}'s maximum context "
-                           f"({m.max_context:,} tokens)")
-                    if self.strict:
-                        raise ValueError(msg + " (strict=True)")
-                    warnings.warn(msg + "; the result extrapolates past what the model was trained for",
-                                  ContextWarning, stacklevel=4)
-            self._contexts[ctx_key] = None
-        law_key = (values["model"].canon, values["routing"].canon, values["microbatches"].canon)
-        if law_key not in self._laws and values["microbatches"].obj == 0:
-            from qsengine.routing import independent_popularity
 
-            try:
-                independent_popularity(values["routing"].obj, model.routed_experts)
-            except ValueError as exc:
-                raise ValueError(f"field 'routing' = {values['routing'].display!r}: {exc}") from None
-        self._laws[law_key] = None
+    def _context(self, values: dict[str, Value]) -> None:
+        context = values["context"].obj
+        for side, m in (("model", values["model"].obj), ("dense", values["dense"].obj)):
+            if m is not None and m.max_context is not None and context > m.max_context:
+                msg = (f"field 'context' = {context}: beyond {side} {m.id}'s maximum context "
+                       f"({m.max_context:,} tokens)")
+                if self.strict:
+                    raise ValueError(msg + " (strict=True)")
+                warnings.warn(msg + "; the result extrapolates past what the model was trained for",
+                              ContextWarning, stacklevel=5)
+
+    def _law(self, values: dict[str, Value]) -> None:
+        if values["microbatches"].obj != 0:
+            return
+        from qsengine.routing import independent_popularity
+
+        try:
+            independent_popularity(values["routing"].obj, values["model"].obj.routed_experts)
+        except ValueError as exc:
+            raise ValueError(f"field 'routing' = {values['routing'].display!r}: {exc}") from None
+
+    #: (fields read, check) of :meth:`point`
+    CHECKS: tuple[tuple[tuple[str, ...], Callable[["Validator", dict[str, Value]], None]], ...] = (
+        (("model", "q", "dense", "twin_attention"), _twin),
+        (("model", "dense", "plan", "cluster"), _plan),
+        (("model", "dense", "context"), _context),
+        (("model", "routing", "microbatches"), _law),
+    )
+
+    def points(self, values: dict[str, list[Value]], codes: dict[str, np.ndarray], n: int,
+               where: Callable[[int, dict[str, Value]], str] | None = None) -> None:
+        """:meth:`point` for ``n`` points given column-wise, each check once per
+        distinct combination of the fields it reads (first occurrence first).
+        ``where(i, values)`` prefixes a failing point's message."""
+        from qsengine._groups import group
+
+        for fields, check in self.CHECKS:
+            _, first = group(n, *(codes[f] for f in fields))
+            for i in first.tolist():
+                pv = {f: values[f][int(codes[f][i])] for f in FIELDS}
+                try:
+                    self.point_check(check, fields, pv)
+                except (ValueError, TypeError) as exc:
+                    if where is None:
+                        raise
+                    raise type(exc)(f"{where(i, pv)}: {exc}") from None
+
+    def point_check(self, check: Callable, fields: tuple[str, ...], values: dict[str, Value]) -> None:
+        key = (check, *(values[f].canon for f in fields))
+        if key not in self._done:
+            check(self, values)
+            self._done[key] = None
 
 
 @dataclass(frozen=True)
