@@ -29,7 +29,7 @@ TIE = 1e-3
 
 
 def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precision: Precision,
-         routing: Any, slo: float | None, options: StepOptions) -> dict[str, Any]:
+         routing: Any, slo: float | None, options: StepOptions, fixed: int | None = None) -> dict[str, Any]:
     acc = cluster.accelerator
     pop = independent_popularity(routing, model.routed_experts) if model.is_moe else None
     if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None):
@@ -46,15 +46,23 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
             return decode_step(model, precision, acc, p, units * unit, context, popularity=pop, options=options)
 
         units, limit = int(pk.admissible_batch), "hbm"
+        if fixed is not None:  # the cluster batch split evenly over the replicas, if the plan holds it
+            if fixed % p.dp or math.ceil(fixed // p.dp / unit) > units:
+                continue
+            st = decode_step(model, precision, acc, p, fixed // p.dp, context, popularity=pop, options=options)
+            thr = fixed / st.time
+            if best is None or thr > best["tps"] * (1 + 1e-12):
+                best = dict(plan=p.label, batch=fixed, limit="fixed", tps=thr, tpot=st.time, p99=st.time_p99)
+            continue
         st = step(units)
-        if slo is not None and st.time > slo:
+        if slo is not None and st.time_p99 > slo:
             limit = "slo"
-            if step(1).time > slo:
+            if step(1).time_p99 > slo:
                 continue
             lo, hi = 1, units
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if step(mid).time <= slo:
+                if step(mid).time_p99 <= slo:
                     lo = mid
                 else:
                     hi = mid
@@ -68,7 +76,7 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
 def record(model: str, cluster: str, context: int, q: Any = None, dense: str | None = None,
            routing: Any = "uniform", plan: Plan | str = "auto", precision: str | None = None,
            slo_tpot: float | None = None, twin_attention: str = "same", break_even: bool = True,
-           options: StepOptions | None = None, **_: Any) -> dict[str, Any]:
+           options: StepOptions | None = None, batch: int | None = None, **_: Any) -> dict[str, Any]:
     """The comparison the plain way: the record columns that do not depend on
     wording (feasibility, plans, batches, throughput, TPOT, ratio, verdict, q*)."""
     m, c, prec = as_model(model), as_cluster(cluster), as_precision(precision)
@@ -79,8 +87,8 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
     else:
         d = m.dense_twin("sqrt" if q is None else q, attention=twin_attention)
         rec = qs_record(m, "sqrt" if q is None else q)
-    moe = side(m, c, context, plan, prec, routing, slo_tpot, opts)
-    den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts)
+    moe = side(m, c, context, plan, prec, routing, slo_tpot, opts, batch)
+    den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts, batch)
     out: dict[str, Any] = {"dense_model": d.id, "q": rec.q, "qs": rec.qs}
     for name, s in (("moe", moe), ("dense", den)):
         out.update({f"{name}_feasible": bool(s["plan"]), f"{name}_plan": s["plan"], f"{name}_batch": s["batch"],
@@ -101,20 +109,20 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
     out.update(ratio=ratio, verdict=verdict)
     q_star = math.nan
     if break_even and moe["plan"] and dense is None:
-        q_star = break_even_q(m, c, context, moe["tps"], prec, plan, slo_tpot, opts, twin_attention)
+        q_star = break_even_q(m, c, context, moe["tps"], prec, plan, slo_tpot, opts, twin_attention, batch)
     out["break_even_q"] = q_star
     return out
 
 
 def break_even_q(model: Model, cluster: Cluster, context: int, moe_tps: float, precision: Precision,
                  plan: Plan | str, slo: float | None, options: StepOptions, attention: str,
-                 rtol: float = 1e-3) -> float:
+                 fixed: int | None = None, rtol: float = 1e-3) -> float:
     def ratio(q: float) -> float | None:
         try:
             twin = model.dense_twin(q, attention=attention)
         except ValueError:
             return None
-        s = side(twin, cluster, context, plan, precision, "uniform", slo, options)
+        s = side(twin, cluster, context, plan, precision, "uniform", slo, options, fixed)
         return s["tps"] / moe_tps if s["plan"] else 0.0
 
     lo, hi = 1.0, 1.0 / model.sparsity

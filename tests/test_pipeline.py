@@ -46,6 +46,7 @@ points = st.fixed_dictionaries({
     "twin_attention": st.sampled_from(["same", "same", "gqa"]),
     "break_even": st.booleans(),
     "microbatches": st.just(0),
+    "batch": st.one_of(st.none(), st.none(), st.sampled_from([1, 8, 48, 64, 100, 256, 4096])),
 })
 
 
@@ -64,6 +65,8 @@ def _valid(p) -> bool:
 @example(pts=[dict(model="mixtral-8x7b", cluster="8xh100", context=8192, dense="llama-3.1-70b", microbatches=0),
               dict(model="qwen3-235b-a22b", cluster="16xh100", context=4096, twin_attention="gqa", q=3.0,
                    microbatches=0, slo_tpot=0.03)])
+@example(pts=[dict(model="deepseek-v3", cluster="16xh100", context=8192, precision="fp8", batch=64, microbatches=0),
+              dict(model="qwen3-235b-a22b", cluster="8xh200", context=32768, batch=100000, microbatches=0)])
 def test_pipeline_equals_the_slow_reference(pts):
     """Several points in one call, each equal to the plain computation."""
     with warnings.catch_warnings():
@@ -74,6 +77,34 @@ def test_pipeline_equals_the_slow_reference(pts):
         got = _records(pts)
         for p, g in zip(pts, got):
             assert ref.same(ref.record(**p), g) == [], p
+
+
+def test_fixed_batch_is_the_step_model_at_that_batch():
+    from qsengine.decode.step import decode_step
+
+    res = qsengine.simulate("deepseek-v3", "8xh200", 32768, precision="fp8", microbatches=0, batch=64)
+    for side in (res.moe, res.dense):
+        assert side.cluster_batch == 64 and side.batch_limit == "fixed"
+        want = decode_step(side.model, as_precision("fp8"), as_cluster("8xh200").accelerator, side.plan,
+                           64 // side.plan.dp, 32768)
+        assert side.step.time == want.time and side.tokens_per_second == pytest.approx(64 / want.time, rel=1e-12)
+    with pytest.raises(ValueError, match="not both"):
+        qsengine.simulate("deepseek-v3", "8xh200", 32768, batch=64, slo_tpot=0.05, microbatches=0)
+    with pytest.raises(ValueError, match="field 'batch' = 0"):
+        qsengine.simulate("deepseek-v3", "8xh200", 32768, batch=0, microbatches=0)
+
+
+def test_latency_target_holds_on_p99():
+    free = qsengine.simulate("qwen3-235b-a22b", "8xh200", 8192, precision="fp8", microbatches=0, break_even=False,
+                             routing="powerlaw:1.2")
+    target = free.moe.step.time_p99 * 0.6
+    capped = qsengine.simulate("qwen3-235b-a22b", "8xh200", 8192, precision="fp8", microbatches=0,
+                               break_even=False, routing="powerlaw:1.2", slo_tpot=target)
+    for side in (capped.moe, capped.dense):
+        assert side.step.time_p99 <= target and side.batch_limit == "slo"
+    mc = qsengine.simulate("qwen3-235b-a22b", "8xh200", 8192, precision="fp8", microbatches=300, seed=1,
+                           break_even=False, routing="powerlaw:1.2", slo_tpot=target)
+    assert mc.moe.step.time_p99 <= target or mc.moe.batch == 1
 
 
 def test_attention_dp_batch_agrees_with_packing_and_step():
@@ -278,7 +309,7 @@ def test_stacked_families_equal_one_family_at_a_time(lanes):
     together = _side(fams, ctx, slo, ffn, family=np.array(fam_of))
     for i, fam in enumerate(fams):
         alone = _side(fam, ctx[i:i + 1], slo[i:i + 1], ffn[i:i + 1])
-        for name in ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_slo", "why_fit"):
+        for name in ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm"):
             a, b = getattr(together, name)[i], getattr(alone, name)[0]
             assert a == b or (np.isnan(a) and np.isnan(b)), (name, lanes[i])
 

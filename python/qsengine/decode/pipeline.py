@@ -166,8 +166,10 @@ class Side:
     ``batch``: sequences per replica; ``limit``: 1 = the TPOT target capped
     the batch, 0 = HBM; ``time``/``p99``: mean and p99 TPOT (s); ``tps``:
     cluster tokens/s. Infeasible lanes: ``why`` = the plan whose reason is
-    reported, ``why_slo`` (it misses the TPOT target at the smallest batch)
-    or ``why_fit`` (its weights fit, so the KV cache does not)."""
+    reported, ``why_kind`` 1 (it misses the TPOT target at the smallest
+    batch), 2 (it packs but cannot hold the fixed batch: it admits
+    ``why_adm`` sequences per replica) or 0 (it does not pack; ``why_fit``:
+    its weights fit, so the KV cache does not)."""
 
     feasible: np.ndarray
     plan: np.ndarray
@@ -177,25 +179,31 @@ class Side:
     p99: np.ndarray
     tps: np.ndarray
     why: np.ndarray
-    why_slo: np.ndarray
+    why_kind: np.ndarray
     why_fit: np.ndarray
+    why_adm: np.ndarray
 
     @classmethod
     def empty(cls, n: int) -> "Side":
         return cls(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8),
-                   np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, -1), np.zeros(n, bool),
-                   np.zeros(n, bool))
+                   np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, -1), np.zeros(n, np.int8),
+                   np.zeros(n, bool), np.zeros(n, np.int64))
 
 
-_SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_slo", "why_fit")
+_SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm")
+#: ``Side.limit`` codes and their record text
+LIMITS = ("hbm", "slo", "fixed")
 
 
 def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarray,
-          ffn_params: np.ndarray | None = None, family: np.ndarray | None = None) -> Side:
+          ffn_params: np.ndarray | None = None, family: np.ndarray | None = None,
+          fixed: np.ndarray | None = None) -> Side:
     """Best plan and batch for many lanes (context, slo (nan = none)[, dense
-    FFN parameters]). Lane i belongs to ``fams[family[i]]`` (one family: all
-    lanes); the families must share their routing law (dense families always
-    do); ``ffn_params`` is read for families with ``override``."""
+    FFN parameters][, fixed batch per replica (0 = none)]). Lane i belongs to
+    ``fams[family[i]]`` (one family: all lanes); the families must share their
+    routing law (dense families always do); ``ffn_params`` is read for
+    families with ``override``. The TPOT target holds on the p99 step time.
+    A fixed batch is evaluated on every plan that can hold it."""
     if isinstance(fams, Family):
         fams = [fams]
     n = context.shape[0]
@@ -236,12 +244,16 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     c = ctx[rows].astype(np.float64)
     s = slo[lane[rows]]
     unit = stack.unit[gplan]
+    K = rows.size
+    fx = np.zeros(K, np.int64) if fixed is None else np.asarray(fixed, dtype=np.int64)[lane[rows]]
+    dp_rows = stack.dp[gplan].astype(np.int64)
+    fx_rep = fx // dp_rows  # a fixed cluster batch split evenly over the plan's replicas
     pi = fams[0].pi
 
     def step(sub: np.ndarray | None, b: np.ndarray) -> dict[str, np.ndarray]:
         """time and p99 of rows ``sub`` (None: all) at ``b`` admitted units
-        (batch per replica = b x unit), in cache-sized blocks (the step model
-        is elementwise over rows)."""
+        (batch per replica = b x unit; a fixed batch where one is given), in
+        cache-sized blocks (the step model is elementwise over rows)."""
         idx = np.arange(rows.size) if sub is None else sub
         got = {"time": np.empty(idx.size), "p99": np.empty(idx.size)}
         for lo in range(0, idx.size, _BLOCK):
@@ -249,24 +261,28 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
             sp = stack.params.take(gplan[blk])
             if ffn_rows is not None:
                 sp = sp.replace(ffn_params=ffn_rows[blk])
-            bb = (b[lo:lo + _BLOCK] * unit[blk]).astype(np.float64)
+            bb = np.where(fx[blk] > 0, fx_rep[blk], b[lo:lo + _BLOCK] * unit[blk]).astype(np.float64)
             r = step_time(sp, bb, c[blk], pi=pi, uniform=pi is None)
             got["time"][lo:lo + blk.size] = r.time
             got["p99"][lo:lo + blk.size] = r.p99
         return got
 
-    K = rows.size
     units = adm[rows]
     limit = np.zeros(K, np.int8)
     top = step(None, units)
     time, p99 = top["time"], top["p99"]
     valid = np.ones(K, bool)
-    has_slo = ~np.isnan(s)
-    over = np.flatnonzero(has_slo & ~(time <= s))
+    has_fixed = fx > 0
+    limit[has_fixed] = 2
+    # the plan cannot hold the fixed batch, or cannot split it evenly over its replicas
+    too_big = has_fixed & ((-(-fx_rep // unit) > units) | (fx % dp_rows != 0) | (fx_rep < 1))
+    valid[too_big] = False
+    has_slo = ~np.isnan(s) & ~has_fixed
+    over = np.flatnonzero(has_slo & ~(p99 <= s))
     if over.size:
         limit[over] = 1
         first = step(over, np.ones(over.size, np.int64))
-        miss = first["time"] > s[over]
+        miss = first["p99"] > s[over]
         valid[over[miss]] = False
         act = over[~miss]
         lo = np.ones(act.size, np.int64)
@@ -276,7 +292,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
             if live.size == 0:
                 break
             mid = (lo[live] + hi[live]) // 2
-            meets = step(act[live], mid)["time"] <= s[act[live]]
+            meets = step(act[live], mid)["p99"] <= s[act[live]]
             lo[live] = np.where(meets, mid, lo[live])
             hi[live] = np.where(meets, hi[live], mid)
         if act.size:
@@ -284,7 +300,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
             units[act] = lo
             time[act] = final["time"]
             p99[act] = final["p99"]
-    batch = units * unit
+    batch = np.where(has_fixed, fx_rep, units * unit)
     with np.errstate(divide="ignore", invalid="ignore"):
         thr = np.where(time > 0, batch / time, 0.0) * stack.dp[gplan]
     # in-order selection: a plan replaces the best only if better by 1e-12 (relative)
@@ -297,13 +313,24 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     feas = arg >= 0
     k = np.maximum(where[np.arange(n), np.maximum(arg, 0)], 0)
     # the reason reported when no plan is feasible: the first plan that packs
-    # but misses the SLO at its smallest batch, else the packing-infeasible
-    # plan with the least weight on its fullest GPU (first of equals)
+    # but misses the SLO at its smallest batch (or cannot hold the fixed
+    # batch), else the packing-infeasible plan with the least weight on its
+    # fullest GPU (first of equals)
     slo_fail = np.zeros((n, P), bool)
     slo_fail[lane[rows[~valid]], pidx[rows[~valid]]] = True
-    out.why_slo = slo_fail.any(axis=1)
+    packs_but = slo_fail.any(axis=1)
     out.why = np.argmax(slo_fail, axis=1)
-    none_ok = (np.bincount(lane[rows], minlength=n) == 0) & ~out.why_slo & (counts[fam_of] > 0)
+    if K and has_fixed.any():  # a fixed batch: report the plan that holds the most
+        A = np.full((n, P), -1)
+        A[lane[rows[~valid]], pidx[rows[~valid]]] = (units * unit * dp_rows)[~valid]
+        lanes_fx = np.zeros(n, bool)
+        lanes_fx[lane[rows[has_fixed]]] = True
+        out.why = np.where(lanes_fx, np.argmax(A, axis=1), out.why)
+    at = np.maximum(where[np.arange(n), out.why], 0)
+    if K:
+        out.why_kind = np.where(packs_but, np.where(has_fixed[at], 2, 1), 0).astype(np.int8)
+        out.why_adm = np.where(packs_but, (units * unit * dp_rows)[at], 0)
+    none_ok = (np.bincount(lane[rows], minlength=n) == 0) & ~packs_but & (counts[fam_of] > 0)
     if none_ok.any():
         lane_start = np.empty(n, np.int64)
         lane_start[order] = start
@@ -414,13 +441,13 @@ def compare(moe_feasible: np.ndarray, dense_feasible: np.ndarray, moe_tps: np.nd
 
 
 def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, slo: np.ndarray,
-                moe_tps: np.ndarray, rtol: float = 1e-3) -> np.ndarray:
+                moe_tps: np.ndarray, fixed: np.ndarray | None = None, rtol: float = 1e-3) -> np.ndarray:
     """q* per lane (nan = not bracketed): the twin size multiplier at which
     dense tokens/s equals ``moe_tps``, by bisection on q.
 
     Lane i compares with the twins of ``specs[spec_of[i]]`` = (model,
     cluster, precision, plan, options, twin attention) at ``context[i]``,
-    ``slo[i]``. Dense throughput falls as q grows. The bracket runs from the
+    ``slo[i]`` (and fixed batch ``fixed[i]``, 0 = none). Dense throughput falls as q grows. The bracket runs from the
     smallest constructible twin (q ≥ 1, grown by 1.5x) to 1/s (the twin as
     large as the MoE's total parameters), widened up to 16/s while the twin
     still wins there."""
@@ -450,7 +477,8 @@ def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, sl
                 fam_of[sel[lsel]] = k
         lanes_ok = np.flatnonzero(ok)
         lanes = idx[lanes_ok]
-        side = _side(fams, context[lanes], slo[lanes], ffn[lanes_ok], family=fam_of[lanes_ok])
+        side = _side(fams, context[lanes], slo[lanes], ffn[lanes_ok], family=fam_of[lanes_ok],
+                     fixed=None if fixed is None else fixed[lanes])
         r[lanes_ok] = np.where(side.feasible, side.tps / moe_tps[lanes], 0.0)
         return r
 
@@ -511,7 +539,8 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
             seed: np.random.SeedSequence | None, threads: int | None, options: StepOptions) -> Refined:
     """The step time at ``batch`` with the routed-expert straggler from the
     routing Monte Carlo; if the Monte Carlo TPOT misses the target, the batch
-    steps down (in admission units) and the Monte Carlo runs again."""
+    steps down (in admission units) and the Monte Carlo runs again (the
+    target holds on the p99)."""
     from qsengine.decode.step import moe_cost_coefficients, moe_layer_shape
     from qsengine.routing import Placement, route
 
@@ -531,10 +560,10 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
         mst = (dist.mean, dist.quantile(0.5), dist.quantile(0.99))
         r = step_time(p, np.array([float(batch)]), np.array([float(context)]),
                       moe_step_time=tuple(np.array([v]) for v in mst))  # type: ignore[arg-type]
-        t = float(r.time[0])
-        if slo_tpot is None or t <= slo_tpot or batch <= unit:
-            return Refined(batch, limit, mst, t, float(r.p99[0]), batch / t * plan.dp if t > 0 else 0.0, stats)
-        batch = max(unit, int(batch * slo_tpot / t) // unit * unit)
+        t, t99 = float(r.time[0]), float(r.p99[0])
+        if slo_tpot is None or t99 <= slo_tpot or batch <= unit:
+            return Refined(batch, limit, mst, t, t99, batch / t * plan.dp if t > 0 else 0.0, stats)
+        batch = max(unit, int(batch * slo_tpot / t99) // unit * unit)
         limit = 1
 
 
@@ -708,12 +737,13 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     options, plans, routings, denses = objs("options"), objs("plan"), objs("routing"), objs("dense")
     contexts = np.array([v.obj for v in values["context"]], dtype=np.int64)
     slos = np.array([np.nan if v.obj is None else float(v.obj) for v in values["slo_tpot"]])
+    fixeds = np.array([0 if v.obj is None else int(v.obj) for v in values["batch"]], dtype=np.int64)
     breaks = np.array([bool(v.obj) for v in values["break_even"]])
     mbs = [v.obj for v in values["microbatches"]]
     attentions = objs("twin_attention")
     m, c, pr, pl, op, rt = (codes[f] for f in ("model", "cluster", "precision", "plan", "options", "routing"))
     dn, at, qc, mb = codes["dense"], codes["twin_attention"], codes["q"], codes["microbatches"]
-    ctx, slo = contexts[codes["context"]], slos[codes["slo_tpot"]]
+    ctx, slo, fixed = contexts[codes["context"]], slos[codes["slo_tpot"]], fixeds[codes["batch"]]
     closed = np.array([v == 0 for v in mbs], dtype=bool)[mb]
     empty_ev = Evaluation(n, out, values, codes, _SideSet.empty(0), _SideSet.empty(0), np.zeros(0, np.int64),
                           np.zeros(0, np.int64), [], np.zeros(0, np.int64), np.zeros(0), {})
@@ -741,7 +771,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
 
     # ---- the MoE side: once per distinct (specs, routing, closed form?, context, slo); families sharing
     # a routing law in one stacked call
-    mg, m_first = _group(n, m, c, pr, pl, op, rt, closed.astype(np.int64), codes["context"], codes["slo_tpot"])
+    mg, m_first = _group(n, m, c, pr, pl, op, rt, closed.astype(np.int64), codes["context"], codes["slo_tpot"],
+                         codes["batch"])
     moe = _SideSet.empty(m_first.size)
     fg, f_first = _group(m_first.size, *(x[m_first] for x in (m, c, pr, pl, op, rt)),
                          closed[m_first].astype(np.int64))
@@ -758,8 +789,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         members = np.flatnonzero(local[fg] >= 0)
         lanes_f = m_first[members]
         stacked = [fams[f] for f in fs]
-        moe.fill(members, _side(stacked, ctx[lanes_f], slo[lanes_f], family=local[fg[members]]), stacked,
-                 local[fg[members]])
+        moe.fill(members, _side(stacked, ctx[lanes_f], slo[lanes_f], family=local[fg[members]],
+                                fixed=fixed[lanes_f]), stacked, local[fg[members]])
 
     # ---- Monte Carlo refinement of the MoE side's operating point
     refined: dict[int, Refined] = {}
@@ -777,7 +808,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         moe.side.time[g], moe.side.p99[g], moe.side.tps[g] = r.time, r.p99, r.tps
 
     # ---- the dense side: once per distinct (specs, dense identity, context, slo), in one stacked call
-    dg, d_first = _group(n, m, c, pr, pl, op, dq, codes["context"], codes["slo_tpot"])
+    dg, d_first = _group(n, m, c, pr, pl, op, dq, codes["context"], codes["slo_tpot"], codes["batch"])
     dense = _SideSet.empty(d_first.size)
     ffn = np.zeros(d_first.size)
     dfam_of = np.zeros(d_first.size, np.int64)
@@ -811,8 +842,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         for li, lsel in _split(sol.line_of):
             dfam_of[members[lsel]] = add_family(family(sol.lines[li].base, cluster, precision, plan, opts,
                                                        override=True))
-    dense.fill(np.arange(d_first.size), _side(dfams, ctx[d_first], slo[d_first], ffn, family=dfam_of), dfams,
-               dfam_of)
+    dense.fill(np.arange(d_first.size), _side(dfams, ctx[d_first], slo[d_first], ffn, family=dfam_of,
+                                              fixed=fixed[d_first]), dfams, dfam_of)
 
     # ---- comparison
     qs_val = np.array([r[0].qs for r in dq_rec])[dq]
@@ -829,7 +860,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         sg, s_first = _group(lanes_b.size, *(x[lanes_b] for x in (m, c, pr, pl, op, at)))
         specs = [(models[m[i]], clusters[c[i]], precisions[pr[i]], plans[pl[i]], options[op[i]], attentions[at[i]])
                  for i in lanes_b[s_first].tolist()]
-        q_star_b[want] = _break_even(specs, sg, ctx[lanes_b], slo[lanes_b], moe.side.tps[mg[lanes_b]])
+        q_star_b[want] = _break_even(specs, sg, ctx[lanes_b], slo[lanes_b], moe.side.tps[mg[lanes_b]],
+                                     fixed[lanes_b])
 
     # ---- columns
     out["model"][:] = np.array([x.id for x in models], dtype=object)[m]
@@ -853,7 +885,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         labels, dps = res.plan_columns()
         out[f"{side_name}_plan"][:] = np.where(feas, labels[grp], "")
         out[f"{side_name}_batch"][:] = np.where(feas, sd.batch[grp] * dps[grp], 0)
-        out[f"{side_name}_batch_limit"][:] = np.where(feas, np.where(sd.limit[grp] == 1, "slo", "hbm"), "")
+        out[f"{side_name}_batch_limit"][:] = np.where(feas, np.array(LIMITS, dtype=object)[sd.limit[grp]], "")
         tps = np.where(feas, sd.tps[grp], 0.0)
         out[f"{side_name}_tokens_per_s"][:] = tps
         out[f"{side_name}_tokens_per_s_per_gpu"][:] = tps / gpus
@@ -865,7 +897,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             reasons[g] = _infeasible_reason(res, g, _side_model(side_name, i, models, m, dq_dense, dq, values, qc,
                                                                 attentions, at, qv),
                                             clusters[c[i]], precisions[pr[i]], int(ctx[i]),
-                                            None if np.isnan(slo[i]) else float(slo[i]))
+                                            None if np.isnan(slo[i]) else float(slo[i]), int(fixed[i]))
         out[f"{side_name}_reason"][:] = reasons[grp]
     return Evaluation(n=n, columns=out, values=values, codes=codes, moe=moe, dense=dense, moe_group=mg,
                       dense_group=dg, dense_models=dq_dense, dense_model_group=dq, q_value=qv[dq], refined=refined)
@@ -886,7 +918,7 @@ def _side_model(side: str, i: int, models: list[Model], m: np.ndarray, dq_dense:
 
 
 def _infeasible_reason(res: _SideSet, k: int, who: tuple[tuple, Any], cluster: Cluster, precision: Precision,
-                       context: int, slo: float | None) -> str:
+                       context: int, slo: float | None, fixed: int = 0) -> str:
     """The reason an infeasible side reports (the packer's own words for the
     plan that came closest to fitting)."""
     from qsengine.packing import pack
@@ -896,8 +928,11 @@ def _infeasible_reason(res: _SideSet, k: int, who: tuple[tuple, Any], cluster: C
     if not fam.plans:
         return f"no valid parallel plan for {build().id} on {cluster.label}"
     plan = fam.plans[int(res.side.why[k])]
-    if res.side.why_slo[k]:
-        return f"even batch 1 misses the TPOT target {slo * 1e3:.3g} ms (plan {plan.label})"  # type: ignore[operator]
+    if res.side.why_kind[k] == 1:
+        return f"even batch 1 misses the TPOT target {slo * 1e3:.3g} ms at p99 (plan {plan.label})"  # type: ignore[operator]
+    if res.side.why_kind[k] == 2:
+        return (f"batch {fixed} does not fit: the plan that admits the most ({plan.label}) holds "
+                f"{int(res.side.why_adm[k])} sequences on the cluster (or cannot split {fixed} over its replicas)")
     # the packer's reason when the weights do not fit does not depend on the context
     key = (ident, cluster, precision, context if res.side.why_fit[k] else None, plan)
     got = _REASONS.get(key)

@@ -43,6 +43,7 @@ FIELDS: dict[str, Any] = {
     "precision": None,
     "microbatches": DEFAULT_MICROBATCHES,
     "slo_tpot": None,
+    "batch": None,
     "twin_attention": "same",
     "break_even": True,
     "options": None,
@@ -205,6 +206,15 @@ def check_value(field: str, v: Any) -> Value:
         if not (math.isfinite(v) and v > 0):
             raise _err(field, v, "must be a finite number of seconds > 0 (None for no target)")
         return Value(float(v), float(v), canonical_json(float(v)), float(v))
+    if field == "batch":
+        if v is None:
+            return Value(None, None, "null", None)
+        if not _is_int(v):
+            raise _err(field, v, f"must be an int number of sequences per replica or None, got {type(v).__name__}",
+                       TypeError)
+        if not 1 <= v <= 2**40:
+            raise _err(field, v, "must be >= 1 sequence per replica (and <= 2^40)")
+        return Value(int(v), int(v), str(int(v)), int(v))
     if field == "twin_attention":
         from qsengine.specs.twin import TWIN_ATTENTION
 
@@ -266,6 +276,11 @@ class Validator:
                 check(self, values)
                 self._done[key] = None
 
+    def _batch(self, values: dict[str, Value]) -> None:
+        if values["batch"].obj is not None and values["slo_tpot"].obj is not None:
+            raise ValueError(f"fields 'batch' = {values['batch'].obj} and 'slo_tpot' = {values['slo_tpot'].obj}: "
+                             "give a fixed batch or a latency target, not both")
+
     def _twin(self, values: dict[str, Value]) -> None:
         q, dense, att = values["q"], values["dense"], values["twin_attention"]
         if dense.arg is not None and q.arg is not None:
@@ -317,6 +332,7 @@ class Validator:
         (("model", "dense", "plan", "cluster"), _plan),
         (("model", "dense", "context"), _context),
         (("model", "routing", "microbatches"), _law),
+        (("batch", "slo_tpot"), _batch),
     )
 
     def points(self, values: dict[str, list[Value]], codes: dict[str, np.ndarray], n: int,
@@ -358,6 +374,7 @@ class Point:
     precision: Precision
     microbatches: int | str
     slo_tpot: float | None
+    batch: int | None
     twin_attention: str
     break_even: bool
     options: Any

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qsengine._seed import SeedLike, as_seed_sequence, seed_record
-from qsengine.decode.pipeline import Evaluation, _SideSet, evaluate
+from qsengine.decode.pipeline import LIMITS, Evaluation, _SideSet, evaluate
 from qsengine.decode.point import DEFAULT_MICROBATCHES, Point
 from qsengine.decode.result import SideResult, SimulationResult
 from qsengine.decode.step import StepOptions, decode_step
@@ -50,7 +50,7 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
         step = decode_step(model, point.precision, acc, plan, batch, point.context, popularity=pop, options=options)
     pk = pack(model, point.cluster, point.context, plan=plan, precision=point.precision)
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
-                      admissible_batch=int(pk.admissible_batch), batch_limit="slo" if sd.limit[g] == 1 else "hbm",
+                      admissible_batch=int(pk.admissible_batch), batch_limit=LIMITS[int(sd.limit[g])],
                       step=step, packing=pk, routing=None if refined is None else refined.stats)
 
 
@@ -68,6 +68,7 @@ def simulate(
     seed: SeedLike = None,
     threads: int | None = None,
     *,
+    batch: int | None = None,
     twin_attention: str = "same",
     break_even: bool = True,
     options: StepOptions | None = None,
@@ -94,7 +95,13 @@ def simulate(
             passes through every MoE layer); ``"auto"`` sizes it to a fixed
             routing budget (see :func:`qsengine.decode.pipeline.auto_microbatches`);
             0 uses the closed form (independent routing only).
-        slo_tpot: optional per-token latency target (seconds) capping the batch.
+        slo_tpot: optional per-token latency target (seconds) capping the
+            batch; it holds on the p99 step time.
+        batch: evaluate both sides at this fixed number of concurrent
+            sequences on the cluster instead of their best batch, on the plan
+            with the highest throughput among those that hold it and split it
+            evenly over their replicas (for comparisons with measurements and
+            other tools); not with ``slo_tpot``.
         seed: None, int or SeedSequence; recorded in ``result.inputs``.
         threads: C++ threads for the Monte Carlo (None = all cores).
         twin_attention: "same" (twin keeps the MoE's attention and depth) or
@@ -106,7 +113,8 @@ def simulate(
     """
     point = Point.make(strict=strict, model=model, cluster=cluster, context=context, q=q, dense=dense,
                        routing=routing, plan=plan, precision=precision, microbatches=microbatches,
-                       slo_tpot=slo_tpot, twin_attention=twin_attention, break_even=break_even, options=options)
+                       slo_tpot=slo_tpot, batch=batch, twin_attention=twin_attention, break_even=break_even,
+                       options=options)
     seq = as_seed_sequence(seed)
     moe_seed, _ = seq.spawn(2)
     ev = evaluate(point.columns(), 1, seeds=[moe_seed], threads=threads, check_points=False)
@@ -135,6 +143,7 @@ def simulate(
         "precision": dataclasses.asdict(point.precision),
         "microbatches": point.microbatches,
         "slo_tpot": point.slo_tpot,
+        "batch": point.batch,
         "seed": seed_record(seq),
         "twin_attention": point.twin_attention,
         "options": dataclasses.asdict(point.options),
