@@ -343,3 +343,36 @@ def test_evaluate_columns_equals_records_and_refuses_bad_codes():
         evaluate_columns({k: v for k, v in cols.items() if k != "cluster"}, n)
     assert all(len(v) == 0 for v in evaluate_columns({k: ([v[0][0]], np.zeros(0, int)) for k, v in cols.items()},
                                                      0).values())
+
+
+@pytest.mark.parametrize("kw", [dict(model="deepseek-v3", cluster="8xh200", context=32768, precision="fp8"),
+                                dict(model="qwen3-235b-a22b", cluster="16xh100", context=8192,
+                                     routing="powerlaw:1.2"),
+                                dict(model="mixtral-8x7b", cluster="8xh100", context=4096, dense="llama-3.1-70b")])
+def test_frontier_is_pareto_and_ratio_at_interpolates(kw):
+    res = qsengine.simulate(microbatches=0, break_even=False, **kw)
+    f = res.frontier
+    assert set(f["side"]) == {"moe", "dense"}
+    for side in ("moe", "dense"):
+        s = f[f["side"] == side]
+        t, g = s["tpot"].to_numpy(), s["tokens_per_s_per_gpu"].to_numpy()
+        assert np.all(np.diff(t) >= 0)
+        # no point dominated: faster points never have a higher throughput
+        for i in range(len(s)):
+            assert not np.any((t <= t[i]) & (g > g[i]) & (np.arange(len(s)) != i))
+        assert np.allclose(s["tokens_per_s_per_user"], 1 / t)
+        # the HBM-maximum operating point is the frontier's largest throughput
+        r = res.moe if side == "moe" else res.dense
+        assert g.max() == pytest.approx(r.tokens_per_second_per_gpu(res.cluster.num_gpus), rel=1e-9)
+        # at a frontier point the side's throughput is that point's; between two, in between
+        for i in range(len(s) - 1):
+            assert res.throughput_at(float(t[i]), side) == pytest.approx(g[i], rel=1e-12)
+            mid = res.throughput_at(float((t[i] + t[i + 1]) / 2), side)
+            assert min(g[i], g[i + 1]) - 1e-9 <= mid <= max(g[i], g[i + 1]) + 1e-9
+        assert math.isnan(res.throughput_at(float(t[0]) * 0.5, side))
+    t_both = float(max(f.groupby("side")["tpot"].min()))
+    r = res.ratio_at(t_both * 1.5)
+    assert r == pytest.approx(res.throughput_at(t_both * 1.5, "dense") / res.throughput_at(t_both * 1.5, "moe"))
+    assert res.ratio_at(1e-9) is None
+    with pytest.raises(ValueError, match="quantile"):
+        res.ratio_at(0.05, quantile="p50")

@@ -104,6 +104,10 @@ class SimulationResult:
             inequality predicts (None when not comparable).
         break_even_q: q* at which the ratio is 1 (None if not bracketed).
         inputs: everything the result came from, including the seed record.
+        frontier: each side's Pareto frontier of tokens/s per GPU against
+            tokens/s per user over plans and batches (a DataFrame, see
+            :func:`qsengine.decode.pipeline.frontier`); :meth:`ratio_at`
+            compares the sides on it at equal latency.
     """
 
     moe: SideResult
@@ -117,6 +121,32 @@ class SimulationResult:
     break_even_q: float | None
     inputs: dict[str, Any] = field(default_factory=dict)
     record: dict[str, Any] = field(default_factory=dict, repr=False)
+    frontier: Any = field(default=None, repr=False, compare=False)
+
+    def throughput_at(self, tpot: float, side: str, quantile: str = "mean") -> float:
+        """Tokens/s per GPU ``side`` ("moe" or "dense") reaches at a TPOT of
+        ``tpot`` seconds (``quantile`` "mean" or "p99"), interpolated on its
+        frontier; nan if it cannot serve that fast."""
+        from qsengine.decode.pipeline import throughput_at
+
+        if side not in ("moe", "dense"):
+            raise ValueError(f"side={side!r}: must be 'moe' or 'dense'")
+        if quantile not in ("mean", "p99"):
+            raise ValueError(f"quantile={quantile!r}: must be 'mean' or 'p99'")
+        if not (isinstance(tpot, (int, float)) and math.isfinite(tpot) and tpot > 0):
+            raise ValueError(f"tpot={tpot!r}: must be a positive number of seconds")
+        front = self.frontier[self.frontier["side"] == side]
+        return throughput_at(front, float(tpot), "tpot" if quantile == "mean" else "tpot_p99")
+
+    def ratio_at(self, tpot: float, quantile: str = "mean") -> float | None:
+        """dense ÷ MoE tokens/s per GPU at equal latency: both sides at a TPOT
+        of ``tpot`` seconds on their frontiers (interpolated between frontier
+        points). None when a side cannot serve that fast."""
+        d = self.throughput_at(tpot, "dense", quantile)
+        m = self.throughput_at(tpot, "moe", quantile)
+        if math.isnan(d) or math.isnan(m) or m <= 0:
+            return None
+        return d / m
 
     # ------------------------------------------------------------ export
     def to_dict(self) -> dict[str, Any]:
@@ -191,7 +221,40 @@ class SimulationResult:
         return (f"SimulationResult({self.moe.model.id} on {self.cluster.label} @ {self.context}: "
                 f"ratio={r}, verdict={self.verdict!r})")
 
-    def plot(self, ax=None):
+    def plot(self, axes=None):
+        """Both sides' latency-throughput frontiers (left) and their step-time
+        breakdown at the chosen operating point (right); returns the two Axes."""
+        import matplotlib.pyplot as plt
+
+        if axes is None:
+            _, axes = plt.subplots(1, 2, figsize=(12, 4.2))
+        self.plot_frontier(axes[0])
+        self.plot_breakdown(axes[1])
+        return axes
+
+    def plot_frontier(self, ax=None):
+        """Tokens/s per GPU against tokens/s per user (1/TPOT) for both sides,
+        the chosen operating points marked."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 4.2))
+        for side, r, color, label in (("moe", self.moe, "tab:red", f"MoE ({self.moe.model.id})"),
+                                      ("dense", self.dense, "tab:blue", f"dense ({self.dense.model.id})")):
+            f = self.frontier[self.frontier["side"] == side] if self.frontier is not None else None
+            if f is not None and len(f):
+                ax.plot(f["tokens_per_s_per_user"], f["tokens_per_s_per_gpu"], "-o", ms=3, color=color, label=label)
+            if r.feasible:
+                ax.plot([r.tokens_per_second_per_user], [r.tokens_per_second_per_gpu(self.cluster.num_gpus)], "*",
+                        ms=12, color=color, markeredgecolor="k", label=f"{side} operating point ({r.batch_limit})")
+        ax.set_xlabel("tokens/s per user (1 / TPOT)")
+        ax.set_ylabel("output tokens/s per GPU")
+        ax.set_title(f"{self.moe.model.id} on {self.cluster.label}, context {self.context:,}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        return ax
+
+    def plot_breakdown(self, ax=None):
         """Bar chart of the step-time breakdown of both sides (matplotlib Axes)."""
         import matplotlib.pyplot as plt
 

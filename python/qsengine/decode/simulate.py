@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from qsengine._seed import SeedLike, as_seed_sequence, seed_record
-from qsengine.decode.pipeline import LIMITS, Evaluation, _SideSet, evaluate
+from qsengine.decode.pipeline import LIMITS, Evaluation, _SideSet, evaluate, frontier
 from qsengine.decode.point import DEFAULT_MICROBATCHES, Point
 from qsengine.decode.result import SideResult, SimulationResult
 from qsengine.decode.step import StepOptions, decode_step
@@ -126,6 +126,11 @@ def simulate(
         dense_model = point.model.dense_twin(float(ev.q_value[0]), attention=point.twin_attention)
     moe_side = _side_result(ev, ev.moe, mg, point.model, point, ev.refined.get(mg))
     dense_side = _side_result(ev, ev.dense, dg, dense_model, point, None)
+    import pandas as pd
+
+    front = pd.concat([frontier(ev.moe.family_of(mg), point.context, side="moe"),
+                       frontier(ev.dense.family_of(dg), point.context, float(ev.dense_ffn[dg]), side="dense")],
+                      ignore_index=True)
     from qsengine.specs.twin import qs as qs_record
 
     qs_rec = qs_record(point.model, point.dense if point.dense is not None else
@@ -151,4 +156,5 @@ def simulate(
     return SimulationResult(moe=moe_side, dense=dense_side, cluster=point.cluster, context=point.context,
                             ratio=None if math.isnan(ratio) else ratio, qs=qs_rec, verdict=rec["verdict"],
                             agrees_with_qs=rec["agrees_with_qs"],
-                            break_even_q=None if math.isnan(q_star) else q_star, inputs=inputs, record=rec)
+                            break_even_q=None if math.isnan(q_star) else q_star, inputs=inputs, record=rec,
+                            frontier=front)
