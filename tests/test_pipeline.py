@@ -376,3 +376,24 @@ def test_frontier_is_pareto_and_ratio_at_interpolates(kw):
     assert res.ratio_at(1e-9) is None
     with pytest.raises(ValueError, match="quantile"):
         res.ratio_at(0.05, quantile="p50")
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(points, min_size=1, max_size=4), st.booleans())
+def test_why_factors_multiply_back_to_the_ratio(pts, overlap):
+    from qsengine.decode.pipeline import WHY
+
+    pts = [dict(p, options=qsengine.StepOptions(overlap_comm=overlap)) for p in pts]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qsengine.ContextWarning)
+        pts = [p for p in pts if _valid(p)]
+        if not pts:
+            return
+        for rec in _records(pts):
+            factors = [rec[f"why_{k}"] for k in WHY]
+            if math.isnan(rec["ratio"]):
+                assert all(math.isnan(f) for f in factors)
+                continue
+            assert all(f > 0 and math.isfinite(f) for f in factors)
+            assert math.prod(factors) == pytest.approx(rec["ratio"], rel=1e-9)
+            assert rec["why_headroom"] == pytest.approx(rec["dense_batch"] / rec["moe_batch"], rel=1e-12)

@@ -47,7 +47,8 @@ from qsengine.decode.step import StepOptions, StepParams, step_params, step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
 
-__all__ = ["evaluate_columns", "evaluate", "Evaluation", "encode_points", "compare", "RECORD_COLUMNS",
+__all__ = ["evaluate_columns", "evaluate", "Evaluation", "encode_points", "compare", "explain", "frontier",
+           "throughput_at", "WHY", "RECORD_COLUMNS",
            "TIE_TOLERANCE", "auto_microbatches"]
 
 #: |ratio - 1| within which the verdict is a tie.
@@ -568,6 +569,79 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
 
 
 # ---------------------------------------------------------------------------
+# why: the ratio as a product of factors
+# ---------------------------------------------------------------------------
+
+
+def _category_times(sides: _SideSet, groups: np.ndarray, context: np.ndarray, ffn: np.ndarray | None,
+                    refined: Mapping[int, Refined] | None = None) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Per feasible group in ``groups``: the step time of its chosen plan and
+    batch split into the categories "weights", "attention",
+    "communication", "other" (summed pieces), and the step time itself
+    (the same step model, with the pieces kept; Monte Carlo-refined groups
+    take their routed straggler from the Monte Carlo)."""
+    n = groups.size
+    cat = {k: np.zeros(n) for k in ("weights", "attention", "communication", "other")}
+    total = np.zeros(n)
+    refined = refined or {}
+    if n == 0:
+        return cat, total
+    fam_ids = sides.family[groups]
+    mc = np.array([int(g) in refined for g in groups.tolist()], dtype=bool)
+    for f, sel in _split(fam_ids):
+        fam = sides.families[int(f)]
+        for is_mc in (False, True):
+            sub = sel[mc[sel] == is_mc]
+            if sub.size == 0:
+                continue
+            g = groups[sub]
+            plan = sides.side.plan[g]
+            sp = fam.params.take(plan)  # type: ignore[union-attr]
+            if fam.override and ffn is not None:
+                sp = sp.replace(ffn_params=ffn[sub])
+            mst = None
+            if is_mc:
+                mst = tuple(np.array([refined[int(k)].moe_step_time[j] for k in g.tolist()]) for j in range(3))
+            r = step_time(sp, sides.side.batch[g].astype(np.float64), context[sub].astype(np.float64), pi=fam.pi,
+                          uniform=fam.pi is None, moe_step_time=mst, detail=True)  # type: ignore[arg-type]
+            for pa in r.pieces:
+                key = "communication" if pa.link else _CATEGORY[pa.name]
+                cat[key][sub] += np.where(pa.present, pa.time, 0.0)
+            total[sub] = r.time
+    return cat, total
+
+
+def explain(moe: dict[str, np.ndarray], moe_time: np.ndarray, moe_batch: np.ndarray,
+            dense: dict[str, np.ndarray], dense_time: np.ndarray, dense_batch: np.ndarray) -> dict[str, np.ndarray]:
+    """The ratio as a product of factors, per lane (:data:`WHY`).
+
+    ratio = (B_dense / B_moe) x (T_moe / T_dense), with B the concurrent
+    sequences on the cluster and T the step time. ``headroom`` = B_dense /
+    B_moe: the batch each side holds (HBM, or the latency target). The step
+    time ratio is taken apart by swapping the dense step's pieces for the
+    MoE's one category at a time, in a fixed order: ``weights`` (dense FFN
+    against router, shared and routed experts: reuse fragmentation),
+    ``attention`` (attention weights and KV reads), ``communication``
+    (TP/EP/PP collectives), ``other`` (the LM head, and overlap of
+    communication with compute when it is on). Each factor is the step time
+    after the swap over the step time before it, so the factors multiply back
+    to the ratio exactly (up to rounding); a factor above 1 favours the dense
+    side."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out = {"headroom": dense_batch / moe_batch}
+        cur = sum(dense[k] for k in ("weights", "attention", "communication", "other"))
+        dense_sum = cur
+        for k in ("weights", "attention", "communication"):
+            nxt = cur - dense[k] + moe[k]
+            out[k] = nxt / cur
+            cur = nxt
+        moe_sum = cur - dense["other"] + moe["other"]
+        # "other": the LM head swap, and the overlap of communication (time != sum of pieces) on either side
+        out["other"] = moe_sum / cur * (moe_time / moe_sum) / (dense_time / dense_sum)
+    return out
+
+
+# ---------------------------------------------------------------------------
 # the latency-throughput frontier of one side
 # ---------------------------------------------------------------------------
 
@@ -657,7 +731,14 @@ RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
         ("feasible", "bool"), ("reason", "str"), ("plan", "str"), ("batch", "int"), ("batch_limit", "str"),
         ("tokens_per_s", "float"), ("tokens_per_s_per_gpu", "float"), ("tpot_ms", "float"),
         ("tpot_p99_ms", "float"))),
+    *((f"why_{name}", "float") for name in ("headroom", "weights", "attention", "communication", "other")),
 )
+#: The factors of :func:`explain`, in order: their product is the ratio.
+WHY = ("headroom", "weights", "attention", "communication", "other")
+#: Which step pieces each time factor of :data:`WHY` swaps (the rest: "other").
+_CATEGORY = {"attention": "attention", "attention (local)": "attention", "dense ffn": "weights",
+             "router + shared experts": "weights", "routed experts (straggler)": "weights",
+             "lm head": "other"}
 _EMPTY = {"str": "", "int": 0, "float": math.nan, "bool": False, "bool?": None}
 
 #: The point columns of :func:`evaluate_columns`: per field, (distinct values, code per lane).
@@ -925,6 +1006,29 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     qs_val = np.array([r[0].qs for r in dq_rec])[dq]
     ratio, verdict, agrees = compare(moe.side.feasible[mg], dense.side.feasible[dg], moe.side.tps[mg],
                                      dense.side.tps[dg], qs_val)
+
+    # ---- why: the ratio as a product of factors, for lanes where both sides fit
+    both = np.flatnonzero(moe.side.feasible[mg] & dense.side.feasible[dg])
+    if both.size:
+        bm, bm_first = _group(both.size, mg[both], dg[both])
+        lanes_w = both[bm_first]
+        um, um_inv = np.unique(mg[lanes_w], return_inverse=True)
+        ud, ud_inv = np.unique(dg[lanes_w], return_inverse=True)
+        cm, tm = _category_times(moe, um, ctx[m_first[um]], None, refined)
+        cd, td = _category_times(dense, ud, ctx[d_first[ud]], ffn[ud])
+        mdp = np.array([f.dp for f in moe.families], dtype=object)
+        ddp = np.array([f.dp for f in dense.families], dtype=object)
+
+        def cluster_batch(sides: _SideSet, g: np.ndarray, dps: np.ndarray, lanes: np.ndarray) -> np.ndarray:
+            reps = np.array([dps[sides.family[k]][sides.side.plan[k]] for k in g.tolist()])
+            return np.where(fixed[lanes] > 0, fixed[lanes], sides.side.batch[g] * reps)
+
+        why = explain({k: v[um_inv] for k, v in cm.items()}, tm[um_inv],
+                      cluster_batch(moe, mg[lanes_w], mdp, lanes_w),
+                      {k: v[ud_inv] for k, v in cd.items()}, td[ud_inv],
+                      cluster_batch(dense, dg[lanes_w], ddp, lanes_w))
+        for k in WHY:
+            out[f"why_{k}"][both] = why[k][bm]
 
     # ---- break-even q*: once per distinct feasible MoE side that asks for it (twins only)
     be = breaks[codes["break_even"]] & np.array([d is None for d in denses], dtype=bool)[dn]

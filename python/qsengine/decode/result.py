@@ -123,6 +123,18 @@ class SimulationResult:
     record: dict[str, Any] = field(default_factory=dict, repr=False)
     frontier: Any = field(default=None, repr=False, compare=False)
 
+    def explain(self) -> dict[str, float] | None:
+        """The ratio as a product of factors (``headroom``, ``weights``,
+        ``attention``, ``communication``, ``other``; see
+        :func:`qsengine.decode.pipeline.explain`): their product is
+        :attr:`ratio`; a factor above 1 favours the dense side. None when a
+        side is infeasible."""
+        from qsengine.decode.pipeline import WHY
+
+        if self.ratio is None:
+            return None
+        return {k: float(self.record[f"why_{k}"]) for k in WHY}
+
     def throughput_at(self, tpot: float, side: str, quantile: str = "mean") -> float:
         """Tokens/s per GPU ``side`` ("moe" or "dense") reaches at a TPOT of
         ``tpot`` seconds (``quantile`` "mean" or "p99"), interpolated on its
@@ -212,6 +224,10 @@ class SimulationResult:
                          f"({'agrees' if self.agrees_with_qs else 'disagrees'} with the qs verdict)")
         else:
             lines.append(f"  verdict: {self.verdict}")
+        why = self.explain()
+        if why is not None:
+            lines.append("  why (factors multiply to the ratio; > 1 favours dense): "
+                         + ", ".join(f"{k} x{v:.3g}" for k, v in why.items()))
         if self.break_even_q is not None:
             lines.append(f"  break-even q* = {self.break_even_q:.3f}")
         return "\n".join(lines)
