@@ -1016,12 +1016,11 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         ud, ud_inv = np.unique(dg[lanes_w], return_inverse=True)
         cm, tm = _category_times(moe, um, ctx[m_first[um]], None, refined)
         cd, td = _category_times(dense, ud, ctx[d_first[ud]], ffn[ud])
-        mdp = np.array([f.dp for f in moe.families], dtype=object)
-        ddp = np.array([f.dp for f in dense.families], dtype=object)
+        _, mdp = moe.plan_columns()
+        _, ddp = dense.plan_columns()
 
         def cluster_batch(sides: _SideSet, g: np.ndarray, dps: np.ndarray, lanes: np.ndarray) -> np.ndarray:
-            reps = np.array([dps[sides.family[k]][sides.side.plan[k]] for k in g.tolist()])
-            return np.where(fixed[lanes] > 0, fixed[lanes], sides.side.batch[g] * reps)
+            return np.where(fixed[lanes] > 0, fixed[lanes], sides.side.batch[g] * dps[g])
 
         why = explain({k: v[um_inv] for k, v in cm.items()}, tm[um_inv],
                       cluster_batch(moe, mg[lanes_w], mdp, lanes_w),
