@@ -224,8 +224,9 @@ def test_result_exports():
     assert "routed experts (straggler)" in set(df["piece"])
     assert res.moe.routing is not None and res.moe.routing.step_time is not None
     assert res.moe.tokens_per_second > 0 and res.moe.step.time_p99 >= res.moe.step.time_p50 * 0.999
-    ax = res.plot()
-    assert ax.get_ylabel().startswith("time per decode step")
+    front_ax, bars_ax = res.plot()
+    assert bars_ax.get_ylabel().startswith("time per decode step")
+    assert front_ax.get_xlabel().startswith("tokens/s per user") and front_ax.lines
     assert "ratio dense/MoE" in res.summary()
 
 

@@ -243,20 +243,31 @@ class StepParams:
     vd: np.ndarray
     latency: np.ndarray
     overlap: np.ndarray
+    #: the fields as rows of one (fields, lanes) array, when they are views of it
+    matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return int(self.d.shape[0])
 
+    @staticmethod
+    def from_matrix(m: np.ndarray) -> "StepParams":
+        """Fields as the rows of ``m`` (shape (len(STEP_FIELDS), lanes)), viewed, not copied."""
+        return StepParams(*m, matrix=m)  # type: ignore[arg-type]
+
+    def _matrix(self) -> np.ndarray:
+        return self.matrix if self.matrix is not None else np.stack([getattr(self, f) for f in STEP_FIELDS])
+
     def take(self, idx: np.ndarray) -> "StepParams":
-        """The lanes ``idx`` (fancy indexing of every field)."""
-        return StepParams(**{f: getattr(self, f)[idx] for f in STEP_FIELDS})
+        """The lanes ``idx`` (one fancy-indexing of the field matrix)."""
+        return StepParams.from_matrix(self._matrix()[:, idx])
 
     def replace(self, **fields: np.ndarray) -> "StepParams":
-        return dataclasses.replace(self, **{k: np.ascontiguousarray(v, dtype=np.float64) for k, v in fields.items()})
+        return dataclasses.replace(self, matrix=None,
+                                   **{k: np.ascontiguousarray(v, dtype=np.float64) for k, v in fields.items()})
 
     @staticmethod
     def stack(parts: "list[StepParams]") -> "StepParams":
-        return StepParams(**{f: np.concatenate([getattr(p, f) for p in parts]) for f in STEP_FIELDS})
+        return StepParams.from_matrix(np.concatenate([p._matrix() for p in parts], axis=1))
 
 
 def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan,
