@@ -397,3 +397,19 @@ def test_why_factors_multiply_back_to_the_ratio(pts, overlap):
             assert all(f > 0 and math.isfinite(f) for f in factors)
             assert math.prod(factors) == pytest.approx(rec["ratio"], rel=1e-9)
             assert rec["why_headroom"] == pytest.approx(rec["dense_batch"] / rec["moe_batch"], rel=1e-12)
+
+
+def test_records_name_the_twin_shape_and_its_kv_cache():
+    recs = _records([dict(model="deepseek-v3", cluster="16xh200", context=8192, precision="fp8", microbatches=0,
+                          twin_attention=att) for att in ("same", "gqa")]
+                    + [dict(model="mixtral-8x7b", cluster="8xh100", context=4096, dense="llama-3.1-70b",
+                            microbatches=0)])
+    m = as_model("deepseek-v3")
+    same, gqa, explicit = recs
+    assert same["dense_kv_bytes_per_token"] == same["moe_kv_bytes_per_token"] == m.kv_bytes_per_token(1.0)
+    twin = m.dense_twin("sqrt", attention="gqa")
+    assert gqa["dense_kv_bytes_per_token"] == twin.num_layers * 2 * 8 * 128 * 1.0
+    assert gqa["dense_shape"] == f"L{twin.num_layers} d{twin.hidden_size} gqa-kv8 ffn{twin.dense_intermediate}"
+    assert same["dense_shape"].startswith("L61 d7168 mla-r512 ffn")
+    assert explicit["dense_shape"] == "L80 d8192 gqa-kv8 ffn28672"
+    assert explicit["dense_kv_bytes_per_token"] == as_model("llama-3.1-70b").kv_bytes_per_token(2.0)

@@ -724,7 +724,8 @@ def throughput_at(front, tpot: float, column: str = "tpot") -> float:
 #: Columns of ``SimulationResult.to_record()`` in order, with their kind:
 #: "str", "int", "float", "bool", or "bool?" (True/False/None).
 RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("model", "str"), ("dense_model", "str"), ("cluster", "str"), ("gpus", "int"), ("context", "int"),
+    ("model", "str"), ("dense_model", "str"), ("dense_shape", "str"), ("moe_kv_bytes_per_token", "float"),
+    ("dense_kv_bytes_per_token", "float"), ("cluster", "str"), ("gpus", "int"), ("context", "int"),
     ("s", "float"), ("q", "float"), ("qs", "float"), ("qs_verdict", "str"), ("ratio", "float"),
     ("verdict", "str"), ("agrees_with_qs", "bool?"), ("break_even_q", "float"),
     *((f"{side}_{name}", kind) for side in ("moe", "dense") for name, kind in (
@@ -980,6 +981,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         return k
 
     dgroup = dq[d_first]
+    dshape = np.full(d_first.size, "", dtype=object)
+    dkv = np.zeros(d_first.size)
     tg, t_first = _group(d_first.size, *(x[d_first] for x in (m, c, pr, pl, op, at)), dn[d_first])
     for t, members in _split(tg):
         i = int(d_first[t_first[t]])
@@ -990,6 +993,9 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             fam = family(explicit, cluster, precision, plan, opts)
             dfam_of[members] = add_family(fam)
             ffn[members] = explicit.dense_ffn_params
+            dshape[members] = shape_label(explicit.attention, explicit.num_layers, explicit.hidden_size,
+                                          explicit.dense_intermediate)
+            dkv[members] = explicit.kv_bytes_per_token(precision.kv_bytes)
             continue
         sol = solve_twins(model, qv[dgroup[members]], attentions[at[i]])
         if not sol.ok.all():  # the validator builds every twin first; keep its error if one slipped through
@@ -997,8 +1003,12 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             model.dense_twin(qv[dgroup[bad]], attention=attentions[at[i]])
         ffn[members] = sol.ffn_params()
         for li, lsel in _split(sol.line_of):
-            dfam_of[members[lsel]] = add_family(family(sol.lines[li].base, cluster, precision, plan, opts,
-                                                       override=True))
+            line = sol.lines[li]
+            dfam_of[members[lsel]] = add_family(family(line.base, cluster, precision, plan, opts, override=True))
+            sh = line.shape
+            dshape[members[lsel]] = [shape_label(sh.attention, sh.num_layers, sh.hidden, int(w))
+                                     for w in sol.width[lsel].tolist()]
+            dkv[members[lsel]] = line.base.kv_bytes_per_token(precision.kv_bytes)
     dense.fill(np.arange(d_first.size), _side(dfams, ctx[d_first], slo[d_first], ffn, family=dfam_of,
                                               fixed=fixed[d_first]), dfams, dfam_of)
 
@@ -1045,6 +1055,10 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     # ---- columns
     out["model"][:] = np.array([x.id for x in models], dtype=object)[m]
     out["dense_model"][:] = np.array([r[1] for r in dq_rec], dtype=object)[dq]
+    out["dense_shape"][:] = dshape[dg]
+    out["dense_kv_bytes_per_token"][:] = dkv[dg]
+    out["moe_kv_bytes_per_token"][:] = np.array([mm.kv_bytes_per_token(pp.kv_bytes) for mm in models
+                                                 for pp in precisions]).reshape(len(models), len(precisions))[m, pr]
     out["cluster"][:] = np.array([x.label for x in clusters], dtype=object)[c]
     gpus = np.array([x.num_gpus for x in clusters], dtype=np.int64)[c]
     out["gpus"][:] = gpus
@@ -1081,6 +1095,13 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     return Evaluation(n=n, columns=out, values=values, codes=codes, moe=moe, dense=dense, moe_group=mg,
                       dense_group=dg, dense_models=dq_dense, dense_model_group=dq, q_value=qv[dq], refined=refined,
                       dense_ffn=ffn)
+
+
+def shape_label(att: Any, layers: int, hidden: int, ffn: int) -> str:
+    """A dense model's shape in one token: layers, hidden size, attention and
+    KV heads (MLA: latent rank), FFN width, e.g. ``L80 d8192 gqa-kv8 ffn28672``."""
+    kv = f"mla-r{att.kv_lora_rank}" if att.kind == "mla" else f"{att.kind}-kv{att.num_kv_heads}"
+    return f"L{layers} d{hidden} {kv} ffn{ffn}"
 
 
 def _side_model(side: str, i: int, models: list[Model], m: np.ndarray, dq_dense: list[Model | None],

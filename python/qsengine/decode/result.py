@@ -202,9 +202,12 @@ class SimulationResult:
 
     def summary(self) -> str:
         """A readable table of both sides and the verdict."""
+        rec = self.record
         lines = [
             f"{self.moe.model.name} vs dense twin ({self.dense.model.id}) on {self.cluster.label}, "
             f"context {self.context:,} tokens",
+            f"  dense side: {rec.get('dense_shape', '')}; KV cache {rec.get('dense_kv_bytes_per_token', 0):,.0f} B/token "
+            f"(MoE {rec.get('moe_kv_bytes_per_token', 0):,.0f} B/token)",
             f"  s = {self.qs.s:.4f}, q = {self.qs.q:.3f}, qs = {self.qs.qs:.3f} -> {_verdict_text(self.qs.verdict)}",
         ]
         hdr = f"  {'':8s}{'plan':>22s}{'batch':>9s}{'TPOT ms':>10s}{'p99 ms':>9s}{'tok/s':>12s}{'tok/s/GPU':>11s}  limit"
