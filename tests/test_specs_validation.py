@@ -145,7 +145,7 @@ def test_file_safety(tmp_path):
 
 
 def test_unknown_names_suggest():
-    with pytest.raises(SpecError, match=r"model 'deepsek-v3': no shipped spec of that name \(did you mean 'deepseek-v3'\?\)"):
+    with pytest.raises(SpecError, match=r"field 'model' = 'deepsek-v3': no shipped spec of that name \(did you mean 'deepseek-v3'\?\)"):
         load_model("deepsek-v3")
     with pytest.raises(SpecError, match=r"did you mean 'h200-sxm'\?"):
         load_accelerator("h200-smx")
