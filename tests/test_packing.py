@@ -188,6 +188,8 @@ CL8 = Cluster(H200, 8)
         (dict(context=4096.5), TypeError, "context"),
         (dict(replicas=-1), ValueError, "replicas=-1"),
         (dict(replicas=10**6, plan=Plan(ep=8, dp=8)), ValueError, "replicas=1000000"),
+        # refused from the ranks' total room, before any O(replicas) work (this used to hang)
+        (dict(replicas=2**53, plan=Plan(ep=8, dp=8)), ValueError, "replicas=9007199254740992: expert replicas do not fit"),
         (dict(popularity=np.zeros(128), plan=Plan(ep=8, dp=8)), ValueError, "no mass"),
         (dict(popularity=np.full(128, np.nan), plan=Plan(ep=8, dp=8)), ValueError, "popularity[0]=nan"),
         (dict(popularity=np.ones(7)), ValueError, "one value per routed expert"),

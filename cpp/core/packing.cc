@@ -660,6 +660,25 @@ ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const Re
   double total = 0;
   for (double v : pop) total += v;
   out.copies.assign(static_cast<std::size_t>(E), 1);
+  auto no_room = [&]() {
+    std::int64_t room = 0, worst = 0;
+    for (std::int64_t r = 0; r < ep; ++r) {
+      room = rank_capacity[r] >= kBatchCap - room ? kBatchCap : room + rank_capacity[r];  // saturating
+      if (rank_capacity[r] < rank_capacity[worst]) worst = r;
+    }
+    const std::int64_t g = rank_witness_gpu[worst];
+    return InvalidArgument(cat(
+        "replicas=", req.replicas, ": expert replicas do not fit in free HBM (rule: replicas must fit in the memory ",
+        "left after weights); the EP ranks have room for ", room, " replicas in total; e.g. GPU ", g, " has ",
+        gb(witness_free[g]), " free and one replica needs ", gb(witness_bytes[g])));
+  };
+  // 0. Refuse more replicas than the ranks have room for before any O(replicas) work:
+  //    step 3 places one copy per replica on a rank with room, so it fails iff replicas > total room.
+  {
+    std::int64_t room = 0;
+    for (std::int64_t r = 0; r < ep && room < req.replicas; ++r) room += std::min(rank_capacity[r], req.replicas);
+    if (room < req.replicas) throw no_room();
+  }
   // 1. Give each replica to the expert with the largest per-copy load.
   using Item = std::pair<double, std::int64_t>;  // (per-copy load, -expert) max-heap => lowest expert on ties
   std::priority_queue<Item> heap;
@@ -695,18 +714,7 @@ ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const Re
       if (out.rank_count[r] >= rank_capacity[r]) continue;
       if (pick < 0 || out.load_after[r] < out.load_after[pick]) pick = r;
     }
-    if (pick < 0) {
-      std::int64_t room = 0, worst = 0;
-      for (std::int64_t r = 0; r < ep; ++r) {
-        room += rank_capacity[r];
-        if (rank_capacity[r] < rank_capacity[worst]) worst = r;
-      }
-      const std::int64_t g = rank_witness_gpu[worst];
-      throw InvalidArgument(cat(
-          "replicas=", req.replicas, ": expert replicas do not fit in free HBM (rule: replicas must fit in the memory ",
-          "left after weights); the EP ranks have room for ", room, " replicas in total; e.g. GPU ", g, " has ",
-          gb(witness_free[g]), " free and one replica needs ", gb(witness_bytes[g])));
-    }
+    QS_PACKING_INVARIANT(pick >= 0, "a replica found no rank with room after the total-room check");
     out.rank_count[pick] += 1;
     out.load_after[pick] += c.load;
     out.replica_expert.push_back(c.expert);

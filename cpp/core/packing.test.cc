@@ -113,6 +113,9 @@ static void test_validation() {
   rr.popularity.assign(16, 1.0);
   rr.replicas = 1000000;
   CHECK(throws_invalid([&] { pack(d, PlanDesc{1, 1, 4, 4, 1, false}, 4, 64, &rr, nullptr); }, "replicas=1000000"));
+  // refused before any O(replicas) work (this used to run 2^62 heap steps)
+  rr.replicas = std::int64_t{1} << 62;
+  CHECK(throws_invalid([&] { pack(d, PlanDesc{1, 1, 4, 4, 1, false}, 4, 64, &rr, nullptr); }, "do not fit in free HBM"));
 }
 
 static void test_floor_fit() {
