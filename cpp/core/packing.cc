@@ -507,19 +507,37 @@ void admissible_batches(const AdmissionTable& t, std::int64_t n, const std::int6
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus) {
   std::vector<PlanDesc> out;
   if (num_gpus < 1) return out;
-  for (std::int64_t tp : divisors(num_gpus)) {
-    for (std::int64_t pp : divisors(num_gpus / tp)) {
+  // Every degree divides num_gpus: the divisors of n | num_gpus are those of
+  // num_gpus that divide n (filtered into reused buffers, no allocation per level).
+  const std::vector<std::int64_t> all = divisors(num_gpus);
+  std::vector<std::int64_t> pps, eps, etps;
+  auto divisors_of = [&all](std::int64_t n, std::vector<std::int64_t>& into) {
+    into.clear();
+    for (std::int64_t x : all) {
+      if (x > n) break;
+      if (n % x == 0) into.push_back(x);
+    }
+  };
+  for (std::int64_t tp : all) {
+    divisors_of(num_gpus / tp, pps);
+    for (std::int64_t pp : pps) {
       const std::int64_t dp = num_gpus / (tp * pp);
       const std::int64_t stage_gpus = dp * tp;
-      for (std::int64_t ep : divisors(stage_gpus)) {
-        std::vector<std::int64_t> etps = divisors(stage_gpus / ep);
+      if (plan_rule(d, PlanDesc{tp, pp, dp, 1, 0, true}, num_gpus) == PlanRule::kPipeline) break;  // pp ascending
+      divisors_of(stage_gpus, eps);
+      for (std::int64_t ep : eps) {
+        divisors_of(stage_gpus / ep, etps);
         etps.insert(etps.begin(), 0);  // 0: the default expert TP
         for (std::int64_t etp : etps) {
           for (bool attn_dp : {false, true}) {
             const PlanDesc p{tp, pp, dp, ep, etp, attn_dp};
-            if (is_canonical(d, p) && plan_rule(d, p, num_gpus) == PlanRule::kOk) out.push_back(p);
+            if (!is_canonical(d, p)) continue;
+            const PlanRule rule = plan_rule(d, p, num_gpus);
+            if (rule == PlanRule::kDenseEp || rule == PlanRule::kExpertsEp) goto next_ep;  // they read only ep
+            if (rule == PlanRule::kOk) out.push_back(p);
           }
         }
+      next_ep:;
       }
     }
   }
