@@ -22,6 +22,7 @@ from __future__ import annotations
 import collections
 import math
 import os
+import re
 from typing import Any, Callable, Iterable
 
 from hypothesis import HealthCheck, settings
@@ -48,9 +49,65 @@ def fuzz_settings(examples: int, **kw: Any) -> settings:
                     **kw)
 
 
+#: a dotted path or an index after a name: ``routing.weights[1]``, ``cost.a``
+_PATH = r"(?:\.\w+|\[\d+\])*"
+
+
+def _name_patterns(name: str) -> list[str]:
+    """Where a message names ``name`` in the package's formats: quoted
+    (``field 'x' = v: rule``, ``unknown field 'x'``, a value ``'nope'``);
+    ``x=v: rule``, also with a dotted path or index (``plan.tp=3``,
+    ``routing.weights[1]=nan``); or as the source at the start of the message
+    (``<file>: field ...``, ``cost.b: must be 1-D``). An argument already
+    quoted (``repr`` of a value) must appear as it is."""
+    if len(name) >= 2 and name[0] == name[-1] and name[0] in "'\"":
+        return [re.escape(name)]
+    e = re.escape(name)
+    return [f"'{e}'", f'"{e}"', rf"(?<![\w]){e}{_PATH}=(?!=)", rf"^{e}{_PATH}:"]
+
+
+#: Python's own call-signature errors ("f() takes 2 positional arguments but
+#: 4 were given", "f() missing 1 required positional argument: 'x'", "got an
+#: unexpected keyword argument 'x'") name the callable and its arguments.
+_SIGNATURE = re.compile(r"^[\w.]+\(\) (?:takes|missing|got)")
+
+
 def _mentions(msg: str, names: Iterable[str]) -> bool:
-    low = msg.lower()
-    return any(n and n.lower() in low for n in names)
+    """Whether ``msg`` names one of ``names`` in one of the package's formats
+    (:func:`_name_patterns`), not merely contains it: a generic crash message
+    such as "unsupported operand type(s) for *" or "min() arg is an empty
+    sequence" does not name "q" or "ep" just because those letters occur."""
+    if _SIGNATURE.match(msg):
+        return True
+    return any(re.search(p, msg) for n in names if n for p in _name_patterns(n))
+
+
+#: Messages the oracle rejects whose fix belongs to a module this suite's
+#: owner does not edit: entry -> [(regex on the message, where to fix it)].
+#: The fuzz run counts them as "known defect" instead of failing; each is
+#: reproduced by an ``xfail(strict=True)`` test in tests/test_fuzz_known.py,
+#: so fixing the source makes that test pass and fail loudly until the entry
+#: here is removed.
+KNOWN_DEFECTS: dict[str, list[tuple[str, str]]] = {
+    "simulate": [
+        (r"^dense twin of [^:]+: field 'attention' = ",
+         "python/qsengine/simulation.py: simulate(twin_attention=x) is reported as dense_twin's field 'attention'"),
+    ],
+    "routing specs": [
+        (r"^'\w+' object is not iterable$",
+         "python/qsengine/routing.py: Placement.explicit(expert_map) with a non-iterable map"),
+        (r"^invalid literal for int\(\) with base 10",
+         "python/qsengine/routing.py: Placement.explicit(expert_map) with non-integer GPU ids"),
+    ],
+}
+
+
+def known_defect(entry: str, msg: str) -> str | None:
+    """Where to fix ``msg`` if it is a known defect of ``entry`` (else None)."""
+    for pattern, where in KNOWN_DEFECTS.get(entry, ()):
+        if re.search(pattern, msg):
+            return where
+    return None
 
 
 def outcome(entry: str, call: Callable[[], Any], names: Iterable[str], inputs: Iterable[Any] = ()) -> Any:
@@ -64,6 +121,9 @@ def outcome(entry: str, call: Callable[[], Any], names: Iterable[str], inputs: I
         COUNTS[entry][type(exc).__name__] += 1
         msg = str(exc)
         assert msg.strip(), f"{entry}: {type(exc).__name__} with an empty message"
+        if not _mentions(msg, names) and known_defect(entry, msg):
+            COUNTS[entry]["known defect"] += 1
+            return None
         assert _mentions(msg, names), f"{entry}: message does not name the input ({names}): {msg!r}"
         return None
     except BaseException as exc:

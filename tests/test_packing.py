@@ -180,7 +180,7 @@ CL8 = Cluster(H200, 8)
 @pytest.mark.parametrize(
     "kwargs, exc, needle",
     [
-        (dict(plan=Plan(tp=2, dp=2)), ValueError, "num_gpus = 8"),
+        (dict(plan=Plan(tp=2, dp=2)), ValueError, "field 'tp*pp*dp' = 4: must equal the cluster's GPUs (8)"),
         (dict(plan=lambda: Plan(tp=8, pp=1, dp=1, ep=3)), ValueError, "field 'ep' = 3"),
         (dict(plan=lambda: Plan(tp=8, ep=8, etp=16)), ValueError, "field 'ep' = 8"),
         (dict(context=0), ValueError, "context=0"),
@@ -188,6 +188,8 @@ CL8 = Cluster(H200, 8)
         (dict(context=4096.5), TypeError, "context"),
         (dict(replicas=-1), ValueError, "replicas=-1"),
         (dict(replicas=10**6, plan=Plan(ep=8, dp=8)), ValueError, "replicas=1000000"),
+        # refused from the ranks' total room, before any O(replicas) work (this used to hang)
+        (dict(replicas=2**53, plan=Plan(ep=8, dp=8)), ValueError, "replicas=9007199254740992: expert replicas do not fit"),
         (dict(popularity=np.zeros(128), plan=Plan(ep=8, dp=8)), ValueError, "no mass"),
         (dict(popularity=np.full(128, np.nan), plan=Plan(ep=8, dp=8)), ValueError, "popularity[0]=nan"),
         (dict(popularity=np.ones(7)), ValueError, "one value per routed expert"),
@@ -213,7 +215,7 @@ def test_bad_input_raises_naming_the_field(kwargs, exc, needle):
 
 
 def test_bad_heads_and_accelerator():
-    with pytest.raises(ValueError, match="num_heads=64"):
+    with pytest.raises(ValueError, match=r"field 'tp' = 3: must divide num_heads \(64\)"):
         qsengine.pack(LLAMA_31_70B, Cluster(H200, 3), 1024, plan=Plan(tp=3))
     with pytest.raises(ValueError, match="hbm_bytes"):
         qsengine.pack(LLAMA_31_70B, Cluster(H200.__class__(**{**H200.__dict__, "hbm_bytes": float("nan")}), 1), 1024)

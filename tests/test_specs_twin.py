@@ -5,9 +5,12 @@ from __future__ import annotations
 import math
 
 import pytest
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 import qsengine
 from qsengine import QsResult, SpecError, load_model, qs
+from qsengine.specs.twin import TWIN_TOLERANCE
 
 
 @pytest.mark.parametrize("name", qsengine.models())
@@ -90,10 +93,33 @@ def test_qs_verdicts():
     assert qs(m, 0.99 / m.sparsity).verdict == "moe-disadvantaged"
 
 
-def test_qs_study_models_are_moe_disadvantaged():
-    # the study's claim for q = 1/sqrt(s): qs = sqrt(s) < 1
+def test_qs_is_the_built_twins_size_over_the_moes_resident_weights():
+    """qs = q·s = N_dense / N_total (active parameters of the twin), checked
+    against the dense twin actually built (not the identity sqrt(s) < 1): for
+    the study's models at q = 1/sqrt(s)
+    the quality-matched twin holds fewer parameters than the MoE keeps
+    resident, which is what the "moe-disadvantaged" verdict claims."""
     for name in ("deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048"):
-        assert qs(name, "sqrt").verdict == "moe-disadvantaged"
+        m = load_model(name)
+        r, twin = qs(m, "sqrt"), m.dense_twin("sqrt")
+        assert not twin.is_moe
+        assert r.qs == pytest.approx(twin.active_params / m.total_params, rel=TWIN_TOLERANCE)
+        assert twin.total_params < m.total_params and r.verdict == "moe-disadvantaged"
+
+
+@settings(max_examples=40, deadline=None)
+@given(name=st.sampled_from(["mixtral-8x7b", "qwen3-30b-a3b", "deepseek-v3"]), x=st.floats(0.3, 3.0))
+def test_qs_verdict_agrees_with_the_built_twin(name, x):
+    """For any q (here q = x / s, either side of the break-even 1/s): the
+    verdict is "moe-disadvantaged" exactly when the built twin is smaller
+    than the MoE's total parameters, "dense-disadvantaged" when larger."""
+    m = load_model(name)
+    qv = x / m.sparsity
+    assume(qv >= 1.0 and abs(x - 1.0) > 2 * TWIN_TOLERANCE)  # away from the twin's width rounding
+    r, twin = qs(m, qv), m.dense_twin(qv)
+    assert r.qs == pytest.approx(twin.active_params / m.total_params, rel=TWIN_TOLERANCE)
+    smaller = twin.total_params < m.total_params
+    assert r.verdict == ("moe-disadvantaged" if smaller else "dense-disadvantaged")
 
 
 def test_qs_with_explicit_dense_model():

@@ -145,7 +145,7 @@ def test_file_safety(tmp_path):
 
 
 def test_unknown_names_suggest():
-    with pytest.raises(SpecError, match=r"model 'deepsek-v3': no shipped spec of that name \(did you mean 'deepseek-v3'\?\)"):
+    with pytest.raises(SpecError, match=r"field 'model' = 'deepsek-v3': no shipped spec of that name \(did you mean 'deepseek-v3'\?\)"):
         load_model("deepsek-v3")
     with pytest.raises(SpecError, match=r"did you mean 'h200-sxm'\?"):
         load_accelerator("h200-smx")
@@ -250,13 +250,16 @@ def test_plan_degrees():
 @pytest.mark.parametrize(
     "model,cluster,plan,message",
     [
-        ("deepseek-v3", "8xh200", Plan(tp=3), r"field 'tp\*pp\*dp' = 3: must divide the cluster's GPUs \(8\)"),
+        ("deepseek-v3", "8xh200", Plan(tp=3), r"field 'tp\*pp\*dp' = 3: must equal the cluster's GPUs \(8\)"),
+        # the sweep used to accept this (tp*pp*dp divided the GPUs) and the core then refused it
+        ("deepseek-v3", "16xh200", Plan(tp=8), r"Plan tp8-pp1-dp1-ep1 for deepseek-v3 on 16xh200: "
+                                               r"field 'tp\*pp\*dp' = 8: must equal the cluster's GPUs \(16\)"),
         ("switch-c-2048", "8xh200", Plan(tp=8), r"field 'tp' = 8: must divide num_heads \(30\)"),
         ("qwen3-235b-a22b", "16xh100", Plan(tp=16), None),  # 4 KV heads replicated 4x: allowed
         ("llama-3.1-70b", "8xh200", Plan(tp=2, pp=1, dp=4), None),
         ("mixtral-8x7b", "16xh100", Plan(tp=1, dp=16, ep=16), r"field 'ep' = 16: must divide routed_experts \(8\)"),
         ("llama-3.1-8b", "8xh100", Plan(tp=1, dp=8, ep=8), r"field 'ep' = 8: must be 1 for a dense model"),
-        ("llama-3.1-8b", "64xtpu-v5p", Plan(pp=64), r"field 'pp' = 64: must be <= decode layers \(32\)"),
+        ("llama-3.1-8b", "64xtpu-v5p", Plan(pp=64), r"field 'pp' = 64: must be <= the model's layers \(32\)"),
         ("mixtral-8x7b", "3xh100", Plan(dp=3, etp=3), r"field 'etp' = 3: must divide moe_intermediate \(14336\)"),
     ],
 )
@@ -275,9 +278,9 @@ def test_plan_gqa_tp_between_kv_heads():
         Plan(tp=32).validate_for(m.replace(attention=_att(num_heads=48, num_kv_heads=16, head_dim=128)), load_cluster("32xh100"))
     m2 = m.replace(attention=_att(num_heads=60, num_kv_heads=12, head_dim=128))
     with pytest.raises(SpecError, match=r"field 'tp' = 5: must divide num_kv_heads \(12\)"):
-        Plan(tp=5).validate_for(m2, load_cluster("40xh100"))
+        Plan(tp=5, dp=8).validate_for(m2, load_cluster("40xh100"))
     with pytest.raises(SpecError, match=r"field 'tp' = 20: exceeds num_kv_heads \(12\) and must be a multiple of it"):
-        Plan(tp=20).validate_for(m2, load_cluster("40xh100"))
+        Plan(tp=20, dp=2).validate_for(m2, load_cluster("40xh100"))
 
 
 def test_workloads():

@@ -162,49 +162,159 @@ void validate_desc(const MemoryDesc& d) {
   }
 }
 
-std::string plan_violation(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
-  if (p.tp < 1) return cat("plan.tp=", p.tp, ": must be >= 1");
-  if (p.pp < 1) return cat("plan.pp=", p.pp, ": must be >= 1");
-  if (p.dp < 1) return cat("plan.dp=", p.dp, ": must be >= 1");
-  if (p.ep < 1) return cat("plan.ep=", p.ep, ": must be >= 1");
-  if (p.etp < 0) return cat("plan.etp=", p.etp, ": must be >= 1 (or None for the default)");
-  if (num_gpus < 1) return cat("cluster.num_gpus=", num_gpus, ": must be >= 1");
-  if (p.num_gpus() != num_gpus) {
-    return cat("plan tp*pp*dp = ", p.tp, "*", p.pp, "*", p.dp, " = ", p.num_gpus(),
-               " must equal the cluster's num_gpus = ", num_gpus);
-  }
-  if (p.pp > d.num_layers()) return cat("plan.pp=", p.pp, " must be <= num_layers=", d.num_layers());
+// ---------------------------------------------------------------- plan rules
+PlanRule plan_shape_rule(const PlanDesc& p) {
+  if (p.tp < 1 || p.pp < 1 || p.dp < 1 || p.ep < 1 || p.etp < 0) return PlanRule::kDegrees;
+  // tp*pp*dp <= 2^53 and ep*etp <= 2^53, by division (no overflow)
+  if (p.pp > kMaxPlanDegree / p.tp || p.dp > kMaxPlanDegree / (p.tp * p.pp)) return PlanRule::kDegrees;
+  if (p.expert_tp() > kMaxPlanDegree / p.ep) return PlanRule::kDegrees;
+  if ((p.dp * p.tp) % (p.ep * p.expert_tp()) != 0) return PlanRule::kStageExperts;
+  return PlanRule::kOk;
+}
+
+PlanRule plan_rule(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
+  const PlanRule shape = plan_shape_rule(p);
+  if (shape != PlanRule::kOk) return shape;
+  if (p.num_gpus() != num_gpus) return PlanRule::kClusterGpus;
+  if (p.pp > d.num_layers()) return PlanRule::kPipeline;
   if (!p.attn_dp) {
-    if (d.num_heads % p.tp != 0) {
-      return cat("plan.tp=", p.tp, " must divide attention.num_heads=", d.num_heads);
-    }
-    if (!d.mla && d.num_kv_heads % p.tp != 0 && p.tp % d.num_kv_heads != 0) {
-      return cat("plan.tp=", p.tp, " must divide attention.num_kv_heads=", d.num_kv_heads,
-                 " or be a multiple of it (KV heads are split down to one per rank, then replicated)");
+    if (d.num_heads < 1 || d.num_heads % p.tp != 0) return PlanRule::kHeads;
+    if (!d.mla && (d.num_kv_heads < 1 || (d.num_kv_heads % p.tp != 0 && p.tp % d.num_kv_heads != 0))) {
+      return PlanRule::kKvHeads;
     }
   }
-  if (!d.is_moe()) {
-    if (p.ep != 1) return cat("plan.ep=", p.ep, ": expert parallelism needs a MoE model (this model has no routed experts)");
-    return "";
+  if (!d.is_moe()) return p.ep != 1 ? PlanRule::kDenseEp : PlanRule::kOk;
+  if (d.routed_experts % p.ep != 0) return PlanRule::kExpertsEp;
+  if (d.moe_intermediate < 1 || d.moe_intermediate % p.expert_tp() != 0) return PlanRule::kExpertWidth;
+  return PlanRule::kOk;
+}
+
+PlanViolation describe_plan_rule(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, PlanRule rule) {
+  PlanViolation v;
+  v.rule = rule;
+  auto set = [&v](const char* field, auto value, std::string text) {
+    v.field = field;
+    v.value = cat(value);
+    v.text = std::move(text);
+  };
+  switch (rule) {
+    case PlanRule::kOk:
+      break;
+    case PlanRule::kDegrees:
+      if (p.tp < 1) set("tp", p.tp, "must be positive");
+      else if (p.pp < 1) set("pp", p.pp, "must be positive");
+      else if (p.dp < 1) set("dp", p.dp, "must be positive");
+      else if (p.ep < 1) set("ep", p.ep, "must be positive");
+      else if (p.etp < 0) set("etp", p.etp, "must be positive (or unset for the default)");
+      else if (p.pp > kMaxPlanDegree / p.tp || p.dp > kMaxPlanDegree / (p.tp * p.pp))
+        set("tp*pp*dp", cat(p.tp, "*", p.pp, "*", p.dp), "must be <= 2^53 GPUs");
+      else set("ep*etp", cat(p.ep, "*", p.expert_tp()), "must be <= 2^53 GPUs");
+      break;
+    case PlanRule::kStageExperts:
+      set("ep", p.ep,
+          cat("ep x etp (", p.ep, " x ", p.expert_tp(), ") must divide dp x tp (", p.dp, " x ", p.tp,
+              "), the GPUs of one pipeline stage"));
+      break;
+    case PlanRule::kClusterGpus:
+      set("tp*pp*dp", p.num_gpus(), cat("must equal the cluster's GPUs (", num_gpus, ")"));
+      break;
+    case PlanRule::kPipeline:
+      set("pp", p.pp, cat("must be <= the model's layers (", d.num_layers(), "): every pipeline stage holds a layer"));
+      break;
+    case PlanRule::kHeads:
+      set("tp", p.tp, cat("must divide num_heads (", d.num_heads, ")"));
+      break;
+    case PlanRule::kKvHeads:
+      if (p.tp <= d.num_kv_heads) {
+        set("tp", p.tp, cat("must divide num_kv_heads (", d.num_kv_heads, ") (KV heads are split over the tp ranks)"));
+      } else {
+        set("tp", p.tp, cat("exceeds num_kv_heads (", d.num_kv_heads,
+                            ") and must be a multiple of it (KV heads are replicated)"));
+      }
+      break;
+    case PlanRule::kDenseEp:
+      set("ep", p.ep, "must be 1 for a dense model (no routed experts)");
+      break;
+    case PlanRule::kExpertsEp:
+      set("ep", p.ep, cat("must divide routed_experts (", d.routed_experts, ")"));
+      break;
+    case PlanRule::kExpertWidth:
+      set("etp", p.expert_tp(), cat("must divide moe_intermediate (", d.moe_intermediate, ")"));
+      break;
   }
-  if (d.routed_experts % p.ep != 0) {
-    return cat("plan.ep=", p.ep, " must divide routed_experts=", d.routed_experts);
-  }
-  const std::int64_t etp = p.expert_tp();
-  const std::int64_t stage_gpus = p.dp * p.tp;
-  if (stage_gpus % (p.ep * etp) != 0) {
-    return cat("plan ep*etp = ", p.ep, "*", etp, " = ", p.ep * etp, " must divide the dp*tp = ", stage_gpus,
-               " GPUs of a pipeline stage");
-  }
-  if (d.moe_intermediate % etp != 0) {
-    return cat("plan.etp=", etp, " (expert tensor parallelism) must divide moe_intermediate=", d.moe_intermediate);
-  }
-  return "";
+  return v;
+}
+
+std::string PlanViolation::message() const {
+  if (rule == PlanRule::kOk) return "";
+  return cat("plan.", field, "=", value, ": ", text);
+}
+
+bool is_canonical(const MemoryDesc& d, const PlanDesc& p) {
+  if (!d.is_moe()) return p.ep == 1 && p.etp == 0 && !p.attn_dp;
+  return p.etp > 0 && (!p.attn_dp || p.tp > 1);
+}
+
+std::string plan_violation(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
+  const PlanRule rule = plan_rule(d, p, num_gpus);
+  return rule == PlanRule::kOk ? std::string() : describe_plan_rule(d, p, num_gpus, rule).message();
 }
 
 void validate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
   std::string v = plan_violation(d, p, num_gpus);
   if (!v.empty()) throw InvalidArgument(v);
+}
+
+PlanDesc parse_plan_label(const std::string& text) {
+  static const char* kForm = "a label looks like tp8-pp1-dp1-ep8[-etp1][-adp]";
+  if (text.empty()) throw InvalidArgument(cat("plan label is empty: ", kForm));
+  PlanDesc p;
+  bool seen[6] = {false, false, false, false, false, false};
+  static const char* keys[5] = {"tp", "pp", "dp", "ep", "etp"};
+  std::size_t begin = 0;
+  while (true) {
+    const std::size_t dash = text.find('-', begin);
+    const std::string part = text.substr(begin, dash == std::string::npos ? std::string::npos : dash - begin);
+    int key = -1;
+    std::string digits;
+    if (part == "adp") {
+      key = 5;
+    } else {
+      for (int k = 0; k < 5; ++k) {
+        const std::string name = keys[k];
+        if (part.size() > name.size() && part.compare(0, name.size(), name) == 0 &&
+            part.find_first_not_of("0123456789", name.size()) == std::string::npos) {
+          key = k;
+          digits = part.substr(name.size());
+        }
+      }
+    }
+    if (key < 0) {
+      throw InvalidArgument(cat("plan label part '", part, "' is not tp<n>, pp<n>, dp<n>, ep<n>, etp<n> or adp (",
+                                kForm, ")"));
+    }
+    if (seen[key]) throw InvalidArgument(cat("plan label part '", part, "' repeats ", key == 5 ? "adp" : keys[key]));
+    seen[key] = true;
+    if (key == 5) {
+      p.attn_dp = true;
+    } else {
+      const std::size_t nz = std::min(digits.find_first_not_of('0'), digits.size());
+      const std::string sig = digits.substr(nz);
+      std::int64_t v = 0;
+      if (sig.size() > 16) {
+        v = kMaxPlanDegree + 1;
+      } else {
+        for (char c : sig) v = v * 10 + (c - '0');
+      }
+      if (v > kMaxPlanDegree) throw InvalidArgument(cat("plan label part '", part, "': ", keys[key], " must be <= 2^53"));
+      std::int64_t* field[5] = {&p.tp, &p.pp, &p.dp, &p.ep, &p.etp};
+      *field[key] = v;
+      if (key == 4 && v == 0) throw InvalidArgument(cat("plan label part '", part, "': etp must be positive"));
+    }
+    if (dash == std::string::npos) break;
+    begin = dash + 1;
+  }
+  return p;
 }
 
 // ---------------------------------------------------------------- per stage
@@ -397,25 +507,37 @@ void admissible_batches(const AdmissionTable& t, std::int64_t n, const std::int6
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus) {
   std::vector<PlanDesc> out;
   if (num_gpus < 1) return out;
-  const bool moe = d.is_moe();
-  for (std::int64_t tp : divisors(num_gpus)) {
-    for (std::int64_t pp : divisors(num_gpus / tp)) {
-      if (pp > d.num_layers()) break;
+  // Every degree divides num_gpus: the divisors of n | num_gpus are those of
+  // num_gpus that divide n (filtered into reused buffers, no allocation per level).
+  const std::vector<std::int64_t> all = divisors(num_gpus);
+  std::vector<std::int64_t> pps, eps, etps;
+  auto divisors_of = [&all](std::int64_t n, std::vector<std::int64_t>& into) {
+    into.clear();
+    for (std::int64_t x : all) {
+      if (x > n) break;
+      if (n % x == 0) into.push_back(x);
+    }
+  };
+  for (std::int64_t tp : all) {
+    divisors_of(num_gpus / tp, pps);
+    for (std::int64_t pp : pps) {
       const std::int64_t dp = num_gpus / (tp * pp);
-      const bool heads_ok =
-          d.num_heads % tp == 0 && (d.mla || d.num_kv_heads % tp == 0 || tp % d.num_kv_heads == 0);
-      if (!moe) {
-        if (heads_ok) out.push_back(PlanDesc{tp, pp, dp, 1, 0, false});
-        continue;
-      }
       const std::int64_t stage_gpus = dp * tp;
-      for (std::int64_t ep : divisors(stage_gpus)) {
-        if (d.routed_experts % ep != 0) continue;
-        for (std::int64_t etp : divisors(stage_gpus / ep)) {
-          if (d.moe_intermediate % etp != 0) continue;
-          if (heads_ok) out.push_back(PlanDesc{tp, pp, dp, ep, etp, false});
-          if (tp > 1) out.push_back(PlanDesc{tp, pp, dp, ep, etp, true});  // attn_dp; tp=1 would duplicate
+      if (plan_rule(d, PlanDesc{tp, pp, dp, 1, 0, true}, num_gpus) == PlanRule::kPipeline) break;  // pp ascending
+      divisors_of(stage_gpus, eps);
+      for (std::int64_t ep : eps) {
+        divisors_of(stage_gpus / ep, etps);
+        etps.insert(etps.begin(), 0);  // 0: the default expert TP
+        for (std::int64_t etp : etps) {
+          for (bool attn_dp : {false, true}) {
+            const PlanDesc p{tp, pp, dp, ep, etp, attn_dp};
+            if (!is_canonical(d, p)) continue;
+            const PlanRule rule = plan_rule(d, p, num_gpus);
+            if (rule == PlanRule::kDenseEp || rule == PlanRule::kExpertsEp) goto next_ep;  // they read only ep
+            if (rule == PlanRule::kOk) out.push_back(p);
+          }
         }
+      next_ep:;
       }
     }
   }
@@ -556,6 +678,25 @@ ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const Re
   double total = 0;
   for (double v : pop) total += v;
   out.copies.assign(static_cast<std::size_t>(E), 1);
+  auto no_room = [&]() {
+    std::int64_t room = 0, worst = 0;
+    for (std::int64_t r = 0; r < ep; ++r) {
+      room = rank_capacity[r] >= kBatchCap - room ? kBatchCap : room + rank_capacity[r];  // saturating
+      if (rank_capacity[r] < rank_capacity[worst]) worst = r;
+    }
+    const std::int64_t g = rank_witness_gpu[worst];
+    return InvalidArgument(cat(
+        "replicas=", req.replicas, ": expert replicas do not fit in free HBM (rule: replicas must fit in the memory ",
+        "left after weights); the EP ranks have room for ", room, " replicas in total; e.g. GPU ", g, " has ",
+        gb(witness_free[g]), " free and one replica needs ", gb(witness_bytes[g])));
+  };
+  // 0. Refuse more replicas than the ranks have room for before any O(replicas) work:
+  //    step 3 places one copy per replica on a rank with room, so it fails iff replicas > total room.
+  {
+    std::int64_t room = 0;
+    for (std::int64_t r = 0; r < ep && room < req.replicas; ++r) room += std::min(rank_capacity[r], req.replicas);
+    if (room < req.replicas) throw no_room();
+  }
   // 1. Give each replica to the expert with the largest per-copy load.
   using Item = std::pair<double, std::int64_t>;  // (per-copy load, -expert) max-heap => lowest expert on ties
   std::priority_queue<Item> heap;
@@ -591,18 +732,7 @@ ReplicaPlacement place_replicas(const MemoryDesc& d, const PlanDesc& p, const Re
       if (out.rank_count[r] >= rank_capacity[r]) continue;
       if (pick < 0 || out.load_after[r] < out.load_after[pick]) pick = r;
     }
-    if (pick < 0) {
-      std::int64_t room = 0, worst = 0;
-      for (std::int64_t r = 0; r < ep; ++r) {
-        room += rank_capacity[r];
-        if (rank_capacity[r] < rank_capacity[worst]) worst = r;
-      }
-      const std::int64_t g = rank_witness_gpu[worst];
-      throw InvalidArgument(cat(
-          "replicas=", req.replicas, ": expert replicas do not fit in free HBM (rule: replicas must fit in the memory ",
-          "left after weights); the EP ranks have room for ", room, " replicas in total; e.g. GPU ", g, " has ",
-          gb(witness_free[g]), " free and one replica needs ", gb(witness_bytes[g])));
-    }
+    QS_PACKING_INVARIANT(pick >= 0, "a replica found no rank with room after the total-room check");
     out.rank_count[pick] += 1;
     out.load_after[pick] += c.load;
     out.replica_expert.push_back(c.expert);

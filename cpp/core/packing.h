@@ -105,6 +105,59 @@ struct PlanDesc {
 
 // Throws InvalidArgument naming the field, the value and the rule.
 void validate_desc(const MemoryDesc& desc);
+
+// ---- plan labels: the one format of a plan as text (Python's Plan.label and
+// Plan.from_label call these). "tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp]"; etp
+// appears only when it differs from the default (tp without EP, 1 with EP).
+// parse_plan_label accepts the parts in any order, each at most once, missing
+// parts taking their default (tp, pp, dp, ep = 1, etp = default, no adp), so
+// parse_plan_label(p.label()) == p for every plan p whose etp is 0 or not the
+// default. Throws InvalidArgument naming the part and the rule.
+PlanDesc parse_plan_label(const std::string& text);
+
+// ---- plan rules. The one implementation of what makes a plan valid, used by
+// plan_violation / validate_plan (every core entry point), enumerate_plans
+// (which lists exactly the valid, canonical plans) and the Python layer
+// (Plan.__post_init__ and Plan.validate_for through _core.check_plan*).
+// Checked in this order; the first broken rule is reported:
+enum class PlanRule : int {
+  kOk = 0,
+  // model independent (plan_shape_rule):
+  kDegrees,       // tp, pp, dp, ep >= 1; etp >= 1 or 0 (the default); tp*pp*dp and ep*etp <= 2^53
+  kStageExperts,  // ep*etp divides dp*tp, the GPUs of one pipeline stage
+  // the plan on a model and a number of GPUs:
+  kClusterGpus,   // tp*pp*dp == num_gpus (every GPU serves; no idle GPUs, no whole extra copies)
+  kPipeline,      // pp <= num_layers (every stage holds at least one layer)
+  kHeads,         // tp divides num_heads (unless attn_dp)
+  kKvHeads,       // MHA/GQA without attn_dp: tp divides num_kv_heads or is a multiple of it (MLA: no rule)
+  kDenseEp,       // a dense model: ep == 1
+  kExpertsEp,     // a MoE: ep divides routed_experts
+  kExpertWidth,   // a MoE: etp divides moe_intermediate
+};
+// The rule broken, as text in the package's format: field, value, rule.
+struct PlanViolation {
+  PlanRule rule = PlanRule::kOk;
+  std::string field;  // "tp", "tp*pp*dp", ...
+  std::string value;  // the value of `field` (decimal)
+  std::string text;   // the rule, e.g. "must divide num_heads (30)"
+  // "plan.<field>=<value>: <text>" ("" when rule == kOk).
+  std::string message() const;
+};
+// Largest tp*pp*dp and ep*etp (exact in double, no int64 overflow).
+constexpr std::int64_t kMaxPlanDegree = std::int64_t{1} << 53;
+// The first model-independent rule `plan` breaks (kOk, kDegrees or kStageExperts).
+PlanRule plan_shape_rule(const PlanDesc& plan);
+// The first rule `plan` breaks for the model on `num_gpus` GPUs (kOk if none). Cheap: no allocation.
+PlanRule plan_rule(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus);
+// The violation of `rule` (from plan_rule / plan_shape_rule on the same arguments) as text.
+PlanViolation describe_plan_rule(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus,
+                                 PlanRule rule);
+// Whether a valid plan is the canonical one of its equivalence class, i.e.
+// listed by enumerate_plans: a dense model's plans have ep = 1 and the default
+// etp (0) and no attn_dp (attn_dp on a dense model replicates every weight:
+// the same memory as tp=1, dp=dp*tp); attn_dp needs tp > 1 (with tp = 1 it is
+// the plan without it). Expert degrees of a MoE are listed explicitly (etp > 0).
+bool is_canonical(const MemoryDesc& desc, const PlanDesc& plan);
 // "" when `plan` is valid for the model on `num_gpus` GPUs, else the rule broken.
 std::string plan_violation(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus);
 void validate_plan(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus);
@@ -177,7 +230,11 @@ void admissible_batches(const AdmissionTable& table, std::int64_t n, const std::
                         std::uint8_t* fit, double* weight_max, unsigned threads,
                         const CancelToken* cancel = nullptr);
 
-// Every valid plan for `num_gpus` GPUs, canonical order (tp, pp, ep, etp, attn_dp).
+// Every valid canonical plan for `num_gpus` GPUs: the candidates tp | G,
+// pp | G/tp, dp = G/(tp*pp), ep | dp*tp, etp | dp*tp/ep, attn_dp in {no, yes},
+// in that nesting order (ascending; no attn_dp first), filtered by plan_rule
+// == kOk and is_canonical. A new kind of plan is a new candidate dimension here
+// plus its rule in plan_rule.
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& desc, std::int64_t num_gpus);
 // All plans for G in [g_lo, g_hi], evaluated; grouped by G, each group ranked
 // (cluster batch desc; infeasible plans after feasible ones, least overfull

@@ -6,6 +6,7 @@
 #include <cstdio>
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "core/errors.h"
 #include "core/test_util.h"
@@ -87,10 +88,20 @@ static void test_conservation_and_capacity() {
 
 static void test_validation() {
   MemoryDesc d = toy_moe();
-  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{3, 1, 1, 1, 0, false}, 3); }, "num_heads=8"));
-  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{2, 1, 1, 1, 0, false}, 4); }, "num_gpus = 4"));
-  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{1, 1, 3, 3, 0, false}, 3); }, "routed_experts=16"));
-  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{1, 9, 1, 1, 0, false}, 9); }, "num_layers=8"));
+  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{3, 1, 1, 1, 0, false}, 3); },
+                       "plan.tp=3: must divide num_heads (8)"));
+  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{2, 1, 1, 1, 0, false}, 4); },
+                       "plan.tp*pp*dp=2: must equal the cluster's GPUs (4)"));
+  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{1, 1, 3, 3, 0, false}, 3); },
+                       "plan.ep=3: must divide routed_experts (16)"));
+  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{1, 9, 1, 1, 0, false}, 9); }, "model's layers (8)"));
+  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{1, 1, 2, 4, 0, false}, 2); },
+                       "ep x etp (4 x 1) must divide dp x tp (2 x 1)"));
+  CHECK(throws_invalid([&] { validate_plan(d, PlanDesc{1, std::int64_t{1} << 40, std::int64_t{1} << 40, 1, 0, false}, 2); },
+                       "tp*pp*dp=1*1099511627776*1099511627776: must be <= 2^53"));
+  CHECK(plan_shape_rule(PlanDesc{4, 1, 1, 8, 0, false}) == PlanRule::kStageExperts);
+  CHECK(plan_shape_rule(PlanDesc{0, 1, 1, 1, 0, false}) == PlanRule::kDegrees);
+  CHECK(plan_shape_rule(PlanDesc{4, 1, 2, 8, 1, false}) == PlanRule::kOk);
   CHECK(throws_invalid([&] { pack(d, PlanDesc{}, 1, 0, nullptr, nullptr); }, "context=0"));
   MemoryDesc bad = d;
   bad.attention_bytes = std::nan("");
@@ -102,6 +113,9 @@ static void test_validation() {
   rr.popularity.assign(16, 1.0);
   rr.replicas = 1000000;
   CHECK(throws_invalid([&] { pack(d, PlanDesc{1, 1, 4, 4, 1, false}, 4, 64, &rr, nullptr); }, "replicas=1000000"));
+  // refused before any O(replicas) work (this used to run 2^62 heap steps)
+  rr.replicas = std::int64_t{1} << 62;
+  CHECK(throws_invalid([&] { pack(d, PlanDesc{1, 1, 4, 4, 1, false}, 4, 64, &rr, nullptr); }, "do not fit in free HBM"));
 }
 
 static void test_floor_fit() {
@@ -339,7 +353,7 @@ static void test_batched_admission_threads_and_validation() {
     CHECK(*std::min_element(one.batch.begin(), one.batch.end()) >= 0);
   }
   CHECK(throws_invalid([&] { AdmissionTable(d, {PlanDesc{1, 1, 8, 1, 0, false}, PlanDesc{1, 1, 8, 3, 0, false}}, 8); },
-                       "plans[1] (tp1-pp1-dp8-ep3): plan.ep=3 must divide"));
+                       "plans[1] (tp1-pp1-dp8-ep3): plan.ep=3: ep x etp (3 x 1) must divide dp x tp (8 x 1)"));
   // Bad lanes are reported by index and value; with several, the first one, for any thread count.
   auto bad = [&](auto edit, bool with_ffn, const char* needle) {
     for (unsigned threads : {1u, 3u}) {
@@ -368,9 +382,67 @@ static void test_batched_admission_threads_and_validation() {
   CHECK(empty.batch.empty());
 }
 
+// Labels: parse(label(p)) == p for plans written canonically (etp 0 or not the
+// default); parts in any order; bad parts named.
+static void test_plan_labels() {
+  for (std::int64_t tp : {1, 2, 8}) {
+    for (std::int64_t ep : {1, 4}) {
+      for (std::int64_t etp : {0, 1, 2, 8}) {
+        for (bool adp : {false, true}) {
+          const PlanDesc p{tp, 3, 2, ep, etp, adp};
+          const PlanDesc q = parse_plan_label(p.label());
+          const std::int64_t want_etp = etp == (ep == 1 ? tp : 1) ? 0 : etp;
+          CHECK(q.tp == tp && q.pp == 3 && q.dp == 2 && q.ep == ep && q.etp == want_etp && q.attn_dp == adp);
+          CHECK(q.label() == p.label());
+        }
+      }
+    }
+  }
+  const PlanDesc q = parse_plan_label("adp-ep8-tp4");
+  CHECK(q.tp == 4 && q.pp == 1 && q.dp == 1 && q.ep == 8 && q.etp == 0 && q.attn_dp);
+  CHECK(throws_invalid([] { parse_plan_label(""); }, "empty"));
+  CHECK(throws_invalid([] { parse_plan_label("tp8-x"); }, "part 'x' is not"));
+  CHECK(throws_invalid([] { parse_plan_label("tp8-tp4"); }, "part 'tp4' repeats tp"));
+  CHECK(throws_invalid([] { parse_plan_label("tp-pp1"); }, "part 'tp' is not"));
+  CHECK(throws_invalid([] { parse_plan_label("tp99999999999999999999999"); }, "must be <= 2^53"));
+  CHECK(throws_invalid([] { parse_plan_label("tp8-"); }, "part '' is not"));
+}
+
+// enumerate_plans == every candidate of the brute-force box that plan_rule
+// accepts and is_canonical keeps, in the documented order; and every plan it
+// lists is valid (plan_violation empty).
+static void test_enumeration_is_the_rules() {
+  MemoryDesc moe = toy_moe(), dense = toy_moe(), mla = toy_moe();
+  dense.routed_experts = 0;
+  std::fill(dense.layer_is_moe.begin(), dense.layer_is_moe.end(), 0);
+  mla.mla = true;
+  for (const MemoryDesc* d : {&moe, &dense, &mla}) {
+    for (std::int64_t g = 1; g <= 24; ++g) {
+      std::vector<PlanDesc> want;
+      for (std::int64_t tp = 1; tp <= g; ++tp)
+        for (std::int64_t pp = 1; pp <= g; ++pp)
+          for (std::int64_t dp = 1; dp <= g; ++dp) {
+            if (tp * pp * dp != g) continue;
+            for (std::int64_t ep = 1; ep <= g; ++ep)
+              for (std::int64_t etp = 0; etp <= g; ++etp)
+                for (bool adp : {false, true}) {
+                  const PlanDesc p{tp, pp, dp, ep, etp, adp};
+                  if (is_canonical(*d, p) && plan_rule(*d, p, g) == PlanRule::kOk) want.push_back(p);
+                }
+          }
+      const std::vector<PlanDesc> got = enumerate_plans(*d, g);
+      CHECK(got.size() == want.size());
+      for (std::size_t i = 0; i < std::min(got.size(), want.size()); ++i) CHECK(got[i].label() == want[i].label());
+      for (const PlanDesc& p : got) CHECK(plan_violation(*d, p, g).empty());
+    }
+  }
+}
+
 int main() {
   test_conservation_and_capacity();
   test_validation();
+  test_plan_labels();
+  test_enumeration_is_the_rules();
   test_floor_fit();
   test_replicas_reduce_imbalance();
   test_threads_and_sampling();

@@ -200,6 +200,30 @@ void register_packing(py::module_& m) {
 
   m.def("plan_violation", &pk::plan_violation, py::arg("desc"), py::arg("plan"), py::arg("num_gpus"),
         "'' if the plan is valid for the model on num_gpus GPUs, else the rule it breaks.");
+  // The plan rules (packing.h, PlanRule) as (field, value, rule) text, or None.
+  auto violation_tuple = [](const pk::PlanViolation& v) -> py::object {
+    if (v.rule == pk::PlanRule::kOk) return py::none();
+    return py::make_tuple(v.field, v.value, v.text);
+  };
+  m.def(
+      "check_plan",
+      [violation_tuple](const pk::MemoryDesc& desc, const pk::PlanDesc& plan, std::int64_t num_gpus) {
+        const pk::PlanRule rule = pk::plan_rule(desc, plan, num_gpus);
+        return violation_tuple(pk::describe_plan_rule(desc, plan, num_gpus, rule));
+      },
+      py::arg("desc"), py::arg("plan"), py::arg("num_gpus"),
+      "None if the plan is valid for the model on num_gpus GPUs, else (field, value, rule) of the first rule "
+      "it breaks (the one implementation of the plan rules).");
+  m.def(
+      "check_plan_shape",
+      [violation_tuple](const pk::PlanDesc& plan) {
+        const pk::MemoryDesc none;
+        return violation_tuple(pk::describe_plan_rule(none, plan, 0, pk::plan_shape_rule(plan)));
+      },
+      py::arg("plan"), "check_plan's model-independent rules only (degrees; ep*etp divides dp*tp).");
+  m.def("parse_plan_label", &pk::parse_plan_label, py::arg("text"),
+        "The PlanDesc of a label tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp] (parts in any order, missing parts "
+        "default); ValueError naming the bad part.");
   py::class_<pk::AdmissionTable>(
       m, "AdmissionTable",
       "The pipeline stages of a list of valid plans of one model x precision x cluster (stage_memory), "

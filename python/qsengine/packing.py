@@ -159,10 +159,7 @@ def memory_description(
 def _plan_desc(plan: Plan) -> _core.PlanDesc:
     if not isinstance(plan, Plan):
         raise TypeError(f"plan={plan!r} (type {type(plan).__name__}): must be 'auto' or a qsengine.Plan")
-    for name in ("tp", "pp", "dp", "ep"):
-        _as_int(getattr(plan, name), f"plan.{name}", 1)
-    etp = 0 if plan.etp is None else _as_int(plan.etp, "plan.etp", 1)
-    return _core.PlanDesc(plan.tp, plan.pp, plan.dp, plan.ep, etp, bool(plan.attn_dp))
+    return plan.core_desc()  # the Plan validated its fields on construction
 
 
 def _plan_from(tp: int, pp: int, dp: int, ep: int, etp: int, attn_dp: bool) -> Plan:
@@ -629,9 +626,7 @@ def pack(
         pdesc = _auto_plan(desc, num_gpus, ctx, pop is not None, nthreads)
     else:
         pdesc = _plan_desc(plan)
-        violation = _core.plan_violation(desc, pdesc, num_gpus)
-        if violation:
-            raise ValueError(f"plan={plan.label}: {violation}")
+        plan.check_desc(desc, num_gpus, f"Plan {plan.label} for {model.id} on {cluster.label}")
 
     r = _core.pack(desc, pdesc, num_gpus, ctx, pop, replicas, lens, bs)
     gpu_map = _gpu_map(r)
@@ -760,20 +755,8 @@ def min_gpus(
 
 # --------------------------------------------------------------------- CLI
 def _parse_plan(text: str) -> Plan | Literal["auto"]:
-    if text == "auto":
-        return "auto"
-    fields: dict[str, Any] = {}
-    for part in text.split("-"):
-        if part == "adp":
-            fields["attn_dp"] = True
-            continue
-        for key in ("etp", "tp", "pp", "dp", "ep"):
-            if part.startswith(key) and part[len(key):].isdigit():
-                fields[key] = int(part[len(key):])
-                break
-        else:
-            raise ValueError(f"--plan {text!r}: expected 'auto' or a label like tp8-pp1-dp1-ep8[-etp1][-adp]")
-    return Plan(**fields)
+    """``--plan``: ``auto`` or a plan label (:meth:`Plan.from_label`)."""
+    return "auto" if text == "auto" else Plan.from_label(text)
 
 
 def _cmd_pack(args: Any) -> int:

@@ -208,7 +208,7 @@ def _lookup(kind: str, name: str, aliases: dict[str, str]) -> Path:
     if key in shipped:
         return shipped[key]
     hint = did_you_mean(key, list(shipped) + list(aliases))
-    raise SpecError(f"{kind[:-1]} {name!r}: no shipped spec of that name{hint}; known: {', '.join(shipped)}")
+    raise SpecError(f"field {kind[:-1]!r} = {name!r}: no shipped spec of that name{hint}; known: {', '.join(shipped)}")
 
 
 # ------------------------------------------------------------------ models
@@ -518,7 +518,7 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
         return _load_shipped_cluster(shipped[key])
     m = _CLUSTER_RE.match(spec)
     if not m:
-        raise SpecError(f"cluster {spec!r}: expected a shipped name or 'N x ACCELERATOR' such as '8xH200'"
+        raise SpecError(f"field 'cluster' = {spec!r}: expected a shipped name or 'N x ACCELERATOR' such as '8xH200'"
                         f"{did_you_mean(key, shipped)}; known: {', '.join(shipped)}")
     n = int(m.group(1))
     try:

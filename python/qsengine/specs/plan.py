@@ -19,8 +19,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
+from qsengine import _core
+from qsengine.errors import SpecError
 from qsengine.specs._validate import check_bool, check_float, check_int, check_opt_int, current_source, fail, type_fail
 
 if TYPE_CHECKING:
@@ -28,8 +30,25 @@ if TYPE_CHECKING:
     from qsengine.specs.model import Model
 
 
+def _violation(src: str, violation: tuple[str, str, str]) -> SpecError:
+    """The core's (field, value, rule) of a broken plan rule, in the package's format."""
+    field, value, rule = violation
+    return SpecError(f"{src}: field {field!r} = {value}: {rule}")
+
+
 @dataclass(frozen=True)
 class Plan:
+    """A parallel plan: degrees ``tp``, ``pp``, ``dp``, ``ep``, ``etp`` (None:
+    the default, ``tp`` without EP and 1 with EP) and ``attn_dp``.
+
+    The rules a plan must follow live once, in the C++ core
+    (``cpp/core/packing.h``, ``PlanRule``): the model-independent ones are
+    checked here on construction, the rest by :meth:`validate_for` (and by
+    every packing call); :func:`qsengine.packing.plans` lists exactly the
+    plans they accept. The text form (:attr:`label`, :meth:`from_label`) is
+    the core's too.
+    """
+
     tp: int = 1
     pp: int = 1
     dp: int = 1
@@ -43,27 +62,49 @@ class Plan:
             check_int(src, f, getattr(self, f), minimum=1)
         check_opt_int(src, "etp", self.etp, minimum=1)
         check_bool(src, "attn_dp", self.attn_dp)
-        if (self.dp * self.tp) % (self.ep * self.expert_tp):
-            raise fail(src, "ep", self.ep,
-                       f"ep x etp ({self.ep} x {self.expert_tp}) must divide dp x tp ({self.dp} x {self.tp}), "
-                       "the GPUs of one pipeline stage")
+        violation = _core.check_plan_shape(self.core_desc())
+        if violation is not None:
+            raise _violation(src, violation)
+
+    @classmethod
+    def from_label(cls, text: str) -> "Plan":
+        """The plan of a label ``tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp]``
+        (the format of :attr:`label`; parts in any order, missing parts take
+        their default): ``Plan.from_label(p.label) == p`` for every plan whose
+        ``etp`` is None or not the default."""
+        src = current_source("Plan")
+        if not isinstance(text, str):
+            raise type_fail(src, "plan", text, "a plan label such as 'tp8-pp1-dp1-ep8'")
+        try:
+            d = _core.parse_plan_label(text)
+        except ValueError as exc:
+            raise SpecError(f"{src}: field 'plan' = {text!r}: {exc}") from None
+        return cls(tp=d.tp, pp=d.pp, dp=d.dp, ep=d.ep, etp=d.etp or None, attn_dp=d.attn_dp)
+
+    def core_desc(self) -> Any:
+        """The core's ``PlanDesc`` of this plan (``etp`` 0 for the default)."""
+        return _core.PlanDesc(int(self.tp), int(self.pp), int(self.dp), int(self.ep),
+                              0 if self.etp is None else int(self.etp), bool(self.attn_dp))
 
     def validate_for(self, model: "Model", cluster: "Cluster") -> "Plan":
         """Check that this plan fits ``model`` on ``cluster``; return ``self``.
 
-        Rules (each failure names the field, the value and the rule):
+        The rules (``PlanRule`` in ``cpp/core/packing.h``, checked in this
+        order; the first broken one is raised as a :class:`SpecError` naming
+        the field, the value and the rule):
 
-        * ``tp·pp·dp`` divides the cluster's GPUs (extra whole copies of the
-          plan serve more traffic);
-        * ``tp`` divides the query heads (unless ``attn_dp``). For GQA, when
-          ``tp`` exceeds the KV heads each KV head is replicated on
-          ``tp / kv_heads`` GPUs, so ``kv_heads`` must divide ``tp``; otherwise
-          ``tp`` must divide ``kv_heads``. MLA's latent KV is shared by all
-          heads and has no such constraint;
-        * ``ep`` divides the routed experts (``ep`` must be 1 for a dense
-          model), ``etp`` divides the expert FFN width;
-        * ``pp`` ≤ decode layers.
+        * ``ep·etp`` divides ``dp·tp``, the GPUs of one pipeline stage
+          (checked on construction);
+        * ``tp·pp·dp`` equals the cluster's GPUs (every GPU serves);
+        * ``pp`` ≤ the model's layers (every stage holds a layer);
+        * unless ``attn_dp``: ``tp`` divides the query heads; for MHA/GQA
+          ``tp`` divides the KV heads or is a multiple of them (each KV head
+          then replicated on ``tp / kv_heads`` GPUs); MLA's latent KV is
+          shared by all heads and has no such constraint;
+        * a dense model has ``ep`` = 1; a MoE's ``ep`` divides the routed
+          experts and ``etp`` divides the expert FFN width.
         """
+        from qsengine.packing import memory_description  # packing imports the specs
         from qsengine.specs.hardware import Cluster
         from qsengine.specs.model import Model
 
@@ -71,30 +112,17 @@ class Plan:
             raise type_fail("Plan", "model", model, "a Model")
         if not isinstance(cluster, Cluster):
             raise type_fail("Plan", "cluster", cluster, "a Cluster")
-        src = f"Plan {self.label} for {model.id} on {cluster.label}"
-        if cluster.num_gpus % self.num_gpus:
-            raise fail(src, "tp*pp*dp", self.num_gpus, f"must divide the cluster's GPUs ({cluster.num_gpus})")
-        a = model.attention
-        if not self.attn_dp:
-            if a.num_heads % self.tp:
-                raise fail(src, "tp", self.tp, f"must divide num_heads ({a.num_heads})")
-            if a.kind != "mla":
-                kv = a.num_kv_heads
-                if self.tp <= kv and kv % self.tp:
-                    raise fail(src, "tp", self.tp, f"must divide num_kv_heads ({kv})")
-                if self.tp > kv and self.tp % kv:
-                    raise fail(src, "tp", self.tp,
-                               f"exceeds num_kv_heads ({kv}) and must be a multiple of it (KV heads are replicated)")
-        if model.is_moe:
-            if model.routed_experts % self.ep:
-                raise fail(src, "ep", self.ep, f"must divide routed_experts ({model.routed_experts})")
-            if model.moe_intermediate % self.expert_tp:
-                raise fail(src, "etp", self.expert_tp, f"must divide moe_intermediate ({model.moe_intermediate})")
-        elif self.ep != 1:
-            raise fail(src, "ep", self.ep, f"must be 1 for a dense model ({model.id})")
-        if self.pp > model.decode_layers:
-            raise fail(src, "pp", self.pp, f"must be <= decode layers ({model.decode_layers})")
+        self.check_desc(memory_description(model), cluster.num_gpus,
+                        f"Plan {self.label} for {model.id} on {cluster.label}")
         return self
+
+    def check_desc(self, desc: Any, num_gpus: int, src: str) -> None:
+        """:meth:`validate_for` on the core's memory description of the model
+        (``qsengine.packing.memory_description``) and a GPU count; ``src``
+        starts the message."""
+        violation = _core.check_plan(desc, self.core_desc(), int(num_gpus))
+        if violation is not None:
+            raise _violation(src, violation)
 
     @property
     def num_gpus(self) -> int:
@@ -114,10 +142,9 @@ class Plan:
 
     @property
     def label(self) -> str:
-        s = f"tp{self.tp}-pp{self.pp}-dp{self.dp}-ep{self.ep}"
-        if self.etp is not None and self.etp != (self.tp if self.ep == 1 else 1):
-            s += f"-etp{self.etp}"
-        return s + ("-adp" if self.attn_dp else "")
+        """``tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp]`` (``etp`` only when not
+        the default); :meth:`from_label` reads it back."""
+        return self.core_desc().label
 
 
 @dataclass(frozen=True)
