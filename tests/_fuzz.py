@@ -89,10 +89,6 @@ def _mentions(msg: str, names: Iterable[str]) -> bool:
 #: so fixing the source makes that test pass and fail loudly until the entry
 #: here is removed.
 KNOWN_DEFECTS: dict[str, list[tuple[str, str]]] = {
-    "simulate": [
-        (r"^dense twin of [^:]+: field 'attention' = ",
-         "python/qsengine/simulation.py: simulate(twin_attention=x) is reported as dense_twin's field 'attention'"),
-    ],
     "routing specs": [
         (r"^'\w+' object is not iterable$",
          "python/qsengine/routing.py: Placement.explicit(expert_map) with a non-iterable map"),

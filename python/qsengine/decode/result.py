@@ -162,7 +162,11 @@ class SimulationResult:
 
     # ------------------------------------------------------------ export
     def to_dict(self) -> dict[str, Any]:
+        """Everything as plain JSON-able values (None where not available)."""
+        from qsengine.decode.pipeline import WHY
+
         g = self.cluster.num_gpus
+        why = self.explain()
         return {
             "format": "qsengine.SimulationResult",
             "version": 1,
@@ -177,6 +181,10 @@ class SimulationResult:
             "q": self.qs.q,
             "qs": self.qs.qs,
             "qs_verdict": _verdict_text(self.qs.verdict),
+            **{f"why_{k}": (None if why is None else why[k]) for k in WHY},
+            "dense_shape": self.record.get("dense_shape"),
+            "moe_kv_bytes_per_token": self.record.get("moe_kv_bytes_per_token"),
+            "dense_kv_bytes_per_token": self.record.get("dense_kv_bytes_per_token"),
             "moe": self.moe.to_dict(g),
             "dense": self.dense.to_dict(g),
             "inputs": self.inputs,
