@@ -1006,8 +1006,9 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             line = sol.lines[li]
             dfam_of[members[lsel]] = add_family(family(line.base, cluster, precision, plan, opts, override=True))
             sh = line.shape
-            dshape[members[lsel]] = [shape_label(sh.attention, sh.num_layers, sh.hidden, int(w))
-                                     for w in sol.width[lsel].tolist()]
+            uw, inv = np.unique(sol.width[lsel], return_inverse=True)
+            dshape[members[lsel]] = np.array([shape_label(sh.attention, sh.num_layers, sh.hidden, int(w))
+                                              for w in uw.tolist()], dtype=object)[inv.reshape(-1)]
             dkv[members[lsel]] = line.base.kv_bytes_per_token(precision.kv_bytes)
     dense.fill(np.arange(d_first.size), _side(dfams, ctx[d_first], slo[d_first], ffn, family=dfam_of,
                                               fixed=fixed[d_first]), dfams, dfam_of)
