@@ -578,8 +578,9 @@ def _category_times(sides: _SideSet, groups: np.ndarray, context: np.ndarray, ff
     """Per feasible group in ``groups``: the step time of its chosen plan and
     batch split into the categories "weights", "attention",
     "communication", "other" (summed pieces), and the step time itself
-    (the same step model, with the pieces kept; Monte Carlo-refined groups
-    take their routed straggler from the Monte Carlo)."""
+    (the same step model, with the pieces kept; families sharing a routing
+    law in one call; Monte Carlo-refined groups take their routed straggler
+    from the Monte Carlo)."""
     n = groups.size
     cat = {k: np.zeros(n) for k in ("weights", "attention", "communication", "other")}
     total = np.zeros(n)
@@ -588,22 +589,29 @@ def _category_times(sides: _SideSet, groups: np.ndarray, context: np.ndarray, ff
         return cat, total
     fam_ids = sides.family[groups]
     mc = np.array([int(g) in refined for g in groups.tolist()], dtype=bool)
-    for f, sel in _split(fam_ids):
-        fam = sides.families[int(f)]
+    laws: dict[tuple, list[int]] = {}
+    for f in np.unique(fam_ids).tolist():
+        laws.setdefault((sides.families[f].law, False), []).append(f)
+    for (law, _), fs in laws.items():
+        fams = [sides.families[f] for f in fs]
+        local = np.full(len(sides.families), -1, np.int64)
+        local[fs] = np.arange(len(fs))
+        stack = _stacked(fams)
         for is_mc in (False, True):
-            sub = sel[mc[sel] == is_mc]
+            sub = np.flatnonzero((local[fam_ids] >= 0) & (mc == is_mc))
             if sub.size == 0:
                 continue
             g = groups[sub]
-            plan = sides.side.plan[g]
-            sp = fam.params.take(plan)  # type: ignore[union-attr]
-            if fam.override and ffn is not None:
-                sp = sp.replace(ffn_params=ffn[sub])
+            gplan = stack.offset[local[fam_ids[sub]]] + sides.side.plan[g]
+            sp = stack.params.take(gplan)
+            if ffn is not None and stack.override.any():
+                sp = sp.replace(ffn_params=np.where(stack.override[gplan], ffn[sub], sp.ffn_params))
             mst = None
             if is_mc:
                 mst = tuple(np.array([refined[int(k)].moe_step_time[j] for k in g.tolist()]) for j in range(3))
-            r = step_time(sp, sides.side.batch[g].astype(np.float64), context[sub].astype(np.float64), pi=fam.pi,
-                          uniform=fam.pi is None, moe_step_time=mst, detail=True)  # type: ignore[arg-type]
+            r = step_time(sp, sides.side.batch[g].astype(np.float64), context[sub].astype(np.float64),
+                          pi=fams[0].pi, uniform=fams[0].pi is None, moe_step_time=mst,  # type: ignore[arg-type]
+                          detail=True)
             for pa in r.pieces:
                 key = "communication" if pa.link else _CATEGORY[pa.name]
                 cat[key][sub] += np.where(pa.present, pa.time, 0.0)

@@ -259,7 +259,7 @@ class StepParams:
 
     def take(self, idx: np.ndarray) -> "StepParams":
         """The lanes ``idx`` (one fancy-indexing of the field matrix)."""
-        return StepParams.from_matrix(self._matrix()[:, idx])
+        return StepParams.from_matrix(np.take(self._matrix(), idx, axis=1))  # C order: each field contiguous
 
     def replace(self, **fields: np.ndarray) -> "StepParams":
         return dataclasses.replace(self, matrix=None,
@@ -570,12 +570,12 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
 
     def keep(name: str, time: np.ndarray, nbytes: Any, flops: Any, count: Any, present: Any,
              bandwidth: np.ndarray | None = None, link: bool = False) -> None:
-        if detail:
-            def arr(x: Any) -> np.ndarray:
-                return np.broadcast_to(np.asarray(x, dtype=np.float64), (n_lanes,))
-            detailed.append(PieceArrays(name, arr(time), arr(nbytes), arr(flops), arr(count),
-                                        np.broadcast_to(np.asarray(present, dtype=bool), (n_lanes,)),
-                                        None if bandwidth is None else np.broadcast_to(bandwidth, (n_lanes,)), link))
+        """Record a piece (callers only call it with ``detail``: its arguments cost)."""
+        def arr(x: Any) -> np.ndarray:
+            return np.broadcast_to(np.asarray(x, dtype=np.float64), (n_lanes,))
+        detailed.append(PieceArrays(name, arr(time), arr(nbytes), arr(flops), arr(count),
+                                    np.broadcast_to(np.asarray(present, dtype=bool), (n_lanes,)),
+                                    None if bandwidth is None else np.broadcast_to(bandwidth, (n_lanes,)), link))
 
     micro = batch / p.pp
     adp = p.attn_dp > 0
@@ -592,14 +592,16 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
         t, bwb = _roof(w + kv, fl, p)
         pieces.append(np.where(nl > 0, t * nl, 0.0))
-        keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, bwb)
+        if detail:
+            keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, bwb)
     # dense FFN
     has = (p.dense_layers > 0) & (p.ffn_params > 0)
     w = p.ffn_params * p.wb / shard
     fl = 2.0 * seqs * p.ffn_params / shard
     t, bwb = _roof(w, fl, p)
     pieces.append(np.where(has, t * p.dense_layers, 0.0))
-    keep("dense ffn", pieces[-1], w * p.dense_layers, fl * p.dense_layers, p.dense_layers, has, bwb)
+    if detail:
+        keep("dense ffn", pieces[-1], w * p.dense_layers, fl * p.dense_layers, p.dense_layers, has, bwb)
     # MoE: router + shared experts, routed experts (straggler). Dense-only lanes
     # skip it: its pieces would be exact zeros, and x + 0.0 == x for the
     # non-negative times summed below, so the results are bit-identical.
@@ -613,7 +615,8 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
         t, bwb = _roof(per_layer, fl, p)
         pieces.append(np.where(is_moe, t * n_moe, 0.0))
-        keep("router + shared experts", pieces[-1], per_layer * n_moe, fl * n_moe, n_moe, is_moe, bwb)
+        if detail:
+            keep("router + shared experts", pieces[-1], per_layer * n_moe, fl * n_moe, n_moe, is_moe, bwb)
         a = p.expert_params * p.eb / p.etp / p.bw
         bcoef = 2.0 * p.expert_params / p.etp / p.flops
         if moe_step_time is None:
@@ -649,14 +652,16 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     fl = 2.0 * seqs * p.vd / shard
     t, bwb = _roof(w, fl, p)
     pieces.append(t)
-    keep("lm head", t, w, fl, 1.0, ~no, bwb)
+    if detail:
+        keep("lm head", t, w, fl, 1.0, ~no, bwb)
 
     # communication
     comm = []
     act = seqs * p.d * p.ab
     n = 2 * p.layers
     comm.append(np.where(shard > 1, _allreduce(act, p.tp, p) * n, 0.0))
-    keep("tp all-reduce", comm[-1], act * n, 0.0, n, shard > 1, link=True)
+    if detail:
+        keep("tp all-reduce", comm[-1], act * n, 0.0, n, shard > 1, link=True)
     if any_moe:
         has_ep = is_moe & (p.ep > 1)
         stage_gpus = p.dp * p.tp
@@ -669,15 +674,18 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
                            nbytes * inter_frac / (p.internode * p.link_eff))
         t = 2 * (p.latency + t_one)
         comm.append(np.where(has_ep, t * n_moe, 0.0))
-        keep("ep all-to-all", comm[-1], 2 * nbytes * n_moe, 0.0, n_moe, has_ep, link=True)
+        if detail:
+            keep("ep all-to-all", comm[-1], 2 * nbytes * n_moe, 0.0, n_moe, has_ep, link=True)
         has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
         nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
         comm.append(np.where(has_etp, _allreduce(nbytes, p.etp, p) * n_moe, 0.0))
-        keep("expert-tp all-reduce", comm[-1], nbytes * n_moe, 0.0, n_moe, has_etp, link=True)
+        if detail:
+            keep("expert-tp all-reduce", comm[-1], nbytes * n_moe, 0.0, n_moe, has_etp, link=True)
     nbytes = micro * p.d * p.ab
     t = (p.pp - 1) * (p.latency + nbytes / _link_bw(p, p.tp * p.pp))
     comm.append(np.where(p.pp > 1, t, 0.0))
-    keep("pp send", comm[-1], nbytes * (p.pp - 1), 0.0, p.pp - 1, p.pp > 1, link=True)
+    if detail:
+        keep("pp send", comm[-1], nbytes * (p.pp - 1), 0.0, p.pp - 1, p.pp > 1, link=True)
 
     compute_time = pieces[0]
     for x in pieces[1:]:
