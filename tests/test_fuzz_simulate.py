@@ -119,7 +119,7 @@ def test_fuzz_sweep(tmp_path_factory, args, extra, form, seed):
         vals = [v if isinstance(v, list) else [v] for v in grid.values()]
         grid = [dict(zip(keys, combo)) for combo in itertools.islice(itertools.product(*vals), 6)]
     ck = tmp_path_factory.mktemp("sweep")
-    names = list(q.sweeping.FIELDS) + ["grid", "seed"] + ([extra, repr(extra)] if extra is not None else [])
+    names = list(q.sweeps.FIELDS) + ["grid", "seed"] + ([extra, repr(extra)] if extra is not None else [])
     df = outcome("sweep", lambda: q.sweep(grid, checkpoint=ck, progress=False, seed=seed), names)
     if df is None:
         return

@@ -19,7 +19,7 @@ from qsengine import Plan
 from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_columns
 from qsengine.packing import admissible_batches, pack, plan_memory
 from qsengine.specs.loaders import as_cluster, as_model, as_precision
-from qsengine.sweeping import simulate_point
+from qsengine.sweeps.executors import simulate_point
 
 MOE_MODELS = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048", "qwen3-30b-a3b", "mixtral-8x7b",
               "gpt-oss-120b", "llama-4-scout", "dbrx", "kimi-k2"]

@@ -198,7 +198,7 @@ def _rewrite_meta(path, **changes):
 
 
 def test_results_file_records_its_format_and_other_versions_are_refused(tmp_path):
-    from qsengine._checkpoint import RESULTS_FORMAT, RESULTS_FORMAT_VERSION, read_results_table
+    from qsengine.sweeps.checkpoint import RESULTS_FORMAT, RESULTS_FORMAT_VERSION, read_results_table
     from qsengine.sweep_cli import report
 
     out = _results_dir(tmp_path)

@@ -22,7 +22,7 @@ GRID = {"model": ["qwen3-30b-a3b", "mixtral-8x7b"], "cluster": ["8xh100", "8xh20
 
 def test_real_simulate_rows_match_simulate_and_executors_agree(tmp_path):
     from qsengine.decode.simulate import simulate
-    from qsengine.sweeping import point_seed
+    from qsengine.sweeps import point_seed
 
     df = qsengine.sweep(GRID, seed=3, progress=False)
     assert len(df) == 16

@@ -4,7 +4,7 @@ serve LLM decode traffic better on a given GPU cluster, by how much, and why?
 The public API is re-exported here; the compiled core ``qsengine._core`` is
 private. Modules: ``specs`` (models, hardware, plans), ``routing`` (routing
 Monte Carlo), ``packing`` (HBM packing), ``decode`` (points, the step model,
-the evaluation pipeline and :func:`simulate`), ``sweeping`` (:func:`sweep`),
+the evaluation pipeline and :func:`simulate`), ``sweeps`` (:func:`sweep`),
 ``study``.
 """
 
@@ -34,7 +34,7 @@ from qsengine.routing import (
 )
 from qsengine.decode import ContextWarning, Point, SideResult, SimulationResult, StepBreakdown, StepOptions, simulate
 from qsengine.specs import *  # noqa: F403 - the specs layer's own __all__
-from qsengine.sweeping import load_results, sweep
+from qsengine.sweeps import load_results, sweep
 
 __all__ = [
     "__version__",

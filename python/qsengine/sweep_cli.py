@@ -64,12 +64,12 @@ def load_sweep_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 
 def _write_results(df, out: Path) -> list[Path]:
-    from qsengine._checkpoint import atomic_write_bytes, table_to_parquet_bytes
+    from qsengine.sweeps.checkpoint import atomic_write_bytes, table_to_parquet_bytes
 
     import pyarrow as pa
 
     from qsengine import __version__
-    from qsengine._checkpoint import results_metadata
+    from qsengine.sweeps.checkpoint import results_metadata
 
     pq_path, csv_path = out / "results.parquet", out / "results.csv"
     table = pa.Table.from_pandas(df, preserve_index=False)
@@ -82,7 +82,7 @@ def _write_results(df, out: Path) -> list[Path]:
 
 
 def _run_sweep_cli(args) -> int:
-    from qsengine.sweeping import sweep
+    from qsengine.sweeps import sweep
 
     grid, opts = load_sweep_toml(args.file)
     seed = args.seed if args.seed is not None else opts.get("seed")
@@ -160,8 +160,8 @@ def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    from qsengine._checkpoint import read_results_table
-    from qsengine.sweeping import load_results
+    from qsengine.sweeps.checkpoint import read_results_table
+    from qsengine.sweeps import load_results
 
     src = Path(path)
     results = src if src.is_file() else src / "results.parquet"
