@@ -163,7 +163,7 @@ struct RouteRequest {
 // order) depend only on the request, so the stopping point is the same for
 // any thread count. The last round stops at the cap (microbatches).
 constexpr std::int64_t kPrecisionSections = 32;
-constexpr std::int64_t kMinSectionSamples = 128;
+constexpr std::int64_t kMinSectionSamples = 32;
 
 struct RouteResult {
   std::int64_t experts = 0, top_k = 0, batch = 0, microbatches = 0, layers = 0, gpus = 0;
