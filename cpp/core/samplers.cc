@@ -96,6 +96,10 @@ Sampler::Sampler(const RouteRequest& req, const CancelToken* cancel, bool replic
   if (req.model.kind == ModelKind::GroupLimited) {
     groups_ = req.model.groups;
     group_size_ = E_ / groups_;
+    // Group of each expert (and of the sentinel E: groups, a valid group_mark
+    // slot): a table lookup instead of a 64-bit division per candidate.
+    group_of_.resize(static_cast<std::size_t>(E_) + 1);
+    for (std::int64_t e = 0; e <= E_; ++e) group_of_[e] = static_cast<std::uint32_t>(e / group_size_);
   }
   for (std::int64_t t = 0; t < W; ++t) {
     std::vector<double> w = layer_weights(req, t);
@@ -188,6 +192,7 @@ void Sampler::draw_experts(const AliasTable& tab, PhiloxStream& rng, SamplerScra
   }
   std::uint32_t* mark = s.mark.data();
   const std::uint32_t* gmark = s.group_mark.data();
+  const std::uint32_t* group_of = group_of_.data();
   mark[E_] = stamp;  // the sentinel is never fresh
   const std::uint32_t* cand = s.cand;
   std::size_t pos = s.cand_pos, end = s.cand_end;
@@ -202,7 +207,7 @@ void Sampler::draw_experts(const AliasTable& tab, PhiloxStream& rng, SamplerScra
     }
     const std::uint32_t e = cand[pos++];
     std::uint32_t fresh = mark[e] != stamp;
-    if constexpr (kGroups) fresh &= static_cast<std::uint32_t>(gmark[e / group_size_] == stamp);
+    if constexpr (kGroups) fresh &= static_cast<std::uint32_t>(gmark[group_of[e]] == stamp);
     out[n] = static_cast<std::int32_t>(e);
     mark[e] = stamp;
     n += fresh;
@@ -398,42 +403,49 @@ std::int32_t Sampler::sequential_pick(const AliasTable& tab, PhiloxStream& rng, 
 }
 
 // Groups for one token (GroupLimited), marked with `stamp` in s.group_mark.
+// The same draws and decisions as the plain rejection loop (per pick: draw
+// until a group not yet chosen comes up; after kRejectBudget consecutive
+// rejections, one exact sequential pick), written without a branch on the
+// accept/reject outcome: with skewed group weights most draws are rejected
+// and that branch would mispredict several times per token.
 void Sampler::draw_groups(const AliasTable& gt, PhiloxStream& cur, SamplerScratch& s, std::uint32_t stamp) const {
   const std::uint64_t n = gt.n;
-  for (std::int64_t j = 0; j < req_.model.top_groups; ++j) {
-    int tries = 0;
-    for (;;) {
-      const std::uint64_t m = static_cast<std::uint64_t>(cur.next32()) * n;
-      const std::uint32_t low = static_cast<std::uint32_t>(m);
-      if (low < gt.lemire_t) continue;
-      const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
-      const std::uint32_t g = low < gt.thr[col] ? col : gt.alias[col];
-      if (s.group_mark[g] != stamp) {
-        s.group_mark[g] = stamp;
-        break;
-      }
-      if (++tries >= kRejectBudget) {
-        PhiloxStream& rng = cur;
-        double total = 0.0;
-        std::int64_t last = -1;
-        for (std::uint32_t q = 0; q < gt.n; ++q)
-          if (s.group_mark[q] != stamp && gt.w[q] > 0.0) {
-            total += gt.w[q];
-            last = q;
+  const std::uint32_t* thr = gt.thr.data();
+  const std::uint32_t* alias = gt.alias.data();
+  std::uint32_t* gmark = s.group_mark.data();
+  std::int64_t need = req_.model.top_groups;
+  std::int64_t tries = 0;
+  while (need > 0) {
+    const std::uint64_t m = static_cast<std::uint64_t>(cur.next32()) * n;
+    const std::uint32_t low = static_cast<std::uint32_t>(m);
+    if (low < gt.lemire_t) continue;
+    const std::uint32_t col = static_cast<std::uint32_t>(m >> 32);
+    const std::uint32_t g = low < thr[col] ? col : alias[col];
+    const std::int64_t fresh = gmark[g] != stamp;
+    gmark[g] = stamp;  // unchanged if g was already chosen
+    need -= fresh;
+    tries = (tries + 1) & (fresh - 1);  // consecutive rejections of this pick
+    if (__builtin_expect(tries >= kRejectBudget, 0)) {
+      double total = 0.0;
+      std::int64_t last = -1;
+      for (std::uint32_t q = 0; q < gt.n; ++q)
+        if (gmark[q] != stamp && gt.w[q] > 0.0) {
+          total += gt.w[q];
+          last = q;
+        }
+      double u = cur.uniform() * total;
+      std::int64_t pick = last;
+      for (std::uint32_t q = 0; q < gt.n; ++q)
+        if (gmark[q] != stamp && gt.w[q] > 0.0) {
+          u -= gt.w[q];
+          if (u < 0.0) {
+            pick = q;
+            break;
           }
-        double u = rng.uniform() * total;
-        std::int64_t pick = last;
-        for (std::uint32_t q = 0; q < gt.n; ++q)
-          if (s.group_mark[q] != stamp && gt.w[q] > 0.0) {
-            u -= gt.w[q];
-            if (u < 0.0) {
-              pick = q;
-              break;
-            }
-          }
-        s.group_mark[pick] = stamp;
-        break;
-      }
+        }
+      gmark[pick] = stamp;
+      --need;
+      tries = 0;
     }
   }
 }

@@ -99,6 +99,7 @@ class Sampler {
   const CancelToken* cancel_;
   std::int64_t E_ = 0, k_ = 0, B_ = 0, L_ = 0, bk_ = 0;
   std::int64_t groups_ = 0, group_size_ = 1;
+  std::vector<std::uint32_t> group_of_;  // [E+1] GroupLimited: group of each expert (E -> groups)
   bool replicas_ = false;
   bool record_ = false;
   std::vector<LayerTable> tables_;
