@@ -184,10 +184,11 @@ void register_routing(py::module_& m) {
   m.def(
       "route",
       [](const RouteRequest& request, int threads) {
-        // Copied with the GIL held (the Python object may change afterwards);
-        // the copy holds only plain C++ values, so the run needs no GIL.
+        // Copied and validated with the GIL held (the Python object may change
+        // afterwards); the copy holds only plain C++ values, so the run needs no GIL.
         RouteRequest req = request;
         req.threads = threads;
+        validate(req);  // bad input raises here, before any thread starts (route checks again, cheaply)
         return run_interruptible([&req](qs::CancelToken& token) { return route(req, &token); });
       },
       py::arg("request"), py::arg("threads"),
