@@ -129,10 +129,13 @@ from qsengine import _core
 # Weights the core accepts as 4 positive values, but 5e-324 / sum underflows to
 # 0 in its normalisation: with top_k = experts the exact fallback finds no
 # eligible expert and writes expert -1.
-r = _core.route(experts=4, top_k=4, batch=1, microbatches=200, layers=1, model_kind=0, weight_kind=2, alpha=1.0,
-                ranks=0, weights=np.array([1.0, 1.0, 1.0, 5e-324]), concentration=None, groups=1, top_groups=1,
-                rho=0.0, trace=None, gpus=1, expert_gpus=[[0], [0], [0], [0]], cost_a=None, cost_b=None, key0=1,
-                key1=2, threads=1, memory_limit=1 << 30, record=True)
+req = _core.RouteRequest()
+req.experts, req.top_k, req.batch, req.microbatches, req.layers = 4, 4, 1, 200, 1
+req.model.base.kind = _core.WeightKind.Popularity
+req.model.base.weights = np.array([1.0, 1.0, 1.0, 5e-324])
+req.placement.gpus, req.placement.expert_gpus = 1, [[0], [0], [0], [0]]
+req.key, req.memory_limit, req.record = (1, 2), 1 << 30, True
+r = _core.route(req, 1)
 sel = np.asarray(r.selections)
 assert ((sel >= 0) & (sel < 4)).all(), f"expert ids out of range: min {sel.min()}"
 print("ok")
@@ -158,10 +161,11 @@ def test_popularity_refuses_weights_the_core_cannot_normalise():
 _CORE_UB = """
 from qsengine import _core
 try:
-    _core.route(experts=4, top_k=2, batch=2**62, microbatches=1, layers=1, model_kind=0, weight_kind=0, alpha=1.0,
-                ranks=0, weights=None, concentration=None, groups=1, top_groups=1, rho=0.0, trace=None, gpus=1,
-                expert_gpus=[[0], [0], [0], [0]], cost_a=None, cost_b=None, key0=1, key1=2, threads=1,
-                memory_limit=1 << 30, record=False)
+    req = _core.RouteRequest()
+    req.experts, req.top_k, req.batch, req.microbatches, req.layers = 4, 2, 2**62, 1, 1
+    req.placement.gpus, req.placement.expert_gpus = 1, [[0], [0], [0], [0]]
+    req.key, req.memory_limit = (1, 2), 1 << 30
+    _core.route(req, 1)
 except ValueError as exc:
     print(exc)
 """

@@ -57,6 +57,7 @@
 
 #include "core/parallel.h"
 #include "core/philox.h"
+#include "core/routing_stats.h"
 
 namespace qs::routing {
 
@@ -64,9 +65,6 @@ constexpr std::uint64_t kPurposeRouting = 1;
 constexpr std::uint64_t kPurposePopularity = 2;
 constexpr std::uint64_t kPurposeTie = 3;
 constexpr int kRejectBudget = 64;
-// Relative width of a log-binned cost histogram bin: quantiles reported at the
-// geometric bin centre are within sqrt(1.001) - 1 < 0.05% of the truth.
-constexpr double kLogBinRatio = 1.001;
 
 enum class WeightKind : int { Uniform = 0, PowerLaw = 1, Popularity = 2, Dirichlet = 3 };
 // PowerLaw: which expert holds which popularity rank.
@@ -144,31 +142,28 @@ struct RouteRequest {
   int threads = 0;  // <= 0: all hardware threads
   std::uint64_t memory_limit = 4ull << 30;
   bool record = false;  // also return every selection (tests; small runs only)
+  // Precision target (0: off). When > 0, `microbatches` is the maximum: work
+  // blocks run in rounds and the run stops at the first checkpoint where the
+  // relative standard errors of both the mean and the p99 of the precision
+  // statistic are <= rtol (see "Precision-targeted runs" below).
+  double rtol = 0.0;
 };
 
-// Mean and M2 (sum of squared deviations), merged with Chan's formula in block
-// order, so the result does not depend on the thread count.
-struct Moments {
-  std::uint64_t n = 0;
-  double mean = 0.0;
-  double m2 = 0.0;
-  void add(double x) {
-    ++n;
-    const double d = x - mean;
-    mean += d / static_cast<double>(n);
-    m2 += d * (x - mean);
-  }
-  void merge(const Moments& o);
-};
-
-// Histogram on log-spaced bins [lo*r^i, lo*r^(i+1)), r = kLogBinRatio.
-struct LogHistogram {
-  double lo = 0.0;
-  double hi = 0.0;
-  std::int64_t bins = 0;
-  std::vector<std::uint64_t> counts;
-  std::int64_t bin_of(double x) const;
-};
+// Precision-targeted runs (rtol > 0). The precision statistic is the step time
+// when a cost is given, else the straggler assignment count max_g n_g of each
+// microbatch-layer sample. Its mean and p99 get standard errors by sectioning
+// over whole work blocks (routing_stats.h, class Sections): kPrecisionSections
+// sections of equal numbers of blocks, each holding at least
+// kMinSectionSamples samples at the first checkpoint. Checkpoints: the first
+// after kPrecisionSections sections, then after every further
+// kPrecisionSections/4 sections; when 2*kPrecisionSections sections exist,
+// neighbours are merged pairwise (so there are always between
+// kPrecisionSections and 2*kPrecisionSections sections and each round adds
+// 12.5% to 25% more work). The schedule and the statistics (merged in block
+// order) depend only on the request, so the stopping point is the same for
+// any thread count. The last round stops at the cap (microbatches).
+constexpr std::int64_t kPrecisionSections = 32;
+constexpr std::int64_t kMinSectionSamples = 32;
 
 struct RouteResult {
   std::int64_t experts = 0, top_k = 0, batch = 0, microbatches = 0, layers = 0, gpus = 0;
@@ -187,6 +182,12 @@ struct RouteResult {
   Moments layer_time, step_time;
   LogHistogram layer_time_hist, step_time_hist;
   std::vector<std::int32_t> selections;  // [microbatches, layers, B, k] if record
+  // Precision-targeted runs only (rtol > 0); microbatches above = run.
+  double rtol = 0.0;
+  bool target_reached = false;
+  double rse_mean = 0.0, rse_p99 = 0.0;  // relative standard errors reached
+  std::int64_t precision_sections = 0;   // sections behind them
+  std::int64_t checkpoints = 0;          // stopping checks made
 };
 
 // Throws qs::InvalidArgument naming the argument, its value and the rule.
@@ -198,7 +199,7 @@ std::int64_t block_size(const RouteRequest& req);
 // Validates, checks memory (qs::ResourceLimitExceeded), runs. Throws Cancelled.
 RouteResult route(const RouteRequest& req, const CancelToken* cancel = nullptr);
 // Tests: use only the portable code paths (no runtime-dispatched SIMD), which
-// must give bit-identical results. Process-wide; default off.
+// must give bit-identical results. Process-wide; default off (alias.cc).
 void set_portable_only(bool on);
 
 }  // namespace qs::routing

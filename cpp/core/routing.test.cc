@@ -175,6 +175,45 @@ void test_portable_equals_dispatched() {
   }
 }
 
+void test_precision_target() {
+  // rtol: the stopping point and every statistic are the same for 1 and 3
+  // threads; the cap holds; an unreachable target runs to the cap.
+  for (int model = 0; model < 2; ++model) {
+    RouteRequest r = base_request(32, 3, 40, 200000, 4);
+    r.layers = 3;
+    r.cost.enabled = true;
+    r.cost.a = {1e-6, 1.2e-6, 0.9e-6, 1.1e-6};
+    r.cost.b = {2e-7, 2.1e-7, 1.9e-7, 2.2e-7};
+    if (model == 1) {
+      r.model.kind = ModelKind::Sticky;
+      r.model.rho = 0.8;
+      r.cost.enabled = false;  // the straggler statistic
+    }
+    r.rtol = 2e-3;
+    r.threads = 1;
+    const RouteResult a = route(r);
+    r.threads = 3;
+    const RouteResult b = route(r);
+    CHECK(a.target_reached && a.rse_mean <= r.rtol && a.rse_p99 <= r.rtol);
+    CHECK(a.microbatches == b.microbatches && a.microbatches < r.microbatches && a.checkpoints == b.checkpoints);
+    CHECK(a.rse_mean == b.rse_mean && a.rse_p99 == b.rse_p99 && a.unique_hist == b.unique_hist &&
+          a.gpu_assign_max_hist == b.gpu_assign_max_hist && a.step_time_hist.counts == b.step_time_hist.counts);
+    CHECK(a.step_time.mean == b.step_time.mean && a.step_time.m2 == b.step_time.m2);
+    std::uint64_t n = 0;
+    for (std::uint64_t c : a.gpu_assign_max_hist) n += c;
+    CHECK(n == static_cast<std::uint64_t>(a.microbatches * r.layers));
+    r.rtol = 1e-9;
+    r.microbatches = 3001;
+    const RouteResult c = route(r);
+    CHECK(!c.target_reached && c.microbatches == 3001 && c.rse_mean > 1e-9);
+  }
+  RouteRequest r = base_request(32, 3, 40, 100, 4);
+  for (double bad : {-0.1, 1.0, 3.0, std::nan("")}) {
+    r.rtol = bad;
+    CHECK(qs::test::throws_invalid([&] { validate(r); }, "rtol="));
+  }
+}
+
 }  // namespace
 
 int main() {
@@ -183,5 +222,6 @@ int main() {
   test_trace();
   test_validation();
   test_portable_equals_dispatched();
+  test_precision_target();
   return qs::test::report("routing");
 }

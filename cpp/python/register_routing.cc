@@ -1,13 +1,14 @@
-// Binding layer: the routing engine. Converts Python values to a plain
-// qs::routing::RouteRequest while holding the GIL, then runs the core with the
-// GIL released (run_interruptible). Results come back as a bound object whose
-// fields are numpy arrays and numbers (no dicts with magic keys).
+// Binding layer: the routing engine. The request is the core's own
+// qs::routing::RouteRequest, bound field by field (enums as py::enum_, arrays
+// converted by their setters with the GIL held), so nothing on the Python side
+// mirrors C++ codes by hand. route(request, threads) copies it and runs the
+// core with the GIL released (run_interruptible). Results come back as a bound
+// object whose fields are numpy arrays and numbers (no dicts with magic keys).
 #include <pybind11/numpy.h>
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
 #include <cstdint>
-#include <optional>
 #include <utility>
 #include <vector>
 
@@ -30,13 +31,11 @@ py::array_t<T> to_numpy(const std::vector<T>& v) {
   return a;
 }
 
-std::vector<double> to_vector(const std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>>& a,
-                              const char* name) {
-  std::vector<double> v;
-  if (!a) return v;
-  if (a->ndim() != 1) throw qs::InvalidArgument(std::string(name) + ": must be a 1-D array");
-  v.assign(a->data(), a->data() + a->size());
-  return v;
+using DoubleArray = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+std::vector<double> to_vector(const DoubleArray& a, const char* name) {
+  if (a.ndim() != 1) throw qs::InvalidArgument(std::string(name) + ": must be a 1-D array");
+  return std::vector<double>(a.data(), a.data() + a.size());
 }
 
 }  // namespace
@@ -77,6 +76,12 @@ void register_routing(py::module_& m) {
       .def_property_readonly("step_time_lo", [](const RouteResult& r) { return r.step_time_hist.lo; })
       .def_property_readonly("layer_time_hist", [](const RouteResult& r) { return to_numpy(r.layer_time_hist.counts); })
       .def_property_readonly("step_time_hist", [](const RouteResult& r) { return to_numpy(r.step_time_hist.counts); })
+      .def_readonly("rtol", &RouteResult::rtol)
+      .def_readonly("target_reached", &RouteResult::target_reached)
+      .def_readonly("rse_mean", &RouteResult::rse_mean)
+      .def_readonly("rse_p99", &RouteResult::rse_p99)
+      .def_readonly("precision_sections", &RouteResult::precision_sections)
+      .def_readonly("checkpoints", &RouteResult::checkpoints)
       .def_property_readonly("selections", [](const RouteResult& r) {
         py::array_t<std::int32_t> a = to_numpy(r.selections);
         return a.reshape({static_cast<py::ssize_t>(r.microbatches), static_cast<py::ssize_t>(r.layers),
@@ -85,70 +90,110 @@ void register_routing(py::module_& m) {
   m.attr("LOG_BIN_RATIO") = kLogBinRatio;
   m.attr("REJECT_BUDGET") = kRejectBudget;
 
+  py::enum_<WeightKind>(m, "WeightKind", "Per-expert weights of the routing base (cpp/core/routing.h).")
+      .value("Uniform", WeightKind::Uniform)
+      .value("PowerLaw", WeightKind::PowerLaw)
+      .value("Popularity", WeightKind::Popularity)
+      .value("Dirichlet", WeightKind::Dirichlet);
+  py::enum_<RankOrder>(m, "RankOrder", "PowerLaw: which expert holds which popularity rank.")
+      .value("Fixed", RankOrder::Fixed)
+      .value("PerLayer", RankOrder::PerLayer);
+  py::enum_<ModelKind>(m, "ModelKind", "The routing model (cpp/core/routing.h).")
+      .value("Independent", ModelKind::Independent)
+      .value("GroupLimited", ModelKind::GroupLimited)
+      .value("Sticky", ModelKind::Sticky)
+      .value("Trace", ModelKind::Trace);
+
+  py::class_<WeightSpec>(m, "WeightSpec", "Per-expert weights of one layer (the base of every stochastic model).")
+      .def(py::init<>())
+      .def_readwrite("kind", &WeightSpec::kind)
+      .def_readwrite("alpha", &WeightSpec::alpha)
+      .def_readwrite("ranks", &WeightSpec::ranks)
+      .def_property(
+          "weights", [](const WeightSpec& w) { return to_numpy(w.weights); },
+          [](WeightSpec& w, const DoubleArray& a) { w.weights = to_vector(a, "routing.weights"); })
+      .def_property(
+          "concentration", [](const WeightSpec& w) { return to_numpy(w.concentration); },
+          [](WeightSpec& w, const DoubleArray& a) { w.concentration = to_vector(a, "routing.concentration"); });
+
+  py::class_<ModelSpec>(m, "ModelSpec", "The routing model: kind, base weights and the kind's parameters.")
+      .def(py::init<>())
+      .def_readwrite("kind", &ModelSpec::kind)
+      .def_readwrite("base", &ModelSpec::base)
+      .def_readwrite("groups", &ModelSpec::groups)
+      .def_readwrite("top_groups", &ModelSpec::top_groups)
+      .def_readwrite("rho", &ModelSpec::rho)
+      .def_property(
+          "trace",
+          [](const ModelSpec& s) {
+            py::array_t<std::int32_t> a = to_numpy(s.trace);
+            return a.reshape({static_cast<py::ssize_t>(s.trace_steps), static_cast<py::ssize_t>(s.trace_tokens),
+                              static_cast<py::ssize_t>(s.trace_k)});
+          },
+          [](ModelSpec& s, const py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>& trace) {
+            if (trace.ndim() != 3)
+              throw qs::InvalidArgument("routing.expert_ids: must be a 3-D array [steps, tokens, k], got " +
+                                        std::to_string(trace.ndim()) + " dimensions");
+            s.trace_steps = trace.shape(0);
+            s.trace_tokens = trace.shape(1);
+            s.trace_k = trace.shape(2);
+            const std::int64_t* d = trace.data();
+            s.trace.resize(static_cast<std::size_t>(trace.size()));
+            for (py::ssize_t i = 0; i < trace.size(); ++i) {
+              const std::int64_t v = d[i];
+              // Out-of-int32 ids are out of range anyway; keep them visibly invalid.
+              s.trace[i] = (v < 0 || v > 0x7FFFFFFF) ? -1 : static_cast<std::int32_t>(v);
+            }
+          },
+          "Recorded expert ids [steps, tokens, k] (Trace); set from any integer array.");
+
+  py::class_<PlacementSpec>(m, "PlacementSpec", "Where experts live: expert_gpus[e] = GPUs of e's replicas.")
+      .def(py::init<>())
+      .def_readwrite("gpus", &PlacementSpec::gpus)
+      .def_readwrite("expert_gpus", &PlacementSpec::expert_gpus);
+
+  py::class_<CostSpec>(m, "CostSpec", "Straggler cost: GPU g spends max(a[g]*u_g, b[g]*n_g) seconds on a layer.")
+      .def(py::init<>())
+      .def_readwrite("enabled", &CostSpec::enabled)
+      .def_property(
+          "a", [](const CostSpec& c) { return to_numpy(c.a); },
+          [](CostSpec& c, const DoubleArray& a) { c.a = to_vector(a, "cost.a"); })
+      .def_property(
+          "b", [](const CostSpec& c) { return to_numpy(c.b); },
+          [](CostSpec& c, const DoubleArray& a) { c.b = to_vector(a, "cost.b"); });
+
+  py::class_<RouteRequest>(m, "RouteRequest",
+                           "One routing run (private; built by qsengine.route). Field rules: cpp/core/routing.h.")
+      .def(py::init<>())
+      .def_readwrite("experts", &RouteRequest::experts)
+      .def_readwrite("top_k", &RouteRequest::top_k)
+      .def_readwrite("batch", &RouteRequest::batch)
+      .def_readwrite("microbatches", &RouteRequest::microbatches)
+      .def_readwrite("layers", &RouteRequest::layers)
+      .def_readwrite("model", &RouteRequest::model)
+      .def_readwrite("placement", &RouteRequest::placement)
+      .def_readwrite("cost", &RouteRequest::cost)
+      .def_property(
+          "key", [](const RouteRequest& r) { return py::make_tuple(r.key.k0, r.key.k1); },
+          [](RouteRequest& r, const std::pair<std::uint64_t, std::uint64_t>& k) { r.key = {k.first, k.second}; },
+          "The 128-bit Philox key (k0, k1).")
+      .def_readwrite("memory_limit", &RouteRequest::memory_limit)
+      .def_readwrite("record", &RouteRequest::record)
+      .def_readwrite("rtol", &RouteRequest::rtol);
+
   m.def(
       "route",
-      [](std::int64_t experts, std::int64_t top_k, std::int64_t batch, std::int64_t microbatches, std::int64_t layers,
-         int model_kind, int weight_kind, double alpha, int ranks,
-         std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>> weights,
-         std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>> concentration,
-         std::int64_t groups, std::int64_t top_groups, double rho,
-         std::optional<py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>> trace, std::int64_t gpus,
-         std::vector<std::vector<std::int32_t>> expert_gpus,
-         std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>> cost_a,
-         std::optional<py::array_t<double, py::array::c_style | py::array::forcecast>> cost_b, std::uint64_t key0,
-         std::uint64_t key1, int threads, std::uint64_t memory_limit, bool record) {
-        // Everything converted here, with the GIL held.
-        RouteRequest req;
-        req.experts = experts;
-        req.top_k = top_k;
-        req.batch = batch;
-        req.microbatches = microbatches;
-        req.layers = layers;
-        if (model_kind < 0 || model_kind > 3) throw qs::InvalidArgument("routing: unknown model kind");
-        if (weight_kind < 0 || weight_kind > 3) throw qs::InvalidArgument("routing: unknown weight kind");
-        req.model.kind = static_cast<ModelKind>(model_kind);
-        req.model.base.kind = static_cast<WeightKind>(weight_kind);
-        req.model.base.alpha = alpha;
-        req.model.base.ranks = ranks == 1 ? RankOrder::PerLayer : RankOrder::Fixed;
-        req.model.base.weights = to_vector(weights, "routing.weights");
-        req.model.base.concentration = to_vector(concentration, "routing.concentration");
-        req.model.groups = groups;
-        req.model.top_groups = top_groups;
-        req.model.rho = rho;
-        if (trace) {
-          if (trace->ndim() != 3)
-            throw qs::InvalidArgument("routing.expert_ids: must be a 3-D array [steps, tokens, k], got " +
-                                      std::to_string(trace->ndim()) + " dimensions");
-          req.model.trace_steps = trace->shape(0);
-          req.model.trace_tokens = trace->shape(1);
-          req.model.trace_k = trace->shape(2);
-          const std::int64_t* d = trace->data();
-          req.model.trace.resize(static_cast<std::size_t>(trace->size()));
-          for (py::ssize_t i = 0; i < trace->size(); ++i) {
-            const std::int64_t v = d[i];
-            // Out-of-int32 ids are out of range anyway; keep them visibly invalid.
-            req.model.trace[i] = (v < 0 || v > 0x7FFFFFFF) ? -1 : static_cast<std::int32_t>(v);
-          }
-        }
-        req.placement.gpus = gpus;
-        req.placement.expert_gpus = std::move(expert_gpus);
-        if (cost_a || cost_b) {
-          req.cost.enabled = true;
-          req.cost.a = to_vector(cost_a, "cost.a");
-          req.cost.b = to_vector(cost_b, "cost.b");
-        }
-        req.key = {key0, key1};
+      [](const RouteRequest& request, int threads) {
+        // Copied and validated with the GIL held (the Python object may change
+        // afterwards); the copy holds only plain C++ values, so the run needs no GIL.
+        RouteRequest req = request;
         req.threads = threads;
-        req.memory_limit = memory_limit;
-        req.record = record;
+        validate(req);  // bad input raises here, before any thread starts (route checks again, cheaply)
         return run_interruptible([&req](qs::CancelToken& token) { return route(req, &token); });
       },
-      py::arg("experts"), py::arg("top_k"), py::arg("batch"), py::arg("microbatches"), py::arg("layers"),
-      py::arg("model_kind"), py::arg("weight_kind"), py::arg("alpha"), py::arg("ranks"), py::arg("weights"),
-      py::arg("concentration"), py::arg("groups"), py::arg("top_groups"), py::arg("rho"), py::arg("trace"),
-      py::arg("gpus"), py::arg("expert_gpus"), py::arg("cost_a"), py::arg("cost_b"), py::arg("key0"),
-      py::arg("key1"), py::arg("threads"), py::arg("memory_limit"), py::arg("record"),
-      "Run the routing engine (private; use qsengine.route). Releases the GIL; Ctrl-C raises KeyboardInterrupt.");
+      py::arg("request"), py::arg("threads"),
+      "Run the routing engine (private; use qsengine.route). threads <= 0: all hardware threads. Releases the "
+      "GIL; Ctrl-C raises KeyboardInterrupt.");
 
   m.def(
       "philox_raw",

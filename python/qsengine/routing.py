@@ -45,6 +45,7 @@ __all__ = [
     "Distribution",
     "RoutingConfig",
     "RoutingStats",
+    "RoutingPrecision",
     "route",
     "sample_routing",
     "parse_routing",
@@ -54,10 +55,6 @@ __all__ = [
 
 FORMAT = "qsengine.RoutingStats"
 FORMAT_VERSION = 1
-
-# Codes shared with cpp/core/routing.h (WeightKind, ModelKind, RankOrder).
-_W_UNIFORM, _W_POWERLAW, _W_POPULARITY, _W_DIRICHLET = 0, 1, 2, 3
-_M_INDEPENDENT, _M_GROUP, _M_STICKY, _M_TRACE = 0, 1, 2, 3
 
 
 # ---------------------------------------------------------------------------
@@ -793,6 +790,32 @@ class _TimeStats:
         return cls(d["n"], d["mean"], d["m2"], d["lo"], np.asarray(d["counts"], dtype=np.uint64))
 
 
+@dataclass(frozen=True)
+class RoutingPrecision:
+    """How a precision-targeted run (``route(..., rtol=...)``) ended.
+
+    ``statistic``: ``"step_time"`` (a cost was given) or ``"gpu_assign_max"``
+    (max over GPUs of the token-expert assignments n_g, per microbatch-layer).
+    ``rse_mean`` / ``rse_p99``: relative standard errors of its mean and p99
+    reached when the run stopped (sectioning over whole work blocks, see
+    :func:`route`); ``target_reached``: both are <= ``rtol`` (else the run
+    stopped at ``max_microbatches``); ``sections``: sections behind the
+    estimates; ``checkpoints``: stopping checks made.
+    """
+
+    rtol: float
+    statistic: str
+    max_microbatches: int
+    target_reached: bool
+    rse_mean: float
+    rse_p99: float
+    sections: int
+    checkpoints: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
 _HISTS = ("unique_hist", "gpu_unique_max_hist", "gpu_assign_max_hist", "tokens_per_expert_hist",
           "gpu_unique_sum", "gpu_assign_sum")
 
@@ -805,7 +828,9 @@ class RoutingStats:
     :attr:`gpu_unique_max`, :attr:`gpu_assign_max`, :attr:`imbalance`,
     :attr:`gpu_unique_mean`, :attr:`gpu_assign_mean`,
     :attr:`tokens_per_expert`, :attr:`layer_time` / :attr:`step_time` (when a
-    cost was given), :attr:`config`, :attr:`microbatches`, :attr:`seed`.
+    cost was given), :attr:`config`, :attr:`microbatches` (run), :attr:`seed`,
+    :attr:`precision` (with ``rtol``; also :attr:`target_reached`,
+    :attr:`rse_mean`, :attr:`rse_p99`).
     """
 
     def __init__(self, config: RoutingConfig, microbatches: int, seed: list[dict[str, Any]],
@@ -818,6 +843,9 @@ class RoutingStats:
         self._layer_time = layer_time
         self._step_time = step_time
         self.layer_weights = layer_weights
+        #: How a precision-targeted run ended (None unless ``route(..., rtol=...)``
+        #: made this object; a sum of runs has none).
+        self.precision: RoutingPrecision | None = None
 
     # -- construction -----------------------------------------------------
     @classmethod
@@ -898,6 +926,21 @@ class RoutingStats:
         """Sum of the ``layers`` layer times of one microbatch (None without a cost)."""
         return None if self._step_time is None else self._step_time.distribution()
 
+    @property
+    def target_reached(self) -> bool | None:
+        """Whether ``rtol`` was reached (None for a run without ``rtol``)."""
+        return None if self.precision is None else self.precision.target_reached
+
+    @property
+    def rse_mean(self) -> float | None:
+        """Relative standard error of the precision statistic's mean (None without ``rtol``)."""
+        return None if self.precision is None else self.precision.rse_mean
+
+    @property
+    def rse_p99(self) -> float | None:
+        """Relative standard error of the precision statistic's p99 (None without ``rtol``)."""
+        return None if self.precision is None else self.precision.rse_p99
+
     def histogram(self, name: str) -> np.ndarray:
         """A raw exact histogram (one of ``unique_hist``, ``gpu_unique_max_hist``,
         ``gpu_assign_max_hist``, ``tokens_per_expert_hist``) or per-GPU sum."""
@@ -939,6 +982,7 @@ class RoutingStats:
         d["layer_time"] = None if self._layer_time is None else self._layer_time.to_dict()
         d["step_time"] = None if self._step_time is None else self._step_time.to_dict()
         d["layer_weights"] = None if self.layer_weights is None else self.layer_weights.tolist()
+        d["precision"] = None if self.precision is None else self.precision.to_dict()
         return d
 
     @classmethod
@@ -954,8 +998,11 @@ class RoutingStats:
         lt = None if d.get("layer_time") is None else _TimeStats.from_dict(d["layer_time"])
         st = None if d.get("step_time") is None else _TimeStats.from_dict(d["step_time"])
         w = d.get("layer_weights")
-        return cls(config, d["microbatches"], list(d["seed"]), {k: np.asarray(d[k], dtype=np.uint64) for k in _HISTS},
-                   lt, st, None if w is None else np.asarray(w, dtype=np.float64))
+        out = cls(config, d["microbatches"], list(d["seed"]), {k: np.asarray(d[k], dtype=np.uint64) for k in _HISTS},
+                  lt, st, None if w is None else np.asarray(w, dtype=np.float64))
+        p = d.get("precision")  # absent in records written before precision-targeted runs
+        out.precision = None if p is None else RoutingPrecision(**p)
+        return out
 
     # -- presentation -------------------------------------------------------
     def summary(self) -> str:
@@ -999,7 +1046,9 @@ _PLACEMENT_BYTES_PER_EXPERT = 128
 
 
 def _prepare(experts: object, top_k: object, batch: object, microbatches: object, routing: object,
-             placement: object, threads: object, layers: object, cost: object) -> tuple[dict[str, Any], RoutingConfig]:
+             placement: object, threads: object, layers: object,
+             cost: object) -> tuple[_core.RouteRequest, RoutingConfig, int]:
+    """Checks the arguments and builds the core's request, the run's config and the thread count."""
     E = _int("experts", experts)
     k = _int("top_k", top_k)
     B = _int("batch", batch)
@@ -1050,45 +1099,72 @@ def _prepare(experts: object, top_k: object, batch: object, microbatches: object
             raise TypeError(f"cost={cost!r}: must be a qsengine.LayerCost(a, b), an (a, b) tuple or None")
         cost_a, cost_b = cost.per_gpu(placement.gpus)
 
-    args: dict[str, Any] = dict(
-        experts=E, top_k=k, batch=B, microbatches=mb, layers=L, model_kind=_M_INDEPENDENT,
-        weight_kind=_W_UNIFORM, alpha=1.0, ranks=0, weights=None, concentration=None, groups=1, top_groups=1,
-        rho=0.0, trace=None, gpus=placement.gpus, expert_gpus=expert_gpus, cost_a=cost_a, cost_b=cost_b,
-        threads=nthreads, memory_limit=get_memory_limit(),
-    )
-    base = model
+    req = _core.RouteRequest()
+    req.experts, req.top_k, req.batch, req.microbatches, req.layers = E, k, B, mb, L
+    req.placement.gpus = placement.gpus
+    req.placement.expert_gpus = expert_gpus
+    if cost_a is not None and cost_b is not None:
+        req.cost.a, req.cost.b = cost_a, cost_b
+        req.cost.enabled = True
+    req.memory_limit = get_memory_limit()
+    spec = req.model
+    base: RoutingModel = model
     if isinstance(model, GroupLimited):
-        args.update(model_kind=_M_GROUP, groups=model.groups, top_groups=model.top_groups)
+        spec.kind = _core.ModelKind.GroupLimited
+        spec.groups, spec.top_groups = model.groups, model.top_groups
         base = model.base
     elif isinstance(model, Sticky):
-        args.update(model_kind=_M_STICKY, rho=model.rho)
+        spec.kind = _core.ModelKind.Sticky
+        spec.rho = model.rho
         base = model.base
     elif isinstance(model, Trace):
-        args.update(model_kind=_M_TRACE, trace=model.expert_ids)
+        spec.kind = _core.ModelKind.Trace
+        spec.trace = model.expert_ids
         base = Uniform()
+    else:
+        spec.kind = _core.ModelKind.Independent
+    w = spec.base
     if isinstance(base, PowerLaw):
-        args.update(weight_kind=_W_POWERLAW, alpha=base.alpha, ranks=1 if base.ranks == "per_layer" else 0)
+        w.kind = _core.WeightKind.PowerLaw
+        w.alpha = base.alpha
+        w.ranks = _core.RankOrder.PerLayer if base.ranks == "per_layer" else _core.RankOrder.Fixed
     elif isinstance(base, Popularity):
-        args.update(weight_kind=_W_POPULARITY, weights=np.asarray(base.weights, dtype=np.float64))
+        w.kind = _core.WeightKind.Popularity
+        w.weights = np.asarray(base.weights, dtype=np.float64)
     elif isinstance(base, Dirichlet):
-        c = base.concentration
-        args.update(weight_kind=_W_DIRICHLET,
-                    concentration=np.atleast_1d(np.asarray(c, dtype=np.float64)))
+        w.kind = _core.WeightKind.Dirichlet
+        w.concentration = np.atleast_1d(np.asarray(base.concentration, dtype=np.float64))
+    else:
+        w.kind = _core.WeightKind.Uniform
     config = RoutingConfig(E, k, B, L, model.to_dict(), placement.to_dict(),
                            None if cost is None else cost.to_dict())  # type: ignore[union-attr]
-    return args, config
+    return req, config, nthreads
+
+
+def _rtol(value: object) -> float:
+    """The precision target as the core takes it (0.0: off)."""
+    if value is None:
+        return 0.0
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+        raise TypeError(f"rtol={value!r} (type {type(value).__name__}): must be a real number in (0, 1) or None")
+    v = float(value)
+    if not (0.0 < v < 1.0):  # also refuses nan
+        raise ValueError(f"rtol={v}: must be in (0, 1) (a relative standard error), or None to run all microbatches")
+    return v
 
 
 def route(experts: int, top_k: int, batch: int, microbatches: int | None, routing: RoutingModel | str = "uniform",
           placement: Placement | int | None = None, seed: SeedLike = None, threads: int | None = None,
-          layers: int = 1, cost: LayerCost | tuple[Any, Any] | None = None) -> RoutingStats:
+          layers: int = 1, cost: LayerCost | tuple[Any, Any] | None = None, *,
+          rtol: float | None = None) -> RoutingStats:
     """Simulate routing of ``microbatches`` decode microbatches through ``layers`` MoE layers.
 
     Args:
         experts: routed experts E per layer.
         top_k: experts per token k (distinct, exact Plackett-Luce).
         batch: tokens B per microbatch.
-        microbatches: number of microbatches (None only for a Trace).
+        microbatches: number of microbatches (None only for a Trace); with
+            ``rtol``, the maximum.
         routing: a model (:class:`Uniform`, :class:`PowerLaw`, ...) or a string
             (see :func:`parse_routing`).
         placement: a :class:`Placement`, an int (contiguous over that many
@@ -1099,6 +1175,18 @@ def route(experts: int, top_k: int, batch: int, microbatches: int | None, routin
             depend on it.
         layers: MoE layers each microbatch passes through.
         cost: optional :class:`LayerCost` for straggler layer/step times.
+        rtol: optional precision target in (0, 1). The run stops at the first
+            checkpoint where the relative standard errors of both the mean and
+            the p99 of the *precision statistic* are <= rtol: the step time when
+            ``cost`` is given, else the straggler assignment count
+            ``gpu_assign_max`` (max over GPUs of n_g, per microbatch-layer).
+            Standard errors by sectioning over whole work blocks (batch means
+            for the mean; Asmussen & Glynn, *Stochastic Simulation*, 2007,
+            III.5a), honest when routing is correlated within a block (Sticky).
+            Checkpoints fall on a fixed schedule of whole blocks and the
+            statistics are reduced in block order, so where the run stops does
+            not depend on ``threads``. See :attr:`RoutingStats.precision`.
+            Not available with a :class:`Trace`.
 
     Returns:
         :class:`RoutingStats`. Raises ValueError/TypeError naming a bad
@@ -1107,17 +1195,26 @@ def route(experts: int, top_k: int, batch: int, microbatches: int | None, routin
         1e12 token-expert assignments per call by default), KeyboardInterrupt
         on Ctrl-C.
     """
-    args, config = _prepare(experts, top_k, batch, microbatches, routing, placement, threads, layers, cost)
-    work = args["microbatches"] * args["layers"] * args["batch"] * args["top_k"]
+    target = _rtol(rtol)
+    req, config, nthreads = _prepare(experts, top_k, batch, microbatches, routing, placement, threads, layers, cost)
+    work = req.microbatches * req.layers * req.batch * req.top_k
     if work > get_work_limit():
         raise ResourceLimitError(
-            f"microbatches={args['microbatches']}: {work:.3g} token-expert assignments "
+            f"microbatches={req.microbatches}: {work:.3g} token-expert assignments "
             f"(microbatches x layers x batch x top_k) exceed the work limit {get_work_limit():.3g}; "
             "use fewer microbatches or raise it with qsengine.set_work_limit / QSENGINE_MAX_ASSIGNMENTS")
     seq = as_seed_sequence(seed)
-    k0, k1 = philox_key(seq)
-    raw = _core.route(**args, key0=k0, key1=k1, record=False)
-    return RoutingStats._from_core(config, seed_record(seq), raw)
+    req.key = philox_key(seq)
+    req.rtol = target
+    raw = _core.route(req, nthreads)
+    stats = RoutingStats._from_core(config, seed_record(seq), raw)
+    if target > 0.0:
+        stats.precision = RoutingPrecision(
+            rtol=target, statistic="step_time" if cost is not None else "gpu_assign_max",
+            max_microbatches=int(req.microbatches), target_reached=bool(raw.target_reached),
+            rse_mean=float(raw.rse_mean), rse_p99=float(raw.rse_p99), sections=int(raw.precision_sections),
+            checkpoints=int(raw.checkpoints))
+    return stats
 
 
 def sample_routing(experts: int, top_k: int, batch: int, microbatches: int | None,
@@ -1126,8 +1223,9 @@ def sample_routing(experts: int, top_k: int, batch: int, microbatches: int | Non
     """The raw selections of the same engine and streams as :func:`route`:
     an int32 array [microbatches, layers, batch, top_k]. For tests and small
     runs (bounded by the memory limit)."""
-    args, _ = _prepare(experts, top_k, batch, microbatches, routing, None, threads, layers, None)
+    req, _, nthreads = _prepare(experts, top_k, batch, microbatches, routing, None, threads, layers, None)
     seq = as_seed_sequence(seed)
-    k0, k1 = philox_key(seq)
-    raw = _core.route(**args, key0=k0, key1=k1, record=True)
+    req.key = philox_key(seq)
+    req.record = True
+    raw = _core.route(req, nthreads)
     return np.asarray(raw.selections)
