@@ -316,3 +316,19 @@ def test_cli_study_small(tmp_path, capsys):
     for name in ("results.csv", "results.parquet", "ratio_vs_context.png", "hbm_per_gpu.png",
                  "fragmentation.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_auto_microbatches_run_to_the_precision_target_whatever_the_threads():
+    kw = dict(routing="powerlaw:1.2", seed=5, break_even=False, rtol=2e-3)
+    r1 = simulate("qwen3-30b-a3b", "8xh100", 8192, threads=1, **kw)
+    r2 = simulate("qwen3-30b-a3b", "8xh100", 8192, threads=2, **kw)
+    assert r1.to_dict() == r2.to_dict()
+    stats = r1.moe.routing
+    assert stats.precision is not None and stats.precision.target_reached
+    assert stats.rse_mean <= 2e-3 and stats.rse_p99 <= 2e-3
+    rec = r1.to_record()
+    assert rec["mc_microbatches"] == stats.microbatches and rec["mc_rse_mean"] == stats.rse_mean
+    closed = simulate("qwen3-30b-a3b", "8xh100", 8192, microbatches=0, break_even=False).to_record()
+    assert closed["mc_microbatches"] == 0 and math.isnan(closed["mc_rse_mean"])
+    with pytest.raises(ValueError, match="field 'rtol' = 0"):
+        simulate("qwen3-30b-a3b", "8xh100", 8192, rtol=0)

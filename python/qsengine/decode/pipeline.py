@@ -49,24 +49,19 @@ from qsengine.specs import Cluster, Model, Plan, Precision
 
 __all__ = ["evaluate_columns", "evaluate", "Evaluation", "encode_points", "compare", "explain", "frontier",
            "throughput_at", "WHY", "RECORD_COLUMNS",
-           "TIE_TOLERANCE", "auto_microbatches"]
+           "TIE_TOLERANCE", "AUTO_MAX_MICROBATCHES"]
 
 #: |ratio - 1| within which the verdict is a tie.
 TIE_TOLERANCE = 1e-3
 _BLOCK = 1 << 14  # rows per step-model call: its ~150 temporaries stay in cache
 _DEFAULT_OPTIONS = StepOptions()
 
-#: ``microbatches="auto"``: enough microbatches for a routing budget of about
-#: ``_AUTO_ASSIGNMENTS`` token-expert assignments, clamped to [_AUTO_MIN, _AUTO_MAX].
-_AUTO_ASSIGNMENTS = 1e8
-_AUTO_MIN = 200
-_AUTO_MAX = 20_000
-
-
-def auto_microbatches(tokens: int, top_k: int, layers: int) -> int:
-    """Microbatches the ``"auto"`` setting runs for a routing problem of this size."""
-    per = max(1, tokens * top_k * max(layers, 1))
-    return int(min(_AUTO_MAX, max(_AUTO_MIN, _AUTO_ASSIGNMENTS // per)))
+#: ``microbatches="auto"``: the Monte Carlo runs until the relative standard
+#: errors of the mean and p99 routed-straggler step time reach the point's
+#: ``rtol`` (:func:`qsengine.route` with ``rtol``: checkpoints on a fixed block
+#: schedule, so the stop is the same for any thread count), at most this many
+#: microbatches.
+AUTO_MAX_MICROBATCHES = 100_000
 
 
 # ---------------------------------------------------------------------------
@@ -537,7 +532,8 @@ class Refined:
 
 def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, context: int, batch: int,
             limit: int, slo_tpot: float | None, routing: Any, microbatches: int | str,
-            seed: np.random.SeedSequence | None, threads: int | None, options: StepOptions) -> Refined:
+            seed: np.random.SeedSequence | None, threads: int | None, options: StepOptions,
+            rtol: float = 1e-3) -> Refined:
     """The step time at ``batch`` with the routed-expert straggler from the
     routing Monte Carlo; if the Monte Carlo TPOT misses the target, the batch
     steps down (in admission units) and the Monte Carlo runs again (the
@@ -552,11 +548,11 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
     while True:
         shape = moe_layer_shape(model, plan, batch)
         tokens = max(1, int(round(shape.tokens)))
-        n = auto_microbatches(tokens, model.top_k, model.decode_moe_layers) if microbatches == "auto" \
-            else int(microbatches)
+        auto = microbatches == "auto"
+        n = AUTO_MAX_MICROBATCHES if auto else int(microbatches)
         stats = route(model.routed_experts, model.top_k, tokens, n, routing=routing,
                       placement=Placement.contiguous(shape.gpus), seed=seed, threads=threads,
-                      layers=model.decode_moe_layers, cost=(a, bcoef))
+                      layers=model.decode_moe_layers, cost=(a, bcoef), rtol=rtol if auto else None)
         dist = stats.step_time
         mst = (dist.mean, dist.quantile(0.5), dist.quantile(0.99))
         r = step_time(p, np.array([float(batch)]), np.array([float(context)]),
@@ -741,6 +737,7 @@ RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
         ("tokens_per_s", "float"), ("tokens_per_s_per_gpu", "float"), ("tpot_ms", "float"),
         ("tpot_p99_ms", "float"))),
     *((f"why_{name}", "float") for name in ("headroom", "weights", "attention", "communication", "other")),
+    ("mc_microbatches", "int"), ("mc_rse_mean", "float"), ("mc_rse_p99", "float"),
 )
 #: The factors of :func:`explain`, in order: their product is the ratio.
 WHY = ("headroom", "weights", "attention", "communication", "other")
@@ -906,6 +903,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     fixeds = np.array([0 if v.obj is None else int(v.obj) for v in values["batch"]], dtype=np.int64)
     breaks = np.array([bool(v.obj) for v in values["break_even"]])
     mbs = [v.obj for v in values["microbatches"]]
+    rtols = [float(v.obj) for v in values["rtol"]]
     attentions = objs("twin_attention")
     m, c, pr, pl, op, rt = (codes[f] for f in ("model", "cluster", "precision", "plan", "options", "routing"))
     dn, at, qc, mb = codes["dense"], codes["twin_attention"], codes["q"], codes["microbatches"]
@@ -938,7 +936,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     # ---- the MoE side: once per distinct (specs, routing, closed form?, context, slo); families sharing
     # a routing law in one stacked call
     mg, m_first = _group(n, m, c, pr, pl, op, rt, closed.astype(np.int64), codes["context"], codes["slo_tpot"],
-                         codes["batch"])
+                         codes["batch"], mb, codes["rtol"])
     moe = _SideSet.empty(m_first.size)
     fg, f_first = _group(m_first.size, *(x[m_first] for x in (m, c, pr, pl, op, rt)),
                          closed[m_first].astype(np.int64))
@@ -960,6 +958,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
 
     # ---- Monte Carlo refinement of the MoE side's operating point
     refined: dict[int, Refined] = {}
+    mc_n = np.zeros(m_first.size, np.int64)
+    mc_rse = np.full((m_first.size, 2), np.nan)
     for g in np.flatnonzero(~closed[m_first] & moe.side.feasible).tolist():
         i = int(m_first[g])
         if seeds is None:
@@ -968,8 +968,11 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         assert plan is not None
         r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, int(ctx[i]), int(moe.side.batch[g]),
                     int(moe.side.limit[g]), None if np.isnan(slo[i]) else float(slo[i]), routings[rt[i]],
-                    mbs[mb[i]], seeds[i], threads, options[op[i]])
+                    mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]])
         refined[g] = r
+        mc_n[g] = r.stats.microbatches
+        if r.stats.precision is not None:
+            mc_rse[g] = (r.stats.rse_mean, r.stats.rse_p99)
         moe.side.batch[g], moe.side.limit[g] = r.batch, r.limit
         moe.side.time[g], moe.side.p99[g], moe.side.tps[g] = r.time, r.p99, r.tps
 
@@ -1080,6 +1083,9 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     out["verdict"][:] = verdict
     out["agrees_with_qs"][:] = agrees
     out["break_even_q"][:] = np.where(be & moe.side.feasible[mg], q_star_b[bg], np.nan)
+    out["mc_microbatches"][:] = mc_n[mg]
+    out["mc_rse_mean"][:] = mc_rse[mg, 0]
+    out["mc_rse_p99"][:] = mc_rse[mg, 1]
     for side_name, res, grp, first in (("moe", moe, mg, m_first), ("dense", dense, dg, d_first)):
         sd = res.side
         feas = sd.feasible[grp]

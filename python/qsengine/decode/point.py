@@ -42,6 +42,7 @@ FIELDS: dict[str, Any] = {
     "plan": "auto",
     "precision": None,
     "microbatches": DEFAULT_MICROBATCHES,
+    "rtol": 1e-3,
     "slo_tpot": None,
     "batch": None,
     "twin_attention": "same",
@@ -197,6 +198,12 @@ def check_value(field: str, v: Any) -> Value:
         if v < 0:
             raise _err(field, v, "must be 'auto' or an int >= 0")
         return Value(int(v), int(v), str(int(v)), int(v))
+    if field == "rtol":
+        if not _is_real(v):
+            raise _err(field, v, f"must be a number in (0, 1), got {type(v).__name__}", TypeError)
+        if not (0 < v < 1):
+            raise _err(field, v, "must be in (0, 1): the relative standard error microbatches='auto' runs to")
+        return Value(float(v), float(v), canonical_json(float(v)), float(v))
     if field == "slo_tpot":
         if v is None:
             return Value(None, None, "null", None)
@@ -373,6 +380,7 @@ class Point:
     plan: Plan | str
     precision: Precision
     microbatches: int | str
+    rtol: float
     slo_tpot: float | None
     batch: int | None
     twin_attention: str

@@ -68,6 +68,7 @@ def simulate(
     seed: SeedLike = None,
     threads: int | None = None,
     *,
+    rtol: float = 1e-3,
     batch: int | None = None,
     twin_attention: str = "same",
     break_even: bool = True,
@@ -92,9 +93,11 @@ def simulate(
         precision: numeric formats (preset name or :class:`Precision`);
             default bf16.
         microbatches: Monte Carlo microbatches at the chosen batch (each
-            passes through every MoE layer); ``"auto"`` sizes it to a fixed
-            routing budget (see :func:`qsengine.decode.pipeline.auto_microbatches`);
-            0 uses the closed form (independent routing only).
+            passes through every MoE layer); ``"auto"`` runs until the relative
+            standard errors of the mean and p99 routed step time reach
+            ``rtol`` (at most :data:`qsengine.decode.pipeline.AUTO_MAX_MICROBATCHES`;
+            ``result.moe.routing.precision`` says what was reached); 0 uses
+            the closed form (independent routing only).
         slo_tpot: optional per-token latency target (seconds) capping the
             batch; it holds on the p99 step time.
         batch: evaluate both sides at this fixed number of concurrent
@@ -103,6 +106,7 @@ def simulate(
             evenly over their replicas (for comparisons with measurements and
             other tools); not with ``slo_tpot``.
         seed: None, int or SeedSequence; recorded in ``result.inputs``.
+        rtol: the precision ``microbatches="auto"`` runs to (default 1e-3).
         threads: C++ threads for the Monte Carlo (None = all cores).
         twin_attention: "same" (twin keeps the MoE's attention and depth) or
             "gqa" (a conventional dense shape).
@@ -112,7 +116,7 @@ def simulate(
             instead of a :class:`qsengine.decode.point.ContextWarning`.
     """
     point = Point.make(strict=strict, model=model, cluster=cluster, context=context, q=q, dense=dense,
-                       routing=routing, plan=plan, precision=precision, microbatches=microbatches,
+                       routing=routing, plan=plan, precision=precision, microbatches=microbatches, rtol=rtol,
                        slo_tpot=slo_tpot, batch=batch, twin_attention=twin_attention, break_even=break_even,
                        options=options)
     seq = as_seed_sequence(seed)
@@ -147,6 +151,7 @@ def simulate(
         "plan": point.plan if isinstance(point.plan, str) else point.plan.label,
         "precision": dataclasses.asdict(point.precision),
         "microbatches": point.microbatches,
+        "rtol": point.rtol,
         "slo_tpot": point.slo_tpot,
         "batch": point.batch,
         "seed": seed_record(seq),
