@@ -85,6 +85,12 @@ def main() -> int:
     same = ref.same(rec_ref, r_pt.to_record()) == []
     say(f"one closed-form simulate point (deepseek-v3, 8xh200, 32K, fp8, plan auto, q* on), warm: "
         f"{t_pt * 1e3:.1f} ms; slow reference {t_ref * 1e3:.0f} ms (x{t_ref / t_pt:.0f}); identical: {same}")
+    mc = dict(pt, microbatches="auto", routing="powerlaw:1.01", seed=1, rtol=1e-3)
+    t_mc, r_mc = _median_time(lambda: simulate(**mc), max(3, reps))
+    st = r_mc.moe.routing
+    say(f"one Monte Carlo point to rtol 1e-3 (same point, powerlaw:1.01 routing): {t_mc:.2f} s, "
+        f"{st.microbatches} microbatches, rse mean {st.rse_mean:.2g}, rse p99 {st.rse_p99:.2g}, "
+        f"reached: {st.target_reached}")
     model, cluster, ctx = "deepseek-v3", "8xmi355x", 32768
     kw = dict(precision="fp8", seed=1, break_even=False)
     t_cf, res_cf = _median_time(lambda: simulate(model, cluster, ctx, microbatches=0, **kw), reps)
