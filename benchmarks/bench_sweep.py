@@ -16,6 +16,7 @@ import platform
 import statistics
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import pandas.testing as pdt
@@ -98,25 +99,21 @@ def main() -> int:
     lines.append(f"  pipeline alone, one call on 1 thread: evaluate_columns {t_cols:.2f} s -> "
                  f"{n / t_cols:,.0f} points/s")
     # the same grid shape with the conventional (GQA) twin, and with explicit dense models
-    grid_gqa = {**grid_big, "twin_attention": ["gqa"]}
-    t_g0 = time.perf_counter()
-    df_gqa = qsengine.sweep(grid_gqa, seed=1, progress=False)
-    t_g0 = time.perf_counter() - t_g0
-    t_g, _ = timed(lambda: qsengine.sweep(grid_gqa, seed=1, progress=False), rep)
-    lines.append(f"closed form, twin_attention='gqa', {len(df_gqa):,} points: first sweep {t_g0:.2f} s, warm median "
-                 f"{t_g:.2f} s -> {len(df_gqa) / t_g:,.0f} points/s")
-    grid_dense = {"model": cf_models, "cluster": cf_clusters, "context": cf_contexts,
-                  "dense": ["llama-3.1-70b", "qwen3-32b", "llama-3.1-8b", "llama-3.1-405b"] * 1,
-                  "microbatches": [0], "precision": ["fp8", "bf16", "fp8-kvbf16", "fp4"]}
-    grid_dense["context"] = [int(x) for x in np.geomspace(1024, 262144, 200).round()]
-    with __import__("warnings").catch_warnings():
-        __import__("warnings").simplefilter("ignore", qsengine.ContextWarning)
-        t_d0 = time.perf_counter()
-        df_dense = qsengine.sweep(grid_dense, seed=1, progress=False)
-        t_d0 = time.perf_counter() - t_d0
-        t_d, _ = timed(lambda: qsengine.sweep(grid_dense, seed=1, progress=False), rep)
-    lines.append(f"closed form, explicit dense models, {len(df_dense):,} points: first sweep {t_d0:.2f} s, warm "
-                 f"median {t_d:.2f} s -> {len(df_dense) / t_d:,.0f} points/s")
+    def first_and_warm(grid, label: str) -> None:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", qsengine.ContextWarning)  # models studied past their max context
+            t0 = time.perf_counter()
+            df = qsengine.sweep(grid, seed=1, progress=False)
+            t0 = time.perf_counter() - t0
+            t, _ = timed(lambda: qsengine.sweep(grid, seed=1, progress=False), rep)
+        lines.append(f"closed form, {label}, {len(df):,} points: first sweep {t0:.2f} s, warm median {t:.2f} s "
+                     f"-> {len(df) / t:,.0f} points/s")
+
+    first_and_warm({**grid_big, "twin_attention": ["gqa"]}, "twin_attention='gqa'")
+    first_and_warm({"model": cf_models, "cluster": cf_clusters,
+                    "context": [int(x) for x in np.geomspace(1024, 262144, 200).round()],
+                    "dense": ["llama-3.1-70b", "qwen3-32b", "llama-3.1-8b", "llama-3.1-405b"],
+                    "microbatches": [0], "precision": ["fp8", "bf16", "fp8-kvbf16", "fp4"]}, "explicit dense models")
     if not args.quick:
         grid_m = {**grid_big, "q": [float(x) for x in np.linspace(1.2, 8.0, 500)]}
         t_m, df_m = timed(lambda: qsengine.sweep(grid_m, seed=1, progress=False), 1)
