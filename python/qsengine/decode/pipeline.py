@@ -23,8 +23,15 @@ columns of points. The stages, each written once and vectorised over lanes:
    routing law's independent proxy);
 6. **comparison** (:func:`compare`): ratio, verdict (ties within 1e-3) and
    whether it agrees with the qs inequality;
-7. **break-even** (:func:`_break_even`): q* where the ratio crosses 1, a
+7. **why** (:func:`explain`): the ratio as a product of factors (headroom,
+   weights, attention/KV, communication, other), from the step pieces at
+   both operating points;
+8. **break-even** (:func:`_break_even`): q* where the ratio crosses 1, a
    bisection over twins, vectorised over lanes.
+
+:func:`frontier` (one side's latency-throughput Pareto frontier) and
+:func:`throughput_at` serve :class:`~qsengine.decode.result.SimulationResult`'s
+equal-latency comparison.
 
 Data per lane stays in numpy arrays; Python loops run over distinct values
 and families, never over points.
@@ -587,8 +594,8 @@ def _category_times(sides: _SideSet, groups: np.ndarray, context: np.ndarray, ff
     mc = np.array([int(g) in refined for g in groups.tolist()], dtype=bool)
     laws: dict[tuple, list[int]] = {}
     for f in np.unique(fam_ids).tolist():
-        laws.setdefault((sides.families[f].law, False), []).append(f)
-    for (law, _), fs in laws.items():
+        laws.setdefault(sides.families[f].law, []).append(f)
+    for fs in laws.values():
         fams = [sides.families[f] for f in fs]
         local = np.full(len(sides.families), -1, np.int64)
         local[fs] = np.arange(len(fs))
