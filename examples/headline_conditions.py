@@ -66,6 +66,11 @@ KV_FREE_BYTES = 1e-9
 #: E[u] = E·(1 − (1 − k/E)^B) = 256·(1 − (1 − 8/256)^1024) = 256 − 1e-12.
 LARGE_BATCH = 1024
 SMALL_BATCH = 16
+#: A short context: 1,024 sequences x 128 tokens x 35,136 B = 4.6 GB of KV per
+#: step, small next to 158 GB of twin weights, yet not negligible per GPU: MLA's
+#: latent is read whole by every tensor-parallel rank (docs/model.md), while the
+#: twin's weights are split (9.9 GB per GPU at tp16).
+SHORT = 128
 
 WHY = ("headroom", "weights", "attention", "communication", "other")
 
@@ -165,6 +170,8 @@ def conditions(cluster: Cluster | str, context: int) -> list[Row]:
     if b_moe:
         rows.append(_row("e", f"bandwidth-only GPU, real KV, equal batch {b_moe:,}",
                          run(ideal, context, batch=b_moe, options=FREE_COMM), "real-kv"))
+    rows.append(_row("e", f"bandwidth-only GPU, real KV at a {SHORT}-token context, equal batch {LARGE_BATCH:,}",
+                     run(ideal, SHORT, batch=LARGE_BATCH, options=FREE_COMM)))
     rows.append(_row("e", f"KV-free + bandwidth-only GPU, equal batch {SMALL_BATCH}",
                      run(ideal, context, batch=SMALL_BATCH, precision=nokv, options=FREE_COMM), "small-batch"))
     rows.append(_row("e", f"KV-free + bandwidth-only GPU, equal batch {LARGE_BATCH:,} (the study's conditions)",
@@ -176,6 +183,10 @@ def conditions(cluster: Cluster | str, context: int) -> list[Row]:
         rows.append(_row("f", f"q = {q:.2f} [{tag}]: study's conditions",
                          run(ideal, context, q=q, batch=LARGE_BATCH, precision=nokv, options=FREE_COMM)))
         rows.append(_row("f", f"q = {q:.2f} [{tag}]: defaults", run(cluster, context, q=q)))
+    rows.append(_row("g", "defaults at bf16 (weights and KV; the engine's default precision)",
+                     run(cluster, context, precision="bf16")))
+    rows.append(_row("g", "defaults with a conventional GQA twin (twin_attention='gqa')",
+                     run(cluster, context, twin_attention="gqa")))
     return rows
 
 
