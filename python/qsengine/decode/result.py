@@ -185,6 +185,7 @@ class SimulationResult:
             "dense_shape": self.record.get("dense_shape"),
             "moe_kv_bytes_per_token": self.record.get("moe_kv_bytes_per_token"),
             "dense_kv_bytes_per_token": self.record.get("dense_kv_bytes_per_token"),
+            **{k: _finite_or_none(self.record.get(k)) for k in ("mc_microbatches", "mc_rse_mean", "mc_rse_p99")},
             "moe": self.moe.to_dict(g),
             "dense": self.dense.to_dict(g),
             "inputs": self.inputs,
@@ -308,6 +309,11 @@ class SimulationResult:
         ax.set_title(f"{self.moe.model.id} on {self.cluster.label}, context {self.context}")
         ax.legend(fontsize=7)
         return ax
+
+
+def _finite_or_none(v: Any) -> Any:
+    """None for a missing or non-finite number (the dict form has no NaN)."""
+    return None if v is None or (isinstance(v, float) and not math.isfinite(v)) else v
 
 
 def _verdict_text(v: Any) -> str:
