@@ -5,6 +5,10 @@ Every model is a roofline with measured corrections::
 
     t = c0 + c1·x + smax(bytes / (BW·η_bw), flops / (F·η_f); p)
 
+with the work (bytes, FLOPs) of each kernel computed below, including a
+fitted "idle parallel width" (``n_pad``/``width_pad``/``stream_pad``) that
+pads the dimension a kernel parallelises over: narrow work leaves SMs idle.
+
 * ``BW``, ``F``: the accelerator spec's peak HBM bandwidth and dense peak
   FLOP/s for the kernel's dtype (``qsengine.specs.Accelerator``); the fitted
   ``η_bw`` and ``η_f`` are the achievable fractions of those peaks, clamped to
@@ -73,16 +77,24 @@ def roofline_time(nbytes: np.ndarray, flops: np.ndarray, bw: float, peak: float,
 
 
 # ----------------------------------------------------------------- work of each kernel
-def gemm_work(m: np.ndarray, n: np.ndarray, k: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def gemm_work(m: np.ndarray, n: np.ndarray, k: np.ndarray, dtype: str,
+              n_pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(bytes, flops) of ``C[m,n] = A[m,k]·W[k,n]``: reads A (activation dtype)
-    and W (weight dtype), writes C in bf16; 2·m·n·k FLOP."""
+    and W (weight dtype), writes C in bf16; 2·m·n·k FLOP.
+
+    ``n_pad`` (fitted, >= 0) is idle parallel width: a decode GEMM is split
+    into thread blocks along n, and a narrow matrix leaves SMs idle, as if the
+    matrix were ``n + n_pad`` wide (weight, output and FLOP terms; the
+    activation read is unchanged). Keeps the work >= the true work and
+    non-decreasing in m, n, k."""
     m, n, k = (np.asarray(v, dtype=np.float64) for v in (m, n, k))
-    nbytes = m * k * ACT_BYTES[dtype] + k * n * WEIGHT_BYTES[dtype] + 2.0 * m * n
-    return nbytes, 2.0 * m * n * k
+    ne = n + n_pad
+    nbytes = m * k * ACT_BYTES[dtype] + k * ne * WEIGHT_BYTES[dtype] + 2.0 * m * ne
+    return nbytes, 2.0 * m * ne * k
 
 
 def grouped_gemm_work(assignments: np.ndarray, experts_local: np.ndarray, hidden: np.ndarray,
-                      inter: np.ndarray, dtype: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                      inter: np.ndarray, dtype: str, width_pad: float = 0.0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(bytes, flops, touched) of one GPU's routed experts (gated FFN: up+gate
     ``hidden x 2·inter`` and down ``inter x hidden``, i.e. 3·hidden·inter weights each).
 
@@ -91,36 +103,54 @@ def grouped_gemm_work(assignments: np.ndarray, experts_local: np.ndarray, hidden
     their weights read (each assignment touches at most one new expert, and
     there are only ``experts_local``); activations in and out are
     ``assignments·hidden`` elements each way.
+
+    ``width_pad`` (fitted, >= 0) is idle parallel width as in :func:`gemm_work`:
+    the touched experts' total width ``touched·inter`` is padded to
+    ``touched·inter + width_pad`` (each expert's to ``inter + width_pad/touched``),
+    for weight bytes and FLOPs. Non-decreasing in every argument.
     """
     a, e, h, i = (np.asarray(v, dtype=np.float64) for v in (assignments, experts_local, hidden, inter))
     touched = np.minimum(e, a)
-    nbytes = touched * 3.0 * h * i * WEIGHT_BYTES[dtype] + a * h * (ACT_BYTES[dtype] + 2.0)
-    flops = 2.0 * 3.0 * h * i * a
+    with np.errstate(divide="ignore", invalid="ignore"):
+        ie = np.where(touched > 0, i + width_pad / touched, i)
+    nbytes = touched * 3.0 * h * ie * WEIGHT_BYTES[dtype] + a * h * (ACT_BYTES[dtype] + 2.0)
+    flops = 2.0 * 3.0 * h * ie * a
     return nbytes, flops, touched
 
 
 def gqa_work(batch: np.ndarray, context: np.ndarray, heads: np.ndarray, kv_heads: np.ndarray,
-             head_dim: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+             head_dim: np.ndarray, kv_dtype: str, stream_pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(bytes, flops) of one decode step of MHA/GQA attention on one GPU:
     reads K and V for ``context`` tokens of ``batch`` sequences
     (2·kv_heads·head_dim elements per token), Q and O in bf16; QK^T and PV are
-    2·2·heads·head_dim FLOP per cached token."""
+    2·2·heads·head_dim FLOP per cached token.
+
+    ``stream_pad`` (fitted, >= 0): the KV cache is streamed by one block per
+    (sequence, KV head); with few of them SMs idle, as if there were
+    ``batch·kv_heads + stream_pad`` streams (KV bytes only)."""
     b, t, h, kvh, d = (np.asarray(v, dtype=np.float64) for v in (batch, context, heads, kv_heads, head_dim))
-    nbytes = b * t * 2.0 * kvh * d * KV_BYTES[kv_dtype] + b * h * d * 2.0 * 2.0
+    nbytes = (b * kvh + stream_pad) * t * 2.0 * d * KV_BYTES[kv_dtype] + b * h * d * 2.0 * 2.0
     return nbytes, 4.0 * b * t * h * d
 
 
-def mla_work(batch: np.ndarray, context: np.ndarray, heads: np.ndarray, kv_dtype: str) -> tuple[np.ndarray, np.ndarray]:
+def mla_work(batch: np.ndarray, context: np.ndarray, heads: np.ndarray, kv_dtype: str,
+             stream_pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
     """(bytes, flops) of one decode step of absorbed MLA on one GPU: reads the
     latent (512 + 64 elements per token, shared by all heads), QK over 576 and
-    PV over 512 dimensions per head per cached token."""
+    PV over 512 dimensions per head per cached token. ``stream_pad`` as in
+    :func:`gqa_work`, with one latent stream per sequence."""
     b, t, h = (np.asarray(v, dtype=np.float64) for v in (batch, context, heads))
-    nbytes = b * t * (MLA_LORA + MLA_ROPE) * KV_BYTES[kv_dtype] + b * h * (MLA_LORA + MLA_ROPE + MLA_LORA) * 2.0
+    nbytes = ((b + stream_pad) * t * (MLA_LORA + MLA_ROPE) * KV_BYTES[kv_dtype]
+              + b * h * (MLA_LORA + MLA_ROPE + MLA_LORA) * 2.0)
     flops = 2.0 * b * t * h * (MLA_LORA + MLA_ROPE + MLA_LORA)
     return nbytes, flops
 
 
 def collective_time(nbytes: np.ndarray, alpha: np.ndarray, beta: np.ndarray) -> np.ndarray:
-    """``alpha + nbytes/beta``: fixed latency plus message bytes over the
-    fitted effective bandwidth (bytes/s per GPU, algorithm factor included)."""
-    return alpha + np.asarray(nbytes, dtype=np.float64) / beta
+    """``min_j (alpha_j + nbytes/beta_j)`` over the last axis of ``alpha``/``beta``
+    (one (latency, bandwidth) line per protocol: NCCL and the custom
+    all-reduce pick a low-latency protocol for small and a bandwidth protocol
+    for large messages). Bandwidths are effective bytes/s per GPU (algorithm
+    factor included). Non-decreasing in ``nbytes``."""
+    s = np.asarray(nbytes, dtype=np.float64)[..., None]
+    return np.min(np.asarray(alpha)[..., :] + s / np.asarray(beta), axis=-1)

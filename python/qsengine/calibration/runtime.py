@@ -139,8 +139,9 @@ def gemm_time(acc: Accelerator | str, dtype: str, m: Any, n: Any, k: Any) -> np.
     ``dtype`` (``"bf16"``, ``"fp8"``, ``"fp8_block"``, ``"nvfp4"``)."""
     a = _acc(acc)
     rec, _ = _family(a, "gemm", dtype)
-    nb, fl = M.gemm_work(m, n, k, dtype)
-    return _roof(rec["params"], nb, fl, a.hbm_bandwidth, _peak(a, dtype))
+    p = rec["params"]
+    nb, fl = M.gemm_work(m, n, k, dtype, p["n_pad"])
+    return _roof(p, nb, fl, a.hbm_bandwidth, _peak(a, dtype))
 
 
 def grouped_gemm_time(acc: Accelerator | str, dtype: str, tokens_per_expert: Any, experts_local: Any,
@@ -158,8 +159,9 @@ def grouped_gemm_time(acc: Accelerator | str, dtype: str, tokens_per_expert: Any
     a = _acc(acc)
     rec, _ = _family(a, "grouped_gemm", dtype)
     assign = np.asarray(tokens_per_expert, dtype=np.float64) * np.asarray(experts_local, dtype=np.float64)
-    nb, fl, _ = M.grouped_gemm_work(assign, experts_local, hidden, inter, dtype)
-    return _roof(rec["params"], nb, fl, a.hbm_bandwidth, _peak(a, dtype), assign)
+    p = rec["params"]
+    nb, fl, touched = M.grouped_gemm_work(assign, experts_local, hidden, inter, dtype, p["width_pad"])
+    return _roof(p, nb, fl, a.hbm_bandwidth, _peak(a, dtype), assign) + p["c_expert"] * touched
 
 
 def attention_time(acc: Accelerator | str, kind: Literal["gqa", "mla"], batch: Any, context: Any, heads: Any,
@@ -173,10 +175,10 @@ def attention_time(acc: Accelerator | str, kind: Literal["gqa", "mla"], batch: A
     a = _acc(acc)
     if kind == "gqa":
         rec, _ = _family(a, "attention_gqa", kv_dtype)
-        nb, fl = M.gqa_work(batch, context, heads, kv_heads, head_dim, kv_dtype)
+        nb, fl = M.gqa_work(batch, context, heads, kv_heads, head_dim, kv_dtype, rec["params"]["stream_pad"])
     elif kind == "mla":
         rec, _ = _family(a, "attention_mla", kv_dtype)
-        nb, fl = M.mla_work(batch, context, heads, kv_dtype)
+        nb, fl = M.mla_work(batch, context, heads, kv_dtype, rec["params"]["stream_pad"])
     else:
         raise ValueError(f"kind={kind!r}: must be 'gqa' or 'mla'")
     rows = np.asarray(batch, dtype=np.float64) * np.asarray(heads, dtype=np.float64)
@@ -188,7 +190,7 @@ def _collective(acc: Accelerator | str, family: Family, gpus: Any, nbytes: Any) 
     rec, info = _family(a, family, None)
     per = rec["per_gpus"]
     gs = np.array(sorted(int(g) for g in per), dtype=np.float64)
-    alpha = np.array([per[str(int(g))]["alpha"] for g in gs])
+    alpha = np.array([per[str(int(g))]["alpha"] for g in gs])  # (gpu counts, protocols)
     beta = np.array([per[str(int(g))]["beta"] for g in gs]) * info.link_scale
     g = np.asarray(gpus, dtype=np.float64)
     if np.any(g < 1) or not np.all(np.isfinite(g)):
@@ -200,8 +202,9 @@ def _collective(acc: Accelerator | str, family: Family, gpus: Any, nbytes: Any) 
     # linearly in log2(gpus), held constant outside the measured range (the
     # scale-up fabric is a switch, so per-GPU bandwidth does not fall further).
     lg = np.log2(np.maximum(g, 2.0))
-    al = np.interp(lg, np.log2(gs), alpha)
-    be = np.interp(lg, np.log2(gs), beta)
+    lgs = np.log2(gs)
+    al = np.stack([np.interp(lg, lgs, alpha[:, j]) for j in range(alpha.shape[1])], axis=-1)
+    be = np.stack([np.interp(lg, lgs, beta[:, j]) for j in range(beta.shape[1])], axis=-1)
     return np.where(g > 1, M.collective_time(s, al, be), 0.0)
 
 
