@@ -228,3 +228,17 @@ def test_a100_has_no_grouped_gemm_fit_and_says_so():
     assert _rec("a100-80gb-sxm")["families"]["grouped_gemm"] == {}
     with pytest.raises(ValueError, match=r"dtype='bf16': no grouped_gemm calibration for 'a100-80gb-sxm'"):
         grouped_gemm_time("a100-80gb-sxm", "bf16", 1.0, 8, 4096, 14336)
+
+
+def test_readme_calibration_example_runs():
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text[text.index("## Kernel calibration and validation"):]
+    block = re.search(r"```python\n(.*?)```", section, re.S)
+    ns: dict = {}
+    exec(compile(block.group(1), "README.md", "exec"), ns)  # noqa: S102 - our own README
+    t = ns["gemm_time"]("h200-sxm", "fp8", m=[1, 64, 256], n=7168, k=2048)
+    assert t.shape == (3,) and np.all(np.diff(t) >= 0) and np.all(t > 0)
+    assert ns["calibration_info"]("mi300x").status == "transferred"
