@@ -26,6 +26,12 @@ def test_fp4_and_nvfp4_read_one_entry(acc):
     assert a.peak_flops("fp4") == a.peak_flops("nvfp4") == 15000e12
 
 
+def test_b200_fp4_is_the_hgx_figure():
+    b = load_accelerator("b200")
+    assert b.peak_flops("fp4") == b.peak_flops("nvfp4") == 9000e12
+    assert load_accelerator("gb200").peak_flops("nvfp4") == 10000e12
+
+
 def test_blackwell_ultra_fp4_agrees():
     assert load_accelerator("b300").peak_flops("fp4") == load_accelerator("gb300").peak_flops("fp4")
 
