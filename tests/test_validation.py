@@ -84,3 +84,29 @@ def test_bad_rows_are_rejected_naming_the_field(tmp_path):
     with pytest.raises(ValueError, match=r"field 'metric' = 'p99_tpot_ms'"):
         validate(bad)
     assert math.isfinite(validate(path).mape)
+
+
+@pytest.mark.parametrize("content", [None, "", "a,b\n1,2\n", "\xff\xfe", "dir"])
+def test_unreadable_or_malformed_files_are_value_errors(tmp_path, content):
+    path = tmp_path / "m.csv"
+    if content == "dir":
+        path.mkdir()
+    elif content == "\xff\xfe":
+        path.write_bytes(b"\xff\xfe\x00bad")
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(ValueError, match=r"measurements=|missing columns|no rows"):
+        validate(path)
+
+
+def test_truncated_row_names_the_missing_field(tmp_path):
+    path, rows = _subset(tmp_path, {"dsr1-h200-sglang-c16"})
+    lines = path.read_text().splitlines()
+    (tmp_path / "t.csv").write_text(lines[0] + "\n" + ",".join(lines[1].split(",")[:5]) + "\n")
+    with pytest.raises(ValueError, match=r"field .* is missing"):
+        validate(tmp_path / "t.csv")
+
+
+def test_unwritable_figure_is_a_value_error(tmp_path):
+    path, _ = _subset(tmp_path, {"dsr1-h200-sglang-c16"})
+    assert cli.main(["validate", "--measurements", str(path), "--figure", str(tmp_path / "no" / "x.png")]) == 2

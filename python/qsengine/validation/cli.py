@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import csv
+import io
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +32,8 @@ REQUIRED = ("id", "kind", "model", "accelerator", "gpus", "tp", "pp", "dp", "ep"
             "input_len", "output_len", "context", "concurrency", "engine", "engine_version", "metric", "value",
             "source_url", "source_date", "notes")
 METRICS = ("mean_tpot_ms",)
+#: Largest measurements file read (the shipped one is a few kB).
+MAX_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -63,23 +67,54 @@ class ValidationReport:
     moe_dense_bias: float
 
 
+def _read(path: str | Path) -> str:
+    p = Path(path)
+    try:
+        if not p.is_file():
+            raise ValueError(f"measurements={str(path)!r}: not a regular file")
+        if p.stat().st_size > MAX_BYTES:
+            raise ValueError(f"measurements={str(path)!r}: larger than {MAX_BYTES} bytes")
+        return p.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ValueError(f"measurements={str(path)!r}: cannot read ({exc.strerror or exc})") from exc
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"measurements={str(path)!r}: not UTF-8 text") from exc
+
+
+def _positive(r: dict[str, str], field: str) -> float:
+    try:
+        v = float(r[field])
+    except (TypeError, ValueError):
+        v = math.nan
+    if not (math.isfinite(v) and v > 0):
+        raise ValueError(f"row {r.get('id')!r}: field {field!r} = {r.get(field)!r}: must be a finite number > 0")
+    return v
+
+
 def load_measurements(path: str | Path = MEASUREMENTS) -> list[dict[str, str]]:
-    """Rows of a measurements CSV, checked for the required columns and values."""
-    with open(path, newline="", encoding="utf-8") as fh:
-        rows = list(csv.DictReader(fh))
+    """Rows of a measurements CSV, checked for the required columns and values
+    (a ``ValueError`` naming the file, row, field and rule otherwise)."""
+    try:
+        rows = list(csv.DictReader(io.StringIO(_read(path))))
+    except csv.Error as exc:
+        raise ValueError(f"measurements={str(path)!r}: not a CSV file ({exc})") from exc
     if not rows:
-        raise ValueError(f"measurements {str(path)!r}: no rows")
+        raise ValueError(f"measurements={str(path)!r}: no rows")
     missing = [c for c in REQUIRED if c not in rows[0]]
     if missing:
-        raise ValueError(f"measurements {str(path)!r}: missing columns {missing}")
+        raise ValueError(f"measurements={str(path)!r}: missing columns {missing}")
     for r in rows:
+        for c in REQUIRED:
+            if not isinstance(r.get(c), str):
+                raise ValueError(f"row {r.get('id')!r}: field {c!r} is missing")
         if r["metric"] not in METRICS:
             raise ValueError(f"row {r['id']!r}: field 'metric' = {r['metric']!r}: must be one of {list(METRICS)}")
         if r["kind"] not in ("dense", "moe"):
             raise ValueError(f"row {r['id']!r}: field 'kind' = {r['kind']!r}: must be 'dense' or 'moe'")
         for f in ("value", "concurrency", "context"):
-            if not float(r[f]) > 0:
-                raise ValueError(f"row {r['id']!r}: field {f!r} = {r[f]!r}: must be > 0")
+            _positive(r, f)
+        if float(r["concurrency"]) != int(float(r["concurrency"])):
+            raise ValueError(f"row {r['id']!r}: field 'concurrency' = {r['concurrency']!r}: must be an integer")
         if not r["source_url"].startswith("https://"):
             raise ValueError(f"row {r['id']!r}: field 'source_url' = {r['source_url']!r}: must be an https URL")
     return rows
@@ -90,18 +125,23 @@ def _predict(r: dict[str, str]) -> float:
     from qsengine.specs import Plan, as_precision, load_accelerator, load_model
     from qsengine.step import decode_step
 
-    plan = Plan(tp=int(r["tp"]), pp=int(r["pp"]), dp=int(r["dp"]), ep=int(r["ep"]),
-                etp=int(r["etp"]) if r["etp"] else None, attn_dp=bool(int(r["attn_dp"])))
+    try:
+        ints = {f: int(r[f]) for f in ("tp", "pp", "dp", "ep", "attn_dp")}
+        etp = int(r["etp"]) if r["etp"] else None
+    except ValueError as exc:
+        raise ValueError(f"row {r['id']!r}: plan fields tp/pp/dp/ep/etp/attn_dp must be integers ({exc})") from exc
+    plan = Plan(tp=ints["tp"], pp=ints["pp"], dp=ints["dp"], ep=ints["ep"], etp=etp, attn_dp=bool(ints["attn_dp"]))
+    batch = int(float(r["concurrency"]))
     step = decode_step(load_model(r["model"]), as_precision(r["precision"]), load_accelerator(r["accelerator"]),
-                       plan, int(r["concurrency"]), float(r["context"]))
-    return int(r["concurrency"]) / step.time
+                       plan, batch, float(r["context"]))
+    return batch / step.time
 
 
 def validate(path: str | Path = MEASUREMENTS) -> ValidationReport:
     """Predict every row of ``path`` with the current step model."""
     rows = []
     for r in load_measurements(path):
-        measured = int(r["concurrency"]) / (float(r["value"]) * 1e-3)
+        measured = int(float(r["concurrency"])) / (float(r["value"]) * 1e-3)
         rows.append(ValidationRow(r["id"], r["kind"], measured, _predict(r)))
     ratio = np.array([x.ratio for x in rows])
     kinds = np.array([x.kind for x in rows])
@@ -133,8 +173,12 @@ def write_figure(rep: ValidationReport, path: str | Path) -> None:
     ax.set_title(f"MAPE {rep.mape:.2f}, MoE/dense bias {rep.moe_dense_bias:.2f}")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    try:
+        fig.savefig(path, dpi=120)
+    except OSError as exc:
+        raise ValueError(f"figure={str(path)!r}: cannot write ({exc.strerror or exc})") from exc
+    finally:
+        plt.close(fig)
 
 
 def _run(args: argparse.Namespace) -> int:
