@@ -40,7 +40,7 @@ def _predict(row: pd.Series) -> float:
         return float(gemm_time(acc, dt, row.m, row.n, row.k))
     if fam == "grouped_gemm":
         return float(grouped_gemm_time(acc, dt, row.tokens_per_expert, row.experts_local, row.hidden, row.inter))
-    if fam == "attention_gqa":
+    if fam in ("attention_gqa", "attention_mha"):  # MHA rows (heads == kv_heads) dispatch to the MHA fit
         return float(attention_time(acc, "gqa", row.batch, row.context, row.heads, row.kv_heads, row.head_dim, dt))
     if fam == "attention_mla":
         return float(attention_time(acc, "mla", row.batch, row.context, row.heads, kv_dtype=dt))
@@ -214,6 +214,20 @@ def test_errors_name_the_field():
         gemm_time(3, "bf16", 1, 1, 1)
     with pytest.raises(ValueError, match=r"dtype='nvfp4': no gemm calibration for 'h100-sxm'"):
         gemm_time("h100-sxm", "nvfp4", 1, 1, 1)
+
+
+def test_mha_lanes_use_the_mha_fit():
+    rec = _rec("h200-sxm")["families"]
+    b, t, h, d = np.array([8, 8]), np.array([4096, 4096]), np.array([32, 32]), 128
+    kvh = np.array([32, 8])  # MHA lane, GQA lane
+    got = attention_time("h200-sxm", "gqa", b, t, h, kvh, d)
+    a = load_accelerator("h200-sxm")
+    for lane, fam in ((0, "attention_mha"), (1, "attention_gqa")):
+        p = rec[fam]["bf16"]["params"]
+        nb, fl = M.gqa_work(b[lane], t[lane], h[lane], kvh[lane], d, "bf16", p["stream_pad"], p["split"])
+        expect = M.roofline_time(nb, fl, a.hbm_bandwidth, a.peak_flops("bf16"), p["eta_bw"], p["eta_f"], p["p"],
+                                 p["c0"], p["c1"], b[lane] * h[lane])
+        assert got[lane] == pytest.approx(float(expect), rel=1e-12)
 
 
 def test_collective_picks_the_faster_protocol_line():

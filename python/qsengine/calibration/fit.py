@@ -62,7 +62,9 @@ SPLITS = {
     "grouped_gemm": "held out: every 4th distinct (hidden, inter, num_experts, topk) model shape (index % 4 == 1); "
                     "gated kernels only; num_tokens <= 8192",
     "attention_gqa": "held out: every 4th distinct (num_heads, num_kv_heads, head_dim) (index % 4 == 1); "
-                     "window_size == 0; context = step + 1 <= 65536; num_heads <= 16 x num_kv_heads",
+                     "window_size == 0; context = step + 1 <= 65536; 2 <= num_heads/num_kv_heads <= 16",
+    "attention_mha": "held out: every 4th distinct (num_heads, head_dim) (index % 4 == 1); "
+                     "window_size == 0; context = step + 1 <= 65536; num_heads == num_kv_heads",
     "attention_mla": "held out: context lengths (step + 1) in {128, 2048, 32768}",
     "allreduce": "held out: every 3rd message size (index % 3 == 1); message <= 64 MiB",
     "alltoall": "held out: every 3rd message size (index % 3 == 1); message <= 64 MiB",
@@ -286,13 +288,22 @@ def fit_grouped_gemm(system: str, bw: float, peaks: dict[str, float]) -> tuple[d
     return out, subsets
 
 
-def fit_gqa(system: str, bw: float, peaks: dict[str, float]) -> tuple[dict, list[pd.DataFrame]]:
+def fit_gqa(system: str, bw: float, peaks: dict[str, float], family: str = "attention_gqa"
+            ) -> tuple[dict, list[pd.DataFrame]]:
+    """GQA/MQA (``family="attention_gqa"``: 2 <= heads/kv_heads <= 16) or MHA
+    (``"attention_mha"``: heads == kv_heads): TensorRT-LLM dispatches grouped
+    heads and plain MHA to different generation kernels (XQA vs masked MHA),
+    so each gets its own parameters."""
     df, rel = _table(system, "attention", "generation_attention_perf")
     out: dict = {}
     subsets = []
     for aic, dt in KV_DTYPES.items():
+        if family == "attention_mha":
+            group = df.num_heads == df.num_key_value_heads
+        else:
+            group = (df.num_heads >= 2 * df.num_key_value_heads) & (df.num_heads <= 16 * df.num_key_value_heads)
         d = df[(df.kv_cache_dtype == aic) & (df.window_size == 0) & (df.step + 1 <= 65536)
-               & (df.num_heads <= 16 * df.num_key_value_heads)].reset_index(drop=True)
+               & group].reset_index(drop=True)
         if d.empty:
             continue
         ctx = (d.step + 1).to_numpy(dtype=float)
@@ -303,22 +314,24 @@ def fit_gqa(system: str, bw: float, peaks: dict[str, float]) -> tuple[dict, list
 
         def predict(z: np.ndarray, X: np.ndarray, peak: float = peak, dt: str = dt) -> np.ndarray:
             q = _roof_params(z[:5])
-            nb, fl = M.gqa_work(X[0], X[1], X[2], X[3], X[4], dt, np.exp(z[5]))
+            nb, fl = M.gqa_work(X[0], X[1], X[2], X[3], X[4], dt, np.exp(z[5]), np.exp(z[6]))
             return M.roofline_time(nb, fl, bw, peak, q["eta_bw"], q["eta_f"], q["p"], q["c0"], q["c1"], X[0] * X[2])
 
         def decode(z: np.ndarray) -> dict[str, float]:
             q = _roof_params(z[:5])
             q["stream_pad"] = float(np.exp(z[5]))
+            q["split"] = float(np.exp(z[6]))
             return q
 
         held = _shape_split(d[["num_heads", "num_key_value_heads", "head_dim"]], 4, 1)
-        r = _fit(predict, decode, np.array([1.0, 0.0, 0.0, 2.0, 0.0, 2.0]), X, t, held)
-        out[dt] = _record(r, rel, f"kv_cache_dtype == {aic!r}, window_size == 0", SPLITS["attention_gqa"])
+        r = _fit(predict, decode, np.array([1.0, 0.0, 0.0, 2.0, 0.0, 2.0, 7.0]), X, t, held)
+        out[dt] = _record(r, rel, f"kv_cache_dtype == {aic!r}, window_size == 0", SPLITS[family])
         out[dt]["note"] = ("c1 multiplies batch*heads (per-row softmax/reduction work); stream_pad: idle KV "
-                           "streams (one block per sequence and KV head); bf16 peak; "
-                           "domain: heads <= 16 x kv_heads (every shipped model; larger groups dispatch other kernels)")
+                           "streams (one block per sequence and KV head); bf16 peak; domain: "
+                           + ("heads == kv_heads" if family == "attention_mha" else
+                              "2 <= heads/kv_heads <= 16 (every shipped GQA model; larger groups dispatch other kernels)"))
         sub = d[held].sample(n=min(SUBSET_ROWS, int(held.sum())), random_state=0)
-        subsets.append(pd.DataFrame({"family": "attention_gqa", "dtype": dt, "batch": sub.batch_size,
+        subsets.append(pd.DataFrame({"family": family, "dtype": dt, "batch": sub.batch_size,
                                      "context": sub.step + 1, "heads": sub.num_heads,
                                      "kv_heads": sub.num_key_value_heads, "head_dim": sub.head_dim,
                                      "latency_s": sub.latency * 1e-3, "table": rel}))
@@ -340,16 +353,17 @@ def fit_mla(system: str, bw: float, peaks: dict[str, float]) -> tuple[dict, list
 
         def predict(z: np.ndarray, X: np.ndarray, peak: float = peak, dt: str = dt) -> np.ndarray:
             q = _roof_params(z[:5])
-            nb, fl = M.mla_work(X[0], X[1], X[2], dt, np.exp(z[5]))
+            nb, fl = M.mla_work(X[0], X[1], X[2], dt, np.exp(z[5]), np.exp(z[6]))
             return M.roofline_time(nb, fl, bw, peak, q["eta_bw"], q["eta_f"], q["p"], q["c0"], q["c1"], X[0] * X[2])
 
         def decode(z: np.ndarray) -> dict[str, float]:
             q = _roof_params(z[:5])
             q["stream_pad"] = float(np.exp(z[5]))
+            q["split"] = float(np.exp(z[6]))
             return q
 
         held = np.isin(ctx, (128, 2048, 32768))
-        r = _fit(predict, decode, np.array([1.0, 0.0, 0.0, 2.0, 0.0, 0.0]), X, t, held)
+        r = _fit(predict, decode, np.array([1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 7.0]), X, t, held)
         out[dt] = _record(r, rel, f"kv_cache_dtype == {aic!r}; num_heads = heads on one GPU", SPLITS["attention_mla"])
         out[dt]["note"] = ("c1 multiplies batch*heads; stream_pad: idle latent streams (the latent is shared by "
                            "all heads: one stream per sequence); bf16 compute peak "
@@ -428,7 +442,7 @@ def fit_accelerator(acc_id: str) -> tuple[dict, pd.DataFrame]:
     families: dict = {}
     subsets: list[pd.DataFrame] = []
     for name, fn in (("gemm", fit_gemm), ("grouped_gemm", fit_grouped_gemm), ("attention_gqa", fit_gqa),
-                     ("attention_mla", fit_mla)):
+                     ("attention_mha", lambda *a: fit_gqa(*a, family="attention_mha")), ("attention_mla", fit_mla)):
         rec, sub = fn(system, bw, peaks)
         families[name] = rec
         subsets += sub

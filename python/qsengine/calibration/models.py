@@ -119,7 +119,8 @@ def grouped_gemm_work(assignments: np.ndarray, experts_local: np.ndarray, hidden
 
 
 def gqa_work(batch: np.ndarray, context: np.ndarray, heads: np.ndarray, kv_heads: np.ndarray,
-             head_dim: np.ndarray, kv_dtype: str, stream_pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+             head_dim: np.ndarray, kv_dtype: str, stream_pad: float = 0.0,
+             split: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
     """(bytes, flops) of one decode step of MHA/GQA attention on one GPU:
     reads K and V for ``context`` tokens of ``batch`` sequences
     (2·kv_heads·head_dim elements per token), Q and O in bf16; QK^T and PV are
@@ -127,20 +128,23 @@ def gqa_work(batch: np.ndarray, context: np.ndarray, heads: np.ndarray, kv_heads
 
     ``stream_pad`` (fitted, >= 0): the KV cache is streamed by one block per
     (sequence, KV head); with few of them SMs idle, as if there were
-    ``batch·kv_heads + stream_pad`` streams (KV bytes only)."""
+    ``stream_pad`` more streams (KV bytes only). Long contexts are split into
+    chunks of ``split`` tokens processed in parallel (multi-block decode), so
+    the idle streams cost at most ``split`` tokens each:
+    ``bytes = (b·kvh·T + stream_pad·min(T, split))·2·d·b_kv + Q/O``."""
     b, t, h, kvh, d = (np.asarray(v, dtype=np.float64) for v in (batch, context, heads, kv_heads, head_dim))
-    nbytes = (b * kvh + stream_pad) * t * 2.0 * d * KV_BYTES[kv_dtype] + b * h * d * 2.0 * 2.0
+    nbytes = (b * kvh * t + stream_pad * np.minimum(t, split)) * 2.0 * d * KV_BYTES[kv_dtype] + b * h * d * 2.0 * 2.0
     return nbytes, 4.0 * b * t * h * d
 
 
 def mla_work(batch: np.ndarray, context: np.ndarray, heads: np.ndarray, kv_dtype: str,
-             stream_pad: float = 0.0) -> tuple[np.ndarray, np.ndarray]:
+             stream_pad: float = 0.0, split: float = np.inf) -> tuple[np.ndarray, np.ndarray]:
     """(bytes, flops) of one decode step of absorbed MLA on one GPU: reads the
     latent (512 + 64 elements per token, shared by all heads), QK over 576 and
     PV over 512 dimensions per head per cached token. ``stream_pad`` as in
     :func:`gqa_work`, with one latent stream per sequence."""
     b, t, h = (np.asarray(v, dtype=np.float64) for v in (batch, context, heads))
-    nbytes = ((b + stream_pad) * t * (MLA_LORA + MLA_ROPE) * KV_BYTES[kv_dtype]
+    nbytes = ((b * t + stream_pad * np.minimum(t, split)) * (MLA_LORA + MLA_ROPE) * KV_BYTES[kv_dtype]
               + b * h * (MLA_LORA + MLA_ROPE + MLA_LORA) * 2.0)
     flops = 2.0 * b * t * h * (MLA_LORA + MLA_ROPE + MLA_LORA)
     return nbytes, flops

@@ -51,7 +51,7 @@ TRANSFER: dict[str, tuple[str, str]] = {
     "tpu-v6e": ("h100-sxm", "no measured TPU kernel tables available"),
 }
 
-Family = Literal["gemm", "grouped_gemm", "attention_gqa", "attention_mla", "allreduce", "alltoall"]
+Family = Literal["gemm", "grouped_gemm", "attention_gqa", "attention_mha", "attention_mla", "allreduce", "alltoall"]
 
 
 def calibration_dir() -> Path:
@@ -169,20 +169,32 @@ def attention_time(acc: Accelerator | str, kind: Literal["gqa", "mla"], batch: A
     """Seconds of one decode step of attention for one layer on one GPU.
 
     ``kind="gqa"`` (also MHA/MQA): ``heads``/``kv_heads`` on this GPU,
-    ``head_dim``; ``kind="mla"``: absorbed MLA with the DeepSeek-V3 latent
+    ``head_dim``; lanes with ``heads == kv_heads`` use the separately fitted
+    MHA kernel; ``kind="mla"``: absorbed MLA with the DeepSeek-V3 latent
     (512 + 64), ``heads`` on this GPU. ``context``: cached tokens per sequence.
     """
     a = _acc(acc)
-    if kind == "gqa":
-        rec, _ = _family(a, "attention_gqa", kv_dtype)
-        nb, fl = M.gqa_work(batch, context, heads, kv_heads, head_dim, kv_dtype, rec["params"]["stream_pad"])
-    elif kind == "mla":
-        rec, _ = _family(a, "attention_mla", kv_dtype)
-        nb, fl = M.mla_work(batch, context, heads, kv_dtype, rec["params"]["stream_pad"])
-    else:
-        raise ValueError(f"kind={kind!r}: must be 'gqa' or 'mla'")
     rows = np.asarray(batch, dtype=np.float64) * np.asarray(heads, dtype=np.float64)
-    return _roof(rec["params"], nb, fl, a.hbm_bandwidth, a.peak_flops("bf16"), rows)
+    peak = a.peak_flops("bf16")
+    if kind == "gqa":
+        rec, info = _family(a, "attention_gqa", kv_dtype)
+        p = rec["params"]
+        nb, fl = M.gqa_work(batch, context, heads, kv_heads, head_dim, kv_dtype, p["stream_pad"], p["split"])
+        t = _roof(p, nb, fl, a.hbm_bandwidth, peak, rows)
+        mha = _load(info.reference)["families"].get("attention_mha", {}).get(kv_dtype)
+        if mha is None:
+            return t
+        # heads == kv_heads runs TensorRT-LLM's MHA kernel, fitted separately
+        q = mha["params"]
+        nb, fl = M.gqa_work(batch, context, heads, kv_heads, head_dim, kv_dtype, q["stream_pad"], q["split"])
+        is_mha = np.asarray(heads, dtype=np.float64) == np.asarray(kv_heads, dtype=np.float64)
+        return np.where(is_mha, _roof(q, nb, fl, a.hbm_bandwidth, peak, rows), t)
+    if kind == "mla":
+        rec, _ = _family(a, "attention_mla", kv_dtype)
+        p = rec["params"]
+        nb, fl = M.mla_work(batch, context, heads, kv_dtype, p["stream_pad"], p["split"])
+        return _roof(rec["params"], nb, fl, a.hbm_bandwidth, peak, rows)
+    raise ValueError(f"kind={kind!r}: must be 'gqa' or 'mla'")
 
 
 def _collective(acc: Accelerator | str, family: Family, gpus: Any, nbytes: Any) -> np.ndarray:
