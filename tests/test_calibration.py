@@ -5,7 +5,6 @@ the transfer rule, provenance and input errors."""
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pandas as pd
@@ -63,7 +62,7 @@ def test_provenance_is_complete(acc):
     assert rec["status"] == "fitted" and rec["accelerator"] == acc
     assert prov["package"] == "aiconfigurator-core" and prov["package_version"] == "0.12.0"
     assert prov["license"] == "Apache-2.0"
-    for fam, per in rec["families"].items():
+    for per in rec["families"].values():
         items = [per] if "per_gpus" in per else list(per.values())
         for r in items:
             assert r["table"].startswith(prov["system"] + "/") and r["table"].endswith(".parquet")
@@ -152,12 +151,12 @@ def test_vectorised_equals_the_per_element_calls():
     rng = np.random.default_rng(7)
     m, n, k = (rng.integers(1, 8192, 200) for _ in range(3))
     vec = gemm_time("h200-sxm", "fp8", m, n, k)
-    loop = np.array([float(gemm_time("h200-sxm", "fp8", a, b, c)) for a, b, c in zip(m, n, k)])
+    loop = np.array([float(gemm_time("h200-sxm", "fp8", a, b, c)) for a, b, c in zip(m, n, k, strict=True)])
     np.testing.assert_allclose(vec, loop, rtol=1e-14, atol=0)  # SIMD vs scalar pow: last-ulp differences
     g = rng.choice([1, 2, 4, 8, 16], 200)
     s = rng.uniform(0, 1e8, 200)
     vec = allreduce_time("b200", g, s)
-    loop = np.array([float(allreduce_time("b200", a, b)) for a, b in zip(g, s)])
+    loop = np.array([float(allreduce_time("b200", a, b)) for a, b in zip(g, s, strict=True)])
     np.testing.assert_allclose(vec, loop, rtol=1e-14, atol=0)  # SIMD vs scalar pow: last-ulp differences
 
 
@@ -233,7 +232,7 @@ def test_mha_lanes_use_the_mha_fit():
 def test_collective_picks_the_faster_protocol_line():
     per = _rec("h200-sxm")["families"]["allreduce"]["per_gpus"]["8"]
     for s in (1e3, 1e5, 1e7):
-        expect = min(a + s / b for a, b in zip(per["alpha"], per["beta"]))
+        expect = min(a + s / b for a, b in zip(per["alpha"], per["beta"], strict=True))
         assert float(allreduce_time("h200-sxm", 8, s)) == pytest.approx(expect, rel=1e-12)
 
 

@@ -51,7 +51,7 @@ def test_validate_matches_decode_step_and_the_summary_formulas(tmp_path):
     rep = validate(path)
     assert len(rep.rows) == 4
     ratios = {}
-    for r, v in zip(rows, rep.rows):
+    for r, v in zip(rows, rep.rows, strict=True):
         plan = Plan(tp=int(r["tp"]), ep=int(r["ep"]), etp=int(r["etp"]) if r["etp"] else None)
         st = decode_step(load_model(r["model"]), as_precision(r["precision"]), load_accelerator(r["accelerator"]),
                          plan, int(r["concurrency"]), float(r["context"]))

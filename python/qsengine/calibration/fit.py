@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as _dt
 import json
-import math
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -266,8 +265,13 @@ def fit_grouped_gemm(system: str, bw: float, peaks: dict[str, float]) -> tuple[d
             from scipy.optimize import least_squares
 
             tr = pl & ~held
-            sol = least_squares(lambda w: np.log(predict(np.concatenate([zk, w, zocc]), X[:, tr]) / t[tr]),
-                                np.array([-1.0, -1.0]), method="trf")
+            x_tr, t_tr = X[:, tr], t[tr]
+
+            def skew_resid(w: np.ndarray, zk: np.ndarray = zk, zocc: np.ndarray = zocc, x_tr: np.ndarray = x_tr,
+                           t_tr: np.ndarray = t_tr) -> np.ndarray:
+                return np.log(predict(np.concatenate([zk, w, zocc]), x_tr) / t_tr)
+
+            sol = least_squares(skew_resid, np.array([-1.0, -1.0]), method="trf")
             zfull = np.concatenate([zk, sol.x, zocc])
             ape = _ape(predict(zfull, X[:, pl]), t[pl])
             hp = held[pl]
