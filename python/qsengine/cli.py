@@ -19,6 +19,7 @@ _COMMANDS: list[tuple[str, str]] = [
     ("qsengine.packing", "add_parser"),  # pack
     ("qsengine.study_routing", "add_parser"),  # route, routing-study
     ("qsengine.sweep_cli", "add_parser"),  # sweep, report
+    ("qsengine.validation.cli", "add_parser"),  # validate
 ]
 
 

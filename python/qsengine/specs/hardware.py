@@ -35,7 +35,11 @@ class Accelerator:
         flops: dense (non-sparse) peak FLOP/s per compute dtype, e.g.
             ``{"bf16": 989e12, "fp8": 1979e12}``.
         bandwidth_efficiency: achievable fraction of ``hbm_bandwidth`` (η_bw).
-        flops_efficiency: achievable fraction of peak FLOP/s (η_f).
+        flops_efficiency: achievable fraction of peak FLOP/s (η_f) for any
+            dtype without its own entry in ``flops_efficiency_by_dtype``.
+        flops_efficiency_by_dtype: measured achievable fraction per compute
+            dtype, e.g. ``{"fp8": 0.734}`` (fp8 MAMF / fp8 peak); read through
+            :meth:`flops_efficiency_for`.
         scaleup_bandwidth: per-GPU unidirectional bandwidth inside the
             scale-up domain (NVLink / xGMI / ICI), bytes/s.
         internode_bandwidth: per-GPU network bandwidth across domains, bytes/s.
@@ -59,6 +63,7 @@ class Accelerator:
     bandwidth_efficiency: float = 0.8
     flops_efficiency: float = 0.7
     link_efficiency: float = 0.7
+    flops_efficiency_by_dtype: dict[str, float] = field(default_factory=dict)
     usable_hbm_fraction: float = 0.9
     runtime_reserve_bytes: float = 4e9
     vendor: str = ""
@@ -79,6 +84,14 @@ class Accelerator:
             if k not in FLOPS_DTYPES:
                 raise fail(src, f"flops.{k}", v, f"unknown dtype; known: {list(FLOPS_DTYPES)}{did_you_mean(str(k), FLOPS_DTYPES)}")
             check_float(src, f"flops.{k}", v)
+        if not isinstance(self.flops_efficiency_by_dtype, dict):
+            raise type_fail(src, "flops_efficiency_by_dtype", self.flops_efficiency_by_dtype,
+                            "a table of dtype -> fraction")
+        for k, v in self.flops_efficiency_by_dtype.items():
+            if k not in FLOPS_DTYPES:
+                raise fail(src, f"flops_efficiency_by_dtype.{k}", v,
+                           f"unknown dtype; known: {list(FLOPS_DTYPES)}{did_you_mean(str(k), FLOPS_DTYPES)}")
+            check_fraction(src, f"flops_efficiency_by_dtype.{k}", v)
         for f in ("bandwidth_efficiency", "flops_efficiency", "link_efficiency", "usable_hbm_fraction"):
             check_fraction(src, f, getattr(self, f))
         check_int(src, "gpus_per_node", self.gpus_per_node, minimum=1)
@@ -93,15 +106,42 @@ class Accelerator:
     def __hash__(self) -> int:  # dict field: hash by identity-defining fields
         return hash((self.id, self.hbm_bytes, self.hbm_bandwidth, tuple(sorted(self.flops.items()))))
 
+    def _lookup_order(self, dtype: str) -> tuple[str, ...]:
+        # "fp4" and "nvfp4" name the same 4-bit tensor-core path on Blackwell
+        # (NVFP4 is the block-scaled FP4 the tensor cores run; MXFP4 runs at the
+        # same rate): both read an ``nvfp4`` entry first, then ``fp4``, so
+        # GB300 and B300 (same silicon) cannot disagree through which key a
+        # file happened to use.
+        if dtype not in FLOPS_DTYPES:
+            raise ValueError(f"dtype={dtype!r}: unknown compute dtype; known: {list(FLOPS_DTYPES)}")
+        return {"fp4": ("nvfp4", "fp4", "fp8", "bf16"), "nvfp4": ("nvfp4", "fp4", "fp8", "bf16"),
+                "fp8": ("fp8", "bf16"), "int8": ("int8", "fp8", "bf16")}.get(dtype, (dtype, "bf16"))
+
     def peak_flops(self, dtype: str) -> float:
         """Dense peak FLOP/s for ``dtype``; falls back to the best lower precision
-        the accelerator supports (fp4 -> fp8 -> bf16)."""
-        for d in {"fp4": ("fp4", "fp8", "bf16"), "fp8": ("fp8", "bf16"), "int8": ("int8", "fp8", "bf16")}.get(
-            dtype, (dtype, "bf16")
-        ):
+        the accelerator supports (fp4/nvfp4 -> fp8 -> bf16)."""
+        for d in self._lookup_order(dtype):
             if d in self.flops:
                 return self.flops[d]
         raise ValueError(f"accelerator {self.id!r}: no peak FLOP/s for dtype {dtype!r} (has {sorted(self.flops)})")
+
+    def peak_flops_dtype(self, dtype: str) -> str:
+        """The ``flops`` key :meth:`peak_flops` reads for ``dtype`` (after fallback)."""
+        for d in self._lookup_order(dtype):
+            if d in self.flops:
+                return d
+        raise ValueError(f"accelerator {self.id!r}: no peak FLOP/s for dtype {dtype!r} (has {sorted(self.flops)})")
+
+    def flops_efficiency_for(self, dtype: str) -> float:
+        """Achievable fraction of :meth:`peak_flops` for ``dtype``: the measured
+        per-dtype entry of the peak actually used (after fallback), else
+        ``flops_efficiency``."""
+        d = self.peak_flops_dtype(dtype)
+        return self.flops_efficiency_by_dtype.get(d, self.flops_efficiency)
+
+    def achievable_flops(self, dtype: str) -> float:
+        """``peak_flops(dtype) x flops_efficiency_for(dtype)``, FLOP/s."""
+        return self.peak_flops(dtype) * self.flops_efficiency_for(dtype)
 
     @property
     def usable_bytes(self) -> float:

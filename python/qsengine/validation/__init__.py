@@ -1,0 +1,1 @@
+"""Validation of the step model against published measurements (``qsengine validate``)."""
