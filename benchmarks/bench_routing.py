@@ -10,7 +10,7 @@ resource.getrusage). Medians of repeated runs.
 Precision-targeted runs (``route(..., rtol=1e-3)``): a DeepSeek-V3-like layer
 (256 experts, top-8, GroupLimited(8, 4, PowerLaw(1.01)), 58 MoE layers, 8 GPUs
 contiguous, 256 tokens per microbatch) with the LayerCost that
-qsengine.step.moe_cost_coefficients gives for DeepSeek-V3 fp8 on 8xH200 with
+qsengine.decode.step.moe_cost_coefficients gives for DeepSeek-V3 fp8 on 8xH200 with
 ep=8: microbatches needed and wall time (median of 3), with the cost (step
 time) and without it (straggler assignments).
 
@@ -93,7 +93,7 @@ def precision_section(say, repeats: int = 3) -> tuple[bool, float]:
     """DeepSeek-V3-like routing to rtol=1e-3: (every run reached it, the
     median wall time of the run with the cost)."""
     from qsengine.specs.precision import as_precision
-    from qsengine.step import moe_cost_coefficients
+    from qsengine.decode.step import moe_cost_coefficients
 
     model = q.load_model("deepseek-v3")
     cluster = q.load_cluster("8xH200")

@@ -11,7 +11,7 @@ import pytest
 
 from qsengine import cli
 from qsengine.specs import Plan, as_precision, load_accelerator, load_model
-from qsengine.step import decode_step
+from qsengine.decode.step import decode_step
 from qsengine.validation.cli import MEASUREMENTS, REQUIRED, load_measurements, validate
 
 

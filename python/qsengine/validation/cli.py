@@ -2,7 +2,7 @@
 
 Each row of ``measurements.csv`` (model, accelerator, plan, precision,
 context, concurrency, engine, metric, value, source URL and date) is predicted
-with :func:`qsengine.step.decode_step` at the measured concurrency (the batch
+with :func:`qsengine.decode.step.decode_step` at the measured concurrency (the batch
 of one replica) and context; the command prints predicted against measured
 per row, the MAPE, the MoE-vs-dense bias (median predicted/measured of MoE
 rows divided by that of dense rows) and writes a predicted-vs-measured figure.
@@ -123,7 +123,7 @@ def load_measurements(path: str | Path = MEASUREMENTS) -> list[dict[str, str]]:
 def _predict(r: dict[str, str]) -> float:
     """Predicted decode tokens/s of one replica for a measurement row."""
     from qsengine.specs import Plan, as_precision, load_accelerator, load_model
-    from qsengine.step import decode_step
+    from qsengine.decode.step import decode_step
 
     try:
         ints = {f: int(r[f]) for f in ("tp", "pp", "dp", "ep", "attn_dp")}
