@@ -89,12 +89,6 @@ def _mentions(msg: str, names: Iterable[str]) -> bool:
 #: so fixing the source makes that test pass and fail loudly until the entry
 #: here is removed.
 KNOWN_DEFECTS: dict[str, list[tuple[str, str]]] = {
-    "routing specs": [
-        (r"^'\w+' object is not iterable$",
-         "python/qsengine/routing.py: Placement.explicit(expert_map) with a non-iterable map"),
-        (r"^invalid literal for int\(\) with base 10",
-         "python/qsengine/routing.py: Placement.explicit(expert_map) with non-integer GPU ids"),
-    ],
 }
 
 

@@ -521,9 +521,16 @@ class Placement:
     @classmethod
     def explicit(cls, expert_map: Sequence[int], gpus: int | None = None) -> "Placement":
         """Expert e on GPU ``expert_map[e]``; ``gpus`` defaults to max(map)+1."""
+        if isinstance(expert_map, (str, bytes)) or not hasattr(expert_map, "__iter__"):
+            raise TypeError(f"placement.expert_map={expert_map!r}: must be a sequence of GPU ids (ints), "
+                            f"got {type(expert_map).__name__}")
         m = tuple(expert_map)
+        for i, g in enumerate(m):
+            if isinstance(g, bool) or not isinstance(g, (int, np.integer)):
+                raise TypeError(f"placement.expert_map[{i}]={g!r}: must be an int GPU id, got {type(g).__name__}")
+        m = tuple(int(g) for g in m)
         if gpus is None:
-            gpus = (max(int(g) for g in m) + 1) if m else 1
+            gpus = (max(m) + 1) if m else 1
         return cls(gpus, "explicit", m)
 
     def with_replicas(self, replicas: Mapping[int, Sequence[int]]) -> "Placement":
