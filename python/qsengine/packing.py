@@ -35,7 +35,7 @@ from qsengine.errors import ResourceLimitError
 from qsengine._seed import SeedLike, as_seed_sequence, philox_key, seed_record
 from qsengine.specs import Accelerator, Cluster, Model, Plan, Precision, Workload
 from qsengine.specs import PRECISIONS
-from qsengine.specs.loaders import as_accelerator, as_cluster, as_model, as_precision
+from qsengine.specs.loaders import as_accelerator, as_cluster, as_model, as_precision, default_precision
 
 if TYPE_CHECKING:  # pragma: no cover
     import matplotlib.axes
@@ -550,6 +550,12 @@ def _auto_plan(desc: _core.MemoryDesc, num_gpus: int, context: int, want_ep: boo
                           bool(t.attn_dp[idx]))
 
 
+def _precision(model: Model, precision: Precision | str | None) -> Precision:
+    """``precision``, or the model's deployed precision when None (the one
+    default of every entry point: :func:`qsengine.specs.default_precision`)."""
+    return default_precision(model) if precision is None else as_precision(precision)
+
+
 def pack(
     model: Model | str,
     cluster: Cluster | str,
@@ -573,7 +579,8 @@ def pack(
         plan: a :class:`~qsengine.Plan`, or ``"auto"``: the valid plan with
             the largest admissible cluster batch (ties: smaller tp·pp, then
             smaller ep); with replicas/popularity the best plan with ep > 1.
-        precision: None (bf16), a :class:`~qsengine.Precision` or a preset name.
+        precision: a :class:`~qsengine.Precision` or a preset name; None: the
+            model's deployed precision (:func:`qsengine.default_precision`).
         replicas: extra expert copies per EP group (EPLB-style greedy LPT),
             memory taken from the KV cache.
         popularity: expected token share of each routed expert (E values, any
@@ -593,7 +600,7 @@ def pack(
     """
     model = as_model(model)
     cluster = as_cluster(cluster)
-    prec = as_precision(precision)
+    prec = _precision(model, precision)
     ctx = _as_context(context)
     replicas = _as_int(replicas, "replicas", 0)
     nthreads = _threads(threads)
@@ -717,7 +724,7 @@ def rank_plans(
     tp·pp, then smaller ep. One row per plan."""
     model = as_model(model)
     cluster = as_cluster(cluster)
-    desc = memory_description(model, precision, cluster.accelerator)
+    desc = memory_description(model, _precision(model, precision), cluster.accelerator)
     g = cluster.num_gpus
     return _table(_core.search_plans(desc, g, g, _as_context(context), _threads(threads)))
 
@@ -735,7 +742,7 @@ def search_plans(
     size's plans ranked as in :func:`rank_plans`. Multithreaded, deterministic."""
     model = as_model(model)
     acc = _as_accelerator(accelerator)
-    desc = memory_description(model, precision, acc)
+    desc = memory_description(model, _precision(model, precision), acc)
     lo = _as_int(min_gpus, "min_gpus", 1)
     hi = _as_int(max_gpus, "max_gpus", lo)
     return _table(_core.search_plans(desc, lo, hi, _as_context(context), _threads(threads)))
@@ -753,7 +760,7 @@ def min_gpus(
     valid plan; None if no cluster of up to ``max_gpus`` GPUs works."""
     model = as_model(model)
     acc = _as_accelerator(accelerator)
-    desc = memory_description(model, precision, acc)
+    desc = memory_description(model, _precision(model, precision), acc)
     g, _ = _core.min_gpus(desc, _as_context(context), _as_int(max_gpus, "max_gpus", 1))
     return int(g) if g > 0 else None
 

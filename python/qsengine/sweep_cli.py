@@ -20,8 +20,10 @@ scheduler (``tls://`` addresses with ``--tls-ca-file/--tls-cert/--tls-key``).
 
 from __future__ import annotations
 
+import contextlib
 import io
 import math
+import shlex
 import sys
 import tomllib
 from pathlib import Path
@@ -63,22 +65,132 @@ def load_sweep_toml(path: str | Path) -> tuple[dict[str, Any], dict[str, Any]]:
     return grid, opts
 
 
-def _write_results(df, out: Path) -> list[Path]:
-    from qsengine._checkpoint import atomic_write_bytes, table_to_parquet_bytes
-
+def write_results(df, out: Path, metadata: dict[str, str] | None = None) -> list[Path]:
+    """``results.parquet`` (versioned schema metadata, plus ``metadata``) and
+    ``results.csv`` in ``out``, each written atomically."""
     import pyarrow as pa
 
     from qsengine import __version__
-    from qsengine._checkpoint import results_metadata
+    from qsengine._checkpoint import atomic_write_bytes, results_metadata, table_to_parquet_bytes
 
     pq_path, csv_path = out / "results.parquet", out / "results.csv"
     table = pa.Table.from_pandas(df, preserve_index=False)
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **results_metadata(__version__)})
+    extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **results_metadata(__version__),
+                                           **extra})
     atomic_write_bytes(pq_path, table_to_parquet_bytes(table))
     buf = io.StringIO()
     df.to_csv(buf, index=False)
     atomic_write_bytes(csv_path, buf.getvalue().encode("utf-8"))
     return [pq_path, csv_path]
+
+
+def add_executor_args(p) -> None:
+    """``--scheduler`` / ``--workers`` and the TLS files (``sweep`` and ``study``)."""
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (tcp://host:8786)")
+    where.add_argument("--workers", type=int, metavar="N",
+                       help="start a local Dask cluster of N single-threaded worker processes on 127.0.0.1")
+    p.add_argument("--tls-ca-file", default=None, help="CA certificate for a tls:// scheduler")
+    p.add_argument("--tls-cert", default=None, help="client certificate for a tls:// scheduler")
+    p.add_argument("--tls-key", default=None, help="client private key for a tls:// scheduler")
+
+
+@contextlib.contextmanager
+def executor_from_args(args):
+    """The executor ``--workers`` / ``--scheduler`` ask for (None: in-process).
+
+    A local Dask cluster's processes are started with SIGINT ignored (the
+    disposition is inherited by the processes it spawns), so a Ctrl-C reaches
+    only this process, which stops the sweep, keeps the checkpoint and says
+    how to resume; no worker prints a traceback. Dask's logging is silenced
+    while an interrupted cluster shuts down."""
+    import logging
+    import signal
+
+    tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
+    if any(tls) and not all(tls):
+        raise ValueError("--tls-ca-file, --tls-cert and --tls-key go together")
+    if args.workers is not None and args.workers < 1:
+        raise ValueError(f"--workers {args.workers}: must be >= 1")
+    cluster = client = None
+    try:
+        if args.workers is not None:
+            from distributed import Client, LocalCluster
+
+            old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+            try:
+                # bound to localhost: a laptop sweep never listens on the network
+                cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                       host="127.0.0.1", dashboard_address=None)
+            finally:
+                signal.signal(signal.SIGINT, old)
+            client = Client(cluster)
+        elif args.scheduler is not None:
+            from distributed import Client
+
+            security = None
+            if all(tls):
+                from distributed.security import Security
+
+                security = Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
+                                    tls_client_key=args.tls_key, require_encryption=True)
+            client = Client(args.scheduler, security=security)
+        yield client
+    except KeyboardInterrupt:
+        logging.getLogger("distributed").setLevel(logging.CRITICAL)
+        raise
+    finally:
+        if client is not None:
+            client.close()
+        if cluster is not None:
+            cluster.close()
+
+
+def interrupted_message(checkpoint: Path, total: int, command: str) -> str:
+    """What a Ctrl-C kept, and the command that resumes."""
+    kept = 0
+    try:
+        from qsengine._checkpoint import Checkpoint
+
+        ck = Checkpoint(checkpoint)
+        if ck.chunk_files():
+            kept = sum(t.num_rows for t in ck.scan(None, ["point_id"]).tables)
+    except Exception:  # noqa: BLE001 - the message itself must not fail
+        pass
+    return (f"qsengine: interrupted; {kept:,} of {total:,} points are kept in {checkpoint}/\n"
+            f"resume with: {command}")
+
+
+def _grid_size(grid: Any) -> int:
+    if isinstance(grid, dict):
+        return math.prod(len(v) if isinstance(v, list) else 1 for v in grid.values())
+    return len(grid)
+
+
+def _estimate(grid: Any, seed: Any) -> tuple[int, float] | None:
+    """(Monte Carlo points, seconds one of them took here) or None without any:
+    the first Monte Carlo point of the grid is run once and timed."""
+    import time
+
+    from qsengine.simulation import simulate
+
+    if not isinstance(grid, dict):
+        return None
+    axes = {k: (v if isinstance(v, list) else [v]) for k, v in grid.items()}
+    mb = axes.get("microbatches", [0])
+    mc = _grid_size(grid) // len(mb) * sum(1 for x in mb if x != 0)
+    if mc == 0:
+        return None
+    first = {k: v[0] for k, v in axes.items()}
+    first["microbatches"] = next(x for x in mb if x != 0)
+    t0 = time.perf_counter()
+    simulate(**first, seed=seed if isinstance(seed, int) else None)
+    return mc, time.perf_counter() - t0
+
+
+def _duration(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else (f"{s / 60:.0f} min" if s < 7200 else f"{s / 3600:.1f} h")
 
 
 def _run_sweep_cli(args) -> int:
@@ -89,40 +201,31 @@ def _run_sweep_cli(args) -> int:
     chunk = args.chunk_size if args.chunk_size is not None else opts.get("chunk_size")
     retries = opts.get("retries", 3)
     out = Path(args.out)
+    if "microbatches" not in grid:
+        # a file without microbatches means the closed form, never a silent Monte Carlo per point
+        grid = {**grid, "microbatches": [0]}
+        print('microbatches not given: closed form (microbatches = 0); add microbatches = ["auto"] to [grid] '
+              "for the routing Monte Carlo", file=sys.stderr)
+    est = _estimate(grid, seed)
+    if est is not None:
+        mc, one = est
+        workers = args.workers or 1
+        print(f"{mc:,} Monte Carlo points; one took {one:.1f} s here, so about {_duration(mc * one / workers)}"
+              f"{f' on {workers} workers' if workers > 1 else ''} before any resume (closed-form points add "
+              "little)", file=sys.stderr)
     out.mkdir(parents=True, exist_ok=True)
-    tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
-    if any(tls) and not all(tls):
-        raise ValueError("--tls-ca-file, --tls-cert and --tls-key go together")
-    cluster = client = None
-    executor: Any = None
     try:
-        if args.workers is not None:
-            if args.workers < 1:
-                raise ValueError(f"--workers {args.workers}: must be >= 1")
-            from distributed import Client, LocalCluster
-
-            # bound to localhost: a laptop sweep never listens on the network
-            cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                   host="127.0.0.1", dashboard_address=None)
-            executor = client = Client(cluster)
-        elif args.scheduler is not None:
-            from distributed import Client
-
-            security = None
-            if all(tls):
-                from distributed.security import Security
-
-                security = Security(tls_ca_file=args.tls_ca_file, tls_client_cert=args.tls_cert,
-                                    tls_client_key=args.tls_key, require_encryption=True)
-            executor = client = Client(args.scheduler, security=security)
-        df = sweep(grid, executor=executor, checkpoint=out, resume=not args.no_resume,
-                   progress=not args.no_progress, seed=seed, chunk_size=chunk, retries=retries)
-    finally:
-        if client is not None:
-            client.close()
-        if cluster is not None:
-            cluster.close()
-    paths = _write_results(df, out)
+        with executor_from_args(args) as executor:
+            df = sweep(grid, executor=executor, checkpoint=out, resume=not args.no_resume,
+                       progress=not args.no_progress and sys.stderr.isatty(), seed=seed, chunk_size=chunk,
+                       retries=retries)
+    except KeyboardInterrupt:
+        argv = getattr(args, "_argv", None)
+        cmd = ("qsengine " + " ".join(shlex.quote(a) for a in argv if a != "--no-resume")) if argv \
+            else f"qsengine sweep {args.file} --out {out}"
+        print(interrupted_message(out, _grid_size(grid), cmd), file=sys.stderr)
+        return 130
+    paths = write_results(df, out)
     info = df.attrs["sweep"]
     print(f"{len(df)} points ({info['computed_points']} computed, {info['resumed_points']} from the checkpoint) "
           f"in {info['elapsed_s']:.1f} s; seed entropy {info['seed']['entropy']}")
@@ -270,16 +373,11 @@ def add_parser(sub) -> None:
     p = sub.add_parser("sweep", help="run a grid of simulate points (local, process pool or Dask), checkpointed")
     p.add_argument("file", type=Path, metavar="SWEEP.toml", help="[grid] table of lists, optional [sweep] table")
     p.add_argument("--out", type=Path, required=True, help="directory: checkpoint chunks + results.parquet/csv")
-    where = p.add_mutually_exclusive_group()
-    where.add_argument("--scheduler", metavar="ADDRESS", help="a running Dask scheduler (tcp://host:8786)")
-    where.add_argument("--workers", type=int, metavar="N", help="start a local Dask cluster of N worker processes")
+    add_executor_args(p)
     p.add_argument("--no-resume", action="store_true", help="discard the checkpoint in --out and start over")
     p.add_argument("--seed", type=int, default=None, help="sweep seed (overrides [sweep] seed)")
     p.add_argument("--chunk-size", type=int, default=None, help="points per task (overrides [sweep] chunk_size)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--tls-ca-file", default=None, help="CA certificate for a tls:// scheduler")
-    p.add_argument("--tls-cert", default=None, help="client certificate for a tls:// scheduler")
-    p.add_argument("--tls-key", default=None, help="client private key for a tls:// scheduler")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (it is shown only on a terminal)")
     p.set_defaults(handler=_run_sweep_cli)
 
     r = sub.add_parser("report", help="standard figures from a sweep results directory")

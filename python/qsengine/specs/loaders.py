@@ -48,6 +48,7 @@ __all__ = [
     "as_model",
     "as_precision",
     "clusters",
+    "default_precision",
     "load_accelerator",
     "load_cluster",
     "load_model",
@@ -326,6 +327,23 @@ def _hf_id(cfg: Any, path: Path) -> str:
 _HF_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral", "llama", "mistral", "qwen2", "qwen3", "gpt_oss")
 
 
+#: Hugging Face ``quantization_config.quant_method`` -> qsengine precision preset.
+_HF_QUANT = {"fp8": "fp8", "mxfp4": "mxfp4-experts"}
+
+
+def _hf_precision(cfg: dict[str, Any], label: str) -> dict[str, Any]:
+    """``deployed_precision`` from a config's ``quantization_config`` (None:
+    the bf16 fallback of :func:`default_precision`)."""
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict):
+        return {}
+    method = qc.get("quant_method")
+    if method in _HF_QUANT:
+        return {"deployed_precision": _HF_QUANT[method],
+                "deployed_precision_source": f"{label}: quantization_config.quant_method = {method!r}"}
+    return {}
+
+
 def model_from_hf_config(cfg: Any, label: str = "config.json", *, id: str = "hf-model") -> Model:
     """Translate a Hugging Face ``config.json`` (parsed) into a :class:`Model`.
 
@@ -362,7 +380,8 @@ def model_from_hf_config(cfg: Any, label: str = "config.json", *, id: str = "hf-
     tie = g("tie_word_embeddings", False, integer=False)
     max_ctx = g("max_position_embeddings", None)
     common: dict[str, Any] = dict(id=id, name=id, num_layers=L, hidden_size=d, vocab_size=vocab,
-                                  tie_embeddings=tie, max_context=max_ctx, source=label)
+                                  tie_embeddings=tie, max_context=max_ctx, source=label,
+                                  **_hf_precision(cfg, label))
 
     def head_dim() -> int:
         hd = g("head_dim", None, minimum=1)
@@ -540,6 +559,25 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
 def _load_shipped_cluster(path: Path) -> Cluster:
     label = _label(path, True)
     return cluster_from_dict(_read_toml(path, label), label)
+
+
+# ------------------------------------------------------------------ defaults
+#: Precision of a model whose spec names none (a hand-built Model, a TOML file
+#: without ``deployed_precision``, a Hugging Face config without a
+#: ``quantization_config``): bf16, the dtype of most reference checkpoints.
+FALLBACK_PRECISION = "bf16"
+
+
+def default_precision(model: Model | str | os.PathLike[str]) -> Precision:
+    """The precision every entry point uses when none is given
+    (``simulate``, ``pack``, ``min_gpus``, ``rank_plans``, ``sweep``, the
+    study and every CLI command): the model's ``deployed_precision`` (the
+    developer's reference checkpoint, with its source in
+    ``deployed_precision_source``), else :data:`FALLBACK_PRECISION` (bf16).
+    A Hugging Face config's ``quantization_config`` sets it (``fp8`` ->
+    ``"fp8"``, ``mxfp4`` -> ``"mxfp4-experts"``)."""
+    m = as_model(model)
+    return as_precision(m.deployed_precision or FALLBACK_PRECISION)
 
 
 # ------------------------------------------------------------------ as_*
