@@ -669,7 +669,7 @@ def pack(
         plan=_plan_from_desc(r.plan),
         context=ctx,
         feasible=bool(r.feasible),
-        reason=str(r.reason),
+        reason=_reason(model, cluster, prec, bool(r.feasible), str(r.reason)),
         binding_constraint=r.binding,  # type: ignore[arg-type]
         binding_gpu=None if r.binding_gpu < 0 else int(r.binding_gpu),
         admissible_batch=int(r.admissible_batch),
@@ -680,6 +680,15 @@ def pack(
         paged=paged,
         seed=seed_rec,
     )
+
+
+def _reason(model: Model, cluster: Cluster, prec: Precision, feasible: bool, reason: str) -> str:
+    """An infeasible packing's reason, the binding shortfall first (total
+    weights against total usable HBM) when that is what rules every plan out."""
+    if feasible:
+        return reason
+    total = weights_shortfall(model, cluster, prec)
+    return f"{total}; this plan: {reason}" if total else reason
 
 
 def plans(model: Model | str, cluster: Cluster | str | int) -> list[Plan]:
@@ -783,28 +792,70 @@ def _parse_plan(text: str) -> Plan | Literal["auto"]:
     return Plan(**fields)
 
 
+def _cli_tokens(text: str) -> int:
+    import argparse
+
+    from qsengine.study import parse_tokens
+
+    try:
+        return parse_tokens(text)
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _cmd_pack(args: Any) -> int:
     cluster = as_cluster(args.cluster)
-    p = pack(args.model, cluster, args.context, plan=_parse_plan(args.plan), precision=args.precision,
+    plan = _parse_plan(args.plan)
+    p = pack(args.model, cluster, args.context, plan=plan, precision=args.precision,
              replicas=args.replicas)
     if args.json:
         print(p.to_json(indent=2))
     else:
         print(p.summary())
+        if plan == "auto":
+            print("  plan 'auto' here = the largest admissible cluster batch (qsengine simulate's 'auto' picks "
+                  "the highest throughput, which can be another plan)")
     return 0 if p.feasible else 1
+
+
+def _cmd_min_gpus(args: Any) -> int:
+    model = as_model(args.model)
+    acc = _as_accelerator(args.accelerator)
+    prec = _precision(model, args.precision)
+    g = min_gpus(model, acc, args.context, precision=prec, max_gpus=args.max_gpus)
+    head = f"{model.id} on {acc.id} at {prec.name}, context {args.context:,} tokens"
+    if g is None:
+        print(f"{head}: no cluster of up to {args.max_gpus:,} GPUs fits one sequence")
+        return 1
+    best = rank_plans(model, Cluster(acc, g), args.context, precision=prec).iloc[0]
+    print(f"{head}: {g} GPUs (plan {best['plan']}, {int(best['cluster_batch']):,} sequences at most; "
+          f"plan = the largest admissible cluster batch)")
+    return 0
 
 
 def add_parser(sub: Any) -> None:
     """Register ``qsengine pack``."""
     ps = sub.add_parser("pack", help="pack a model onto a cluster's HBM: per-GPU map and admissible batch")
-    ps.add_argument("--model", required=True, help="model preset name (needs the spec loaders)")
-    ps.add_argument("--cluster", required=True, help="cluster name such as 8xH200 (needs the spec loaders)")
-    ps.add_argument("--context", required=True, type=int, help="context length in tokens")
-    ps.add_argument("--precision", default=None, help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default bf16")
+    ps.add_argument("--model", required=True, help="model: shipped name, TOML file or Hugging Face config.json")
+    ps.add_argument("--cluster", required=True, help="cluster: shipped name, 'NxGPU' such as 8xH200, or TOML file")
+    ps.add_argument("--context", required=True, type=_cli_tokens, help="context length: 32768 or 32K")
+    ps.add_argument("--precision", default=None,
+                    help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default: the model's deployed precision")
     ps.add_argument("--plan", default="auto", help="'auto' or a label like tp8-pp1-dp1-ep8")
     ps.add_argument("--replicas", type=int, default=0, help="extra expert replicas per EP group")
     ps.add_argument("--json", action="store_true", help="print the full record as JSON")
     ps.set_defaults(handler=_cmd_pack)
+
+    mg = sub.add_parser("min-gpus", help="smallest number of GPUs of one accelerator that fits a model",
+                        description="The smallest cluster of ACCELERATOR GPUs on which one sequence of CONTEXT "
+                                    "tokens fits under some valid plan (weights + KV in usable HBM).")
+    mg.add_argument("--model", required=True, help="model: shipped name, TOML file or Hugging Face config.json")
+    mg.add_argument("--accelerator", required=True, help="accelerator: shipped name or alias (H200, MI300X), or TOML")
+    mg.add_argument("--context", required=True, type=_cli_tokens, help="context length: 32768 or 32K")
+    mg.add_argument("--precision", default=None,
+                    help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default: the model's deployed precision")
+    mg.add_argument("--max-gpus", type=int, default=4096, help="largest cluster tried (default %(default)s)")
+    mg.set_defaults(handler=_cmd_min_gpus)
 
 
 # ------------------------------------------------------------- batched admission
@@ -891,3 +942,23 @@ def admissible_batches(pm: PlanMemory, plan_index: np.ndarray, context: np.ndarr
     """
     batch, fit, weight_max = _core.admissible_batches(pm.table, plan_index, context, dense_ffn_bytes)
     return (batch, fit, weight_max) if fullest else (batch, fit)
+
+
+# ------------------------------------------------------------- infeasible reasons
+def weights_shortfall(model: Model | str, cluster: Cluster | str, precision: Precision | str | None = None) -> str:
+    """The binding shortfall when a model's weights cannot fit on a cluster
+    under *any* plan: total weight bytes against total usable HBM (every GPU's
+    ``usable_bytes``), e.g. ``"weights 3,146 GB in total exceed the 544 GB
+    usable on 8xh100 (8 x 68.0 GB)"``; ``""`` when the total fits (then a
+    plan's own distribution is what binds). Infeasible reasons start with it
+    (:func:`pack`; the simulation pipeline can call it for its sides)."""
+    model = as_model(model)
+    cluster = as_cluster(cluster)
+    prec = _precision(model, precision)
+    total = model.weight_bytes(prec)
+    usable = cluster.num_gpus * cluster.accelerator.usable_bytes
+    if total <= usable:
+        return ""
+    return (f"weights {total / 1e9:,.0f} GB in total exceed the {usable / 1e9:,.0f} GB usable on "
+            f"{cluster.label} ({cluster.num_gpus} x {cluster.accelerator.usable_bytes / 1e9:.1f} GB) at "
+            f"{prec.name}")

@@ -352,16 +352,27 @@ def verdict_lines(df) -> list[tuple[str, str, str]]:
         parts = []
         runs: list[list[Any]] = []
         for _, row in g.iterrows():
-            if runs and runs[-1][0] == row["study_verdict"] and row["study_verdict"] in (
-                    "dense-only", "moe-only", "neither"):
+            if runs and runs[-1][0] == row["study_verdict"]:
                 runs[-1][1].append(row)
             else:
                 runs.append([row["study_verdict"], [row]])
         for v, rows in runs:
             lo, hi = format_tokens(int(rows[0]["context"])), format_tokens(int(rows[-1]["context"]))
             span = lo if lo == hi else f"{lo}–{hi}"
-            flag = " ⚠ beyond max context" if any(bool(r["beyond_max_context"]) for r in rows) else ""
-            parts.append(f"{span}: {_point_text(rows[-1])}{flag}")
+            beyond = [r for r in rows if bool(r["beyond_max_context"])]
+            flag = ""
+            if beyond:
+                first = format_tokens(int(beyond[0]["context"]))
+                flag = f" ⚠ beyond max context {format_tokens(int(beyond[0]['max_context']))}" + \
+                    (f" from {first}" if beyond[0] is not rows[0] else "")
+            text = _point_text(rows[-1])
+            if len(rows) > 1 and v in ("dense", "moe", "tie"):
+                ratios = [float(r["ratio"]) if v != "moe" else 1.0 / float(r["ratio"]) for r in rows]
+                last = rows[-1]
+                dm, mm = fmt_num(float(last["dense_tpot_ms"])), fmt_num(float(last["moe_tpot_ms"]))
+                text = {"dense": "dense twin ", "moe": "MoE ", "tie": "tie "}[v] + \
+                    f"{min(ratios):.2f}–{max(ratios):.2f}× (at {hi}: dense {dm} ms/token, MoE {mm} ms)"
+            parts.append(f"{span}: {text}{flag}")
         out.append((m, c, "; ".join(parts)))
     return out
 
@@ -476,7 +487,7 @@ def _context_axis(ax, contexts: Sequence[int]) -> None:
     ax.set_xscale("log", base=2)
     ax.xaxis.set_minor_locator(NullLocator())
     ax.xaxis.set_minor_formatter(NullFormatter())
-    ax.set_xticks(shown, [format_tokens(t) for t in shown])
+    ax.set_xticks(shown, [format_tokens(t) for t in shown], rotation=30 if len(shown) > 5 else 0)
     if len(ticks) > 1:
         ax.set_xlim(ticks[0] / 1.25, ticks[-1] * 1.25)
     else:
@@ -534,15 +545,16 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
         ax.axhspan(strip / 1.2, ymin, color="0.93", zorder=0)
         ax.axhspan(1 - tie, 1 + tie, color="0.85", zorder=0)
         ax.axhline(1.0, color="k", lw=0.8, ls="--")
-        ax.text(0.01, 0.98, "↑ dense twin serves more", transform=ax.transAxes, va="top", fontsize=8)
-        ax.text(0.01, (math.log(ymin) - math.log(strip / 1.2)) / (math.log(ymax) - math.log(strip / 1.2)) + 0.01,
-                "↓ MoE serves more", transform=ax.transAxes, va="bottom", fontsize=8)
+        yt = [t for t in (0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 10, 20) if ymin <= t <= ymax]
+        ax.set_yticks(yt, [f"{t:g}" for t in yt])
+        side = ax.get_yaxis_transform()  # x in axes, y in data
+        ax.text(0.99, 1 + tie, "↑ dense twin serves more", transform=side, ha="right", va="bottom", fontsize=7)
+        ax.text(0.99, 1 - tie, "↓ MoE serves more", transform=side, ha="right", va="top", fontsize=7)
         ax.text(0.99, 0.01, "one side does not fit", transform=ax.transAxes, ha="right", va="bottom",
                 fontsize=7, color="0.35")
         qs = float(sub["qs"].iloc[0])
         if lo <= 1 / qs <= hi:
             ax.axhline(1.0 / qs, color="gray", lw=0.8, ls=":")
-        ax.yaxis.set_major_formatter(FormatStrFormatter("%g"))
         ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
         _context_axis(ax, sub["context"])
         ax.set_ylabel("throughput ratio dense / MoE")
