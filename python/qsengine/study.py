@@ -275,16 +275,24 @@ def _annotate(raw, plan: _Plan, cfg: StudyConfig):
     rel = (np.abs(p99 - mean) / _Z99 / mean / math.sqrt(n)) if n else mean * 0.0
     df["ratio_rel_err"] = rel
     df["ratio_err"] = df["ratio"].astype(float) * rel
-    band = np.maximum(cfg.tie, 2.0 * rel)
-    r = df["ratio"].astype(float)
-    study = df["verdict"].astype(str).copy()
-    both = r.notna()
-    study[both & (np.abs(r - 1.0) <= band)] = "tie"
-    study[both & (r - 1.0 > band)] = "dense"
-    study[both & (1.0 - r > band)] = "moe"
-    df["study_verdict"] = study
-    df["tie_band"] = band
+    df["study_verdict"], df["tie_band"] = tie_aware_verdict(df["ratio"], df["verdict"], rel, cfg.tie)
     return df
+
+
+def tie_aware_verdict(ratio, verdict, rel_err, tie: float = DEFAULT_TIE):
+    """(verdict, band) per point: "tie" when |ratio − 1| <= band =
+    max(``tie``, 2 × the ratio's relative standard error), else "dense" /
+    "moe"; points without a ratio keep their verdict ("dense-only", ...)."""
+    import numpy as np
+
+    r = np.asarray(ratio, dtype=float)
+    band = np.maximum(tie, 2.0 * np.asarray(rel_err, dtype=float))
+    out = np.asarray(verdict, dtype=object).copy()
+    both = np.isfinite(r)
+    out[both & (np.abs(r - 1.0) <= band)] = "tie"
+    out[both & (r - 1.0 > band)] = "dense"
+    out[both & (1.0 - r > band)] = "moe"
+    return out, band
 
 
 def _write(df, out: Path, plan: _Plan) -> None:

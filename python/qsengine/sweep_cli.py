@@ -121,8 +121,9 @@ def executor_from_args(args):
             old = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
                 # bound to localhost: a laptop sweep never listens on the network
+                # silence_logs: the workers' warnings (e.g. tasks cancelled by a Ctrl-C) stay quiet; errors show
                 cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                       host="127.0.0.1", dashboard_address=None)
+                                       host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
             finally:
                 signal.signal(signal.SIGINT, old)
             client = Client(cluster)

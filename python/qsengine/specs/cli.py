@@ -206,7 +206,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register ``list`` and ``show``."""
     p = sub.add_parser("list", help="list shipped models, accelerators, clusters or precisions")
-    p.add_argument("what", choices=["models", "accelerators", "clusters", "precisions"])
+    p.add_argument("what", choices=["models", "accelerators", "clusters", "precisions"],
+                   help="which shipped specs to list")
     p.set_defaults(handler=_cmd_list)
     p = sub.add_parser("show", help="show a model, accelerator or cluster (name or file)")
     p.add_argument("name", help="shipped name (e.g. deepseek-v3, h200, 8xh200) or a .toml / config.json path")

@@ -1,0 +1,148 @@
+"""The command line: every flag described, bad input refused with a clear
+message (0 is never 'unset'), progress only on a terminal, Ctrl-C on Dask
+says what was kept and how to resume."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from qsengine.cli import build_parser, main
+
+
+def _subparsers(parser):
+    import argparse
+
+    for a in parser._actions:
+        if isinstance(a, argparse._SubParsersAction):
+            return a.choices
+    raise AssertionError("no sub-commands")
+
+
+def test_every_flag_of_every_command_is_described():
+    missing = []
+    for name, sub in _subparsers(build_parser()).items():
+        for a in sub._actions:
+            if a.option_strings and a.dest != "help" and not (a.help or "").strip():
+                missing.append(f"{name} {a.option_strings[0]}")
+            if not a.option_strings and a.dest != "help" and not (a.help or "").strip():
+                missing.append(f"{name} {a.dest}")
+    assert not missing, missing
+
+
+def test_min_gpus_is_a_command(capsys):
+    assert "min-gpus" in _subparsers(build_parser())
+    assert main(["min-gpus", "--model", "qwen3-30b-a3b", "--accelerator", "h100", "--context", "32K"]) == 0
+    assert "GPUs (plan" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["study", "--q", "0"], "0 is not 'unset'"),
+    (["study", "--slo-tpot-ms", "0"], "0 is not 'unset'"),
+    (["simulate", "--model", "deepseek-v3", "--cluster", "8xh200", "--context", "8K", "--slo-tpot-ms", "0"],
+     "0 is not 'unset'"),
+    (["simulate", "--model", "deepseek-v3", "--cluster", "8xh200", "--context", "8K", "--q", "0"],
+     "0 is not 'unset'"),
+    (["study", "--contexts", "12Q"], "32K"),
+    (["study", "--contexts", "0"], ">= 1 token"),
+    (["study", "--microbatches", "-1"], "'auto'"),
+    (["study", "--precision", "fp7"], "invalid choice"),
+    (["pack", "--model", "deepseek-v3", "--cluster", "8xh200", "--context", "12Q"], "32K"),
+])
+def test_bad_flags_refused_by_the_parser(argv, msg, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    assert msg in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, msg", [
+    (["study", "--clusters", "8xh100", "8xH2000", "--contexts", "4K"], "8xH2000"),
+    (["study", "--models", "llama-3.1-70b", "--contexts", "4K"], "is dense"),
+    (["study", "--models", "deepseek-v4", "--contexts", "4K"], "did you mean"),
+    (["simulate", "--model", "deepseek-v3", "--dense", "mixtral-8x7b", "--cluster", "8xh200", "--context", "8K"],
+     "is an MoE model"),
+])
+def test_bad_values_refused_before_any_work(argv, msg, capsys, tmp_path):
+    assert main([*argv, *(["--out", str(tmp_path / "o")] if argv[0] == "study" else [])]) == 2
+    assert msg in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_study_accepts_128k_and_prints_the_answer_first(tmp_path, capsys):
+    assert main(["study", "--models", "qwen3-30b-a3b", "--clusters", "8xh100", "--contexts", "4K", "128K",
+                 "--microbatches", "0", "--out", str(tmp_path), "--no-figures"]) == 0
+    cap = capsys.readouterr()
+    lines = cap.out.splitlines()
+    assert lines[0].startswith("qsengine study")
+    assert any(ln.strip().startswith("8×H100") and "4K–128K" in ln or "4K:" in ln for ln in lines)
+    assert "\r" not in cap.err  # no progress bar off a terminal
+    assert (tmp_path / "summary.md").is_file()
+
+
+def test_sweep_without_microbatches_is_closed_form(tmp_path, capsys):
+    f = tmp_path / "s.toml"
+    f.write_text('[grid]\nmodel = ["qwen3-30b-a3b"]\ncluster = ["8xh100"]\ncontext = [4096, 8192]\n')
+    assert main(["sweep", str(f), "--out", str(tmp_path / "o"), "--seed", "1"]) == 0
+    cap = capsys.readouterr()
+    assert "closed form (microbatches = 0)" in cap.err and "\r" not in cap.err
+    import pandas as pd
+
+    assert set(pd.read_csv(tmp_path / "o" / "results.csv")["in_microbatches"]) == {0}
+
+
+def test_sweep_with_monte_carlo_prints_its_estimate_first(tmp_path, capsys):
+    f = tmp_path / "s.toml"
+    f.write_text('[grid]\nmodel = ["qwen3-30b-a3b"]\ncluster = ["8xh100"]\ncontext = [4096, 8192]\n'
+                 'microbatches = [10]\n')
+    assert main(["sweep", str(f), "--out", str(tmp_path / "o"), "--seed", "1"]) == 0
+    err = capsys.readouterr().err
+    assert "2 Monte Carlo points; one took" in err and "so about" in err
+
+
+def test_simulate_prints_its_settings(capsys):
+    assert main(["simulate", "--model", "qwen3-30b-a3b", "--cluster", "8xh100", "--context", "32K",
+                 "--microbatches", "0", "--seed", "3", "--slo-tpot-ms", "50"]) == 0
+    out = capsys.readouterr().out
+    for text in ("precision bf16", "routing", "twin", "latency target 50.0 ms", "seed 3", "qsengine",
+                 "objective: highest throughput"):
+        assert text in out, text
+
+
+def test_pack_auto_names_its_objective(capsys):
+    main(["pack", "--model", "qwen3-30b-a3b", "--cluster", "8xh100", "--context", "8K"])
+    assert "largest admissible cluster batch" in capsys.readouterr().out
+
+
+def test_ctrl_c_on_dask_prints_no_tracebacks_and_how_to_resume(tmp_path):
+    pytest.importorskip("distributed")
+    out = tmp_path / "o"
+    argv = ["study", "--models", "qwen3-30b-a3b", "--clusters", "8xh100", "8xh200", "--contexts", "4K", "8K",
+            "16K", "32K", "64K", "128K", "--microbatches", "400", "--out", str(out), "--no-figures",
+            "--workers", "1"]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "qsengine", *argv], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if list(Path(out).glob("checkpoint/*/chunk-*.parquet")):
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.communicate()
+        os.killpg(proc.pid, signal.SIGINT)  # like Ctrl-C: the whole foreground process group
+        stdout, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr, stderr
+    assert "points are kept in" in stderr and "resume with: qsengine study --models qwen3-30b-a3b" in stderr
+    assert "WARNING" not in stderr and "CancelledError" not in stderr, stderr
+    assert len(stderr.strip().splitlines()) == 2, stderr  # what was kept, and the command that resumes
