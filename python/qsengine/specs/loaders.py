@@ -356,16 +356,82 @@ def model_from_hf_config(cfg: Any, label: str = "config.json", *, id: str = "hf-
     """
     if not isinstance(cfg, dict):
         raise type_fail(label, "<root>", type(cfg).__name__, "a JSON object")
+    if cfg.get("model_type") is None:
+        raise SpecError(f"{label}: missing required key 'model_type' (supported: {', '.join(_HF_TYPES)})")
     mt = cfg.get("model_type")
     if mt not in _HF_TYPES:
         raise SpecError(f"{label}: field 'model_type' = {mt!r}: unsupported; supported: {list(_HF_TYPES)}"
                         f"{did_you_mean(str(mt), _HF_TYPES)}")
+    try:
+        return _model_from_hf(cfg, label, mt, id)
+    except (SpecError, TypeError) as exc:
+        raise type(exc)(_hf_names(str(exc), mt, cfg)) from None
 
+
+#: Every key the translator reads: a missing key's did-you-mean never points at one of these.
+_HF_KEYS = frozenset({
+    "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+    "tie_word_embeddings", "max_position_embeddings", "head_dim", "first_k_dense_replace", "moe_layer_freq",
+    "n_routed_experts", "n_shared_experts", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank",
+    "kv_lora_rank", "moe_intermediate_size", "intermediate_size", "num_experts_per_tok", "n_group", "topk_group",
+    "sliding_window", "layer_types", "attention_bias", "experts_per_token", "num_local_experts", "num_experts",
+    "decoder_sparse_step", "mlp_only_layers", "mlp_bias", "quantization_config",
+})
+
+
+def _hf_field_names(mt: str) -> dict[str, str]:
+    """qsengine Model field -> the config.json key it comes from, for ``mt``."""
+    names = {
+        "num_layers": "num_hidden_layers", "attention.num_heads": "num_attention_heads",
+        "attention.num_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok",
+        "max_context": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+        "attention.local_window": "sliding_window", "attention.qkv_bias": "attention_bias",
+        "dense_intermediate": "intermediate_size",
+    }
+    if mt in ("deepseek_v3", "kimi_k2"):
+        names.update({"routed_experts": "n_routed_experts", "moe_intermediate": "moe_intermediate_size",
+                      "shared_experts": "n_shared_experts", "shared_intermediate": "moe_intermediate_size",
+                      "expert_groups": "n_group", "top_groups": "topk_group",
+                      "attention.kv_lora_rank": "kv_lora_rank", "attention.q_lora_rank": "q_lora_rank",
+                      "attention.qk_rope_head_dim": "qk_rope_head_dim", "attention.v_head_dim": "v_head_dim",
+                      "attention.qk_nope_head_dim": "qk_nope_head_dim"})
+    elif mt in ("mixtral", "gpt_oss"):
+        names.update({"routed_experts": "num_local_experts", "moe_intermediate": "intermediate_size"})
+    elif mt == "qwen3_moe":
+        names.update({"routed_experts": "num_experts", "moe_intermediate": "moe_intermediate_size"})
+    if mt != "deepseek_v3" and mt != "kimi_k2":
+        names["attention.head_dim"] = "head_dim"
+    return names
+
+
+def _hf_names(msg: str, mt: str, cfg: dict[str, Any]) -> str:
+    """A validation message about the Model built from a config, in the file's
+    own key names (``field 'top_k'`` -> ``field 'num_experts_per_tok'``); a
+    field the file does not hold is marked as derived."""
+    names = _hf_field_names(mt)
+    names.update({k.split(".", 1)[1]: v for k, v in list(names.items()) if k.startswith("attention.")})
+
+    def field(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in names:
+            return f"field {names[name]!r}"
+        return f"field {name!r}" if name in cfg else f"field {name!r} (derived by qsengine)"
+
+    msg = re.sub(r"field '([\w.]+)'", field, msg, count=1)
+    head, sep, rule = msg.partition(": must")
+    if sep:
+        for internal in sorted(names, key=len, reverse=True):
+            rule = re.sub(rf"(?<![\w.]){re.escape(internal)}(?![\w.])", names[internal], rule)
+        msg = head + sep + rule
+    return msg
+
+
+def _model_from_hf(cfg: dict[str, Any], label: str, mt: str, id: str) -> Model:
     def g(key: str, default: Any = ..., *, integer: bool = True, minimum: int | None = 0) -> Any:
         if key not in cfg or cfg[key] is None:
             if default is ...:
-                near = did_you_mean(key, [k for k in cfg if isinstance(k, str)])
-                raise SpecError(f"{label}: missing required field {key!r} (model_type {mt!r}){near}")
+                near = did_you_mean(key, [k for k in cfg if isinstance(k, str) and k not in _HF_KEYS])
+                raise SpecError(f"{label}: missing required key {key!r} (model_type {mt!r}){near}")
             return default
         v = cfg[key]
         if integer:
