@@ -402,6 +402,13 @@ class Packing:
                 f"{p.rejected:,} rejected; fragmentation {p.fragmentation_bytes / 1e9:.2f} GB "
                 f"({p.fragmentation_fraction:.2%} of KV)"
             )
+        lines.append("  per-GPU HBM (GB):")
+        lines.append("\n".join("    " + ln for ln in self.hbm_table().to_string(index=False).splitlines()))
+        return "\n".join(ln for ln in lines if ln)
+
+    def hbm_table(self) -> pd.DataFrame:
+        """HBM use per GPU in GB (non-zero columns), consecutive GPUs with
+        identical maps collapsed into one row (``gpus`` = "0-7")."""
         cols = [c for c in STACK_COLUMNS if c not in ("unusable",) and (self.gpu_map[c] != 0).any()]
         if (self.gpu_map["overflow"] > 0).any():
             cols.append("overflow")
@@ -415,10 +422,13 @@ class Packing:
                 label = f"{gpus[start]}" if i - 1 == start else f"{gpus[start]}-{gpus[i - 1]}"
                 rows.append([label, int(self.gpu_map["stage"].iloc[start])] + gb.iloc[start].tolist())
                 start = i
-        table = pd.DataFrame(rows, columns=["gpus", "stage"] + cols)
-        lines.append("  per-GPU HBM (GB):")
-        lines.append("\n".join("    " + ln for ln in table.to_string(index=False).splitlines()))
-        return "\n".join(ln for ln in lines if ln)
+        return pd.DataFrame(rows, columns=["gpus", "stage"] + cols)
+
+    def _repr_html_(self) -> str:
+        """Notebook view: the verdict lines, the per-GPU HBM table and the plot."""
+        from qsengine._html import packing_html
+
+        return packing_html(self)
 
     def __str__(self) -> str:
         return self.summary()
