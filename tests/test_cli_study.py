@@ -146,3 +146,40 @@ def test_ctrl_c_on_dask_prints_no_tracebacks_and_how_to_resume(tmp_path):
     assert "points are kept in" in stderr and "resume with: qsengine study --models qwen3-30b-a3b" in stderr
     assert "WARNING" not in stderr and "CancelledError" not in stderr, stderr
     assert len(stderr.strip().splitlines()) == 2, stderr  # what was kept, and the command that resumes
+
+
+def test_report_states_its_aggregation_and_renders_many_contexts(tmp_path, capsys):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from qsengine.sweep_cli import _aggregated, report
+
+    ctx = ", ".join(str(4096 * (i + 1)) for i in range(20))
+    f = tmp_path / "s.toml"
+    f.write_text(f'[grid]\nmodel = ["qwen3-30b-a3b"]\ncluster = ["8xh100", "32xh100"]\ncontext = [{ctx}]\n'
+                 'q = [2.0, 3.0]\nmicrobatches = [0]\n')
+    assert main(["sweep", str(f), "--out", str(tmp_path / "o"), "--seed", "1"]) == 0
+    import pandas as pd
+
+    df = pd.read_parquet(tmp_path / "o" / "results.parquet")
+    assert _aggregated(df, ("in_model", "in_cluster", "in_context")) == "q (2 values)"
+    titles = []
+    orig = plt.Figure.savefig
+
+    def keep(fig, *a, **k):
+        titles.append(fig._suptitle.get_text() if fig._suptitle else "")
+        ticks = [t.get_text() for ax in fig.axes for t in ax.get_xticklabels()]
+        assert "32×H100" in [t.get_text() for ax in fig.axes for t in ax.get_yticklabels()] or "32×H100" in str(
+            [h.get_label() for leg in fig.legends for h in leg.legend_handles])
+        assert not any("2^" in t or "$" in t for t in ticks), ticks
+        return orig(fig, *a, **k)
+
+    plt.Figure.savefig = keep
+    try:
+        paths = report(tmp_path / "o")
+    finally:
+        plt.Figure.savefig = orig
+    assert [p.name for p in paths] == ["ratio_heatmap.png", "break_even_q.png", "throughput.png"]
+    assert all("median over q (2 values)" in t for t in titles), titles

@@ -248,12 +248,36 @@ def _col(df, name: str):
     return None
 
 
+def _cluster_name(label: Any) -> str:
+    """Canonical display name (8×H100) of a cluster label, or the label."""
+    try:
+        from qsengine.study import cluster_display
+
+        return cluster_display(str(label))
+    except (ValueError, TypeError):
+        return str(label)
+
+
+def _aggregated(df, keep: tuple[str, ...]) -> str:
+    """The swept inputs (other than ``keep``) with more than one value, as
+    text: what a per-(model, cluster, context) figure takes the median over."""
+    parts = []
+    for col in df.columns:
+        if not col.startswith("in_") or col in keep:
+            continue
+        n = df[col].astype(str).nunique()
+        if n > 1:
+            parts.append(f"{col[3:]} ({n} values)")
+    return ", ".join(parts)
+
+
 def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
     """Draw the standard figures of a sweep's results; returns the PNG paths.
 
     * ``ratio_heatmap.png``: dense/MoE throughput ratio over context × cluster,
-      one panel per model (median over any other swept inputs; cells where
-      only one side fits are labelled);
+      one panel per model (the median over any other swept input, which
+      the figure then states in its title; cells where only one side fits
+      are labelled);
     * ``break_even_q.png``: break-even q* vs context, one line per cluster;
     * ``throughput.png``: tokens/s per GPU and admitted batch of the MoE and
       its dense twin vs context (the fragmentation + HBM-headroom penalties).
@@ -278,24 +302,43 @@ def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
         raise ValueError(f"{src}: results need model, cluster and context columns (got {list(df.columns)[:8]}...)")
     models = list(dict.fromkeys(df[cm]))
     written: list[Path] = []
+    df = df.copy()
+    df[cc] = df[cc].map({c: _cluster_name(c) for c in dict.fromkeys(df[cc])})
+    agg = _aggregated(df, ("in_model", "in_cluster", "in_context", cm, cc, ct))
+    note = f"median over {agg}" if agg else ""
+    n_ctx = len(set(df[ct]))
+    n_cl = len(set(df[cc]))
 
-    def panels(n: int, w: float = 5.5, h: float = 3.8):
-        ncol = min(2, n)
+    def panels(n: int, w: float = 5.5, h: float = 3.8, wide: bool = False):
+        ncol = 1 if wide else min(2, n)
         nrow = math.ceil(n / ncol)
         fig, axes = plt.subplots(nrow, ncol, figsize=(w * ncol, h * nrow), squeeze=False)
         for ax in list(axes.flat)[n:]:
             ax.set_visible(False)
         return fig, list(axes.flat)
 
-    def save(fig, name: str) -> None:
+    def save(fig, name: str, legend_right: bool = False) -> None:
         p = dest / name
-        fig.tight_layout()
+        if note:
+            fig.suptitle(f"each point: the {note} (swept)", fontsize=9)
+        fig.tight_layout(rect=(0, 0, 0.82 if legend_right else 1, 0.96 if note else 1))
         fig.savefig(p, dpi=110)
         plt.close(fig)
         written.append(p)
 
+    def context_ticks(ax, contexts) -> None:
+        from qsengine.study import format_tokens
+
+        ticks = sorted(set(int(t) for t in contexts))
+        step = max(1, math.ceil(len(ticks) / 8))
+        ax.set_xscale("log", base=2)
+        ax.minorticks_off()
+        ax.set_xticks(ticks[::step], [format_tokens(t) for t in ticks[::step]],
+                      rotation=30 if len(ticks[::step]) > 5 else 0)
+
     if "ratio" in df.columns:
-        fig, axes = panels(len(models))
+        fig, axes = panels(len(models), w=max(5.5, 1.6 + 0.7 * n_ctx), h=max(3.8, 1.4 + 0.38 * n_cl),
+                           wide=n_ctx > 8)
         for ax, m in zip(axes, models):
             sub = df[df[cm] == m]
             clusters = list(dict.fromkeys(sub[cc]))
@@ -313,14 +356,19 @@ def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
             finite = grid[np.isfinite(grid)]
             span = max(abs(np.log2(finite)).max(), 0.1) if finite.size else 1.0
             im = ax.imshow(np.log2(grid), cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto")
-            ax.set_xticks(range(len(contexts)), [f"{t // 1024}K" for t in contexts])
-            ax.set_yticks(range(len(clusters)), clusters)
+            from qsengine.study import format_tokens
+
+            ax.set_xticks(range(len(contexts)), [format_tokens(t) for t in contexts],
+                          rotation=45 if len(contexts) > 6 else 0, fontsize=7 if len(contexts) > 10 else 9)
+            ax.set_yticks(range(len(clusters)), clusters, fontsize=7 if len(clusters) > 10 else 9)
+            short = {"dense-only": "dense\nonly", "moe-only": "MoE\nonly", "neither": "none"}
+            size = 7 if len(contexts) <= 8 else 5.5
             for i in range(len(clusters)):
                 for j in range(len(contexts)):
-                    ax.text(j, i, labels[i][j], ha="center", va="center", fontsize=7)
+                    ax.text(j, i, short.get(labels[i][j], labels[i][j]), ha="center", va="center", fontsize=size)
             ax.set_xlabel("context")
             ax.set_title(f"{m}: dense/MoE throughput ratio", fontsize=9)
-            fig.colorbar(im, ax=ax, label="log2 ratio (red: dense wins)")
+            fig.colorbar(im, ax=ax, label="log2 ratio (red: dense twin wins, blue: MoE wins)")
         save(fig, "ratio_heatmap.png")
 
     if "break_even_q" in df.columns and df["break_even_q"].astype(float).notna().any():
@@ -332,12 +380,13 @@ def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
                 ax.plot(s.index, s.values, marker="o", label=str(c))
             if "q" in sub.columns:
                 ax.axhline(float(sub["q"].median()), color="gray", ls=":", lw=0.8, label="q swept (median)")
-            ax.set_xscale("log", base=2)
+            context_ticks(ax, sub[ct])
             ax.set_xlabel("context (tokens)")
             ax.set_ylabel("break-even q*")
             ax.set_title(f"{m}: dense twin wins below q*", fontsize=9)
-            ax.legend(fontsize=7)
-        save(fig, "break_even_q.png")
+        handles, labels_ = axes[0].get_legend_handles_labels()
+        fig.legend(handles, labels_, loc="center left", bbox_to_anchor=(0.83, 0.5), fontsize=7, frameon=False)
+        save(fig, "break_even_q.png", legend_right=True)
 
     pairs = [("tokens_per_s_per_gpu", "tokens/s per GPU"), ("batch", "concurrent sequences")]
     avail = [(k, lab) for k, lab in pairs if f"moe_{k}" in df.columns and f"dense_{k}" in df.columns]
@@ -353,13 +402,19 @@ def report(path: str | Path, out: str | Path | None = None) -> list[Path]:
                     color = plt.get_cmap("tab10")(n % 10)
                     ax.plot(s.index, s[f"moe_{k}"], marker="o", color=color, label=f"{c} MoE")
                     ax.plot(s.index, s[f"dense_{k}"], marker="s", ls="--", color=color, label=f"{c} dense")
-                ax.set_xscale("log", base=2)
+                context_ticks(ax, sub[ct])
                 ax.set_yscale("log")
                 ax.set_xlabel("context (tokens)")
                 ax.set_ylabel(lab)
                 ax.set_title(m, fontsize=9)
-                ax.legend(fontsize=6)
-        save(fig, "throughput.png")
+        from matplotlib.lines import Line2D
+
+        clusters_all = list(dict.fromkeys(df[cc]))
+        handles = [Line2D([], [], color=plt.get_cmap("tab10")(n % 10), label=str(c)) for n, c in enumerate(clusters_all)]
+        handles += [Line2D([], [], color="k", marker="o", label="MoE"),
+                    Line2D([], [], color="k", marker="s", ls="--", label="dense twin")]
+        fig.legend(handles=handles, loc="center left", bbox_to_anchor=(0.83, 0.5), fontsize=7, frameon=False)
+        save(fig, "throughput.png", legend_right=True)
     return written
 
 
