@@ -236,3 +236,15 @@ def test_ratio_figure_marks_infeasible_outside_the_data(tmp_path):
     assert labels == ["4K", "128K"]
     legend = [t.get_text() for t in fig.legends[0].get_texts()]
     assert "only the dense twin fits" in legend
+
+
+def test_hf_config_and_cluster_files_work(tmp_path):
+    from pathlib import Path
+
+    hf = Path(__file__).parent / "data" / "hf" / "mixtral-8x7b.json"
+    cl = tmp_path / "four.toml"
+    cl.write_text('name = "4xh200-test"\naccelerator = "H200"\nnum_gpus = 4\n')
+    df = run_study(_cfg(tmp_path, models=(str(hf),), clusters=(str(cl), "12x MI300X"), contexts=("8K",)),
+                   figures=True)
+    assert list(df["cluster_name"]) == ["4×H200", "12×MI300X"]
+    assert df["model"].iloc[0] == "mixtral-8x7b-v0.1" and set(df["precision"]) == {"bf16"}

@@ -142,11 +142,13 @@ def _validate(cfg: StudyConfig) -> _Plan:
         raise ValueError("study: give at least one model, one cluster and one context")
     contexts = [parse_tokens(t) for t in cfg.contexts]
     models = {}
+    spelled = {}  # id -> the name or path as given (what the sweep loads)
     for name in cfg.models:
         m = as_model(name)
         if not m.is_moe:
             raise ValueError(f"models: {name!r} is dense; the study compares an MoE model with its dense twin")
         models[m.id] = m
+        spelled.setdefault(m.id, name)
     clusters = [as_cluster(c) for c in cfg.clusters]
     q = cfg.q
     if isinstance(q, str):
@@ -172,7 +174,7 @@ def _validate(cfg: StudyConfig) -> _Plan:
                     if (mid, t, m.max_context) not in skipped:
                         skipped.append((mid, t, m.max_context))
                     continue
-                points.append({"model": mid, "cluster": cname, "context": t, "q": q, "routing": cfg.routing,
+                points.append({"model": spelled[mid], "cluster": cname, "context": t, "q": q, "routing": cfg.routing,
                                "precision": precision[mid], "microbatches": cfg.microbatches,
                                "slo_tpot": cfg.slo_tpot})
     if not points:
@@ -248,8 +250,10 @@ def _annotate(raw, plan: _Plan, cfg: StudyConfig):
 
     df = raw.copy()
     df.attrs = {}
-    names = {c: cluster_display(c) for c in dict.fromkeys(df["in_cluster"])}
-    df.insert(0, "cluster_name", df["in_cluster"].map(names))
+    given = [p["cluster"] for p in plan.points]  # rows are in grid order
+    names = {c: cluster_display(c) for c in dict.fromkeys(given)}
+    df.insert(0, "cluster_name", [names[c] for c in given])
+    df["cluster_input"] = [str(c) for c in given]
     maxctx = df["model"].map({mid: m.max_context for mid, m in plan.models.items()})
     df["max_context"] = maxctx.astype("float64")
     df["beyond_max_context"] = (df["context"] > df["max_context"]).fillna(False).astype(bool)
@@ -616,7 +620,7 @@ def _plot_hbm(df, plan: _Plan, path: Path) -> None:
         for ax, side, spec, label in ((row[0], "moe", model, "MoE"), (row[1], "dense", twin, "dense twin")):
             where = f"{m} {label} on {r['cluster_name']} @ {format_tokens(int(r['context']))}, {r['precision']}"
             if bool(r[f"{side}_feasible"]):
-                pk = pack(spec, r["in_cluster"], int(r["context"]), plan=_parse_plan(r[f"{side}_plan"]),
+                pk = pack(spec, r["cluster_input"], int(r["context"]), plan=_parse_plan(r[f"{side}_plan"]),
                           precision=r["precision"])
                 pk.plot(ax=ax)
                 for hnd, lab in zip(*ax.get_legend_handles_labels()):
