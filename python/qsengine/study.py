@@ -533,6 +533,7 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
         hi = max(float(finite.max()) if len(finite) else 1.0, 1.3)
         ymin, ymax = lo / 1.15, hi * 1.15
         strip = ymin / 1.25  # infeasible markers: below every ratio drawn
+        strip_pts: dict[int, list[tuple[str, str]]] = {}  # context -> (cluster, marker) shown in the strip
         for c in clusters:
             s = sub[sub["cluster_name"] == c].sort_values("context")
             if not len(s):
@@ -543,15 +544,18 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
                 ax.errorbar(ok["context"], ok["ratio"].astype(float), yerr=err if np.any(err > 0) else None,
                             marker="o", ms=4, color=color[c], capsize=2, lw=1.2)
             for v, mk in only_marker.items():
-                pts = s[s["study_verdict"] == v]
-                if len(pts):
+                for t in s.loc[s["study_verdict"] == v, "context"]:
                     used.add(v)
-                    ax.scatter(pts["context"], [strip] * len(pts), marker=mk, color=color[c], s=30, zorder=3)
+                    strip_pts.setdefault(int(t), []).append((c, mk))
             flagged = ok[ok["beyond_max_context"]]
             if len(flagged):
                 used.add("beyond")
                 ax.scatter(flagged["context"], flagged["ratio"].astype(float), marker="o", s=60,
                            facecolors="none", edgecolors="k", lw=0.8, zorder=4)
+        for t, marks in strip_pts.items():  # side by side around their context, not on top of each other
+            for j, (c, mk) in enumerate(marks):
+                ax.scatter([t * 1.045 ** (j - (len(marks) - 1) / 2)], [strip], marker=mk, color=color[c], s=26,
+                           zorder=3)
         ax.set_yscale("log")
         ax.set_ylim(strip / 1.2, ymax)
         ax.axhspan(strip / 1.2, ymin, color="0.93", zorder=0)

@@ -68,6 +68,8 @@ def plot_fragmentation(df: pd.DataFrame, ax: Any = None, label: str | None = Non
     ax.plot(df["batch"], df["gpu_unique_max_mean"], marker="s", linestyle="--", label=f"straggler u_g ({name})")
     ax.plot(df["batch"], df["uniform_unique"], color="grey", linestyle=":", label="uniform closed form E[u]")
     ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(list(df["batch"]), [f"{int(b):,}" for b in df["batch"]])  # plain numbers, not 2^k
     ax.set_xlabel("batch (tokens per microbatch)")
     ax.set_ylabel("experts touched per layer")
     ax.grid(True, alpha=0.3)
