@@ -192,7 +192,10 @@ def _validate(cfg: StudyConfig) -> _Plan:
         "beyond_max_context": cfg.beyond_max_context,
         "qsengine_version": __version__,
     }
-    ident = json.dumps({"points": points, "seed": cfg.seed, "version": __version__}, sort_keys=True, default=repr)
+    # the key covers the specs' content too: an edited model or cluster file gets its own checkpoint
+    ident = json.dumps({"points": points, "seed": cfg.seed, "version": __version__,
+                        "specs": [repr(m) for m in models.values()] + [repr(c) for c in clusters]},
+                       sort_keys=True, default=repr)
     key = hashlib.sha256(ident.encode()).hexdigest()[:16]
     return _Plan(points=points, skipped=skipped, settings=settings, models=models, key=key)
 
