@@ -183,3 +183,28 @@ def test_report_states_its_aggregation_and_renders_many_contexts(tmp_path, capsy
         plt.Figure.savefig = orig
     assert [p.name for p in paths] == ["ratio_heatmap.png", "break_even_q.png", "throughput.png"]
     assert all("median over q (2 values)" in t for t in titles), titles
+
+
+def test_ctrl_c_in_process_says_what_was_kept_and_resumes(tmp_path, capsys, monkeypatch):
+    import qsengine.sweeping as sw
+
+    real = sw.simulate_point
+    calls = {"n": 0}
+
+    def stop_after_8(kwargs, seed, threads):
+        if calls["n"] >= 8:
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return real(kwargs, seed, threads)
+
+    argv = ["study", "--models", "qwen3-30b-a3b", "--clusters", "8xh100", "8xh200", "--contexts", "4K", "8K", "16K",
+            "32K", "64K", "128K", "--microbatches", "10", "--out", str(tmp_path), "--no-figures"]
+    monkeypatch.setattr(sw, "simulate_point", stop_after_8)
+    assert main(argv) == 130
+    err = capsys.readouterr().err
+    assert "interrupted; 8 of 12 points are kept in" in err
+    resume = err.split("resume with: ")[1].strip()
+    assert resume == "qsengine " + " ".join(argv)
+    monkeypatch.setattr(sw, "simulate_point", real)
+    assert main(resume.split()[1:]) == 0
+    assert "12 points (4 computed, 8 resumed)" in capsys.readouterr().out
