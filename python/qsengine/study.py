@@ -456,7 +456,10 @@ def format_table(df, *, markdown: bool = False) -> str:
         row = []
         for col, _ in TABLE_COLUMNS:
             v = r[col]
-            if col == "context":
+            side = col.split("_", 1)[0]
+            if side in ("moe", "dense") and not bool(r[f"{side}_feasible"]):
+                row.append("–")  # that side does not fit: no numbers
+            elif col == "context":
                 row.append(format_tokens(int(v)) + ("⚠" if bool(r["beyond_max_context"]) else ""))
             elif col == "ratio":
                 row.append("–" if not math.isfinite(float(v)) else _ratio_text(float(v), float(r["ratio_err"])))
