@@ -107,6 +107,7 @@ def executor_from_args(args):
     while an interrupted cluster shuts down."""
     import logging
     import signal
+    import warnings
 
     tls = (args.tls_ca_file, args.tls_cert, args.tls_key)
     if any(tls) and not all(tls):
@@ -120,10 +121,13 @@ def executor_from_args(args):
 
             old = signal.signal(signal.SIGINT, signal.SIG_IGN)
             try:
-                # bound to localhost: a laptop sweep never listens on the network
-                # silence_logs: the workers' warnings (e.g. tasks cancelled by a Ctrl-C) stay quiet; errors show
-                cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
-                                       host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
+                with warnings.catch_warnings():
+                    # its HTTP server moves to a free port when 8787 is taken (another cluster): not news
+                    warnings.filterwarnings("ignore", message=r"Port \d+ is already in use", category=UserWarning)
+                    # bound to localhost: a laptop sweep never listens on the network;
+                    # silence_logs: the workers' warnings (e.g. tasks cancelled by a Ctrl-C) stay quiet, errors show
+                    cluster = LocalCluster(n_workers=args.workers, threads_per_worker=1, processes=True,
+                                           host="127.0.0.1", dashboard_address=None, silence_logs=logging.ERROR)
             finally:
                 signal.signal(signal.SIGINT, old)
             client = Client(cluster)
