@@ -802,21 +802,12 @@ def _parse_plan(text: str) -> Plan | Literal["auto"]:
     return Plan(**fields)
 
 
-def _cli_tokens(text: str) -> int:
-    import argparse
-
-    from qsengine.study import parse_tokens
-
-    try:
-        return parse_tokens(text)
-    except (ValueError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _cmd_pack(args: Any) -> int:
     cluster = as_cluster(args.cluster)
     plan = _parse_plan(args.plan)
-    p = pack(args.model, cluster, args.context, plan=plan, precision=args.precision,
+    from qsengine.study import parse_tokens
+
+    p = pack(args.model, cluster, parse_tokens(args.context), plan=plan, precision=args.precision,
              replicas=args.replicas)
     if args.json:
         print(p.to_json(indent=2))
@@ -829,15 +820,18 @@ def _cmd_pack(args: Any) -> int:
 
 
 def _cmd_min_gpus(args: Any) -> int:
+    from qsengine.study import parse_tokens
+
     model = as_model(args.model)
     acc = _as_accelerator(args.accelerator)
     prec = _precision(model, args.precision)
-    g = min_gpus(model, acc, args.context, precision=prec, max_gpus=args.max_gpus)
-    head = f"{model.id} on {acc.id} at {prec.name}, context {args.context:,} tokens"
+    context = parse_tokens(args.context)
+    g = min_gpus(model, acc, context, precision=prec, max_gpus=args.max_gpus)
+    head = f"{model.id} on {acc.id} at {prec.name}, context {context:,} tokens"
     if g is None:
         print(f"{head}: no cluster of up to {args.max_gpus:,} GPUs fits one sequence")
         return 1
-    best = rank_plans(model, Cluster(acc, g), args.context, precision=prec).iloc[0]
+    best = rank_plans(model, Cluster(acc, g), context, precision=prec).iloc[0]
     print(f"{head}: {g} GPUs (plan {best['plan']}, {int(best['cluster_batch']):,} sequences at most; "
           f"plan = the largest admissible cluster batch)")
     return 0
@@ -848,7 +842,7 @@ def add_parser(sub: Any) -> None:
     ps = sub.add_parser("pack", help="pack a model onto a cluster's HBM: per-GPU map and admissible batch")
     ps.add_argument("--model", required=True, help="model: shipped name, TOML file or Hugging Face config.json")
     ps.add_argument("--cluster", required=True, help="cluster: shipped name, 'NxGPU' such as 8xH200, or TOML file")
-    ps.add_argument("--context", required=True, type=_cli_tokens, help="context length: 32768 or 32K")
+    ps.add_argument("--context", required=True, help="context length: 32768 or 32K")
     ps.add_argument("--precision", default=None,
                     help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default: the model's deployed precision")
     ps.add_argument("--plan", default="auto", help="'auto' or a label like tp8-pp1-dp1-ep8")
@@ -861,7 +855,7 @@ def add_parser(sub: Any) -> None:
                                     "tokens fits under some valid plan (weights + KV in usable HBM).")
     mg.add_argument("--model", required=True, help="model: shipped name, TOML file or Hugging Face config.json")
     mg.add_argument("--accelerator", required=True, help="accelerator: shipped name or alias (H200, MI300X), or TOML")
-    mg.add_argument("--context", required=True, type=_cli_tokens, help="context length: 32768 or 32K")
+    mg.add_argument("--context", required=True, help="context length: 32768 or 32K")
     mg.add_argument("--precision", default=None,
                     help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default: the model's deployed precision")
     mg.add_argument("--max-gpus", type=int, default=4096, help="largest cluster tried (default %(default)s)")

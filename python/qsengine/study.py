@@ -68,13 +68,13 @@ def parse_tokens(text: str | int, what: str = "context") -> int:
     else:
         m = _TOKENS_RE.match(str(text).replace("_", ""))
         if not m:
-            raise ValueError(f"{what}={text!r}: must be a number of tokens like 32768, 32K or 1M")
+            raise ValueError(f"{what}={text}: must be a number of tokens like 32768, 32K or 1M")
         value = float(m.group(1)) * {"": 1, "k": 1024, "m": 1024 ** 2}[m.group(2).lower()]
         if value != int(value):
-            raise ValueError(f"{what}={text!r}: must be a whole number of tokens")
+            raise ValueError(f"{what}={text}: must be a whole number of tokens")
         n = int(value)
     if n < 1:
-        raise ValueError(f"{what}={text!r}: must be >= 1 token")
+        raise ValueError(f"{what}={text}: must be >= 1 token")
     return n
 
 
@@ -701,15 +701,6 @@ def _positive_ms(text: str) -> float:
     return v
 
 
-def _tokens_arg(text: str) -> int:
-    import argparse
-
-    try:
-        return parse_tokens(text)
-    except (ValueError, TypeError) as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
 def _q_arg(text: str) -> float | str:
     import argparse
 
@@ -756,7 +747,7 @@ def add_parser(sub) -> None:
     p.add_argument("--clusters", nargs="+", default=list(DEFAULT_CLUSTERS), metavar="CLUSTER",
                    help="clusters: shipped names, 'NxGPU' such as 8xH200 or 72xGB200, or cluster TOML files "
                         "(default: %(default)s)")
-    p.add_argument("--contexts", nargs="+", type=_tokens_arg, default=list(DEFAULT_CONTEXTS), metavar="TOKENS",
+    p.add_argument("--contexts", nargs="+", default=list(DEFAULT_CONTEXTS), metavar="TOKENS",
                    help="context lengths: 32768, 32K or 1M (default: 4K 8K 16K 32K 64K 128K)")
     p.add_argument("--q", type=_q_arg, default="sqrt",
                    help="dense twin size: q x the MoE's active parameters; a number > 0 or 'sqrt' = 1/sqrt(s) "
@@ -790,7 +781,7 @@ def add_parser(sub) -> None:
                                    "tokens/s on one cluster at one context, and the ratio.")
     s.add_argument("--model", required=True, help="MoE model: shipped name, TOML or HF config.json")
     s.add_argument("--cluster", required=True, help="cluster: shipped name, 'NxGPU' (8xH200) or TOML file")
-    s.add_argument("--context", required=True, type=_tokens_arg, help="context length: 32768 or 32K")
+    s.add_argument("--context", required=True, help="context length: 32768 or 32K")
     s.add_argument("--q", type=_q_arg, default=None, help="twin size multiplier > 0 or 'sqrt' (default sqrt)")
     s.add_argument("--dense", default=None, help="explicit dense model instead of a twin (must be dense)")
     s.add_argument("--routing", default="uniform", help="routing model of the Monte Carlo (default uniform)")
@@ -866,8 +857,8 @@ def _run_simulate_cli(args) -> int:
     if args.dense is not None and as_model(args.dense).is_moe:
         raise ValueError(f"--dense {args.dense!r}: is an MoE model; the dense side must be a dense model")
     precision = args.precision if args.precision is not None else default_precision(model).name
-    res = simulate(model, args.cluster, args.context, q=args.q, dense=args.dense, routing=args.routing,
-                   precision=precision, microbatches=args.microbatches,
+    res = simulate(model, args.cluster, parse_tokens(args.context), q=args.q, dense=args.dense,
+                   routing=args.routing, precision=precision, microbatches=args.microbatches,
                    slo_tpot=None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3, seed=args.seed,
                    threads=args.threads)
     if args.json:
