@@ -70,7 +70,7 @@ def test_hf_heads_must_divide_hidden_without_head_dim(tmp_path):
 def test_hf_bad_inputs(tmp_path):
     cfg = json.loads((DATA / "mixtral-8x7b.json").read_text())
     bad = dict(cfg, num_experts_per_tok=9)
-    with pytest.raises(SpecError, match=r"field 'top_k' = 9: must be <= routed_experts \(8\)"):
+    with pytest.raises(SpecError, match=r"field 'num_experts_per_tok' = 9: must be <= num_local_experts \(8\)"):
         load_model(_write(tmp_path, bad))
     bad = dict(cfg, hidden_size="4096")
     with pytest.raises(TypeError, match=r"field 'hidden_size' = '4096': must be an integer"):
@@ -78,7 +78,7 @@ def test_hf_bad_inputs(tmp_path):
     bad = dict(cfg)
     del bad["num_local_experts"]
     bad["num_local_expert"] = 8
-    with pytest.raises(SpecError, match=r"missing required field 'num_local_experts'.*did you mean 'num_local_expert'"):
+    with pytest.raises(SpecError, match=r"missing required key 'num_local_experts'.*did you mean 'num_local_expert'"):
         load_model(_write(tmp_path, bad))
     with pytest.raises(SpecError, match=r"field 'model_type' = 'mixtrall': unsupported.*did you mean 'mixtral'"):
         load_model(_write(tmp_path, dict(cfg, model_type="mixtrall")))
@@ -86,3 +86,32 @@ def test_hf_bad_inputs(tmp_path):
     p.write_text("{not json")
     with pytest.raises(SpecError, match="invalid JSON"):
         load_model(p)
+
+
+def _err(tmp_path, cfg) -> str:
+    with pytest.raises((SpecError, TypeError)) as e:
+        load_model(_write(tmp_path, cfg))
+    return str(e.value)
+
+
+def test_hf_errors_use_the_files_own_keys(tmp_path):
+    """Messages name config.json keys, never qsengine's internal field names."""
+    mix = json.loads((DATA / "mixtral-8x7b.json").read_text())
+    assert "field 'num_experts_per_tok' = 16: must be <= num_local_experts (8)" in _err(
+        tmp_path, dict(mix, num_experts_per_tok=16))
+    assert "field 'num_attention_heads' = 32: must be divisible by num_key_value_heads (5)" in _err(
+        tmp_path, dict(mix, num_key_value_heads=5))
+    assert "field 'hidden_size' = '4096'" in _err(tmp_path, dict(mix, hidden_size="4096"))
+    ds = json.loads((DATA / "deepseek-v3.json").read_text())
+    assert "field 'topk_group' = 9: must be <= n_group (8)" in _err(tmp_path, dict(ds, topk_group=9))
+    assert "field 'num_experts_per_tok' = 300: must be <= n_routed_experts (256)" in _err(
+        tmp_path, dict(ds, num_experts_per_tok=300))
+
+
+def test_hf_missing_keys_say_missing(tmp_path):
+    assert "missing required key 'model_type'" in _err(tmp_path, {})
+    llama = json.loads((DATA / "llama-3.1-8b.json").read_text())
+    del llama["num_attention_heads"]
+    msg = _err(tmp_path, llama)
+    assert "missing required key 'num_attention_heads'" in msg
+    assert "did you mean" not in msg  # attention_dropout is a real key, not a typo of this one

@@ -35,7 +35,7 @@ from qsengine.errors import ResourceLimitError
 from qsengine._seed import SeedLike, as_seed_sequence, philox_key, seed_record
 from qsengine.specs import Accelerator, Cluster, Model, Plan, Precision, Workload
 from qsengine.specs import PRECISIONS
-from qsengine.specs.loaders import as_accelerator, as_cluster, as_model, as_precision
+from qsengine.specs.loaders import as_accelerator, as_cluster, as_model, as_precision, default_precision
 
 if TYPE_CHECKING:  # pragma: no cover
     import matplotlib.axes
@@ -399,6 +399,13 @@ class Packing:
                 f"{p.rejected:,} rejected; fragmentation {p.fragmentation_bytes / 1e9:.2f} GB "
                 f"({p.fragmentation_fraction:.2%} of KV)"
             )
+        lines.append("  per-GPU HBM (GB):")
+        lines.append("\n".join("    " + ln for ln in self.hbm_table().to_string(index=False).splitlines()))
+        return "\n".join(ln for ln in lines if ln)
+
+    def hbm_table(self) -> pd.DataFrame:
+        """HBM use per GPU in GB (non-zero columns), consecutive GPUs with
+        identical maps collapsed into one row (``gpus`` = "0-7")."""
         cols = [c for c in STACK_COLUMNS if c not in ("unusable",) and (self.gpu_map[c] != 0).any()]
         if (self.gpu_map["overflow"] > 0).any():
             cols.append("overflow")
@@ -412,10 +419,13 @@ class Packing:
                 label = f"{gpus[start]}" if i - 1 == start else f"{gpus[start]}-{gpus[i - 1]}"
                 rows.append([label, int(self.gpu_map["stage"].iloc[start])] + gb.iloc[start].tolist())
                 start = i
-        table = pd.DataFrame(rows, columns=["gpus", "stage"] + cols)
-        lines.append("  per-GPU HBM (GB):")
-        lines.append("\n".join("    " + ln for ln in table.to_string(index=False).splitlines()))
-        return "\n".join(ln for ln in lines if ln)
+        return pd.DataFrame(rows, columns=["gpus", "stage"] + cols)
+
+    def _repr_html_(self) -> str:
+        """Notebook view: the verdict lines, the per-GPU HBM table and the plot."""
+        from qsengine._html import packing_html
+
+        return packing_html(self)
 
     def __str__(self) -> str:
         return self.summary()
@@ -547,6 +557,12 @@ def _auto_plan(desc: _core.MemoryDesc, num_gpus: int, context: int, want_ep: boo
                           bool(t.attn_dp[idx]))
 
 
+def _precision(model: Model, precision: Precision | str | None) -> Precision:
+    """``precision``, or the model's deployed precision when None (the one
+    default of every entry point: :func:`qsengine.specs.default_precision`)."""
+    return default_precision(model) if precision is None else as_precision(precision)
+
+
 def pack(
     model: Model | str,
     cluster: Cluster | str,
@@ -570,7 +586,8 @@ def pack(
         plan: a :class:`~qsengine.Plan`, or ``"auto"``: the valid plan with
             the largest admissible cluster batch (ties: smaller tp·pp, then
             smaller ep); with replicas/popularity the best plan with ep > 1.
-        precision: None (bf16), a :class:`~qsengine.Precision` or a preset name.
+        precision: a :class:`~qsengine.Precision` or a preset name; None: the
+            model's deployed precision (:func:`qsengine.default_precision`).
         replicas: extra expert copies per EP group (EPLB-style greedy LPT),
             memory taken from the KV cache.
         popularity: expected token share of each routed expert (E values, any
@@ -590,7 +607,7 @@ def pack(
     """
     model = as_model(model)
     cluster = as_cluster(cluster)
-    prec = as_precision(precision)
+    prec = _precision(model, precision)
     ctx = _as_context(context)
     replicas = _as_int(replicas, "replicas", 0)
     nthreads = _threads(threads)
@@ -657,7 +674,7 @@ def pack(
         plan=_plan_from_desc(r.plan),
         context=ctx,
         feasible=bool(r.feasible),
-        reason=str(r.reason),
+        reason=_reason(model, cluster, prec, bool(r.feasible), str(r.reason)),
         binding_constraint=r.binding,  # type: ignore[arg-type]
         binding_gpu=None if r.binding_gpu < 0 else int(r.binding_gpu),
         admissible_batch=int(r.admissible_batch),
@@ -668,6 +685,15 @@ def pack(
         paged=paged,
         seed=seed_rec,
     )
+
+
+def _reason(model: Model, cluster: Cluster, prec: Precision, feasible: bool, reason: str) -> str:
+    """An infeasible packing's reason, the binding shortfall first (total
+    weights against total usable HBM) when that is what rules every plan out."""
+    if feasible:
+        return reason
+    total = weights_shortfall(model, cluster, prec)
+    return f"{total}; this plan: {reason}" if total else reason
 
 
 def plans(model: Model | str, cluster: Cluster | str | int) -> list[Plan]:
@@ -712,7 +738,7 @@ def rank_plans(
     tp·pp, then smaller ep. One row per plan."""
     model = as_model(model)
     cluster = as_cluster(cluster)
-    desc = memory_description(model, precision, cluster.accelerator)
+    desc = memory_description(model, _precision(model, precision), cluster.accelerator)
     g = cluster.num_gpus
     return _table(_core.search_plans(desc, g, g, _as_context(context), _threads(threads)))
 
@@ -730,7 +756,7 @@ def search_plans(
     size's plans ranked as in :func:`rank_plans`. Multithreaded, deterministic."""
     model = as_model(model)
     acc = _as_accelerator(accelerator)
-    desc = memory_description(model, precision, acc)
+    desc = memory_description(model, _precision(model, precision), acc)
     lo = _as_int(min_gpus, "min_gpus", 1)
     hi = _as_int(max_gpus, "max_gpus", lo)
     return _table(_core.search_plans(desc, lo, hi, _as_context(context), _threads(threads)))
@@ -748,7 +774,7 @@ def min_gpus(
     valid plan; None if no cluster of up to ``max_gpus`` GPUs works."""
     model = as_model(model)
     acc = _as_accelerator(accelerator)
-    desc = memory_description(model, precision, acc)
+    desc = memory_description(model, _precision(model, precision), acc)
     g, _ = _core.min_gpus(desc, _as_context(context), _as_int(max_gpus, "max_gpus", 1))
     return int(g) if g > 0 else None
 
@@ -761,26 +787,62 @@ def _parse_plan(text: str) -> Plan | Literal["auto"]:
 
 def _cmd_pack(args: Any) -> int:
     cluster = as_cluster(args.cluster)
-    p = pack(args.model, cluster, args.context, plan=_parse_plan(args.plan), precision=args.precision,
+    plan = _parse_plan(args.plan)
+    from qsengine.study import parse_tokens
+
+    p = pack(args.model, cluster, parse_tokens(args.context), plan=plan, precision=args.precision,
              replicas=args.replicas)
     if args.json:
         print(p.to_json(indent=2))
     else:
         print(p.summary())
+        if plan == "auto":
+            print("  plan 'auto' here = the largest admissible cluster batch (qsengine simulate's 'auto' picks "
+                  "the highest throughput, which can be another plan)")
     return 0 if p.feasible else 1
+
+
+def _cmd_min_gpus(args: Any) -> int:
+    from qsengine.study import parse_tokens
+
+    model = as_model(args.model)
+    acc = _as_accelerator(args.accelerator)
+    prec = _precision(model, args.precision)
+    context = parse_tokens(args.context)
+    g = min_gpus(model, acc, context, precision=prec, max_gpus=args.max_gpus)
+    head = f"{model.id} on {acc.id} at {prec.name}, context {context:,} tokens"
+    if g is None:
+        print(f"{head}: no cluster of up to {args.max_gpus:,} GPUs fits one sequence")
+        return 1
+    best = rank_plans(model, Cluster(acc, g), context, precision=prec).iloc[0]
+    print(f"{head}: {g} GPUs (plan {best['plan']}, {int(best['cluster_batch']):,} sequences at most; "
+          f"plan = the largest admissible cluster batch)")
+    return 0
 
 
 def add_parser(sub: Any) -> None:
     """Register ``qsengine pack``."""
     ps = sub.add_parser("pack", help="pack a model onto a cluster's HBM: per-GPU map and admissible batch")
-    ps.add_argument("--model", required=True, help="model preset name (needs the spec loaders)")
-    ps.add_argument("--cluster", required=True, help="cluster name such as 8xH200 (needs the spec loaders)")
-    ps.add_argument("--context", required=True, type=int, help="context length in tokens")
-    ps.add_argument("--precision", default=None, help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default bf16")
+    ps.add_argument("--model", required=True, help="model: shipped name, TOML file or Hugging Face config.json")
+    ps.add_argument("--cluster", required=True, help="cluster: shipped name, 'NxGPU' such as 8xH200, or TOML file")
+    ps.add_argument("--context", required=True, help="context length: 32768 or 32K")
+    ps.add_argument("--precision", default=None,
+                    help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default: the model's deployed precision")
     ps.add_argument("--plan", default="auto", help="'auto' or a label like tp8-pp1-dp1-ep8")
     ps.add_argument("--replicas", type=int, default=0, help="extra expert replicas per EP group")
     ps.add_argument("--json", action="store_true", help="print the full record as JSON")
     ps.set_defaults(handler=_cmd_pack)
+
+    mg = sub.add_parser("min-gpus", help="smallest number of GPUs of one accelerator that fits a model",
+                        description="The smallest cluster of ACCELERATOR GPUs on which one sequence of CONTEXT "
+                                    "tokens fits under some valid plan (weights + KV in usable HBM).")
+    mg.add_argument("--model", required=True, help="model: shipped name, TOML file or Hugging Face config.json")
+    mg.add_argument("--accelerator", required=True, help="accelerator: shipped name or alias (H200, MI300X), or TOML")
+    mg.add_argument("--context", required=True, help="context length: 32768 or 32K")
+    mg.add_argument("--precision", default=None,
+                    help=f"precision preset ({', '.join(sorted(PRECISIONS))}); default: the model's deployed precision")
+    mg.add_argument("--max-gpus", type=int, default=4096, help="largest cluster tried (default %(default)s)")
+    mg.set_defaults(handler=_cmd_min_gpus)
 
 
 # ------------------------------------------------------------- batched admission
@@ -867,3 +929,23 @@ def admissible_batches(pm: PlanMemory, plan_index: np.ndarray, context: np.ndarr
     """
     batch, fit, weight_max = _core.admissible_batches(pm.table, plan_index, context, dense_ffn_bytes)
     return (batch, fit, weight_max) if fullest else (batch, fit)
+
+
+# ------------------------------------------------------------- infeasible reasons
+def weights_shortfall(model: Model | str, cluster: Cluster | str, precision: Precision | str | None = None) -> str:
+    """The binding shortfall when a model's weights cannot fit on a cluster
+    under *any* plan: total weight bytes against total usable HBM (every GPU's
+    ``usable_bytes``), e.g. ``"weights 3,146 GB in total exceed the 544 GB
+    usable on 8xh100 (8 x 68.0 GB)"``; ``""`` when the total fits (then a
+    plan's own distribution is what binds). Infeasible reasons start with it
+    (:func:`pack`; the simulation pipeline can call it for its sides)."""
+    model = as_model(model)
+    cluster = as_cluster(cluster)
+    prec = _precision(model, precision)
+    total = model.weight_bytes(prec)
+    usable = cluster.num_gpus * cluster.accelerator.usable_bytes
+    if total <= usable:
+        return ""
+    return (f"weights {total / 1e9:,.0f} GB in total exceed the {usable / 1e9:,.0f} GB usable on "
+            f"{cluster.label} ({cluster.num_gpus} x {cluster.accelerator.usable_bytes / 1e9:.1f} GB) at "
+            f"{prec.name}")

@@ -1028,6 +1028,12 @@ class RoutingStats:
                          f"{dist.p50:>12.5g}{dist.p90:>12.5g}{dist.p99:>12.5g}")
         return "\n".join(lines)
 
+    def _repr_html_(self) -> str:
+        """Notebook view: the configuration and the statistics as an HTML table."""
+        from qsengine._html import routing_html
+
+        return routing_html(self)
+
     def __repr__(self) -> str:
         c = self.config
         return (f"RoutingStats(experts={c.experts}, top_k={c.top_k}, batch={c.batch}, layers={c.layers}, "

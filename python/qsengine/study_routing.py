@@ -68,6 +68,8 @@ def plot_fragmentation(df: pd.DataFrame, ax: Any = None, label: str | None = Non
     ax.plot(df["batch"], df["gpu_unique_max_mean"], marker="s", linestyle="--", label=f"straggler u_g ({name})")
     ax.plot(df["batch"], df["uniform_unique"], color="grey", linestyle=":", label="uniform closed form E[u]")
     ax.set_xscale("log", base=2)
+    ax.minorticks_off()
+    ax.set_xticks(list(df["batch"]), [f"{int(b):,}" for b in df["batch"]])  # plain numbers, not 2^k
     ax.set_xlabel("batch (tokens per microbatch)")
     ax.set_ylabel("experts touched per layer")
     ax.grid(True, alpha=0.3)
@@ -125,22 +127,23 @@ def _cmd_study(args: argparse.Namespace) -> int:
 def add_parser(sub: Any) -> None:
     """Register ``route`` and ``routing-study`` with the CLI."""
     p = sub.add_parser("route", help="simulate token-to-expert routing and print statistics")
-    p.add_argument("--experts", type=int, default=256)
-    p.add_argument("--top-k", type=int, default=8)
-    p.add_argument("--batch", type=int, default=256)
-    p.add_argument("--microbatches", type=int, default=100000)
-    p.add_argument("--layers", type=int, default=1)
+    p.add_argument("--experts", type=int, default=256, help="routed experts E (default %(default)s)")
+    p.add_argument("--top-k", type=int, default=8, help="experts per token k (default %(default)s)")
+    p.add_argument("--batch", type=int, default=256, help="tokens per microbatch (default %(default)s)")
+    p.add_argument("--microbatches", type=int, default=100000,
+                   help="microbatches simulated (default %(default)s)")
+    p.add_argument("--layers", type=int, default=1, help="MoE layers each microbatch passes (default %(default)s)")
     p.add_argument("--routing", default="uniform",
                    help="uniform | powerlaw:A[:per_layer] | dirichlet:C | group:G:T[:BASE] | sticky:RHO[:BASE] | trace:PATH")
-    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--gpus", type=int, default=1, help="GPUs the experts are placed on (default %(default)s)")
     p.add_argument("--round-robin", action="store_true", help="round-robin placement (default contiguous)")
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="seed (default: fresh entropy, printed)")
+    p.add_argument("--threads", type=int, default=None, help="C++ threads (default: all cores)")
     p.set_defaults(handler=_cmd_route)
 
     q = sub.add_parser("routing-study", help="DeepSeek-V3-like vs uniform routing over batch sizes 1..1024")
     q.add_argument("--out", default="qsengine-out", help="directory for routing_study.csv and .png")
-    q.add_argument("--microbatches", type=int, default=2000)
-    q.add_argument("--seed", type=int, default=2026)
-    q.add_argument("--threads", type=int, default=None)
+    q.add_argument("--microbatches", type=int, default=2000, help="microbatches per batch size (default %(default)s)")
+    q.add_argument("--seed", type=int, default=2026, help="seed (default %(default)s)")
+    q.add_argument("--threads", type=int, default=None, help="C++ threads (default: all cores)")
     q.set_defaults(handler=_cmd_study)

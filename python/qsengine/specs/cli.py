@@ -110,6 +110,10 @@ def show_model(m: Model) -> str:
     lines.append(f"total params   {m.total_params:,}{pub_t}")
     lines.append(f"active params  {m.active_params:,}{pub_a}")
     lines.append(f"s (active/total) {m.sparsity:.4f}")
+    lines.append(f"max context    {m.max_context:,} tokens" if m.max_context else "max context    not given")
+    src = f" ({m.deployed_precision_source})" if m.deployed_precision_source else ""
+    lines.append(f"deployed precision {m.deployed_precision or 'bf16 (fallback: none given)'}{src}: "
+                 "the default of every command")
     lines.append("")
     kv_rows = [["per token per layer", f"{m.kv_bytes_per_token_per_layer(2):,.0f}", f"{m.kv_bytes_per_token_per_layer(1):,.0f}"],
                ["per token (all decode layers)", f"{m.kv_bytes_per_token(2):,.0f}", f"{m.kv_bytes_per_token(1):,.0f}"]]
@@ -206,7 +210,8 @@ def _cmd_show(args: argparse.Namespace) -> int:
 def add_parser(sub: "argparse._SubParsersAction[argparse.ArgumentParser]") -> None:
     """Register ``list`` and ``show``."""
     p = sub.add_parser("list", help="list shipped models, accelerators, clusters or precisions")
-    p.add_argument("what", choices=["models", "accelerators", "clusters", "precisions"])
+    p.add_argument("what", choices=["models", "accelerators", "clusters", "precisions"],
+                   help="which shipped specs to list")
     p.set_defaults(handler=_cmd_list)
     p = sub.add_parser("show", help="show a model, accelerator or cluster (name or file)")
     p.add_argument("name", help="shipped name (e.g. deepseek-v3, h200, 8xh200) or a .toml / config.json path")

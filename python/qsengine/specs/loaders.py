@@ -48,6 +48,7 @@ __all__ = [
     "as_model",
     "as_precision",
     "clusters",
+    "default_precision",
     "load_accelerator",
     "load_cluster",
     "load_model",
@@ -326,6 +327,23 @@ def _hf_id(cfg: Any, path: Path) -> str:
 _HF_TYPES = ("deepseek_v3", "kimi_k2", "qwen3_moe", "mixtral", "llama", "mistral", "qwen2", "qwen3", "gpt_oss")
 
 
+#: Hugging Face ``quantization_config.quant_method`` -> qsengine precision preset.
+_HF_QUANT = {"fp8": "fp8", "mxfp4": "mxfp4-experts"}
+
+
+def _hf_precision(cfg: dict[str, Any], label: str) -> dict[str, Any]:
+    """``deployed_precision`` from a config's ``quantization_config`` (None:
+    the bf16 fallback of :func:`default_precision`)."""
+    qc = cfg.get("quantization_config")
+    if not isinstance(qc, dict):
+        return {}
+    method = qc.get("quant_method")
+    if method in _HF_QUANT:
+        return {"deployed_precision": _HF_QUANT[method],
+                "deployed_precision_source": f"{label}: quantization_config.quant_method = {method!r}"}
+    return {}
+
+
 def model_from_hf_config(cfg: Any, label: str = "config.json", *, id: str = "hf-model") -> Model:
     """Translate a Hugging Face ``config.json`` (parsed) into a :class:`Model`.
 
@@ -338,16 +356,82 @@ def model_from_hf_config(cfg: Any, label: str = "config.json", *, id: str = "hf-
     """
     if not isinstance(cfg, dict):
         raise type_fail(label, "<root>", type(cfg).__name__, "a JSON object")
+    if cfg.get("model_type") is None:
+        raise SpecError(f"{label}: missing required key 'model_type' (supported: {', '.join(_HF_TYPES)})")
     mt = cfg.get("model_type")
     if mt not in _HF_TYPES:
         raise SpecError(f"{label}: field 'model_type' = {mt!r}: unsupported; supported: {list(_HF_TYPES)}"
                         f"{did_you_mean(str(mt), _HF_TYPES)}")
+    try:
+        return _model_from_hf(cfg, label, mt, id)
+    except (SpecError, TypeError) as exc:
+        raise type(exc)(_hf_names(str(exc), mt, cfg)) from None
 
+
+#: Every key the translator reads: a missing key's did-you-mean never points at one of these.
+_HF_KEYS = frozenset({
+    "model_type", "num_hidden_layers", "hidden_size", "num_attention_heads", "num_key_value_heads", "vocab_size",
+    "tie_word_embeddings", "max_position_embeddings", "head_dim", "first_k_dense_replace", "moe_layer_freq",
+    "n_routed_experts", "n_shared_experts", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank",
+    "kv_lora_rank", "moe_intermediate_size", "intermediate_size", "num_experts_per_tok", "n_group", "topk_group",
+    "sliding_window", "layer_types", "attention_bias", "experts_per_token", "num_local_experts", "num_experts",
+    "decoder_sparse_step", "mlp_only_layers", "mlp_bias", "quantization_config",
+})
+
+
+def _hf_field_names(mt: str) -> dict[str, str]:
+    """qsengine Model field -> the config.json key it comes from, for ``mt``."""
+    names = {
+        "num_layers": "num_hidden_layers", "attention.num_heads": "num_attention_heads",
+        "attention.num_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok",
+        "max_context": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
+        "attention.local_window": "sliding_window", "attention.qkv_bias": "attention_bias",
+        "dense_intermediate": "intermediate_size",
+    }
+    if mt in ("deepseek_v3", "kimi_k2"):
+        names.update({"routed_experts": "n_routed_experts", "moe_intermediate": "moe_intermediate_size",
+                      "shared_experts": "n_shared_experts", "shared_intermediate": "moe_intermediate_size",
+                      "expert_groups": "n_group", "top_groups": "topk_group",
+                      "attention.kv_lora_rank": "kv_lora_rank", "attention.q_lora_rank": "q_lora_rank",
+                      "attention.qk_rope_head_dim": "qk_rope_head_dim", "attention.v_head_dim": "v_head_dim",
+                      "attention.qk_nope_head_dim": "qk_nope_head_dim"})
+    elif mt in ("mixtral", "gpt_oss"):
+        names.update({"routed_experts": "num_local_experts", "moe_intermediate": "intermediate_size"})
+    elif mt == "qwen3_moe":
+        names.update({"routed_experts": "num_experts", "moe_intermediate": "moe_intermediate_size"})
+    if mt != "deepseek_v3" and mt != "kimi_k2":
+        names["attention.head_dim"] = "head_dim"
+    return names
+
+
+def _hf_names(msg: str, mt: str, cfg: dict[str, Any]) -> str:
+    """A validation message about the Model built from a config, in the file's
+    own key names (``field 'top_k'`` -> ``field 'num_experts_per_tok'``); a
+    field the file does not hold is marked as derived."""
+    names = _hf_field_names(mt)
+    names.update({k.split(".", 1)[1]: v for k, v in list(names.items()) if k.startswith("attention.")})
+
+    def field(m: re.Match[str]) -> str:
+        name = m.group(1)
+        if name in names:
+            return f"field {names[name]!r}"
+        return f"field {name!r}" if name in cfg else f"field {name!r} (derived by qsengine)"
+
+    msg = re.sub(r"field '([\w.]+)'", field, msg, count=1)
+    head, sep, rule = msg.partition(": must")
+    if sep:
+        for internal in sorted(names, key=len, reverse=True):
+            rule = re.sub(rf"(?<![\w.]){re.escape(internal)}(?![\w.])", names[internal], rule)
+        msg = head + sep + rule
+    return msg
+
+
+def _model_from_hf(cfg: dict[str, Any], label: str, mt: str, id: str) -> Model:
     def g(key: str, default: Any = ..., *, integer: bool = True, minimum: int | None = 0) -> Any:
         if key not in cfg or cfg[key] is None:
             if default is ...:
-                near = did_you_mean(key, [k for k in cfg if isinstance(k, str)])
-                raise SpecError(f"{label}: missing required field {key!r} (model_type {mt!r}){near}")
+                near = did_you_mean(key, [k for k in cfg if isinstance(k, str) and k not in _HF_KEYS])
+                raise SpecError(f"{label}: missing required key {key!r} (model_type {mt!r}){near}")
             return default
         v = cfg[key]
         if integer:
@@ -362,7 +446,8 @@ def model_from_hf_config(cfg: Any, label: str = "config.json", *, id: str = "hf-
     tie = g("tie_word_embeddings", False, integer=False)
     max_ctx = g("max_position_embeddings", None)
     common: dict[str, Any] = dict(id=id, name=id, num_layers=L, hidden_size=d, vocab_size=vocab,
-                                  tie_embeddings=tie, max_context=max_ctx, source=label)
+                                  tie_embeddings=tie, max_context=max_ctx, source=label,
+                                  **_hf_precision(cfg, label))
 
     def head_dim() -> int:
         hd = g("head_dim", None, minimum=1)
@@ -540,6 +625,25 @@ def load_cluster(spec: str | os.PathLike[str] | Cluster) -> Cluster:
 def _load_shipped_cluster(path: Path) -> Cluster:
     label = _label(path, True)
     return cluster_from_dict(_read_toml(path, label), label)
+
+
+# ------------------------------------------------------------------ defaults
+#: Precision of a model whose spec names none (a hand-built Model, a TOML file
+#: without ``deployed_precision``, a Hugging Face config without a
+#: ``quantization_config``): bf16, the dtype of most reference checkpoints.
+FALLBACK_PRECISION = "bf16"
+
+
+def default_precision(model: Model | str | os.PathLike[str]) -> Precision:
+    """The precision every entry point uses when none is given
+    (``simulate``, ``pack``, ``min_gpus``, ``rank_plans``, ``sweep``, the
+    study and every CLI command): the model's ``deployed_precision`` (the
+    developer's reference checkpoint, with its source in
+    ``deployed_precision_source``), else :data:`FALLBACK_PRECISION` (bf16).
+    A Hugging Face config's ``quantization_config`` sets it (``fp8`` ->
+    ``"fp8"``, ``mxfp4`` -> ``"mxfp4-experts"``)."""
+    m = as_model(model)
+    return as_precision(m.deployed_precision or FALLBACK_PRECISION)
 
 
 # ------------------------------------------------------------------ as_*

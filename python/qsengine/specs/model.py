@@ -159,6 +159,11 @@ class Model:
     cross_attention: bool = False
     max_context: int | None = None
     published_active_includes_embedding: bool = field(default=False, compare=False)
+    #: Precision preset the model is served at by default (its developer's
+    #: reference checkpoint); None: bf16. See :func:`qsengine.specs.default_precision`.
+    deployed_precision: str | None = None
+    #: Where ``deployed_precision`` comes from (URL or note).
+    deployed_precision_source: str = field(default="", compare=False)
 
     def __post_init__(self) -> None:
         _validate_model(self)
@@ -415,6 +420,11 @@ def _validate_model(m: Model) -> None:
         if getattr(m, name) is not None:
             check_float(src, name, getattr(m, name))
     check_opt_int(src, "max_context", m.max_context, minimum=1)
+    if m.deployed_precision is not None:
+        from qsengine.specs.precision import PRESETS
+
+        check_choice(src, "deployed_precision", m.deployed_precision, PRESETS)
+    check_str(src, "deployed_precision_source", m.deployed_precision_source)
 
     if m.dense_layers + m.moe_layers != m.num_layers:
         raise fail(src, "num_layers", m.num_layers,

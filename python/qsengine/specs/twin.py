@@ -58,6 +58,8 @@ def _dense(model: Model, *, ident: str, name: str, notes: str, attention: Attent
         gated_ffn=gated, ffn_bias=bias, tie_embeddings=model.tie_embeddings, encoder_layers=encoder_layers,
         cross_attention=cross, source="", published_total_params=None, published_active_params=None,
         notes=notes, max_context=model.max_context,
+        deployed_precision=model.deployed_precision,  # the twin is served like the MoE it stands for
+        deployed_precision_source=model.deployed_precision_source,
     )
 
 
