@@ -22,7 +22,7 @@ from qsengine.packing import pack
 from qsengine.packing import plans as enumerate_plans
 from qsengine.routing import independent_popularity
 from qsengine.specs import Cluster, Model, Plan, Precision
-from qsengine.specs.loaders import as_cluster, as_model, as_precision
+from qsengine.specs.loaders import as_cluster, as_model, as_precision, default_precision
 from qsengine.specs.twin import qs as qs_record
 
 TIE = 1e-3
@@ -79,7 +79,8 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
            options: StepOptions | None = None, batch: int | None = None, **_: Any) -> dict[str, Any]:
     """The comparison the plain way: the record columns that do not depend on
     wording (feasibility, plans, batches, throughput, TPOT, ratio, verdict, q*)."""
-    m, c, prec = as_model(model), as_cluster(cluster), as_precision(precision)
+    m, c = as_model(model), as_cluster(cluster)
+    prec = as_precision(precision) if precision is not None else default_precision(m)  # the MoE's, both sides
     opts = options or StepOptions()
     if dense is not None:
         d = as_model(dense)

@@ -94,7 +94,6 @@ def test_study_and_cli_simulate_agree(tmp_path, capsys):
     assert rec["inputs"]["precision"]["name"] == df["precision"].iloc[0] == "fp8"
 
 
-@pytest.mark.xfail(strict=True, reason="lead wires simulate: precision=None -> default_precision(model)")
 def test_simulate_and_sweep_resolve_none_to_the_deployed_precision():
     res = qsengine.simulate("deepseek-v3", "8xh200", 8192, microbatches=0, break_even=False)
     assert res.inputs["precision"]["name"] == "fp8"

@@ -913,6 +913,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     rtols = [float(v.obj) for v in values["rtol"]]
     attentions = objs("twin_attention")
     m, c, pr, pl, op, rt = (codes[f] for f in ("model", "cluster", "precision", "plan", "options", "routing"))
+    pr, precisions = _deployed(pr, precisions, m, models)
     dn, at, qc, mb = codes["dense"], codes["twin_attention"], codes["q"], codes["microbatches"]
     ctx, slo, fixed = contexts[codes["context"]], slos[codes["slo_tpot"]], fixeds[codes["batch"]]
     closed = np.array([v == 0 for v in mbs], dtype=bool)[mb]
@@ -1076,8 +1077,9 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     out["dense_model"][:] = np.array([r[1] for r in dq_rec], dtype=object)[dq]
     out["dense_shape"][:] = dshape[dg]
     out["dense_kv_bytes_per_token"][:] = dkv[dg]
-    out["moe_kv_bytes_per_token"][:] = np.array([mm.kv_bytes_per_token(pp.kv_bytes) for mm in models
-                                                 for pp in precisions]).reshape(len(models), len(precisions))[m, pr]
+    out["moe_kv_bytes_per_token"][:] = np.array([mm.kv_bytes_per_token(pp.kv_bytes) if pp is not None else np.nan
+                                                 for mm in models for pp in precisions]
+                                                ).reshape(len(models), len(precisions))[m, pr]
     out["cluster"][:] = np.array([x.label for x in clusters], dtype=object)[c]
     gpus = np.array([x.num_gpus for x in clusters], dtype=np.int64)[c]
     out["gpus"][:] = gpus
@@ -1124,6 +1126,29 @@ def shape_label(att: Any, layers: int, hidden: int, ffn: int) -> str:
     KV heads (MLA: latent rank), FFN width, e.g. ``L80 d8192 gqa-kv8 ffn28672``."""
     kv = f"mla-r{att.kv_lora_rank}" if att.kind == "mla" else f"{att.kind}-kv{att.num_kv_heads}"
     return f"L{layers} d{hidden} {kv} ffn{ffn}"
+
+
+def _deployed(pr: np.ndarray, precisions: list[Any], m: np.ndarray, models: list[Model]
+              ) -> tuple[np.ndarray, list[Any]]:
+    """Precision codes with ``None`` (the default) replaced by the MoE's
+    deployed precision (:func:`qsengine.default_precision`), which both sides
+    then use."""
+    unset = [i for i, p in enumerate(precisions) if p is None]
+    if not unset:
+        return pr, precisions
+    from qsengine.specs.loaders import default_precision
+
+    out = list(precisions)
+    pr = pr.copy()
+    lanes = np.flatnonzero(np.isin(pr, unset))
+    for mc in np.unique(m[lanes]).tolist():
+        p = default_precision(models[mc])
+        k = next((j for j, q in enumerate(out) if q == p), None)
+        if k is None:
+            k = len(out)
+            out.append(p)
+        pr[lanes[m[lanes] == mc]] = k
+    return pr, out
 
 
 def _side_model(side: str, i: int, models: list[Model], m: np.ndarray, dq_dense: list[Model | None],

@@ -151,8 +151,8 @@ def check_value(field: str, v: Any) -> Value:
     if field == "cluster":
         return _spec(field, v, as_cluster, Cluster, lambda c: c.label)
     if field == "precision":
-        if v is None:
-            v = "bf16"
+        if v is None:  # the MoE's deployed precision (qsengine.default_precision), for both sides
+            return Value(None, None, "null", "deployed")
         return _spec(field, v, as_precision, Precision, lambda p: p.name)
     if field == "context":
         if not _is_int(v):
@@ -403,7 +403,12 @@ class Point:
                 raise TypeError(f"required field {f!r} is missing")
             values[f] = v.value(f, kwargs.get(f, d))
         v.point(values)
-        return cls(**{f: values[f].obj if f not in ("q",) else values[f].arg for f in FIELDS}, values=values)
+        obj = {f: values[f].obj if f not in ("q",) else values[f].arg for f in FIELDS}
+        if obj["precision"] is None:
+            from qsengine.specs.loaders import default_precision
+
+            obj["precision"] = default_precision(obj["model"])
+        return cls(**obj, values=values)
 
     def columns(self) -> dict[str, tuple[list[Any], np.ndarray]]:
         """This point as pipeline columns (one lane)."""

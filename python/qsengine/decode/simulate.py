@@ -91,7 +91,8 @@ def simulate(
         plan: ``"auto"`` (best plan per side by throughput) or a Plan used
             for both sides (the dense side ignores its expert degrees).
         precision: numeric formats (preset name or :class:`Precision`);
-            default bf16.
+            default: the MoE's deployed precision
+            (:func:`qsengine.default_precision`), for both sides.
         microbatches: Monte Carlo microbatches at the chosen batch (each
             passes through every MoE layer); ``"auto"`` runs until the relative
             standard errors of the mean and p99 routed step time reach
