@@ -413,3 +413,11 @@ def test_records_name_the_twin_shape_and_its_kv_cache():
     assert same["dense_shape"].startswith("L61 d7168 mla-r512 ffn")
     assert explicit["dense_shape"] == "L80 d8192 gqa-kv8 ffn28672"
     assert explicit["dense_kv_bytes_per_token"] == as_model("llama-3.1-70b").kv_bytes_per_token(2.0)
+
+
+def test_notebook_view_and_settings_line():
+    res = qsengine.simulate("qwen3-30b-a3b", "8xh100", 4096, microbatches=0, break_even=False)
+    h = res._repr_html_()
+    assert "<table" in h and "<img" in h and "ratio dense/MoE" in h and "settings: precision" in h
+    assert res.summary().splitlines()[-1].strip() == res.settings_line()
+    assert "precision bf16" in res.settings_line() and "closed form" in res.settings_line()

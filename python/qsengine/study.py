@@ -832,23 +832,6 @@ def _run_study_cli(args) -> int:
     return 0
 
 
-def run_settings_line(res) -> str:
-    """The settings a :class:`SimulationResult` was computed with, in one line."""
-    from qsengine import __version__
-
-    inp = res.inputs
-    prec = inp.get("precision")
-    prec = prec.get("name") if isinstance(prec, dict) else prec
-    slo = inp.get("slo_tpot")
-    seed = inp.get("seed")
-    seed = seed.get("entropy") if isinstance(seed, dict) else seed
-    return (f"settings: precision {prec}, routing {inp.get('routing')}, twin {inp.get('dense')} "
-            f"(q = {float(inp.get('q')):.3f}, attention {inp.get('twin_attention')}), workload: every sequence at "
-            f"{int(inp.get('context')):,} tokens, latency target "
-            f"{'none' if slo is None else f'{fmt_num(slo * 1e3)} ms'}, microbatches {inp.get('microbatches')}, "
-            f"plan {inp.get('plan')} (objective: highest throughput), seed {seed}, qsengine {__version__}")
-
-
 def _run_simulate_cli(args) -> int:
     from qsengine.decode.simulate import simulate
     from qsengine.specs.loaders import as_model, default_precision
@@ -865,5 +848,4 @@ def _run_simulate_cli(args) -> int:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:
         print(res.summary())
-        print("  " + run_settings_line(res))
     return 0

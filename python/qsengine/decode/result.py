@@ -135,6 +135,59 @@ class SimulationResult:
             return None
         return {k: float(self.record[f"why_{k}"]) for k in WHY}
 
+    def settings_line(self) -> str:
+        """The settings this result was computed with, in one line (also the
+        last line of :meth:`summary`)."""
+        from qsengine import __version__
+
+        inp = self.inputs
+        prec = inp.get("precision")
+        prec = prec.get("name") if isinstance(prec, dict) else prec
+        slo, batch, mb = inp.get("slo_tpot"), inp.get("batch"), inp.get("microbatches")
+        seed = inp.get("seed")
+        seed = seed.get("entropy") if isinstance(seed, dict) else seed
+        op = (f"fixed batch {batch:,}" if batch is not None else
+              f"largest batch with p99 TPOT <= {slo * 1e3:.3g} ms" if slo is not None else "largest batch that fits")
+        mc = ("closed form (no Monte Carlo)" if mb == 0 else
+              f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
+        return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
+                f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), decode only: every "
+                f"sequence at {int(inp.get('context')):,} tokens, operating point: {op}, plan {inp.get('plan')} "
+                f"(objective: highest tokens/s), {mc}, seed {seed}, qsengine {__version__}")
+
+    def _repr_html_(self) -> str:
+        """A notebook view: both sides as a table, the ratio and its factors,
+        the settings, and the frontier and breakdown figure."""
+        from qsengine._html import figure, table
+
+        g = self.cluster.num_gpus
+        rows = []
+        for side, r in (("MoE", self.moe), ("dense", self.dense)):
+            if not r.feasible:
+                rows.append([side, r.model.id, "infeasible: " + r.reason, "", "", "", "", ""])
+                continue
+            assert r.step is not None and r.plan is not None
+            rows.append([side, r.model.id, r.plan.label, r.cluster_batch, r.tpot * 1e3, r.step.time_p99 * 1e3,
+                         r.tokens_per_second, r.tokens_per_second_per_gpu(g)])
+        head = ["side", "model", "plan", "batch", "TPOT ms", "p99 ms", "tok/s", "tok/s/GPU"]
+        caption = (f"{self.moe.model.id} vs {self.dense.model.id} on {self.cluster.label}, context {self.context:,}: "
+                   + (f"ratio dense/MoE {self.ratio:.3f} -> {self.verdict}" if self.ratio is not None
+                      else f"verdict {self.verdict}"))
+        why = self.explain()
+        parts = [table(head, rows, caption=caption)]
+        if why is not None:
+            parts.append(table(list(why), [[f"{v:.3g}" for v in why.values()]],
+                               caption="why: factors that multiply to the ratio (> 1 favours dense)"))
+        import html as _h
+
+        parts.append(f"<div>{_h.escape(self.settings_line())}</div>")
+        import matplotlib.pyplot as plt
+
+        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+        self.plot(axes)
+        parts.append(figure(fig))
+        return "".join(parts)
+
     def throughput_at(self, tpot: float, side: str, quantile: str = "mean") -> float:
         """Tokens/s per GPU ``side`` ("moe" or "dense") reaches at a TPOT of
         ``tpot`` seconds (``quantile`` "mean" or "p99"), interpolated on its
@@ -242,6 +295,7 @@ class SimulationResult:
                          + ", ".join(f"{k} x{v:.3g}" for k, v in why.items()))
         if self.break_even_q is not None:
             lines.append(f"  break-even q* = {self.break_even_q:.3f}")
+        lines.append("  " + self.settings_line())
         return "\n".join(lines)
 
     def __repr__(self) -> str:
