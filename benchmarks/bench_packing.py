@@ -209,7 +209,7 @@ def bench_admission() -> None:
     P = len(pm.plans)
     n = 1 << 20
     rng = np.random.default_rng(2026)
-    idx = np.tile(np.arange(P), n // P + 1)[:n]  # lanes x plans, as decode.pipeline._side builds them
+    idx = np.tile(np.arange(P), n // P + 1)[:n]  # lanes x plans, as decode.sides._side builds them
     ctx = rng.integers(1, 262145, n)
     ffn_q = np.array([QWEN3_235B.dense_twin(q).dense_ffn_params * prec.weight_bytes
                       for q in np.linspace(1.1, 8.0, 32)])

@@ -260,7 +260,7 @@ def test_point_fields_and_record_columns_match_simulate():
 @settings(max_examples=200, deadline=None)
 @given(st.integers(1, 40), st.integers(1, 25), st.integers(0, 2**32 - 1))
 def test_in_order_best_equals_the_scan(n, p, seed):
-    from qsengine.decode.pipeline import in_order_best
+    from qsengine.decode.sides import in_order_best
 
     rng = np.random.default_rng(seed)
     # near-ties (within and just outside 1e-12), exact ties, zeros and missing values
@@ -286,7 +286,7 @@ def test_in_order_best_equals_the_scan(n, p, seed):
 def test_stacked_families_equal_one_family_at_a_time(lanes):
     """One _side call over several families (dense twins: one routing law)
     gives each lane what its own family's call gives."""
-    from qsengine.decode.pipeline import _DEFAULT_OPTIONS, _side, family
+    from qsengine.decode.sides import _DEFAULT_OPTIONS, _side, family
     from qsengine.specs.twin import solve_twins
 
     fams, fam_of, ctx, slo, ffn = [], [], [], [], []
@@ -315,7 +315,7 @@ def test_stacked_families_equal_one_family_at_a_time(lanes):
 
 
 def test_stacking_refuses_families_with_different_routing_laws():
-    from qsengine.decode.pipeline import _DEFAULT_OPTIONS, _side, family
+    from qsengine.decode.sides import _DEFAULT_OPTIONS, _side, family
 
     c, p = as_cluster("8xh200"), as_precision("fp8")
     fams = [family(as_model(m), c, p, "auto", _DEFAULT_OPTIONS, "uniform") for m in ("qwen3-30b-a3b", "mixtral-8x7b")]
@@ -381,7 +381,7 @@ def test_frontier_is_pareto_and_ratio_at_interpolates(kw):
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(points, min_size=1, max_size=4), st.booleans())
 def test_why_factors_multiply_back_to_the_ratio(pts, overlap):
-    from qsengine.decode.pipeline import WHY
+    from qsengine.decode.why import WHY
 
     pts = [dict(p, options=qsengine.StepOptions(overlap_comm=overlap)) for p in pts]
     with warnings.catch_warnings():

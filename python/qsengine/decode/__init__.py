@@ -5,6 +5,10 @@ Modules, one role each:
 * :mod:`~qsengine.decode.point`: the point's fields, defaults and validation;
 * :mod:`~qsengine.decode.step`: the step model (roofline pieces, communication,
   the closed-form straggler), vectorised over lanes;
+* :mod:`~qsengine.decode.sides`, :mod:`~qsengine.decode.montecarlo`,
+  :mod:`~qsengine.decode.why`, :mod:`~qsengine.decode.frontier`: the pipeline's
+  stages (one side over lanes x plans, the Monte Carlo at the chosen point, the
+  why factors, the latency-throughput frontier);
 * :mod:`~qsengine.decode.pipeline`: the evaluation pipeline over arrays of
   points (admission, best batch and plan, Monte Carlo refinement, comparison,
   break-even q*);

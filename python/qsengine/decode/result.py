@@ -106,7 +106,7 @@ class SimulationResult:
         inputs: everything the result came from, including the seed record.
         frontier: each side's Pareto frontier of tokens/s per GPU against
             tokens/s per user over plans and batches (a DataFrame, see
-            :func:`qsengine.decode.pipeline.frontier`); :meth:`ratio_at`
+            :func:`qsengine.decode.frontier.frontier`); :meth:`ratio_at`
             compares the sides on it at equal latency.
     """
 
@@ -126,10 +126,10 @@ class SimulationResult:
     def explain(self) -> dict[str, float] | None:
         """The ratio as a product of factors (``headroom``, ``weights``,
         ``attention``, ``communication``, ``other``; see
-        :func:`qsengine.decode.pipeline.explain`): their product is
+        :func:`qsengine.decode.why.explain`): their product is
         :attr:`ratio`; a factor above 1 favours the dense side. None when a
         side is infeasible."""
-        from qsengine.decode.pipeline import WHY
+        from qsengine.decode.why import WHY
 
         if self.ratio is None:
             return None
@@ -192,7 +192,7 @@ class SimulationResult:
         """Tokens/s per GPU ``side`` ("moe" or "dense") reaches at a TPOT of
         ``tpot`` seconds (``quantile`` "mean" or "p99"), interpolated on its
         frontier; nan if it cannot serve that fast."""
-        from qsengine.decode.pipeline import throughput_at
+        from qsengine.decode.frontier import throughput_at
 
         if side not in ("moe", "dense"):
             raise ValueError(f"side={side!r}: must be 'moe' or 'dense'")
@@ -216,7 +216,7 @@ class SimulationResult:
     # ------------------------------------------------------------ export
     def to_dict(self) -> dict[str, Any]:
         """Everything as plain JSON-able values (None where not available)."""
-        from qsengine.decode.pipeline import WHY
+        from qsengine.decode.why import WHY
 
         g = self.cluster.num_gpus
         why = self.explain()

@@ -17,7 +17,9 @@ from typing import Any
 import numpy as np
 
 from qsengine._seed import SeedLike, as_seed_sequence, seed_record
-from qsengine.decode.pipeline import LIMITS, Evaluation, _SideSet, evaluate, frontier
+from qsengine.decode.frontier import frontier
+from qsengine.decode.pipeline import Evaluation, evaluate
+from qsengine.decode.sides import LIMITS, _SideSet
 from qsengine.decode.point import DEFAULT_MICROBATCHES, Point
 from qsengine.decode.result import SideResult, SimulationResult
 from qsengine.decode.step import StepOptions, decode_step
@@ -96,7 +98,7 @@ def simulate(
         microbatches: Monte Carlo microbatches at the chosen batch (each
             passes through every MoE layer); ``"auto"`` runs until the relative
             standard errors of the mean and p99 routed step time reach
-            ``rtol`` (at most :data:`qsengine.decode.pipeline.AUTO_MAX_MICROBATCHES`;
+            ``rtol`` (at most :data:`qsengine.decode.montecarlo.AUTO_MAX_MICROBATCHES`;
             ``result.moe.routing.precision`` says what was reached); 0 uses
             the closed form (independent routing only).
         slo_tpot: optional per-token latency target (seconds) capping the

@@ -1,0 +1,89 @@
+"""One side's latency-throughput Pareto frontier, and its throughput at a
+given TPOT: the comparison at equal latency."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from qsengine.decode.sides import Family
+from qsengine.decode.step import step_time
+from qsengine.packing import admissible_batches
+
+__all__ = ["FRONTIER_COLUMNS", "frontier", "throughput_at"]
+
+
+# ---------------------------------------------------------------------------
+# the latency-throughput frontier of one side
+# ---------------------------------------------------------------------------
+
+#: Columns of :func:`frontier`.
+FRONTIER_COLUMNS = ("side", "plan", "batch", "tpot", "tpot_p99", "tokens_per_s_per_gpu", "tokens_per_s_per_user")
+
+
+def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side: str = "",
+             points: int = 40):
+    """The Pareto frontier of one side: output tokens/s per GPU of the
+    cluster against tokens/s per user (1/TPOT), over every feasible plan of
+    ``fam`` and, per plan, ``points`` batches spaced geometrically from one
+    sequence per admission unit to the admissible maximum (the step model at
+    each; the closed-form straggler of the family's routing law, so for a
+    Monte Carlo point its independent proxy). A point is kept when no other
+    point has both a lower (or equal) mean TPOT and a higher throughput per
+    GPU. Returns a DataFrame with :data:`FRONTIER_COLUMNS` (``batch``:
+    concurrent sequences on the cluster; ``tpot``/``tpot_p99`` in seconds),
+    sorted by TPOT."""
+    import pandas as pd
+
+    P = len(fam.plans)
+    empty = pd.DataFrame({c: [] for c in FRONTIER_COLUMNS})
+    if P == 0:
+        return empty
+    idx = np.arange(P)
+    fb = None
+    if fam.override and ffn_params is not None:
+        fb = np.full(P, float(ffn_params) * fam.precision.weight_bytes)
+    adm, _ = admissible_batches(fam.memory, idx, np.full(P, int(context)), fb)
+    plan_rows, unit_rows = [], []
+    for p in np.flatnonzero(adm >= 1).tolist():
+        u = np.unique(np.round(np.geomspace(1, int(adm[p]), points)).astype(np.int64))
+        plan_rows.append(np.full(u.size, p))
+        unit_rows.append(u)
+    if not plan_rows:
+        return empty
+    plan_idx = np.concatenate(plan_rows)
+    batch = (np.concatenate(unit_rows) * fam.unit[plan_idx]).astype(np.float64)
+    sp = fam.params.take(plan_idx)  # type: ignore[union-attr]
+    if fam.override and ffn_params is not None:
+        sp = sp.replace(ffn_params=np.full(plan_idx.size, float(ffn_params)))
+    r = step_time(sp, batch, np.full(plan_idx.size, float(context)), pi=fam.pi, uniform=fam.pi is None)
+    dp = fam.dp[plan_idx]
+    gpus = fam.cluster.num_gpus
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per_gpu = batch * dp / r.time / gpus
+        per_user = 1.0 / r.time
+    order = np.lexsort((-per_gpu, r.time))
+    best = np.maximum.accumulate(per_gpu[order])
+    keep = order[np.concatenate([[True], per_gpu[order][1:] > best[:-1]])]
+    labels = np.array([fam.plans[i].label for i in range(P)], dtype=object)
+    return pd.DataFrame({"side": side, "plan": labels[plan_idx[keep]], "batch": (batch * dp)[keep].astype(np.int64),
+                         "tpot": r.time[keep], "tpot_p99": r.p99[keep], "tokens_per_s_per_gpu": per_gpu[keep],
+                         "tokens_per_s_per_user": per_user[keep]}).reset_index(drop=True)
+
+
+def throughput_at(front, tpot: float, column: str = "tpot") -> float:
+    """Tokens/s per GPU a side reaches at a TPOT of ``tpot`` seconds on its
+    frontier: linear interpolation in TPOT between the frontier points around
+    it; below the fastest point nan (the side cannot serve that fast), above
+    the slowest its maximum throughput. ``column``: "tpot" (mean) or
+    "tpot_p99"."""
+    if len(front) == 0:
+        return math.nan
+    t = front[column].to_numpy()
+    g = front["tokens_per_s_per_gpu"].to_numpy()
+    order = np.argsort(t, kind="stable")
+    t, g = t[order], np.maximum.accumulate(g[order])
+    if tpot < t[0]:
+        return math.nan
+    return float(np.interp(tpot, t, g))

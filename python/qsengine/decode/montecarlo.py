@@ -1,0 +1,81 @@
+"""The routing Monte Carlo at a side's chosen operating point: it replaces the
+closed-form straggler there (plans were ranked with the routing law's
+independent proxy) and steps the batch down while the latency target is
+missed."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from qsengine.decode.step import StepOptions, step_params, step_time
+from qsengine.specs import Cluster, Model, Plan, Precision
+
+__all__ = ["AUTO_MAX_MICROBATCHES", "Refined"]
+
+#: ``microbatches="auto"``: the Monte Carlo runs until the relative standard
+#: errors of the mean and p99 routed-straggler step time reach the point's
+#: ``rtol`` (:func:`qsengine.route` with ``rtol``: checkpoints on a fixed block
+#: schedule, so the stop is the same for any thread count), at most this many
+#: microbatches.
+AUTO_MAX_MICROBATCHES = 100_000
+
+
+# ---------------------------------------------------------------------------
+# Monte Carlo refinement of the chosen operating point
+# ---------------------------------------------------------------------------
+
+
+@dataclass
+class Refined:
+    """The MoE side of one lane after the routing Monte Carlo."""
+
+    batch: int
+    limit: int
+    moe_step_time: tuple[float, float, float]  # routed straggler (mean, p50, p99) summed over MoE layers
+    time: float
+    p99: float
+    tps: float
+    stats: Any  # RoutingStats
+
+
+def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, context: int, batch: int,
+            limit: int, slo_tpot: float | None, routing: Any, microbatches: int | str,
+            seed: np.random.SeedSequence | None, threads: int | None, options: StepOptions,
+            rtol: float = 1e-3) -> Refined:
+    """The step time at ``batch`` with the routed-expert straggler from the
+    routing Monte Carlo; if the Monte Carlo TPOT misses the target, the batch
+    steps down (in admission units) and the Monte Carlo runs again (the
+    target holds on the p99)."""
+    from qsengine.decode.step import moe_cost_coefficients, moe_layer_shape
+    from qsengine.routing import Placement, route
+
+    acc = cluster.accelerator
+    a, bcoef = moe_cost_coefficients(model, precision, acc, plan)
+    unit = plan.tp if plan.attn_dp else 1
+    p = step_params(model, precision, acc, plan, options)
+    while True:
+        shape = moe_layer_shape(model, plan, batch)
+        tokens = max(1, int(round(shape.tokens)))
+        auto = microbatches == "auto"
+        n = AUTO_MAX_MICROBATCHES if auto else int(microbatches)
+        stats = route(model.routed_experts, model.top_k, tokens, n, routing=routing,
+                      placement=Placement.contiguous(shape.gpus), seed=seed, threads=threads,
+                      layers=model.decode_moe_layers, cost=(a, bcoef), rtol=rtol if auto else None)
+        dist = stats.step_time
+        mean, p99 = dist.mean, dist.quantile(0.99)
+        # times are log-binned (ratio 1.001): a quantile is known to its bin, and within that bin it is no
+        # lower than the exact mean (a near-constant straggler put the p99 at the bin centre, below the mean)
+        if p99 < mean <= p99 * math.sqrt(1.001):
+            p99 = mean
+        mst = (mean, dist.quantile(0.5), p99)
+        r = step_time(p, np.array([float(batch)]), np.array([float(context)]),
+                      moe_step_time=tuple(np.array([v]) for v in mst))  # type: ignore[arg-type]
+        t, t99 = float(r.time[0]), float(r.p99[0])
+        if slo_tpot is None or t99 <= slo_tpot or batch <= unit:
+            return Refined(batch, limit, mst, t, t99, batch / t * plan.dp if t > 0 else 0.0, stats)
+        batch = max(unit, int(batch * slo_tpot / t99) // unit * unit)
+        limit = 1
