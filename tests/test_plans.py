@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 import qsengine as q
 from qsengine import Attention, Cluster, Model, Plan, SpecError
-from qsengine.packing import _parse_plan
+from qsengine.packing.cli import _parse_plan
 
 H100 = q.load_accelerator("h100")
 PROPS = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -618,7 +618,8 @@ def _plot_hbm(df, plan: _Plan, path: Path) -> None:
     again with the plan the study chose)."""
     import textwrap
 
-    from qsengine.packing import _parse_plan, pack
+    from qsengine.packing import pack
+    from qsengine.packing.cli import _parse_plan
 
     plt = _pyplot()
     ex = _examples(df, plan)
