@@ -41,9 +41,6 @@ DEFAULT_SEED = 20261128
 #: efficiency constants (docs/model.md) are not known to better than a few
 #: percent, so a smaller difference is not an answer.
 DEFAULT_TIE = 0.02
-#: Fewest microbatches ``microbatches="auto"`` runs (``simulation.auto_microbatches``
-#: clamps to at least this); the study's uncertainty bound uses it.
-AUTO_MIN_MICROBATCHES = 200
 #: z of the normal 99th percentile: sd ≈ (p99 − mean) / 2.326.
 _Z99 = 2.326
 
@@ -272,14 +269,16 @@ def _annotate(raw, plan: _Plan, cfg: StudyConfig):
     for side in ("moe", "dense"):
         tpot = df[f"{side}_tpot_ms"].astype(float)
         df[f"{side}_tokens_per_s_per_user"] = np.where(tpot > 0, 1e3 / tpot, np.nan)
-    # Monte Carlo standard error of the MoE mean step time (conservative: the
-    # normal-tail sd from p99, the fewest microbatches "auto" runs); the dense
-    # side is closed form. tokens/s ∝ 1/TPOT, so the ratio's relative error is
-    # the same.
-    n = 0 if cfg.microbatches == 0 else (AUTO_MIN_MICROBATCHES if cfg.microbatches == "auto"
-                                         else int(cfg.microbatches))
+    # The Monte Carlo's relative standard error of the MoE's mean routed step time
+    # (mc_rse_mean, reached by microbatches="auto"); the routed straggler is part of
+    # the step, so it bounds the TPOT's, and tokens/s ∝ 1/TPOT makes it the ratio's.
+    # A fixed microbatch count reports no precision: its error is estimated from the
+    # normal-tail sd (p99 − mean)/2.326 over sqrt(microbatches run). Closed form: 0.
     mean, p99 = df["moe_tpot_ms"].astype(float), df["moe_tpot_p99_ms"].astype(float)
-    rel = (np.abs(p99 - mean) / _Z99 / mean / math.sqrt(n)) if n else mean * 0.0
+    n = df["mc_microbatches"].astype(float)
+    from_tail = np.where(n > 0, np.abs(p99 - mean) / _Z99 / mean / np.sqrt(np.maximum(n, 1)), 0.0)
+    rse = df["mc_rse_mean"].astype(float)
+    rel = np.where(np.isfinite(rse), rse, from_tail)
     df["ratio_rel_err"] = rel
     df["ratio_err"] = df["ratio"].astype(float) * rel
     df["study_verdict"], df["tie_band"] = tie_aware_verdict(df["ratio"], df["verdict"], rel, cfg.tie)
