@@ -13,6 +13,7 @@ import pytest
 import qsengine
 from qsengine import study as S
 from qsengine.study import StudyConfig, format_summary, format_table, parse_tokens, run_study
+from qsengine.study.figures import _plot_ratio
 
 SMALL = dict(models=("qwen3-30b-a3b",), clusters=("8xh100",), microbatches=0)
 
@@ -221,7 +222,7 @@ def test_ratio_figure_marks_infeasible_outside_the_data(tmp_path):
 
     plt.Figure.savefig = keep
     try:
-        S._plot_ratio(df, tmp_path / "r.png")
+        _plot_ratio(df, tmp_path / "r.png")
     finally:
         plt.Figure.savefig = orig
     fig = captured["fig"]

@@ -31,7 +31,13 @@ def simulate_point(kwargs: dict[str, Any], seed: np.random.SeedSequence, threads
     """The default evaluator: ``simulate(**kwargs, seed=seed).to_record()``."""
     from qsengine.decode.simulate import simulate
 
-    return simulate(**kwargs, seed=seed, threads=threads).to_record()
+    import warnings
+
+    from qsengine.decode.point import ContextWarning
+
+    with warnings.catch_warnings():  # the sweep warned once per model and context, before any work
+        warnings.simplefilter("ignore", ContextWarning)
+        return simulate(**kwargs, seed=seed, threads=threads).to_record()
 
 
 @dataclass

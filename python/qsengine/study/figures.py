@@ -1,0 +1,215 @@
+"""The study's figures: ratio vs context (which side of 1 wins, infeasible points
+below the data), HBM per GPU, routing fragmentation of the studied models."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any, Sequence
+
+from qsengine.study.config import DEFAULT_TIE, StudyConfig, format_tokens
+
+from qsengine.study.config import _Plan
+
+
+# ---------------------------------------------------------------------------
+# figures
+# ---------------------------------------------------------------------------
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _context_axis(ax, contexts: Sequence[int]) -> None:
+    """Log2 x axis with ticks 4K…128K (thinned to at most 8 labels)."""
+    from matplotlib.ticker import NullFormatter, NullLocator
+
+    ticks = sorted(set(int(t) for t in contexts))
+    step = max(1, math.ceil(len(ticks) / 8))
+    shown = ticks[::step]
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.xaxis.set_minor_formatter(NullFormatter())
+    ax.set_xticks(shown, [format_tokens(t) for t in shown], rotation=30 if len(shown) > 5 else 0)
+    if len(ticks) > 1:
+        ax.set_xlim(ticks[0] / 1.25, ticks[-1] * 1.25)
+    else:
+        ax.set_xlim(ticks[0] / 2, ticks[0] * 2)
+    ax.set_xlabel("context (tokens)")
+
+
+def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
+    """Ratio dense/MoE vs context per model; which side of 1 wins is written on
+    the axis; points where one side does not fit are markers in a strip below
+    the data (outside its range) with their own legend entries."""
+    import numpy as np
+    from matplotlib.lines import Line2D
+    from matplotlib.ticker import FormatStrFormatter
+
+    plt = _pyplot()
+    models = list(dict.fromkeys(df["model"]))
+    ncol = min(2, len(models))
+    nrow = math.ceil(len(models) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol + 2.2, 4.2 * nrow), squeeze=False)
+    clusters = list(dict.fromkeys(df["cluster_name"]))
+    cmap = plt.get_cmap("tab10" if len(clusters) <= 10 else "tab20")
+    color = {c: cmap(i % cmap.N) for i, c in enumerate(clusters)}
+    only_marker = {"dense-only": "^", "moe-only": "v", "neither": "x"}
+    used: set[str] = set()
+    for ax, m in zip(axes.flat, models):
+        sub = df[df["model"] == m]
+        r = sub["ratio"].astype(float)
+        finite = r[np.isfinite(r) & (r > 0)]
+        lo = min(float(finite.min()) if len(finite) else 1.0, 1.0 / 1.3)
+        hi = max(float(finite.max()) if len(finite) else 1.0, 1.3)
+        ymin, ymax = lo / 1.15, hi * 1.15
+        strip = ymin / 1.25  # infeasible markers: below every ratio drawn
+        strip_pts: dict[int, list[tuple[str, str]]] = {}  # context -> (cluster, marker) shown in the strip
+        for c in clusters:
+            s = sub[sub["cluster_name"] == c].sort_values("context")
+            if not len(s):
+                continue
+            ok = s[np.isfinite(s["ratio"].astype(float))]
+            if len(ok):
+                err = ok["ratio_err"].astype(float).to_numpy()
+                ax.errorbar(ok["context"], ok["ratio"].astype(float), yerr=err if np.any(err > 0) else None,
+                            marker="o", ms=4, color=color[c], capsize=2, lw=1.2)
+            for v, mk in only_marker.items():
+                for t in s.loc[s["study_verdict"] == v, "context"]:
+                    used.add(v)
+                    strip_pts.setdefault(int(t), []).append((c, mk))
+            flagged = ok[ok["beyond_max_context"]]
+            if len(flagged):
+                used.add("beyond")
+                ax.scatter(flagged["context"], flagged["ratio"].astype(float), marker="o", s=60,
+                           facecolors="none", edgecolors="k", lw=0.8, zorder=4)
+        for t, marks in strip_pts.items():  # side by side around their context, not on top of each other
+            for j, (c, mk) in enumerate(marks):
+                ax.scatter([t * 1.045 ** (j - (len(marks) - 1) / 2)], [strip], marker=mk, color=color[c], s=26,
+                           zorder=3)
+        ax.set_yscale("log")
+        ax.set_ylim(strip / 1.2, ymax)
+        ax.axhspan(strip / 1.2, ymin, color="0.93", zorder=0)
+        ax.axhspan(1 - tie, 1 + tie, color="0.85", zorder=0)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        yt = [t for t in (0.1, 0.2, 0.25, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 4, 5, 10, 20) if ymin <= t <= ymax]
+        ax.set_yticks(yt, [f"{t:g}" for t in yt])
+        side = ax.get_yaxis_transform()  # x in axes, y in data
+        ax.text(0.99, 1 + tie, "↑ dense twin serves more", transform=side, ha="right", va="bottom", fontsize=7)
+        ax.text(0.99, 1 - tie, "↓ MoE serves more", transform=side, ha="right", va="top", fontsize=7)
+        ax.text(0.99, 0.01, "one side does not fit", transform=ax.transAxes, ha="right", va="bottom",
+                fontsize=7, color="0.35")
+        qs = float(sub["qs"].iloc[0])
+        if lo <= 1 / qs <= hi:
+            ax.axhline(1.0 / qs, color="gray", lw=0.8, ls=":")
+        ax.yaxis.set_minor_formatter(FormatStrFormatter(""))
+        _context_axis(ax, sub["context"])
+        ax.set_ylabel("throughput ratio dense / MoE")
+        prec = sub["precision"].iloc[0]
+        ax.set_title(f"{m} at {prec} (qs = {qs:.2f}, 1/qs dotted)", fontsize=9)
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    handles = [Line2D([], [], color=color[c], marker="o", ms=4, label=c) for c in clusters]
+    handles.append(Line2D([], [], color="k", ls="--", lw=0.8, label="ratio 1 (grey band: tie)"))
+    labels = {"dense-only": "only the dense twin fits", "moe-only": "only the MoE fits", "neither": "neither fits"}
+    for v, mk in only_marker.items():
+        if v in used:
+            handles.append(Line2D([], [], color="0.3", marker=mk, ls="", label=labels[v]))
+    if "beyond" in used:
+        handles.append(Line2D([], [], color="k", marker="o", mfc="none", ls="", ms=8,
+                              label="beyond the model's max context"))
+    fig.legend(handles=handles, loc="center left", bbox_to_anchor=(1.0 - 2.1 / fig.get_figwidth(), 0.5),
+               fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0, 1.0 - 2.2 / fig.get_figwidth(), 1))
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def _examples(df, plan: _Plan) -> dict[str, Any]:
+    """Per model: the middle context at the first cluster where the MoE fits
+    (else the first cluster)."""
+    ex = {}
+    for m, g in df.groupby("model", sort=False):
+        ctxs = sorted(set(int(t) for t in g["context"]))
+        t = ctxs[len(ctxs) // 2]
+        at = g[g["context"] == t]
+        fit = at[at["moe_feasible"].astype(bool)]
+        ex[m] = (fit if len(fit) else at).iloc[0]
+    return ex
+
+
+def _plot_hbm(df, plan: _Plan, path: Path) -> None:
+    """HBM per GPU of each model's MoE and twin at its example point (packed
+    again with the plan the study chose)."""
+    import textwrap
+
+    from qsengine.packing import pack
+    from qsengine.packing.cli import _parse_plan
+
+    plt = _pyplot()
+    ex = _examples(df, plan)
+    fig, axes = plt.subplots(len(ex), 2, figsize=(11, 3.2 * len(ex)), squeeze=False)
+    handles: dict[str, Any] = {}
+    for row, (m, r) in zip(axes, ex.items()):
+        model = plan.models[m]
+        twin = model.dense_twin(float(r["q"])) if r["dense_model"] != m else model
+        for ax, side, spec, label in ((row[0], "moe", model, "MoE"), (row[1], "dense", twin, "dense twin")):
+            where = f"{m} {label} on {r['cluster_name']} @ {format_tokens(int(r['context']))}, {r['precision']}"
+            if bool(r[f"{side}_feasible"]):
+                pk = pack(spec, r["cluster_input"], int(r["context"]), plan=_parse_plan(r[f"{side}_plan"]),
+                          precision=r["precision"])
+                pk.plot(ax=ax)
+                for hnd, lab in zip(*ax.get_legend_handles_labels()):
+                    handles.setdefault(lab, hnd)
+                if ax.get_legend() is not None:
+                    ax.get_legend().remove()
+                ax.set_title(f"{where}: {r[f'{side}_plan']}, batch {int(r[f'{side}_batch']):,}", fontsize=8)
+            else:
+                text = textwrap.fill(f"{where}: does not fit. {r[f'{side}_reason']}", 70)
+                ax.text(0.5, 0.5, text, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+                ax.set_axis_off()
+    if handles:
+        fig.legend(list(handles.values()), list(handles.keys()), loc="lower center",
+                   ncol=min(6, len(handles)), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 if handles else 0, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_fragmentation(df, plan: _Plan, cfg: StudyConfig, path: Path) -> None:
+    """Unique experts and straggler load vs batch for each studied model
+    (its experts and top-k, the study's routing, over the GPUs of the
+    smallest studied cluster)."""
+    from qsengine.specs.loaders import as_cluster
+    from qsengine.study_routing import fragmentation_curve, plot_fragmentation
+
+    plt = _pyplot()
+    gpus = min(as_cluster(c).num_gpus for c in cfg.clusters)
+    models = list(plan.models.values())
+    ncol = min(2, len(models))
+    nrow = math.ceil(len(models) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.5 * ncol, 4.2 * nrow), squeeze=False)
+    batches = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024]
+    routing = cfg.routing
+    label = routing if isinstance(routing, str) else type(routing).__name__
+    for ax, m in zip(axes.flat, models):
+        g = min(gpus, m.routed_experts)
+        curve = fragmentation_curve(m.routed_experts, m.top_k, g, batches, routing=routing, microbatches=1000,
+                                    seed=cfg.seed, threads=cfg.threads)
+        plot_fragmentation(curve, ax=ax, label=label)
+        ax.set_title(f"{m.id} routing (E={m.routed_experts}, k={m.top_k}, {g} GPUs), {label}", fontsize=9)
+        leg = ax.get_legend()
+        if leg is not None:
+            leg.remove()
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.18), ncol=2, frameon=False)
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
