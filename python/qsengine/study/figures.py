@@ -213,3 +213,44 @@ def _plot_fragmentation(df, plan: _Plan, cfg: StudyConfig, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def _plot_frontier(df, plan: _Plan, cfg: StudyConfig, path: Path) -> None:
+    """Each model's MoE and twin frontiers (tokens/s per GPU against tokens/s
+    per user) at its example point: the comparison at equal latency. The
+    closed form of the study's routing law (its independent proxy for a
+    correlated law) places the frontier points."""
+    import textwrap
+
+    from qsengine.decode.simulate import simulate
+
+    plt = _pyplot()
+    ex = _examples(df, plan)
+    ncol = min(2, len(ex))
+    nrow = math.ceil(len(ex) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, 4.2 * nrow), squeeze=False)
+    for ax in axes.ravel()[len(ex):]:
+        ax.set_axis_off()
+    for ax, (m, r) in zip(axes.ravel(), ex.items()):
+        where = f"{m} on {r['cluster_name']} @ {format_tokens(int(r['context']))}, {r['precision']}"
+        if not (bool(r["moe_feasible"]) or bool(r["dense_feasible"])):
+            ax.text(0.5, 0.5, textwrap.fill(f"{where}: neither side fits", 60), ha="center", va="center",
+                    fontsize=8, transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        res = simulate(r["in_model"] if "in_model" in r else m, r["cluster_input"], int(r["context"]),
+                       q=cfg.q, precision=r["precision"], routing=cfg.routing, microbatches=0 if
+                       cfg.routing in ("uniform", None) else "auto", seed=cfg.seed, break_even=False)
+        res.plot_frontier(ax)
+        ax.set_title(where, fontsize=9)
+        for t_ms in (20, 50):
+            r_at = res.ratio_at(t_ms / 1e3)
+            ax.axvline(1e3 / t_ms, color="0.6", lw=0.8, ls=":")
+            ax.text(1e3 / t_ms, 0.03, f" {t_ms} ms/token: dense/MoE " + ("n/a" if r_at is None else f"{r_at:.2f}x"),
+                    fontsize=7, rotation=90, va="bottom", ha="right", color="0.3",
+                    transform=ax.get_xaxis_transform())
+    fig.suptitle("Equal latency: each side's best throughput per GPU at every interactivity "
+                 "(right = faster tokens per user)", fontsize=10)
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

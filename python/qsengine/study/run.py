@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from qsengine.study.config import _Z99, DEFAULT_TIE, StudyConfig, _Plan, _validate, cluster_display
-from qsengine.study.figures import _plot_fragmentation, _plot_hbm, _plot_ratio
+from qsengine.study.figures import _plot_fragmentation, _plot_frontier, _plot_hbm, _plot_ratio
 from qsengine.study.text import format_summary
 
 
@@ -51,6 +51,7 @@ def run_study(config: StudyConfig | None = None, *, progress: bool = True, figur
         _plot_ratio(df, out / "ratio_vs_context.png", tie=cfg.tie)
         _plot_hbm(df, plan, out / "hbm_per_gpu.png")
         _plot_fragmentation(df, plan, cfg, out / "fragmentation.png")
+        _plot_frontier(df, plan, cfg, out / "frontier.png")
     return df
 
 
