@@ -30,6 +30,21 @@ auto run_interruptible(F&& f) -> std::invoke_result_t<F&, qs::CancelToken&> {
   {
     py::gil_scoped_release release;
     std::thread runner(std::move(task));
+    // Joins the runner on every way out of this scope. Besides the normal
+    // path, a thread can leave while waiting: at interpreter shutdown Python
+    // ends a daemon thread that asks for the GIL with a forced unwind
+    // (pthread_exit); destroying a joinable std::thread then would call
+    // std::terminate ("terminate called without an active exception").
+    struct JoinOnExit {
+      std::thread& t;
+      qs::CancelToken& token;
+      ~JoinOnExit() {
+        if (t.joinable()) {
+          token.cancel();
+          t.join();
+        }
+      }
+    } join_on_exit{runner, token};
     while (result.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready) {
       py::gil_scoped_acquire acquire;
       if (PyErr_CheckSignals() != 0) {
