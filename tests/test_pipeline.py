@@ -421,3 +421,15 @@ def test_notebook_view_and_settings_line():
     assert "<table" in h and "<img" in h and "ratio dense/MoE" in h and "settings: precision" in h
     assert res.summary().splitlines()[-1].strip() == res.settings_line()
     assert "precision bf16" in res.settings_line() and "closed form" in res.settings_line()
+
+
+def test_a_grid_past_max_context_warns_once():
+    with warnings.catch_warnings(record=True) as got:
+        warnings.simplefilter("always")
+        qsengine.sweep({"model": ["grok-1", "mixtral-8x7b"], "cluster": ["8xh100"],
+                        "context": [4096, 16384, 65536, 131072], "microbatches": [0], "break_even": [False]},
+                       progress=False, seed=1)
+    ctx = [w for w in got if issubclass(w.category, qsengine.ContextWarning)]
+    assert len(ctx) == 1
+    msg = str(ctx[0].message)
+    assert "grok-1 (max 8,192 tokens): 3 context(s) from 16,384 to 131,072" in msg and "mixtral-8x7b" in msg

@@ -263,6 +263,7 @@ class Validator:
         self.strict = bool(strict)
         self._values: dict[tuple, Value] = {}
         self._done: dict[tuple, None] = {}
+        self._beyond: dict[tuple[str, int], list[int]] | None = None
 
     def value(self, field: str, v: Any) -> Value:
         key = _key(field, v)
@@ -320,6 +321,9 @@ class Validator:
                        f"({m.max_context:,} tokens)")
                 if self.strict:
                     raise ValueError(msg + " (strict=True)")
+                if self._beyond is not None:  # a grid: one warning for all, after the checks
+                    self._beyond.setdefault((m.id, m.max_context), []).append(context)
+                    continue
                 warnings.warn(msg + "; the result extrapolates past what the model was trained for",
                               ContextWarning, stacklevel=5)
 
@@ -349,6 +353,7 @@ class Validator:
         ``where(i, values)`` prefixes a failing point's message."""
         from qsengine._groups import group
 
+        self._beyond: dict[tuple[str, int], list[int]] | None = {}
         for fields, check in self.CHECKS:
             _, first = group(n, *(codes[f] for f in fields))
             for i in first.tolist():
@@ -359,6 +364,13 @@ class Validator:
                     if where is None:
                         raise
                     raise type(exc)(f"{where(i, pv)}: {exc}") from None
+        beyond, self._beyond = self._beyond, None
+        if beyond:
+            parts = [f"{mid} (max {mx:,} tokens): {len(cs)} context(s) from {min(cs):,} to {max(cs):,}"
+                     for (mid, mx), cs in beyond.items()]
+            warnings.warn("field 'context': beyond the model's maximum context for " + "; ".join(parts)
+                          + "; those results extrapolate past what the models were trained for (strict=True "
+                          "refuses them)", ContextWarning, stacklevel=4)
 
     def point_check(self, check: Callable, fields: tuple[str, ...], values: dict[str, Value]) -> None:
         key = (check, *(values[f].canon for f in fields))
