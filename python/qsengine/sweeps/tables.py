@@ -76,15 +76,23 @@ def _assemble(points: _Points, inputs, tables: list):
     import pyarrow as pa
     import pyarrow.compute as pc
 
+    def take(table, idx: np.ndarray):
+        """``table.take(idx)``, skipped when idx is the identity (the common case:
+        no duplicate points, chunks completed in grid order)."""
+        if idx.size == table.num_rows and np.array_equal(idx, np.arange(idx.size)):
+            return table
+        return table.take(pa.array(idx))
+
     in_cols = set(inputs.column_names)
-    full = inputs.take(pa.array(points.unique_of))
+    unique_of = np.asarray(points.unique_of, dtype=np.int64)
+    full = take(inputs, unique_of)
     if tables:
         res = _concat([t.drop_columns([c for c in t.column_names if c in in_cols and c != "point_id"])
                        for t in tables])
         at = pc.index_in(inputs.column("point_id"), value_set=res.column("point_id"))
         if at.null_count:  # pragma: no cover - guarded by construction
             raise RuntimeError(f"sweep: {at.null_count} point(s) have no result")
-        res = res.drop_columns(["point_id"]).take(at.take(pa.array(points.unique_of)))
+        res = take(res.drop_columns(["point_id"]), at.to_numpy().astype(np.int64)[unique_of])
         for name in res.column_names:
             full = full.append_column(name, res.column(name))
     return full.to_pandas()
