@@ -126,7 +126,10 @@ def _spec(field: str, v: Any, loader: Callable[[Any], Any], kind: type, display:
     try:
         obj = loader(v)
     except (ValueError, TypeError) as exc:
-        raise type(exc)(f"field {field!r} = {v!r}: {exc}") from None
+        msg = str(exc)
+        if msg.startswith(f"field {field!r} = "):  # the loader already names the field
+            raise
+        raise type(exc)(f"field {field!r} = {v!r}: {msg}") from None
     return Value(v, obj, canonical_json(plain(obj)), display(obj))
 
 

@@ -238,7 +238,7 @@ def _plot_frontier(df, plan: _Plan, cfg: StudyConfig, path: Path) -> None:
                     fontsize=8, transform=ax.transAxes)
             ax.set_axis_off()
             continue
-        res = simulate(r["in_model"] if "in_model" in r else m, r["cluster_input"], int(r["context"]),
+        res = simulate(plan.models[m], r["cluster_input"], int(r["context"]),
                        q=cfg.q, precision=r["precision"], routing=cfg.routing, microbatches=0 if
                        cfg.routing in ("uniform", None) else "auto", seed=cfg.seed, break_even=False)
         res.plot_frontier(ax)
