@@ -138,11 +138,11 @@ void validate(const RouteRequest& req) {
       for (std::int64_t j = 0; j < k; ++j) {
         const std::int64_t id = m.trace[row * k + j];
         if (id < 0 || id >= E)
-          fail("routing.expert_ids[", row / m.trace_tokens, ", ", row % m.trace_tokens, ", ", j, "]=", id,
+          fail("routing.expert_ids[", row / m.trace_tokens, "][", row % m.trace_tokens, "][", j, "]=", id,
                ": expert ids must be in [0, experts=", E, ")");
         if (seen[id] == row)
-          fail("routing.expert_ids[", row / m.trace_tokens, ", ", row % m.trace_tokens, "]: expert ", id,
-               " appears twice; a token's k experts must be distinct");
+          fail("routing.expert_ids[", row / m.trace_tokens, "][", row % m.trace_tokens, "][", j, "]=", id,
+               ": expert ", id, " appears twice among the token's top_k=", k, " experts; they must be distinct");
         seen[id] = row;
       }
     }
