@@ -241,9 +241,6 @@ class Evaluation:
     refined: dict[int, Refined]  # MoE group -> Monte Carlo refinement
     dense_ffn: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per dense group: its dense-FFN parameters
 
-    def value(self, fname: str, i: int) -> Any:
-        return self.values[fname][int(self.codes[fname][i])].obj
-
 
 def evaluate_columns(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, threads: int | None = None,
                      check_points: bool = True, strict: bool = False) -> dict[str, np.ndarray]:
