@@ -72,8 +72,9 @@ def sweep(
             of :data:`FIELDS`, last field fastest) or a list of point dicts.
             Fields are simulate's arguments: ``model``, ``cluster``,
             ``context`` (required), ``q``, ``dense``, ``routing``, ``plan``,
-            ``precision``, ``microbatches``, ``slo_tpot``, ``twin_attention``,
-            ``break_even``, ``options``. A scalar is a one-value axis.
+            ``precision``, ``microbatches``, ``rtol``, ``slo_tpot``, ``batch``,
+            ``twin_attention``, ``break_even``, ``options``
+            (:data:`qsengine.decode.point.FIELDS`). A scalar is a one-value axis.
         executor: None (in-process; the C++ core uses all cores per point),
             ``"processes"`` (a process pool over the cores, one core per
             point), a ``dask.distributed.Client`` or a scheduler address
