@@ -222,6 +222,9 @@ def _plot_frontier(df, plan: _Plan, cfg: StudyConfig, path: Path) -> None:
     correlated law) places the frontier points."""
     import textwrap
 
+    import warnings
+
+    from qsengine.decode.point import ContextWarning
     from qsengine.decode.simulate import simulate
 
     plt = _pyplot()
@@ -238,9 +241,11 @@ def _plot_frontier(df, plan: _Plan, cfg: StudyConfig, path: Path) -> None:
                     fontsize=8, transform=ax.transAxes)
             ax.set_axis_off()
             continue
-        res = simulate(plan.models[m], r["cluster_input"], int(r["context"]),
-                       q=cfg.q, precision=r["precision"], routing=cfg.routing, microbatches=0 if
-                       cfg.routing in ("uniform", None) else "auto", seed=cfg.seed, break_even=False)
+        with warnings.catch_warnings():  # flagged in the study's output already
+            warnings.simplefilter("ignore", ContextWarning)
+            res = simulate(plan.models[m], r["cluster_input"], int(r["context"]),
+                           q=cfg.q, precision=r["precision"], routing=cfg.routing, microbatches=0 if
+                           cfg.routing in ("uniform", None) else "auto", seed=cfg.seed, break_even=False)
         res.plot_frontier(ax)
         ax.set_title(where, fontsize=9)
         for t_ms in (20, 50):

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 from typing import Any
 
+from qsengine.decode.point import ContextWarning
 from qsengine.study.config import _Z99, DEFAULT_TIE, StudyConfig, _Plan, _validate, cluster_display
 from qsengine.study.figures import _plot_fragmentation, _plot_frontier, _plot_hbm, _plot_ratio
 from qsengine.study.text import format_summary
@@ -39,8 +41,10 @@ def run_study(config: StudyConfig | None = None, *, progress: bool = True, figur
     out = Path(cfg.out)
     out.mkdir(parents=True, exist_ok=True)
     ck = out / "checkpoint" / plan.key
-    raw = sweep(plan.points, executor=executor, checkpoint=ck, resume=resume, progress=progress,
-                seed=cfg.seed, threads=cfg.threads)
+    with warnings.catch_warnings():  # the study flags points past a model's maximum context in its output
+        warnings.simplefilter("ignore", ContextWarning)
+        raw = sweep(plan.points, executor=executor, checkpoint=ck, resume=resume, progress=progress,
+                    seed=cfg.seed, threads=cfg.threads)
     df = _annotate(raw, plan, cfg)
     info = raw.attrs.get("sweep", {})
     df.attrs.update(elapsed_s=info.get("elapsed_s", math.nan), out=str(out), checkpoint=str(ck),
