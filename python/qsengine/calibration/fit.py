@@ -151,6 +151,15 @@ def _roof_params(z: np.ndarray) -> dict[str, float]:
             "c0": float(np.exp(z[3]) * 1e-6), "c1": float(np.exp(z[4]) * 1e-9) if len(z) > 4 else 0.0}
 
 
+def _attention_params(z: np.ndarray) -> dict[str, float]:
+    """Fitted attention parameters: the roofline's five, then the idle KV-stream
+    padding and the multi-block split (both fitted in log space)."""
+    q = _roof_params(z[:5])
+    q["stream_pad"] = float(np.exp(z[5]))
+    q["split"] = float(np.exp(z[6]))
+    return q
+
+
 def _shape_split(keys: pd.DataFrame, mod: int, pick: int) -> np.ndarray:
     tup = list(map(tuple, keys.to_numpy().tolist()))
     uniq = sorted(set(tup))
@@ -321,11 +330,7 @@ def fit_gqa(system: str, bw: float, peaks: dict[str, float], family: str = "atte
             nb, fl = M.gqa_work(X[0], X[1], X[2], X[3], X[4], dt, np.exp(z[5]), np.exp(z[6]))
             return M.roofline_time(nb, fl, bw, peak, q["eta_bw"], q["eta_f"], q["p"], q["c0"], q["c1"], X[0] * X[2])
 
-        def decode(z: np.ndarray) -> dict[str, float]:
-            q = _roof_params(z[:5])
-            q["stream_pad"] = float(np.exp(z[5]))
-            q["split"] = float(np.exp(z[6]))
-            return q
+        decode = _attention_params
 
         held = _shape_split(d[["num_heads", "num_key_value_heads", "head_dim"]], 4, 1)
         r = _fit(predict, decode, np.array([1.0, 0.0, 0.0, 2.0, 0.0, 2.0, 7.0]), X, t, held)
@@ -360,11 +365,7 @@ def fit_mla(system: str, bw: float, peaks: dict[str, float]) -> tuple[dict, list
             nb, fl = M.mla_work(X[0], X[1], X[2], dt, np.exp(z[5]), np.exp(z[6]))
             return M.roofline_time(nb, fl, bw, peak, q["eta_bw"], q["eta_f"], q["p"], q["c0"], q["c1"], X[0] * X[2])
 
-        def decode(z: np.ndarray) -> dict[str, float]:
-            q = _roof_params(z[:5])
-            q["stream_pad"] = float(np.exp(z[5]))
-            q["split"] = float(np.exp(z[6]))
-            return q
+        decode = _attention_params
 
         held = np.isin(ctx, (128, 2048, 32768))
         r = _fit(predict, decode, np.array([1.0, 0.0, 0.0, 2.0, 0.0, 0.0, 7.0]), X, t, held)
