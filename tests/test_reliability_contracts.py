@@ -103,6 +103,30 @@ print("usable", q.simulate("qwen3-30b-a3b", "8xh100", 4096, microbatches=0, brea
     pd.testing.assert_frame_equal(resumed, fresh)
 
 
+def test_interpreter_exits_cleanly_while_a_daemon_thread_is_in_the_core():
+    """At shutdown Python ends a daemon thread that asks for the GIL with a
+    forced unwind; the binding must join its core thread and never touch the
+    GIL again (that used to abort: 'terminate called without an active
+    exception', seen when Ctrl-C ends a study with Dask worker threads)."""
+    code = r"""
+import threading, time
+import qsengine as q
+started = threading.Event()
+def work():
+    started.set()
+    while True:
+        q.route(64, 8, 1024, microbatches=200_000, seed=1, threads=1)
+threading.Thread(target=work, daemon=True).start()
+started.wait()
+time.sleep(0.3)
+print("exiting", flush=True)
+"""
+    for _ in range(3):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.strip() == "exiting", (p.returncode, p.stderr)
+        assert "terminate" not in p.stderr, p.stderr
+
+
 def test_eight_python_threads_calling_simulate_equal_serial():
     cases = [dict(model=m, cluster=c, context=ctx, microbatches=mb, routing=r, seed=s, break_even=be)
              for s, (m, c, ctx, mb, r, be) in enumerate([

@@ -9,6 +9,9 @@
 #include <pybind11/pybind11.h>
 
 #include <chrono>
+#ifdef __GLIBCXX__
+#include <cxxabi.h>  // abi::__forced_unwind
+#endif
 #include <future>
 #include <thread>
 #include <type_traits>
@@ -30,11 +33,8 @@ auto run_interruptible(F&& f) -> std::invoke_result_t<F&, qs::CancelToken&> {
   {
     py::gil_scoped_release release;
     std::thread runner(std::move(task));
-    // Joins the runner on every way out of this scope. Besides the normal
-    // path, a thread can leave while waiting: at interpreter shutdown Python
-    // ends a daemon thread that asks for the GIL with a forced unwind
-    // (pthread_exit); destroying a joinable std::thread then would call
-    // std::terminate ("terminate called without an active exception").
+    // Stops and joins the runner on every way out of this scope; destroying a
+    // joinable std::thread would call std::terminate.
     struct JoinOnExit {
       std::thread& t;
       qs::CancelToken& token;
@@ -45,14 +45,31 @@ auto run_interruptible(F&& f) -> std::invoke_result_t<F&, qs::CancelToken&> {
         }
       }
     } join_on_exit{runner, token};
-    while (result.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready) {
-      py::gil_scoped_acquire acquire;
-      if (PyErr_CheckSignals() != 0) {
-        interrupted = true;
-        token.cancel();
-        break;
+#ifdef __GLIBCXX__
+    try {
+#endif
+      while (result.wait_for(std::chrono::milliseconds(20)) != std::future_status::ready) {
+        py::gil_scoped_acquire acquire;
+        if (PyErr_CheckSignals() != 0) {
+          interrupted = true;
+          token.cancel();
+          break;
+        }
       }
+#ifdef __GLIBCXX__
+    } catch (abi::__forced_unwind&) {
+      // At interpreter shutdown Python ends a daemon thread that asks for the
+      // GIL with a forced unwind (pthread_exit) out of gil_scoped_acquire. The
+      // thread must then never ask for the GIL again: ~gil_scoped_release would,
+      // and a second forced unwind inside a destructor calls std::terminate
+      // ("terminate called without an active exception"). Stop the core, join
+      // it, and let the unwind go on (pybind11 rethrows it too).
+      token.cancel();
+      runner.join();
+      release.disarm();
+      throw;
     }
+#endif
     runner.join();
   }
   if (interrupted) {
