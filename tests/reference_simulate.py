@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from qsengine.decode.point import DEFAULT_SLO_TPOT
 from qsengine.decode.step import StepOptions, decode_step
 from qsengine.packing import pack
 from qsengine.packing import plans as enumerate_plans
@@ -75,7 +76,7 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
 
 def record(model: str, cluster: str, context: int, q: Any = None, dense: str | None = None,
            routing: Any = "uniform", plan: Plan | str = "auto", precision: str | None = None,
-           slo_tpot: float | None = None, twin_attention: str = "same", break_even: bool = True,
+           slo_tpot: float | None = DEFAULT_SLO_TPOT, twin_attention: str = "same", break_even: bool = True,
            options: StepOptions | None = None, batch: int | None = None, **_: Any) -> dict[str, Any]:
     """The comparison the plain way: the record columns that do not depend on
     wording (feasibility, plans, batches, throughput, TPOT, ratio, verdict, q*)."""
@@ -88,13 +89,23 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
     else:
         d = m.dense_twin("sqrt" if q is None else q, attention=twin_attention)
         rec = qs_record(m, "sqrt" if q is None else q)
+    if batch is not None:
+        slo_tpot = None  # a fixed batch is evaluated as given
     moe = side(m, c, context, plan, prec, routing, slo_tpot, opts, batch)
     den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts, batch)
+    # the maximum-throughput point: no latency target
+    moe_max = side(m, c, context, plan, prec, routing, None, opts, batch) if slo_tpot is not None else moe
+    den_max = side(d, c, context, plan, prec, "uniform", None, opts, batch) if slo_tpot is not None else den
+    gpus = c.num_gpus
     out: dict[str, Any] = {"dense_model": d.id, "q": rec.q, "qs": rec.qs}
-    for name, s in (("moe", moe), ("dense", den)):
+    for name, s, x in (("moe", moe, moe_max), ("dense", den, den_max)):
         out.update({f"{name}_feasible": bool(s["plan"]), f"{name}_plan": s["plan"], f"{name}_batch": s["batch"],
                     f"{name}_batch_limit": s["limit"], f"{name}_tokens_per_s": s["tps"],
-                    f"{name}_tpot_ms": s["tpot"] * 1e3, f"{name}_tpot_p99_ms": s["p99"] * 1e3})
+                    f"{name}_tpot_ms": s["tpot"] * 1e3, f"{name}_tpot_p99_ms": s["p99"] * 1e3,
+                    f"{name}_max_plan": x["plan"], f"{name}_max_batch": x["batch"],
+                    f"{name}_max_tokens_per_s_per_gpu": x["tps"] / gpus, f"{name}_max_tpot_ms": x["tpot"] * 1e3})
+    out["ratio_max_throughput"] = den_max["tps"] / moe_max["tps"] if moe_max["plan"] and den_max["plan"] \
+        else math.nan
     both = bool(moe["plan"]) and bool(den["plan"])
     ratio = den["tps"] / moe["tps"] if both else math.nan
     if not moe["plan"] and not den["plan"]:

@@ -89,7 +89,7 @@ def test_fixed_batch_is_the_step_model_at_that_batch():
                            64 // side.plan.dp, 32768)
         assert side.step.time == want.time and side.tokens_per_second == pytest.approx(64 / want.time, rel=1e-12)
     with pytest.raises(ValueError, match="not both"):
-        qsengine.simulate("deepseek-v3", "8xh200", 32768, batch=64, slo_tpot=0.05, microbatches=0)
+        qsengine.simulate("deepseek-v3", "8xh200", 32768, batch=64, slo_tpot=0.03, microbatches=0)
     with pytest.raises(ValueError, match="field 'batch' = 0"):
         qsengine.simulate("deepseek-v3", "8xh200", 32768, batch=0, microbatches=0)
 
@@ -105,6 +105,35 @@ def test_latency_target_holds_on_p99():
     mc = qsengine.simulate("qwen3-235b-a22b", "8xh200", 8192, precision="fp8", microbatches=300, seed=1,
                            break_even=False, routing="powerlaw:1.2", slo_tpot=target)
     assert mc.moe.step.time_p99 <= target or mc.moe.batch == 1
+
+
+def test_default_compares_at_equal_latency_with_max_throughput_beside():
+    from qsengine.decode.point import DEFAULT_SLO_TPOT
+
+    kw = dict(model="deepseek-v3", cluster="16xh200", context=32768, microbatches=0, break_even=False)
+    res = qsengine.simulate(**kw)
+    assert res.inputs["slo_tpot"] == DEFAULT_SLO_TPOT == 0.05
+    for side in (res.moe, res.dense):  # both sides under the same p99 target
+        assert side.step.time_p99 <= DEFAULT_SLO_TPOT
+    free = qsengine.simulate(**kw, slo_tpot=None)
+    assert free.dense.step.time_p99 > DEFAULT_SLO_TPOT  # here the target binds: the two ratios differ
+    rec, frec = res.to_record(), free.to_record()
+    assert res.ratio_max_throughput == free.ratio == frec["ratio_max_throughput"] != res.ratio
+    for side in ("moe", "dense"):
+        assert rec[f"{side}_max_plan"] == frec[f"{side}_plan"] and rec[f"{side}_max_batch"] == frec[f"{side}_batch"]
+        assert rec[f"{side}_max_tpot_ms"] == frec[f"{side}_tpot_ms"]
+    assert "at maximum throughput" in res.summary() and "p99 TPOT <= 50 ms" in res.summary()
+    fixed = qsengine.simulate(**kw, batch=64)  # the default target does not apply to a fixed batch
+    assert fixed.ratio_max_throughput == fixed.ratio
+
+
+def test_max_throughput_of_a_monte_carlo_point_is_its_own_monte_carlo():
+    kw = dict(model="qwen3-235b-a22b", cluster="8xh200", context=8192, precision="fp8", microbatches=400,
+              routing="powerlaw:1.2", seed=5, break_even=False)
+    res = qsengine.simulate(**kw, slo_tpot=0.02)
+    free = qsengine.simulate(**kw, slo_tpot=None)
+    assert res.moe.batch_limit == "slo"
+    assert res.ratio_max_throughput == free.ratio  # the same Monte Carlo (same seed) at the HBM-max point
 
 
 def test_attention_dp_batch_agrees_with_packing_and_step():

@@ -176,11 +176,12 @@ RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
     ("model", "str"), ("dense_model", "str"), ("dense_shape", "str"), ("moe_kv_bytes_per_token", "float"),
     ("dense_kv_bytes_per_token", "float"), ("cluster", "str"), ("gpus", "int"), ("context", "int"),
     ("s", "float"), ("q", "float"), ("qs", "float"), ("qs_verdict", "str"), ("ratio", "float"),
-    ("verdict", "str"), ("agrees_with_qs", "bool?"), ("break_even_q", "float"),
+    ("verdict", "str"), ("agrees_with_qs", "bool?"), ("break_even_q", "float"), ("ratio_max_throughput", "float"),
     *((f"{side}_{name}", kind) for side in ("moe", "dense") for name, kind in (
         ("feasible", "bool"), ("reason", "str"), ("plan", "str"), ("batch", "int"), ("batch_limit", "str"),
         ("tokens_per_s", "float"), ("tokens_per_s_per_gpu", "float"), ("tpot_ms", "float"),
-        ("tpot_p99_ms", "float"))),
+        ("tpot_p99_ms", "float"), ("max_plan", "str"), ("max_batch", "int"), ("max_tokens_per_s_per_gpu", "float"),
+        ("max_tpot_ms", "float"))),
     *((f"why_{name}", "float") for name in ("headroom", "weights", "attention", "communication", "other")),
     ("mc_microbatches", "int"), ("mc_rse_mean", "float"), ("mc_rse_p99", "float"),
 )
@@ -367,14 +368,27 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         plan = moe.plan_of(g)
         assert plan is not None
         r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, int(ctx[i]), int(moe.side.batch[g]),
-                    int(moe.side.limit[g]), None if np.isnan(slo[i]) else float(slo[i]), routings[rt[i]],
-                    mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]])
+                    int(moe.side.limit[g]), None if np.isnan(slo[i]) or fixed[i] > 0 else float(slo[i]),
+                    routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]])
         refined[g] = r
         mc_n[g] = r.stats.microbatches
         if r.stats.precision is not None:
             mc_rse[g] = (r.stats.rse_mean, r.stats.rse_p99)
         moe.side.batch[g], moe.side.limit[g] = r.batch, r.limit
         moe.side.time[g], moe.side.p99[g], moe.side.tps[g] = r.time, r.p99, r.tps
+    # ... and of its maximum-throughput point, where that is another point (the target binds)
+    for g in np.flatnonzero(~closed[m_first] & (moe.side.max_plan >= 0)).tolist():
+        i = int(m_first[g])
+        sd = moe.side
+        r = refined.get(g)
+        if r is None or sd.max_plan[g] != sd.plan[g] or sd.max_batch[g] != sd.batch[g] or r.limit == 1:
+            if seeds is None:
+                raise ValueError("evaluate: Monte Carlo points (microbatches != 0) need seeds")
+            plan = moe.family_of(g).plans[int(sd.max_plan[g])]
+            r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, int(ctx[i]), int(sd.max_batch[g]),
+                        0, None, routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]],
+                        rtols[codes["rtol"][i]])
+        sd.max_time[g], sd.max_p99[g], sd.max_tps[g] = r.time, r.p99, r.tps
 
     # ---- the dense side: once per distinct (specs, dense identity, context, slo), in one stacked call
     dg, d_first = _group(n, m, c, pr, pl, op, dq, codes["context"], codes["slo_tpot"], codes["batch"])
@@ -484,6 +498,9 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     out["verdict"][:] = verdict
     out["agrees_with_qs"][:] = agrees
     out["break_even_q"][:] = np.where(be & moe.side.feasible[mg], q_star_b[bg], np.nan)
+    mboth = (moe.side.max_plan[mg] >= 0) & (dense.side.max_plan[dg] >= 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["ratio_max_throughput"][:] = np.where(mboth, dense.side.max_tps[dg] / moe.side.max_tps[mg], np.nan)
     out["mc_microbatches"][:] = mc_n[mg]
     out["mc_rse_mean"][:] = mc_rse[mg, 0]
     out["mc_rse_p99"][:] = mc_rse[mg, 1]
@@ -500,6 +517,12 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         out[f"{side_name}_tokens_per_s_per_gpu"][:] = tps / gpus
         out[f"{side_name}_tpot_ms"][:] = np.where(feas, sd.time[grp] * 1e3, np.nan)
         out[f"{side_name}_tpot_p99_ms"][:] = np.where(feas, sd.p99[grp] * 1e3, np.nan)
+        mfeas = sd.max_plan[grp] >= 0
+        mlabels, mdps = res.plan_columns(sd.max_plan)
+        out[f"{side_name}_max_plan"][:] = np.where(mfeas, mlabels[grp], "")
+        out[f"{side_name}_max_batch"][:] = np.where(mfeas, sd.max_batch[grp] * mdps[grp], 0)
+        out[f"{side_name}_max_tokens_per_s_per_gpu"][:] = np.where(mfeas, sd.max_tps[grp], 0.0) / gpus
+        out[f"{side_name}_max_tpot_ms"][:] = np.where(mfeas, sd.max_time[grp] * 1e3, np.nan)
         reasons = np.full(sd.feasible.size, "", dtype=object)
         for g in np.flatnonzero(~sd.feasible).tolist():
             i = int(first[g])

@@ -94,8 +94,9 @@ class SimulationResult:
 
     Attributes:
         moe, dense: the two sides.
-        ratio: dense tokens/s ÷ MoE tokens/s, or None when a side is infeasible
-            (see ``outcome``).
+        ratio: dense tokens/s ÷ MoE tokens/s at the operating point (equal
+            latency: both sides under the same p99 TPOT target, 50 ms by
+            default), or None when a side is infeasible there.
         qs: the :class:`qsengine.QsResult` record (s, q, qs, verdict, 1/qs).
         verdict: which side serves better ("dense", "moe", "tie",
             "dense-only" when only the dense model fits, "moe-only",
@@ -123,6 +124,14 @@ class SimulationResult:
     record: dict[str, Any] = field(default_factory=dict, repr=False)
     frontier: Any = field(default=None, repr=False, compare=False)
 
+    @property
+    def ratio_max_throughput(self) -> float | None:
+        """dense ÷ MoE tokens/s with no latency target: each side at the
+        largest batch its HBM holds, at whatever TPOT that gives (the sides'
+        TPOTs there are ``record["moe_max_tpot_ms"]`` and
+        ``record["dense_max_tpot_ms"]``). None when a side does not pack."""
+        return _finite_or_none(self.record.get("ratio_max_throughput"))
+
     def explain(self) -> dict[str, float] | None:
         """The ratio as a product of factors (``headroom``, ``weights``,
         ``attention``, ``communication``, ``other``; see
@@ -135,6 +144,13 @@ class SimulationResult:
             return None
         return {k: float(self.record[f"why_{k}"]) for k in WHY}
 
+    def settings_operating_point(self) -> str:
+        """Where both sides are operated, in words (fixed batch, latency target or none)."""
+        slo, batch = self.inputs.get("slo_tpot"), self.inputs.get("batch")
+        return (f"fixed batch {batch:,}" if batch is not None else
+                f"p99 TPOT <= {slo * 1e3:.3g} ms" if slo is not None else
+                "no latency target (largest batch that fits)")
+
     def settings_line(self) -> str:
         """The settings this result was computed with, in one line (also the
         last line of :meth:`summary`)."""
@@ -143,12 +159,10 @@ class SimulationResult:
         inp = self.inputs
         prec = inp.get("precision")
         prec = prec.get("name") if isinstance(prec, dict) else prec
-        slo, batch, mb = inp.get("slo_tpot"), inp.get("batch"), inp.get("microbatches")
+        mb = inp.get("microbatches")
         seed = inp.get("seed")
         seed = seed.get("entropy") if isinstance(seed, dict) else seed
-        op = (f"fixed batch {batch:,}" if batch is not None else
-              f"latency target {slo * 1e3:.1f} ms (p99 TPOT)" if slo is not None else
-              "no latency target (largest batch that fits)")
+        op = self.settings_operating_point()
         mc = ("closed form (no Monte Carlo)" if mb == 0 else
               f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
@@ -228,6 +242,7 @@ class SimulationResult:
             "gpus": g,
             "context": self.context,
             "ratio": self.ratio,
+            "ratio_max_throughput": self.ratio_max_throughput,
             "verdict": self.verdict,
             "agrees_with_qs": self.agrees_with_qs,
             "break_even_q": self.break_even_q,
@@ -285,11 +300,16 @@ class SimulationResult:
                 f"{r.step.time_p99 * 1e3:>9.2f}{r.tokens_per_second:>12,.0f}"
                 f"{r.tokens_per_second_per_gpu(self.cluster.num_gpus):>11,.0f}  {r.batch_limit}"
             )
+        at = self.settings_operating_point()
         if self.ratio is not None:
-            lines.append(f"  ratio dense/MoE = {self.ratio:.3f} -> {self.verdict} "
+            lines.append(f"  ratio dense/MoE = {self.ratio:.3f} at {at} -> {self.verdict} "
                          f"({'agrees' if self.agrees_with_qs else 'disagrees'} with the qs verdict)")
         else:
-            lines.append(f"  verdict: {self.verdict}")
+            lines.append(f"  verdict at {at}: {self.verdict}")
+        rmax = self.ratio_max_throughput
+        if rmax is not None and self.inputs.get("batch") is None and self.inputs.get("slo_tpot") is not None:
+            lines.append(f"  at maximum throughput (largest batch each side's HBM holds): ratio {rmax:.3f}, "
+                         f"TPOT MoE {rec['moe_max_tpot_ms']:.1f} ms vs dense {rec['dense_max_tpot_ms']:.1f} ms")
         why = self.explain()
         if why is not None:
             lines.append("  why (factors multiply to the ratio; > 1 favours dense): "

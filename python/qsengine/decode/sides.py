@@ -124,7 +124,13 @@ class Side:
     reported, ``why_kind`` 1 (it misses the TPOT target at the smallest
     batch), 2 (it packs but cannot hold the fixed batch: it admits
     ``why_adm`` sequences per replica) or 0 (it does not pack; ``why_fit``:
-    its weights fit, so the KV cache does not)."""
+    its weights fit, so the KV cache does not).
+
+    ``max_*``: the maximum-throughput operating point, with no latency target
+    (each plan at the largest batch its HBM holds; a fixed batch where one is
+    given): plan index (-1 if nothing packs), batch per replica, mean and p99
+    TPOT and cluster tokens/s; equal to the chosen point where the target
+    does not bind."""
 
     feasible: np.ndarray
     plan: np.ndarray
@@ -137,15 +143,22 @@ class Side:
     why_kind: np.ndarray
     why_fit: np.ndarray
     why_adm: np.ndarray
+    max_plan: np.ndarray
+    max_batch: np.ndarray
+    max_time: np.ndarray
+    max_p99: np.ndarray
+    max_tps: np.ndarray
 
     @classmethod
     def empty(cls, n: int) -> "Side":
         return cls(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8),
                    np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, -1), np.zeros(n, np.int8),
-                   np.zeros(n, bool), np.zeros(n, np.int64))
+                   np.zeros(n, bool), np.zeros(n, np.int64), np.full(n, -1), np.zeros(n, np.int64),
+                   np.full(n, np.nan), np.full(n, np.nan), np.zeros(n))
 
 
-_SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm")
+_SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm",
+                "max_plan", "max_batch", "max_time", "max_p99", "max_tps")
 #: ``Side.limit`` codes and their record text
 LIMITS = ("hbm", "slo", "fixed")
 
@@ -232,6 +245,12 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     # the plan cannot hold the fixed batch, or cannot split it evenly over its replicas
     too_big = has_fixed & ((-(-fx_rep // unit) > units) | (fx % dp_rows != 0) | (fx_rep < 1))
     valid[too_big] = False
+    # the maximum-throughput point: every plan at its HBM-max (or fixed) batch, before the target caps it
+    max_batch = np.where(has_fixed, fx_rep, units * unit)
+    max_time, max_p99 = time.copy(), p99.copy()
+    with np.errstate(divide="ignore", invalid="ignore"):
+        max_thr = np.where(max_time > 0, max_batch / max_time, 0.0) * stack.dp[gplan]
+    max_valid = valid.copy()
     has_slo = ~np.isnan(s) & ~has_fixed
     over = np.flatnonzero(has_slo & ~(p99 <= s))
     if over.size:
@@ -305,6 +324,16 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     out.time = np.where(feas, time[k], np.nan)
     out.p99 = np.where(feas, p99[k], np.nan)
     out.tps = np.where(feas, best, 0.0)
+    T[:] = np.nan
+    T[lane[rows[max_valid]], pidx[rows[max_valid]]] = max_thr[max_valid]
+    mbest, marg = in_order_best(T)
+    mfeas = marg >= 0
+    mk = np.maximum(where[np.arange(n), np.maximum(marg, 0)], 0)
+    out.max_plan = marg
+    out.max_batch = np.where(mfeas, max_batch[mk], 0)
+    out.max_time = np.where(mfeas, max_time[mk], np.nan)
+    out.max_p99 = np.where(mfeas, max_p99[mk], np.nan)
+    out.max_tps = np.where(mfeas, mbest, 0.0)
     return out
 
 
@@ -395,11 +424,14 @@ class _SideSet:
             return None
         return self.family_of(k).plans[int(self.side.plan[k])]
 
-    def plan_columns(self) -> tuple[np.ndarray, np.ndarray]:
-        """(label, dp) of each group's chosen plan (meaningless where infeasible)."""
+    def plan_columns(self, plan: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(label, dp) of each group's chosen plan, or of the plan indices
+        ``plan`` (-1: none; meaningless where infeasible)."""
         labels = np.array([""] + [p.label for f in self.families for p in f.plans], dtype=object)
         dps = np.array([1] + [p.dp for f in self.families for p in f.plans], dtype=np.int64)
         offset = np.cumsum([1] + [len(f.plans) for f in self.families])[:-1]
-        at = np.where(self.side.feasible, offset[self.family] + self.side.plan, 0) if self.families else \
+        if plan is None:
+            plan = np.where(self.side.feasible, self.side.plan, -1)
+        at = np.where(plan >= 0, offset[self.family] + plan, 0) if self.families else \
             np.zeros(self.side.feasible.size, dtype=np.int64)
         return labels[at], dps[at]

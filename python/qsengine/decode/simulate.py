@@ -20,7 +20,7 @@ from qsengine._seed import SeedLike, as_seed_sequence, seed_record
 from qsengine.decode.frontier import frontier
 from qsengine.decode.pipeline import Evaluation, evaluate
 from qsengine.decode.sides import LIMITS, _SideSet
-from qsengine.decode.point import DEFAULT_MICROBATCHES, Point
+from qsengine.decode.point import DEFAULT_MICROBATCHES, DEFAULT_SLO_TPOT, Point
 from qsengine.decode.result import SideResult, SimulationResult
 from qsengine.decode.step import StepOptions, decode_step
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -66,7 +66,7 @@ def simulate(
     plan: Plan | str = "auto",
     precision: Precision | str | None = None,
     microbatches: int | str = DEFAULT_MICROBATCHES,
-    slo_tpot: float | None = None,
+    slo_tpot: float | None = DEFAULT_SLO_TPOT,
     seed: SeedLike = None,
     threads: int | None = None,
     *,
@@ -101,13 +101,19 @@ def simulate(
             ``rtol`` (at most :data:`qsengine.decode.montecarlo.AUTO_MAX_MICROBATCHES`;
             ``result.moe.routing.precision`` says what was reached); 0 uses
             the closed form (independent routing only).
-        slo_tpot: optional per-token latency target (seconds) capping the
-            batch; it holds on the p99 step time.
+        slo_tpot: the per-token latency target (seconds) at which both
+            sides are compared: each side runs at the plan and batch with the
+            most throughput whose p99 step time meets it. Default
+            :data:`~qsengine.decode.point.DEFAULT_SLO_TPOT` (50 ms); ``None``
+            compares each side at the largest batch its HBM holds. The
+            maximum-throughput ratio (no target) is reported beside the
+            headline either way (``result.ratio_max_throughput``).
         batch: evaluate both sides at this fixed number of concurrent
             sequences on the cluster instead of their best batch, on the plan
             with the highest throughput among those that hold it and split it
             evenly over their replicas (for comparisons with measurements and
-            other tools); not with ``slo_tpot``.
+            other tools); the default latency target does not apply to it
+            (an explicit other ``slo_tpot`` is refused).
         seed: None, int or SeedSequence; recorded in ``result.inputs``.
         rtol: the precision ``microbatches="auto"`` runs to (default 1e-3).
         threads: C++ threads for the Monte Carlo (None = all cores).

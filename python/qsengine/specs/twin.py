@@ -323,9 +323,14 @@ class QsResult:
             dense model is smaller than the MoE's resident weights),
             ``"dense-disadvantaged"`` when qs > 1, ``"neutral"`` within
             :data:`QS_NEUTRAL_TOL` of 1.
-        asymptotic_ratio: ``1 / qs``, the bandwidth-bound long-context decode
-            throughput ratio dense / MoE when every expert is touched each step
-            (both read all their weights, and the KV per token is equal).
+        asymptotic_ratio: ``1 / qs``, the dense / MoE decode throughput
+            ratio the qs inequality predicts **at equal batch when weight reads
+            dominate the step** (bandwidth-bound, every expert touched each
+            step, so each side reads all its weights per step). It is not the
+            engine's long-context limit: there KV reads dominate both steps and
+            the ratio is set by the batches each side's KV-free HBM holds and
+            how each side's plan reads its KV (``why_headroom``,
+            ``why_attention``; docs/model.md, section "qs").
         model: id of the MoE.
     """
 

@@ -17,6 +17,7 @@ from qsengine.study.config import (
     checkpoint_dir,
     parse_tokens,
 )
+from qsengine.decode.point import DEFAULT_SLO_TPOT
 from qsengine.study.run import run_study
 from qsengine.study.text import format_summary, format_table
 
@@ -27,17 +28,20 @@ from qsengine.study.text import format_summary, format_table
 # ---------------------------------------------------------------------------
 
 
-def _positive_ms(text: str) -> float:
+def _slo_arg(text: str) -> float | None:
+    """``--slo-tpot-ms``: a p99 TPOT target in ms > 0 (returned in seconds), or 'none'."""
     import argparse
 
+    if text.strip().lower() == "none":
+        return None
     try:
         v = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of milliseconds > 0") from None
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of milliseconds > 0, or 'none'") from None
     if not (math.isfinite(v) and v > 0):
         raise argparse.ArgumentTypeError(f"{text!r}: must be a number of milliseconds > 0 "
-                                         "(leave the flag out for no latency target; 0 is not 'unset')")
-    return v
+                                         "('none' for no latency target)")
+    return v / 1e3
 
 
 def _q_arg(text: str) -> float | str:
@@ -100,8 +104,10 @@ def add_parser(sub) -> None:
     p.add_argument("--microbatches", type=_microbatches_arg, default="auto",
                    help="routing Monte Carlo microbatches per point; 'auto' (default) sizes it per point, "
                         "0 = closed form (fast)")
-    p.add_argument("--slo-tpot-ms", type=_positive_ms, default=None, metavar="MS",
-                   help="per-token latency target in ms > 0 (caps the batch); default: none")
+    p.add_argument("--slo-tpot-ms", type=_slo_arg, default=DEFAULT_SLO_TPOT, metavar="MS",
+                   help="the p99 per-token latency (ms) both sides are compared at, or 'none' for each side at "
+                        f"its largest batch (default {DEFAULT_SLO_TPOT * 1e3:g}); the maximum-throughput ratio "
+                        "is reported beside it either way")
     p.add_argument("--seed", type=int, default=d.seed, help="study seed (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="C++ threads per point (default: all cores)")
     p.add_argument("--beyond-max-context", choices=("flag", "skip"), default="flag",
@@ -128,8 +134,9 @@ def add_parser(sub) -> None:
                    help="precision preset (default: the model's deployed precision)")
     s.add_argument("--microbatches", type=_microbatches_arg, default="auto",
                    help="routing Monte Carlo microbatches; 'auto' (default) or 0 = closed form")
-    s.add_argument("--slo-tpot-ms", type=_positive_ms, default=None, metavar="MS",
-                   help="per-token latency target in ms > 0 (default: none)")
+    s.add_argument("--slo-tpot-ms", type=_slo_arg, default=DEFAULT_SLO_TPOT, metavar="MS",
+                   help="the p99 per-token latency (ms) both sides are compared at, or 'none' "
+                        f"(default {DEFAULT_SLO_TPOT * 1e3:g})")
     s.add_argument("--seed", type=int, default=None, help="seed (default: fresh entropy, printed)")
     s.add_argument("--threads", type=int, default=None, help="C++ threads (default: all cores)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -151,7 +158,7 @@ def _run_study_cli(args) -> int:
 
     cfg = StudyConfig(models=tuple(args.models), clusters=tuple(args.clusters), contexts=tuple(args.contexts),
                       q=args.q, routing=args.routing, precision=args.precision, microbatches=args.microbatches,
-                      slo_tpot=None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3, seed=args.seed,
+                      slo_tpot=args.slo_tpot_ms, seed=args.seed,
                       threads=args.threads, out=args.out, beyond_max_context=args.beyond_max_context, tie=args.tie)
     ck = checkpoint_dir(cfg)  # validates everything before any work
     progress = not args.no_progress and sys.stderr.isatty()
@@ -181,7 +188,7 @@ def _run_simulate_cli(args) -> int:
     precision = args.precision if args.precision is not None else default_precision(model).name
     res = simulate(model, args.cluster, parse_tokens(args.context), q=args.q, dense=args.dense,
                    routing=args.routing, precision=precision, microbatches=args.microbatches,
-                   slo_tpot=None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3, seed=args.seed,
+                   slo_tpot=args.slo_tpot_ms, seed=args.seed,
                    threads=args.threads)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))

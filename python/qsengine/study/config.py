@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from qsengine.decode.point import DEFAULT_SLO_TPOT
+
 
 DEFAULT_MODELS: tuple[str, ...] = ("deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048")
 DEFAULT_CLUSTERS: tuple[str, ...] = (
@@ -90,7 +92,7 @@ class StudyConfig:
     routing: Any = "uniform"
     precision: str | None = None
     microbatches: int | str = "auto"
-    slo_tpot: float | None = None
+    slo_tpot: float | None = DEFAULT_SLO_TPOT
     seed: int = DEFAULT_SEED
     threads: int | None = None
     out: Path = field(default_factory=lambda: Path("qsengine-out") / "study")

@@ -58,9 +58,10 @@ def _point_text(row) -> str:
     return f"MoE {_ratio_text(1.0 / r, err / r / r)} at {mm} ms/token (dense twin {dm} ms)"
 
 
-def verdict_lines(df) -> list[tuple[str, str, str]]:
+def verdict_lines(df, with_max: bool = True) -> list[tuple[str, str, str]]:
     """One (model, cluster, text) per model × cluster: runs of contexts with the
-    same verdict, each with its ratio and per-token latencies."""
+    same verdict, each with its ratio and per-token latencies and (``with_max``)
+    the ratio at maximum throughput beside it."""
     out = []
     for (m, c), g in df.groupby(["model", "cluster_name"], sort=False):
         g = g.sort_values("context")
@@ -87,6 +88,12 @@ def verdict_lines(df) -> list[tuple[str, str, str]]:
                 dm, mm = fmt_num(float(last["dense_tpot_ms"])), fmt_num(float(last["moe_tpot_ms"]))
                 text = {"dense": "dense twin ", "moe": "MoE ", "tie": "tie "}[v] + \
                     f"{min(ratios):.2f}–{max(ratios):.2f}× (at {hi}: dense {dm} ms/token, MoE {mm} ms)"
+            rmax = [float(r["ratio_max_throughput"]) for r in rows
+                    if "ratio_max_throughput" in r and math.isfinite(float(r["ratio_max_throughput"]))]
+            if rmax and with_max:
+                lo_r, hi_r = min(rmax), max(rmax)
+                text += (f" [max throughput: dense/MoE {lo_r:.2f}×" if lo_r == hi_r else
+                         f" [max throughput: dense/MoE {lo_r:.2f}–{hi_r:.2f}×") + "]"
             parts.append(f"{span}: {text}{flag}")
         out.append((m, c, "; ".join(parts)))
     return out
@@ -108,7 +115,9 @@ def format_summary(df, *, markdown: bool = False) -> str:
         f"- routing: {s.get('routing')}; Monte Carlo microbatches: {s.get('microbatches')}",
         f"- twin: {s.get('twin')}",
         f"- workload: {s.get('workload')}",
-        f"- latency target: {'none (largest batch that fits)' if slo is None else f'{fmt_num(slo)} ms per token'}",
+        "- latency target: " + ("none: each side at the largest batch its HBM holds" if slo is None else
+                                f"both sides at p99 ≤ {fmt_num(slo)} ms per token (equal latency); "
+                                "[max throughput: …] = each side at the largest batch its HBM holds"),
         f"- seed: {s.get('seed')}; qsengine {s.get('qsengine_version')}",
         f"- ratio = dense tokens/s ÷ MoE tokens/s; a tie is within ±{s.get('tie', DEFAULT_TIE):.0%} of 1 "
         "(or 2 standard errors of the Monte Carlo, if larger); ±: one standard error",
@@ -119,7 +128,7 @@ def format_summary(df, *, markdown: bool = False) -> str:
         lines.append(f"{h}{m} (s = {float(r0['s']):.3f}, twin {r0['twin']} at q = {float(r0['q']):.2f})")
         if markdown:
             lines.append("")
-        for mm, c, text in verdict_lines(g):
+        for mm, c, text in verdict_lines(g, with_max=slo is not None):
             lines.append(f"{'- ' if markdown else '  '}{c:<9s} {text}")
         if markdown:
             lines.append("")
