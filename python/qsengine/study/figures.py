@@ -49,6 +49,7 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
     the axis; points where one side does not fit are markers in a strip below
     the data (outside its range) with their own legend entries."""
     import numpy as np
+    import pandas as pd
     from matplotlib.lines import Line2D
     from matplotlib.ticker import FormatStrFormatter
 
@@ -65,6 +66,9 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
     for ax, m in zip(axes.flat, models):
         sub = df[df["model"] == m]
         r = sub["ratio"].astype(float)
+        has_max = "ratio_max_throughput" in sub and np.isfinite(sub["slo_tpot_ms"].astype(float)).any()
+        if has_max:  # the y range holds the maximum-throughput ratios drawn beside
+            r = pd.concat([r, sub["ratio_max_throughput"].astype(float)], ignore_index=True)
         finite = r[np.isfinite(r) & (r > 0)]
         lo = min(float(finite.min()) if len(finite) else 1.0, 1.0 / 1.3)
         hi = max(float(finite.max()) if len(finite) else 1.0, 1.3)
@@ -75,6 +79,12 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
             s = sub[sub["cluster_name"] == c].sort_values("context")
             if not len(s):
                 continue
+            if has_max:
+                mx = s[np.isfinite(s["ratio_max_throughput"].astype(float))]
+                if len(mx):
+                    used.add("max")
+                    ax.plot(mx["context"], mx["ratio_max_throughput"].astype(float), color=color[c], lw=0.9,
+                            ls=(0, (4, 2)), alpha=0.55, marker=".", ms=3)
             ok = s[np.isfinite(s["ratio"].astype(float))]
             if len(ok):
                 err = ok["ratio_err"].astype(float).to_numpy()
@@ -112,11 +122,16 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
         _context_axis(ax, sub["context"])
         ax.set_ylabel("throughput ratio dense / MoE")
         prec = sub["precision"].iloc[0]
-        ax.set_title(f"{m} at {prec} (qs = {qs:.2f}, 1/qs dotted)", fontsize=9)
+        slo = float(sub["slo_tpot_ms"].iloc[0])
+        at = f"p99 TPOT ≤ {slo:g} ms" if math.isfinite(slo) else "largest batches"
+        ax.set_title(f"{m} at {prec}, {at} (qs = {qs:.2f}, 1/qs dotted)", fontsize=9)
     for ax in list(axes.flat)[len(models):]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=color[c], marker="o", ms=4, label=c) for c in clusters]
     handles.append(Line2D([], [], color="k", ls="--", lw=0.8, label="ratio 1 (grey band: tie)"))
+    if "max" in used:
+        handles.append(Line2D([], [], color="0.3", ls=(0, (4, 2)), lw=0.9, alpha=0.55,
+                              label="faint dashed: at maximum\nthroughput (no latency target)"))
     labels = {"dense-only": "only the dense twin fits", "moe-only": "only the MoE fits", "neither": "neither fits"}
     for v, mk in only_marker.items():
         if v in used:
