@@ -5,8 +5,9 @@ context the quality-matched dense twin (q = 1/sqrt(s)) gets about 4.5x the
 MoE's decode throughput. ``qsengine.qs`` gives ``asymptotic_ratio = 1/qs``
 (4.28 for DeepSeek-V3): the ratio when both sides run at the same batch,
 every expert is read each step, weight reads dominate (KV cache and attention
-negligible) and the step is bandwidth-bound. ``simulate`` compares each side
-at its own HBM-maximum batch instead. This script walks from the engine's
+negligible) and the step is bandwidth-bound. ``simulate`` compares the sides
+at equal latency instead (each at its best throughput with p99 TPOT <= 50 ms),
+with each side at its own HBM-maximum batch beside it. This script walks from the engine's
 defaults to the study's conditions one assumption at a time and prints, for
 each condition, the ratio (dense / MoE tokens/s) and the engine's why factors
 (``SimulationResult.explain``: headroom x weights x attention x
@@ -148,16 +149,16 @@ def conditions(cluster: Cluster | str, context: int) -> list[Row]:
     cluster = qsengine.as_cluster(cluster)
     ideal = Cluster(bandwidth_only(cluster.accelerator), cluster.num_gpus)
     rows: list[Row] = []
-    base = run(cluster, context)
-    rows.append(_row("a", "defaults: each side at its HBM-maximum batch", base, "defaults"))
+    rows.append(_row("a", f"defaults: both sides at p99 TPOT <= {TPOT * 1e3:g} ms (equal latency)",
+                     run(cluster, context), "defaults"))
+    base = run(cluster, context, slo_tpot=None)
+    rows.append(_row("a", "no latency target: each side at its HBM-maximum batch (slo_tpot=None)", base, "max"))
     for t in (0.02, TPOT, 0.1):
         rows.append(Row("b", f"equal mean latency: ratio_at({t:g}) on the frontiers", base.ratio_at(t),
                         note="" if base.ratio_at(t) is not None else "a side cannot serve that fast"))
     t_best, r_best = best_ratio_at(base)
     rows.append(Row("b", "equal mean latency: the largest ratio_at over TPOT 5-200 ms", r_best,
                     note="" if r_best is None else f"at {t_best * 1e3:.1f} ms"))
-    rows.append(_row("b", f"p99 latency target {TPOT * 1e3:g} ms (slo_tpot), max batch under it",
-                     run(cluster, context, slo_tpot=TPOT)))
     b_moe = base.moe.cluster_batch if base.moe.feasible else 0
     rows.append(_row("c", f"equal batch {SMALL_BATCH}", run(cluster, context, batch=SMALL_BATCH)))
     if b_moe:
@@ -183,7 +184,7 @@ def conditions(cluster: Cluster | str, context: int) -> list[Row]:
         rows.append(_row("f", f"q = {q:.2f} [{tag}]: study's conditions",
                          run(ideal, context, q=q, batch=LARGE_BATCH, precision=nokv, options=FREE_COMM)))
         rows.append(_row("f", f"q = {q:.2f} [{tag}]: defaults", run(cluster, context, q=q)))
-    rows.append(_row("g", "defaults at bf16 (weights and KV; the engine's default precision)",
+    rows.append(_row("g", "defaults at bf16 (weights and KV)",
                      run(cluster, context, precision="bf16")))
     rows.append(_row("g", "defaults with a conventional GQA twin (twin_attention='gqa')",
                      run(cluster, context, twin_attention="gqa")))
@@ -245,7 +246,7 @@ def closing_points(models: tuple[str, ...], clusters: tuple[str, ...],
     for model in models:
         for c in clusters:
             for ctx in contexts:
-                base = run(qsengine.as_cluster(c), ctx, model=model)
+                base = run(qsengine.as_cluster(c), ctx, model=model, slo_tpot=None)
                 slo = run(qsengine.as_cluster(c), ctx, model=model, slo_tpot=TPOT)
                 at = base.ratio_at(TPOT)
                 out.append({"model": model, "cluster": base.cluster.label, "context": ctx,

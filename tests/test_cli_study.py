@@ -112,7 +112,7 @@ def test_simulate_prints_its_settings(capsys):
     assert main(["simulate", "--model", "qwen3-30b-a3b", "--cluster", "8xh100", "--context", "32K",
                  "--microbatches", "0", "--seed", "3", "--slo-tpot-ms", "50"]) == 0
     out = capsys.readouterr().out
-    for text in ("precision bf16", "routing", "twin", "latency target 50.0 ms", "seed 3", "qsengine",
+    for text in ("precision bf16", "routing", "twin", "p99 TPOT <= 50 ms", "seed 3", "qsengine",
                  "objective: highest throughput"):
         assert text in out, text
 

@@ -75,7 +75,7 @@ def test_real_kv_alone_undoes_the_headline():
     """Dropping only the KV-free assumption (bandwidth-only GPU, equal batch
     at the MoE's HBM maximum) puts the ratio below 1 at 128K on 16xH200."""
     c = qsengine.as_cluster("16xH200")
-    b = hc.run(c, LONG).moe.cluster_batch
+    b = hc.run(c, LONG, slo_tpot=None).moe.cluster_batch
     ideal = qsengine.Cluster(hc.bandwidth_only(c.accelerator), c.num_gpus)
     res = hc.run(ideal, LONG, batch=b, options=hc.FREE_COMM)
     assert res.ratio is not None and res.ratio < 1.0
