@@ -200,7 +200,7 @@ def test_ctrl_c_in_process_says_what_was_kept_and_resumes(tmp_path, capsys, monk
         return real(kwargs, seed, threads)
 
     argv = ["study", "--models", "qwen3-30b-a3b", "--clusters", "8xh100", "8xh200", "--contexts", "4K", "8K", "16K",
-            "32K", "64K", "128K", "--microbatches", "10", "--out", str(tmp_path), "--no-figures"]
+            "32K", "64K", "128K", "--microbatches", "10", "--twins", "same", "--out", str(tmp_path), "--no-figures"]
     monkeypatch.setattr(sw, "simulate_point", stop_after_8)
     assert main(argv) == 130
     err = capsys.readouterr().err

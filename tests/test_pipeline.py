@@ -189,7 +189,8 @@ def test_bad_points_are_refused_before_any_work():
 
 
 @settings(max_examples=30, deadline=None)
-@given(st.sampled_from(MOE_MODELS), st.sampled_from(["same", "gqa"]),
+@given(st.sampled_from(MOE_MODELS), st.sampled_from(["same", "gqa", qsengine.TwinSpec(aspect=96, ffn_ratio=4.0,
+                                                                                      kv_heads=4)]),
        st.lists(st.floats(1.0, 40.0), min_size=1, max_size=12))
 def test_twins_solved_together_equal_one_at_a_time(model, attention, qs_):
     """solve_twins is lane-independent and dense_twin is its one-lane case."""

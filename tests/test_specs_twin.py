@@ -67,8 +67,51 @@ def test_twin_bad_q(q, exc, message):
 
 
 def test_twin_bad_attention_choice():
-    with pytest.raises(SpecError, match=r"field 'attention' = 'gqa2': must be one of \['same', 'gqa'\] \(did you mean 'gqa'\?\)"):
+    with pytest.raises(SpecError, match=r"field 'attention' = 'gqa2': must be one of \['same', 'gqa'\] or a TwinSpec "
+                                        r"\(did you mean 'gqa'\?\)"):
         load_model("deepseek-v3").dense_twin(2, attention="gqa2")
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.sampled_from(["deepseek-v3", "qwen3-235b-a22b", "grok-1", "mixtral-8x7b", "gpt-oss-120b"]),
+       st.floats(1.5, 8.0), st.floats(64.0, 200.0), st.floats(2.5, 5.0), st.sampled_from([64, 128, 256]),
+       st.sampled_from([1, 2, 4, 8, 16]))
+def test_twin_spec_shapes_hit_their_rule(name, q, aspect, ffn_ratio, head_dim, kv_heads):
+    """A user's TwinSpec: the twin has q x active parameters, the spec's head
+    width, KV heads dividing both the spec's and the head count, hidden / layers
+    near the aspect, and the KV cache that shape implies."""
+    from qsengine import TwinSpec
+
+    m = load_model(name)
+    spec = TwinSpec(aspect=aspect, ffn_ratio=ffn_ratio, head_dim=head_dim, kv_heads=kv_heads)
+    try:
+        t = m.dense_twin(q, attention=spec)
+    except SpecError as e:  # too small for this shape: refused with the rule
+        assert "field 'q'" in str(e)
+        return
+    assert t.active_params == pytest.approx(q * m.active_params, rel=TWIN_TOLERANCE)
+    a = t.attention
+    assert a.head_dim == head_dim and t.hidden_size == head_dim * a.num_heads
+    assert a.num_kv_heads == math.gcd(kv_heads, a.num_heads)
+    assert t.kv_bytes_per_token(1) == t.num_layers * 2 * a.num_kv_heads * head_dim
+    assert t.hidden_size / t.num_layers <= aspect * 1.5 + head_dim or t.num_layers == 1
+    assert t.id == f"{m.id}-dense-q{q:.2f}-{spec.label}"
+
+
+def test_twin_spec_defaults_are_the_gqa_shape_and_bad_specs_are_refused():
+    from qsengine import TWIN_SHAPES, TwinSpec
+
+    m = load_model("deepseek-v3")
+    assert TwinSpec() == TWIN_SHAPES["gqa"] and TwinSpec(kind="same") == TWIN_SHAPES["same"]
+    assert m.dense_twin(3.0, attention=TwinSpec()) == m.dense_twin(3.0, attention="gqa")
+    assert m.dense_twin(3.0, attention=TwinSpec(kind="same")) == m.dense_twin(3.0)
+    assert m.dense_twin(3.0, attention=TwinSpec(kv_heads=4, name="kv4")).id == "deepseek-v3-dense-q3.00-kv4"
+    for kw, msg in ((dict(kind="wide"), "field 'kind'"), (dict(aspect=0), "field 'aspect'"),
+                    (dict(ffn_ratio=math.nan), "field 'ffn_ratio'"), (dict(head_dim=0), "field 'head_dim'"),
+                    (dict(kv_heads=1.5), "field 'kv_heads'"), (dict(name="Big Twin"), "field 'name'"),
+                    (dict(kv_heads=4, name="gqa"), "names a shipped shape")):
+        with pytest.raises(SpecError, match=msg):
+            TwinSpec(**kw)
 
 
 def test_qs_record():

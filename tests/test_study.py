@@ -15,7 +15,7 @@ from qsengine import study as S
 from qsengine.study import StudyConfig, format_summary, format_table, parse_tokens, run_study
 from qsengine.study.figures import _plot_ratio
 
-SMALL = dict(models=("qwen3-30b-a3b",), clusters=("8xh100",), microbatches=0)
+SMALL = dict(models=("qwen3-30b-a3b",), clusters=("8xh100",), microbatches=0, twins=("same",))
 
 
 def _cfg(tmp_path, **kw) -> StudyConfig:
@@ -87,7 +87,7 @@ def test_run_settings_recorded_everywhere(tmp_path):
         assert col in table.column_names
     summary = (out / "summary.md").read_text()
     for text in ("precision: qwen3-30b-a3b bf16", "routing: uniform", "twin: q = sqrt", "workload:",
-                 "latency target: 50.0 ms per token", "seed: 7", f"qsengine {qsengine.__version__}"):
+                 "both sides at p99 ≤ 50.0 ms per token", "seed: 7", f"qsengine {qsengine.__version__}"):
         assert text in summary, text
     assert format_summary(df).splitlines()[0].startswith("qsengine study")
 
@@ -105,6 +105,24 @@ def test_summary_has_one_verdict_line_per_model_and_cluster(tmp_path):
     # DeepSeek-V3 does not fit 8xH100 at fp8: the line names the total shortfall
     ds = dict(((m, c), t) for m, c, t in lines)[("deepseek-v3", "8×H100")]
     assert ds.startswith("4K–128K: dense twin only") and "in total exceed" in ds
+
+
+def test_both_twin_shapes_reported_and_share_the_moes_monte_carlo(tmp_path):
+    """The default study compares every MoE point with both twin shapes; the
+    two rows of one MoE point share its Monte Carlo (same MoE numbers)."""
+    assert StudyConfig().twins == ("same", "gqa")
+    df = run_study(_cfg(tmp_path, twins=("same", "gqa"), contexts=(8192,), clusters=("8xh200",),
+                        microbatches=200), figures=False)
+    assert list(df["twin_shape"]) == ["same", "gqa"]
+    assert df["dense_model"].iloc[1].endswith("-gqa") and df["dense_shape"].iloc[0] != df["dense_shape"].iloc[1]
+    for col in ("moe_tokens_per_s", "moe_tpot_p99_ms", "mc_microbatches"):
+        assert df[col].iloc[0] == df[col].iloc[1]
+    text = format_summary(df)
+    assert "vs twin qwen3-30b-a3b-dense-q" in text and "(gqa: L" in text and "(same: L" in text
+    with pytest.raises(ValueError, match="twins="):
+        run_study(_cfg(tmp_path, twins=("same", "same")), figures=False)
+    with pytest.raises(ValueError, match="twins="):
+        run_study(_cfg(tmp_path, twins=("wide",)), figures=False)
 
 
 def test_near_ties_are_ties():
@@ -157,7 +175,7 @@ def test_resume_after_interrupt_equals_uninterrupted(tmp_path, monkeypatch):
 
     kw = dict(models=("qwen3-30b-a3b",), clusters=("8xh100", "8xh200"), contexts=(4096, 8192, 16384, 32768,
                                                                                    65536, 131072),
-              microbatches=10)
+              microbatches=10, twins=("same",))
     whole = run_study(StudyConfig(**kw, out=tmp_path / "a"), figures=False)
 
     real = sw.simulate_point
@@ -197,12 +215,12 @@ FIGS = ("ratio_vs_context.png", "hbm_per_gpu.png", "fragmentation.png", "frontie
     ("twenty contexts", dict(contexts=tuple(4096 * (i + 1) for i in range(20)), clusters=("8xh100", "8xh200"))),
 ])
 def test_every_figure_renders(tmp_path, name, kw):
-    df = run_study(_cfg(tmp_path, **kw), figures=True)
+    df = run_study(_cfg(tmp_path, twins=("same", "gqa"), **kw), figures=True)
     for f in FIGS:
         p = tmp_path / "out" / f
         assert p.is_file() and p.stat().st_size > 5000, (name, f)
     assert (tmp_path / "out" / "summary.md").is_file() and len(df) == len(kw["contexts"]) * len(
-        kw.get("clusters", SMALL["clusters"]))
+        kw.get("clusters", SMALL["clusters"])) * 2
 
 
 def test_ratio_figure_marks_infeasible_outside_the_data(tmp_path):

@@ -24,7 +24,7 @@ from typing import Any, Callable
 import numpy as np
 
 from qsengine.errors import QsengineWarning
-from qsengine.specs import Cluster, Model, Plan, Precision
+from qsengine.specs import Cluster, Model, Plan, Precision, TwinSpec
 
 __all__ = ["DEFAULT_SLO_TPOT", "FIELDS", "Value", "Validator", "Point", "ContextWarning", "canonical_json", "plain"]
 
@@ -238,10 +238,13 @@ def check_value(field: str, v: Any) -> Value:
     if field == "twin_attention":
         from qsengine.specs.twin import TWIN_ATTENTION
 
+        if isinstance(v, TwinSpec):  # validated by its constructor
+            return Value(v, v, canonical_json(plain(v)), v.label)
         if not isinstance(v, str):
-            raise _err(field, v, f"must be one of {list(TWIN_ATTENTION)}, got {type(v).__name__}", TypeError)
+            raise _err(field, v, f"must be one of {list(TWIN_ATTENTION)} or a TwinSpec, got {type(v).__name__}",
+                       TypeError)
         if v not in TWIN_ATTENTION:
-            raise _err(field, v, f"must be one of {list(TWIN_ATTENTION)}")
+            raise _err(field, v, f"must be one of {list(TWIN_ATTENTION)} or a TwinSpec")
         return Value(v, v, canonical_json(v), v)
     if field == "break_even":
         if not isinstance(v, (bool, np.bool_)):
@@ -410,7 +413,7 @@ class Point:
     rtol: float
     slo_tpot: float | None
     batch: int | None
-    twin_attention: str
+    twin_attention: str | TwinSpec
     break_even: bool
     options: Any
     values: dict[str, Value]

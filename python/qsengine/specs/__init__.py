@@ -21,7 +21,7 @@ from qsengine.specs.model import Attention, Model
 from qsengine.specs.plan import Plan, Workload
 from qsengine.specs.precision import PRESETS as PRECISIONS
 from qsengine.specs.precision import Precision, as_precision
-from qsengine.specs.twin import QsResult, Verdict, dense_twin, qs
+from qsengine.specs.twin import TWIN_SHAPES, QsResult, TwinSpec, Verdict, dense_twin, qs
 
 __all__ = [
     "Accelerator",
@@ -42,6 +42,8 @@ __all__ = [
     "clusters",
     "default_precision",
     "dense_twin",
+    "TwinSpec",
+    "TWIN_SHAPES",
     "load_accelerator",
     "load_cluster",
     "load_model",

@@ -36,6 +36,7 @@ from qsengine.specs._validate import (
 
 if TYPE_CHECKING:
     from qsengine.specs.precision import Precision
+    from qsengine.specs.twin import TwinSpec
 
 AttentionKind = Literal["mha", "gqa", "mla"]
 LocalKind = Literal["sliding", "chunked"]
@@ -325,7 +326,7 @@ class Model:
         """A copy with some fields changed (validated like any new Model)."""
         return dataclasses.replace(self, **changes)  # type: ignore[arg-type]
 
-    def dense_twin(self, q: "float | str", attention: str = "same") -> "Model":
+    def dense_twin(self, q: "float | str", attention: "str | TwinSpec" = "same") -> "Model":
         """The quality-matched dense twin with ``q`` x :attr:`active_params`
         weights (see :func:`qsengine.specs.twin.dense_twin`)."""
         from qsengine.specs.twin import dense_twin

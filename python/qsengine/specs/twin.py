@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import enum
 import math
+import re
 from dataclasses import dataclass
 from typing import Literal, Union
 
@@ -25,18 +26,96 @@ from qsengine.specs.model import Attention, Model
 
 QLike = Union[float, int, Literal["sqrt"]]
 
-#: Accepted ``attention=`` choices of :func:`dense_twin`.
-TWIN_ATTENTION = ("same", "gqa")
 #: Relative tolerance within which ``qs`` counts as 1 ("neutral").
 QS_NEUTRAL_TOL = 1e-6
-#: Aspect ratio hidden_size / layers of the ``attention="gqa"`` twin.
+#: The conventional dense shape (``attention="gqa"``), from published dense
+#: families. Llama 3 (arXiv:2407.21783, Table 3): 8B 32 layers x 4096 (aspect
+#: 128), FFN 14,336 (3.5x); 70B 80 x 8192 (102), FFN 28,672 (3.5x); 405B
+#: 126 x 16,384 (130), FFN 53,248 (3.25x); head width 128 and 8 KV heads in
+#: all three. Qwen2.5-72B (its config.json): 80 x 8192, FFN 29,568 (3.6x),
+#: head 128, 8 KV heads. Aspect ratio hidden_size / layers:
 GQA_ASPECT = 128
-#: Head width and KV heads of the ``attention="gqa"`` twin.
+#: Head width and KV heads of the conventional twin.
 GQA_HEAD_DIM = 128
 GQA_KV_HEADS = 8
-#: FFN width / hidden size used to size the ``attention="gqa"`` twin's depth
-#: and width (the FFN width itself is then solved exactly).
+#: FFN width / hidden size used to size the conventional twin's depth and
+#: width (the FFN width itself is then solved exactly).
 GQA_FFN_RATIO = 3.5
+
+
+@dataclass(frozen=True)
+class TwinSpec:
+    """How a dense twin is shaped (everything but its size, which is q x the
+    MoE's active parameters).
+
+    ``kind="same"``: the MoE's depth, hidden size, attention, embeddings and
+    FFN style, every extra parameter in the FFN width (KV bytes per token
+    equal to the MoE's). ``kind="conventional"``: a decoder-only GQA model
+    sized like published dense families: ``hidden / layers = aspect``, head
+    width ``head_dim``, ``kv_heads`` KV heads (fewer when the head count is
+    not a multiple), gated FFN; hidden size and depth are chosen for the
+    target assuming FFN width ``ffn_ratio x hidden``, then the FFN width is
+    solved exactly. The defaults are the Llama-3 family's (see
+    :data:`GQA_ASPECT`). ``name``: the suffix of the twin's id (default: a
+    label of the parameters).
+
+    Named shapes (:data:`TWIN_SHAPES`): ``"same"`` and ``"gqa"`` (the
+    conventional defaults); pass a ``TwinSpec`` wherever ``twin_attention`` /
+    ``attention`` is accepted to override them.
+    """
+
+    kind: Literal["same", "conventional"] = "conventional"
+    aspect: float = GQA_ASPECT
+    ffn_ratio: float = GQA_FFN_RATIO
+    head_dim: int = GQA_HEAD_DIM
+    kv_heads: int = GQA_KV_HEADS
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        src = "TwinSpec"
+        if self.kind not in ("same", "conventional"):
+            raise SpecError(f"{src}: field 'kind' = {self.kind!r}: must be 'same' or 'conventional'")
+        for f in ("aspect", "ffn_ratio"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (math.isfinite(v) and 0 < v <= 1e6):
+                raise SpecError(f"{src}: field {f!r} = {v!r}: must be a finite number in (0, 1e6]")
+        for f in ("head_dim", "kv_heads"):
+            v = getattr(self, f)
+            if isinstance(v, bool) or not isinstance(v, int) or not 1 <= v <= 1 << 20:
+                raise SpecError(f"{src}: field {f!r} = {v!r}: must be an int in [1, 2^20]")
+        if self.name is not None and (not isinstance(self.name, str) or not re.fullmatch(r"[a-z0-9][a-z0-9._-]*",
+                                                                                          self.name)):
+            raise SpecError(f"{src}: field 'name' = {self.name!r}: must be lower-case letters, digits, '.', '_', '-'")
+        named = globals().get("TWIN_SHAPES", {})
+        if self.name in named and named[self.name] != TwinSpec(**{**self.__dict__, "name": None}):
+            raise SpecError(f"{src}: field 'name' = {self.name!r}: names a shipped shape with other parameters")
+
+    @property
+    def label(self) -> str:
+        """The suffix of the twin's id: ``name``, else ``same`` / ``gqa`` for
+        the named shapes, else the parameters."""
+        if self.name is not None:
+            return self.name
+        for k, v in TWIN_SHAPES.items():
+            if v == self:
+                return k
+        return f"gqa-a{self.aspect:g}-f{self.ffn_ratio:g}-h{self.head_dim}-kv{self.kv_heads}"
+
+
+#: The named twin shapes (``twin_attention=`` / ``attention=`` strings).
+TWIN_SHAPES: dict[str, TwinSpec] = {"same": TwinSpec(kind="same"), "gqa": TwinSpec()}
+#: Accepted ``attention=`` names of :func:`dense_twin` (or a :class:`TwinSpec`).
+TWIN_ATTENTION = tuple(TWIN_SHAPES)
+
+
+def as_twin_spec(attention: "str | TwinSpec") -> TwinSpec:
+    """A twin shape by name (:data:`TWIN_SHAPES`) or as given; SpecError otherwise."""
+    if isinstance(attention, TwinSpec):
+        return attention
+    if isinstance(attention, str) and attention in TWIN_SHAPES:
+        return TWIN_SHAPES[attention]
+    raise SpecError(f"dense twin: field 'attention' = {attention!r}: must be one of {list(TWIN_ATTENTION)} or a "
+                    f"TwinSpec{did_you_mean(str(attention), TWIN_ATTENTION) if isinstance(attention, str) else ''}")
 
 
 def resolve_q(model: Model, q: object) -> float:
@@ -147,10 +226,10 @@ def twin_line(model: Model, shape: TwinShape) -> TwinLine:
     return got
 
 
-def _gqa_shape(model: Model, hidden: int, layers: int) -> TwinShape:
-    heads = hidden // GQA_HEAD_DIM
-    kv = math.gcd(GQA_KV_HEADS, heads)
-    att = Attention(kind="gqa" if kv != heads else "mha", num_heads=heads, num_kv_heads=kv, head_dim=GQA_HEAD_DIM)
+def _gqa_shape(model: Model, hidden: int, layers: int, spec: TwinSpec) -> TwinShape:
+    heads = max(1, hidden // spec.head_dim)
+    kv = math.gcd(spec.kv_heads, heads)
+    att = Attention(kind="gqa" if kv != heads else "mha", num_heads=heads, num_kv_heads=kv, head_dim=spec.head_dim)
     return TwinShape(att, layers, hidden, True, False, 0, False)
 
 
@@ -176,15 +255,18 @@ class TwinSolution:
         return out
 
 
-def solve_twins(model: Model, qv: np.ndarray, attention: str = "same") -> TwinSolution:
+def solve_twins(model: Model, qv: np.ndarray, attention: "str | TwinSpec" = "same") -> TwinSolution:
     """The dense twins of ``model`` for many numeric q at once: the one
     construction rule behind :func:`dense_twin` and the vectorised pipeline.
 
-    ``attention="same"``: one shape (the MoE's depth, hidden size, attention,
-    embeddings and FFN style); ``"gqa"``: hidden size and depth sized for the
-    target assuming FFN width 3.5 x hidden (head width 128, 8 KV heads,
-    ``hidden / layers = 128``), one layer fewer while even width 1 overshoots.
-    Then the FFN width is solved exactly on each shape's line."""
+    ``attention`` (a :class:`TwinSpec` or a name in :data:`TWIN_SHAPES`):
+    ``"same"``: one shape (the MoE's depth, hidden size, attention,
+    embeddings and FFN style); conventional (``"gqa"``): hidden size and depth
+    sized for the target assuming FFN width ``ffn_ratio`` x hidden (head
+    width, KV heads and ``hidden / layers`` from the spec), one layer fewer
+    while even width 1 overshoots. Then the FFN width is solved exactly on
+    each shape's line."""
+    spec = as_twin_spec(attention)
     qv = np.asarray(qv, dtype=np.float64).reshape(-1)
     n = qv.size
     target = qv * model.active_params
@@ -211,21 +293,21 @@ def solve_twins(model: Model, qv: np.ndarray, attention: str = "same") -> TwinSo
         failure[lanes] = np.where(good, "", np.where(w < 1, "floor", "tolerance"))
 
     live = np.flatnonzero(~big)
-    if attention == "same":
+    if spec.kind == "same":
         if live.size:
             place(live, TwinShape(model.attention, model.num_layers, model.hidden_size, model.gated_ffn,
                                   model.ffn_bias, model.encoder_layers, model.cross_attention))
         return TwinSolution(tuple(lines), line_of, width, ok, failure)
     # "gqa": size hidden and depth, then solve the FFN width
-    per_layer_coef = 2 + 3 * GQA_FFN_RATIO  # q,o (2 d^2) + gated FFN (3 * ratio * d^2), K/V ignored for sizing
+    per_layer_coef = 2 + 3 * spec.ffn_ratio  # q,o (2 d^2) + gated FFN (3 * ratio * d^2), K/V ignored for sizing
     t = target[live]
-    d_real = (np.maximum(t, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
+    d_real = (np.maximum(t, 1.0) * spec.aspect / per_layer_coef) ** (1 / 3)
     for _ in range(3):  # take the LM head / embedding out of the budget
         body = t - model.vocab_size * d_real
-        d_real = (np.maximum(body, 1.0) * GQA_ASPECT / per_layer_coef) ** (1 / 3)
-    step = np.where(d_real >= 1024, 1024, GQA_HEAD_DIM)
-    hidden = np.maximum(GQA_HEAD_DIM, np.round(d_real / step).astype(np.int64) * step)
-    layers = np.maximum(1, np.round(hidden / GQA_ASPECT).astype(np.int64))
+        d_real = (np.maximum(body, 1.0) * spec.aspect / per_layer_coef) ** (1 / 3)
+    step = np.where(d_real >= 8 * spec.head_dim, 8 * spec.head_dim, spec.head_dim)
+    hidden = np.maximum(spec.head_dim, np.round(d_real / step).astype(np.int64) * step)
+    layers = np.maximum(1, np.round(hidden / spec.aspect).astype(np.int64))
     todo = np.arange(live.size)
     while todo.size:
         again = []
@@ -233,7 +315,7 @@ def solve_twins(model: Model, qv: np.ndarray, attention: str = "same") -> TwinSo
         uniq, inv = np.unique(keys, axis=0, return_inverse=True)
         for j, (h, nl) in enumerate(uniq.tolist()):
             sel = todo[inv.reshape(-1) == j]
-            place(live[sel], _gqa_shape(model, int(h), int(nl)))
+            place(live[sel], _gqa_shape(model, int(h), int(nl), spec))
             if nl > 1:
                 retry = sel[width[live[sel]] < 1]
                 layers[retry] -= 1
@@ -242,12 +324,13 @@ def solve_twins(model: Model, qv: np.ndarray, attention: str = "same") -> TwinSo
     return TwinSolution(tuple(lines), line_of, width, ok, failure)
 
 
-def twin_id(model: Model, qv: float, attention: str) -> str:
+def twin_id(model: Model, qv: float, attention: "str | TwinSpec") -> str:
     """The id of ``model``'s twin at numeric ``qv`` (the records' ``dense_model``)."""
-    return f"{model.id}-dense-q{qv:.2f}{'' if attention == 'same' else '-' + attention}"
+    label = as_twin_spec(attention).label
+    return f"{model.id}-dense-q{qv:.2f}{'' if label == 'same' else '-' + label}"
 
 
-def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
+def dense_twin(model: Model, q: QLike, attention: "str | TwinSpec" = "same") -> Model:
     """Dense model with ``q x model.active_params`` active parameters.
 
     ``attention="same"``: keep the depth (including any encoder layers),
@@ -256,10 +339,11 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
     the active parameters hit the target. KV bytes per token are then equal to
     the MoE's.
 
-    ``attention="gqa"``: a conventional decoder-only GQA shape: head width 128,
-    8 KV heads, ``hidden / layers = 128``, gated FFN; hidden size and depth are
-    sized for the target assuming FFN width 3.5 x hidden, then the FFN width
-    is solved exactly.
+    ``attention="gqa"``: a conventional decoder-only GQA shape (the Llama-3
+    family's proportions): head width 128, 8 KV heads, ``hidden / layers =
+    128``, gated FFN; hidden size and depth are sized for the target assuming
+    FFN width 3.5 x hidden, then the FFN width is solved exactly. A
+    :class:`TwinSpec` overrides those proportions.
 
     ``q`` may be ``"sqrt"`` (q = 1/sqrt(s)). Raises :class:`SpecError` if
     ``q`` is not a positive finite number, or if ``q x active`` is too small to
@@ -268,9 +352,10 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
     if not isinstance(model, Model):
         raise TypeError(f"dense twin: model must be a Model, got {type(model).__name__}")
     qv = resolve_q(model, q)
-    if attention not in TWIN_ATTENTION:
-        raise SpecError(f"dense twin of {model.id}: field 'attention' = {attention!r}: must be one of "
-                        f"{list(TWIN_ATTENTION)}{did_you_mean(str(attention), TWIN_ATTENTION)}")
+    try:
+        spec = as_twin_spec(attention)
+    except SpecError as e:
+        raise SpecError(f"dense twin of {model.id}: " + str(e).removeprefix("dense twin: ")) from None
     target = qv * model.active_params
     sol = solve_twins(model, np.array([qv]), attention)
     why = sol.failure[0]
@@ -279,7 +364,7 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
         raise SpecError(f"{src}: q x active ({target:.4g}) exceeds 2^53 parameters")
     line = sol.lines[int(sol.line_of[0])]
     if why == "floor":
-        if attention == "same":
+        if spec.kind == "same":
             floor = line.a1 - line.slope
             raise SpecError(f"{src}: q x active ({target:.4g}) is smaller than the twin's attention, norm and "
                             f"embedding weights ({floor:.4g}); q must be > {floor / model.active_params:.4g}")
@@ -290,9 +375,9 @@ def dense_twin(model: Model, q: QLike, attention: str = "same") -> Model:
         miss = (line.a1 + (width - 1) * line.slope) / target - 1.0
         raise SpecError(f"{src}: the nearest integer FFN width ({width}) misses q x active by {100 * miss:+.2f}% "
                         f"(> {100 * TWIN_TOLERANCE}%): the model is too small for this q; use a larger q")
-    name = f"{model.name} dense twin (q={qv:.3g}, attention={attention})"
+    name = f"{model.name} dense twin (q={qv:.3g}, attention={spec.label})"
     notes = (f"Quality-matched dense twin of {model.id}: active parameters = q x {model.active_params} "
-             f"with q = {qv!r} (attention={attention!r}).")
+             f"with q = {qv!r} (twin shape {spec!r}).")
     return line.build(model, width, twin_id(model, qv, attention), name, notes)
 
 

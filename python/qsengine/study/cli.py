@@ -39,8 +39,8 @@ def _slo_arg(text: str) -> float | None:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r}: must be a number of milliseconds > 0, or 'none'") from None
     if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of milliseconds > 0 "
-                                         "('none' for no latency target)")
+        raise argparse.ArgumentTypeError(f"{text!r}: must be a number of milliseconds > 0, or 'none' for no "
+                                         "latency target (0 is not 'unset')")
     return v / 1e3
 
 
@@ -108,6 +108,9 @@ def add_parser(sub) -> None:
                    help="the p99 per-token latency (ms) both sides are compared at, or 'none' for each side at "
                         f"its largest batch (default {DEFAULT_SLO_TPOT * 1e3:g}); the maximum-throughput ratio "
                         "is reported beside it either way")
+    p.add_argument("--twins", nargs="+", choices=("same", "gqa"), default=list(d.twins), metavar="SHAPE",
+                   help="dense twin shapes compared with every MoE point: same (the MoE's shape, wider FFN) and/or "
+                        "gqa (a conventional dense shape) (default: %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed, help="study seed (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="C++ threads per point (default: all cores)")
     p.add_argument("--beyond-max-context", choices=("flag", "skip"), default="flag",
@@ -158,7 +161,7 @@ def _run_study_cli(args) -> int:
 
     cfg = StudyConfig(models=tuple(args.models), clusters=tuple(args.clusters), contexts=tuple(args.contexts),
                       q=args.q, routing=args.routing, precision=args.precision, microbatches=args.microbatches,
-                      slo_tpot=args.slo_tpot_ms, seed=args.seed,
+                      slo_tpot=args.slo_tpot_ms, twins=tuple(args.twins), seed=args.seed,
                       threads=args.threads, out=args.out, beyond_max_context=args.beyond_max_context, tie=args.tie)
     ck = checkpoint_dir(cfg)  # validates everything before any work
     progress = not args.no_progress and sys.stderr.isatty()

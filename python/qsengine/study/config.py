@@ -74,6 +74,13 @@ def cluster_display(cluster: Any) -> str:
     return f"{c.num_gpus}×{acc}"
 
 
+#: What each twin shape is, in the study's words.
+TWIN_SHAPE_TEXT = {
+    "same": "same (the MoE's depth, width and attention; every extra parameter in the FFN width)",
+    "gqa": "gqa (a conventional dense shape: Llama-3 proportions, hidden/layers 128, FFN 3.5x hidden, 8 KV heads)",
+}
+
+
 @dataclass(frozen=True)
 class StudyConfig:
     """What the study runs; every field has a documented default.
@@ -83,7 +90,10 @@ class StudyConfig:
     (computed, marked in every output) or "skip" (not computed, listed in the
     summary) for contexts above a model's ``max_context``; ``tie`` is the
     relative band around ratio 1 called a tie (widened to twice the Monte
-    Carlo's standard error where that is larger)."""
+    Carlo's standard error where that is larger); ``twins`` are the dense
+    twin shapes compared with each MoE point (``"same"``: the MoE's shape with
+    a wider FFN; ``"gqa"``: a conventional dense shape; see
+    :class:`qsengine.TwinSpec`)."""
 
     models: tuple[str, ...] = DEFAULT_MODELS
     clusters: tuple[str, ...] = DEFAULT_CLUSTERS
@@ -93,6 +103,7 @@ class StudyConfig:
     precision: str | None = None
     microbatches: int | str = "auto"
     slo_tpot: float | None = DEFAULT_SLO_TPOT
+    twins: tuple[str, ...] = ("same", "gqa")
     seed: int = DEFAULT_SEED
     threads: int | None = None
     out: Path = field(default_factory=lambda: Path("qsengine-out") / "study")
@@ -137,6 +148,11 @@ def _validate(cfg: StudyConfig) -> _Plan:
     if cfg.slo_tpot is not None and not (isinstance(cfg.slo_tpot, (int, float)) and math.isfinite(cfg.slo_tpot)
                                          and cfg.slo_tpot > 0):
         raise ValueError(f"slo_tpot={cfg.slo_tpot!r}: must be a number of seconds > 0, or None for no target")
+    from qsengine.specs.twin import TWIN_ATTENTION
+
+    twins = tuple(cfg.twins) if not isinstance(cfg.twins, str) else (cfg.twins,)
+    if not twins or len(set(twins)) != len(twins) or any(t not in TWIN_ATTENTION for t in twins):
+        raise ValueError(f"twins={cfg.twins!r}: must be distinct twin shapes among {list(TWIN_ATTENTION)}")
     if cfg.beyond_max_context not in ("flag", "skip"):
         raise ValueError(f"beyond_max_context={cfg.beyond_max_context!r}: must be 'flag' or 'skip'")
     if not (isinstance(cfg.tie, (int, float)) and 0 <= cfg.tie < 1):
@@ -152,16 +168,19 @@ def _validate(cfg: StudyConfig) -> _Plan:
                     if (mid, t, m.max_context) not in skipped:
                         skipped.append((mid, t, m.max_context))
                     continue
-                points.append({"model": spelled[mid], "cluster": cname, "context": t, "q": q, "routing": cfg.routing,
-                               "precision": precision[mid], "microbatches": cfg.microbatches,
-                               "slo_tpot": cfg.slo_tpot})
+                for tw in twins:  # innermost: the twins of one MoE point share its Monte Carlo (one chunk)
+                    points.append({"model": spelled[mid], "cluster": cname, "context": t, "q": q,
+                                   "routing": cfg.routing, "precision": precision[mid],
+                                   "microbatches": cfg.microbatches, "slo_tpot": cfg.slo_tpot,
+                                   "twin_attention": tw})
     if not points:
         raise ValueError("study: every point is beyond its model's max_context and beyond_max_context='skip'")
     settings = {
         "precision": precision if cfg.precision is None else cfg.precision,
         "precision_rule": "deployed precision per model" if cfg.precision is None else "given",
         "routing": cfg.routing if isinstance(cfg.routing, str) else repr(cfg.routing),
-        "twin": f"q = {q}" + (" (1/sqrt(s))" if q == "sqrt" else "") + ", twin_attention = same",
+        "twin": f"q = {q}" + (" (1/sqrt(s))" if q == "sqrt" else "") + "; shapes: " + ", ".join(
+            TWIN_SHAPE_TEXT[t] for t in twins),
         "workload": "every sequence at the studied context (decode, full KV cache)",
         "slo_tpot_ms": None if cfg.slo_tpot is None else cfg.slo_tpot * 1e3,
         "microbatches": cfg.microbatches,

@@ -54,17 +54,19 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
     from matplotlib.ticker import FormatStrFormatter
 
     plt = _pyplot()
-    models = list(dict.fromkeys(df["model"]))
-    ncol = min(2, len(models))
-    nrow = math.ceil(len(models) / ncol)
+    shapes = list(dict.fromkeys(df["twin_shape"])) if "twin_shape" in df else [None]
+    # one panel per model and twin shape: a row per model, a column per shape (or two models a row)
+    panels = [(m, t) for m in dict.fromkeys(df["model"]) for t in shapes]
+    ncol = len(shapes) if len(shapes) > 1 else min(2, len(panels))
+    nrow = math.ceil(len(panels) / ncol)
     fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol + 2.2, 4.2 * nrow), squeeze=False)
     clusters = list(dict.fromkeys(df["cluster_name"]))
     cmap = plt.get_cmap("tab10" if len(clusters) <= 10 else "tab20")
     color = {c: cmap(i % cmap.N) for i, c in enumerate(clusters)}
     only_marker = {"dense-only": "^", "moe-only": "v", "neither": "x"}
     used: set[str] = set()
-    for ax, m in zip(axes.flat, models):
-        sub = df[df["model"] == m]
+    for ax, (m, shape) in zip(axes.flat, panels):
+        sub = df[(df["model"] == m) & ((df["twin_shape"] == shape) if shape is not None else True)]
         r = sub["ratio"].astype(float)
         has_max = "ratio_max_throughput" in sub and np.isfinite(sub["slo_tpot_ms"].astype(float)).any()
         if has_max:  # the y range holds the maximum-throughput ratios drawn beside
@@ -124,8 +126,9 @@ def _plot_ratio(df, path: Path, *, tie: float = DEFAULT_TIE) -> None:
         prec = sub["precision"].iloc[0]
         slo = float(sub["slo_tpot_ms"].iloc[0])
         at = f"p99 TPOT ≤ {slo:g} ms" if math.isfinite(slo) else "largest batches"
-        ax.set_title(f"{m} at {prec}, {at} (qs = {qs:.2f}, 1/qs dotted)", fontsize=9)
-    for ax in list(axes.flat)[len(models):]:
+        twin = f", {shape} twin" if shape is not None else ""
+        ax.set_title(f"{m} at {prec}{twin}, {at} (qs = {qs:.2f}, 1/qs dotted)", fontsize=9)
+    for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles = [Line2D([], [], color=color[c], marker="o", ms=4, label=c) for c in clusters]
     handles.append(Line2D([], [], color="k", ls="--", lw=0.8, label="ratio 1 (grey band: tie)"))

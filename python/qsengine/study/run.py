@@ -53,9 +53,10 @@ def run_study(config: StudyConfig | None = None, *, progress: bool = True, figur
     _write(df, out, plan)
     if figures:
         _plot_ratio(df, out / "ratio_vs_context.png", tie=cfg.tie)
-        _plot_hbm(df, plan, out / "hbm_per_gpu.png")
-        _plot_fragmentation(df, plan, cfg, out / "fragmentation.png")
-        _plot_frontier(df, plan, cfg, out / "frontier.png")
+        primary = df[df["twin_shape"] == df["twin_shape"].iloc[0]] if len(df) else df  # the first twin shape
+        _plot_hbm(primary, plan, out / "hbm_per_gpu.png")
+        _plot_fragmentation(primary, plan, cfg, out / "fragmentation.png")
+        _plot_frontier(primary, plan, cfg, out / "frontier.png")
     return df
 
 
@@ -78,6 +79,7 @@ def _annotate(raw, plan: _Plan, cfg: StudyConfig):
     df["precision"] = df["in_precision"]
     df["routing"] = df["in_routing"]
     df["twin"] = df["dense_model"]
+    df["twin_shape"] = df["in_twin_attention"]
     df["workload"] = "uniform-context"
     df["slo_tpot_ms"] = np.nan if cfg.slo_tpot is None else cfg.slo_tpot * 1e3
     df["microbatches"] = str(cfg.microbatches)

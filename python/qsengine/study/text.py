@@ -125,11 +125,17 @@ def format_summary(df, *, markdown: bool = False) -> str:
     ]
     for m, g in df.groupby("model", sort=False):
         r0 = g.iloc[0]
-        lines.append(f"{h}{m} (s = {float(r0['s']):.3f}, twin {r0['twin']} at q = {float(r0['q']):.2f})")
+        lines.append(f"{h}{m} (s = {float(r0['s']):.3f}, q = {float(r0['q']):.2f})")
         if markdown:
             lines.append("")
-        for mm, c, text in verdict_lines(g, with_max=slo is not None):
-            lines.append(f"{'- ' if markdown else '  '}{c:<9s} {text}")
+        by_shape = g.groupby("twin_shape", sort=False) if "twin_shape" in g else [(None, g)]
+        for shape, gs in by_shape:
+            t0 = gs.iloc[0]
+            lines.append(f"{'- ' if markdown else '  '}vs twin {t0['twin']} ({shape or 'same'}: {t0['dense_shape']}, "
+                         f"KV {fmt_num(float(t0['dense_kv_bytes_per_token']))} B/token vs the MoE's "
+                         f"{fmt_num(float(t0['moe_kv_bytes_per_token']))})")
+            for mm, c, text in verdict_lines(gs, with_max=slo is not None):
+                lines.append(f"{'  - ' if markdown else '    '}{c:<9s} {text}")
         if markdown:
             lines.append("")
     skipped = df.attrs.get("skipped") or []
@@ -147,7 +153,8 @@ def format_summary(df, *, markdown: bool = False) -> str:
 
 
 TABLE_COLUMNS = [
-    ("model", "model"), ("cluster_name", "cluster"), ("context", "context"), ("study_verdict", "verdict"),
+    ("model", "model"), ("twin_shape", "twin"), ("cluster_name", "cluster"), ("context", "context"),
+    ("study_verdict", "verdict"),
     ("ratio", "ratio"), ("moe_batch", "MoE batch"), ("moe_tokens_per_s", "MoE tok/s"),
     ("moe_tpot_ms", "MoE TPOT ms"), ("moe_tpot_p99_ms", "MoE p99 ms"), ("moe_tokens_per_s_per_user", "MoE tok/s/user"),
     ("dense_batch", "dense batch"), ("dense_tokens_per_s", "dense tok/s"), ("dense_tpot_ms", "dense TPOT ms"),
@@ -184,7 +191,7 @@ def format_table(df, *, markdown: bool = False) -> str:
         return "\n".join(["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
                          + ["| " + " | ".join(r) + " |" for r in rows])
     widths = [max(len(h), *(len(r[i]) for r in rows)) if rows else len(h) for i, h in enumerate(head)]
-    text = ["  ".join(h.rjust(w) if i > 3 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
+    text = ["  ".join(h.rjust(w) if i > 4 else h.ljust(w) for i, (h, w) in enumerate(zip(head, widths)))]
     for r in rows:
-        text.append("  ".join(x.rjust(w) if i > 3 else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths))))
+        text.append("  ".join(x.rjust(w) if i > 4 else x.ljust(w) for i, (x, w) in enumerate(zip(r, widths))))
     return "\n".join(text)
