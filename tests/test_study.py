@@ -205,7 +205,7 @@ def test_checkpoint_is_per_grid(tmp_path):
 
 
 # ---------------------------------------------------------------- figures
-FIGS = ("ratio_vs_context.png", "hbm_per_gpu.png", "fragmentation.png", "frontier.png")
+FIGS = ("ratio_vs_context.png", "hbm_per_gpu.png", "fragmentation.png", "frontier.png", "why.png")
 
 
 @pytest.mark.parametrize("name, kw", [

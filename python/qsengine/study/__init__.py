@@ -19,7 +19,9 @@ exactly, and it runs in-process or on Dask. It writes, in ``OUT``:
 * ``fragmentation.png``: unique experts touched and straggler load vs batch
   for each studied model's routing.
 * ``frontier.png``: each model's MoE and twin latency-throughput frontiers
-  at one example point, the dense/MoE ratio at 20 and 50 ms/token marked.
+  at one example point, the dense/MoE ratio at 20 and 50 ms/token marked;
+* ``why.png``: per model, the why factors (headroom, weights, attention,
+  communication, other; they multiply to the ratio) against context.
 """
 
 from qsengine.study.cli import add_parser

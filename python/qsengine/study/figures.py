@@ -277,3 +277,59 @@ def _plot_frontier(df, plan: _Plan, cfg: StudyConfig, path: Path) -> None:
     fig.tight_layout(rect=(0, 0, 1, 0.96))
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _plot_why(df, path: Path) -> None:
+    """Why each ratio is what it is: per model, at the cluster where both sides
+    fit at the most contexts, the why factors (headroom, weights, ...; they
+    multiply to the ratio) as bars on a log axis per context, the ratio as a
+    black marker. A bar above 1 favours the dense twin."""
+    import numpy as np
+
+    from qsengine.decode.why import WHY
+
+    plt = _pyplot()
+    models = list(dict.fromkeys(df["model"]))
+    ncol = min(2, len(models))
+    nrow = math.ceil(len(models) / ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.4 * ncol, 4.0 * nrow), squeeze=False)
+    cmap = plt.get_cmap("tab10")
+    width = 0.8 / len(WHY)
+    for ax, m in zip(axes.flat, models):
+        sub = df[df["model"] == m]
+        both = sub[np.isfinite(sub["ratio"].astype(float))]
+        if not len(both):
+            ax.text(0.5, 0.5, f"{m}: no point where both sides fit", ha="center", va="center", fontsize=8,
+                    transform=ax.transAxes)
+            ax.set_axis_off()
+            continue
+        cluster = both["cluster_name"].value_counts(sort=True).index[0]
+        g = both[both["cluster_name"] == cluster].sort_values("context")
+        x = np.arange(len(g))
+        for j, k in enumerate(WHY):
+            v = g[f"why_{k}"].astype(float).to_numpy()
+            ax.bar(x + (j - (len(WHY) - 1) / 2) * width, np.log10(v), width, color=cmap(j), label=k)
+        ax.scatter(x, np.log10(g["ratio"].astype(float)), color="k", marker="D", s=22, zorder=3,
+                   label="ratio (their product)")
+        ax.axhline(0.0, color="k", lw=0.8)
+        lim = max(0.2, float(np.nanmax(np.abs(np.log10(g[[f"why_{k}" for k in WHY] + ["ratio"]]
+                                                         .astype(float).to_numpy())))) * 1.15)
+        ax.set_ylim(-lim, lim)
+        ticks = [t for t in (0.1, 0.2, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 5, 10) if abs(math.log10(t)) <= lim]
+        ax.set_yticks([math.log10(t) for t in ticks], [f"{t:g}×" for t in ticks])
+        ax.set_xticks(x, [format_tokens(int(t)) for t in g["context"]])
+        ax.set_xlabel("context (tokens)")
+        ax.set_ylabel("factor of dense / MoE (log)")
+        shape = f", {g['twin_shape'].iloc[0]} twin" if "twin_shape" in g else ""
+        ax.set_title(f"{m} on {cluster}{shape}: why the ratio is what it is", fontsize=9)
+        ax.text(0.01, 0.99, "↑ favours the dense twin", transform=ax.transAxes, fontsize=7, va="top")
+        ax.text(0.01, 0.01, "↓ favours the MoE", transform=ax.transAxes, fontsize=7, va="bottom")
+    for ax in list(axes.flat)[len(models):]:
+        ax.set_visible(False)
+    handles, labels = next((a.get_legend_handles_labels() for a in axes.flat if a.get_legend_handles_labels()[0]),
+                           ([], []))
+    if handles:
+        fig.legend(handles, labels, loc="lower center", ncol=len(labels), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

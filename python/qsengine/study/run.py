@@ -12,7 +12,7 @@ from typing import Any
 
 from qsengine.decode.point import ContextWarning
 from qsengine.study.config import _Z99, DEFAULT_TIE, StudyConfig, _Plan, _validate, cluster_display
-from qsengine.study.figures import _plot_fragmentation, _plot_frontier, _plot_hbm, _plot_ratio
+from qsengine.study.figures import _plot_fragmentation, _plot_frontier, _plot_hbm, _plot_ratio, _plot_why
 from qsengine.study.text import format_summary
 
 
@@ -57,6 +57,7 @@ def run_study(config: StudyConfig | None = None, *, progress: bool = True, figur
         _plot_hbm(primary, plan, out / "hbm_per_gpu.png")
         _plot_fragmentation(primary, plan, cfg, out / "fragmentation.png")
         _plot_frontier(primary, plan, cfg, out / "frontier.png")
+        _plot_why(primary, out / "why.png")
     return df
 
 
