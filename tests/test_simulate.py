@@ -262,6 +262,8 @@ def test_result_exports():
     front_ax, bars_ax = res.plot()
     assert bars_ax.get_ylabel().startswith("time per decode step")
     assert front_ax.get_xlabel().startswith("tokens/s per user") and front_ax.lines
+    why_ax = res.plot_why()
+    assert [t.get_text() for t in why_ax.get_yticklabels()][0] == "ratio" and len(why_ax.patches) == 6
     assert "ratio dense/MoE" in res.summary()
 
 

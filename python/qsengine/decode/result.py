@@ -198,8 +198,9 @@ class SimulationResult:
         parts.append(f"<div>{_h.escape(self.settings_line())}</div>")
         import matplotlib.pyplot as plt
 
-        fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
-        self.plot(axes)
+        fig, axes = plt.subplots(1, 3, figsize=(16, 3.8))
+        self.plot(axes[:2])
+        self.plot_why(axes[2])
         parts.append(figure(fig))
         return "".join(parts)
 
@@ -355,6 +356,32 @@ class SimulationResult:
         ax.set_title(f"{self.moe.model.id} on {self.cluster.label}, context {self.context:,}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
+        return ax
+
+    def plot_why(self, ax=None):
+        """The why factors (:meth:`explain`) as bars on a log axis, their
+        product (the ratio) as the last bar; None-safe: an infeasible side
+        gives an empty axis with its reason (matplotlib Axes)."""
+        import matplotlib.pyplot as plt
+
+        if ax is None:
+            _, ax = plt.subplots(figsize=(6, 3.6))
+        why = self.explain()
+        if why is None or self.ratio is None:
+            ax.text(0.5, 0.5, f"no ratio: {self.verdict}", ha="center", va="center", transform=ax.transAxes)
+            ax.set_axis_off()
+            return ax
+        names = [*why, "ratio"]
+        vals = [*why.values(), self.ratio]
+        colors = ["tab:blue" if v >= 1 else "tab:red" for v in vals[:-1]] + ["k"]
+        ax.barh(names[::-1], [math.log10(v) for v in vals][::-1], color=colors[::-1])
+        ax.axvline(0.0, color="k", lw=0.8)
+        lim = max(0.1, max(abs(math.log10(v)) for v in vals) * 1.2)
+        ax.set_xlim(-lim, lim)
+        ticks = [t for t in (0.1, 0.2, 0.33, 0.5, 0.67, 0.8, 1, 1.25, 1.5, 2, 3, 5, 10) if abs(math.log10(t)) <= lim]
+        ax.set_xticks([math.log10(t) for t in ticks], [f"{t:g}x" for t in ticks])
+        ax.set_xlabel("factor of dense / MoE (right: favours the dense twin)")
+        ax.set_title(f"why: {self.settings_operating_point()}", fontsize=9)
         return ax
 
     def plot_breakdown(self, ax=None):
