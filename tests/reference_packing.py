@@ -43,7 +43,7 @@ def plan_is_valid(model: Model, plan: Plan, num_gpus: int) -> bool:
 
 def all_plans(model: Model, num_gpus: int) -> list[Plan]:
     """Brute force over every tuple; the canonical set: explicit etp for MoE,
-    attn_dp only for MoE with tp > 1 (otherwise it duplicates a plain plan)."""
+    attn_dp only with tp > 1 (otherwise it duplicates a plain plan)."""
     out = []
     G = num_gpus
     for tp in range(1, G + 1):
@@ -52,9 +52,12 @@ def all_plans(model: Model, num_gpus: int) -> list[Plan]:
                 if tp * pp * dp != G:
                     continue
                 if not is_moe(model):
-                    p = Plan(tp=tp, pp=pp, dp=dp)
-                    if plan_is_valid(model, p, G):
-                        out.append(p)
+                    for adp in (False, True):
+                        if adp and tp == 1:
+                            continue
+                        p = Plan(tp=tp, pp=pp, dp=dp, attn_dp=adp)
+                        if plan_is_valid(model, p, G):
+                            out.append(p)
                     continue
                 for ep in range(1, G + 1):
                     for etp in range(1, G + 1):
@@ -119,6 +122,8 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
     assert plan_is_valid(model, plan, num_gpus)
     L, tp, pp = model.num_layers, plan.tp, plan.pp
     shard = 1 if plan.attn_dp else tp
+    # a dense model under attn_dp: attention and norms replicated, FFN, embedding and LM head split tp ways
+    fshard = tp if (plan.attn_dp and not is_moe(model)) else shard
     moe = is_moe(model)
     etp = expert_tp(plan) if moe else 1
     wb, eb = prec.weight_bytes, prec.expert_bytes
@@ -140,7 +145,7 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
             w["attention"] += model.attention_params * wb / shard
             w["norms"] += 2 * model.hidden_size * wb / shard
             if layer < model.dense_layers:
-                w["dense_ffn"] += model.dense_ffn_params * wb / shard
+                w["dense_ffn"] += model.dense_ffn_params * wb / fshard
             else:
                 if moe:
                     w["routed_experts"] += (model.routed_experts // plan.ep) * model.expert_params * eb / etp
@@ -150,12 +155,12 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
                 j = layer - model.encoder_layers
                 kv_tokens += min(context, window) if j in local_decode else context
         if s == 0:
-            w["embedding"] += model.embedding_params * wb / shard
+            w["embedding"] += model.embedding_params * wb / fshard
         if s == pp - 1:
             w["norms"] += model.hidden_size * wb / shard
-            w["lm_head"] += model.lm_head_params * wb / shard
+            w["lm_head"] += model.lm_head_params * wb / fshard
             if model.tie_embeddings and pp > 1:
-                w["lm_head"] += model.embedding_params * wb / shard
+                w["lm_head"] += model.embedding_params * wb / fshard
         per_seq = model.kv_bytes_per_token_per_layer(prec.kv_bytes) * kv_frac * kv_tokens
         gpus.append(RefGpu(
             gpu=g, replica=local_index if plan.attn_dp else d, stage=s,

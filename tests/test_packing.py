@@ -107,7 +107,8 @@ def test_plans_cover_rules():
     assert all(p.num_gpus == 8 for p in ps)
     assert len(set(ps)) == len(ps)
     dense = qsengine.plans(LLAMA_31_70B, 8)
-    assert all(p.ep == 1 and not p.attn_dp for p in dense)
+    assert all(p.ep == 1 for p in dense) and all(p.tp > 1 for p in dense if p.attn_dp)
+    assert Plan(tp=8, attn_dp=True) in dense  # attention DP + TP FFN
     assert Plan(tp=3) not in qsengine.plans(LLAMA_31_70B, 3)  # 3 does not divide 64 heads
 
 

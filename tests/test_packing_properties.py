@@ -78,13 +78,16 @@ def expected_component_bytes(model: Model, prec: Precision, plan: Plan) -> dict[
     """Model bytes per component x the copies the plan implies."""
     params = model.params_by_component()
     copies_ne = plan.dp * plan.tp if plan.attn_dp else plan.dp
+    # a dense model under attn_dp keeps its FFN, embedding and LM head tensor-parallel (one copy per replica)
+    tp_ffn = plan.attn_dp and not model.is_moe
     copies_e = plan.expert_copies if model.is_moe else 0
     out = {}
     for c in COMPONENTS:
         b = prec.expert_bytes if c in ("routed_experts", "shared_experts") else prec.weight_bytes
-        out[c] = params[c] * b * (copies_e if c == "routed_experts" else copies_ne)
+        copies = plan.dp if tp_ffn and c in ("dense_ffn", "embedding", "lm_head") else copies_ne
+        out[c] = params[c] * b * (copies_e if c == "routed_experts" else copies)
     if model.tie_embeddings and plan.pp > 1:  # the last stage keeps its own copy of the table for the LM head
-        out["lm_head"] += params["embedding"] * prec.weight_bytes * copies_ne
+        out["lm_head"] += params["embedding"] * prec.weight_bytes * (plan.dp if tp_ffn else copies_ne)
     return out
 
 

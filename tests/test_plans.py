@@ -132,9 +132,11 @@ def _slow_plans(m: Model, g: int) -> list[Plan]:
                 heads_ok = a.num_heads % tp == 0 and (
                     a.kind == "mla" or a.num_kv_heads % tp == 0 or tp % a.num_kv_heads == 0)
                 if not m.is_moe:
-                    # dense: no expert degrees; attn_dp would replicate every weight, the same as tp=1
+                    # dense: no expert degrees; attn_dp (attention DP + TP FFN) needs tp > 1, no head rule
                     if heads_ok:
                         out.append(Plan(tp, pp, dp))
+                    if tp > 1:
+                        out.append(Plan(tp, pp, dp, attn_dp=True))
                     continue
                 for ep in range(1, dp * tp + 1):
                     for etp in range(1, dp * tp + 1):
@@ -175,7 +177,7 @@ def plans_on(draw, g: int) -> Plan:
 @given(toy_models(), st.integers(1, 16), st.data())
 def test_validate_for_accepts_exactly_the_enumerated_plans(m, g, data):
     """Up to the canonical form of equivalent plans (a dense model's listed
-    plans have no expert degrees and no attn_dp; attn_dp needs tp > 1),
+    plans have no expert degrees; attn_dp needs tp > 1),
     validate_for passes iff the plan is listed."""
     p = data.draw(st.one_of(plans_on(g), plans_()))
     cluster = Cluster(H100, g)
@@ -187,9 +189,10 @@ def test_validate_for_accepts_exactly_the_enumerated_plans(m, g, data):
         valid = False
         assert str(exc).startswith(f"Plan {p.label} for toy on {cluster.label}: field '")
     if not m.is_moe:
-        if p.attn_dp:
-            return  # replicates every weight: the listed plan tp=1, dp=dp*tp is its equivalent
-        expected = p.ep == 1 and Plan(p.tp, p.pp, p.dp) in listed
+        if p.attn_dp and p.tp == 1:
+            expected = p.ep == 1 and Plan(p.tp, p.pp, p.dp) in listed  # attn_dp over one GPU: the plan without it
+        else:
+            expected = p.ep == 1 and Plan(p.tp, p.pp, p.dp, attn_dp=p.attn_dp) in listed
     else:
         c = _canonical(p)
         if p.attn_dp and p.tp == 1:
@@ -221,11 +224,11 @@ def test_plan_count_grows_with_divisors():
     """A closed form for a case the rules pin down: a dense MHA model whose
     heads and layers every degree divides has one plan per ordered
     factorisation g = tp*pp*dp (the number of such triples is sum over
-    divisors d of g of d(g/d))."""
+    divisors d of g of d(g/d)), plus its attention-DP variant when tp > 1."""
     m = Model(id="toy", name="toy", num_layers=64, hidden_size=256, vocab_size=1000,
               attention=Attention(kind="mha", num_heads=64, num_kv_heads=64, head_dim=64),
               dense_layers=64, moe_layers=0, dense_intermediate=512)
     for g in (1, 2, 8, 16, 64):
         divs = [d for d in range(1, g + 1) if g % d == 0]
-        want = sum(sum(1 for e in range(1, g // d + 1) if (g // d) % e == 0) for d in divs)
+        want = sum(sum(1 for e in range(1, g // d + 1) if (g // d) % e == 0) * (2 if d > 1 else 1) for d in divs)
         assert len(q.plans(m, g)) == want, g

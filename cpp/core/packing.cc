@@ -63,6 +63,19 @@ void check_finite_nonneg(double v, const char* field) {
 // What divides the non-expert weights of one GPU: 1 with attn_dp (replicated), else tp.
 double stage_shard(const PlanDesc& p) { return p.attn_dp ? 1.0 : static_cast<double>(p.tp); }
 
+// What divides the dense-FFN, embedding and LM-head weights of one GPU. A dense
+// model under attn_dp runs attention data-parallel over the tp GPUs of a replica
+// (attention weights and norms replicated, each GPU its own sequences' KV) and
+// its FFN, embedding and LM head tensor-parallel over the same tp GPUs (SGLang's
+// DP attention: dense MLPs stay TP, `moe_dense_tp_size` defaults to the TP size,
+// https://docs.sglang.ai/advanced_features/server_arguments.html). An MoE under
+// attn_dp keeps them replicated, as DeepSeek-V3's deployment does for its dense
+// MLPs (arXiv:2412.19437, section 3.4.2: "1-way tensor parallelism for the dense
+// MLPs in shallow layers").
+double ffn_shard(const MemoryDesc& d, const PlanDesc& p) {
+  return (p.attn_dp && !d.is_moe()) ? static_cast<double>(p.tp) : stage_shard(p);
+}
+
 // Dense-FFN bytes on one GPU of a stage with `dense_layers` dense layers.
 double dense_ffn_weight(std::int64_t dense_layers, double dense_ffn_bytes, double shard) {
   return static_cast<double>(dense_layers) * dense_ffn_bytes / shard;
@@ -251,7 +264,8 @@ std::string PlanViolation::message() const {
 }
 
 bool is_canonical(const MemoryDesc& d, const PlanDesc& p) {
-  if (!d.is_moe()) return p.ep == 1 && p.etp == 0 && !p.attn_dp;
+  // attn_dp only with tp > 1 (at tp = 1 it is the plain plan)
+  if (!d.is_moe()) return p.ep == 1 && p.etp == 0 && (!p.attn_dp || p.tp > 1);
   return p.etp > 0 && (!p.attn_dp || p.tp > 1);
 }
 
@@ -332,19 +346,20 @@ StageMemory stage_memory(const MemoryDesc& d, const PlanDesc& p, std::int64_t s)
   }
   const bool first = s == 0, last = s == p.pp - 1;
   const double shard = stage_shard(p);
+  const double fshard = ffn_shard(d, p);
   const bool moe = d.is_moe();
   const std::int64_t etp = moe ? p.expert_tp() : 1;
   auto& w = m.weights;
   w[kAttention] = static_cast<double>(m.layers) * d.attention_bytes / shard;
-  w[kDenseFfn] = dense_ffn_weight(m.dense_layers, d.dense_ffn_bytes, shard);
+  w[kDenseFfn] = dense_ffn_weight(m.dense_layers, d.dense_ffn_bytes, fshard);
   w[kRoutedExperts] =
       moe ? static_cast<double>(m.moe_layers * (d.routed_experts / p.ep)) * d.expert_bytes / static_cast<double>(etp)
           : 0.0;
   w[kSharedExperts] = static_cast<double>(m.moe_layers) * d.shared_expert_bytes / shard;
   w[kRouter] = static_cast<double>(m.moe_layers) * d.router_bytes / shard;
   w[kNorms] = (static_cast<double>(m.layers) * d.norm_bytes_per_layer + (last ? d.final_norm_bytes : 0.0)) / shard;
-  w[kEmbedding] = first ? d.embedding_bytes / shard : 0.0;
-  w[kLmHead] = last ? (d.lm_head_bytes + ((d.tie_embeddings && p.pp > 1) ? d.embedding_bytes : 0.0)) / shard : 0.0;
+  w[kEmbedding] = first ? d.embedding_bytes / fshard : 0.0;
+  w[kLmHead] = last ? (d.lm_head_bytes + ((d.tie_embeddings && p.pp > 1) ? d.embedding_bytes : 0.0)) / fshard : 0.0;
   m.weight_total = component_sum(w);
   // KV: MLA latent and attn_dp keep the whole per-token KV on the GPU; MHA/GQA
   // split the KV heads over tp ranks, down to one head per rank.
@@ -439,7 +454,7 @@ AdmissionTable::AdmissionTable(const MemoryDesc& d, const std::vector<PlanDesc>&
   for (std::size_t i = 0; i < plans.size(); ++i) {
     const std::string v = plan_violation(d, plans[i], g);
     if (!v.empty()) throw InvalidArgument(cat("plans[", i, "] (", plans[i].label(), "): ", v));
-    shard.push_back(stage_shard(plans[i]));
+    shard.push_back(ffn_shard(d, plans[i]));
     for (std::int64_t s = 0; s < plans[i].pp; ++s) stages.push_back(stage_memory(d, plans[i], s));
     stage_begin.push_back(static_cast<std::int64_t>(stages.size()));
   }

@@ -13,7 +13,9 @@
 //   embeddings and pp > 1 the last stage holds its own copy of the table).
 //   Non-expert weights (attention, dense FFN, shared experts, router, norms,
 //   embedding, LM head) are split tp ways, or replicated on every GPU of the
-//   stage with attn_dp. Routed experts: E/ep whole experts per EP rank, each
+//   stage with attn_dp; a dense model under attn_dp replicates only attention
+//   and norms and keeps its FFN, embedding and LM head split tp ways
+//   (attention data-parallel, FFN tensor-parallel). Routed experts: E/ep whole experts per EP rank, each
 //   split etp ways. KV per token per layer is split over tp ranks for MHA/GQA
 //   down to one KV head per rank (then replicated), never for MLA's latent,
 //   never with attn_dp (each GPU holds the full KV of its own sequences).
@@ -154,9 +156,8 @@ PlanViolation describe_plan_rule(const MemoryDesc& desc, const PlanDesc& plan, s
                                  PlanRule rule);
 // Whether a valid plan is the canonical one of its equivalence class, i.e.
 // listed by enumerate_plans: a dense model's plans have ep = 1 and the default
-// etp (0) and no attn_dp (attn_dp on a dense model replicates every weight:
-// the same memory as tp=1, dp=dp*tp); attn_dp needs tp > 1 (with tp = 1 it is
-// the plan without it). Expert degrees of a MoE are listed explicitly (etp > 0).
+// etp (0); attn_dp needs tp > 1 (with tp = 1 it is the plan without it).
+// Expert degrees of a MoE are listed explicitly (etp > 0).
 bool is_canonical(const MemoryDesc& desc, const PlanDesc& plan);
 // "" when `plan` is valid for the model on `num_gpus` GPUs, else the rule broken.
 std::string plan_violation(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus);
@@ -204,7 +205,7 @@ struct AdmissionTable {
   double usable = 0;               // desc.usable_bytes()
   std::int64_t local_window = 0;   // desc.local_window
   std::vector<PlanDesc> plans;
-  std::vector<double> shard;       // per plan: 1 with attn_dp, else tp (divides non-expert weights)
+  std::vector<double> shard;       // per plan: what divides the dense-FFN weights (ffn_shard: tp, or 1 for an MoE with attn_dp)
   std::vector<std::int64_t> stage_begin;  // per plan + 1: plan i's stages are stages[stage_begin[i], stage_begin[i+1])
   std::vector<StageMemory> stages;
 

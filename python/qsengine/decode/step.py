@@ -594,10 +594,14 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         pieces.append(np.where(nl > 0, t * nl, 0.0))
         if detail:
             keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, bwb)
-    # dense FFN
+    # dense FFN. A dense model under attention-DP runs its FFN and LM head
+    # tensor-parallel over the replica's tp GPUs, on all the replica's tokens
+    dense_adp = adp & (p.moe_layers == 0)
+    fshard = np.where(dense_adp, p.tp, shard)
+    ftok = np.where(dense_adp, micro, seqs)
     has = (p.dense_layers > 0) & (p.ffn_params > 0)
-    w = p.ffn_params * p.wb / shard
-    fl = 2.0 * seqs * p.ffn_params / shard
+    w = p.ffn_params * p.wb / fshard
+    fl = 2.0 * ftok * p.ffn_params / fshard
     t, bwb = _roof(w, fl, p)
     pieces.append(np.where(has, t * p.dense_layers, 0.0))
     if detail:
@@ -648,8 +652,8 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
             _, bwb = _roof(eb_layer, fl_layer, p)
             keep("routed experts (straggler)", moe_mean, eb_layer * n_moe, fl_layer * n_moe, n_moe, is_moe, bwb)
     # LM head
-    w = p.vd * p.wb / shard
-    fl = 2.0 * seqs * p.vd / shard
+    w = p.vd * p.wb / fshard
+    fl = 2.0 * ftok * p.vd / fshard
     t, bwb = _roof(w, fl, p)
     pieces.append(t)
     if detail:
@@ -662,6 +666,16 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     comm.append(np.where(shard > 1, _allreduce(act, p.tp, p) * n, 0.0))
     if detail:
         keep("tp all-reduce", comm[-1], act * n, 0.0, n, shard > 1, link=True)
+    # attention-DP + TP FFN (dense): before each dense FFN (and the LM head) the
+    # replica's tp GPUs all-gather their sequences' activations and reduce-scatter
+    # the FFN's output: the bytes of a ring all-reduce of the replica's tokens
+    # plus one more collective latency
+    gathered = micro * p.d * p.ab
+    n_adp = p.dense_layers + 1
+    comm.append(np.where(dense_adp & (p.tp > 1), (_allreduce(gathered, p.tp, p) + p.latency) * n_adp, 0.0))
+    if detail:
+        keep("attention-dp gather/scatter", comm[-1], gathered * n_adp, 0.0, n_adp, dense_adp & (p.tp > 1),
+             link=True)
     if any_moe:
         has_ep = is_moe & (p.ep > 1)
         stage_gpus = p.dp * p.tp

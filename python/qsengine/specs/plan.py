@@ -12,7 +12,10 @@ A plan places one model on ``G = dp · pp · tp`` GPUs:
 * ``attn_dp``: attention data-parallel (SGLang DP-attention): attention and
   other non-expert weights are replicated on every GPU of the stage instead
   of tensor-sharded; each GPU serves its own sequences, the MoE runs EP over
-  the stage.
+  the stage. For a dense model only attention and norms are replicated: its
+  FFN, embedding and LM head stay tensor-parallel over the ``tp`` GPUs of a
+  replica, which gather their sequences' activations for the FFN (attention
+  DP + TP FFN).
 """
 
 from __future__ import annotations
