@@ -30,9 +30,9 @@ def plan_is_valid(model: Model, plan: Plan, num_gpus: int) -> bool:
     if min(tp, pp, dp, ep) < 1 or tp * pp * dp != num_gpus or pp > model.num_layers:
         return False
     a = model.attention
+    if (not plan.attn_dp or not is_moe(model)) and a.num_heads % tp:
+        return False  # TP attention, or a dense model's TP FFN under attn_dp
     if not plan.attn_dp:
-        if a.num_heads % tp:
-            return False
         if a.kind != "mla" and a.num_kv_heads % tp and tp % a.num_kv_heads:
             return False
     if not is_moe(model):

@@ -35,10 +35,20 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
     pop = independent_popularity(routing, model.routed_experts) if model.is_moe else None
     if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None):
         plan = dataclasses.replace(plan, ep=1, etp=None)
-    candidates = enumerate_plans(model, cluster) if isinstance(plan, str) else [plan]
+    if isinstance(plan, str):  # every plan on all GPUs, then on the largest power of two below (others idle)
+        counts = [cluster.num_gpus]
+        p2 = 1
+        while p2 * 2 <= cluster.num_gpus:
+            p2 *= 2
+        if p2 != cluster.num_gpus:
+            counts.append(p2)
+        candidates = [p for g in counts for p in enumerate_plans(model, g)]
+    else:
+        candidates = [plan]
     best = None
     for p in candidates:
-        pk = pack(model, cluster, context, plan=p, precision=precision)
+        used = cluster if p.num_gpus == cluster.num_gpus else Cluster(acc, p.num_gpus)
+        pk = pack(model, used, context, plan=p, precision=precision)
         if not pk.feasible:
             continue
         unit = p.tp if p.attn_dp else 1

@@ -23,7 +23,7 @@ from qsengine.sweeps.executors import simulate_point
 
 MOE_MODELS = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048", "qwen3-30b-a3b", "mixtral-8x7b",
               "gpt-oss-120b", "llama-4-scout", "dbrx", "kimi-k2"]
-CLUSTERS = ["8xh100", "8xh200", "8xb200", "8xmi300x", "16xh100", "8xa100"]
+CLUSTERS = ["8xh100", "8xh200", "8xb200", "8xmi300x", "16xh100", "8xa100", "12xmi300x"]
 DENSE = ["llama-3.1-70b", "qwen3-32b", "llama-3.1-8b"]
 
 
@@ -166,6 +166,32 @@ def test_dense_attention_dp_keeps_the_ffn_tensor_parallel():
     # replicating the FFN too (the MoE's attn_dp) held this twin to 0.59x the MoE at 128K (docs/headline.md
     # before this plan existed); attention DP + TP FFN serves more than the MoE
     assert res.ratio > 1.0
+
+
+def test_plans_may_leave_gpus_idle_and_they_count_per_gpu():
+    """72 GPUs: DeepSeek-V3's best deployment is EP64 on 64 of them (expert
+    counts are powers of two); the 8 idle GPUs are reported and still divide
+    the per-GPU throughput. Power-of-two clusters have no idle candidates."""
+    from qsengine.decode.sides import candidate_plans, idle_candidates
+
+    assert idle_candidates(72) == (72, 64) and idle_candidates(12) == (12, 8) and idle_candidates(16) == (16,)
+    assert idle_candidates(1) == (1,)
+    cands = candidate_plans(as_model("deepseek-v3"), as_cluster("72xgb200"))
+    assert cands[0].num_gpus == 72 and {p.num_gpus for p in cands} == {72, 64}
+    res = qsengine.simulate("deepseek-v3", "72xgb200", 32768, microbatches=0, slo_tpot=None, break_even=False)
+    moe, rec = res.moe, res.to_record()
+    assert moe.plan.num_gpus == 64 and moe.idle_gpus == 8 == rec["moe_idle_gpus"]
+    assert moe.packing is not None and len(moe.packing.gpu_map) == 64
+    assert rec["moe_tokens_per_s_per_gpu"] == pytest.approx(moe.tokens_per_second / 72, rel=1e-12)
+    assert "+8 idle" in res.summary()
+    # every plan on all 72 GPUs serves less (the in-order choice puts them first)
+    full = [p for p in cands if p.num_gpus == 72][:40]
+    for p in full:
+        r = qsengine.simulate("deepseek-v3", "72xgb200", 32768, microbatches=0, slo_tpot=None, break_even=False,
+                              plan=p)
+        assert not r.moe.feasible or r.moe.tokens_per_second < moe.tokens_per_second
+    small = qsengine.simulate("deepseek-v3", "16xh200", 32768, microbatches=0, break_even=False).to_record()
+    assert small["moe_idle_gpus"] == 0 and small["dense_idle_gpus"] == 0
 
 
 def test_attention_dp_batch_agrees_with_packing_and_step():

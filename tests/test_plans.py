@@ -135,7 +135,7 @@ def _slow_plans(m: Model, g: int) -> list[Plan]:
                     # dense: no expert degrees; attn_dp (attention DP + TP FFN) needs tp > 1, no head rule
                     if heads_ok:
                         out.append(Plan(tp, pp, dp))
-                    if tp > 1:
+                    if tp > 1 and a.num_heads % tp == 0:  # the TP FFN takes TP degrees that divide the heads
                         out.append(Plan(tp, pp, dp, attn_dp=True))
                     continue
                 for ep in range(1, dp * tp + 1):

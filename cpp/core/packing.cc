@@ -190,8 +190,10 @@ PlanRule plan_rule(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus
   if (shape != PlanRule::kOk) return shape;
   if (p.num_gpus() != num_gpus) return PlanRule::kClusterGpus;
   if (p.pp > d.num_layers()) return PlanRule::kPipeline;
+  // tp divides the heads: for TP attention, and for a dense model's TP FFN
+  // under attn_dp (the TP degrees engines accept; the FFN width is not checked)
+  if ((!p.attn_dp || !d.is_moe()) && (d.num_heads < 1 || d.num_heads % p.tp != 0)) return PlanRule::kHeads;
   if (!p.attn_dp) {
-    if (d.num_heads < 1 || d.num_heads % p.tp != 0) return PlanRule::kHeads;
     if (!d.mla && (d.num_kv_heads < 1 || (d.num_kv_heads % p.tp != 0 && p.tp % d.num_kv_heads != 0))) {
       return PlanRule::kKvHeads;
     }
@@ -452,7 +454,10 @@ AdmissionTable::AdmissionTable(const MemoryDesc& d, const std::vector<PlanDesc>&
   stage_begin.reserve(plans.size() + 1);
   stage_begin.push_back(0);
   for (std::size_t i = 0; i < plans.size(); ++i) {
-    const std::string v = plan_violation(d, plans[i], g);
+    // A plan may use fewer GPUs than the cluster (the rest idle): it is checked on its own GPUs.
+    const std::int64_t own = plans[i].num_gpus();
+    const std::string v = own > g ? cat("plan.num_gpus=", own, ": must be <= the cluster's ", g, " GPUs")
+                                  : plan_violation(d, plans[i], own);
     if (!v.empty()) throw InvalidArgument(cat("plans[", i, "] (", plans[i].label(), "): ", v));
     shard.push_back(ffn_shard(d, plans[i]));
     for (std::int64_t s = 0; s < plans[i].pp; ++s) stages.push_back(stage_memory(d, plans[i], s));

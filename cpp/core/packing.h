@@ -130,7 +130,7 @@ enum class PlanRule : int {
   // the plan on a model and a number of GPUs:
   kClusterGpus,   // tp*pp*dp == num_gpus (every GPU serves; no idle GPUs, no whole extra copies)
   kPipeline,      // pp <= num_layers (every stage holds at least one layer)
-  kHeads,         // tp divides num_heads (unless attn_dp)
+  kHeads,         // tp divides num_heads (unless attn_dp on a MoE)
   kKvHeads,       // MHA/GQA without attn_dp: tp divides num_kv_heads or is a multiple of it (MLA: no rule)
   kDenseEp,       // a dense model: ep == 1
   kExpertsEp,     // a MoE: ep divides routed_experts
@@ -198,7 +198,8 @@ PlanEval evaluate_plan(const MemoryDesc& desc, const PlanDesc& plan, std::int64_
 // precision x cluster, computed once (stage_memory), from which
 // admissible_batches evaluates many (plan, context) lanes.
 struct AdmissionTable {
-  // Validates the description and every plan (InvalidArgument naming plans[i]).
+  // Validates the description and every plan (InvalidArgument naming plans[i]):
+  // a plan may use fewer GPUs than num_gpus (the others idle) and is checked on its own.
   AdmissionTable(const MemoryDesc& desc, const std::vector<PlanDesc>& plans, std::int64_t num_gpus);
 
   std::int64_t num_gpus = 0;

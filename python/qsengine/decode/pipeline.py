@@ -180,8 +180,8 @@ RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
     *((f"{side}_{name}", kind) for side in ("moe", "dense") for name, kind in (
         ("feasible", "bool"), ("reason", "str"), ("plan", "str"), ("batch", "int"), ("batch_limit", "str"),
         ("tokens_per_s", "float"), ("tokens_per_s_per_gpu", "float"), ("tpot_ms", "float"),
-        ("tpot_p99_ms", "float"), ("max_plan", "str"), ("max_batch", "int"), ("max_tokens_per_s_per_gpu", "float"),
-        ("max_tpot_ms", "float"))),
+        ("tpot_p99_ms", "float"), ("idle_gpus", "int"), ("max_plan", "str"), ("max_batch", "int"),
+        ("max_tokens_per_s_per_gpu", "float"), ("max_tpot_ms", "float"))),
     *((f"why_{name}", "float") for name in ("headroom", "weights", "attention", "communication", "other")),
     ("mc_microbatches", "int"), ("mc_rse_mean", "float"), ("mc_rse_p99", "float"),
 )
@@ -517,6 +517,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         out[f"{side_name}_tokens_per_s_per_gpu"][:] = tps / gpus
         out[f"{side_name}_tpot_ms"][:] = np.where(feas, sd.time[grp] * 1e3, np.nan)
         out[f"{side_name}_tpot_p99_ms"][:] = np.where(feas, sd.p99[grp] * 1e3, np.nan)
+        out[f"{side_name}_idle_gpus"][:] = np.where(feas, gpus - res.plan_gpus()[grp], 0)
         mfeas = sd.max_plan[grp] >= 0
         mlabels, mdps = res.plan_columns(sd.max_plan)
         out[f"{side_name}_max_plan"][:] = np.where(mfeas, mlabels[grp], "")
@@ -600,7 +601,8 @@ def _infeasible_reason(res: _SideSet, k: int, who: tuple[tuple, Any], cluster: C
     key = (ident, cluster, precision, context if res.side.why_fit[k] else None, plan)
     got = _REASONS.get(key)
     if got is None:
-        got = pack(build(), cluster, context, plan=plan, precision=precision).reason
+        used = cluster if plan.num_gpus == cluster.num_gpus else Cluster(cluster.accelerator, plan.num_gpus)
+        got = pack(build(), used, context, plan=plan, precision=precision).reason
         if len(_REASONS) > 100_000:
             _REASONS.clear()
         _REASONS[key] = got

@@ -38,6 +38,7 @@ class SideResult:
     step: StepBreakdown | None = None
     packing: "Packing | None" = None
     routing: "RoutingStats | None" = None
+    idle_gpus: int = 0
 
     @property
     def cluster_batch(self) -> int:
@@ -72,6 +73,7 @@ class SideResult:
             "cluster_batch": self.cluster_batch,
             "admissible_batch": self.admissible_batch,
             "batch_limit": self.batch_limit,
+            "idle_gpus": self.idle_gpus,
             "total_params": self.model.total_params,
             "active_params": self.model.active_params,
         }
@@ -296,8 +298,9 @@ class SimulationResult:
                 lines.append(f"  {side:8s} infeasible: {r.reason}")
                 continue
             assert r.step is not None and r.plan is not None
+            label = r.plan.label + (f" +{r.idle_gpus} idle" if r.idle_gpus else "")
             lines.append(
-                f"  {side:8s}{r.plan.label:>22s}{r.cluster_batch:>9,d}{r.tpot * 1e3:>10.2f}"
+                f"  {side:8s}{label:>22s}{r.cluster_batch:>9,d}{r.tpot * 1e3:>10.2f}"
                 f"{r.step.time_p99 * 1e3:>9.2f}{r.tokens_per_second:>12,.0f}"
                 f"{r.tokens_per_second_per_gpu(self.cluster.num_gpus):>11,.0f}  {r.batch_limit}"
             )

@@ -18,7 +18,7 @@ from qsengine.decode.step import StepOptions, StepParams, step_params, step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
 
-__all__ = ["Family", "family", "Side", "LIMITS", "in_order_best"]
+__all__ = ["Family", "family", "Side", "LIMITS", "in_order_best", "idle_candidates", "candidate_plans"]
 
 _BLOCK = 1 << 14  # rows per step-model call: its ~150 temporaries stay in cache
 _DEFAULT_OPTIONS = StepOptions()
@@ -78,6 +78,30 @@ def _law(model: Model, routing: Any, closed_form: bool) -> tuple[tuple, np.ndarr
     return ("pi", model.routed_experts, model.top_k, pi.tobytes()), pi
 
 
+def idle_candidates(num_gpus: int) -> tuple[int, ...]:
+    """GPU counts plan "auto" deploys on a cluster of ``num_gpus``: all of them,
+    and, when that is not a power of two, the largest power of two below it
+    (the rest idle). Expert counts are powers of two (8 … 256, plus any
+    redundant slots a plan adds), so a cluster of 72 or 12 GPUs may serve more
+    on 64 or 8 of them with a wider expert parallelism than on all of them;
+    idle GPUs still count in tokens/s per GPU of the cluster."""
+    n = int(num_gpus)
+    p2 = 1 << (n.bit_length() - 1)
+    return (n,) if p2 == n else (n, p2)
+
+
+def candidate_plans(model: Model, cluster: Cluster) -> list[Plan]:
+    """Plan "auto"'s candidates: every valid plan on all the cluster's GPUs,
+    then on each smaller count of :func:`idle_candidates` (in that order, so a
+    plan that leaves GPUs idle wins only when strictly better)."""
+    from qsengine.packing import plans
+
+    out: list[Plan] = []
+    for g in idle_candidates(cluster.num_gpus):
+        out.extend(plans(model, g))
+    return out
+
+
 def family(model: Model, cluster: Cluster, precision: Precision, plan: Plan | str, options: StepOptions,
            routing: Any = "uniform", closed_form: bool = True, override: bool = False) -> Family:
     """The (cached) :class:`Family` of ``model`` on ``cluster``: every valid
@@ -89,7 +113,7 @@ def family(model: Model, cluster: Cluster, precision: Precision, plan: Plan | st
     if fam is not None:
         return fam
     if isinstance(plan, str):
-        plan_list = None
+        plan_list = candidate_plans(model, cluster)
     elif not model.is_moe and (plan.ep > 1 or plan.etp is not None):
         plan_list = [dataclasses.replace(plan, ep=1, etp=None)]
     else:
@@ -423,6 +447,16 @@ class _SideSet:
         if not self.side.feasible[k]:
             return None
         return self.family_of(k).plans[int(self.side.plan[k])]
+
+    def plan_gpus(self, plan: np.ndarray | None = None) -> np.ndarray:
+        """GPUs used by each group's chosen plan (or by the plan indices ``plan``; 0: none)."""
+        gpus = np.array([0] + [p.num_gpus for f in self.families for p in f.plans], dtype=np.int64)
+        offset = np.cumsum([1] + [len(f.plans) for f in self.families])[:-1]
+        if plan is None:
+            plan = np.where(self.side.feasible, self.side.plan, -1)
+        at = np.where(plan >= 0, offset[self.family] + plan, 0) if self.families else \
+            np.zeros(self.side.feasible.size, dtype=np.int64)
+        return gpus[at]
 
     def plan_columns(self, plan: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(label, dp) of each group's chosen plan, or of the plan indices

@@ -50,10 +50,12 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
             closed = point.microbatches == 0
             pop = (independent_popularity if closed else proxy_popularity)(point.routing, model.routed_experts)
         step = decode_step(model, point.precision, acc, plan, batch, point.context, popularity=pop, options=options)
-    pk = pack(model, point.cluster, point.context, plan=plan, precision=point.precision)
+    used = point.cluster if plan.num_gpus == point.cluster.num_gpus else Cluster(acc, plan.num_gpus)
+    pk = pack(model, used, point.context, plan=plan, precision=point.precision)
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
                       admissible_batch=int(pk.admissible_batch), batch_limit=LIMITS[int(sd.limit[g])],
-                      step=step, packing=pk, routing=None if refined is None else refined.stats)
+                      step=step, packing=pk, routing=None if refined is None else refined.stats,
+                      idle_gpus=point.cluster.num_gpus - plan.num_gpus)
 
 
 def simulate(
