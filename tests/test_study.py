@@ -48,7 +48,10 @@ def test_whole_study_is_validated_before_any_work(tmp_path):
 
 
 @pytest.mark.parametrize("kw, match", [
-    (dict(q=0), "q=0"), (dict(q=-1.0), "q="), (dict(slo_tpot=0), "slo_tpot=0"), (dict(slo_tpot=0.0), "slo_tpot"),
+    (dict(q=0), "field 'q' = 0: must be a finite number > 0"), (dict(q=-1.0), "field 'q' = -1.0"),
+    (dict(slo_tpot=0), "field 'slo_tpot' = 0"), (dict(slo_tpot=0.0), "slo_tpot"),
+    (dict(microbatches=-1), "field 'microbatches' = -1"), (dict(routing="zipf"), "field 'routing' = 'zipf'"),
+    (dict(q=None), "field 'q' = None"),
     (dict(models=("llama-3.1-70b",)), "is dense"), (dict(contexts=("12Q",)), "12Q"),
     (dict(beyond_max_context="drop"), "beyond_max_context"), (dict(tie=1.5), "tie"),
 ])

@@ -140,14 +140,15 @@ def _validate(cfg: StudyConfig) -> _Plan:
         spelled.setdefault(m.id, name)
     clusters = [as_cluster(c) for c in cfg.clusters]
     q = cfg.q
-    if isinstance(q, str):
-        if q != "sqrt":
-            raise ValueError(f"q={q!r}: must be a number > 0 or 'sqrt'")
-    elif isinstance(q, bool) or not isinstance(q, (int, float)) or not (math.isfinite(q) and q > 0):
-        raise ValueError(f"q={q!r}: must be a finite number > 0 or 'sqrt' (0 is not 'unset')")
-    if cfg.slo_tpot is not None and not (isinstance(cfg.slo_tpot, (int, float)) and math.isfinite(cfg.slo_tpot)
-                                         and cfg.slo_tpot > 0):
-        raise ValueError(f"slo_tpot={cfg.slo_tpot!r}: must be a number of seconds > 0, or None for no target")
+    # the study's point fields are checked by the points' own validation (one rule set, one message format)
+    from qsengine.decode.point import check_value
+
+    if q is None:
+        raise ValueError("field 'q' = None: the study needs a number > 0 or 'sqrt' (0 is not 'unset')")
+    check_value("q", q)
+    check_value("slo_tpot", cfg.slo_tpot)
+    check_value("routing", cfg.routing)
+    check_value("microbatches", cfg.microbatches)
     from qsengine.specs.twin import TWIN_ATTENTION
 
     twins = tuple(cfg.twins) if not isinstance(cfg.twins, str) else (cfg.twins,)
