@@ -225,7 +225,7 @@ def leave_one_out(rows: list[Row]) -> str:
 def section_conditions(clusters: tuple[str, ...], contexts: tuple[int, ...]) -> str:
     m = qsengine.load_model(MODEL)
     res = qsengine.qs(m, "sqrt")
-    parts = [f"## 1. DeepSeek-V3: from the engine's defaults to the study's conditions", "",
+    parts = ["## 1. DeepSeek-V3: from the engine's defaults to the study's conditions", "",
              f"s = {res.s:.4f}, q = 1/sqrt(s) = {res.q:.3f}, qs = {res.qs:.4f}, "
              f"asymptotic_ratio = 1/qs = {res.asymptotic_ratio:.3f}; the headline {HEADLINE} = 1/(q s) needs "
              f"q = {1 / (HEADLINE * res.s):.3f}. fp8 weights and KV, closed form (microbatches=0).", ""]
