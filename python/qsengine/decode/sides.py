@@ -277,27 +277,83 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     max_valid = valid.copy()
     has_slo = ~np.isnan(s) & ~has_fixed
     over = np.flatnonzero(has_slo & ~(p99 <= s))
-    if over.size:
-        limit[over] = 1
-        first = step(over, np.ones(over.size, np.int64))
-        miss = first["p99"] > s[over]
-        valid[over[miss]] = False
-        act = over[~miss]
+
+    def bisect(rows_b: np.ndarray) -> None:
+        """The largest batch whose p99 meets the target, for rows ``rows_b``
+        (invalid if even one admission unit misses it)."""
+        if rows_b.size == 0:
+            return
+        first = step(rows_b, np.ones(rows_b.size, np.int64))
+        miss = first["p99"] > s[rows_b]
+        valid[rows_b[miss]] = False
+        act = rows_b[~miss]
+        # Bracket [lo meets, hi misses] shrunk by regula falsi with the Illinois
+        # modification (the p99 is close to affine in the batch), falling back to
+        # the midpoint whenever a step did not halve the bracket: the same answer
+        # as bisection, the largest batch that meets the target, in fewer steps.
         lo = np.ones(act.size, np.int64)
         hi = units[act].copy()
+        flo = first["p99"][~miss] - s[act]
+        fhi = p99[act] - s[act]
+        halve = np.zeros(act.size, bool)
+        moved = np.zeros(act.size, np.int8)  # +1 lo moved last, -1 hi moved last
         while True:
             live = np.flatnonzero(hi - lo > 1)
             if live.size == 0:
                 break
-            mid = (lo[live] + hi[live]) // 2
-            meets = step(act[live], mid)["p99"] <= s[act[live]]
-            lo[live] = np.where(meets, mid, lo[live])
-            hi[live] = np.where(meets, hi[live], mid)
+            a, b, fa, fb = lo[live], hi[live], flo[live], fhi[live]
+            with np.errstate(divide="ignore", invalid="ignore"):
+                guess = a + np.floor((b - a) * (-fa) / (fb - fa))
+            guess = np.where(np.isfinite(guess), guess, (a + b) // 2).astype(np.int64)
+            mid = np.where(halve[live], (a + b) // 2, np.clip(guess, a + 1, b - 1))
+            got = step(act[live], mid)["p99"] - s[act[live]]
+            meets = got <= 0
+            width = b - a
+            lo[live] = np.where(meets, mid, a)
+            hi[live] = np.where(meets, b, mid)
+            flo[live] = np.where(meets, got, fa)
+            fhi[live] = np.where(meets, fb, got)
+            side = np.where(meets, 1, -1).astype(np.int8)
+            same = side == moved[live]  # Illinois: the kept end's value halves when it stays twice
+            fhi[live] = np.where(same & meets, fhi[live] / 2, fhi[live])
+            flo[live] = np.where(same & ~meets, flo[live] / 2, flo[live])
+            moved[live] = side
+            halve[live] = 2 * (hi[live] - lo[live]) > width
         if act.size:
             final = step(act, lo)
             units[act] = lo
             time[act] = final["time"]
             p99[act] = final["p99"]
+
+    if over.size:
+        limit[over] = 1
+        # Pruning (exact): a row's throughput under the target is at most its HBM-max
+        # throughput, so a row whose maximum is below (1 - 1e-9) of the best its lane
+        # already has cannot be chosen, and its bisection is skipped. The lane's best
+        # starts from the rows that meet the target at their maximum (exact), then
+        # the binding row with the largest maximum per lane is bisected first.
+        lane_r = lane[rows]
+        best_known = np.zeros(n)
+        final_rows = np.flatnonzero(valid & ~(has_slo & ~(p99 <= s)))
+        np.maximum.at(best_known, lane_r[final_rows], max_thr[final_rows])
+
+        def alive(cand: np.ndarray) -> np.ndarray:
+            return cand[max_thr[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]]
+
+        cand = alive(over)
+        cand = cand[np.lexsort((-max_thr[cand], lane_r[cand]))]
+        lead = np.ones(cand.size, bool)
+        lead[1:] = lane_r[cand[1:]] != lane_r[cand[:-1]]
+        first_round = cand[lead]
+        bisect(first_round)
+        done = first_round[valid[first_round]]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            got = np.where(time[done] > 0, units[done] * unit[done] / time[done], 0.0) * stack.dp[gplan[done]]
+        np.maximum.at(best_known, lane_r[done], got)
+        second_round = alive(cand[~lead])
+        bisect(second_round)
+        pruned = np.setdiff1d(over, np.concatenate([first_round, second_round]), assume_unique=True)
+        valid[pruned] = False  # never chosen: another plan of its lane serves more
     batch = np.where(has_fixed, fx_rep, units * unit)
     with np.errstate(divide="ignore", invalid="ignore"):
         thr = np.where(time > 0, batch / time, 0.0) * stack.dp[gplan]
