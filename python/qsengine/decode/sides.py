@@ -48,6 +48,9 @@ class Family:
     dp: np.ndarray  # replicas per plan
     unit: np.ndarray  # admission unit per plan
     override: bool  # lanes carry their own dense-FFN parameters (twin lines)
+    labels: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=object))  # Plan.label per plan
+    dp_int: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # replicas per plan
+    gpus: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.int64))  # GPUs each plan uses
 
 
 _FAMILIES: dict[tuple, Family] = {}
@@ -125,7 +128,10 @@ def family(model: Model, cluster: Cluster, precision: Precision, plan: Plan | st
     law, pi = _law(model, routing, closed_form)
     fam = Family(model=model, cluster=cluster, precision=precision, plans=pm.plans, memory=pm, params=params,
                  pi=pi, law=law, dp=np.array([float(p.dp) for p in pm.plans]),
-                 unit=np.array([p.tp if p.attn_dp else 1 for p in pm.plans], dtype=np.int64), override=override)
+                 unit=np.array([p.tp if p.attn_dp else 1 for p in pm.plans], dtype=np.int64), override=override,
+                 labels=np.array([p.label for p in pm.plans], dtype=object),
+                 dp_int=np.array([p.dp for p in pm.plans], dtype=np.int64),
+                 gpus=np.array([p.num_gpus for p in pm.plans], dtype=np.int64))
     if len(_FAMILIES) > 4096:
         _FAMILIES.clear()
     _FAMILIES[key] = fam
@@ -504,24 +510,22 @@ class _SideSet:
             return None
         return self.family_of(k).plans[int(self.side.plan[k])]
 
-    def plan_gpus(self, plan: np.ndarray | None = None) -> np.ndarray:
-        """GPUs used by each group's chosen plan (or by the plan indices ``plan``; 0: none)."""
-        gpus = np.array([0] + [p.num_gpus for f in self.families for p in f.plans], dtype=np.int64)
-        offset = np.cumsum([1] + [len(f.plans) for f in self.families])[:-1]
+    def _per_plan(self, attr: str, plan: np.ndarray | None, empty: Any, dtype: Any) -> np.ndarray:
+        """``attr`` (a per-plan array of the families) at each group's chosen
+        plan, or at the plan indices ``plan`` (-1: none -> ``empty``)."""
         if plan is None:
             plan = np.where(self.side.feasible, self.side.plan, -1)
-        at = np.where(plan >= 0, offset[self.family] + plan, 0) if self.families else \
-            np.zeros(self.side.feasible.size, dtype=np.int64)
-        return gpus[at]
+        out = np.full(plan.shape[0], empty, dtype=dtype)
+        has = np.flatnonzero(plan >= 0)
+        for f, pos in _split(self.family[has]):
+            out[has[pos]] = getattr(self.families[int(f)], attr)[plan[has[pos]]]
+        return out
+
+    def plan_gpus(self, plan: np.ndarray | None = None) -> np.ndarray:
+        """GPUs used by each group's chosen plan (or by the plan indices ``plan``; 0: none)."""
+        return self._per_plan("gpus", plan, 0, np.int64)
 
     def plan_columns(self, plan: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(label, dp) of each group's chosen plan, or of the plan indices
         ``plan`` (-1: none; meaningless where infeasible)."""
-        labels = np.array([""] + [p.label for f in self.families for p in f.plans], dtype=object)
-        dps = np.array([1] + [p.dp for f in self.families for p in f.plans], dtype=np.int64)
-        offset = np.cumsum([1] + [len(f.plans) for f in self.families])[:-1]
-        if plan is None:
-            plan = np.where(self.side.feasible, self.side.plan, -1)
-        at = np.where(plan >= 0, offset[self.family] + plan, 0) if self.families else \
-            np.zeros(self.side.feasible.size, dtype=np.int64)
-        return labels[at], dps[at]
+        return self._per_plan("labels", plan, "", object), self._per_plan("dp_int", plan, 1, np.int64)
