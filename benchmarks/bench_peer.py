@@ -210,13 +210,15 @@ def summarize(rows: Sequence[Row]) -> dict[str, float]:
 
 
 def share(rows: Sequence[Row], side: str) -> dict[str, float]:
-    """Median share of each category in one tool's step (``side`` 'qs' or 'peer')."""
+    """Median share of each category in one tool's step (``side`` 'qs' or 'peer'),
+    over the rows where that tool has the piece (NaN if it never has it)."""
     out = {}
     for c in CATEGORIES:
         vals = []
         for r in rows:
             pieces, total = (r.qs_pieces, r.qs_time) if side == "qs" else (r.peer_pieces, r.peer_leaves_sum)
-            vals.append(pieces[c] / total if total > 0 else math.nan)
+            if pieces[c] > 0 and total > 0:
+                vals.append(pieces[c] / total)
         out[c] = nanmedian(vals)
     return out
 
@@ -294,14 +296,17 @@ def qs_step(cfg: Config, batch: int, isl: int) -> tuple[float, dict[str, float],
     return br.time, by_category(raw, qs_category), raw
 
 
-def run(configs: Sequence[Config], isls: Sequence[int]) -> tuple[list[Row], list[str]]:
+def run(configs: Sequence[Config], isls: Sequence[int]) -> tuple[list[Row], list[str], list[str]]:
+    """Every (configuration, isl, batch) in both tools: rows, notes, AIC tables used."""
     rows: list[Row] = []
+    tables: set[str] = set()
     notes: list[str] = []
     unknown: set[str] = set()
     for cfg in configs:
         try:
             peer = Peer(cfg, "balanced")
             peer_pl = Peer(cfg, "power_law")
+            tables.add(f"{cfg.peer_system}/{BACKEND}/{peer.version}")
         except Exception as exc:  # a configuration the installed SDK refuses is reported, not fatal
             notes.append(f"{cfg.label}: AIConfigurator refused it: {type(exc).__name__}: {str(exc)[:200]}")
             continue
@@ -322,7 +327,7 @@ def run(configs: Sequence[Config], isls: Sequence[int]) -> tuple[list[Row], list
                                 sum(t for _, t in leaves), ops))
     if unknown:
         notes.append("unmatched names counted as 'other': " + ", ".join(sorted(unknown)))
-    return rows, notes
+    return rows, notes, sorted(tables)
 
 
 def report(rows: Sequence[Row], notes: Sequence[str], header: Sequence[str]) -> list[str]:
@@ -347,7 +352,12 @@ def report(rows: Sequence[Row], notes: Sequence[str], header: Sequence[str]) -> 
     s = summarize(rows)
     out.append(f"{'ALL (median over every point)':38s} {fmt(s['end-to-end'], 6)} "
                + " ".join(fmt(s[c]) for c in CATEGORIES))
+    by_b = {b: nanmedian(r.ratio for r in rows if r.batch == b) for b in sorted({r.batch for r in rows})}
+    out.append("Median end-to-end ratio by batch: " + ", ".join(f"B={b}: {v:.2f}" for b, v in by_b.items()))
+    by_isl = {i: nanmedian(r.ratio for r in rows if r.isl == i) for i in sorted({r.isl for r in rows})}
+    out.append("Median end-to-end ratio by ISL: " + ", ".join(f"{i}: {v:.2f}" for i, v in by_isl.items()))
     qsh, psh = share(rows, "qs"), share(rows, "peer")
+    out.append("Median share of each piece in each tool's step (rows where the tool has the piece):")
     out.append(f"{'median share of the step, qsengine':38s} {'':6s} " + " ".join(fmt(qsh[c]) for c in CATEGORIES))
     out.append(f"{'median share of the step, AIC leaves':38s} {'':6s} " + " ".join(fmt(psh[c]) for c in CATEGORIES))
     cons = [r.peer_leaves_sum / r.peer_time for r in rows if r.peer_time > 0]
@@ -380,12 +390,12 @@ def main(argv: list[str] | None = None) -> int:
 
     logging.getLogger("aiconfigurator_core").setLevel(logging.ERROR)
     t0 = time.perf_counter()
-    rows, notes = run(CONFIGS, ISLS)
+    rows, notes, tables = run(CONFIGS, ISLS)
     elapsed = time.perf_counter() - t0
     header = [
         "bench_peer: qsengine decode step vs NVIDIA AIConfigurator decode step (PEER COMPARISON, NOT GROUND TRUTH)",
-        f"qsengine {qsengine.__version__}, aiconfigurator-core {aic_version} (backend {BACKEND}, tables "
-        f"{', '.join(sorted({f'{c.peer_system}/{BACKEND}' for c in CONFIGS}))}), python {platform.python_version()}",
+        f"qsengine {qsengine.__version__}, aiconfigurator-core {aic_version} (tables {', '.join(tables)}), "
+        f"python {platform.python_version()}",
         f"{len(rows)} points in {elapsed:.1f} s",
         "qsengine call:  qsengine.decode.step.decode_step(model, precision, accelerator, Plan(...), batch, "
         f"context=isl + {OSL // 2 + 1})   (closed form, uniform routing)",
