@@ -286,12 +286,14 @@ class Peer:
 
 def qs_step(cfg: Config, batch: int, isl: int) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
     """qsengine's decode step at the same point: time (s), categories, raw pieces."""
-    from qsengine import Plan, as_accelerator, as_model, as_precision
+    from qsengine import Plan, as_accelerator, as_cluster, as_model, as_precision
     from qsengine.decode.step import decode_step
 
     model = as_model(cfg.qs_model)
-    br = decode_step(model, as_precision(cfg.qs_precision), as_accelerator(cfg.qs_accelerator), Plan(**cfg.qs_plan),
-                     batch, isl + OSL // 2 + 1)
+    plan = Plan(**cfg.qs_plan)
+    plan.validate_for(model, as_cluster(f"{plan.tp * plan.pp * plan.dp}x{cfg.qs_accelerator}"))  # the plan's rules
+    br = decode_step(model, as_precision(cfg.qs_precision), as_accelerator(cfg.qs_accelerator), plan, batch,
+                     isl + OSL // 2 + 1)
     raw = [(p.name, p.time) for p in br.pieces]
     return br.time, by_category(raw, qs_category), raw
 

@@ -100,3 +100,12 @@ def test_script_skips_cleanly_without_the_peer(monkeypatch: pytest.MonkeyPatch, 
     assert bp.main(["--out", str(out)]) == 0
     assert "skipped: aiconfigurator-core is not installed" in capsys.readouterr().out
     assert not out.exists()
+
+
+@pytest.mark.parametrize("cfg", bp.CONFIGS, ids=lambda c: c.label)
+def test_qsengine_side_of_every_configuration(cfg: object) -> None:
+    """Each configuration's qsengine plan is valid on its cluster and every piece is matched."""
+    t, cats, raw = bp.qs_step(cfg, cfg.batches[0], bp.ISLS[0])
+    assert t > 0 and cats["other"] == 0.0
+    assert math.isclose(sum(cats.values()), sum(x for _, x in raw), rel_tol=1e-12)
+    assert cfg.batches[0] % cfg.adp == 0  # AIConfigurator's per-rank batch is whole
