@@ -128,12 +128,17 @@ class SimulationResult:
         ``attention``, ``communication``, ``other``; see
         :func:`qsengine.decode.why.explain`): their product is
         :attr:`ratio`; a factor above 1 favours the dense side. None when a
-        side is infeasible."""
+        side is infeasible. With prefill costed (``ratio_basis``
+        "end-to-end") a last factor ``prefill`` = end-to-end ÷ decode-only
+        ratio keeps the product equal to :attr:`ratio`."""
         from qsengine.decode.why import WHY
 
         if self.ratio is None:
             return None
-        return {k: float(self.record[f"why_{k}"]) for k in WHY}
+        out = {k: float(self.record[f"why_{k}"]) for k in WHY}
+        if self.record.get("ratio_basis") == "end-to-end":
+            out["prefill"] = float(self.record["why_prefill"])
+        return out
 
     def settings_line(self) -> str:
         """The settings this result was computed with, in one line (also the
@@ -151,9 +156,13 @@ class SimulationResult:
               "no latency target (largest batch that fits)")
         mc = ("closed form (no Monte Carlo)" if mb == 0 else
               f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
+        ctx, out = int(inp.get("context")), int(inp.get("output") or 0)
+        work = (f"decode only: every sequence at {ctx:,} tokens" if not out else
+                f"requests of {ctx:,} in / {out:,} out (admitted at {ctx + out:,} tokens, decode reads "
+                f"{ctx + (out + 1) / 2:,.1f} on average), prefill {inp.get('prefill')}")
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
-                f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), decode only: every "
-                f"sequence at {int(inp.get('context')):,} tokens, operating point: {op}, plan {inp.get('plan')} "
+                f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), {work}, "
+                f"operating point: {op}, plan {inp.get('plan')} "
                 f"(objective: highest throughput), {mc}, seed {seed}, qsengine {__version__}")
 
     def _repr_html_(self) -> str:
@@ -285,15 +294,24 @@ class SimulationResult:
                 f"{r.step.time_p99 * 1e3:>9.2f}{r.tokens_per_second:>12,.0f}"
                 f"{r.tokens_per_second_per_gpu(self.cluster.num_gpus):>11,.0f}  {r.batch_limit}"
             )
+        end_to_end = rec.get("ratio_basis") == "end-to-end"
+        if end_to_end:
+            lines.append(f"  whole requests, {int(rec['context']):,} in / {int(rec['output']):,} out, prefill "
+                         f"{rec['prefill']}: prefill tok/s/GPU MoE {rec['moe_prefill_tokens_per_s_per_gpu']:,.0f}, "
+                         f"dense {rec['dense_prefill_tokens_per_s_per_gpu']:,.0f}; end-to-end output tok/s/GPU MoE "
+                         f"{rec['moe_request_tokens_per_s_per_gpu']:,.0f}, dense "
+                         f"{rec['dense_request_tokens_per_s_per_gpu']:,.0f} (the table above is decode only)")
         if self.ratio is not None:
-            lines.append(f"  ratio dense/MoE = {self.ratio:.3f} -> {self.verdict} "
-                         f"({'agrees' if self.agrees_with_qs else 'disagrees'} with the qs verdict)")
+            basis = f"end-to-end, prefill {rec['prefill']}" if end_to_end else "decode only"
+            lines.append(f"  ratio dense/MoE ({basis}) = {self.ratio:.3f} -> {self.verdict} "
+                         f"({'agrees' if self.agrees_with_qs else 'disagrees'} with the qs verdict)"
+                         + (f"; decode only {rec['ratio_decode']:.3f}" if end_to_end else ""))
         else:
             lines.append(f"  verdict: {self.verdict}")
         why = self.explain()
         if why is not None:
-            lines.append("  why (factors multiply to the ratio; > 1 favours dense): "
-                         + ", ".join(f"{k} x{v:.3g}" for k, v in why.items()))
+            lines.append("  why (factors multiply to the ratio; > 1 favours dense): " + ", ".join(f"{k} x{v:.3g}" for k, v in why.items())
+                         )
         if self.break_even_q is not None:
             lines.append(f"  break-even q* = {self.break_even_q:.3f}")
         lines.append("  " + self.settings_line())

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from qsengine._groups import split as _split
+from qsengine.decode.prefill import Requests, end_to_end, prefill_ctx_flops, prefill_time
 from qsengine.decode.step import StepOptions, StepParams, step_params, step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -137,28 +138,37 @@ class Side:
     why_kind: np.ndarray
     why_fit: np.ndarray
     why_adm: np.ndarray
+    #: prefill tokens/s (cluster-equivalent: per GPU x the cluster's GPUs) of a request workload: at the chosen
+    #: plan ("colocated") or at the prefill pool's best plan ("disaggregated"); nan without prefill
+    pf: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @classmethod
     def empty(cls, n: int) -> "Side":
         return cls(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8),
                    np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, -1), np.zeros(n, np.int8),
-                   np.zeros(n, bool), np.zeros(n, np.int64))
+                   np.zeros(n, bool), np.zeros(n, np.int64), np.full(n, np.nan))
 
 
-_SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm")
+_SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm",
+                "pf")
 #: ``Side.limit`` codes and their record text
 LIMITS = ("hbm", "slo", "fixed")
 
 
 def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarray,
           ffn_params: np.ndarray | None = None, family: np.ndarray | None = None,
-          fixed: np.ndarray | None = None) -> Side:
+          fixed: np.ndarray | None = None, requests: Requests | None = None) -> Side:
     """Best plan and batch for many lanes (context, slo (nan = none)[, dense
     FFN parameters][, fixed batch per replica (0 = none)]). Lane i belongs to
     ``fams[family[i]]`` (one family: all lanes); the families must share their
     routing law (dense families always do); ``ffn_params`` is read for
     families with ``override``. The TPOT target holds on the p99 step time.
-    A fixed batch is evaluated on every plan that can hold it."""
+    A fixed batch is evaluated on every plan that can hold it. With
+    ``requests`` (:class:`~qsengine.decode.prefill.Requests`), ``context`` is
+    the admission context (the peak cache), steps read ``requests.read``
+    tokens, and prefill is costed: "colocated" lanes choose the plan by
+    end-to-end throughput, "disaggregated" lanes get the prefill pool's best
+    plan over every plan that packs (``Side.pf``)."""
     if isinstance(fams, Family):
         fams = [fams]
     n = context.shape[0]
@@ -196,7 +206,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     if ffn_params is not None and any(f.override for f in fams):
         own = stack.params.ffn_params[gplan]
         ffn_rows = np.where(stack.override[gplan], ffn_params[lane[rows]], own)
-    c = ctx[rows].astype(np.float64)
+    c = ctx[rows].astype(np.float64) if requests is None else requests.read[lane[rows]]
     s = slo[lane[rows]]
     unit = stack.unit[gplan]
     K = rows.size
@@ -258,10 +268,14 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     batch = np.where(has_fixed, fx_rep, units * unit)
     with np.errstate(divide="ignore", invalid="ignore"):
         thr = np.where(time > 0, batch / time, 0.0) * stack.dp[gplan]
+    score, pf_rows, pool = thr, None, None
+    if requests is not None and bool((requests.mode > 0).any()):
+        score, pf_rows, pool = _prefill_rows(fams, stack, gplan, fam_row[rows], lane[rows], ffn_rows, thr, requests,
+                                             n, pi)
     # in-order selection: a plan replaces the best only if better by 1e-12 (relative)
     P = int(counts.max())
     T = np.full((n, P), np.nan)
-    T[lane[rows[valid]], pidx[rows[valid]]] = thr[valid]
+    T[lane[rows[valid]], pidx[rows[valid]]] = score[valid]
     where = np.full((n, P), -1)
     where[lane[rows], pidx[rows]] = np.arange(K)
     best, arg = in_order_best(T)
@@ -304,8 +318,47 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     out.limit = np.where(feas, limit[k], 0)
     out.time = np.where(feas, time[k], np.nan)
     out.p99 = np.where(feas, p99[k], np.nan)
-    out.tps = np.where(feas, best, 0.0)
+    out.tps = np.where(feas, best, 0.0) if pf_rows is None else np.where(feas, thr[k], 0.0)
+    if pf_rows is not None:
+        mode = requests.mode  # type: ignore[union-attr]
+        out.pf = np.where(feas & (mode == 1), pf_rows[k], np.where(feas & (mode == 2), pool, np.nan))
     return out
+
+
+def _prefill_rows(fams: Sequence[Family], stack: "_Stack", gplan: np.ndarray, fam_rows: np.ndarray,
+                  lane_rows: np.ndarray, ffn_rows: np.ndarray | None, thr: np.ndarray, req: Requests, n: int,
+                  pi: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prefill of the rows (lane x plan that packs) of lanes with a prefill
+    mode: (selection score per row, colocated prefill tokens/s per row, the
+    disaggregated pool's prefill tokens/s per lane), tokens/s
+    cluster-equivalent. Colocated: the replicas prefill on the decode GPUs,
+    I·dp / t_request, and the plan is scored by :func:`end_to_end`.
+    Disaggregated: the pool is built of replicas of any plan that packs, each
+    giving I / (t_request · tp · pp) per GPU; the best one, times the
+    cluster's GPUs."""
+    on = np.flatnonzero(req.mode[lane_rows] > 0)
+    t_req = np.full(thr.size, np.nan)
+    ctx_fl = np.array([prefill_ctx_flops(f.model) for f in fams])[fam_rows]
+    for lo in range(0, on.size, _BLOCK):
+        blk = on[lo:lo + _BLOCK]
+        sp = stack.params.take(gplan[blk])
+        if ffn_rows is not None:
+            sp = sp.replace(ffn_params=ffn_rows[blk])
+        t_req[blk] = prefill_time(sp, req.prompt[lane_rows[blk]], ctx_fl[blk], pi=pi, uniform=pi is None)
+    prompt = req.prompt[lane_rows]
+    gpus = np.array([float(f.cluster.num_gpus) for f in fams])[fam_rows]
+    sp_all = stack.params
+    with np.errstate(divide="ignore", invalid="ignore"):
+        colocated = prompt * stack.dp[gplan] / t_req
+        own = prompt / (t_req * sp_all.tp[gplan] * sp_all.pp[gplan]) * gpus
+    mode = req.mode[lane_rows]
+    col = mode == 1
+    score = thr.copy()
+    score[col] = end_to_end(thr[col], colocated[col], req.take(lane_rows[col]))
+    pool = np.full(n, np.nan)
+    dis = np.flatnonzero(mode == 2)
+    np.fmax.at(pool, lane_rows[dis], own[dis])
+    return score, colocated, pool
 
 
 @dataclass
