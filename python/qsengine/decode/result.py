@@ -249,6 +249,11 @@ class SimulationResult:
             "moe_kv_bytes_per_token": self.record.get("moe_kv_bytes_per_token"),
             "dense_kv_bytes_per_token": self.record.get("dense_kv_bytes_per_token"),
             **{k: _finite_or_none(self.record.get(k)) for k in ("mc_microbatches", "mc_rse_mean", "mc_rse_p99")},
+            # whole requests (nan -> None: no prefill costed, or a side infeasible)
+            **{k: _finite_or_none(self.record.get(k)) for k in (
+                "output", "prefill", "ratio_basis", "ratio_decode", "why_prefill",
+                *(f"{side}_{name}" for side in ("moe", "dense")
+                  for name in ("prefill_tokens_per_s_per_gpu", "request_tokens_per_s_per_gpu")))},
             "moe": self.moe.to_dict(g),
             "dense": self.dense.to_dict(g),
             "inputs": self.inputs,

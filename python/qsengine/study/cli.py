@@ -102,6 +102,7 @@ def add_parser(sub) -> None:
                         "0 = closed form (fast)")
     p.add_argument("--slo-tpot-ms", type=_positive_ms, default=None, metavar="MS",
                    help="per-token latency target in ms > 0 (caps the batch); default: none")
+    _request_args(p)
     p.add_argument("--seed", type=int, default=d.seed, help="study seed (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="C++ threads per point (default: all cores)")
     p.add_argument("--beyond-max-context", choices=("flag", "skip"), default="flag",
@@ -130,6 +131,7 @@ def add_parser(sub) -> None:
                    help="routing Monte Carlo microbatches; 'auto' (default) or 0 = closed form")
     s.add_argument("--slo-tpot-ms", type=_positive_ms, default=None, metavar="MS",
                    help="per-token latency target in ms > 0 (default: none)")
+    _request_args(s)
     s.add_argument("--seed", type=int, default=None, help="seed (default: fresh entropy, printed)")
     s.add_argument("--threads", type=int, default=None, help="C++ threads (default: all cores)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -146,13 +148,28 @@ def _study_command(args) -> str:
     return "qsengine study (same arguments)"
 
 
+def _output_tokens(text: str) -> int:
+    return 0 if str(text).strip() == "0" else parse_tokens(text, "--output")
+
+
+def _request_args(p) -> None:
+    """--output / --prefill: whole requests (docs/model.md "Whole requests")."""
+    p.add_argument("--output", type=_output_tokens, default=0, metavar="TOKENS",
+                   help="generated tokens per request, e.g. 2K; the context is then the prompt (default 0: decode "
+                        "only at the context)")
+    p.add_argument("--prefill", choices=("none", "colocated", "disaggregated"), default="none",
+                   help="prefill costed on the decode GPUs (colocated) or a separate pool (disaggregated); the "
+                        "ratio is then end-to-end (default none: decode only)")
+
+
 def _run_study_cli(args) -> int:
     from qsengine.sweep_cli import executor_from_args, interrupted_message
 
     cfg = StudyConfig(models=tuple(args.models), clusters=tuple(args.clusters), contexts=tuple(args.contexts),
                       q=args.q, routing=args.routing, precision=args.precision, microbatches=args.microbatches,
                       slo_tpot=None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3, seed=args.seed,
-                      threads=args.threads, out=args.out, beyond_max_context=args.beyond_max_context, tie=args.tie)
+                      threads=args.threads, out=args.out, beyond_max_context=args.beyond_max_context, tie=args.tie,
+                      output=args.output, prefill=args.prefill)
     ck = checkpoint_dir(cfg)  # validates everything before any work
     progress = not args.no_progress and sys.stderr.isatty()
     try:
@@ -182,7 +199,7 @@ def _run_simulate_cli(args) -> int:
     res = simulate(model, args.cluster, parse_tokens(args.context), q=args.q, dense=args.dense,
                    routing=args.routing, precision=precision, microbatches=args.microbatches,
                    slo_tpot=None if args.slo_tpot_ms is None else args.slo_tpot_ms / 1e3, seed=args.seed,
-                   threads=args.threads)
+                   threads=args.threads, output=args.output, prefill=args.prefill)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:
