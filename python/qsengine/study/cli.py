@@ -149,7 +149,13 @@ def _study_command(args) -> str:
 
 
 def _output_tokens(text: str) -> int:
-    return 0 if str(text).strip() == "0" else parse_tokens(text, "--output")
+    """--output: 0 or a token count like 2048 / 2K."""
+    import argparse
+
+    try:
+        return 0 if str(text).strip() == "0" else parse_tokens(text, "--output")
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (0: decode only)") from None
 
 
 def _request_args(p) -> None:
