@@ -59,7 +59,7 @@ requests = st.fixed_dictionaries({
 })
 
 
-@settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(requests, min_size=1, max_size=3))
 @example(pts=[dict(model="deepseek-v3", cluster="16xh200", context=6144, output=2048, prefill="colocated",
                    microbatches=0, precision="fp8"),
