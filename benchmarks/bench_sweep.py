@@ -111,6 +111,10 @@ def main() -> int:
                      f"-> {len(df) / t:,.0f} points/s")
 
     first_and_warm({**grid_big, "twin_attention": ["gqa"]}, "twin_attention='gqa'")
+    first_and_warm({**grid_big, "output": [2048], "prefill": ["colocated"]},
+                   "whole requests (context in, 2048 out, prefill colocated)")
+    first_and_warm({**grid_big, "output": [2048], "prefill": ["disaggregated"]},
+                   "whole requests (context in, 2048 out, prefill disaggregated)")
     first_and_warm({"model": cf_models, "cluster": cf_clusters,
                     "context": [int(x) for x in np.geomspace(1024, 262144, 200).round()],
                     "dense": ["llama-3.1-70b", "qwen3-32b", "llama-3.1-8b", "llama-3.1-405b"],

@@ -19,7 +19,7 @@ from _fuzz import JUNK, call_args, fuzz_settings, outcome
 MOE = ["qwen3-30b-a3b", "mixtral-8x7b", "gpt-oss-120b", "deepseek-v3"]
 SIM_NAMES = ["model", "cluster", "context", "q", "dense", "routing", "plan", "precision", "microbatches",
              "slo_tpot", "seed", "threads", "twin_attention", "break_even", "options", "alpha", "rho", "groups",
-             "memory limit", "num_gpus", "is dense", "tp", "pp", "dp", "ep", "weights"]
+             "memory limit", "num_gpus", "is dense", "tp", "pp", "dp", "ep", "weights", "output", "prefill"]
 
 SIM_VALID = dict(
     model=st.sampled_from(MOE),
@@ -34,6 +34,8 @@ SIM_VALID = dict(
     threads=st.one_of(st.none(), st.integers(1, 2)),
     twin_attention=st.sampled_from(["same", "gqa"]),
     break_even=st.booleans(),
+    output=st.sampled_from([0, 0, 1, 2048]),
+    prefill=st.sampled_from(["none", "none", "colocated", "disaggregated"]),
 )
 SIM_BAD = dict(
     model=st.sampled_from(["llama-3.1-8b", "nope", "", "../x.toml"]),
@@ -48,6 +50,8 @@ SIM_BAD = dict(
     threads=st.sampled_from([0, -1, 2**40, 1.5]),
     twin_attention=st.sampled_from(["mha", "", None]),
     break_even=st.sampled_from([None, "yes", 2]),
+    output=st.sampled_from([-1, 1.5, 2**60, None, "2k", True]),
+    prefill=st.sampled_from(["", "both", None, 1]),
 )
 
 
@@ -74,7 +78,12 @@ def test_fuzz_simulate(args):
     _check_side(r.moe)
     _check_side(r.dense)
     if r.moe.feasible and r.dense.feasible:
-        assert r.ratio is not None and math.isclose(r.ratio, r.dense.tokens_per_second / r.moe.tokens_per_second)
+        rec = r.to_record()
+        if rec["ratio_basis"] == "decode":
+            assert r.ratio is not None and math.isclose(r.ratio, r.dense.tokens_per_second / r.moe.tokens_per_second)
+        else:  # whole requests with prefill: the end-to-end ratio
+            assert r.ratio is not None and math.isclose(r.ratio, rec["dense_request_tokens_per_s_per_gpu"]
+                                                        / rec["moe_request_tokens_per_s_per_gpu"])
     else:
         assert r.ratio is None
     assert r.break_even_q is None or (math.isfinite(r.break_even_q) and r.break_even_q > 0)

@@ -23,7 +23,7 @@ FRONTIER_COLUMNS = ("side", "plan", "batch", "tpot", "tpot_p99", "tokens_per_s_p
 
 
 def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side: str = "",
-             points: int = 40):
+             points: int = 40, read_context: float | None = None):
     """The Pareto frontier of one side: output tokens/s per GPU of the
     cluster against tokens/s per user (1/TPOT), over every feasible plan of
     ``fam`` and, per plan, ``points`` batches spaced geometrically from one
@@ -33,7 +33,9 @@ def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side
     point has both a lower (or equal) mean TPOT and a higher throughput per
     GPU. Returns a DataFrame with :data:`FRONTIER_COLUMNS` (``batch``:
     concurrent sequences on the cluster; ``tpot``/``tpot_p99`` in seconds),
-    sorted by TPOT."""
+    sorted by TPOT. ``read_context``: the cached tokens a step reads, when
+    they differ from the admission ``context`` (a request workload: the
+    running mean; decode throughput only, prefill is not in the frontier)."""
     import pandas as pd
 
     P = len(fam.plans)
@@ -57,7 +59,8 @@ def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side
     sp = fam.params.take(plan_idx)  # type: ignore[union-attr]
     if fam.override and ffn_params is not None:
         sp = sp.replace(ffn_params=np.full(plan_idx.size, float(ffn_params)))
-    r = step_time(sp, batch, np.full(plan_idx.size, float(context)), pi=fam.pi, uniform=fam.pi is None)
+    r = step_time(sp, batch, np.full(plan_idx.size, float(context if read_context is None else read_context)),
+                  pi=fam.pi, uniform=fam.pi is None)
     dp = fam.dp[plan_idx]
     gpus = fam.cluster.num_gpus
     with np.errstate(divide="ignore", invalid="ignore"):

@@ -42,7 +42,7 @@ class Refined:
     stats: Any  # RoutingStats
 
 
-def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, context: int, batch: int,
+def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, context: float, batch: int,
             limit: int, slo_tpot: float | None, routing: Any, microbatches: int | str,
             seed: np.random.SeedSequence | None, threads: int | None, options: StepOptions,
             rtol: float = 1e-3) -> Refined:

@@ -50,6 +50,7 @@ from qsengine._groups import group as _group
 from qsengine._groups import split as _split
 from qsengine.decode.montecarlo import Refined, _refine
 from qsengine.decode.point import FIELDS, Validator, Value
+from qsengine.decode.prefill import PREFILL_MODES, Requests, end_to_end
 from qsengine.decode.sides import LIMITS, Family, _side, _SideSet, family
 from qsengine.decode.why import WHY, _category_times, explain
 from qsengine.specs import Cluster, Model, Precision
@@ -90,7 +91,8 @@ def compare(moe_feasible: np.ndarray, dense_feasible: np.ndarray, moe_tps: np.nd
 
 
 def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, slo: np.ndarray,
-                moe_tps: np.ndarray, fixed: np.ndarray | None = None, rtol: float = 1e-3) -> np.ndarray:
+                moe_tps: np.ndarray, fixed: np.ndarray | None = None, rtol: float = 1e-3,
+                requests: Requests | None = None) -> np.ndarray:
     """q* per lane (nan = not bracketed): the twin size multiplier at which
     dense tokens/s equals ``moe_tps``, by bisection on q.
 
@@ -99,7 +101,8 @@ def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, sl
     ``slo[i]`` (and fixed batch ``fixed[i]``, 0 = none). Dense throughput falls as q grows. The bracket runs from the
     smallest constructible twin (q ≥ 1, grown by 1.5x) to 1/s (the twin as
     large as the MoE's total parameters), widened up to 16/s while the twin
-    still wins there."""
+    still wins there. With ``requests`` (``context`` is then the admission
+    context) the ratio is the end-to-end one (``moe_tps`` end-to-end too)."""
     from qsengine.specs.twin import solve_twins
 
     n = spec_of.size
@@ -126,9 +129,11 @@ def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, sl
                 fam_of[sel[lsel]] = k
         lanes_ok = np.flatnonzero(ok)
         lanes = idx[lanes_ok]
+        req = None if requests is None else requests.take(lanes)
         side = _side(fams, context[lanes], slo[lanes], ffn[lanes_ok], family=fam_of[lanes_ok],
-                     fixed=None if fixed is None else fixed[lanes])
-        r[lanes_ok] = np.where(side.feasible, side.tps / moe_tps[lanes], 0.0)
+                     fixed=None if fixed is None else fixed[lanes], requests=req)
+        tps = side.tps if req is None else end_to_end(side.tps, side.pf, req)
+        r[lanes_ok] = np.where(side.feasible, tps / moe_tps[lanes], 0.0)
         return r
 
     every = np.arange(n)
@@ -184,6 +189,10 @@ RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
         ("max_tokens_per_s_per_gpu", "float"), ("max_tpot_ms", "float"))),
     *((f"why_{name}", "float") for name in ("headroom", "weights", "attention", "communication", "other")),
     ("mc_microbatches", "int"), ("mc_rse_mean", "float"), ("mc_rse_p99", "float"),
+    # whole requests (docs/model.md "Whole requests"): `ratio` is end-to-end when ratio_basis says so
+    ("output", "int"), ("prefill", "str"), ("ratio_basis", "str"), ("ratio_decode", "float"), ("why_prefill", "float"),
+    *((f"{side}_{name}", "float") for side in ("moe", "dense") for name in (
+        "prefill_tokens_per_s_per_gpu", "request_tokens_per_s_per_gpu")),
 )
 _EMPTY = {"str": "", "int": 0, "float": math.nan, "bool": False, "bool?": None}
 
@@ -241,6 +250,7 @@ class Evaluation:
     q_value: np.ndarray  # numeric q per lane
     refined: dict[int, Refined]  # MoE group -> Monte Carlo refinement
     dense_ffn: np.ndarray = field(default_factory=lambda: np.zeros(0))  # per dense group: its dense-FFN parameters
+    requests: Requests | None = None  # per lane: the request workload (read context, prompt, output, mode)
 
 
 def evaluate_columns(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, threads: int | None = None,
@@ -306,6 +316,10 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     rtols = [float(v.obj) for v in values["rtol"]]
     attentions = objs("twin_attention")
     m, c, pr, pl, op, rt = (codes[f] for f in ("model", "cluster", "precision", "plan", "options", "routing"))
+    # whole requests: admission at the peak cache, steps read the running mean (prefill.Requests)
+    outputs = np.array([v.obj for v in values["output"]], dtype=np.int64)
+    modes = np.array([PREFILL_MODES.index(v.obj) for v in values["prefill"]], dtype=np.int8)
+    adm_ctx, req = Requests.make(contexts[codes["context"]], outputs[codes["output"]], modes[codes["prefill"]])
     pr, precisions = _deployed(pr, precisions, m, models)
     dn, at, qc, mb = codes["dense"], codes["twin_attention"], codes["q"], codes["microbatches"]
     ctx, slo, fixed = contexts[codes["context"]], slos[codes["slo_tpot"]], fixeds[codes["batch"]]
@@ -337,7 +351,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     # ---- the MoE side: once per distinct (specs, routing, closed form?, context, slo); families sharing
     # a routing law in one stacked call
     mg, m_first = _group(n, m, c, pr, pl, op, rt, closed.astype(np.int64), codes["context"], codes["slo_tpot"],
-                         codes["batch"], mb, codes["rtol"])
+                         codes["batch"], mb, codes["rtol"], codes["output"], codes["prefill"])
     moe = _SideSet.empty(m_first.size)
     fg, f_first = _group(m_first.size, *(x[m_first] for x in (m, c, pr, pl, op, rt)),
                          closed[m_first].astype(np.int64))
@@ -354,8 +368,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         members = np.flatnonzero(local[fg] >= 0)
         lanes_f = m_first[members]
         stacked = [fams[f] for f in fs]
-        moe.fill(members, _side(stacked, ctx[lanes_f], slo[lanes_f], family=local[fg[members]],
-                                fixed=fixed[lanes_f]), stacked, local[fg[members]])
+        moe.fill(members, _side(stacked, adm_ctx[lanes_f], slo[lanes_f], family=local[fg[members]],
+                                fixed=fixed[lanes_f], requests=req.take(lanes_f)), stacked, local[fg[members]])
 
     # ---- Monte Carlo refinement of the MoE side's operating point
     refined: dict[int, Refined] = {}
@@ -367,7 +381,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             raise ValueError("evaluate: Monte Carlo points (microbatches != 0) need seeds")
         plan = moe.plan_of(g)
         assert plan is not None
-        r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, int(ctx[i]), int(moe.side.batch[g]),
+        r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, float(req.read[i]), int(moe.side.batch[g]),
                     int(moe.side.limit[g]), None if np.isnan(slo[i]) or fixed[i] > 0 else float(slo[i]),
                     routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]])
         refined[g] = r
@@ -385,13 +399,14 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             if seeds is None:
                 raise ValueError("evaluate: Monte Carlo points (microbatches != 0) need seeds")
             plan = moe.family_of(g).plans[int(sd.max_plan[g])]
-            r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, int(ctx[i]), int(sd.max_batch[g]),
-                        0, None, routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]],
-                        rtols[codes["rtol"][i]])
+            r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, float(req.read[i]),
+                        int(sd.max_batch[g]), 0, None, routings[rt[i]], mbs[mb[i]], seeds[i], threads,
+                        options[op[i]], rtols[codes["rtol"][i]])
         sd.max_time[g], sd.max_p99[g], sd.max_tps[g] = r.time, r.p99, r.tps
 
     # ---- the dense side: once per distinct (specs, dense identity, context, slo), in one stacked call
-    dg, d_first = _group(n, m, c, pr, pl, op, dq, codes["context"], codes["slo_tpot"], codes["batch"])
+    dg, d_first = _group(n, m, c, pr, pl, op, dq, codes["context"], codes["slo_tpot"], codes["batch"], codes["output"],
+                         codes["prefill"])
     dense = _SideSet.empty(d_first.size)
     ffn = np.zeros(d_first.size)
     dfam_of = np.zeros(d_first.size, np.int64)
@@ -435,13 +450,18 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             dshape[members[lsel]] = np.array([shape_label(sh.attention, sh.num_layers, sh.hidden, int(w))
                                               for w in uw.tolist()], dtype=object)[inv.reshape(-1)]
             dkv[members[lsel]] = line.base.kv_bytes_per_token(precision.kv_bytes)
-    dense.fill(np.arange(d_first.size), _side(dfams, ctx[d_first], slo[d_first], ffn, family=dfam_of,
-                                              fixed=fixed[d_first]), dfams, dfam_of)
+    dense.fill(np.arange(d_first.size), _side(dfams, adm_ctx[d_first], slo[d_first], ffn, family=dfam_of,
+                                              fixed=fixed[d_first], requests=req.take(d_first)), dfams, dfam_of)
 
     # ---- comparison
     qs_val = np.array([r[0].qs for r in dq_rec])[dq]
-    ratio, verdict, agrees = compare(moe.side.feasible[mg], dense.side.feasible[dg], moe.side.tps[mg],
-                                     dense.side.tps[dg], qs_val)
+    # end-to-end throughput (the decode throughput itself without prefill): the headline ratio
+    moe_e2e = end_to_end(moe.side.tps, moe.side.pf, req.take(m_first))
+    dense_e2e = end_to_end(dense.side.tps, dense.side.pf, req.take(d_first))
+    ratio, verdict, agrees = compare(moe.side.feasible[mg], dense.side.feasible[dg], moe_e2e[mg],
+                                     dense_e2e[dg], qs_val)
+    ratio_decode = compare(moe.side.feasible[mg], dense.side.feasible[dg], moe.side.tps[mg], dense.side.tps[dg],
+                           qs_val)[0]
 
     # ---- why: the ratio as a product of factors, for lanes where both sides fit
     both = np.flatnonzero(moe.side.feasible[mg] & dense.side.feasible[dg])
@@ -450,8 +470,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         lanes_w = both[bm_first]
         um, um_inv = np.unique(mg[lanes_w], return_inverse=True)
         ud, ud_inv = np.unique(dg[lanes_w], return_inverse=True)
-        cm, tm = _category_times(moe, um, ctx[m_first[um]], None, refined)
-        cd, td = _category_times(dense, ud, ctx[d_first[ud]], ffn[ud])
+        cm, tm = _category_times(moe, um, req.read[m_first[um]], None, refined)
+        cd, td = _category_times(dense, ud, req.read[d_first[ud]], ffn[ud])
         _, mdp = moe.plan_columns()
         _, ddp = dense.plan_columns()
 
@@ -475,8 +495,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         sg, s_first = _group(lanes_b.size, *(x[lanes_b] for x in (m, c, pr, pl, op, at)))
         specs = [(models[m[i]], clusters[c[i]], precisions[pr[i]], plans[pl[i]], options[op[i]], attentions[at[i]])
                  for i in lanes_b[s_first].tolist()]
-        q_star_b[want] = _break_even(specs, sg, ctx[lanes_b], slo[lanes_b], moe.side.tps[mg[lanes_b]],
-                                     fixed[lanes_b])
+        q_star_b[want] = _break_even(specs, sg, adm_ctx[lanes_b], slo[lanes_b], moe_e2e[mg[lanes_b]],
+                                     fixed[lanes_b], requests=req.take(lanes_b))
 
     # ---- columns
     out["model"][:] = np.array([x.id for x in models], dtype=object)[m]
@@ -498,9 +518,12 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     out["verdict"][:] = verdict
     out["agrees_with_qs"][:] = agrees
     out["break_even_q"][:] = np.where(be & moe.side.feasible[mg], q_star_b[bg], np.nan)
+    # on the ratio's basis (end to end with a prefill mode)
     mboth = (moe.side.max_plan[mg] >= 0) & (dense.side.max_plan[dg] >= 0)
+    moe_max = end_to_end(moe.side.max_tps, moe.side.max_pf, req.take(m_first))
+    dense_max = end_to_end(dense.side.max_tps, dense.side.max_pf, req.take(d_first))
     with np.errstate(divide="ignore", invalid="ignore"):
-        out["ratio_max_throughput"][:] = np.where(mboth, dense.side.max_tps[dg] / moe.side.max_tps[mg], np.nan)
+        out["ratio_max_throughput"][:] = np.where(mboth, dense_max[dg] / moe_max[mg], np.nan)
     out["mc_microbatches"][:] = mc_n[mg]
     out["mc_rse_mean"][:] = mc_rse[mg, 0]
     out["mc_rse_p99"][:] = mc_rse[mg, 1]
@@ -529,12 +552,22 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             i = int(first[g])
             reasons[g] = _infeasible_reason(res, g, _side_model(side_name, i, models, m, dq_dense, dq, values, qc,
                                                                 attentions, at, qv),
-                                            clusters[c[i]], precisions[pr[i]], int(ctx[i]),
+                                            clusters[c[i]], precisions[pr[i]], int(adm_ctx[i]),
                                             None if np.isnan(slo[i]) else float(slo[i]), int(fixed[i]))
         out[f"{side_name}_reason"][:] = reasons[grp]
+        with_pf = feas & (req.mode > 0)
+        out[f"{side_name}_prefill_tokens_per_s_per_gpu"][:] = np.where(with_pf, sd.pf[grp] / gpus, np.nan)
+        e2e = moe_e2e if side_name == "moe" else dense_e2e
+        out[f"{side_name}_request_tokens_per_s_per_gpu"][:] = np.where(with_pf, e2e[grp] / gpus, np.nan)
+    out["output"][:] = req.output.astype(np.int64)
+    out["prefill"][:] = np.array(PREFILL_MODES, dtype=object)[req.mode]
+    out["ratio_basis"][:] = np.where(req.mode > 0, "end-to-end", "decode").astype(object)
+    out["ratio_decode"][:] = ratio_decode
+    with np.errstate(divide="ignore", invalid="ignore"):
+        out["why_prefill"][:] = np.where(np.isnan(out["why_headroom"]), np.nan, ratio / ratio_decode)
     return Evaluation(n=n, columns=out, values=values, codes=codes, moe=moe, dense=dense, moe_group=mg,
                       dense_group=dg, dense_models=dq_dense, dense_model_group=dq, q_value=qv[dq], refined=refined,
-                      dense_ffn=ffn)
+                      dense_ffn=ffn, requests=req)
 
 
 def shape_label(att: Any, layers: int, hidden: int, ffn: int) -> str:

@@ -58,6 +58,8 @@ FIELDS: dict[str, Any] = {
     "twin_attention": "same",
     "break_even": True,
     "options": None,
+    "output": 0,
+    "prefill": "none",
 }
 
 
@@ -258,6 +260,22 @@ def check_value(field: str, v: Any) -> Value:
         if not isinstance(v, StepOptions):
             raise _err(field, v, f"must be a qsengine.StepOptions or None, got {type(v).__name__}", TypeError)
         return Value(v, v, canonical_json(plain(v)), repr(v))
+    if field == "output":  # generated tokens per request (0: decode only at a fixed context)
+        if not _is_int(v):
+            raise _err(field, v, f"must be an int number of generated tokens per request, got {type(v).__name__}",
+                       TypeError)
+        if not 0 <= v <= 2**53:
+            raise _err(field, v, "must be >= 0 generated tokens per request (0: decode at a fixed context) "
+                                 "and <= 2^53")
+        return Value(int(v), int(v), str(int(v)), int(v))
+    if field == "prefill":
+        from qsengine.decode.prefill import PREFILL_MODES
+
+        if not isinstance(v, str):
+            raise _err(field, v, f"must be one of {list(PREFILL_MODES)}, got {type(v).__name__}", TypeError)
+        if v not in PREFILL_MODES:
+            raise _err(field, v, f"must be one of {list(PREFILL_MODES)}")
+        return Value(v, v, canonical_json(v), v)
     raise AssertionError(field)  # pragma: no cover
 
 
@@ -332,11 +350,13 @@ class Validator:
                 raise type(exc)(f"field 'plan' = {plan.label!r}: {exc}") from None
 
     def _context(self, values: dict[str, Value]) -> None:
-        context = values["context"].obj
+        context = values["context"].obj + values["output"].obj  # the peak cache of a request
         for side, m in (("model", values["model"].obj), ("dense", values["dense"].obj)):
             if m is not None and m.max_context is not None and context > m.max_context:
                 msg = (f"field 'context' = {context}: beyond {side} {m.id}'s maximum context "
-                       f"({m.max_context:,} tokens)")
+                       f"({m.max_context:,} tokens)") if not values["output"].obj else (
+                    f"fields 'context' = {values['context'].obj} and 'output' = {values['output'].obj}: the peak "
+                    f"cache ({context:,} tokens) is beyond {side} {m.id}'s maximum context ({m.max_context:,} tokens)")
                 if self.strict:
                     raise ValueError(msg + " (strict=True)")
                 if self._beyond is not None:  # a grid: one warning for all, after the checks
@@ -355,13 +375,22 @@ class Validator:
         except ValueError as exc:
             raise ValueError(f"field 'routing' = {values['routing'].display!r}: {exc}") from None
 
+    def _request(self, values: dict[str, Value]) -> None:
+        out, mode, ctx = values["output"].obj, values["prefill"].obj, values["context"].obj
+        if mode != "none" and out < 1:
+            raise ValueError(f"fields 'prefill' = {mode!r} and 'output' = {out}: a prefill mode needs whole "
+                             "requests: give output >= 1 generated tokens per request")
+        if ctx + out > 2**53:
+            raise ValueError(f"fields 'context' = {ctx} and 'output' = {out}: context + output must be <= 2^53 tokens")
+
     #: (fields read, check) of :meth:`point`
     CHECKS: tuple[tuple[tuple[str, ...], Callable[["Validator", dict[str, Value]], None]], ...] = (
         (("model", "q", "dense", "twin_attention"), _twin),
         (("model", "dense", "plan", "cluster"), _plan),
-        (("model", "dense", "context"), _context),
+        (("model", "dense", "context", "output"), _context),
         (("model", "routing", "microbatches"), _law),
         (("batch", "slo_tpot"), _batch),
+        (("context", "output", "prefill"), _request),
     )
 
     def points(self, values: dict[str, list[Value]], codes: dict[str, np.ndarray], n: int,
@@ -416,6 +445,8 @@ class Point:
     twin_attention: str | TwinSpec
     break_even: bool
     options: Any
+    output: int
+    prefill: str
     values: dict[str, Value]
 
     @classmethod

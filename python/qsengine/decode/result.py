@@ -139,12 +139,17 @@ class SimulationResult:
         ``attention``, ``communication``, ``other``; see
         :func:`qsengine.decode.why.explain`): their product is
         :attr:`ratio`; a factor above 1 favours the dense side. None when a
-        side is infeasible."""
+        side is infeasible. With prefill costed (``ratio_basis``
+        "end-to-end") a last factor ``prefill`` = end-to-end ÷ decode-only
+        ratio keeps the product equal to :attr:`ratio`."""
         from qsengine.decode.why import WHY
 
         if self.ratio is None:
             return None
-        return {k: float(self.record[f"why_{k}"]) for k in WHY}
+        out = {k: float(self.record[f"why_{k}"]) for k in WHY}
+        if self.record.get("ratio_basis") == "end-to-end":
+            out["prefill"] = float(self.record["why_prefill"])
+        return out
 
     def settings_operating_point(self) -> str:
         """Where both sides are operated, in words (fixed batch, latency target or none)."""
@@ -167,9 +172,13 @@ class SimulationResult:
         op = self.settings_operating_point()
         mc = ("closed form (no Monte Carlo)" if mb == 0 else
               f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
+        ctx, out = int(inp.get("context")), int(inp.get("output") or 0)
+        work = (f"decode only: every sequence at {ctx:,} tokens" if not out else
+                f"requests of {ctx:,} in / {out:,} out (admitted at {ctx + out:,} tokens, decode reads "
+                f"{ctx + (out + 1) / 2:,.1f} on average), prefill {inp.get('prefill')}")
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
-                f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), decode only: every "
-                f"sequence at {int(inp.get('context')):,} tokens, operating point: {op}, plan {inp.get('plan')} "
+                f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), {work}, "
+                f"operating point: {op}, plan {inp.get('plan')} "
                 f"(objective: highest throughput), {mc}, seed {seed}, qsengine {__version__}")
 
     def _repr_html_(self) -> str:
@@ -258,6 +267,11 @@ class SimulationResult:
             "moe_kv_bytes_per_token": self.record.get("moe_kv_bytes_per_token"),
             "dense_kv_bytes_per_token": self.record.get("dense_kv_bytes_per_token"),
             **{k: _finite_or_none(self.record.get(k)) for k in ("mc_microbatches", "mc_rse_mean", "mc_rse_p99")},
+            # whole requests (nan -> None: no prefill costed, or a side infeasible)
+            **{k: _finite_or_none(self.record.get(k)) for k in (
+                "output", "prefill", "ratio_basis", "ratio_decode", "why_prefill",
+                *(f"{side}_{name}" for side in ("moe", "dense")
+                  for name in ("prefill_tokens_per_s_per_gpu", "request_tokens_per_s_per_gpu")))},
             "moe": self.moe.to_dict(g),
             "dense": self.dense.to_dict(g),
             "inputs": self.inputs,
@@ -305,9 +319,18 @@ class SimulationResult:
                 f"{r.tokens_per_second_per_gpu(self.cluster.num_gpus):>11,.0f}  {r.batch_limit}"
             )
         at = self.settings_operating_point()
+        end_to_end = rec.get("ratio_basis") == "end-to-end"
+        if end_to_end:
+            lines.append(f"  whole requests, {int(rec['context']):,} in / {int(rec['output']):,} out, prefill "
+                         f"{rec['prefill']}: prefill tok/s/GPU MoE {rec['moe_prefill_tokens_per_s_per_gpu']:,.0f}, "
+                         f"dense {rec['dense_prefill_tokens_per_s_per_gpu']:,.0f}; end-to-end output tok/s/GPU MoE "
+                         f"{rec['moe_request_tokens_per_s_per_gpu']:,.0f}, dense "
+                         f"{rec['dense_request_tokens_per_s_per_gpu']:,.0f} (the table above is decode only)")
         if self.ratio is not None:
-            lines.append(f"  ratio dense/MoE = {self.ratio:.3f} at {at} -> {self.verdict} "
-                         f"({'agrees' if self.agrees_with_qs else 'disagrees'} with the qs verdict)")
+            basis = f"end-to-end, prefill {rec['prefill']}" if end_to_end else "decode only"
+            lines.append(f"  ratio dense/MoE ({basis}) = {self.ratio:.3f} at {at} -> {self.verdict} "
+                         f"({'agrees' if self.agrees_with_qs else 'disagrees'} with the qs verdict)"
+                         + (f"; decode only {rec['ratio_decode']:.3f}" if end_to_end else ""))
         else:
             lines.append(f"  verdict at {at}: {self.verdict}")
         rmax = self.ratio_max_throughput
@@ -316,8 +339,8 @@ class SimulationResult:
                          f"TPOT MoE {rec['moe_max_tpot_ms']:.1f} ms vs dense {rec['dense_max_tpot_ms']:.1f} ms")
         why = self.explain()
         if why is not None:
-            lines.append("  why (factors multiply to the ratio; > 1 favours dense): "
-                         + ", ".join(f"{k} x{v:.3g}" for k, v in why.items()))
+            lines.append("  why (factors multiply to the ratio; > 1 favours dense): " + ", ".join(f"{k} x{v:.3g}" for k, v in why.items())
+                         )
         if self.break_even_q is not None:
             lines.append(f"  break-even q* = {self.break_even_q:.3f}")
         lines.append("  " + self.settings_line())

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from qsengine._groups import split as _split
+from qsengine.decode.prefill import Requests, end_to_end, prefill_ctx_flops, prefill_time
 from qsengine.decode.step import StepOptions, StepParams, step_params, step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -178,30 +179,40 @@ class Side:
     max_time: np.ndarray
     max_p99: np.ndarray
     max_tps: np.ndarray
+    #: prefill tokens/s at the maximum-throughput point (as ``pf``)
+    max_pf: np.ndarray
+    #: prefill tokens/s (cluster-equivalent: per GPU x the cluster's GPUs) of a request workload: at the chosen
+    #: plan ("colocated") or at the prefill pool's best plan ("disaggregated"); nan without prefill
+    pf: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
     @classmethod
     def empty(cls, n: int) -> "Side":
         return cls(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8),
                    np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, -1), np.zeros(n, np.int8),
                    np.zeros(n, bool), np.zeros(n, np.int64), np.full(n, -1), np.zeros(n, np.int64),
-                   np.full(n, np.nan), np.full(n, np.nan), np.zeros(n))
+                   np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, np.nan), np.full(n, np.nan))
 
 
 _SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm",
-                "max_plan", "max_batch", "max_time", "max_p99", "max_tps")
+                "max_plan", "max_batch", "max_time", "max_p99", "max_tps", "max_pf", "pf")
 #: ``Side.limit`` codes and their record text
 LIMITS = ("hbm", "slo", "fixed")
 
 
 def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarray,
           ffn_params: np.ndarray | None = None, family: np.ndarray | None = None,
-          fixed: np.ndarray | None = None) -> Side:
+          fixed: np.ndarray | None = None, requests: Requests | None = None) -> Side:
     """Best plan and batch for many lanes (context, slo (nan = none)[, dense
     FFN parameters][, fixed batch per replica (0 = none)]). Lane i belongs to
     ``fams[family[i]]`` (one family: all lanes); the families must share their
     routing law (dense families always do); ``ffn_params`` is read for
     families with ``override``. The TPOT target holds on the p99 step time.
-    A fixed batch is evaluated on every plan that can hold it."""
+    A fixed batch is evaluated on every plan that can hold it. With
+    ``requests`` (:class:`~qsengine.decode.prefill.Requests`), ``context`` is
+    the admission context (the peak cache), steps read ``requests.read``
+    tokens, and prefill is costed: "colocated" lanes choose the plan by
+    end-to-end throughput, "disaggregated" lanes get the prefill pool's best
+    plan over every plan that packs (``Side.pf``)."""
     if isinstance(fams, Family):
         fams = [fams]
     n = context.shape[0]
@@ -239,7 +250,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     if ffn_params is not None and any(f.override for f in fams):
         own = stack.params.ffn_params[gplan]
         ffn_rows = np.where(stack.override[gplan], ffn_params[lane[rows]], own)
-    c = ctx[rows].astype(np.float64)
+    c = ctx[rows].astype(np.float64) if requests is None else requests.read[lane[rows]]
     s = slo[lane[rows]]
     unit = stack.unit[gplan]
     K = rows.size
@@ -342,9 +353,11 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         best_known = np.zeros(n)
         final_rows = np.flatnonzero(valid & ~(has_slo & ~(p99 <= s)))
         np.maximum.at(best_known, lane_r[final_rows], max_thr[final_rows])
+        # lanes with colocated prefill rank plans end to end: a decode-only bound does not bound that
+        no_prune = np.zeros(n, bool) if requests is None else requests.mode == 1
 
         def alive(cand: np.ndarray) -> np.ndarray:
-            return cand[max_thr[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]]
+            return cand[(max_thr[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]) | no_prune[lane_r[cand]]]
 
         cand = alive(over)
         cand = cand[np.lexsort((-max_thr[cand], lane_r[cand]))]
@@ -363,10 +376,14 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     batch = np.where(has_fixed, fx_rep, units * unit)
     with np.errstate(divide="ignore", invalid="ignore"):
         thr = np.where(time > 0, batch / time, 0.0) * stack.dp[gplan]
+    score, pf_rows, pool = thr, None, None
+    if requests is not None and bool((requests.mode > 0).any()):
+        score, pf_rows, pool = _prefill_rows(fams, stack, gplan, fam_row[rows], lane[rows], ffn_rows, thr, requests,
+                                             n, pi)
     # in-order selection: a plan replaces the best only if better by 1e-12 (relative)
     P = int(counts.max())
     T = np.full((n, P), np.nan)
-    T[lane[rows[valid]], pidx[rows[valid]]] = thr[valid]
+    T[lane[rows[valid]], pidx[rows[valid]]] = score[valid]
     where = np.full((n, P), -1)
     where[lane[rows], pidx[rows]] = np.arange(K)
     best, arg = in_order_best(T)
@@ -409,18 +426,65 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     out.limit = np.where(feas, limit[k], 0)
     out.time = np.where(feas, time[k], np.nan)
     out.p99 = np.where(feas, p99[k], np.nan)
-    out.tps = np.where(feas, best, 0.0)
+    out.tps = np.where(feas, best, 0.0) if pf_rows is None else np.where(feas, thr[k], 0.0)
+    if pf_rows is not None:
+        mode = requests.mode  # type: ignore[union-attr]
+        out.pf = np.where(feas & (mode == 1), pf_rows[k], np.where(feas & (mode == 2), pool, np.nan))
+    # the maximum-throughput point: the same objective (end to end for colocated prefill) at the HBM-max batches
+    max_score = max_thr
+    if pf_rows is not None:
+        col = requests.mode[lane[rows]] == 1  # type: ignore[union-attr]
+        max_score = max_thr.copy()
+        max_score[col] = end_to_end(max_thr[col], pf_rows[col], requests.take(lane[rows][col]))  # type: ignore[union-attr]
     T[:] = np.nan
-    T[lane[rows[max_valid]], pidx[rows[max_valid]]] = max_thr[max_valid]
-    mbest, marg = in_order_best(T)
+    T[lane[rows[max_valid]], pidx[rows[max_valid]]] = max_score[max_valid]
+    _, marg = in_order_best(T)
     mfeas = marg >= 0
     mk = np.maximum(where[np.arange(n), np.maximum(marg, 0)], 0)
     out.max_plan = marg
     out.max_batch = np.where(mfeas, max_batch[mk], 0)
     out.max_time = np.where(mfeas, max_time[mk], np.nan)
     out.max_p99 = np.where(mfeas, max_p99[mk], np.nan)
-    out.max_tps = np.where(mfeas, mbest, 0.0)
+    out.max_tps = np.where(mfeas, max_thr[mk], 0.0)
+    if pf_rows is not None:
+        out.max_pf = np.where(mfeas & (mode == 1), pf_rows[mk], np.where(mfeas & (mode == 2), pool, np.nan))
     return out
+
+
+def _prefill_rows(fams: Sequence[Family], stack: "_Stack", gplan: np.ndarray, fam_rows: np.ndarray,
+                  lane_rows: np.ndarray, ffn_rows: np.ndarray | None, thr: np.ndarray, req: Requests, n: int,
+                  pi: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Prefill of the rows (lane x plan that packs) of lanes with a prefill
+    mode: (selection score per row, colocated prefill tokens/s per row, the
+    disaggregated pool's prefill tokens/s per lane), tokens/s
+    cluster-equivalent. Colocated: the replicas prefill on the decode GPUs,
+    I·dp / t_request, and the plan is scored by :func:`end_to_end`.
+    Disaggregated: the pool is built of replicas of any plan that packs, each
+    giving I / (t_request · tp · pp) per GPU; the best one, times the
+    cluster's GPUs."""
+    on = np.flatnonzero(req.mode[lane_rows] > 0)
+    t_req = np.full(thr.size, np.nan)
+    ctx_fl = np.array([prefill_ctx_flops(f.model) for f in fams])[fam_rows]
+    for lo in range(0, on.size, _BLOCK):
+        blk = on[lo:lo + _BLOCK]
+        sp = stack.params.take(gplan[blk])
+        if ffn_rows is not None:
+            sp = sp.replace(ffn_params=ffn_rows[blk])
+        t_req[blk] = prefill_time(sp, req.prompt[lane_rows[blk]], ctx_fl[blk], pi=pi, uniform=pi is None)
+    prompt = req.prompt[lane_rows]
+    gpus = np.array([float(f.cluster.num_gpus) for f in fams])[fam_rows]
+    sp_all = stack.params
+    with np.errstate(divide="ignore", invalid="ignore"):
+        colocated = prompt * stack.dp[gplan] / t_req
+        own = prompt / (t_req * sp_all.tp[gplan] * sp_all.pp[gplan]) * gpus
+    mode = req.mode[lane_rows]
+    col = mode == 1
+    score = thr.copy()
+    score[col] = end_to_end(thr[col], colocated[col], req.take(lane_rows[col]))
+    pool = np.full(n, np.nan)
+    dis = np.flatnonzero(mode == 2)
+    np.fmax.at(pool, lane_rows[dis], own[dis])
+    return score, colocated, pool
 
 
 @dataclass

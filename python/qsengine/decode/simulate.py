@@ -41,17 +41,18 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
     batch = int(sd.batch[g])
     options = point.options
     acc = point.cluster.accelerator
+    read = float(ev.requests.read[0])  # the mean cached tokens a step reads (the context without a workload)
     if refined is not None:
-        step = decode_step(model, point.precision, acc, plan, batch, point.context, moe_step_time=refined.moe_step_time,
+        step = decode_step(model, point.precision, acc, plan, batch, read, moe_step_time=refined.moe_step_time,
                            options=options)
     else:
         pop = None
         if model.is_moe:
             closed = point.microbatches == 0
             pop = (independent_popularity if closed else proxy_popularity)(point.routing, model.routed_experts)
-        step = decode_step(model, point.precision, acc, plan, batch, point.context, popularity=pop, options=options)
+        step = decode_step(model, point.precision, acc, plan, batch, read, popularity=pop, options=options)
     used = point.cluster if plan.num_gpus == point.cluster.num_gpus else Cluster(acc, plan.num_gpus)
-    pk = pack(model, used, point.context, plan=plan, precision=point.precision)
+    pk = pack(model, used, point.context + point.output, plan=plan, precision=point.precision)
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
                       admissible_batch=int(pk.admissible_batch), batch_limit=LIMITS[int(sd.limit[g])],
                       step=step, packing=pk, routing=None if refined is None else refined.stats,
@@ -77,6 +78,8 @@ def simulate(
     twin_attention: str = "same",
     break_even: bool = True,
     options: StepOptions | None = None,
+    output: int = 0,
+    prefill: str = "none",
     strict: bool = False,
 ) -> SimulationResult:
     """Decode throughput of an MoE model and its quality-matched dense twin.
@@ -123,13 +126,22 @@ def simulate(
             "gqa" (a conventional dense shape).
         break_even: compute q* (a few dozen closed-form dense evaluations).
         options: :class:`StepOptions` of the step model.
+        output: generated tokens per request, O (0, the default: decode
+            only, every sequence at ``context`` cached tokens). With O >= 1
+            ``context`` is the prompt length I: sequences are admitted at
+            I + O tokens and decode steps read I + (O+1)/2 on average.
+        prefill: ``"none"`` (decode only), ``"colocated"`` (prefill on the
+            decode GPUs) or ``"disaggregated"`` (a separate prefill pool);
+            with a prefill mode ``ratio`` is the end-to-end ratio (output
+            tokens/s per GPU including prefill), ``record["ratio_decode"]``
+            the decode-only one. See docs/model.md, "Whole requests".
         strict: a context beyond a model's maximum context is an error
             instead of a :class:`qsengine.decode.point.ContextWarning`.
     """
     point = Point.make(strict=strict, model=model, cluster=cluster, context=context, q=q, dense=dense,
                        routing=routing, plan=plan, precision=precision, microbatches=microbatches, rtol=rtol,
                        slo_tpot=slo_tpot, batch=batch, twin_attention=twin_attention, break_even=break_even,
-                       options=options)
+                       options=options, output=output, prefill=prefill)
     seq = as_seed_sequence(seed)
     moe_seed, _ = seq.spawn(2)
     ev = evaluate(point.columns(), 1, seeds=[moe_seed], threads=threads, check_points=False)
@@ -143,8 +155,10 @@ def simulate(
     dense_side = _side_result(ev, ev.dense, dg, dense_model, point, None)
     import pandas as pd
 
-    front = pd.concat([frontier(ev.moe.family_of(mg), point.context, side="moe"),
-                       frontier(ev.dense.family_of(dg), point.context, float(ev.dense_ffn[dg]), side="dense")],
+    peak, read = point.context + point.output, float(ev.requests.read[0])
+    front = pd.concat([frontier(ev.moe.family_of(mg), peak, side="moe", read_context=read),
+                       frontier(ev.dense.family_of(dg), peak, float(ev.dense_ffn[dg]), side="dense",
+                                read_context=read)],
                       ignore_index=True)
     from qsengine.specs.twin import qs as qs_record
 
@@ -168,6 +182,8 @@ def simulate(
         "seed": seed_record(seq),
         "twin_attention": point.twin_attention,
         "options": dataclasses.asdict(point.options),
+        "output": point.output,
+        "prefill": point.prefill,
     }
     return SimulationResult(moe=moe_side, dense=dense_side, cluster=point.cluster, context=point.context,
                             ratio=None if math.isnan(ratio) else ratio, qs=qs_rec, verdict=rec["verdict"],

@@ -111,6 +111,7 @@ def add_parser(sub) -> None:
     p.add_argument("--twins", nargs="+", choices=("same", "gqa"), default=list(d.twins), metavar="SHAPE",
                    help="dense twin shapes compared with every MoE point: same (the MoE's shape, wider FFN) and/or "
                         "gqa (a conventional dense shape) (default: %(default)s)")
+    _request_args(p)
     p.add_argument("--seed", type=int, default=d.seed, help="study seed (default %(default)s)")
     p.add_argument("--threads", type=int, default=None, help="C++ threads per point (default: all cores)")
     p.add_argument("--beyond-max-context", choices=("flag", "skip"), default="flag",
@@ -140,6 +141,7 @@ def add_parser(sub) -> None:
     s.add_argument("--slo-tpot-ms", type=_slo_arg, default=DEFAULT_SLO_TPOT, metavar="MS",
                    help="the p99 per-token latency (ms) both sides are compared at, or 'none' "
                         f"(default {DEFAULT_SLO_TPOT * 1e3:g})")
+    _request_args(s)
     s.add_argument("--seed", type=int, default=None, help="seed (default: fresh entropy, printed)")
     s.add_argument("--threads", type=int, default=None, help="C++ threads (default: all cores)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -156,13 +158,34 @@ def _study_command(args) -> str:
     return "qsengine study (same arguments)"
 
 
+def _output_tokens(text: str) -> int:
+    """--output: 0 or a token count like 2048 / 2K."""
+    import argparse
+
+    try:
+        return 0 if str(text).strip() == "0" else parse_tokens(text, "--output")
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"{exc} (0: decode only)") from None
+
+
+def _request_args(p) -> None:
+    """--output / --prefill: whole requests (docs/model.md "Whole requests")."""
+    p.add_argument("--output", type=_output_tokens, default=0, metavar="TOKENS",
+                   help="generated tokens per request, e.g. 2K; the context is then the prompt (default 0: decode "
+                        "only at the context)")
+    p.add_argument("--prefill", choices=("none", "colocated", "disaggregated"), default="none",
+                   help="prefill costed on the decode GPUs (colocated) or a separate pool (disaggregated); the "
+                        "ratio is then end-to-end (default none: decode only)")
+
+
 def _run_study_cli(args) -> int:
     from qsengine.sweep_cli import executor_from_args, interrupted_message
 
     cfg = StudyConfig(models=tuple(args.models), clusters=tuple(args.clusters), contexts=tuple(args.contexts),
                       q=args.q, routing=args.routing, precision=args.precision, microbatches=args.microbatches,
                       slo_tpot=args.slo_tpot_ms, twins=tuple(args.twins), seed=args.seed,
-                      threads=args.threads, out=args.out, beyond_max_context=args.beyond_max_context, tie=args.tie)
+                      threads=args.threads, out=args.out, beyond_max_context=args.beyond_max_context, tie=args.tie,
+                      output=args.output, prefill=args.prefill)
     ck = checkpoint_dir(cfg)  # validates everything before any work
     progress = not args.no_progress and sys.stderr.isatty()
     try:
@@ -192,7 +215,7 @@ def _run_simulate_cli(args) -> int:
     res = simulate(model, args.cluster, parse_tokens(args.context), q=args.q, dense=args.dense,
                    routing=args.routing, precision=precision, microbatches=args.microbatches,
                    slo_tpot=args.slo_tpot_ms, seed=args.seed,
-                   threads=args.threads)
+                   threads=args.threads, output=args.output, prefill=args.prefill)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:

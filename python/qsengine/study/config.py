@@ -108,6 +108,10 @@ class StudyConfig:
     out: Path = field(default_factory=lambda: Path("qsengine-out") / "study")
     beyond_max_context: str = "flag"
     tie: float = DEFAULT_TIE
+    #: whole requests (point fields ``output``, ``prefill``; docs/model.md "Whole requests"): 0 and "none"
+    #: study decode only at each context; with output >= 1 each context is the prompt length
+    output: int = 0
+    prefill: str = "none"
 
 
 @dataclass(frozen=True)
@@ -172,7 +176,9 @@ def _validate(cfg: StudyConfig) -> _Plan:
                     points.append({"model": spelled[mid], "cluster": cname, "context": t, "q": q,
                                    "routing": cfg.routing, "precision": precision[mid],
                                    "microbatches": cfg.microbatches, "slo_tpot": cfg.slo_tpot,
-                                   "twin_attention": tw})
+                                   "twin_attention": tw,
+                                   **({"output": cfg.output, "prefill": cfg.prefill}
+                                      if cfg.output or cfg.prefill != "none" else {})})
     if not points:
         raise ValueError("study: every point is beyond its model's max_context and beyond_max_context='skip'")
     settings = {
@@ -181,7 +187,10 @@ def _validate(cfg: StudyConfig) -> _Plan:
         "routing": cfg.routing if isinstance(cfg.routing, str) else repr(cfg.routing),
         "twin": f"q = {q}" + (" (1/sqrt(s))" if q == "sqrt" else "") + "; shapes: " + ", ".join(
             TWIN_SHAPE_TEXT[t] for t in twins),
-        "workload": "every sequence at the studied context (decode, full KV cache)",
+        "workload": "every sequence at the studied context (decode, full KV cache)" if not cfg.output else
+                    f"requests: the studied context in, {cfg.output:,} tokens out, prefill {cfg.prefill} (ratio "
+                    + ("end-to-end, output tokens/s per GPU including prefill)" if cfg.prefill != "none"
+                       else "decode only, KV cache growing from the context)"),
         "slo_tpot_ms": None if cfg.slo_tpot is None else cfg.slo_tpot * 1e3,
         "microbatches": cfg.microbatches,
         "seed": cfg.seed,
