@@ -93,7 +93,8 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
                 + gemm(h * (nope + att.value_dim) / shard, r_kv) + gemm(d, h * att.value_dim / shard))
     else:
         kvh = att.num_kv_heads if plan.attn_dp else att.num_kv_heads / min(plan.tp, att.num_kv_heads)
-        proj = gemm(h * att.head_dim / shard + kvh * (att.head_dim + att.value_dim), d) + gemm(d, h * att.value_dim / shard)
+        proj = (gemm(h * att.head_dim / shard + kvh * (att.head_dim + att.value_dim), d)
+                + gemm(d, h * att.value_dim / shard))
 
     def core(ctx: float) -> float:
         heads = h / shard
@@ -196,9 +197,17 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
     if plan.pp > 1:
         comm += (plan.pp - 1) * (lat + b * d * prec.activation_bytes / link(plan.tp * plan.pp))
     det = compute - moe_mean
-    if options.overlap_comm:
-        return Step(batch, max(compute, comm), max(det + moe_p99, comm))
-    return Step(batch, compute + comm, det + moe_p99 + comm)
+    if options.overlap == "tbo":  # two microbatches of half the batch, each one's comm behind the other's compute
+        half = calibrated_step(model, prec, acc, plan, batch / 2, context, pop,
+                               dataclasses.replace(options, overlap="none"))
+        return Step(batch, 2 * max(half.compute, half.comm) + min(half.compute, half.comm) / model.decode_layers,
+                    2 * max(half.compute99, half.comm) + min(half.compute99, half.comm) / model.decode_layers)
+    if options.overlap_comm or options.overlap == "full":
+        st = Step(batch, max(compute, comm), max(det + moe_p99, comm))
+    else:
+        st = Step(batch, compute + comm, det + moe_p99 + comm)
+    st.compute, st.compute99, st.comm = compute, det + moe_p99, comm
+    return st
 
 
 def step_of(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, context: float, pop: Any,

@@ -47,6 +47,8 @@ points = st.fixed_dictionaries({
     "break_even": st.booleans(),
     "microbatches": st.just(0),
     "batch": st.one_of(st.none(), st.none(), st.sampled_from([1, 8, 48, 64, 100, 256, 4096])),
+    "options": st.sampled_from([None, None, None, qsengine.StepOptions(overlap="tbo"),
+                                qsengine.StepOptions(kernels="roofline")]),
 })
 
 
@@ -379,11 +381,11 @@ def test_frontier_is_pareto_and_ratio_at_interpolates(kw):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(points, min_size=1, max_size=4), st.booleans())
+@given(st.lists(points, min_size=1, max_size=4), st.sampled_from(["none", "tbo", "full"]))
 def test_why_factors_multiply_back_to_the_ratio(pts, overlap):
     from qsengine.decode.why import WHY
 
-    pts = [dict(p, options=qsengine.StepOptions(overlap_comm=overlap)) for p in pts]
+    pts = [dict(p, options=qsengine.StepOptions(overlap=overlap)) for p in pts]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qsengine.ContextWarning)
         pts = [p for p in pts if _valid(p)]

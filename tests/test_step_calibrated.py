@@ -11,10 +11,9 @@ import math
 
 import numpy as np
 import pytest
+import qsengine
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-
-import qsengine
 from qsengine import Plan
 from qsengine.calibration import runtime as rt
 from qsengine.decode import step as S
@@ -156,7 +155,7 @@ def test_straggler_ceiling_caps_every_path():
     a, b = S.moe_cost_coefficients(m, as_precision("fp8"), acc, plan, ROOF)
     ceiling = a * 16
     assert ceiling == pytest.approx(0.0787e-3, rel=2e-3)
-    mean, sd = S.moe_straggler_closed_form(128, 8, 64, 8, a, b)
+    mean, _ = S.moe_straggler_closed_form(128, 8, 64, 8, a, b)
     assert mean <= ceiling * (1 + 1e-15) and mean == pytest.approx(ceiling, rel=1e-12)
     touched = 1 - (1 - 8 / 128) ** 64
     c8, _ = S.max_iid_normal(8)
@@ -185,6 +184,7 @@ def test_kernels_option_is_validated_and_recorded():
                             options=ROOF)
     cal = qsengine.simulate("qwen3-30b-a3b", "8xh100", 4096, microbatches=0, break_even=False)
     assert res.moe.step.time != cal.moe.step.time
+    assert "roofline kernels" in res.settings_line() and "calibrated kernels" in cal.settings_line()
     assert math.isfinite(cal.ratio)
 
 
@@ -195,8 +195,8 @@ def test_grouped_gemm_mapping_error_on_held_out_rows():
     stays near the runtime's (15.7 % vs 13.7 %)."""
     import csv
 
-    rows = [r for r in csv.DictReader(open(rt.calibration_dir() / "heldout_rows.csv", encoding="utf-8"))
-            if r["family"] == "grouped_gemm"]
+    with open(rt.calibration_dir() / "heldout_rows.csv", encoding="utf-8") as fh:
+        rows = [r for r in csv.DictReader(fh) if r["family"] == "grouped_gemm"]
     assert len(rows) > 600
     err, err_meas, err_rt, decode = [], [], [], []
     for r in rows:
@@ -215,3 +215,41 @@ def test_grouped_gemm_mapping_error_on_held_out_rows():
     assert max(err) <= 1e-9
     assert max(decode) < 0.02 and np.mean(decode) < 0.005
     assert np.mean(err_meas) < 0.17 and np.mean(err_rt) < 0.15
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.sampled_from(MODELS), st.sampled_from(["8xh200", "16xh100", "8xb200", "8xmi300x"]),
+       st.sampled_from(["bf16", "fp8"]), st.sampled_from([1, 2, 4, 8]), st.booleans(), st.integers(1, 1024),
+       st.integers(1, 131072), st.sampled_from(["calibrated", "roofline"]))
+def test_overlap_modes(model, cluster, prec, tp, dp2, batch, ctx, kernels):
+    """none >= tbo's formula over two half-batch steps >= full overlap; tbo is
+    2·max(C, M) + min(C, M)/L of one half-batch step (C compute, M comm)."""
+    m, c = as_model(model), as_cluster(cluster)
+    dp = 2 if dp2 and c.num_gpus >= 2 * tp else 1
+    ep = tp * dp if m.is_moe and m.routed_experts % (tp * dp) == 0 else 1
+    plan = Plan(tp=tp, dp=dp, ep=ep)
+    pr = as_precision(prec)
+    t = {ov: decode_step(m, pr, c.accelerator, plan, batch, ctx, options=StepOptions(kernels=kernels, overlap=ov))
+         for ov in ("none", "tbo", "full")}
+    assert t["full"].time <= t["none"].time * (1 + 1e-12)
+    assert t["full"].time <= t["tbo"].time * (1 + 1e-12)  # each half re-reads the weights: C(B) <= 2·C(B/2)
+    p = step_params(m, pr, c.accelerator, plan, StepOptions(kernels=kernels))
+    h = S.step_time(p, np.array([batch / 2]), np.array([float(ctx)]))
+    C, M = _one(h.compute), _one(h.comm)
+    assert t["tbo"].time == pytest.approx(2 * max(C, M) + min(C, M) / m.decode_layers, rel=1e-12)
+    assert t["tbo"].time_p99 >= t["tbo"].time * (1 - 1e-12)
+
+
+def test_overlap_option_is_validated_and_the_monte_carlo_routes_half_the_tokens():
+    with pytest.raises(ValueError, match="field 'overlap' = 'both': must be one of"):
+        StepOptions(overlap="both")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="conflicts with overlap_comm"):
+        StepOptions(overlap="tbo", overlap_comm=True)
+    assert step_params(as_model("qwen3-30b-a3b"), as_precision("bf16"), as_cluster("8xh100").accelerator,
+                       Plan(tp=8), StepOptions(overlap_comm=True)).overlap[0] == 1  # overlap_comm is "full"
+    kw = dict(model="qwen3-30b-a3b", cluster="8xh100", context=4096, plan=Plan(tp=1, dp=8, ep=8), batch=256,
+              break_even=False, seed=2)
+    mc = qsengine.simulate(microbatches=200, options=StepOptions(overlap="tbo"), **kw)
+    assert mc.moe.routing is not None and mc.moe.routing.config.batch == 256 // 2
+    closed = qsengine.simulate(microbatches=0, options=StepOptions(overlap="tbo"), **kw)
+    assert mc.moe.tokens_per_second == pytest.approx(closed.moe.tokens_per_second, rel=0.02)

@@ -60,7 +60,8 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
     a, bcoef = float(p.moe_a[0]), float(p.moe_b[0])
     while True:
         shape = moe_layer_shape(model, plan, batch)
-        tokens = max(1, int(round(shape.tokens)))
+        # two-batch overlap: each microbatch routes half the tokens, and step_time takes its straggler
+        tokens = max(1, int(round(shape.tokens / (2 if options.overlap == "tbo" else 1))))
         auto = microbatches == "auto"
         n = AUTO_MAX_MICROBATCHES if auto else int(microbatches)
         stats = route(model.routed_experts, model.top_k, tokens, n, routing=routing,

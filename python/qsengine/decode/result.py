@@ -149,12 +149,14 @@ class SimulationResult:
         op = (f"fixed batch {batch:,}" if batch is not None else
               f"latency target {slo * 1e3:.1f} ms (p99 TPOT)" if slo is not None else
               "no latency target (largest batch that fits)")
+        opts = inp.get("options")
+        kernels = opts.get("kernels", "calibrated") if isinstance(opts, dict) else "calibrated"
         mc = ("closed form (no Monte Carlo)" if mb == 0 else
               f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
                 f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), decode only: every "
                 f"sequence at {int(inp.get('context')):,} tokens, operating point: {op}, plan {inp.get('plan')} "
-                f"(objective: highest throughput), {mc}, seed {seed}, qsengine {__version__}")
+                f"(objective: highest throughput), {mc}, {kernels} kernels, seed {seed}, qsengine {__version__}")
 
     def _repr_html_(self) -> str:
         """A notebook view: both sides as a table, the ratio and its factors,

@@ -19,9 +19,13 @@ the code follows it piece by piece:
   sends, each over NVLink-class scale-up links when the group fits in one
   scale-up domain and over the inter-node network otherwise.
 
-Each compute piece is a roofline ``max(bytes / (BW·η_bw), flops / (F·η_f))``
-and records which side bound it. Pieces run one after another (no overlap of
-communication and compute: a conservative, documented choice).
+Each compute piece is, with ``StepOptions(kernels="calibrated")`` (the
+default), a sum of kernels at their true per-GPU shapes timed by the fitted
+kernel models of :mod:`qsengine.calibration`; with ``kernels="roofline"`` a
+roofline ``max(bytes / (BW·η_bw), flops / (F·η_f))``. Each records which side
+bound it. Pieces run one after another; communication follows compute
+(``overlap="none"``, the default), runs as two overlapped half-batches
+(``"tbo"``) or is hidden entirely (``"full"``).
 
 Pipeline parallelism: with ``pp`` stages, the replica's ``B`` sequences flow
 as ``pp`` microbatches of ``B/pp``; each token of a sequence takes one pass
@@ -44,9 +48,12 @@ Bound = Literal["bandwidth", "compute", "link", "-"]
 
 #: Values of :attr:`StepOptions.kernels`.
 KERNELS = ("calibrated", "roofline")
+#: Values of :attr:`StepOptions.overlap` (their code in ``StepParams.overlap``: 0, 2, 1).
+OVERLAP = ("none", "tbo", "full")
 
 __all__ = [
     "KERNELS",
+    "OVERLAP",
     "StepOptions",
     "Piece",
     "StepBreakdown",
@@ -76,7 +83,13 @@ class StepOptions:
         collective_latency: fixed latency of one collective call (all-reduce,
             all-to-all, pipeline send), seconds.
         overlap_comm: if True, communication is assumed hidden behind compute
-            (time = max instead of sum); default False (conservative).
+            (time = max instead of sum); default False (conservative). The
+            same as ``overlap="full"``.
+        overlap: ``"none"`` (default: communication after compute),
+            ``"tbo"`` (two-batch overlap, SGLang/DeepSeek: the batch runs as
+            two microbatches of half the sequences, one's communication
+            hidden behind the other's compute; docs/model.md "Overlap"),
+            ``"full"`` (communication entirely hidden: max(compute, comm)).
         kernels: ``"calibrated"`` (default): every piece is a kernel with its
             true per-GPU shape, timed by the fitted kernel models of
             :mod:`qsengine.calibration` (fixed per-call costs, idle-width
@@ -90,8 +103,14 @@ class StepOptions:
     collective_latency: float = 10e-6
     overlap_comm: bool = False
     kernels: Literal["calibrated", "roofline"] = "calibrated"
+    overlap: Literal["none", "tbo", "full"] = "none"
 
     def __post_init__(self) -> None:
+        if self.overlap not in OVERLAP:
+            raise ValueError(f"StepOptions: field 'overlap' = {self.overlap!r}: must be one of {list(OVERLAP)}")
+        if self.overlap_comm and self.overlap == "tbo":
+            raise ValueError("StepOptions: field 'overlap' = 'tbo': conflicts with overlap_comm=True (which means "
+                             "'full'); set one of them")
         if not (math.isfinite(self.collective_latency) and self.collective_latency >= 0):
             raise ValueError(f"StepOptions.collective_latency={self.collective_latency!r}: must be finite and >= 0")
         if self.kernels not in KERNELS:
@@ -222,7 +241,8 @@ STEP_FIELDS = (
     "g_bw", "g_f", "g_p", "g_c0", "g_pad", "g_wb", "g_ab",
     # per-GPU GEMM shapes (n, k; m = sequences at run time; n = 0: absent): attention projections,
     # FFN matrices (3 gated, 2 not), shared experts' up (n) and down (k), LM head's n
-    "ap_n1", "ap_k1", "ap_n2", "ap_k2", "ap_n3", "ap_k3", "ap_n4", "ap_k4", "ffn_mats", "ffn_bias", "sh_n", "sh_k", "lm_n",
+    "ap_n1", "ap_k1", "ap_n2", "ap_k2", "ap_n3", "ap_k3", "ap_n4", "ap_k4",
+    "ffn_mats", "ffn_bias", "sh_n", "sh_k", "lm_n",
     # calibrated decode attention core: fit (BW·η_bw, F·η_f, p, c0, c1, stream_pad, split), KV bytes,
     # heads and KV streams per GPU, cached elements per stream-token, Q/O bytes and FLOPs per head-token
     "at_bw", "at_f", "at_p", "at_c0", "at_c1", "at_pad", "at_split", "at_kvb", "at_h", "at_kvh", "at_el",
@@ -387,7 +407,8 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         shared_params=model.shared_experts * model.shared_expert_params if moe else 0,
         expert_params=model.expert_params if moe else 0, experts=model.routed_experts if moe else 1,
         top_k=model.top_k if moe else 1, vd=model.vocab_size * model.hidden_size,
-        latency=opt.collective_latency, overlap=bool(opt.overlap_comm),
+        latency=opt.collective_latency,
+        overlap=1 if (opt.overlap_comm or opt.overlap == "full") else (2 if opt.overlap == "tbo" else 0),
     )
     vals.update(_kernel_lane(model, precision, acc, plan, opt, kv_split))
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})
@@ -860,6 +881,11 @@ class StepTimes:
     p99: np.ndarray
     tokens: np.ndarray
     pieces: tuple[PieceArrays, ...] = ()
+    #: mean compute time (pieces summed, straggler included), its p50 and p99, and the communication time
+    compute: np.ndarray | None = None
+    compute_p50: np.ndarray | None = None
+    compute_p99: np.ndarray | None = None
+    comm: np.ndarray | None = None
 
 
 def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
@@ -869,7 +895,9 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
 
     ``batch`` and ``context`` are arrays over the lanes. The routed-expert
     straggler comes from ``moe_step_time`` (mean, p50, p99 arrays from the
-    Monte Carlo) or, if None, from the closed form (``pi`` = inclusion
+    Monte Carlo, without the grouped GEMM's fixed term, which is added here;
+    for two-batch-overlap lanes the straggler of one half-batch microbatch)
+    or, if None, from the closed form (``pi`` = inclusion
     probabilities, ``uniform`` when None), which takes one routing law per
     call: MoE lanes must agree on experts and top-k (ValueError otherwise).
     """
@@ -1076,15 +1104,50 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     comm_time = comm[0]
     for x in comm[1:]:
         comm_time = comm_time + x
-    ov = p.overlap > 0
+    ov = p.overlap == 1
     time = np.where(ov, np.maximum(compute_time, comm_time), compute_time + comm_time)
     if moe_mean is None:  # dense only: no straggler, every quantile is the time
         p50, p99 = time.copy(), time.copy()
+        c50 = c99 = compute_time
     else:
         det = compute_time - moe_mean
-        p50 = np.where(ov, np.maximum(det + moe_p50, comm_time), det + moe_p50 + comm_time)
-        p99 = np.where(ov, np.maximum(det + moe_p99, comm_time), det + moe_p99 + comm_time)
-    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=tuple(detailed))
+        c50, c99 = det + moe_p50, det + moe_p99
+        p50 = np.where(ov, np.maximum(c50, comm_time), c50 + comm_time)
+        p99 = np.where(ov, np.maximum(c99, comm_time), c99 + comm_time)
+    tbo = p.overlap == 2
+    if tbo.any():
+        time, p50, p99 = _two_batch_overlap(p, batch, ctx, tbo, time, p50, p99, pi, uniform, moe_step_time)
+    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=tuple(detailed),
+                     compute=compute_time, compute_p50=c50, compute_p99=c99, comm=comm_time)
+
+
+def _two_batch_overlap(p: StepParams, batch: np.ndarray, ctx: np.ndarray, tbo: np.ndarray, time: np.ndarray,
+                       p50: np.ndarray, p99: np.ndarray, pi: np.ndarray | None, uniform: bool,
+                       moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step time of the ``tbo`` lanes under two-batch overlap (SGLang TBO,
+    https://lmsys.org/blog/2025-05-05-large-scale-ep/; DeepSeek's dual
+    micro-batch overlap, https://github.com/deepseek-ai/profile-data): the
+    replica's batch runs as two microbatches of ``B/2`` that alternate, layer
+    by layer, between compute and communication, so one's communication hides
+    behind the other's compute. With ``C`` and ``M`` the compute and
+    communication time of one half-batch step (every weight is read by each
+    microbatch), ``T = 2·max(C, M) + min(C, M)/L`` (the shorter stream is
+    exposed for one layer of L, at the start). Quantiles take ``C`` at that
+    quantile. For Monte Carlo lanes ``moe_step_time`` is the straggler of
+    one microbatch (the routing Monte Carlo runs at half the tokens)."""
+    rows = np.flatnonzero(tbo)
+    sub = p.take(rows).replace(overlap=np.zeros(rows.size))
+    mst = None if moe_step_time is None else tuple(np.asarray(v, dtype=np.float64)[rows] for v in moe_step_time)
+    h = step_time(sub, batch[rows] / 2.0, ctx[rows], pi=pi, uniform=uniform, moe_step_time=mst)  # type: ignore[arg-type]
+    layers = sub.layers
+    out = []
+    for full, c in ((time, h.compute), (p50, h.compute_p50), (p99, h.compute_p99)):
+        assert c is not None and h.comm is not None
+        t = full.copy()
+        t[rows] = 2.0 * np.maximum(c, h.comm) + np.minimum(c, h.comm) / layers
+        out.append(t)
+    return out[0], out[1], out[2]
 
 
 def decode_step(
