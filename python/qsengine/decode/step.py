@@ -925,6 +925,7 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     cal = p.kern > 0
     any_cal = bool(cal.any())
     all_cal = any_cal and bool(cal.all())
+    roof_work = detail or not all_cal
 
     def pick(t_cal: np.ndarray | None, t_roof: np.ndarray | None) -> np.ndarray:
         if all_cal:
@@ -956,11 +957,11 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         if not detail and not (nl > 0).any():
             pieces.append(np.zeros(n_lanes))
             continue
-        w = p.attn_params * p.wb / shard + norm_bytes
-        kv = seqs * c * p.kv_layer / p.kv_split
-        fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
         t_r = b_r = t_c = b_c = None
-        if not all_cal:
+        if roof_work:  # the roofline's work: its time, and the bytes/FLOPs every piece reports
+            w = p.attn_params * p.wb / shard + norm_bytes
+            kv = seqs * c * p.kv_layer / p.kv_split
+            fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
             t_r, b_r = _roof(w + kv, fl, p)
         if any_cal:
             t_c, tb, tf = _attn_core(p, seqs, c)
@@ -973,10 +974,10 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
             keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, pick(b_c, b_r))
     # dense FFN
     has = (p.dense_layers > 0) & (p.ffn_params > 0)
-    w = p.ffn_params * p.wb / shard
-    fl = 2.0 * seqs * p.ffn_params / shard
     t_r = b_r = t_c = b_c = None
-    if not all_cal:
+    if roof_work:
+        w = p.ffn_params * p.wb / shard
+        fl = 2.0 * seqs * p.ffn_params / shard
         t_r, b_r = _roof(w, fl, p)
     if any_cal:
         # FFN width per GPU, from P = mats·d·w (+ (mats-1)·w + d with biases; Model._ffn_params)
@@ -995,10 +996,10 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     tokens = batch / p.pp * p.dp / p.copies
     moe_mean = moe_p50 = moe_p99 = None
     if any_moe:
-        per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
-        fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
         t_r = b_r = t_c = b_c = None
-        if not all_cal:
+        if roof_work:
+            per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
+            fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
             t_r, b_r = _roof(per_layer, fl, p)
         if any_cal:
             t_c, b_c = gemms(((np.where(is_moe, p.experts, 0.0), p.d), (p.sh_n, p.d),
@@ -1045,10 +1046,10 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
             bwb = pick(a * mean_u >= bcoef * mean_n, bwb)
             keep("routed experts (straggler)", moe_mean, eb_layer * n_moe, fl_layer * n_moe, n_moe, is_moe, bwb)
     # LM head
-    w = p.vd * p.wb / shard
-    fl = 2.0 * seqs * p.vd / shard
     t_r = b_r = t_c = b_c = None
-    if not all_cal:
+    if roof_work:
+        w = p.vd * p.wb / shard
+        fl = 2.0 * seqs * p.vd / shard
         t_r, b_r = _roof(w, fl, p)
     if any_cal:
         t_c, b_c = gemms(((p.lm_n, p.d),))
