@@ -91,7 +91,11 @@ def kv_free(precision: str = "fp8") -> Precision:
     return dataclasses.replace(qsengine.as_precision(precision), kv_bytes=KV_FREE_BYTES, name=f"{precision}-kv-free")
 
 
-FREE_COMM = StepOptions(collective_latency=0.0)
+#: This walk is about the study's roofline argument, so every run uses the roofline
+#: kernels (StepOptions.kernels="roofline", the paper's formulas); the calibrated
+#: default (fitted kernel times, docs/calibration.md) is quoted separately in docs/headline.md.
+ROOFLINE = StepOptions(kernels="roofline")
+FREE_COMM = StepOptions(collective_latency=0.0, kernels="roofline")
 
 
 @dataclasses.dataclass
@@ -126,6 +130,7 @@ def _row(step: str, condition: str, res: SimulationResult, key: str = "") -> Row
 def run(cluster: Cluster, context: int, **kw: Any) -> SimulationResult:
     """One closed-form DeepSeek-V3 comparison at fp8 (q* skipped: not needed here)."""
     kw.setdefault("precision", "fp8")
+    kw.setdefault("options", ROOFLINE)
     return qsengine.simulate(kw.pop("model", MODEL), cluster, context, microbatches=0, break_even=False, **kw)
 
 

@@ -47,6 +47,8 @@ points = st.fixed_dictionaries({
     "break_even": st.booleans(),
     "microbatches": st.just(0),
     "batch": st.one_of(st.none(), st.none(), st.sampled_from([1, 8, 48, 64, 100, 256, 4096])),
+    "options": st.sampled_from([None, None, None, qsengine.StepOptions(overlap="tbo"),
+                                qsengine.StepOptions(kernels="roofline")]),
 })
 
 
@@ -450,11 +452,12 @@ def test_frontier_is_pareto_and_ratio_at_interpolates(kw):
             assert not np.any((t <= t[i]) & (g > g[i]) & (np.arange(len(s)) != i))
         assert np.allclose(s["tokens_per_s_per_user"], 1 / t)
         # the maximum-throughput point (HBM-maximum batch) is the frontier's largest throughput,
-        # and the operating point at the latency target lies on the frontier
+        # and the operating point at the latency target lies on the frontier (up to the linear
+        # interpolation between its 40 batches, which runs below a concave curve)
         assert g.max() == pytest.approx(res.to_record()[f"{side}_max_tokens_per_s_per_gpu"], rel=1e-9)
         r = res.moe if side == "moe" else res.dense
         at = res.throughput_at(r.tpot, side)
-        assert r.tokens_per_second_per_gpu(res.cluster.num_gpus) <= at * (1 + 1e-9)
+        assert r.tokens_per_second_per_gpu(res.cluster.num_gpus) == pytest.approx(at, rel=0.01)
         # at a frontier point the side's throughput is that point's; between two, in between
         for i in range(len(s) - 1):
             assert res.throughput_at(float(t[i]), side) == pytest.approx(g[i], rel=1e-12)
@@ -470,11 +473,11 @@ def test_frontier_is_pareto_and_ratio_at_interpolates(kw):
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(st.lists(points, min_size=1, max_size=4), st.booleans())
+@given(st.lists(points, min_size=1, max_size=4), st.sampled_from(["none", "tbo", "full"]))
 def test_why_factors_multiply_back_to_the_ratio(pts, overlap):
     from qsengine.decode.why import WHY
 
-    pts = [dict(p, options=qsengine.StepOptions(overlap_comm=overlap)) for p in pts]
+    pts = [dict(p, options=qsengine.StepOptions(overlap=overlap)) for p in pts]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qsengine.ContextWarning)
         pts = [p for p in pts if _valid(p)]

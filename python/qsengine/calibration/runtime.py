@@ -39,6 +39,8 @@ __all__ = [
     "attention_time",
     "allreduce_time",
     "alltoall_time",
+    "collective_lines",
+    "kernel_params",
 ]
 
 #: target accelerator id -> (reference with fitted data, why that reference).
@@ -197,19 +199,19 @@ def attention_time(acc: Accelerator | str, kind: Literal["gqa", "mla"], batch: A
     raise ValueError(f"kind={kind!r}: must be 'gqa' or 'mla'")
 
 
-def _collective(acc: Accelerator | str, family: Family, gpus: Any, nbytes: Any) -> np.ndarray:
-    a = _acc(acc)
+def _lines(a: Accelerator, family: Family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(measured GPU counts, alpha (counts, protocols), beta (counts, protocols)) of a collective,
+    bandwidths scaled by the transfer rule's link factor."""
     rec, info = _family(a, family, None)
     per = rec["per_gpus"]
     gs = np.array(sorted(int(g) for g in per), dtype=np.float64)
     alpha = np.array([per[str(int(g))]["alpha"] for g in gs])  # (gpu counts, protocols)
     beta = np.array([per[str(int(g))]["beta"] for g in gs]) * info.link_scale
-    g = np.asarray(gpus, dtype=np.float64)
-    if np.any(g < 1) or not np.all(np.isfinite(g)):
-        raise ValueError(f"gpus: every value must be a finite count >= 1 (min {g.min() if g.size else g!r})")
-    s = np.asarray(nbytes, dtype=np.float64)
-    if np.any(s < 0):
-        raise ValueError("nbytes: every value must be >= 0")
+    return gs, alpha, beta
+
+
+def _interp_lines(g: np.ndarray, gs: np.ndarray, alpha: np.ndarray,
+                  beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Between and beyond measured GPU counts: latency and bandwidth interpolated
     # linearly in log2(gpus), held constant outside the measured range (the
     # scale-up fabric is a switch, so per-GPU bandwidth does not fall further).
@@ -217,7 +219,52 @@ def _collective(acc: Accelerator | str, family: Family, gpus: Any, nbytes: Any) 
     lgs = np.log2(gs)
     al = np.stack([np.interp(lg, lgs, alpha[:, j]) for j in range(alpha.shape[1])], axis=-1)
     be = np.stack([np.interp(lg, lgs, beta[:, j]) for j in range(beta.shape[1])], axis=-1)
+    return al, be
+
+
+def _collective(acc: Accelerator | str, family: Family, gpus: Any, nbytes: Any) -> np.ndarray:
+    a = _acc(acc)
+    gs, alpha, beta = _lines(a, family)
+    g = np.asarray(gpus, dtype=np.float64)
+    if np.any(g < 1) or not np.all(np.isfinite(g)):
+        raise ValueError(f"gpus: every value must be a finite count >= 1 (min {g.min() if g.size else g!r})")
+    s = np.asarray(nbytes, dtype=np.float64)
+    if np.any(s < 0):
+        raise ValueError("nbytes: every value must be >= 0")
+    al, be = _interp_lines(g, gs, alpha, beta)
     return np.where(g > 1, M.collective_time(s, al, be), 0.0)
+
+
+def collective_lines(acc: Accelerator | str, family: Literal["allreduce", "alltoall"],
+                     gpus: int) -> tuple[np.ndarray, np.ndarray]:
+    """(alpha, beta) per protocol (seconds, bytes/s per GPU) of the fitted
+    ``family`` collective over ``gpus`` GPUs of one scale-up domain, as
+    :func:`allreduce_time` / :func:`alltoall_time` use them: ``t(S) = min_j
+    (alpha_j + S/beta_j)``. Lets a caller resolve a plan's group once and
+    evaluate many message sizes without a lookup per size."""
+    a = _acc(acc)
+    gs, alpha, beta = _lines(a, family)
+    al, be = _interp_lines(np.array([float(gpus)]), gs, alpha, beta)
+    return al[0], be[0]
+
+
+def kernel_params(acc: Accelerator | str, family: Family, dtype: str) -> dict[str, float] | None:
+    """The fitted parameters of ``family`` in ``dtype`` that the runtime uses for
+    ``acc`` (the transfer rule's reference's record for accelerators without
+    their own fit), or None when there is no such fit (e.g. no grouped-GEMM
+    table for A100, no nvfp4 GEMM on Hopper). Peaks are ``acc``'s own spec
+    values: bandwidth ``acc.hbm_bandwidth``, FLOP/s ``acc.peak_flops(PEAK_DTYPE[dtype])``
+    (attention: bf16)."""
+    a = _acc(acc)
+    try:
+        info = calibration_info(a)
+    except ValueError:
+        return None
+    fam = _load(info.reference)["families"].get(family, {})
+    rec = fam.get(dtype)
+    if rec is None or "params" not in rec:
+        return None
+    return dict(rec["params"])
 
 
 def allreduce_time(acc: Accelerator | str, gpus: Any, nbytes: Any) -> np.ndarray:

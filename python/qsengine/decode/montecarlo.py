@@ -50,16 +50,18 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
     routing Monte Carlo; if the Monte Carlo TPOT misses the target, the batch
     steps down (in admission units) and the Monte Carlo runs again (the
     target holds on the p99)."""
-    from qsengine.decode.step import moe_cost_coefficients, moe_layer_shape
+    from qsengine.decode.step import moe_layer_shape
     from qsengine.routing import Placement, route
 
     acc = cluster.accelerator
-    a, bcoef = moe_cost_coefficients(model, precision, acc, plan)
     unit = plan.tp if plan.attn_dp else 1
     p = step_params(model, precision, acc, plan, options)
+    # the closed form's per-GPU layer cost max(a·u_g, b·n_g) (+ the fixed term step_time adds)
+    a, bcoef = float(p.moe_a[0]), float(p.moe_b[0])
     while True:
         shape = moe_layer_shape(model, plan, batch)
-        tokens = max(1, int(round(shape.tokens)))
+        # two-batch overlap: each microbatch routes half the tokens, and step_time takes its straggler
+        tokens = max(1, int(round(shape.tokens / (2 if options.overlap == "tbo" else 1))))
         auto = microbatches == "auto"
         n = AUTO_MAX_MICROBATCHES if auto else int(microbatches)
         stats = route(model.routed_experts, model.top_k, tokens, n, routing=routing,

@@ -170,6 +170,8 @@ class SimulationResult:
         seed = inp.get("seed")
         seed = seed.get("entropy") if isinstance(seed, dict) else seed
         op = self.settings_operating_point()
+        opts = inp.get("options")
+        kernels = opts.get("kernels", "calibrated") if isinstance(opts, dict) else "calibrated"
         mc = ("closed form (no Monte Carlo)" if mb == 0 else
               f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
         ctx, out = int(inp.get("context")), int(inp.get("output") or 0)
@@ -179,7 +181,7 @@ class SimulationResult:
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
                 f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), {work}, "
                 f"operating point: {op}, plan {inp.get('plan')} "
-                f"(objective: highest throughput), {mc}, seed {seed}, qsengine {__version__}")
+                f"(objective: highest throughput), {mc}, {kernels} kernels, seed {seed}, qsengine {__version__}")
 
     def _repr_html_(self) -> str:
         """A notebook view: both sides as a table, the ratio and its factors,

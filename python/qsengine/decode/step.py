@@ -19,9 +19,13 @@ the code follows it piece by piece:
   sends, each over NVLink-class scale-up links when the group fits in one
   scale-up domain and over the inter-node network otherwise.
 
-Each compute piece is a roofline ``max(bytes / (BW·η_bw), flops / (F·η_f))``
-and records which side bound it. Pieces run one after another (no overlap of
-communication and compute: a conservative, documented choice).
+Each compute piece is, with ``StepOptions(kernels="calibrated")`` (the
+default), a sum of kernels at their true per-GPU shapes timed by the fitted
+kernel models of :mod:`qsengine.calibration`; with ``kernels="roofline"`` a
+roofline ``max(bytes / (BW·η_bw), flops / (F·η_f))``. Each records which side
+bound it. Pieces run one after another; communication follows compute
+(``overlap="none"``, the default), runs as two overlapped half-batches
+(``"tbo"``) or is hidden entirely (``"full"``).
 
 Pipeline parallelism: with ``pp`` stages, the replica's ``B`` sequences flow
 as ``pp`` microbatches of ``B/pp``; each token of a sequence takes one pass
@@ -42,7 +46,14 @@ from qsengine.specs import Accelerator, Model, Plan, Precision
 
 Bound = Literal["bandwidth", "compute", "link", "-"]
 
+#: Values of :attr:`StepOptions.kernels`.
+KERNELS = ("calibrated", "roofline")
+#: Values of :attr:`StepOptions.overlap` (their code in ``StepParams.overlap``: 0, 2, 1).
+OVERLAP = ("none", "tbo", "full")
+
 __all__ = [
+    "KERNELS",
+    "OVERLAP",
     "StepOptions",
     "Piece",
     "StepBreakdown",
@@ -51,6 +62,9 @@ __all__ = [
     "moe_cost_coefficients",
     "moe_straggler_closed_form",
     "straggler_closed_form",
+    "straggler_ceiling",
+    "grouped_cost",
+    "kernel_dtypes",
     "max_iid_normal",
     "StepParams",
     "step_params",
@@ -69,15 +83,38 @@ class StepOptions:
         collective_latency: fixed latency of one collective call (all-reduce,
             all-to-all, pipeline send), seconds.
         overlap_comm: if True, communication is assumed hidden behind compute
-            (time = max instead of sum); default False (conservative).
+            (time = max instead of sum); default False (conservative). The
+            same as ``overlap="full"``.
+        overlap: ``"none"`` (default: communication after compute),
+            ``"tbo"`` (two-batch overlap, SGLang/DeepSeek: the batch runs as
+            two microbatches of half the sequences, one's communication
+            hidden behind the other's compute; docs/model.md "Overlap"),
+            ``"full"`` (communication entirely hidden: max(compute, comm)).
+        kernels: ``"calibrated"`` (default): every piece is a kernel with its
+            true per-GPU shape, timed by the fitted kernel models of
+            :mod:`qsengine.calibration` (fixed per-call costs, idle-width
+            padding, soft ridge; collectives inside a scale-up domain by the
+            fitted all-reduce / all-to-all); ``"roofline"``: the paper's
+            formulas, ``max(bytes/(BW·η_bw), flops/(F·η_f))`` with the
+            accelerator's constant efficiencies and ``collective_latency``
+            (docs/model.md, "Calibrated kernels").
     """
 
     collective_latency: float = 10e-6
     overlap_comm: bool = False
+    kernels: Literal["calibrated", "roofline"] = "calibrated"
+    overlap: Literal["none", "tbo", "full"] = "none"
 
     def __post_init__(self) -> None:
+        if self.overlap not in OVERLAP:
+            raise ValueError(f"StepOptions: field 'overlap' = {self.overlap!r}: must be one of {list(OVERLAP)}")
+        if self.overlap_comm and self.overlap == "tbo":
+            raise ValueError("StepOptions: field 'overlap' = 'tbo': conflicts with overlap_comm=True (which means "
+                             "'full'); set one of them")
         if not (math.isfinite(self.collective_latency) and self.collective_latency >= 0):
             raise ValueError(f"StepOptions.collective_latency={self.collective_latency!r}: must be finite and >= 0")
+        if self.kernels not in KERNELS:
+            raise ValueError(f"StepOptions: field 'kernels' = {self.kernels!r}: must be one of {list(KERNELS)}")
 
 
 @dataclass(frozen=True)
@@ -160,16 +197,19 @@ def moe_layer_shape(model: Model, plan: Plan, batch: float) -> MoeLayerShape:
                          etp=plan.expert_tp)
 
 
-def moe_cost_coefficients(model: Model, precision: Precision, acc: Accelerator, plan: Plan) -> tuple[float, float]:
+def moe_cost_coefficients(model: Model, precision: Precision, acc: Accelerator, plan: Plan,
+                          options: StepOptions | None = None) -> tuple[float, float]:
     """(a, b): seconds per touched expert and per token-expert assignment on one GPU.
 
-    GPU g's routed-expert time in a layer is ``max(a·u_g, b·n_g)``:
-    ``a = P_e·b_e / (etp·BW·η_bw)`` and ``b = 2·P_e / (etp·F·η_f)``.
+    GPU g's routed-expert time in a layer is ``fixed + max(a·u_g, b·n_g)``.
+    Roofline kernels: ``a = P_e·b_e / (etp·BW·η_bw)``, ``b = 2·P_e / (etp·F·η_f)``,
+    fixed = 0; calibrated kernels (the default): the grouped-GEMM fit mapped
+    onto the same form (:func:`grouped_cost`; the fixed per-layer term is
+    ``StepParams.moe_fix``). The routing Monte Carlo takes (a, b) as its
+    ``LayerCost``, so it and the closed form share one cost.
     """
-    etp = plan.expert_tp
-    a = model.expert_params * precision.expert_bytes / etp / (acc.hbm_bandwidth * acc.bandwidth_efficiency)
-    b = 2.0 * model.expert_params / etp / (acc.peak_flops(precision.compute) * acc.flops_efficiency)
-    return a, b
+    p = step_params(model, precision, acc, plan, options)
+    return float(p.moe_a[0]), float(p.moe_b[0])
 
 
 # ---------------------------------------------------------------------------
@@ -195,6 +235,23 @@ STEP_FIELDS = (
     "top_k", "vd",
     # options
     "latency", "overlap",
+    # kernels: 1 = calibrated, 0 = roofline (StepOptions.kernels)
+    "kern",
+    # calibrated GEMM fit (non-expert weights): BW·η_bw, F·η_f, p, c0, n_pad, weight/activation bytes
+    "g_bw", "g_f", "g_p", "g_c0", "g_pad", "g_wb", "g_ab",
+    # per-GPU GEMM shapes (n, k; m = sequences at run time; n = 0: absent): attention projections,
+    # FFN matrices (3 gated, 2 not), shared experts' up (n) and down (k), LM head's n
+    "ap_n1", "ap_k1", "ap_n2", "ap_k2", "ap_n3", "ap_k3", "ap_n4", "ap_k4",
+    "ffn_mats", "ffn_bias", "sh_n", "sh_k", "lm_n",
+    # calibrated decode attention core: fit (BW·η_bw, F·η_f, p, c0, c1, stream_pad, split), KV bytes,
+    # heads and KV streams per GPU, cached elements per stream-token, Q/O bytes and FLOPs per head-token
+    "at_bw", "at_f", "at_p", "at_c0", "at_c1", "at_pad", "at_split", "at_kvb", "at_h", "at_kvh", "at_el",
+    "at_qo", "at_fl",
+    # routed experts: per-GPU layer cost moe_fix + max(moe_a·u_g, moe_b·n_g)
+    "moe_a", "moe_b", "moe_fix",
+    # fitted collectives (two protocols: latency s, bandwidth B/s) at the TP, EP x ETP and ETP group
+    # sizes; nan: not fitted or beyond the scale-up domain (the link model applies)
+    "ar_a1", "ar_b1", "ar_a2", "ar_b2", "aa_a1", "aa_b1", "aa_a2", "aa_b2", "er_a1", "er_b1", "er_a2", "er_b2",
 )
 
 
@@ -243,6 +300,55 @@ class StepParams:
     vd: np.ndarray
     latency: np.ndarray
     overlap: np.ndarray
+    kern: np.ndarray
+    g_bw: np.ndarray
+    g_f: np.ndarray
+    g_p: np.ndarray
+    g_c0: np.ndarray
+    g_pad: np.ndarray
+    g_wb: np.ndarray
+    g_ab: np.ndarray
+    ap_n1: np.ndarray
+    ap_k1: np.ndarray
+    ap_n2: np.ndarray
+    ap_k2: np.ndarray
+    ap_n3: np.ndarray
+    ap_k3: np.ndarray
+    ap_n4: np.ndarray
+    ap_k4: np.ndarray
+    ffn_mats: np.ndarray
+    ffn_bias: np.ndarray
+    sh_n: np.ndarray
+    sh_k: np.ndarray
+    lm_n: np.ndarray
+    at_bw: np.ndarray
+    at_f: np.ndarray
+    at_p: np.ndarray
+    at_c0: np.ndarray
+    at_c1: np.ndarray
+    at_pad: np.ndarray
+    at_split: np.ndarray
+    at_kvb: np.ndarray
+    at_h: np.ndarray
+    at_kvh: np.ndarray
+    at_el: np.ndarray
+    at_qo: np.ndarray
+    at_fl: np.ndarray
+    moe_a: np.ndarray
+    moe_b: np.ndarray
+    moe_fix: np.ndarray
+    ar_a1: np.ndarray
+    ar_b1: np.ndarray
+    ar_a2: np.ndarray
+    ar_b2: np.ndarray
+    aa_a1: np.ndarray
+    aa_b1: np.ndarray
+    aa_a2: np.ndarray
+    aa_b2: np.ndarray
+    er_a1: np.ndarray
+    er_b1: np.ndarray
+    er_a2: np.ndarray
+    er_b2: np.ndarray
     #: the fields as rows of one (fields, lanes) array, when they are views of it
     matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -301,9 +407,183 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         shared_params=model.shared_experts * model.shared_expert_params if moe else 0,
         expert_params=model.expert_params if moe else 0, experts=model.routed_experts if moe else 1,
         top_k=model.top_k if moe else 1, vd=model.vocab_size * model.hidden_size,
-        latency=opt.collective_latency, overlap=bool(opt.overlap_comm),
+        latency=opt.collective_latency,
+        overlap=1 if (opt.overlap_comm or opt.overlap == "full") else (2 if opt.overlap == "tbo" else 0),
     )
+    vals.update(_kernel_lane(model, precision, acc, plan, opt, kv_split))
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})
+
+
+# --------------------------------------------------------- calibrated kernels
+def kernel_dtypes(precision: Precision) -> dict[str, str | None]:
+    """The calibration dtype of each kernel family for ``precision`` (None: no
+    measured kernel runs it; that family falls back to the roofline at the
+    accelerator's spec efficiencies). fp8 weights are block-scaled (DeepSeek's
+    128x128 fp32 scales, ``Precision.weight_bytes`` = 1 + 4/16384), so their
+    GEMMs are ``fp8_block``; fp4 is ``nvfp4``; bf16 compute over 4-bit experts
+    is ``w4a16_mxfp4``; the KV cache is ``bf16`` (2 B) or ``fp8`` (1 B)."""
+    c = precision.compute
+    gemm = {"bf16": "bf16", "fp8": "fp8_block", "fp4": "nvfp4"}.get(c)
+    if c == "bf16" and precision.weight_bytes != 2.0:
+        gemm = None
+    if c == "bf16":
+        grouped = "bf16" if precision.expert_bytes == 2.0 else ("w4a16_mxfp4" if precision.expert_bytes < 1 else None)
+    else:
+        grouped = {"fp8": "fp8_block", "fp4": "nvfp4"}.get(c)
+    kv = {2.0: "bf16", 1.0: "fp8"}.get(float(precision.kv_bytes))
+    return {"gemm": gemm, "grouped_gemm": grouped, "attention": kv}
+
+
+def _fit(acc: Accelerator, family: str, dtype: str | None) -> dict[str, float] | None:
+    from qsengine.calibration.runtime import kernel_params
+
+    return None if dtype is None else kernel_params(acc, family, dtype)  # type: ignore[arg-type]
+
+
+def grouped_cost(model: Model, precision: Precision, acc: Accelerator, plan: Plan) -> tuple[float, float, float]:
+    """(a, b, fixed): the calibrated grouped-GEMM time of one GPU's routed
+    experts in one layer, ``fixed + max(a·u_g, b·n_g)`` (u_g touched experts,
+    n_g token-expert assignments), mapped from the fit of
+    :func:`qsengine.calibration.grouped_gemm_time`::
+
+        t = c0 + c1·n + c_e·u + smax(W_b(u·i + pad)/(BW·η_bw) + n·h·(b_a + 2)/(BW·η_bw),
+                                      2·W(n·i + pad·n/u)/(F·η_f); p)
+
+    (W = weights per unit of expert width, i = width per GPU, h = hidden, b_a
+    activation bytes) by three approximations: smax -> max; one assignment
+    per touched expert in the bandwidth branch (u = n, the decode regime:
+    ``a`` = weight bytes + c_e + c1 + activation bytes of one assignment,
+    ``b`` = FLOPs + c1 + activation bytes per assignment); the idle-width
+    padding as a fixed term ``c0 + max(pad bytes, pad FLOPs)`` (n/u = 1).
+    Their error against the runtime on the held-out rows is in
+    docs/model.md ("Calibrated kernels"). Without a fit (e.g. A100, int8):
+    the roofline's (a, b) with the spec efficiencies and fixed = 0."""
+    etp = plan.expert_tp
+    dt = kernel_dtypes(precision)["grouped_gemm"]
+    f = _fit(acc, "grouped_gemm", dt)
+    if f is None or not model.is_moe:
+        a = model.expert_params * precision.expert_bytes / etp / (acc.hbm_bandwidth * acc.bandwidth_efficiency)
+        b = 2.0 * model.expert_params / etp / (acc.peak_flops(precision.compute) * acc.flops_efficiency)
+        return a, b, 0.0
+    assert dt is not None
+    # weights per unit of expert width (3·d gated) and of one expert on one GPU
+    return grouped_coefficients(acc, dt, f, model.hidden_size, model.expert_params / model.moe_intermediate,
+                                model.expert_params / etp)
+
+
+def grouped_coefficients(acc: Accelerator, dtype: str, fit: dict[str, float], hidden: float, per_width: float,
+                         expert_weights: float) -> tuple[float, float, float]:
+    """(a, b, fixed) of :func:`grouped_cost` from a grouped-GEMM fit record
+    (``fit``, :func:`qsengine.calibration.runtime.kernel_params`) for experts
+    of ``expert_weights`` weights on one GPU, ``per_width`` weights per unit
+    of expert width, model width ``hidden``."""
+    from qsengine.calibration.models import ACT_BYTES, PEAK_DTYPE, WEIGHT_BYTES
+
+    bw = acc.hbm_bandwidth * fit["eta_bw"]
+    fl = acc.peak_flops(PEAK_DTYPE[dtype]) * fit["eta_f"]
+    act = hidden * (ACT_BYTES[dtype] + 2.0) / bw  # one assignment's activations in and out
+    a = expert_weights * WEIGHT_BYTES[dtype] / bw + fit["c_expert"] + fit["c1"] + act
+    b = 2.0 * expert_weights / fl + fit["c1"] + act
+    fixed = fit["c0"] + max(per_width * fit["width_pad"] * WEIGHT_BYTES[dtype] / bw,
+                            2.0 * per_width * fit["width_pad"] / fl)
+    return a, b, fixed
+
+
+def _kernel_lane(model: Model, precision: Precision, acc: Accelerator, plan: Plan, opt: StepOptions,
+                 kv_split: int) -> dict[str, float]:
+    """The calibrated-kernel fields of one lane (see STEP_FIELDS): fits
+    resolved once per (accelerator, dtype, plan group sizes), shapes per GPU."""
+    from qsengine.calibration.models import ACT_BYTES, PEAK_DTYPE, WEIGHT_BYTES
+    from qsengine.calibration.runtime import collective_lines
+
+    att = model.attention
+    d = model.hidden_size
+    shard = 1 if plan.attn_dp else plan.tp
+    dts = kernel_dtypes(precision)
+    inf = math.inf
+    out: dict[str, float] = {"kern": 1.0 if opt.kernels == "calibrated" else 0.0}
+    # GEMMs (non-expert weights); no fit: roofline at the spec efficiencies, no fixed cost
+    g = _fit(acc, "gemm", dts["gemm"])
+    if g is not None:
+        dt = dts["gemm"]
+        assert dt is not None
+        out.update(g_bw=acc.hbm_bandwidth * g["eta_bw"], g_f=acc.peak_flops(PEAK_DTYPE[dt]) * g["eta_f"],
+                   g_p=g["p"], g_c0=g["c0"], g_pad=g["n_pad"], g_wb=WEIGHT_BYTES[dt], g_ab=ACT_BYTES[dt])
+    else:
+        out.update(g_bw=acc.hbm_bandwidth * acc.bandwidth_efficiency,
+                   g_f=acc.peak_flops(precision.compute) * acc.flops_efficiency, g_p=inf, g_c0=0.0, g_pad=0.0,
+                   g_wb=precision.weight_bytes, g_ab=precision.activation_bytes)
+    # attention projections per GPU (m = sequences): (n, k) of each GEMM
+    h = att.num_heads
+    if att.kind == "mla":
+        r_q, r_kv, rope = att.q_lora_rank or 0, att.kv_lora_rank or 0, att.qk_rope_head_dim or 0
+        nope = att.head_dim - rope if att.qk_nope_head_dim is None else att.qk_nope_head_dim
+        qk = nope + rope
+        # fused q_a + kv_a (replicated), q_b (or q without LoRA), kv_b (absorbed: same weights), o
+        mats = [(r_q + r_kv + rope, d), (h * qk / shard, r_q if r_q else d), (h * (nope + att.value_dim) / shard, r_kv),
+                (d, h * att.value_dim / shard)]
+    else:
+        kvh_gpu = att.num_kv_heads / kv_split if not plan.attn_dp else att.num_kv_heads
+        mats = [(h * att.head_dim / shard + kvh_gpu * (att.head_dim + att.value_dim), d),
+                (d, h * att.value_dim / shard), (0.0, 0.0), (0.0, 0.0)]
+    for i, (n, k) in enumerate(mats, start=1):
+        out[f"ap_n{i}"], out[f"ap_k{i}"] = float(n), float(k)
+    out["ffn_mats"] = 3.0 if model.gated_ffn else 2.0
+    out["ffn_bias"] = 1.0 if model.ffn_bias else 0.0
+    sh_w = model.shared_experts * model.shared_intermediate if model.is_moe else 0
+    out["sh_n"] = (out["ffn_mats"] - 1) * sh_w / shard
+    out["sh_k"] = sh_w / shard
+    out["lm_n"] = model.vocab_size / shard
+    # decode attention core (bf16 compute whatever the weights' dtype: production MLA/GQA kernels)
+    heads = h / shard
+    if att.kind == "mla":
+        r_kv, rope = att.kv_lora_rank or 0, att.qk_rope_head_dim or 0
+        fam, kvh, el, qo, flo = "attention_mla", 1.0, r_kv + rope, 2.0 * (2 * r_kv + rope), 2.0 * (2 * r_kv + rope)
+    else:
+        kvh = att.num_kv_heads / (1 if plan.attn_dp else kv_split)
+        fam = "attention_mha" if heads == kvh else "attention_gqa"
+        el, qo, flo = 2.0 * att.head_dim, 4.0 * att.head_dim, 4.0 * att.head_dim
+    a = _fit(acc, fam, dts["attention"])
+    if fam == "attention_mha" and a is None:
+        a = _fit(acc, "attention_gqa", dts["attention"])
+    if a is not None:
+        out.update(at_bw=acc.hbm_bandwidth * a["eta_bw"], at_f=acc.peak_flops("bf16") * a["eta_f"], at_p=a["p"],
+                   at_c0=a["c0"], at_c1=a["c1"], at_pad=a["stream_pad"], at_split=a["split"])
+    else:
+        out.update(at_bw=acc.hbm_bandwidth * acc.bandwidth_efficiency,
+                   at_f=acc.peak_flops("bf16") * acc.flops_efficiency, at_p=inf, at_c0=0.0, at_c1=0.0,
+                   at_pad=0.0, at_split=inf)
+    out.update(at_kvb=precision.kv_bytes, at_h=heads, at_kvh=kvh, at_el=el, at_qo=qo, at_fl=flo)
+    # routed experts
+    if model.is_moe:
+        if opt.kernels == "calibrated":
+            ma, mb, mf = grouped_cost(model, precision, acc, plan)
+        else:
+            ma = model.expert_params * precision.expert_bytes / plan.expert_tp / (
+                acc.hbm_bandwidth * acc.bandwidth_efficiency)
+            mb = 2.0 * model.expert_params / plan.expert_tp / (
+                acc.peak_flops(precision.compute) * acc.flops_efficiency)
+            mf = 0.0
+    else:
+        ma = mb = mf = 0.0
+    out.update(moe_a=ma, moe_b=mb, moe_fix=mf)
+    # fitted collectives inside one scale-up domain
+    nan = math.nan
+    for pre, fam_c, grp in (("ar", "allreduce", plan.tp), ("aa", "alltoall", plan.ep * plan.expert_tp),
+                            ("er", "allreduce", plan.expert_tp)):
+        lines = None
+        if 1 < grp <= acc.scaleup_domain:
+            try:
+                lines = collective_lines(acc, fam_c, grp)  # type: ignore[arg-type]
+            except (ValueError, KeyError, FileNotFoundError):
+                lines = None
+        if lines is None or len(lines[0]) != 2:
+            out.update({f"{pre}_a1": nan, f"{pre}_b1": nan, f"{pre}_a2": nan, f"{pre}_b2": nan})
+        else:
+            al, be = lines
+            out.update({f"{pre}_a1": float(al[0]), f"{pre}_b1": float(be[0]), f"{pre}_a2": float(al[1]),
+                        f"{pre}_b2": float(be[1])})
+    return out
 
 
 def _roof(nbytes: np.ndarray, flops: np.ndarray, p: StepParams) -> tuple[np.ndarray, np.ndarray]:
@@ -324,6 +604,43 @@ def _allreduce(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarr
     with np.errstate(divide="ignore", invalid="ignore"):
         t = p.latency + 2.0 * (group - 1) / group * nbytes / _link_bw(p, group)
     return np.where(group > 1, t, 0.0)
+
+
+def _smax(x: np.ndarray, y: np.ndarray, pw: np.ndarray) -> np.ndarray:
+    """``(x^p + y^p)^(1/p)`` (qsengine.calibration.models.smax, over lanes with per-lane p)."""
+    hi = np.maximum(x, y)
+    lo = np.minimum(x, y)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        r = np.where(hi > 0, lo / hi, 0.0)
+    return hi * (1.0 + r ** pw) ** (1.0 / pw)
+
+
+def _gemm(p: StepParams, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibrated GEMM ``[m,k] x [k,n]`` on one GPU (qsengine.calibration.gemm_time):
+    (time, bandwidth term, compute term); 0 where ``n == 0`` (no such GEMM)."""
+    ne = n + p.g_pad
+    nb = m * k * p.g_ab + k * ne * p.g_wb + 2.0 * m * ne
+    fl = 2.0 * m * ne * k
+    tb = nb / p.g_bw
+    tf = fl / p.g_f
+    return np.where(n > 0, p.g_c0 + _smax(tb, tf, p.g_p), 0.0), tb, tf
+
+
+def _attn_core(p: StepParams, seqs: np.ndarray, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibrated decode attention core of one layer on one GPU
+    (qsengine.calibration.attention_time, gqa/mha/mla): (time, bandwidth term, compute term)."""
+    streams = seqs * p.at_kvh * ctx + p.at_pad * np.minimum(ctx, p.at_split)
+    nb = streams * p.at_el * p.at_kvb + seqs * p.at_h * p.at_qo
+    fl = seqs * ctx * p.at_h * p.at_fl
+    tb = nb / p.at_bw
+    tf = fl / p.at_f
+    return p.at_c0 + p.at_c1 * (seqs * p.at_h) + _smax(tb, tf, p.at_p), tb, tf
+
+
+def _fitted_collective(nbytes: np.ndarray, a1: np.ndarray, b1: np.ndarray, a2: np.ndarray,
+                       b2: np.ndarray) -> np.ndarray:
+    """``min_j (alpha_j + S/beta_j)`` over the two fitted protocols (nan where not fitted)."""
+    return np.minimum(a1 + nbytes / b1, a2 + nbytes / b2)
 
 
 # --------------------------------------------------------------- straggler
@@ -426,6 +743,20 @@ def _inclusion_probabilities(weights: np.ndarray, k: int) -> np.ndarray:
     return 1 - np.exp(-0.5 * (lo + hi) * w)
 
 
+def straggler_ceiling(experts_per_gpu: Any, top_k: Any, tokens: Any, a: Any, b: Any) -> np.ndarray:
+    """The physical ceiling of one MoE layer's straggler ``max_g max(a·u_g, b·n_g)``:
+    no GPU touches more than its ``experts_per_gpu`` experts, and no GPU
+    computes more than ``tokens·min(top_k, experts_per_gpu)`` assignments (a
+    token picks distinct experts), so the straggler is at most
+    ``max(a·E_g, b·B·min(k, E_g))``. The normal approximation of the closed
+    form can exceed it (issue #14 item 5: Qwen3-235B at B = 64, 0.0809 ms per
+    layer against the 0.0787 ms of reading every local expert), so the mean
+    and the p99 are capped by it."""
+    e = np.asarray(experts_per_gpu, dtype=np.float64)
+    return np.maximum(np.asarray(a, dtype=np.float64) * e,
+                      np.asarray(b, dtype=np.float64) * np.asarray(tokens, dtype=np.float64) * np.minimum(top_k, e))
+
+
 def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np.ndarray, a: np.ndarray,
                           b: np.ndarray, pi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of one MoE layer's straggler ``max_g max(a·u_g, b·n_g)``
@@ -463,7 +794,7 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
             c, s = max_iid_normal(int(g))
             cg[G == g] = c
             sg[G == g] = s
-        mean = np.where(live, mu + sig * cg, 0.0)
+        mean = np.where(live, np.minimum(mu + sig * cg, np.maximum(straggler_ceiling(per, top_k, B, a, b), mu)), 0.0)
         sd = np.where(live, sig * sg, 0.0)
         return mean, sd
     pi = np.ascontiguousarray(pi, dtype=np.float64)
@@ -487,6 +818,7 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
         mu = np.where(use_u, ar * mu_u, br * mu_n)
         sig = np.where(use_u, ar * np.sqrt(var_u), br * np.sqrt(var_n))
         m, s = _expected_max_normals(mu, sig)
+        m = np.minimum(m, np.maximum(straggler_ceiling(per, top_k, Bs, a[rows], b[rows]), mu.max(axis=1)))
         mean[rows] = m
         sd[rows] = s
     return mean, sd
@@ -549,6 +881,11 @@ class StepTimes:
     p99: np.ndarray
     tokens: np.ndarray
     pieces: tuple[PieceArrays, ...] = ()
+    #: mean compute time (pieces summed, straggler included), its p50 and p99, and the communication time
+    compute: np.ndarray | None = None
+    compute_p50: np.ndarray | None = None
+    compute_p99: np.ndarray | None = None
+    comm: np.ndarray | None = None
 
 
 def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
@@ -558,7 +895,9 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
 
     ``batch`` and ``context`` are arrays over the lanes. The routed-expert
     straggler comes from ``moe_step_time`` (mean, p50, p99 arrays from the
-    Monte Carlo) or, if None, from the closed form (``pi`` = inclusion
+    Monte Carlo, without the grouped GEMM's fixed term, which is added here;
+    for two-batch-overlap lanes the straggler of one half-batch microbatch)
+    or, if None, from the closed form (``pi`` = inclusion
     probabilities, ``uniform`` when None), which takes one routing law per
     call: MoE lanes must agree on experts and top-k (ValueError otherwise).
     """
@@ -582,30 +921,79 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     shard = np.where(adp, 1.0, p.tp)
     seqs = np.where(adp, micro / p.tp, micro)
     ctx_local = np.where(p.window > 0, np.minimum(ctx, p.window), ctx)
+    # kernels per lane: calibrated (kern = 1) or roofline; each is computed only if some lane needs it
+    cal = p.kern > 0
+    any_cal = bool(cal.any())
+    all_cal = any_cal and bool(cal.all())
+    roof_work = detail or not all_cal
+
+    def pick(t_cal: np.ndarray | None, t_roof: np.ndarray | None) -> np.ndarray:
+        if all_cal:
+            return t_cal  # type: ignore[return-value]
+        if not any_cal:
+            return t_roof  # type: ignore[return-value]
+        return np.where(cal, t_cal, t_roof)  # type: ignore[arg-type]
+
+    def gemms(shapes: tuple[tuple[np.ndarray, np.ndarray], ...], m: np.ndarray | None = None
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Summed calibrated GEMM time of ``shapes`` (n, k) at m tokens (default seqs), and whether bandwidth
+        bound them."""
+        t = np.zeros(n_lanes)
+        tb = np.zeros(n_lanes)
+        tf = np.zeros(n_lanes)
+        rows_m = seqs if m is None else m
+        for n_, k_ in shapes:
+            if not n_.any():
+                continue
+            tg, gb, gf = _gemm(p, rows_m, n_, k_)
+            t = t + tg
+            if detail:
+                tb = tb + np.where(n_ > 0, gb, 0.0)
+                tf = tf + np.where(n_ > 0, gf, 0.0)
+        return t, tb >= tf
 
     # attention: full-context layers, then local-window layers
     norm_bytes = 2 * p.d * p.wb
     pieces = []
+    proj = ((p.ap_n1, p.ap_k1), (p.ap_n2, p.ap_k2), (p.ap_n3, p.ap_k3), (p.ap_n4, p.ap_k4))
     for name, nl, c in (("attention", p.layers - p.local, ctx), ("attention (local)", p.local, ctx_local)):
-        w = p.attn_params * p.wb / shard + norm_bytes
-        kv = seqs * c * p.kv_layer / p.kv_split
-        fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
-        t, bwb = _roof(w + kv, fl, p)
+        if not detail and not (nl > 0).any():
+            pieces.append(np.zeros(n_lanes))
+            continue
+        t_r = b_r = t_c = b_c = None
+        if roof_work:  # the roofline's work: its time, and the bytes/FLOPs every piece reports
+            w = p.attn_params * p.wb / shard + norm_bytes
+            kv = seqs * c * p.kv_layer / p.kv_split
+            fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
+            t_r, b_r = _roof(w + kv, fl, p)
+        if any_cal:
+            t_c, tb, tf = _attn_core(p, seqs, c)
+            t_p, _ = gemms(proj)
+            t_c = t_c + t_p
+            b_c = tb >= tf
+        t = pick(t_c, t_r)
         pieces.append(np.where(nl > 0, t * nl, 0.0))
         if detail:
-            keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, bwb)
+            keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, pick(b_c, b_r))
     # dense FFN. A dense model under attention-DP runs its FFN and LM head
     # tensor-parallel over the replica's tp GPUs, on all the replica's tokens
     dense_adp = adp & (p.moe_layers == 0)
     fshard = np.where(dense_adp, p.tp, shard)
     ftok = np.where(dense_adp, micro, seqs)
     has = (p.dense_layers > 0) & (p.ffn_params > 0)
-    w = p.ffn_params * p.wb / fshard
-    fl = 2.0 * ftok * p.ffn_params / fshard
-    t, bwb = _roof(w, fl, p)
+    t_r = b_r = t_c = b_c = None
+    if roof_work:
+        w = p.ffn_params * p.wb / fshard
+        fl = 2.0 * ftok * p.ffn_params / fshard
+        t_r, b_r = _roof(w, fl, p)
+    if any_cal:
+        # FFN width per GPU, from P = mats·d·w (+ (mats-1)·w + d with biases; Model._ffn_params)
+        width = (p.ffn_params - p.ffn_bias * p.d) / (p.ffn_mats * p.d + p.ffn_bias * (p.ffn_mats - 1)) / fshard
+        t_c, b_c = gemms((((p.ffn_mats - 1) * width, p.d), (np.where(width > 0, p.d, 0.0), width)), m=ftok)
+    t = pick(t_c, t_r)
     pieces.append(np.where(has, t * p.dense_layers, 0.0))
     if detail:
-        keep("dense ffn", pieces[-1], w * p.dense_layers, fl * p.dense_layers, p.dense_layers, has, bwb)
+        keep("dense ffn", pieces[-1], w * p.dense_layers, fl * p.dense_layers, p.dense_layers, has, pick(b_c, b_r))
     # MoE: router + shared experts, routed experts (straggler). Dense-only lanes
     # skip it: its pieces would be exact zeros, and x + 0.0 == x for the
     # non-negative times summed below, so the results are bit-identical.
@@ -615,14 +1003,22 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     tokens = batch / p.pp * p.dp / p.copies
     moe_mean = moe_p50 = moe_p99 = None
     if any_moe:
-        per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
-        fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
-        t, bwb = _roof(per_layer, fl, p)
+        t_r = b_r = t_c = b_c = None
+        if roof_work:
+            per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
+            fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
+            t_r, b_r = _roof(per_layer, fl, p)
+        if any_cal:
+            t_c, b_c = gemms(((np.where(is_moe, p.experts, 0.0), p.d), (p.sh_n, p.d),
+                              (np.where(p.sh_k > 0, p.d, 0.0), p.sh_k)))
+        t = pick(t_c, t_r)
         pieces.append(np.where(is_moe, t * n_moe, 0.0))
         if detail:
-            keep("router + shared experts", pieces[-1], per_layer * n_moe, fl * n_moe, n_moe, is_moe, bwb)
-        a = p.expert_params * p.eb / p.etp / p.bw
-        bcoef = 2.0 * p.expert_params / p.etp / p.flops
+            keep("router + shared experts", pieces[-1], per_layer * n_moe, fl * n_moe, n_moe, is_moe,
+                 pick(b_c, b_r))
+        a = p.moe_a
+        bcoef = p.moe_b
+        fix = n_moe * p.moe_fix  # the grouped GEMM's fixed per-layer cost (0 for the roofline)
         if moe_step_time is None:
             rows = np.flatnonzero(is_moe)
             m = np.zeros(n_lanes)
@@ -638,9 +1034,13 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
             moe_mean = np.where(is_moe, n_moe * m, 0.0)
             sd = np.sqrt(n_moe) * s
             moe_p50 = moe_mean
-            moe_p99 = np.where(is_moe, moe_mean + Z99 * sd, 0.0)
+            # the p99 is capped like the mean (straggler_ceiling): no GPU reads more than its experts
+            ceiling = n_moe * straggler_ceiling(p.experts // np.maximum(p.ep, 1), p.top_k, tokens, a, bcoef)
+            moe_p99 = np.where(is_moe, np.minimum(moe_mean + Z99 * sd, np.maximum(ceiling, moe_mean)), 0.0)
         else:
             moe_mean, moe_p50, moe_p99 = (np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
+        if any_cal:
+            moe_mean, moe_p50, moe_p99 = (np.where(is_moe, v + fix, 0.0) for v in (moe_mean, moe_p50, moe_p99))
         pieces.append(moe_mean)
         if detail:
             p1 = p.top_k / p.experts
@@ -650,20 +1050,29 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
             eb_layer = mean_u * p.expert_params * p.eb / p.etp
             fl_layer = 2.0 * mean_n * p.expert_params / p.etp
             _, bwb = _roof(eb_layer, fl_layer, p)
+            bwb = pick(a * mean_u >= bcoef * mean_n, bwb)
             keep("routed experts (straggler)", moe_mean, eb_layer * n_moe, fl_layer * n_moe, n_moe, is_moe, bwb)
     # LM head
-    w = p.vd * p.wb / fshard
-    fl = 2.0 * ftok * p.vd / fshard
-    t, bwb = _roof(w, fl, p)
+    t_r = b_r = t_c = b_c = None
+    if roof_work:
+        w = p.vd * p.wb / fshard
+        fl = 2.0 * ftok * p.vd / fshard
+        t_r, b_r = _roof(w, fl, p)
+    if any_cal:  # lm_n is vocab / shard: a dense model under attention-DP splits its LM head tp ways
+        t_c, b_c = gemms(((np.where(dense_adp, p.lm_n / p.tp, p.lm_n), p.d),), m=ftok)
+    t = pick(t_c, t_r)
     pieces.append(t)
     if detail:
-        keep("lm head", t, w, fl, 1.0, ~no, bwb)
+        keep("lm head", t, w, fl, 1.0, ~no, pick(b_c, b_r))
 
-    # communication
+    # communication: fitted collectives inside a scale-up domain for calibrated lanes, else the link model
     comm = []
     act = seqs * p.d * p.ab
     n = 2 * p.layers
-    comm.append(np.where(shard > 1, _allreduce(act, p.tp, p) * n, 0.0))
+    t = _allreduce(act, p.tp, p)
+    if any_cal:
+        t = np.where(cal & ~np.isnan(p.ar_a1), _fitted_collective(act, p.ar_a1, p.ar_b1, p.ar_a2, p.ar_b2), t)
+    comm.append(np.where(shard > 1, t * n, 0.0))
     if detail:
         keep("tp all-reduce", comm[-1], act * n, 0.0, n, shard > 1, link=True)
     # attention-DP + TP FFN (dense): before each dense FFN (and the LM head) the
@@ -672,7 +1081,11 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     # plus one more collective latency
     gathered = micro * p.d * p.ab
     n_adp = p.dense_layers + 1
-    comm.append(np.where(dense_adp & (p.tp > 1), (_allreduce(gathered, p.tp, p) + p.latency) * n_adp, 0.0))
+    t = _allreduce(gathered, p.tp, p) + p.latency
+    if any_cal:  # two fitted calls (reduce-scatter and all-gather), each moving half an all-reduce's bytes
+        t = np.where(cal & ~np.isnan(p.ar_a1),
+                     2.0 * _fitted_collective(gathered / 2.0, p.ar_a1, p.ar_b1, p.ar_a2, p.ar_b2), t)
+    comm.append(np.where(dense_adp & (p.tp > 1), t * n_adp, 0.0))
     if detail:
         keep("attention-dp gather/scatter", comm[-1], gathered * n_adp, 0.0, n_adp, dense_adp & (p.tp > 1),
              link=True)
@@ -687,12 +1100,18 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
                            nbytes * inter_frac / (p.internode * p.link_eff))
         t = 2 * (p.latency + t_one)
+        if any_cal:  # NCCL all-to-all of the whole send buffer (self chunk included), dispatch + combine
+            full = tokens_src * p.top_k * p.d * p.ab
+            t = np.where(cal & ~np.isnan(p.aa_a1), 2 * _fitted_collective(full, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2), t)
         comm.append(np.where(has_ep, t * n_moe, 0.0))
         if detail:
             keep("ep all-to-all", comm[-1], 2 * nbytes * n_moe, 0.0, n_moe, has_ep, link=True)
         has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
         nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
-        comm.append(np.where(has_etp, _allreduce(nbytes, p.etp, p) * n_moe, 0.0))
+        t = _allreduce(nbytes, p.etp, p)
+        if any_cal:
+            t = np.where(cal & ~np.isnan(p.er_a1), _fitted_collective(nbytes, p.er_a1, p.er_b1, p.er_a2, p.er_b2), t)
+        comm.append(np.where(has_etp, t * n_moe, 0.0))
         if detail:
             keep("expert-tp all-reduce", comm[-1], nbytes * n_moe, 0.0, n_moe, has_etp, link=True)
     nbytes = micro * p.d * p.ab
@@ -707,15 +1126,50 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     comm_time = comm[0]
     for x in comm[1:]:
         comm_time = comm_time + x
-    ov = p.overlap > 0
+    ov = p.overlap == 1
     time = np.where(ov, np.maximum(compute_time, comm_time), compute_time + comm_time)
     if moe_mean is None:  # dense only: no straggler, every quantile is the time
         p50, p99 = time.copy(), time.copy()
+        c50 = c99 = compute_time
     else:
         det = compute_time - moe_mean
-        p50 = np.where(ov, np.maximum(det + moe_p50, comm_time), det + moe_p50 + comm_time)
-        p99 = np.where(ov, np.maximum(det + moe_p99, comm_time), det + moe_p99 + comm_time)
-    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=tuple(detailed))
+        c50, c99 = det + moe_p50, det + moe_p99
+        p50 = np.where(ov, np.maximum(c50, comm_time), c50 + comm_time)
+        p99 = np.where(ov, np.maximum(c99, comm_time), c99 + comm_time)
+    tbo = p.overlap == 2
+    if tbo.any():
+        time, p50, p99 = _two_batch_overlap(p, batch, ctx, tbo, time, p50, p99, pi, uniform, moe_step_time)
+    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=tuple(detailed),
+                     compute=compute_time, compute_p50=c50, compute_p99=c99, comm=comm_time)
+
+
+def _two_batch_overlap(p: StepParams, batch: np.ndarray, ctx: np.ndarray, tbo: np.ndarray, time: np.ndarray,
+                       p50: np.ndarray, p99: np.ndarray, pi: np.ndarray | None, uniform: bool,
+                       moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
+                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step time of the ``tbo`` lanes under two-batch overlap (SGLang TBO,
+    https://lmsys.org/blog/2025-05-05-large-scale-ep/; DeepSeek's dual
+    micro-batch overlap, https://github.com/deepseek-ai/profile-data): the
+    replica's batch runs as two microbatches of ``B/2`` that alternate, layer
+    by layer, between compute and communication, so one's communication hides
+    behind the other's compute. With ``C`` and ``M`` the compute and
+    communication time of one half-batch step (every weight is read by each
+    microbatch), ``T = 2·max(C, M) + min(C, M)/L`` (the shorter stream is
+    exposed for one layer of L, at the start). Quantiles take ``C`` at that
+    quantile. For Monte Carlo lanes ``moe_step_time`` is the straggler of
+    one microbatch (the routing Monte Carlo runs at half the tokens)."""
+    rows = np.flatnonzero(tbo)
+    sub = p.take(rows).replace(overlap=np.zeros(rows.size))
+    mst = None if moe_step_time is None else tuple(np.asarray(v, dtype=np.float64)[rows] for v in moe_step_time)
+    h = step_time(sub, batch[rows] / 2.0, ctx[rows], pi=pi, uniform=uniform, moe_step_time=mst)  # type: ignore[arg-type]
+    layers = sub.layers
+    out = []
+    for full, c in ((time, h.compute), (p50, h.compute_p50), (p99, h.compute_p99)):
+        assert c is not None and h.comm is not None
+        t = full.copy()
+        t[rows] = 2.0 * np.maximum(c, h.comm) + np.minimum(c, h.comm) / layers
+        out.append(t)
+    return out[0], out[1], out[2]
 
 
 def decode_step(

@@ -120,10 +120,11 @@ def load_measurements(path: str | Path = MEASUREMENTS) -> list[dict[str, str]]:
     return rows
 
 
-def _predict(r: dict[str, str]) -> float:
-    """Predicted decode tokens/s of one replica for a measurement row."""
+def _predict(r: dict[str, str], kernels: str = "calibrated") -> float:
+    """Predicted decode tokens/s of one replica for a measurement row
+    (``kernels``: :attr:`qsengine.StepOptions.kernels`)."""
     from qsengine.specs import Plan, as_precision, load_accelerator, load_model
-    from qsengine.decode.step import decode_step
+    from qsengine.decode.step import StepOptions, decode_step
 
     try:
         ints = {f: int(r[f]) for f in ("tp", "pp", "dp", "ep", "attn_dp")}
@@ -133,16 +134,17 @@ def _predict(r: dict[str, str]) -> float:
     plan = Plan(tp=ints["tp"], pp=ints["pp"], dp=ints["dp"], ep=ints["ep"], etp=etp, attn_dp=bool(ints["attn_dp"]))
     batch = int(float(r["concurrency"]))
     step = decode_step(load_model(r["model"]), as_precision(r["precision"]), load_accelerator(r["accelerator"]),
-                       plan, batch, float(r["context"]))
+                       plan, batch, float(r["context"]), options=StepOptions(kernels=kernels))  # type: ignore[arg-type]
     return batch / step.time
 
 
-def validate(path: str | Path = MEASUREMENTS) -> ValidationReport:
-    """Predict every row of ``path`` with the current step model."""
+def validate(path: str | Path = MEASUREMENTS, kernels: str = "calibrated") -> ValidationReport:
+    """Predict every row of ``path`` with the current step model (``kernels``:
+    ``"calibrated"`` (default) or ``"roofline"``, :attr:`qsengine.StepOptions.kernels`)."""
     rows = []
     for r in load_measurements(path):
         measured = int(float(r["concurrency"])) / (float(r["value"]) * 1e-3)
-        rows.append(ValidationRow(r["id"], r["kind"], measured, _predict(r)))
+        rows.append(ValidationRow(r["id"], r["kind"], measured, _predict(r, kernels)))
     ratio = np.array([x.ratio for x in rows])
     kinds = np.array([x.kind for x in rows])
     mape = float(np.mean(np.abs(ratio - 1.0)))
@@ -182,7 +184,7 @@ def write_figure(rep: ValidationReport, path: str | Path) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
-    rep = validate(args.measurements)
+    rep = validate(args.measurements, args.kernels)
     print(f"{'id':44s} {'kind':5s} {'measured tok/s':>14s} {'predicted':>10s} {'pred/meas':>9s}")
     for r in rep.rows:
         print(f"{r.id:44s} {r.kind:5s} {r.measured_tps:14.1f} {r.predicted_tps:10.1f} {r.ratio:9.2f}")
@@ -198,4 +200,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("validate", help="compare the step model with published decode measurements")
     p.add_argument("--measurements", type=Path, default=MEASUREMENTS, help="measurements CSV (default: shipped)")
     p.add_argument("--figure", type=Path, default=Path("validation.png"), help="predicted-vs-measured PNG path")
+    p.add_argument("--kernels", choices=("calibrated", "roofline"), default="calibrated",
+                   help="step model kernels (StepOptions.kernels; default: calibrated)")
     p.set_defaults(handler=_run)
