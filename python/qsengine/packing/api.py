@@ -91,7 +91,7 @@ def _auto_plan(desc: _core.MemoryDesc, num_gpus: int, context: int, want_ep: boo
         if ep_rows.size:
             idx = int(ep_rows[0])
     return _core.PlanDesc(int(t.tp[idx]), int(t.pp[idx]), int(t.dp[idx]), int(t.ep[idx]), int(t.etp[idx]),
-                          bool(t.attn_dp[idx]))
+                          bool(t.attn_dp[idx]), int(t.redundant[idx]))
 
 
 def _precision(model: Model, precision: Precision | str | None) -> Precision:
