@@ -32,12 +32,20 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
          routing: Any, slo: float | None, options: StepOptions, fixed: int | None = None) -> dict[str, Any]:
     acc = cluster.accelerator
     pop = independent_popularity(routing, model.routed_experts) if model.is_moe else None
-    if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None):
-        plan = dataclasses.replace(plan, ep=1, etp=None)
+    if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None or plan.redundant):
+        plan = dataclasses.replace(plan, ep=1, etp=None, redundant=0)  # the dense side has no expert slots
     candidates = enumerate_plans(model, cluster) if isinstance(plan, str) else [plan]
     best = None
     for p in candidates:
         pk = pack(model, cluster, context, plan=p, precision=precision)
+        if model.is_moe:  # every GPU holds (E + redundant)/ep expert slots of each of its stage's MoE layers
+            slots = (model.routed_experts + p.redundant) // p.ep
+            per_slot = model.expert_params * precision.expert_bytes / p.expert_tp
+            moe_layers = [sum(1 for i in range(s * model.num_layers // p.pp, (s + 1) * model.num_layers // p.pp)
+                              if i >= model.dense_layers) for s in range(p.pp)]  # dense layers come first
+            want = [slots * n * per_slot for n in moe_layers]
+            got = pk.gpu_map.groupby("stage")["routed_experts"].max().tolist()
+            assert np.allclose(got, want, rtol=1e-9), (p.label, got, want)
         if not pk.feasible:
             continue
         unit = p.tp if p.attn_dp else 1

@@ -67,6 +67,10 @@ def _valid(p) -> bool:
                    microbatches=0, slo_tpot=0.03)])
 @example(pts=[dict(model="deepseek-v3", cluster="16xh100", context=8192, precision="fp8", batch=64, microbatches=0),
               dict(model="qwen3-235b-a22b", cluster="8xh200", context=32768, batch=100000, microbatches=0)])
+@example(pts=[dict(model="deepseek-v3", cluster="72xgb200", context=32768, microbatches=0, routing="powerlaw:1.01",
+                   plan=Plan(dp=72, ep=72, redundant=32), slo_tpot=0.05, break_even=False),
+              dict(model="grok-1", cluster="16xh100", context=8192, microbatches=0, routing="powerlaw:1.01",
+                   q=2.0)])
 def test_pipeline_equals_the_slow_reference(pts):
     """Several points in one call, each equal to the plain computation."""
     with warnings.catch_warnings():

@@ -138,7 +138,8 @@ class MoeLayerShape:
     """How one MoE layer's routed experts meet its tokens under a plan.
 
     ``tokens``: tokens one expert copy's EP group routes per step;
-    ``gpus``: GPUs of the EP group (``ep``); ``experts_per_gpu``;
+    ``gpus``: GPUs of the EP group (``ep``); ``experts_per_gpu``: expert
+    slots per GPU, ``(E + redundant)/ep``;
     ``etp``: each expert split this many ways.
     """
 
@@ -156,7 +157,7 @@ def moe_layer_shape(model: Model, plan: Plan, batch: float) -> MoeLayerShape:
     over the ``expert_copies`` copies of every expert.
     """
     tokens = batch / plan.pp * plan.dp / plan.expert_copies
-    return MoeLayerShape(tokens=tokens, gpus=plan.ep, experts_per_gpu=model.routed_experts // plan.ep,
+    return MoeLayerShape(tokens=tokens, gpus=plan.ep, experts_per_gpu=plan.slots_per_gpu(model.routed_experts),
                          etp=plan.expert_tp)
 
 
@@ -195,6 +196,8 @@ STEP_FIELDS = (
     "top_k", "vd",
     # options
     "latency", "overlap",
+    # plan: redundant expert slots per EP group (EPLB; decode/slots.py)
+    "redundant",
 )
 
 
@@ -243,6 +246,7 @@ class StepParams:
     vd: np.ndarray
     latency: np.ndarray
     overlap: np.ndarray
+    redundant: np.ndarray
     #: the fields as rows of one (fields, lanes) array, when they are views of it
     matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -302,6 +306,7 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         expert_params=model.expert_params if moe else 0, experts=model.routed_experts if moe else 1,
         top_k=model.top_k if moe else 1, vd=model.vocab_size * model.hidden_size,
         latency=opt.collective_latency, overlap=bool(opt.overlap_comm),
+        redundant=plan.redundant if moe else 0,
     )
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})
 
@@ -364,17 +369,19 @@ def _erf(z: np.ndarray) -> np.ndarray:
 _GRID = 2049
 
 
-def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray, counts: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of the maximum of independent normals N(mu_ig, sigma_ig²),
     one maximum per row i (shape (N, G) -> two (N,) arrays), by numerical
     integration of the CDF of the maximum, F(x) = Π_g Φ((x-μ_g)/σ_g), on 2049
     points over [min(μ−8σ), max(μ+8σ)]. Rows are independent: a row's result
     does not depend on the other rows (products over g are taken in g order,
-    sums run along contiguous rows)."""
+    sums run along contiguous rows). ``counts`` (per column, optional): column
+    j stands for ``counts[j]`` identical GPUs (its Φ raised to that power)."""
     mu = np.ascontiguousarray(mu, dtype=np.float64)
     sigma = np.maximum(np.ascontiguousarray(sigma, dtype=np.float64), 1e-300)
     n, g = mu.shape
-    if g == 1:
+    if g == 1 and (counts is None or counts[0] == 1):
         return mu[:, 0].copy(), sigma[:, 0].copy()
     lo = np.min(mu - 8 * sigma, axis=1)
     hi = np.max(mu + 8 * sigma, axis=1)
@@ -390,7 +397,10 @@ def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray
         cdf = np.ones_like(x)
         for j in range(g):
             z = (x - mu[rows, j, None]) / (sigma[rows, j, None] * math.sqrt(2.0))
-            cdf *= 0.5 * (1.0 + _erf(z))
+            if counts is None:
+                cdf *= 0.5 * (1.0 + _erf(z))
+            else:
+                cdf *= (0.5 * (1.0 + _erf(z))) ** counts[j]
         pdf = np.gradient(cdf, axis=1) / np.gradient(x, axis=1)
         dx = np.diff(x, axis=1)
         a1 = x * pdf
@@ -427,7 +437,8 @@ def _inclusion_probabilities(weights: np.ndarray, k: int) -> np.ndarray:
 
 
 def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np.ndarray, a: np.ndarray,
-                          b: np.ndarray, pi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          b: np.ndarray, pi: np.ndarray | None = None, redundant: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of one MoE layer's straggler ``max_g max(a·u_g, b·n_g)``
     for many lanes at once (arrays over lanes; ``experts``/``top_k``/``pi``
     shared). ``pi`` = per-expert inclusion probabilities (None: uniform k/E).
@@ -435,7 +446,10 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
     Uniform routing makes the G GPUs identical: each GPU's cost is normal
     N(μ, σ²) and the maximum has mean μ + σ·c_G and std σ·s_G
     (:func:`max_iid_normal`). With popularity the GPUs differ and the maximum
-    is integrated numerically (:func:`_expected_max_normals`)."""
+    is integrated numerically (:func:`_expected_max_normals`).
+
+    ``redundant`` (per lane; None: 0): lanes with redundant expert slots take
+    GPU g's slots from the EPLB placement (:func:`_slot_straggler`)."""
     B = np.ascontiguousarray(tokens, dtype=np.float64)
     G = np.asarray(gpus, dtype=np.int64)
     a = np.asarray(a, dtype=np.float64)
@@ -465,11 +479,14 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
             sg[G == g] = s
         mean = np.where(live, mu + sig * cg, 0.0)
         sd = np.where(live, sig * sg, 0.0)
+        if redundant is not None:
+            _slot_straggler(experts, top_k, B, G, a, b, pi, redundant, live, mean, sd)
         return mean, sd
     pi = np.ascontiguousarray(pi, dtype=np.float64)
     lp = np.log1p(-np.minimum(pi, 1 - 1e-15))
+    no_slots = live if redundant is None else live & (np.asarray(redundant) == 0)
     for g in np.unique(G):
-        rows = np.flatnonzero((G == g) & live)
+        rows = np.flatnonzero((G == g) & no_slots)
         if rows.size == 0:
             continue
         g = int(g)
@@ -489,7 +506,63 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
         m, s = _expected_max_normals(mu, sig)
         mean[rows] = m
         sd[rows] = s
+    if redundant is not None:
+        _slot_straggler(experts, top_k, B, G, a, b, pi, redundant, live, mean, sd)
     return mean, sd
+
+
+def _slot_straggler(experts: int, top_k: int, B: np.ndarray, G: np.ndarray, a: np.ndarray, b: np.ndarray,
+                    pi: np.ndarray | None, redundant: np.ndarray, live: np.ndarray, mean: np.ndarray,
+                    sd: np.ndarray) -> None:
+    """The straggler of lanes with redundant expert slots (R > 0), written
+    into ``mean``/``sd``: GPU g holds the slots the EPLB placement gives it
+    (:func:`qsengine.decode.slots.slot_layout` from the loads π_e, uniform k/E
+    when ``pi`` is None); a slot of expert e with c_e copies serves B/c_e of
+    the B tokens (the engine's round-robin split), so it is touched with
+    probability 1 − (1 − π_e)^(B/c_e) and takes (B/c_e)·π_e assignments
+    (variance (B/c_e)·π_e·(1 − π_e)). The GPUs' normal costs are maximised
+    numerically as in the popularity case, GPUs with identical slot loads
+    folded into one column (a power of its CDF)."""
+    from qsengine.decode.slots import slot_layout
+
+    R = np.asarray(redundant, dtype=np.int64)
+    sel = live & (R > 0)
+    if not sel.any():
+        return
+    load = np.full(experts, top_k / experts) if pi is None else np.asarray(pi, dtype=np.float64)
+    lp = np.log1p(-np.minimum(load, 1 - 1e-15))
+    pairs = np.unique(np.stack([G[sel], R[sel]], axis=1), axis=0)
+    for g, r in pairs.tolist():
+        rows = np.flatnonzero(sel & (G == g) & (R == r))
+        lay = slot_layout(load, g, r)
+        per = lay.per_gpu
+        # GPUs whose slots carry the same (π, share) multiset are identical: one column each
+        key = np.stack([load[lay.expert], lay.share], axis=1).reshape(g, per, 2)
+        key = np.sort(key.view(np.complex128)[..., 0], axis=1)  # (π, share) pairs sorted per GPU
+        uniq, first, counts = np.unique(key, axis=0, return_index=True, return_counts=True)
+        slots = (first[:, None] * per + np.arange(per)[None, :]).ravel()  # slots of one GPU per class
+        e = lay.expert[slots]
+        share = lay.share[slots]
+        Bs = B[rows][:, None] * share[None, :]  # tokens each slot serves
+        touched = -np.expm1(Bs * lp[e][None, :])
+        c = first.size
+        tg = touched.reshape(rows.size, c, per)
+        mu_u = tg.sum(axis=2)
+        var_u = (tg * (1 - tg)).sum(axis=2)
+        ps = load[e][None, :]
+        mu_n = (Bs * ps).reshape(rows.size, c, per).sum(axis=2)
+        var_n = (Bs * ps * (1 - ps)).reshape(rows.size, c, per).sum(axis=2)
+        ar, br = a[rows, None], b[rows, None]
+        use_u = ar * mu_u >= br * mu_n
+        mu = np.where(use_u, ar * mu_u, br * mu_n)
+        sig = np.where(use_u, ar * np.sqrt(var_u), br * np.sqrt(var_n))
+        if c == 1:  # every GPU alike (e.g. uniform routing, each holding one replica): c_G, s_G as above
+            cg, sg = max_iid_normal(int(counts[0]))
+            m, s = mu[:, 0] + sig[:, 0] * cg, sig[:, 0] * sg
+        else:
+            m, s = _expected_max_normals(mu, sig, counts.astype(np.float64))
+        mean[rows] = m
+        sd[rows] = s
 
 
 def moe_straggler_closed_form(
@@ -629,8 +702,10 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
                 if np.any(p.experts[rows] != experts) or np.any(p.top_k[rows] != top_k):
                     raise ValueError("step_time: MoE lanes disagree on experts/top_k; the closed-form straggler "
                                      "takes one routing law per call (split the lanes)")
+                red = p.redundant[rows]
                 m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows],
-                                                         bcoef[rows], None if uniform else pi)
+                                                         bcoef[rows], None if uniform else pi,
+                                                         red.astype(np.int64) if red.any() else None)
             moe_mean = np.where(is_moe, n_moe * m, 0.0)
             sd = np.sqrt(n_moe) * s
             moe_p50 = moe_mean
@@ -641,7 +716,8 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         if detail:
             p1 = p.top_k / p.experts
             with np.errstate(divide="ignore", invalid="ignore"):
-                mean_u = (p.experts // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
+                # slots per GPU, (E + redundant)/ep; a slot's touch probability taken as uniform routing's
+                mean_u = ((p.experts + p.redundant) // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
                 mean_n = tokens * p.top_k / p.ep
             eb_layer = mean_u * p.expert_params * p.eb / p.etp
             fl_layer = 2.0 * mean_n * p.expert_params / p.etp
