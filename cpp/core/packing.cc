@@ -1066,6 +1066,13 @@ PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, s
     const double mean = total / static_cast<double>(p.ep);
     r.imbalance_before = *std::max_element(r.load_before.begin(), r.load_before.end()) / mean;
     r.imbalance_after = *std::max_element(r.load_after.begin(), r.load_after.end()) / mean;
+    // What the slots cost: the admission with the bytes of R/ep slots per GPU (on average) given back.
+    std::vector<double> free_without(free0);
+    const double per_gpu = static_cast<double>(p.redundant) / static_cast<double>(p.ep);
+    for (std::int64_t g = 0; g < G; ++g) free_without[g] += per_gpu * sms[r.stage[g]].replica_bytes;
+    const Admission without = admit(r, free_without);
+    r.cluster_batch_without_replicas = 0;
+    for (auto b : without.unit_batch) r.cluster_batch_without_replicas += b;
   } else if (replicas) {
     if (!moe) {
       if (replicas->replicas > 0 || !replicas->popularity.empty()) {

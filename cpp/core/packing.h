@@ -309,6 +309,7 @@ struct PackResult {
   std::vector<std::int64_t> replica_expert, replica_rank;
   std::vector<double> load_before, load_after;         // per EP rank
   double imbalance_before = 1, imbalance_after = 1;
+  // without the replicas' bytes; for a plan with redundant slots: with R/ep slots' bytes per GPU freed
   std::int64_t cluster_batch_without_replicas = 0;
   // paged mixed-length packing
   bool has_paged = false;
