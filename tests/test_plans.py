@@ -127,8 +127,9 @@ def toy_models(draw) -> Model:
 def _slow_plans(m: Model, g: int) -> list[Plan]:
     """Every plan for ``g`` GPUs, from the documented rules, by brute force
     over the whole box of degrees, in the documented order (tp, pp, ep, etp,
-    attn_dp ascending; no attn_dp first). A MoE's ``ep`` comes with the
-    smallest redundant slot count R >= 0 such that ep divides E + R."""
+    attn_dp ascending; no attn_dp first). A MoE's ``ep`` comes with R = 0, or,
+    when it spans the stage (ep = dp*tp), the smallest redundant slot count
+    R >= 0 such that ep divides E + R."""
     a = m.attention
     out = []
     for tp in range(1, g + 1):
@@ -147,7 +148,10 @@ def _slow_plans(m: Model, g: int) -> list[Plan]:
                     for etp in range(1, dp * tp + 1):
                         if (dp * tp) % (ep * etp) or m.moe_intermediate % etp:
                             continue
-                        red = -m.routed_experts % ep  # E + red is the next multiple of ep
+                        # slots only where EP spans the stage: E + red is then the next multiple of ep
+                        red = -m.routed_experts % ep if ep == dp * tp else 0
+                        if (m.routed_experts + red) % ep:
+                            continue
                         default = tp if ep == 1 else 1
                         e = None if etp == default else etp
                         if heads_ok:
@@ -203,10 +207,11 @@ def test_validate_for_accepts_exactly_the_enumerated_plans(m, g, data):
         c = _canonical(p)
         if p.attn_dp and p.tp == 1:
             c = Plan(c.tp, c.pp, c.dp, c.ep, c.etp, redundant=c.redundant)  # attn_dp over one GPU: the plan without
-        # the search lists each ep with its smallest redundant count; any other R is valid when ep divides
+        # the search lists each ep with one redundant count; any other R is valid when ep divides
         # E + R, ep > 1 and R <= E*(ep-1) (each copy of an expert on its own GPU)
         E, R = m.routed_experts, c.redundant
-        listed_r = Plan(c.tp, c.pp, c.dp, c.ep, c.etp, c.attn_dp, -E % c.ep)
+        searched = -E % c.ep if c.ep == c.dp * c.tp else 0
+        listed_r = Plan(c.tp, c.pp, c.dp, c.ep, c.etp, c.attn_dp, searched)
         slots_ok = (E + R) % c.ep == 0 and (R == 0 or (c.ep > 1 and R <= E * (c.ep - 1)))
         expected = listed_r in listed and slots_ok
     assert valid == expected

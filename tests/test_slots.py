@@ -42,10 +42,11 @@ def test_ep72_on_72_gb200_packs_deepseek_v3_with_its_slots_charged():
     assert rep is not None and rep.replicas == 32 and int(rep.expert_copies.sum()) == 256 + 32
     assert rep.imbalance_after < rep.imbalance_before
     assert rep.batch_cost > 0
-    # the search lists it, with the smallest redundant count that makes ep divide E + R
+    # the search lists it: slots only where EP spans the stage, the smallest count that makes ep divide E + R
     listed = plans(m, c)
     assert slots in listed and Plan(dp=72, ep=72) not in listed
     assert all((m.routed_experts + p.redundant) % p.ep == 0 and p.redundant < p.ep for p in listed)
+    assert all(p.redundant == 0 or p.ep == p.dp * p.tp for p in listed)
 
 
 def test_pack_refuses_extra_replicas_on_a_plan_with_slots():

@@ -280,7 +280,8 @@ std::string PlanViolation::message() const {
 
 bool is_canonical(const MemoryDesc& d, const PlanDesc& p) {
   if (!d.is_moe()) return p.ep == 1 && p.etp == 0 && p.redundant == 0 && !p.attn_dp;
-  return p.etp > 0 && (!p.attn_dp || p.tp > 1) && p.redundant == redundant_candidate(d.routed_experts, p.ep);
+  return p.etp > 0 && (!p.attn_dp || p.tp > 1) &&
+         p.redundant == searched_redundant(d.routed_experts, p.ep, p.dp * p.tp);
 }
 
 std::string plan_violation(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
@@ -558,7 +559,7 @@ std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus
       for (std::int64_t ep : eps) {
         divisors_of(stage_gpus / ep, etps);
         etps.insert(etps.begin(), 0);  // 0: the default expert TP
-        const std::int64_t redundant = d.is_moe() ? redundant_candidate(d.routed_experts, ep) : 0;
+        const std::int64_t redundant = d.is_moe() ? searched_redundant(d.routed_experts, ep, stage_gpus) : 0;
         for (std::int64_t etp : etps) {
           for (bool attn_dp : {false, true}) {
             const PlanDesc p{tp, pp, dp, ep, etp, attn_dp, redundant};
@@ -578,6 +579,10 @@ std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus
 std::int64_t redundant_candidate(std::int64_t experts, std::int64_t ep) {
   if (experts < 1 || ep < 1) return 0;
   return (ep - experts % ep) % ep;
+}
+
+std::int64_t searched_redundant(std::int64_t experts, std::int64_t ep, std::int64_t stage_gpus) {
+  return ep == stage_gpus ? redundant_candidate(experts, ep) : 0;
 }
 
 bool ranks_before(const PlanEval& a, const PlanEval& b) {

@@ -165,7 +165,7 @@ PlanViolation describe_plan_rule(const MemoryDesc& desc, const PlanDesc& plan, s
 // etp (0), no redundant slots and no attn_dp (attn_dp on a dense model replicates every weight:
 // the same memory as tp=1, dp=dp*tp); attn_dp needs tp > 1 (with tp = 1 it is
 // the plan without it). Expert degrees of a MoE are listed explicitly (etp > 0),
-// with redundant = redundant_candidate(E, ep) (other redundant counts are valid
+// with redundant = searched_redundant(E, ep, dp*tp) (other redundant counts are valid
 // plans a user may ask for, but the search does not list them).
 bool is_canonical(const MemoryDesc& desc, const PlanDesc& plan);
 // "" when `plan` is valid for the model on `num_gpus` GPUs, else the rule broken.
@@ -243,15 +243,19 @@ void admissible_batches(const AdmissionTable& table, std::int64_t n, const std::
 // Every valid canonical plan for `num_gpus` GPUs: the candidates tp | G,
 // pp | G/tp, dp = G/(tp*pp), ep | dp*tp, etp | dp*tp/ep, attn_dp in {no, yes},
 // in that nesting order (ascending; no attn_dp first), each ep with one
-// redundant = the smallest R >= 0 with ep | E + R (R = 0 when ep divides E, else
-// ep*ceil(E/ep) - E: the EPLB slots that let an EP degree not dividing E fill
-// its GPUs; redundant_candidate), filtered by plan_rule
+// redundant count, searched_redundant: R = 0, except when EP spans the whole
+// stage (ep = dp*tp) and does not divide E: then ep*ceil(E/ep) - E, the EPLB
+// slots that let EP fill the stage's GPUs (DeepSeek-V3 on 72 GPUs: EP72, R = 32),
+// filtered by plan_rule
 // == kOk and is_canonical. A new kind of plan is a new candidate dimension here
 // plus its rule in plan_rule.
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& desc, std::int64_t num_gpus);
 // The redundant slots enumerate_plans pairs with `ep` for a MoE of E routed experts:
 // (E - E mod ep) mod ep, i.e. 0 when ep | E, else ep*ceil(E/ep) - E.
 std::int64_t redundant_candidate(std::int64_t experts, std::int64_t ep);
+// The redundant count the search pairs with `ep` on a stage of `stage_gpus` (= dp*tp) GPUs:
+// redundant_candidate(experts, ep) when ep == stage_gpus, else 0.
+std::int64_t searched_redundant(std::int64_t experts, std::int64_t ep, std::int64_t stage_gpus);
 // All plans for G in [g_lo, g_hi], evaluated; grouped by G, each group ranked
 // (cluster batch desc; infeasible plans after feasible ones, least overfull
 // first; then tp*pp, ep, tp, etp, redundant, attn_dp asc). Block-parallel

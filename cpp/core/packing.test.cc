@@ -485,13 +485,14 @@ static void test_redundant_slots() {
   CHECK(parse_plan_label(p.label()).label() == p.label());
   CHECK(parse_plan_label("tp1-ep8-red0").redundant == 0);
   CHECK(throws_invalid([] { parse_plan_label("ep8-red4-red4"); }, "repeats red"));
-  // enumeration: ep=6 appears with R=2, ep=4 with R=0, nothing else
+  // enumeration: ep=6 = the stage's GPUs appears with R=2, every other plan has R=0
   bool saw6 = false;
   for (const PlanDesc& e : enumerate_plans(d, 6)) {
-    CHECK(e.redundant == redundant_candidate(16, e.ep));
+    CHECK(e.redundant == (e.ep == e.dp * e.tp ? redundant_candidate(16, e.ep) : 0));
     saw6 = saw6 || (e.ep == 6 && e.redundant == 2);
   }
   CHECK(saw6);
+  CHECK(searched_redundant(256, 72, 72) == 32 && searched_redundant(256, 36, 72) == 0);
   CHECK(redundant_candidate(256, 72) == 32 && redundant_candidate(256, 64) == 0 && redundant_candidate(256, 48) == 32);
   // pack: extra replicas on top of slots refused; popularity places the slots
   ReplicaRequest rr;

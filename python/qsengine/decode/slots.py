@@ -15,7 +15,7 @@ assignment of token t (its index in the microbatch) to an expert with c copies
 goes to copy ``t mod c``. Copy j of expert e therefore sees about ``B/c`` of
 the B tokens, each of which picks e with probability π_e; the closed form
 takes a slot as ``B/c_e`` independent tokens (docs/model.md, "Redundant expert
-slots").
+slots"); GPUs whose slots carry equal loads form one class (``class_*``).
 """
 
 from __future__ import annotations
@@ -34,13 +34,19 @@ class SlotLayout:
     """The slots of one EP group: ``expert[s]`` fills slot s (rank-major: GPU g
     holds slots ``[g·m, (g+1)·m)``, m = ``per_gpu``), ``copies[e]`` copies of
     expert e, ``share[s] = 1/copies[expert[s]]`` (the fraction of the expert's
-    tokens slot s serves)."""
+    tokens slot s serves). GPUs whose slots carry the same (load, share)
+    multiset are alike for the straggler: ``class_expert`` / ``class_share``
+    (classes, per_gpu) are the slots of one GPU of each class, ``class_count``
+    how many GPUs it stands for."""
 
     expert: np.ndarray
     copies: np.ndarray
     share: np.ndarray
     gpus: int
     per_gpu: int
+    class_expert: np.ndarray
+    class_share: np.ndarray
+    class_count: np.ndarray
 
 
 _LAYOUTS: dict[tuple, SlotLayout] = {}
@@ -58,8 +64,17 @@ def slot_layout(load: np.ndarray, gpus: int, redundant: int) -> SlotLayout:
         expert, copies, _ = _core.place_slots(load, int(gpus), int(redundant))
         expert = np.asarray(expert, dtype=np.int64)
         copies = np.asarray(copies, dtype=np.int64)
-        got = SlotLayout(expert=expert, copies=copies, share=1.0 / copies[expert].astype(np.float64),
-                         gpus=int(gpus), per_gpu=(load.size + int(redundant)) // int(gpus))
+        share = 1.0 / copies[expert].astype(np.float64)
+        per = (load.size + int(redundant)) // int(gpus)
+        # one GPU's slots sorted by (load, share): equal rows = GPUs alike for the straggler
+        ex = expert.reshape(int(gpus), per)
+        sh = share.reshape(int(gpus), per)
+        order = np.lexsort((sh, load[ex]), axis=1)
+        rows = np.concatenate([np.take_along_axis(load[ex], order, axis=1), np.take_along_axis(sh, order, axis=1)],
+                              axis=1)
+        _, first, count = np.unique(rows, axis=0, return_index=True, return_counts=True)
+        got = SlotLayout(expert=expert, copies=copies, share=share, gpus=int(gpus), per_gpu=per,
+                         class_expert=ex[first], class_share=sh[first], class_count=count.astype(np.int64))
         if len(_LAYOUTS) > 4096:
             _LAYOUTS.clear()
         _LAYOUTS[key] = got

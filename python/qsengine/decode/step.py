@@ -369,19 +369,17 @@ def _erf(z: np.ndarray) -> np.ndarray:
 _GRID = 2049
 
 
-def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray, counts: np.ndarray | None = None
-                          ) -> tuple[np.ndarray, np.ndarray]:
+def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of the maximum of independent normals N(mu_ig, sigma_ig²),
     one maximum per row i (shape (N, G) -> two (N,) arrays), by numerical
     integration of the CDF of the maximum, F(x) = Π_g Φ((x-μ_g)/σ_g), on 2049
     points over [min(μ−8σ), max(μ+8σ)]. Rows are independent: a row's result
     does not depend on the other rows (products over g are taken in g order,
-    sums run along contiguous rows). ``counts`` (per column, optional): column
-    j stands for ``counts[j]`` identical GPUs (its Φ raised to that power)."""
+    sums run along contiguous rows)."""
     mu = np.ascontiguousarray(mu, dtype=np.float64)
     sigma = np.maximum(np.ascontiguousarray(sigma, dtype=np.float64), 1e-300)
     n, g = mu.shape
-    if g == 1 and (counts is None or counts[0] == 1):
+    if g == 1:
         return mu[:, 0].copy(), sigma[:, 0].copy()
     lo = np.min(mu - 8 * sigma, axis=1)
     hi = np.max(mu + 8 * sigma, axis=1)
@@ -397,10 +395,7 @@ def _expected_max_normals(mu: np.ndarray, sigma: np.ndarray, counts: np.ndarray 
         cdf = np.ones_like(x)
         for j in range(g):
             z = (x - mu[rows, j, None]) / (sigma[rows, j, None] * math.sqrt(2.0))
-            if counts is None:
-                cdf *= 0.5 * (1.0 + _erf(z))
-            else:
-                cdf *= (0.5 * (1.0 + _erf(z))) ** counts[j]
+            cdf *= 0.5 * (1.0 + _erf(z))
         pdf = np.gradient(cdf, axis=1) / np.gradient(x, axis=1)
         dx = np.diff(x, axis=1)
         a1 = x * pdf
@@ -520,9 +515,10 @@ def _slot_straggler(experts: int, top_k: int, B: np.ndarray, G: np.ndarray, a: n
     when ``pi`` is None); a slot of expert e with c_e copies serves B/c_e of
     the B tokens (the engine's round-robin split), so it is touched with
     probability 1 − (1 − π_e)^(B/c_e) and takes (B/c_e)·π_e assignments
-    (variance (B/c_e)·π_e·(1 − π_e)). The GPUs' normal costs are maximised
-    numerically as in the popularity case, GPUs with identical slot loads
-    folded into one column (a power of its CDF)."""
+    (variance (B/c_e)·π_e·(1 − π_e)). GPUs whose slots carry the same loads
+    form a class of n identical normals (maximum μ + σ·c_n, sd σ·s_n, as in
+    the uniform case); the classes' maxima are combined by Clark's moment
+    matching (:func:`_clark_max`)."""
     from qsengine.decode.slots import slot_layout
 
     R = np.asarray(redundant, dtype=np.int64)
@@ -531,21 +527,17 @@ def _slot_straggler(experts: int, top_k: int, B: np.ndarray, G: np.ndarray, a: n
         return
     load = np.full(experts, top_k / experts) if pi is None else np.asarray(pi, dtype=np.float64)
     lp = np.log1p(-np.minimum(load, 1 - 1e-15))
-    pairs = np.unique(np.stack([G[sel], R[sel]], axis=1), axis=0)
-    for g, r in pairs.tolist():
-        rows = np.flatnonzero(sel & (G == g) & (R == r))
-        lay = slot_layout(load, g, r)
-        per = lay.per_gpu
-        # GPUs whose slots carry the same (π, share) multiset are identical: one column each
-        key = np.stack([load[lay.expert], lay.share], axis=1).reshape(g, per, 2)
-        key = np.sort(key.view(np.complex128)[..., 0], axis=1)  # (π, share) pairs sorted per GPU
-        uniq, first, counts = np.unique(key, axis=0, return_index=True, return_counts=True)
-        slots = (first[:, None] * per + np.arange(per)[None, :]).ravel()  # slots of one GPU per class
-        e = lay.expert[slots]
-        share = lay.share[slots]
-        Bs = B[rows][:, None] * share[None, :]  # tokens each slot serves
+    from qsengine._groups import group, split
+
+    idx = np.flatnonzero(sel)
+    codes, _ = group(idx.size, G[idx], R[idx])
+    for _, pos in split(codes):  # one (ep, redundant) pair at a time
+        rows = idx[pos]
+        lay = slot_layout(load, int(G[rows[0]]), int(R[rows[0]]))
+        c, per = lay.class_expert.shape
+        e = lay.class_expert.ravel()  # the slots of one GPU of each class
+        Bs = B[rows][:, None] * lay.class_share.ravel()[None, :]  # tokens each slot serves
         touched = -np.expm1(Bs * lp[e][None, :])
-        c = first.size
         tg = touched.reshape(rows.size, c, per)
         mu_u = tg.sum(axis=2)
         var_u = (tg * (1 - tg)).sum(axis=2)
@@ -556,13 +548,40 @@ def _slot_straggler(experts: int, top_k: int, B: np.ndarray, G: np.ndarray, a: n
         use_u = ar * mu_u >= br * mu_n
         mu = np.where(use_u, ar * mu_u, br * mu_n)
         sig = np.where(use_u, ar * np.sqrt(var_u), br * np.sqrt(var_n))
-        if c == 1:  # every GPU alike (e.g. uniform routing, each holding one replica): c_G, s_G as above
-            cg, sg = max_iid_normal(int(counts[0]))
-            m, s = mu[:, 0] + sig[:, 0] * cg, sig[:, 0] * sg
-        else:
-            m, s = _expected_max_normals(mu, sig, counts.astype(np.float64))
+        cs = np.array([max_iid_normal(int(k)) for k in lay.class_count])  # (classes, 2)
+        m, s = _clark_max(mu + sig * cs[None, :, 0], sig * cs[None, :, 1])
         mean[rows] = m
         sd[rows] = s
+
+
+def _clark_max(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd of the maximum of independent normals N(μ_j, σ_j²) per row
+    (shape (N, C) -> two (N,)), by Clark's moment matching (C. E. Clark, "The
+    greatest of a finite set of random variables", Operations Research 9(2),
+    1961, 145-162): max(X, Y) of two normals has exact mean
+    μ1·Φ(α) + μ2·Φ(−α) + θ·φ(α) and second moment (μ1² + σ1²)·Φ(α) +
+    (μ2² + σ2²)·Φ(−α) + (μ1 + μ2)·θ·φ(α), θ² = σ1² + σ2², α = (μ1 − μ2)/θ; the
+    result is taken normal and folded with the next column, columns in
+    descending order of mean. Exact for C = 1."""
+    n, c = mu.shape
+    order = np.argsort(-mu, axis=1, kind="stable")
+    mu = np.take_along_axis(mu, order, axis=1)
+    var = np.take_along_axis(sigma, order, axis=1) ** 2
+    m, v = mu[:, 0].copy(), var[:, 0].copy()
+    for j in range(1, c):
+        m2, v2 = mu[:, j], var[:, j]
+        theta = np.sqrt(v + v2)
+        pos = theta > 0
+        th = np.where(pos, theta, 1.0)
+        al = (m - m2) / th
+        cdf = 0.5 * (1.0 + _erf(al / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * al * al) / math.sqrt(2.0 * math.pi)
+        e1 = m * cdf + m2 * (1 - cdf) + th * pdf
+        e2 = (m * m + v) * cdf + (m2 * m2 + v2) * (1 - cdf) + (m + m2) * th * pdf
+        m_new = np.where(pos, e1, np.maximum(m, m2))
+        v_new = np.where(pos, np.maximum(e2 - e1 * e1, 0.0), 0.0)
+        m, v = m_new, v_new
+    return m, np.sqrt(v)
 
 
 def moe_straggler_closed_form(
