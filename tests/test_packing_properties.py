@@ -79,6 +79,8 @@ def expected_component_bytes(model: Model, prec: Precision, plan: Plan) -> dict[
     params = model.params_by_component()
     copies_ne = plan.dp * plan.tp if plan.attn_dp else plan.dp
     copies_e = plan.expert_copies if model.is_moe else 0
+    if model.is_moe:  # each EP group holds E + redundant slots: (E + R)/E copies of the experts' bytes
+        copies_e *= (model.routed_experts + plan.redundant) / model.routed_experts
     out = {}
     for c in COMPONENTS:
         b = prec.expert_bytes if c in ("routed_experts", "shared_experts") else prec.weight_bytes
