@@ -35,10 +35,13 @@ def plan_is_valid(model: Model, plan: Plan, num_gpus: int) -> bool:
     if not plan.attn_dp:
         if a.kind != "mla" and a.num_kv_heads % tp and tp % a.num_kv_heads:
             return False
+    R = plan.redundant  # redundant expert slots: E + R per EP group, each expert's copies on distinct ranks
     if not is_moe(model):
-        return ep == 1
+        return ep == 1 and R == 0
     etp = expert_tp(plan)
-    return model.routed_experts % ep == 0 and (dp * tp) % (ep * etp) == 0 and model.moe_intermediate % etp == 0
+    if R < 0 or (R > 0 and (ep == 1 or R > model.routed_experts * (ep - 1))):
+        return False
+    return (model.routed_experts + R) % ep == 0 and (dp * tp) % (ep * etp) == 0 and model.moe_intermediate % etp == 0
 
 
 def all_plans(model: Model, num_gpus: int) -> list[Plan]:
@@ -64,7 +67,9 @@ def all_plans(model: Model, num_gpus: int) -> list[Plan]:
                         for adp in (False, True):
                             if (adp and tp == 1) or (dp * tp) % (ep * etp):
                                 continue  # the second: Plan itself refuses it
-                            p = Plan(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, attn_dp=adp)
+                            # the searched slots: only where EP spans the stage, filling E up to a multiple of ep
+                            red = -model.routed_experts % ep if ep == dp * tp else 0
+                            p = Plan(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, attn_dp=adp, redundant=red)
                             if plan_is_valid(model, p, G):
                                 out.append(p)
     return out
@@ -148,7 +153,8 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
                 w["dense_ffn"] += model.dense_ffn_params * wb / fshard
             else:
                 if moe:
-                    w["routed_experts"] += (model.routed_experts // plan.ep) * model.expert_params * eb / etp
+                    slots = (model.routed_experts + plan.redundant) // plan.ep  # (E + R)/ep slots per GPU
+                    w["routed_experts"] += slots * model.expert_params * eb / etp
                 w["shared_experts"] += model.shared_experts * model.shared_expert_params * eb / shard
                 w["router"] += model.router_params * wb / shard
             if layer >= model.encoder_layers:

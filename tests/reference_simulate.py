@@ -155,8 +155,10 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
             col = model.expert_params / model.moe_intermediate
             fixed = f["c0"] + max(col * f["width_pad"] * WEIGHT_BYTES[e_dt] / bw, 2 * col * f["width_pad"] / fl)
         tokens = b * plan.dp / plan.expert_copies
-        m, sd = moe_straggler_closed_form(model.routed_experts, model.top_k, tokens, plan.ep, a, bb, pop)
-        per = model.routed_experts // plan.ep
+        # the slot straggler (redundant slots) is the library's, proved against the Monte Carlo in test_slots.py
+        m, sd = moe_straggler_closed_form(model.routed_experts, model.top_k, tokens, plan.ep, a, bb, pop,
+                                          plan.redundant)
+        per = (model.routed_experts + plan.redundant) // plan.ep
         ceiling = max(a * per, bb * tokens * min(model.top_k, per))
         moe_mean = n_moe * (m + fixed)
         moe_p99 = min(n_moe * m + Z99 * math.sqrt(n_moe) * sd, n_moe * max(ceiling, m)) + n_moe * fixed
@@ -307,8 +309,8 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
     read = context + (output + 1) / 2 if output else context
     acc = cluster.accelerator
     pop = independent_popularity(routing, model.routed_experts) if model.is_moe else None
-    if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None):
-        plan = dataclasses.replace(plan, ep=1, etp=None)
+    if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None or plan.redundant):
+        plan = dataclasses.replace(plan, ep=1, etp=None, redundant=0)  # the dense side has no expert slots
     if isinstance(plan, str):  # every plan on all GPUs, then on the largest power of two below (others idle)
         counts = [cluster.num_gpus]
         p2 = 1
@@ -324,6 +326,14 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
     for p in candidates:
         used = cluster if p.num_gpus == cluster.num_gpus else Cluster(acc, p.num_gpus)
         pk = pack(model, used, admit, plan=p, precision=precision)
+        if model.is_moe:  # every GPU holds (E + redundant)/ep expert slots of each of its stage's MoE layers
+            slots = (model.routed_experts + p.redundant) // p.ep
+            per_slot = model.expert_params * precision.expert_bytes / p.expert_tp
+            moe_layers = [sum(1 for i in range(s * model.num_layers // p.pp, (s + 1) * model.num_layers // p.pp)
+                              if i >= model.dense_layers) for s in range(p.pp)]  # dense layers come first
+            want = [slots * n * per_slot for n in moe_layers]
+            got = pk.gpu_map.groupby("stage")["routed_experts"].max().tolist()
+            assert np.allclose(got, want, rtol=1e-9), (p.label, got, want)
         if not pk.feasible:
             continue
         unit = p.tp if p.attn_dp else 1

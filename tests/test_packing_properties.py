@@ -81,6 +81,8 @@ def expected_component_bytes(model: Model, prec: Precision, plan: Plan) -> dict[
     # a dense model under attn_dp keeps its FFN, embedding and LM head tensor-parallel (one copy per replica)
     tp_ffn = plan.attn_dp and not model.is_moe
     copies_e = plan.expert_copies if model.is_moe else 0
+    if model.is_moe:  # each EP group holds E + redundant slots: (E + R)/E copies of the experts' bytes
+        copies_e *= (model.routed_experts + plan.redundant) / model.routed_experts
     out = {}
     for c in COMPONENTS:
         b = prec.expert_bytes if c in ("routed_experts", "shared_experts") else prec.weight_bytes

@@ -33,13 +33,14 @@ def plans_(draw) -> Plan:
     divs = [d for d in range(1, stage + 1) if stage % d == 0]
     ep = draw(st.sampled_from(divs))
     etp = draw(st.none() | st.sampled_from([d for d in divs if (stage // ep) % d == 0]))
-    return Plan(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, attn_dp=draw(st.booleans()))
+    red = draw(st.sampled_from([0, 0, 1, 3, 8, 32]))
+    return Plan(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, attn_dp=draw(st.booleans()), redundant=red)
 
 
 def _canonical(p: Plan) -> Plan:
     """The same plan with an ``etp`` equal to its default written as None."""
     default = p.tp if p.ep == 1 else 1
-    return Plan(p.tp, p.pp, p.dp, p.ep, None if p.etp == default else p.etp, p.attn_dp)
+    return Plan(p.tp, p.pp, p.dp, p.ep, None if p.etp == default else p.etp, p.attn_dp, p.redundant)
 
 
 # ------------------------------------------------------------------ labels
@@ -68,6 +69,10 @@ def test_label_format():
     assert Plan(tp=4, dp=2, ep=4, etp=2, attn_dp=True).label == "tp4-pp1-dp2-ep4-etp2-adp"
     assert Plan(tp=4, etp=4).label == "tp4-pp1-dp1-ep1"  # the default etp is not written
     assert Plan.from_label("tp4-pp1-dp2-ep4-etp2-adp") == Plan(tp=4, dp=2, ep=4, etp=2, attn_dp=True)
+    assert Plan(dp=72, ep=72, redundant=32).label == "tp1-pp1-dp72-ep72-red32"
+    assert Plan.from_label("red32-ep72-dp72") == Plan(dp=72, ep=72, redundant=32)
+    assert Plan(dp=8, ep=8, redundant=0).label == "tp1-pp1-dp8-ep8"  # no redundant slots: not written
+    assert Plan(tp=4, dp=2, ep=8, redundant=8, attn_dp=True).label == "tp4-pp1-dp2-ep8-red8-adp"
 
 
 @pytest.mark.parametrize(
@@ -82,6 +87,7 @@ def test_label_format():
         ("tp99999999999999999999", SpecError, r"tp must be <= 2\^53"),
         ("tp0", SpecError, r"Plan: field 'tp' = 0: must be positive"),
         ("tp4-ep8", SpecError, r"field 'ep' = 8: ep x etp \(8 x 1\) must divide dp x tp \(1 x 4\)"),
+        ("ep8-dp8-red8-red8", SpecError, r"part 'red8' repeats red"),
         (8, TypeError, r"field 'plan' = 8: must be a plan label"),
     ],
 )
@@ -121,7 +127,9 @@ def toy_models(draw) -> Model:
 def _slow_plans(m: Model, g: int) -> list[Plan]:
     """Every plan for ``g`` GPUs, from the documented rules, by brute force
     over the whole box of degrees, in the documented order (tp, pp, ep, etp,
-    attn_dp ascending; no attn_dp first)."""
+    attn_dp ascending; no attn_dp first). A MoE's ``ep`` comes with R = 0, or,
+    when it spans the stage (ep = dp*tp), the smallest redundant slot count
+    R >= 0 such that ep divides E + R."""
     a = m.attention
     out = []
     for tp in range(1, g + 1):
@@ -140,14 +148,18 @@ def _slow_plans(m: Model, g: int) -> list[Plan]:
                     continue
                 for ep in range(1, dp * tp + 1):
                     for etp in range(1, dp * tp + 1):
-                        if (dp * tp) % (ep * etp) or m.routed_experts % ep or m.moe_intermediate % etp:
+                        if (dp * tp) % (ep * etp) or m.moe_intermediate % etp:
+                            continue
+                        # slots only where EP spans the stage: E + red is then the next multiple of ep
+                        red = -m.routed_experts % ep if ep == dp * tp else 0
+                        if (m.routed_experts + red) % ep:
                             continue
                         default = tp if ep == 1 else 1
                         e = None if etp == default else etp
                         if heads_ok:
-                            out.append(Plan(tp, pp, dp, ep, e))
+                            out.append(Plan(tp, pp, dp, ep, e, redundant=red))
                         if tp > 1:  # attn_dp: no head rule; with tp=1 it is the plan without it
-                            out.append(Plan(tp, pp, dp, ep, e, attn_dp=True))
+                            out.append(Plan(tp, pp, dp, ep, e, attn_dp=True, redundant=red))
     return out
 
 
@@ -170,7 +182,8 @@ def plans_on(draw, g: int) -> Plan:
     divs = [d for d in range(1, dp * tp + 1) if (dp * tp) % d == 0]
     ep = draw(st.sampled_from(divs))
     etp = draw(st.none() | st.sampled_from([d for d in divs if (dp * tp // ep) % d == 0]))
-    return Plan(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, attn_dp=draw(st.booleans()))
+    red = draw(st.sampled_from([0, 0, 0, 1, 2, 3, 4, 6, 8, 12, 16, 64]))
+    return Plan(tp=tp, pp=pp, dp=dp, ep=ep, etp=etp, attn_dp=draw(st.booleans()), redundant=red)
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -190,14 +203,26 @@ def test_validate_for_accepts_exactly_the_enumerated_plans(m, g, data):
         assert str(exc).startswith(f"Plan {p.label} for toy on {cluster.label}: field '")
     if not m.is_moe:
         if p.attn_dp and p.tp == 1:
-            expected = p.ep == 1 and Plan(p.tp, p.pp, p.dp) in listed  # attn_dp over one GPU: the plan without it
+            expected = p.ep == 1 and p.redundant == 0 and Plan(p.tp, p.pp, p.dp) in listed  # the plan without it
         else:
-            expected = p.ep == 1 and Plan(p.tp, p.pp, p.dp, attn_dp=p.attn_dp) in listed
+            expected = p.ep == 1 and p.redundant == 0 and Plan(p.tp, p.pp, p.dp, attn_dp=p.attn_dp) in listed
     else:
         c = _canonical(p)
         if p.attn_dp and p.tp == 1:
-            c = Plan(c.tp, c.pp, c.dp, c.ep, c.etp)  # attn_dp over one GPU is the plan without it
-        expected = c in listed
+            c = Plan(c.tp, c.pp, c.dp, c.ep, c.etp, redundant=c.redundant)  # attn_dp over one GPU: the plan without
+        # the search lists each ep with one redundant count; any other R is valid when ep divides
+        # E + R, ep > 1 and R <= E*(ep-1) (each copy of an expert on its own GPU)
+        E, R = m.routed_experts, c.redundant
+        searched = -E % c.ep if c.ep == c.dp * c.tp else 0
+        slots_ok = (E + R) % c.ep == 0 and (R == 0 or (c.ep > 1 and R <= E * (c.ep - 1)))
+        if R == searched:
+            expected = c in listed and slots_ok
+        else:  # a redundant count the search does not list: the documented rules, spelt out
+            a = m.attention
+            heads_ok = c.attn_dp or (a.num_heads % c.tp == 0 and (
+                a.kind == "mla" or a.num_kv_heads % c.tp == 0 or c.tp % a.num_kv_heads == 0))
+            expected = (c.num_gpus == g and c.pp <= m.num_layers and heads_ok and slots_ok
+                        and m.moe_intermediate % c.expert_tp == 0)
     assert valid == expected
 
 
@@ -209,6 +234,27 @@ def test_pack_and_validate_for_give_the_same_message():
         q.pack(m, c, 4096, plan=Plan(tp=8))
     assert str(a.value) == str(b.value) == (
         "Plan tp8-pp1-dp1-ep1 for deepseek-v3 on 16xh200: field 'tp*pp*dp' = 8: must equal the cluster's GPUs (16)")
+
+
+@pytest.mark.parametrize("plan, message", [
+    (Plan(dp=72, ep=72), r"field 'ep' = 72: must divide routed_experts \(256\)"),
+    (Plan(dp=72, ep=72, redundant=31), r"field 'ep' = 72: must divide routed_experts \+ redundant \(256 \+ 31 expert "
+                                       r"slots per EP group\)"),
+    (Plan(tp=8, dp=9, redundant=8), r"field 'redundant' = 8: must be 0 without expert parallelism"),
+])
+def test_redundant_slot_rules_name_field_value_and_rule(plan, message):
+    m, c = q.load_model("deepseek-v3"), q.load_cluster("72xgb200")
+    with pytest.raises(SpecError, match=message):
+        plan.validate_for(m, c)
+    with pytest.raises(SpecError, match=message):
+        q.pack(m, c, 4096, plan=plan)
+
+
+def test_redundant_slots_are_refused_for_a_dense_model_and_negative_counts():
+    with pytest.raises(SpecError, match=r"field 'redundant' = -1: must be"):
+        Plan(dp=8, ep=8, redundant=-1)
+    with pytest.raises(SpecError, match=r"field 'redundant' = 8: must be 0 for a dense model"):
+        Plan(dp=8, redundant=8).validate_for(q.load_model("llama-3.1-8b"), q.load_cluster("8xh100"))
 
 
 def test_sweep_refuses_a_plan_the_core_would_refuse(tmp_path):

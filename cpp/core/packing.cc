@@ -112,6 +112,7 @@ bool MemoryDesc::is_moe() const {
 std::string PlanDesc::label() const {
   std::string s = cat("tp", tp, "-pp", pp, "-dp", dp, "-ep", ep);
   if (etp > 0 && etp != (ep == 1 ? tp : 1)) s += cat("-etp", etp);
+  if (redundant > 0) s += cat("-red", redundant);
   if (attn_dp) s += "-adp";
   return s;
 }
@@ -178,6 +179,7 @@ void validate_desc(const MemoryDesc& d) {
 // ---------------------------------------------------------------- plan rules
 PlanRule plan_shape_rule(const PlanDesc& p) {
   if (p.tp < 1 || p.pp < 1 || p.dp < 1 || p.ep < 1 || p.etp < 0) return PlanRule::kDegrees;
+  if (p.redundant < 0 || p.redundant > kMaxPlanDegree) return PlanRule::kDegrees;
   // tp*pp*dp <= 2^53 and ep*etp <= 2^53, by division (no overflow)
   if (p.pp > kMaxPlanDegree / p.tp || p.dp > kMaxPlanDegree / (p.tp * p.pp)) return PlanRule::kDegrees;
   if (p.expert_tp() > kMaxPlanDegree / p.ep) return PlanRule::kDegrees;
@@ -198,9 +200,17 @@ PlanRule plan_rule(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus
       return PlanRule::kKvHeads;
     }
   }
-  if (!d.is_moe()) return p.ep != 1 ? PlanRule::kDenseEp : PlanRule::kOk;
-  if (d.routed_experts % p.ep != 0) return PlanRule::kExpertsEp;
+  if (!d.is_moe()) {
+    if (p.ep != 1) return PlanRule::kDenseEp;
+    return p.redundant != 0 ? PlanRule::kRedundant : PlanRule::kOk;
+  }
+  if ((d.routed_experts + p.redundant) % p.ep != 0) return PlanRule::kExpertsEp;  // both <= 2^53: no overflow
   if (d.moe_intermediate < 1 || d.moe_intermediate % p.expert_tp() != 0) return PlanRule::kExpertWidth;
+  // redundant <= E*(ep-1), by division (no overflow)
+  if (p.redundant > 0 && (p.ep == 1 || p.redundant / (p.ep - 1) > d.routed_experts ||
+                          (p.redundant / (p.ep - 1) == d.routed_experts && p.redundant % (p.ep - 1) != 0))) {
+    return PlanRule::kRedundant;
+  }
   return PlanRule::kOk;
 }
 
@@ -221,6 +231,8 @@ PlanViolation describe_plan_rule(const MemoryDesc& d, const PlanDesc& p, std::in
       else if (p.dp < 1) set("dp", p.dp, "must be positive");
       else if (p.ep < 1) set("ep", p.ep, "must be positive");
       else if (p.etp < 0) set("etp", p.etp, "must be positive (or unset for the default)");
+      else if (p.redundant < 0) set("redundant", p.redundant, "must be >= 0 (redundant expert slots per EP group)");
+      else if (p.redundant > kMaxPlanDegree) set("redundant", p.redundant, "must be <= 2^53");
       else if (p.pp > kMaxPlanDegree / p.tp || p.dp > kMaxPlanDegree / (p.tp * p.pp))
         set("tp*pp*dp", cat(p.tp, "*", p.pp, "*", p.dp), "must be <= 2^53 GPUs");
       else set("ep*etp", cat(p.ep, "*", p.expert_tp()), "must be <= 2^53 GPUs");
@@ -251,10 +263,26 @@ PlanViolation describe_plan_rule(const MemoryDesc& d, const PlanDesc& p, std::in
       set("ep", p.ep, "must be 1 for a dense model (no routed experts)");
       break;
     case PlanRule::kExpertsEp:
-      set("ep", p.ep, cat("must divide routed_experts (", d.routed_experts, ")"));
+      if (p.redundant == 0) {
+        set("ep", p.ep, cat("must divide routed_experts (", d.routed_experts, ")"));
+      } else {
+        set("ep", p.ep, cat("must divide routed_experts + redundant (", d.routed_experts, " + ", p.redundant,
+                            " expert slots per EP group)"));
+      }
       break;
     case PlanRule::kExpertWidth:
       set("etp", p.expert_tp(), cat("must divide moe_intermediate (", d.moe_intermediate, ")"));
+      break;
+    case PlanRule::kRedundant:
+      if (!d.is_moe()) {
+        set("redundant", p.redundant, "must be 0 for a dense model (no routed experts to replicate)");
+      } else if (p.ep == 1) {
+        set("redundant", p.redundant, "must be 0 without expert parallelism (ep=1: a replica on the same GPU balances nothing)");
+      } else {
+        set("redundant", p.redundant,
+            cat("must be <= routed_experts*(ep-1) (", d.routed_experts, "*", p.ep - 1,
+                "): the copies of one expert sit on distinct EP ranks"));
+      }
       break;
   }
   return v;
@@ -267,8 +295,9 @@ std::string PlanViolation::message() const {
 
 bool is_canonical(const MemoryDesc& d, const PlanDesc& p) {
   // attn_dp only with tp > 1 (at tp = 1 it is the plain plan)
-  if (!d.is_moe()) return p.ep == 1 && p.etp == 0 && (!p.attn_dp || p.tp > 1);
-  return p.etp > 0 && (!p.attn_dp || p.tp > 1);
+  if (!d.is_moe()) return p.ep == 1 && p.etp == 0 && p.redundant == 0 && (!p.attn_dp || p.tp > 1);
+  return p.etp > 0 && (!p.attn_dp || p.tp > 1) &&
+         p.redundant == searched_redundant(d.routed_experts, p.ep, p.dp * p.tp);
 }
 
 std::string plan_violation(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus) {
@@ -282,11 +311,12 @@ void validate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus
 }
 
 PlanDesc parse_plan_label(const std::string& text) {
-  static const char* kForm = "a label looks like tp8-pp1-dp1-ep8[-etp1][-adp]";
+  static const char* kForm = "a label looks like tp8-pp1-dp1-ep8[-etp1][-red8][-adp]";
   if (text.empty()) throw InvalidArgument(cat("plan label is empty: ", kForm));
   PlanDesc p;
-  bool seen[6] = {false, false, false, false, false, false};
-  static const char* keys[5] = {"tp", "pp", "dp", "ep", "etp"};
+  constexpr int kKeys = 6, kAdp = kKeys;
+  bool seen[kKeys + 1] = {false, false, false, false, false, false, false};
+  static const char* keys[kKeys] = {"tp", "pp", "dp", "ep", "etp", "red"};
   std::size_t begin = 0;
   while (true) {
     const std::size_t dash = text.find('-', begin);
@@ -294,9 +324,9 @@ PlanDesc parse_plan_label(const std::string& text) {
     int key = -1;
     std::string digits;
     if (part == "adp") {
-      key = 5;
+      key = kAdp;
     } else {
-      for (int k = 0; k < 5; ++k) {
+      for (int k = 0; k < kKeys; ++k) {
         const std::string name = keys[k];
         if (part.size() > name.size() && part.compare(0, name.size(), name) == 0 &&
             part.find_first_not_of("0123456789", name.size()) == std::string::npos) {
@@ -306,12 +336,12 @@ PlanDesc parse_plan_label(const std::string& text) {
       }
     }
     if (key < 0) {
-      throw InvalidArgument(cat("plan label part '", part, "' is not tp<n>, pp<n>, dp<n>, ep<n>, etp<n> or adp (",
-                                kForm, ")"));
+      throw InvalidArgument(cat("plan label part '", part,
+                                "' is not tp<n>, pp<n>, dp<n>, ep<n>, etp<n>, red<n> or adp (", kForm, ")"));
     }
-    if (seen[key]) throw InvalidArgument(cat("plan label part '", part, "' repeats ", key == 5 ? "adp" : keys[key]));
+    if (seen[key]) throw InvalidArgument(cat("plan label part '", part, "' repeats ", key == kAdp ? "adp" : keys[key]));
     seen[key] = true;
-    if (key == 5) {
+    if (key == kAdp) {
       p.attn_dp = true;
     } else {
       const std::size_t nz = std::min(digits.find_first_not_of('0'), digits.size());
@@ -323,7 +353,7 @@ PlanDesc parse_plan_label(const std::string& text) {
         for (char c : sig) v = v * 10 + (c - '0');
       }
       if (v > kMaxPlanDegree) throw InvalidArgument(cat("plan label part '", part, "': ", keys[key], " must be <= 2^53"));
-      std::int64_t* field[5] = {&p.tp, &p.pp, &p.dp, &p.ep, &p.etp};
+      std::int64_t* field[kKeys] = {&p.tp, &p.pp, &p.dp, &p.ep, &p.etp, &p.redundant};
       *field[key] = v;
       if (key == 4 && v == 0) throw InvalidArgument(cat("plan label part '", part, "': etp must be positive"));
     }
@@ -355,7 +385,8 @@ StageMemory stage_memory(const MemoryDesc& d, const PlanDesc& p, std::int64_t s)
   w[kAttention] = static_cast<double>(m.layers) * d.attention_bytes / shard;
   w[kDenseFfn] = dense_ffn_weight(m.dense_layers, d.dense_ffn_bytes, fshard);
   w[kRoutedExperts] =
-      moe ? static_cast<double>(m.moe_layers * (d.routed_experts / p.ep)) * d.expert_bytes / static_cast<double>(etp)
+      moe ? static_cast<double>(m.moe_layers * ((d.routed_experts + p.redundant) / p.ep)) * d.expert_bytes /
+                static_cast<double>(etp)
           : 0.0;
   w[kSharedExperts] = static_cast<double>(m.moe_layers) * d.shared_expert_bytes / shard;
   w[kRouter] = static_cast<double>(m.moe_layers) * d.router_bytes / shard;
@@ -548,9 +579,10 @@ std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus
       for (std::int64_t ep : eps) {
         divisors_of(stage_gpus / ep, etps);
         etps.insert(etps.begin(), 0);  // 0: the default expert TP
+        const std::int64_t redundant = d.is_moe() ? searched_redundant(d.routed_experts, ep, stage_gpus) : 0;
         for (std::int64_t etp : etps) {
           for (bool attn_dp : {false, true}) {
-            const PlanDesc p{tp, pp, dp, ep, etp, attn_dp};
+            const PlanDesc p{tp, pp, dp, ep, etp, attn_dp, redundant};
             if (!is_canonical(d, p)) continue;
             const PlanRule rule = plan_rule(d, p, num_gpus);
             if (rule == PlanRule::kDenseEp || rule == PlanRule::kExpertsEp) goto next_ep;  // they read only ep
@@ -562,6 +594,15 @@ std::vector<PlanDesc> enumerate_plans(const MemoryDesc& d, std::int64_t num_gpus
     }
   }
   return out;
+}
+
+std::int64_t redundant_candidate(std::int64_t experts, std::int64_t ep) {
+  if (experts < 1 || ep < 1) return 0;
+  return (ep - experts % ep) % ep;
+}
+
+std::int64_t searched_redundant(std::int64_t experts, std::int64_t ep, std::int64_t stage_gpus) {
+  return ep == stage_gpus ? redundant_candidate(experts, ep) : 0;
 }
 
 bool ranks_before(const PlanEval& a, const PlanEval& b) {
@@ -576,6 +617,7 @@ bool ranks_before(const PlanEval& a, const PlanEval& b) {
   if (a.plan.ep != b.plan.ep) return a.plan.ep < b.plan.ep;
   if (a.plan.tp != b.plan.tp) return a.plan.tp < b.plan.tp;
   if (a.plan.expert_tp() != b.plan.expert_tp()) return a.plan.expert_tp() < b.plan.expert_tp();
+  if (a.plan.redundant != b.plan.redundant) return a.plan.redundant < b.plan.redundant;
   return !a.plan.attn_dp && b.plan.attn_dp;
 }
 
@@ -676,6 +718,88 @@ std::vector<std::int64_t> sample_lengths(const std::vector<std::int64_t>& values
       },
       [](std::vector<std::int64_t>& acc, std::vector<std::int64_t>&& r) { acc.insert(acc.end(), r.begin(), r.end()); },
       cancel);
+  return out;
+}
+
+// ---------------------------------------------------------------- redundant slots (EPLB)
+SlotPlacement place_slots(const std::vector<double>& pop, std::int64_t ep, std::int64_t redundant) {
+  const std::int64_t E = static_cast<std::int64_t>(pop.size());
+  if (E < 1) throw InvalidArgument("popularity: empty (one entry per routed expert)");
+  if (ep < 1) throw InvalidArgument(cat("ep=", ep, ": must be >= 1"));
+  if (redundant < 0) throw InvalidArgument(cat("redundant=", redundant, ": must be >= 0"));
+  if ((E + redundant) % ep != 0) {
+    throw InvalidArgument(cat("ep=", ep, ": must divide routed_experts + redundant (", E, " + ", redundant, ")"));
+  }
+  if (redundant > 0 && (ep == 1 || redundant / (ep - 1) > E || (redundant / (ep - 1) == E && redundant % (ep - 1)))) {
+    throw InvalidArgument(cat("redundant=", redundant, ": must be <= routed_experts*(ep-1) (", E, "*", ep - 1,
+                              ") and 0 when ep=1: the copies of one expert sit on distinct EP ranks"));
+  }
+  double total = 0;
+  for (std::int64_t e = 0; e < E; ++e) {
+    if (!std::isfinite(pop[e]) || pop[e] < 0) throw InvalidArgument(cat("popularity[", e, "]=", pop[e], ": must be finite and >= 0"));
+    total += pop[e];
+  }
+  if (!(total > 0)) throw InvalidArgument("popularity sums to 0: the distribution has no mass");
+  SlotPlacement out;
+  const std::int64_t m = (E + redundant) / ep;
+  out.copies.assign(static_cast<std::size_t>(E), 1);
+  // 1. replicate_experts: the largest per-copy load gets the next slot (an expert at ep copies is full).
+  using Item = std::pair<double, std::int64_t>;  // (per-copy load, -expert): ties -> lowest expert
+  std::priority_queue<Item> heap;
+  for (std::int64_t e = 0; e < E; ++e) heap.push({pop[e], -e});
+  for (std::int64_t r = 0; r < redundant; ++r) {
+    const Item top = heap.top();
+    heap.pop();
+    const std::int64_t e = -top.second;
+    ++out.copies[e];
+    if (out.copies[e] < ep) heap.push({pop[e] / static_cast<double>(out.copies[e]), -e});
+  }
+  // 2. balanced packing, heaviest copy first, no two copies of an expert on one rank.
+  struct Copy { double load; std::int64_t expert; };
+  std::vector<Copy> items;
+  items.reserve(static_cast<std::size_t>(E + redundant));
+  for (std::int64_t e = 0; e < E; ++e) {
+    for (std::int64_t c = 0; c < out.copies[e]; ++c) items.push_back({pop[e] / static_cast<double>(out.copies[e]), e});
+  }
+  std::stable_sort(items.begin(), items.end(), [](const Copy& a, const Copy& b) { return a.load > b.load; });
+  std::vector<std::vector<std::int64_t>> held(static_cast<std::size_t>(ep));  // experts on each rank
+  out.load.assign(static_cast<std::size_t>(ep), 0.0);
+  auto holds = [&held](std::int64_t r, std::int64_t e) {
+    return std::find(held[r].begin(), held[r].end(), e) != held[r].end();
+  };
+  for (const Copy& c : items) {
+    std::int64_t pick = -1;
+    for (std::int64_t r = 0; r < ep; ++r) {
+      if (static_cast<std::int64_t>(held[r].size()) >= m || holds(r, c.expert)) continue;
+      if (pick < 0 || out.load[r] < out.load[pick]) pick = r;
+    }
+    if (pick < 0) {
+      // Every rank with a free slot already holds this expert: move a placed copy of another
+      // expert f from a rank j without c.expert to such a rank h (h lacks f), then take j's slot.
+      std::int64_t h = -1;
+      for (std::int64_t r = 0; r < ep && h < 0; ++r) if (static_cast<std::int64_t>(held[r].size()) < m) h = r;
+      QS_PACKING_INVARIANT(h >= 0, "place_slots: no free slot left for a copy");
+      for (std::int64_t j = 0; j < ep && pick < 0; ++j) {
+        if (j == h || holds(j, c.expert)) continue;
+        for (std::size_t i = 0; i < held[j].size(); ++i) {
+          const std::int64_t f = held[j][i];
+          if (holds(h, f)) continue;
+          const double lf = pop[f] / static_cast<double>(out.copies[f]);
+          held[h].push_back(f);
+          out.load[h] += lf;
+          held[j].erase(held[j].begin() + static_cast<std::ptrdiff_t>(i));
+          out.load[j] -= lf;
+          pick = j;
+          break;
+        }
+      }
+      QS_PACKING_INVARIANT(pick >= 0, "place_slots: no swap frees a rank for a copy (copies <= ep)");
+    }
+    held[pick].push_back(c.expert);
+    out.load[pick] += c.load;
+  }
+  out.slot_expert.reserve(static_cast<std::size_t>(E + redundant));
+  for (std::int64_t r = 0; r < ep; ++r) out.slot_expert.insert(out.slot_expert.end(), held[r].begin(), held[r].end());
   return out;
 }
 
@@ -933,7 +1057,48 @@ PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, s
   for (auto b : base.unit_batch) base_cluster += b;
   r.cluster_batch_without_replicas = base_cluster;
 
-  if (replicas) {
+  if (replicas && p.redundant > 0) {
+    if (replicas->replicas > 0) {
+      throw InvalidArgument(cat("replicas=", replicas->replicas, ": plan ", p.label(), " already holds redundant=",
+                                p.redundant, " expert slots (counted in routed_experts); pass replicas=0 or a plan "
+                                "without redundant slots"));
+    }
+    if (static_cast<std::int64_t>(replicas->popularity.size()) != d.routed_experts) {
+      throw InvalidArgument(cat("popularity has ", replicas->popularity.size(),
+                                " entries: must have one per routed expert (", d.routed_experts, ")"));
+    }
+    // The plan's slots, placed EPLB-style from the popularity (their bytes are already in routed_experts).
+    const SlotPlacement sp = place_slots(replicas->popularity, p.ep, p.redundant);
+    const std::int64_t E = d.routed_experts, m = (E + p.redundant) / p.ep;
+    double total = 0;
+    for (double v : replicas->popularity) total += v;
+    r.has_replicas = true;
+    r.replicas = p.redundant;
+    r.expert_copies = sp.copies;
+    r.load_before.assign(static_cast<std::size_t>(p.ep), 0.0);  // contiguous, one copy each: e on rank e*ep/E
+    for (std::int64_t e = 0; e < E; ++e) r.load_before[e * p.ep / E] += replicas->popularity[e];
+    r.load_after = sp.load;
+    std::vector<std::int64_t> seen(static_cast<std::size_t>(E), 0), rank_replicas(static_cast<std::size_t>(p.ep), 0);
+    for (std::int64_t sl = 0; sl < E + p.redundant; ++sl) {  // copies after an expert's first slot are its replicas
+      const std::int64_t e = sp.slot_expert[sl];
+      if (seen[e]++ > 0) {
+        r.replica_expert.push_back(e);
+        r.replica_rank.push_back(sl / m);
+        ++rank_replicas[sl / m];
+      }
+    }
+    for (std::int64_t g = 0; g < G; ++g) r.replica_count[g] = rank_replicas[r.ep_rank[g]];
+    const double mean = total / static_cast<double>(p.ep);
+    r.imbalance_before = *std::max_element(r.load_before.begin(), r.load_before.end()) / mean;
+    r.imbalance_after = *std::max_element(r.load_after.begin(), r.load_after.end()) / mean;
+    // What the slots cost: the admission with the bytes of R/ep slots per GPU (on average) given back.
+    std::vector<double> free_without(free0);
+    const double per_gpu = static_cast<double>(p.redundant) / static_cast<double>(p.ep);
+    for (std::int64_t g = 0; g < G; ++g) free_without[g] += per_gpu * sms[r.stage[g]].replica_bytes;
+    const Admission without = admit(r, free_without);
+    r.cluster_batch_without_replicas = 0;
+    for (auto b : without.unit_batch) r.cluster_batch_without_replicas += b;
+  } else if (replicas) {
     if (!moe) {
       if (replicas->replicas > 0 || !replicas->popularity.empty()) {
         throw InvalidArgument("replicas/popularity: expert replication needs a MoE model (this model has no routed experts)");

@@ -96,6 +96,10 @@ struct PlanDesc {
   std::int64_t ep = 1;
   std::int64_t etp = 0;  // 0: default = tp without EP, 1 with EP
   bool attn_dp = false;
+  // Redundant expert slots per EP group (DeepSeek EPLB, https://github.com/deepseek-ai/EPLB):
+  // the group holds E + redundant physical expert slots, (E + redundant)/ep per EP rank,
+  // the extra slots holding replicas of the most loaded experts (place_slots).
+  std::int64_t redundant = 0;
 
   std::int64_t expert_tp() const { return etp > 0 ? etp : (ep == 1 ? tp : 1); }
   std::int64_t num_gpus() const { return tp * pp * dp; }
@@ -109,10 +113,11 @@ struct PlanDesc {
 void validate_desc(const MemoryDesc& desc);
 
 // ---- plan labels: the one format of a plan as text (Python's Plan.label and
-// Plan.from_label call these). "tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp]"; etp
-// appears only when it differs from the default (tp without EP, 1 with EP).
+// Plan.from_label call these). "tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-red<n>][-adp]"; etp
+// appears only when it differs from the default (tp without EP, 1 with EP),
+// red (redundant expert slots) only when > 0.
 // parse_plan_label accepts the parts in any order, each at most once, missing
-// parts taking their default (tp, pp, dp, ep = 1, etp = default, no adp), so
+// parts taking their default (tp, pp, dp, ep = 1, etp = default, red = 0, no adp), so
 // parse_plan_label(p.label()) == p for every plan p whose etp is 0 or not the
 // default. Throws InvalidArgument naming the part and the rule.
 PlanDesc parse_plan_label(const std::string& text);
@@ -125,7 +130,8 @@ PlanDesc parse_plan_label(const std::string& text);
 enum class PlanRule : int {
   kOk = 0,
   // model independent (plan_shape_rule):
-  kDegrees,       // tp, pp, dp, ep >= 1; etp >= 1 or 0 (the default); tp*pp*dp and ep*etp <= 2^53
+  kDegrees,       // tp, pp, dp, ep >= 1; etp >= 1 or 0 (the default); redundant >= 0; tp*pp*dp, ep*etp,
+                  // redundant <= 2^53
   kStageExperts,  // ep*etp divides dp*tp, the GPUs of one pipeline stage
   // the plan on a model and a number of GPUs:
   kClusterGpus,   // tp*pp*dp == num_gpus (every GPU serves; no idle GPUs, no whole extra copies)
@@ -133,8 +139,10 @@ enum class PlanRule : int {
   kHeads,         // tp divides num_heads (unless attn_dp on a MoE)
   kKvHeads,       // MHA/GQA without attn_dp: tp divides num_kv_heads or is a multiple of it (MLA: no rule)
   kDenseEp,       // a dense model: ep == 1
-  kExpertsEp,     // a MoE: ep divides routed_experts
+  kExpertsEp,     // a MoE: ep divides routed_experts + redundant (the EP group's expert slots)
   kExpertWidth,   // a MoE: etp divides moe_intermediate
+  kRedundant,     // redundant > 0 only for a MoE with ep > 1, and redundant <= routed_experts*(ep-1)
+                  // (the copies of one expert sit on distinct EP ranks: place_slots)
 };
 // The rule broken, as text in the package's format: field, value, rule.
 struct PlanViolation {
@@ -156,8 +164,10 @@ PlanViolation describe_plan_rule(const MemoryDesc& desc, const PlanDesc& plan, s
                                  PlanRule rule);
 // Whether a valid plan is the canonical one of its equivalence class, i.e.
 // listed by enumerate_plans: a dense model's plans have ep = 1 and the default
-// etp (0); attn_dp needs tp > 1 (with tp = 1 it is the plan without it).
-// Expert degrees of a MoE are listed explicitly (etp > 0).
+// etp (0) and no redundant slots; attn_dp needs tp > 1 (with tp = 1 it is the
+// plan without it). Expert degrees of a MoE are listed explicitly (etp > 0),
+// with redundant = searched_redundant(E, ep, dp*tp) (other redundant counts are valid
+// plans a user may ask for, but the search does not list them).
 bool is_canonical(const MemoryDesc& desc, const PlanDesc& plan);
 // "" when `plan` is valid for the model on `num_gpus` GPUs, else the rule broken.
 std::string plan_violation(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus);
@@ -234,13 +244,23 @@ void admissible_batches(const AdmissionTable& table, std::int64_t n, const std::
 
 // Every valid canonical plan for `num_gpus` GPUs: the candidates tp | G,
 // pp | G/tp, dp = G/(tp*pp), ep | dp*tp, etp | dp*tp/ep, attn_dp in {no, yes},
-// in that nesting order (ascending; no attn_dp first), filtered by plan_rule
+// in that nesting order (ascending; no attn_dp first), each ep with one
+// redundant count, searched_redundant: R = 0, except when EP spans the whole
+// stage (ep = dp*tp) and does not divide E: then ep*ceil(E/ep) - E, the EPLB
+// slots that let EP fill the stage's GPUs (DeepSeek-V3 on 72 GPUs: EP72, R = 32),
+// filtered by plan_rule
 // == kOk and is_canonical. A new kind of plan is a new candidate dimension here
 // plus its rule in plan_rule.
 std::vector<PlanDesc> enumerate_plans(const MemoryDesc& desc, std::int64_t num_gpus);
+// The redundant slots enumerate_plans pairs with `ep` for a MoE of E routed experts:
+// (E - E mod ep) mod ep, i.e. 0 when ep | E, else ep*ceil(E/ep) - E.
+std::int64_t redundant_candidate(std::int64_t experts, std::int64_t ep);
+// The redundant count the search pairs with `ep` on a stage of `stage_gpus` (= dp*tp) GPUs:
+// redundant_candidate(experts, ep) when ep == stage_gpus, else 0.
+std::int64_t searched_redundant(std::int64_t experts, std::int64_t ep, std::int64_t stage_gpus);
 // All plans for G in [g_lo, g_hi], evaluated; grouped by G, each group ranked
 // (cluster batch desc; infeasible plans after feasible ones, least overfull
-// first; then tp*pp, ep, tp, etp, attn_dp asc). Block-parallel
+// first; then tp*pp, ep, tp, etp, redundant, attn_dp asc). Block-parallel
 // over G, bit-identical for any thread count.
 std::vector<PlanEval> search_plans(const MemoryDesc& desc, std::int64_t g_lo, std::int64_t g_hi, std::int64_t context,
                                    unsigned threads, const CancelToken* cancel = nullptr);
@@ -295,6 +315,7 @@ struct PackResult {
   std::vector<std::int64_t> replica_expert, replica_rank;
   std::vector<double> load_before, load_after;         // per EP rank
   double imbalance_before = 1, imbalance_after = 1;
+  // without the replicas' bytes; for a plan with redundant slots: with R/ep slots' bytes per GPU freed
   std::int64_t cluster_batch_without_replicas = 0;
   // paged mixed-length packing
   bool has_paged = false;
@@ -303,6 +324,24 @@ struct PackResult {
   std::int64_t tokens_placed = 0;
   std::vector<std::int64_t> unit_sequences;
 };
+
+// EPLB-style placement of E + redundant expert slots on `ep` ranks of (E + redundant)/ep slots
+// each (https://github.com/deepseek-ai/EPLB, eplb.py: replicate_experts, balanced_packing):
+// 1. each redundant slot goes to the expert of largest per-copy load popularity[e]/copies[e]
+//    (ties: lowest expert), never beyond ep copies;
+// 2. the E + redundant copies (load popularity[e]/copies[e] each), heaviest first (ties: expert,
+//    then copy order), each onto the least-loaded rank (ties: lowest rank) that has a free slot
+//    and does not hold a copy of that expert yet. Unlike EPLB's balanced_packing, two copies of
+//    one expert never share a rank (a copy beside its twin balances nothing, and the routing
+//    engine's Placement refuses it); if the greedy step finds no such rank it swaps a placed copy
+//    of another expert onto the blocked rank (always possible while copies <= ep).
+// The copy index of an expert counts its copies in placement order (0 = primary).
+struct SlotPlacement {
+  std::vector<std::int64_t> slot_expert;  // (E + redundant), rank-major: rank r holds slots [r*m, (r+1)*m)
+  std::vector<std::int64_t> copies;       // per expert
+  std::vector<double> load;               // expected load per rank (sum of popularity/copies)
+};
+SlotPlacement place_slots(const std::vector<double>& popularity, std::int64_t ep, std::int64_t redundant);
 
 PackResult pack(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t num_gpus, std::int64_t context,
                 const ReplicaRequest* replicas, const PagedRequest* paged, const CancelToken* cancel = nullptr);

@@ -70,7 +70,8 @@ static void test_conservation_and_capacity() {
       for (int c = 0; c < kNumComponents; ++c) {
         double placed = 0;
         for (double v : r.weights[c]) placed += v;
-        const double want = model_bytes(d, c) * (c == kRoutedExperts ? copies_e : copies_ne);
+        const double slots = static_cast<double>(d.routed_experts + p.redundant) / static_cast<double>(d.routed_experts);
+        const double want = model_bytes(d, c) * (c == kRoutedExperts ? copies_e * slots : copies_ne);
         CHECK(std::fabs(placed - want) <= 1e-9 * want + 1e-9);
       }
       for (std::int64_t i = 0; i < g; ++i) {
@@ -425,10 +426,11 @@ static void test_enumeration_is_the_rules() {
             if (tp * pp * dp != g) continue;
             for (std::int64_t ep = 1; ep <= g; ++ep)
               for (std::int64_t etp = 0; etp <= g; ++etp)
-                for (bool adp : {false, true}) {
-                  const PlanDesc p{tp, pp, dp, ep, etp, adp};
-                  if (is_canonical(*d, p) && plan_rule(*d, p, g) == PlanRule::kOk) want.push_back(p);
-                }
+                for (std::int64_t red = 0; red <= 2 * g; ++red)
+                  for (bool adp : {false, true}) {
+                    const PlanDesc p{tp, pp, dp, ep, etp, adp, red};
+                    if (is_canonical(*d, p) && plan_rule(*d, p, g) == PlanRule::kOk) want.push_back(p);
+                  }
           }
       const std::vector<PlanDesc> got = enumerate_plans(*d, g);
       CHECK(got.size() == want.size());
@@ -438,7 +440,117 @@ static void test_enumeration_is_the_rules() {
   }
 }
 
+// Redundant expert slots (EPLB): the rule ep | E + R, R >= 0, R only for a MoE with
+// ep > 1 and at most E*(ep-1); (E+R)/ep slots per GPU charged in routed_experts;
+// the label round trip; the enumeration pairs each ep with the smallest R.
+static void test_redundant_slots() {
+  const MemoryDesc d = toy_moe();  // E = 16, 6 MoE layers of 8, expert 1 MB
+  MemoryDesc dense = toy_moe();
+  dense.routed_experts = 0;
+  std::fill(dense.layer_is_moe.begin(), dense.layer_is_moe.end(), 0);
+  // rules: ep=6 does not divide 16, but divides 16 + 2
+  CHECK(plan_rule(d, PlanDesc{1, 1, 6, 6, 1, false, 0}, 6) == PlanRule::kExpertsEp);
+  CHECK(plan_rule(d, PlanDesc{1, 1, 6, 6, 1, false, 2}, 6) == PlanRule::kOk);
+  CHECK(plan_rule(d, PlanDesc{1, 1, 6, 6, 1, false, 8}, 6) == PlanRule::kOk);
+  CHECK(plan_rule(d, PlanDesc{1, 1, 6, 6, 1, false, 3}, 6) == PlanRule::kExpertsEp);
+  CHECK(plan_violation(d, PlanDesc{1, 1, 6, 6, 1, false, 3}, 6) ==
+        "plan.ep=6: must divide routed_experts + redundant (16 + 3 expert slots per EP group)");
+  CHECK(plan_shape_rule(PlanDesc{1, 1, 4, 4, 1, false, -1}) == PlanRule::kDegrees);
+  CHECK(plan_violation(d, PlanDesc{1, 1, 4, 4, 1, false, -1}, 4) ==
+        "plan.redundant=-1: must be >= 0 (redundant expert slots per EP group)");
+  CHECK(plan_rule(dense, PlanDesc{1, 1, 4, 1, 0, false, 4}, 4) == PlanRule::kRedundant);
+  CHECK(plan_violation(dense, PlanDesc{1, 1, 4, 1, 0, false, 4}, 4).find("must be 0 for a dense model") !=
+        std::string::npos);
+  CHECK(plan_rule(d, PlanDesc{4, 1, 1, 1, 1, false, 16}, 4) == PlanRule::kRedundant);  // ep = 1
+  CHECK(plan_rule(d, PlanDesc{1, 1, 2, 2, 1, false, 16}, 2) == PlanRule::kOk);         // E*(ep-1) = 16
+  CHECK(plan_rule(d, PlanDesc{1, 1, 2, 2, 1, false, 18}, 2) == PlanRule::kRedundant);  // every expert on both
+  // memory: (E + R)/ep slots per GPU in routed_experts; replica_bytes is one more slot
+  for (std::int64_t red : {2, 8}) {
+    const PlanDesc p{1, 1, 6, 6, 1, false, red};
+    const StageMemory sm = stage_memory(d, p, 0);
+    CHECK(sm.weights[kRoutedExperts] == 6.0 * static_cast<double>((16 + red) / 6) * d.expert_bytes);
+    const PackResult r = pack(d, p, 6, 1000, nullptr, nullptr);
+    CHECK(r.weights[kRoutedExperts][5] == sm.weights[kRoutedExperts]);
+    const PlanEval e = evaluate_plan(d, p, 6, 1000);
+    CHECK(e.unit_batch == r.admissible_batch && e.cluster_batch == r.cluster_batch);
+  }
+  // more slots, less KV
+  CHECK(evaluate_plan(d, PlanDesc{1, 1, 6, 6, 1, false, 8}, 6, 1000).cluster_batch <
+        evaluate_plan(d, PlanDesc{1, 1, 6, 6, 1, false, 2}, 6, 1000).cluster_batch);
+  // labels
+  const PlanDesc p{2, 1, 3, 6, 1, false, 2};
+  CHECK(p.label() == "tp2-pp1-dp3-ep6-red2");
+  const PlanDesc q = parse_plan_label("red32-ep72-dp72");
+  CHECK(q.redundant == 32 && q.ep == 72 && q.dp == 72 && q.tp == 1);
+  CHECK(parse_plan_label(p.label()).label() == p.label());
+  CHECK(parse_plan_label("tp1-ep8-red0").redundant == 0);
+  CHECK(throws_invalid([] { parse_plan_label("ep8-red4-red4"); }, "repeats red"));
+  // enumeration: ep=6 = the stage's GPUs appears with R=2, every other plan has R=0
+  bool saw6 = false;
+  for (const PlanDesc& e : enumerate_plans(d, 6)) {
+    CHECK(e.redundant == (e.ep == e.dp * e.tp ? redundant_candidate(16, e.ep) : 0));
+    saw6 = saw6 || (e.ep == 6 && e.redundant == 2);
+  }
+  CHECK(saw6);
+  CHECK(searched_redundant(256, 72, 72) == 32 && searched_redundant(256, 36, 72) == 0);
+  CHECK(redundant_candidate(256, 72) == 32 && redundant_candidate(256, 64) == 0 && redundant_candidate(256, 48) == 32);
+  // pack: extra replicas on top of slots refused; popularity places the slots
+  ReplicaRequest rr;
+  rr.popularity.assign(16, 1.0);
+  rr.replicas = 2;
+  CHECK(throws_invalid([&] { pack(d, PlanDesc{1, 1, 6, 6, 1, false, 2}, 6, 1000, &rr, nullptr); },
+                       "already holds redundant=2"));
+  rr.replicas = 0;
+  for (int e = 0; e < 16; ++e) rr.popularity[e] = 1.0 / std::pow(e + 1.0, 1.2);
+  const PackResult rs = pack(d, PlanDesc{1, 1, 6, 6, 1, false, 8}, 6, 1000, &rr, nullptr);
+  CHECK(rs.has_replicas && rs.replicas == 8 && rs.replica_expert.size() == 8);
+  CHECK(rs.imbalance_after < rs.imbalance_before);
+  CHECK(rs.cluster_batch == evaluate_plan(d, PlanDesc{1, 1, 6, 6, 1, false, 8}, 6, 1000).cluster_batch);
+}
+
+// place_slots: every rank gets (E+R)/ep slots, every expert at least one copy, no two
+// copies of an expert on one rank, the loads add up, skew lowers the maximum load.
+static void test_place_slots() {
+  for (std::int64_t E : {16, 7, 256}) {
+    for (std::int64_t ep : {2, 3, 6, 8, 72}) {
+      for (std::int64_t red : {std::int64_t{0}, redundant_candidate(E, ep), redundant_candidate(E, ep) + ep,
+                               redundant_candidate(E, ep) + 5 * ep}) {
+        if ((E + red) % ep != 0 || red > E * (ep - 1)) continue;
+        std::vector<double> pop(static_cast<std::size_t>(E));
+        for (std::int64_t e = 0; e < E; ++e) pop[e] = 1.0 / std::pow(static_cast<double>(e + 1), 1.01);
+        const SlotPlacement sp = place_slots(pop, ep, red);
+        const std::int64_t m = (E + red) / ep;
+        CHECK(static_cast<std::int64_t>(sp.slot_expert.size()) == E + red);
+        std::vector<std::int64_t> count(static_cast<std::size_t>(E), 0);
+        for (std::int64_t r = 0; r < ep; ++r) {
+          std::vector<std::int64_t> on(sp.slot_expert.begin() + r * m, sp.slot_expert.begin() + (r + 1) * m);
+          std::sort(on.begin(), on.end());
+          CHECK(std::adjacent_find(on.begin(), on.end()) == on.end());
+          double load = 0;
+          for (std::int64_t e : on) {
+            ++count[e];
+            load += pop[e] / static_cast<double>(sp.copies[e]);
+          }
+          CHECK(std::fabs(load - sp.load[r]) <= 1e-9 * (1 + load));
+        }
+        for (std::int64_t e = 0; e < E; ++e) CHECK(count[e] == sp.copies[e] && count[e] >= 1 && count[e] <= ep);
+      }
+    }
+  }
+  std::vector<double> pop(16);
+  for (int e = 0; e < 16; ++e) pop[e] = 1.0 / std::pow(e + 1.0, 1.2);
+  const double before = *std::max_element(place_slots(pop, 4, 0).load.begin(), place_slots(pop, 4, 0).load.end());
+  const SlotPlacement with = place_slots(pop, 4, 4);
+  CHECK(*std::max_element(with.load.begin(), with.load.end()) < before);
+  CHECK(with.copies[0] >= 2);  // the most popular expert is replicated first
+  CHECK(throws_invalid([&] { place_slots(pop, 6, 1); }, "must divide routed_experts + redundant"));
+  CHECK(throws_invalid([&] { place_slots(pop, 2, 18); }, "routed_experts*(ep-1)"));
+  CHECK(throws_invalid([&] { place_slots(std::vector<double>(16, 0.0), 4, 0); }, "no mass"));
+}
+
 int main() {
+  test_redundant_slots();
+  test_place_slots();
   test_conservation_and_capacity();
   test_validation();
   test_plan_labels();

@@ -37,7 +37,7 @@ py::array_t<bool> to_numpy_bool(const std::vector<std::uint8_t>& v) {
 
 // Columns of an evaluated plan list (plan search / ranking), one entry per plan.
 struct PlanTable {
-  std::vector<std::int64_t> num_gpus, tp, pp, dp, ep, etp, units, unit_batch, cluster_batch, binding_stage;
+  std::vector<std::int64_t> num_gpus, tp, pp, dp, ep, etp, redundant, units, unit_batch, cluster_batch, binding_stage;
   std::vector<std::uint8_t> attn_dp, feasible, weights_fit;
   std::vector<double> weight_bytes_max;
   std::vector<std::string> label;
@@ -50,6 +50,7 @@ struct PlanTable {
       dp.push_back(e.plan.dp);
       ep.push_back(e.plan.ep);
       etp.push_back(e.plan.etp);
+      redundant.push_back(e.plan.redundant);
       attn_dp.push_back(e.plan.attn_dp);
       units.push_back(e.units);
       unit_batch.push_back(e.unit_batch);
@@ -148,24 +149,29 @@ void register_packing(py::module_& m) {
       .def_property_readonly("usable_bytes", &pk::MemoryDesc::usable_bytes)
       .def("validate", &pk::validate_desc);
 
-  py::class_<pk::PlanDesc>(m, "PlanDesc", "A parallel plan (etp=0 means the default expert TP).")
+  py::class_<pk::PlanDesc>(m, "PlanDesc",
+                           "A parallel plan (etp=0 means the default expert TP; redundant: extra expert slots "
+                           "per EP group).")
       .def(py::init([](std::int64_t tp, std::int64_t pp, std::int64_t dp, std::int64_t ep, std::int64_t etp,
-                       bool attn_dp) { return pk::PlanDesc{tp, pp, dp, ep, etp, attn_dp}; }),
+                       bool attn_dp, std::int64_t redundant) {
+             return pk::PlanDesc{tp, pp, dp, ep, etp, attn_dp, redundant};
+           }),
            py::arg("tp") = 1, py::arg("pp") = 1, py::arg("dp") = 1, py::arg("ep") = 1, py::arg("etp") = 0,
-           py::arg("attn_dp") = false)
+           py::arg("attn_dp") = false, py::arg("redundant") = 0)
       .def_readonly("tp", &pk::PlanDesc::tp)
       .def_readonly("pp", &pk::PlanDesc::pp)
       .def_readonly("dp", &pk::PlanDesc::dp)
       .def_readonly("ep", &pk::PlanDesc::ep)
       .def_readonly("etp", &pk::PlanDesc::etp)
       .def_readonly("attn_dp", &pk::PlanDesc::attn_dp)
+      .def_readonly("redundant", &pk::PlanDesc::redundant)
       .def_property_readonly("expert_tp", &pk::PlanDesc::expert_tp)
       .def_property_readonly("label", &pk::PlanDesc::label);
 
   py::class_<PlanTable>(m, "PlanTable", "Evaluated plans, one entry per plan, as numpy columns.")
       .def("__len__", [](const PlanTable& t) { return t.tp.size(); })
 #define QS_COL(name) .def_property_readonly(#name, [](const PlanTable& t) { return to_numpy(t.name); })
-      QS_COL(num_gpus) QS_COL(tp) QS_COL(pp) QS_COL(dp) QS_COL(ep) QS_COL(etp) QS_COL(units) QS_COL(unit_batch)
+      QS_COL(num_gpus) QS_COL(tp) QS_COL(pp) QS_COL(dp) QS_COL(ep) QS_COL(etp) QS_COL(redundant) QS_COL(units) QS_COL(unit_batch)
       QS_COL(cluster_batch) QS_COL(binding_stage) QS_COL(weight_bytes_max)
 #undef QS_COL
       .def_readonly("label", &PlanTable::label)
@@ -222,7 +228,7 @@ void register_packing(py::module_& m) {
       },
       py::arg("plan"), "check_plan's model-independent rules only (degrees; ep*etp divides dp*tp).");
   m.def("parse_plan_label", &pk::parse_plan_label, py::arg("text"),
-        "The PlanDesc of a label tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp] (parts in any order, missing parts "
+        "The PlanDesc of a label tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-red<n>][-adp] (parts in any order, missing parts "
         "default); ValueError naming the bad part.");
   py::class_<pk::AdmissionTable>(
       m, "AdmissionTable",
@@ -334,6 +340,18 @@ void register_packing(py::module_& m) {
       },
       py::arg("values"), py::arg("weights"), py::arg("n"), py::arg("key0"), py::arg("key1"), py::arg("threads") = 0,
       "n lengths from a discrete distribution; counter-based stream keyed by (key, block).");
+
+  m.def(
+      "place_slots",
+      [](py::array_t<double, py::array::c_style | py::array::forcecast> popularity, std::int64_t ep,
+         std::int64_t redundant) {
+        const auto pop = as_doubles(popularity);
+        const pk::SlotPlacement sp = pk::place_slots(pop, ep, redundant);
+        return py::make_tuple(to_numpy(sp.slot_expert), to_numpy(sp.copies), to_numpy(sp.load));
+      },
+      py::arg("popularity"), py::arg("ep"), py::arg("redundant"),
+      "EPLB-style placement of E + redundant expert slots on ep ranks (packing.h, place_slots): "
+      "(slot_expert rank-major, copies per expert, expected load per rank).");
 
   m.def(
       "pack",

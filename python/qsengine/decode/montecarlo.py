@@ -54,6 +54,15 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
     from qsengine.routing import Placement, route
 
     acc = cluster.accelerator
+    placement = Placement.contiguous(plan.ep)
+    if plan.redundant > 0:  # the plan's redundant slots, EPLB-placed from the law's (proxy) popularity
+        from qsengine.decode.slots import slot_placement
+        from qsengine.decode.step import _inclusion_probabilities
+        from qsengine.routing import proxy_popularity
+
+        pop = proxy_popularity(routing, model.routed_experts)
+        pi = None if pop is None else _inclusion_probabilities(pop, model.top_k)
+        placement = slot_placement(model.routed_experts, model.top_k, plan.ep, plan.redundant, pi)
     unit = plan.tp if plan.attn_dp else 1
     p = step_params(model, precision, acc, plan, options)
     # the closed form's per-GPU layer cost max(a·u_g, b·n_g) (+ the fixed term step_time adds)
@@ -65,7 +74,7 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
         auto = microbatches == "auto"
         n = AUTO_MAX_MICROBATCHES if auto else int(microbatches)
         stats = route(model.routed_experts, model.top_k, tokens, n, routing=routing,
-                      placement=Placement.contiguous(shape.gpus), seed=seed, threads=threads,
+                      placement=placement, seed=seed, threads=threads,
                       layers=model.decode_moe_layers, cost=(a, bcoef), rtol=rtol if auto else None)
         dist = stats.step_time
         mean, p99 = dist.mean, dist.quantile(0.99)

@@ -344,8 +344,8 @@ class Validator:
             if m is None:
                 continue
             try:
-                (plan if m.is_moe or (plan.ep == 1 and plan.etp is None)
-                 else dataclasses.replace(plan, ep=1, etp=None)).validate_for(m, values["cluster"].obj)
+                (plan if m.is_moe or (plan.ep == 1 and plan.etp is None and plan.redundant == 0)
+                 else dataclasses.replace(plan, ep=1, etp=None, redundant=0)).validate_for(m, values["cluster"].obj)
             except (ValueError, TypeError) as exc:
                 raise type(exc)(f"field 'plan' = {plan.label!r}: {exc}") from None
 

@@ -118,8 +118,8 @@ def family(model: Model, cluster: Cluster, precision: Precision, plan: Plan | st
         return fam
     if isinstance(plan, str):
         plan_list = candidate_plans(model, cluster)
-    elif not model.is_moe and (plan.ep > 1 or plan.etp is not None):
-        plan_list = [dataclasses.replace(plan, ep=1, etp=None)]
+    elif not model.is_moe and (plan.ep > 1 or plan.etp is not None or plan.redundant > 0):
+        plan_list = [dataclasses.replace(plan, ep=1, etp=None, redundant=0)]
     else:
         plan_list = [plan]
     pm = plan_memory(model, cluster, precision, plan_list)

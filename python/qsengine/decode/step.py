@@ -175,7 +175,8 @@ class MoeLayerShape:
     """How one MoE layer's routed experts meet its tokens under a plan.
 
     ``tokens``: tokens one expert copy's EP group routes per step;
-    ``gpus``: GPUs of the EP group (``ep``); ``experts_per_gpu``;
+    ``gpus``: GPUs of the EP group (``ep``); ``experts_per_gpu``: expert
+    slots per GPU, ``(E + redundant)/ep``;
     ``etp``: each expert split this many ways.
     """
 
@@ -193,7 +194,7 @@ def moe_layer_shape(model: Model, plan: Plan, batch: float) -> MoeLayerShape:
     over the ``expert_copies`` copies of every expert.
     """
     tokens = batch / plan.pp * plan.dp / plan.expert_copies
-    return MoeLayerShape(tokens=tokens, gpus=plan.ep, experts_per_gpu=model.routed_experts // plan.ep,
+    return MoeLayerShape(tokens=tokens, gpus=plan.ep, experts_per_gpu=plan.slots_per_gpu(model.routed_experts),
                          etp=plan.expert_tp)
 
 
@@ -252,6 +253,8 @@ STEP_FIELDS = (
     # fitted collectives (two protocols: latency s, bandwidth B/s) at the TP, EP x ETP and ETP group
     # sizes; nan: not fitted or beyond the scale-up domain (the link model applies)
     "ar_a1", "ar_b1", "ar_a2", "ar_b2", "aa_a1", "aa_b1", "aa_a2", "aa_b2", "er_a1", "er_b1", "er_a2", "er_b2",
+    # plan: redundant expert slots per EP group (EPLB; decode/slots.py)
+    "redundant",
 )
 
 
@@ -349,6 +352,7 @@ class StepParams:
     er_b1: np.ndarray
     er_a2: np.ndarray
     er_b2: np.ndarray
+    redundant: np.ndarray
     #: the fields as rows of one (fields, lanes) array, when they are views of it
     matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -409,6 +413,7 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         top_k=model.top_k if moe else 1, vd=model.vocab_size * model.hidden_size,
         latency=opt.collective_latency,
         overlap=1 if (opt.overlap_comm or opt.overlap == "full") else (2 if opt.overlap == "tbo" else 0),
+        redundant=plan.redundant if moe else 0,
     )
     vals.update(_kernel_lane(model, precision, acc, plan, opt, kv_split))
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})
@@ -758,7 +763,8 @@ def straggler_ceiling(experts_per_gpu: Any, top_k: Any, tokens: Any, a: Any, b: 
 
 
 def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np.ndarray, a: np.ndarray,
-                          b: np.ndarray, pi: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+                          b: np.ndarray, pi: np.ndarray | None = None, redundant: np.ndarray | None = None
+                          ) -> tuple[np.ndarray, np.ndarray]:
     """Mean and std of one MoE layer's straggler ``max_g max(a·u_g, b·n_g)``
     for many lanes at once (arrays over lanes; ``experts``/``top_k``/``pi``
     shared). ``pi`` = per-expert inclusion probabilities (None: uniform k/E).
@@ -766,7 +772,10 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
     Uniform routing makes the G GPUs identical: each GPU's cost is normal
     N(μ, σ²) and the maximum has mean μ + σ·c_G and std σ·s_G
     (:func:`max_iid_normal`). With popularity the GPUs differ and the maximum
-    is integrated numerically (:func:`_expected_max_normals`)."""
+    is integrated numerically (:func:`_expected_max_normals`).
+
+    ``redundant`` (per lane; None: 0): lanes with redundant expert slots take
+    GPU g's slots from the EPLB placement (:func:`_slot_straggler`)."""
     B = np.ascontiguousarray(tokens, dtype=np.float64)
     G = np.asarray(gpus, dtype=np.int64)
     a = np.asarray(a, dtype=np.float64)
@@ -796,11 +805,14 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
             sg[G == g] = s
         mean = np.where(live, np.minimum(mu + sig * cg, np.maximum(straggler_ceiling(per, top_k, B, a, b), mu)), 0.0)
         sd = np.where(live, sig * sg, 0.0)
+        if redundant is not None:
+            _slot_straggler(experts, top_k, B, G, a, b, pi, redundant, live, mean, sd)
         return mean, sd
     pi = np.ascontiguousarray(pi, dtype=np.float64)
     lp = np.log1p(-np.minimum(pi, 1 - 1e-15))
+    no_slots = live if redundant is None else live & (np.asarray(redundant) == 0)
     for g in np.unique(G):
-        rows = np.flatnonzero((G == g) & live)
+        rows = np.flatnonzero((G == g) & no_slots)
         if rows.size == 0:
             continue
         g = int(g)
@@ -821,7 +833,87 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
         m = np.minimum(m, np.maximum(straggler_ceiling(per, top_k, Bs, a[rows], b[rows]), mu.max(axis=1)))
         mean[rows] = m
         sd[rows] = s
+    if redundant is not None:
+        _slot_straggler(experts, top_k, B, G, a, b, pi, redundant, live, mean, sd)
     return mean, sd
+
+
+def _slot_straggler(experts: int, top_k: int, B: np.ndarray, G: np.ndarray, a: np.ndarray, b: np.ndarray,
+                    pi: np.ndarray | None, redundant: np.ndarray, live: np.ndarray, mean: np.ndarray,
+                    sd: np.ndarray) -> None:
+    """The straggler of lanes with redundant expert slots (R > 0), written
+    into ``mean``/``sd``: GPU g holds the slots the EPLB placement gives it
+    (:func:`qsengine.decode.slots.slot_layout` from the loads π_e, uniform k/E
+    when ``pi`` is None); a slot of expert e with c_e copies serves B/c_e of
+    the B tokens (the engine's round-robin split), so it is touched with
+    probability 1 − (1 − π_e)^(B/c_e) and takes (B/c_e)·π_e assignments
+    (variance (B/c_e)·π_e·(1 − π_e)). GPUs whose slots carry the same loads
+    form a class of n identical normals (maximum μ + σ·c_n, sd σ·s_n, as in
+    the uniform case); the classes' maxima are combined by Clark's moment
+    matching (:func:`_clark_max`)."""
+    from qsengine.decode.slots import slot_layout
+
+    R = np.asarray(redundant, dtype=np.int64)
+    sel = live & (R > 0)
+    if not sel.any():
+        return
+    load = np.full(experts, top_k / experts) if pi is None else np.asarray(pi, dtype=np.float64)
+    lp = np.log1p(-np.minimum(load, 1 - 1e-15))
+    from qsengine._groups import group, split
+
+    idx = np.flatnonzero(sel)
+    codes, _ = group(idx.size, G[idx], R[idx])
+    for _, pos in split(codes):  # one (ep, redundant) pair at a time
+        rows = idx[pos]
+        lay = slot_layout(load, int(G[rows[0]]), int(R[rows[0]]))
+        c, per = lay.class_expert.shape
+        e = lay.class_expert.ravel()  # the slots of one GPU of each class
+        Bs = B[rows][:, None] * lay.class_share.ravel()[None, :]  # tokens each slot serves
+        touched = -np.expm1(Bs * lp[e][None, :])
+        tg = touched.reshape(rows.size, c, per)
+        mu_u = tg.sum(axis=2)
+        var_u = (tg * (1 - tg)).sum(axis=2)
+        ps = load[e][None, :]
+        mu_n = (Bs * ps).reshape(rows.size, c, per).sum(axis=2)
+        var_n = (Bs * ps * (1 - ps)).reshape(rows.size, c, per).sum(axis=2)
+        ar, br = a[rows, None], b[rows, None]
+        use_u = ar * mu_u >= br * mu_n
+        mu = np.where(use_u, ar * mu_u, br * mu_n)
+        sig = np.where(use_u, ar * np.sqrt(var_u), br * np.sqrt(var_n))
+        cs = np.array([max_iid_normal(int(k)) for k in lay.class_count])  # (classes, 2)
+        m, s = _clark_max(mu + sig * cs[None, :, 0], sig * cs[None, :, 1])
+        mean[rows] = m
+        sd[rows] = s
+
+
+def _clark_max(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and sd of the maximum of independent normals N(μ_j, σ_j²) per row
+    (shape (N, C) -> two (N,)), by Clark's moment matching (C. E. Clark, "The
+    greatest of a finite set of random variables", Operations Research 9(2),
+    1961, 145-162): max(X, Y) of two normals has exact mean
+    μ1·Φ(α) + μ2·Φ(−α) + θ·φ(α) and second moment (μ1² + σ1²)·Φ(α) +
+    (μ2² + σ2²)·Φ(−α) + (μ1 + μ2)·θ·φ(α), θ² = σ1² + σ2², α = (μ1 − μ2)/θ; the
+    result is taken normal and folded with the next column, columns in
+    descending order of mean. Exact for C = 1."""
+    n, c = mu.shape
+    order = np.argsort(-mu, axis=1, kind="stable")
+    mu = np.take_along_axis(mu, order, axis=1)
+    var = np.take_along_axis(sigma, order, axis=1) ** 2
+    m, v = mu[:, 0].copy(), var[:, 0].copy()
+    for j in range(1, c):
+        m2, v2 = mu[:, j], var[:, j]
+        theta = np.sqrt(v + v2)
+        pos = theta > 0
+        th = np.where(pos, theta, 1.0)
+        al = (m - m2) / th
+        cdf = 0.5 * (1.0 + _erf(al / math.sqrt(2.0)))
+        pdf = np.exp(-0.5 * al * al) / math.sqrt(2.0 * math.pi)
+        e1 = m * cdf + m2 * (1 - cdf) + th * pdf
+        e2 = (m * m + v) * cdf + (m2 * m2 + v2) * (1 - cdf) + (m + m2) * th * pdf
+        m_new = np.where(pos, e1, np.maximum(m, m2))
+        v_new = np.where(pos, np.maximum(e2 - e1 * e1, 0.0), 0.0)
+        m, v = m_new, v_new
+    return m, np.sqrt(v)
 
 
 def moe_straggler_closed_form(
@@ -832,14 +924,16 @@ def moe_straggler_closed_form(
     a: float,
     b: float,
     popularity: np.ndarray | None = None,
+    redundant: int = 0,
 ) -> tuple[float, float]:
     """Mean and std of the straggler time ``max_g max(a·u_g, b·n_g)`` of one
     MoE layer under independent routing (one lane of
     :func:`straggler_closed_form`; ``popularity`` = expert weights, None =
-    uniform)."""
+    uniform; ``redundant`` slots per EP group, EPLB-placed)."""
     pi = None if popularity is None else _inclusion_probabilities(popularity, top_k)
     m, s = straggler_closed_form(experts, top_k, np.array([float(tokens)]), np.array([int(gpus)]),
-                                 np.array([float(a)]), np.array([float(b)]), pi)
+                                 np.array([float(a)]), np.array([float(b)]), pi,
+                                 None if redundant == 0 else np.array([float(redundant)]))
     return float(m[0]), float(s[0])
 
 
@@ -1029,13 +1123,17 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
                 if np.any(p.experts[rows] != experts) or np.any(p.top_k[rows] != top_k):
                     raise ValueError("step_time: MoE lanes disagree on experts/top_k; the closed-form straggler "
                                      "takes one routing law per call (split the lanes)")
+                red = p.redundant[rows]
                 m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows],
-                                                         bcoef[rows], None if uniform else pi)
+                                                         bcoef[rows], None if uniform else pi,
+                                                         red.astype(np.int64) if red.any() else None)
             moe_mean = np.where(is_moe, n_moe * m, 0.0)
             sd = np.sqrt(n_moe) * s
             moe_p50 = moe_mean
             # the p99 is capped like the mean (straggler_ceiling): no GPU reads more than its experts
-            ceiling = n_moe * straggler_ceiling(p.experts // np.maximum(p.ep, 1), p.top_k, tokens, a, bcoef)
+            # (a GPU holds (E + R)/ep slots with R redundant ones)
+            ceiling = n_moe * straggler_ceiling((p.experts + p.redundant) // np.maximum(p.ep, 1), p.top_k, tokens,
+                                                a, bcoef)
             moe_p99 = np.where(is_moe, np.minimum(moe_mean + Z99 * sd, np.maximum(ceiling, moe_mean)), 0.0)
         else:
             moe_mean, moe_p50, moe_p99 = (np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
@@ -1045,7 +1143,8 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         if detail:
             p1 = p.top_k / p.experts
             with np.errstate(divide="ignore", invalid="ignore"):
-                mean_u = (p.experts // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
+                # slots per GPU, (E + redundant)/ep; a slot's touch probability taken as uniform routing's
+                mean_u = ((p.experts + p.redundant) // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
                 mean_n = tokens * p.top_k / p.ep
             eb_layer = mean_u * p.expert_params * p.eb / p.etp
             fl_layer = 2.0 * mean_n * p.expert_params / p.etp

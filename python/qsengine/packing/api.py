@@ -91,7 +91,7 @@ def _auto_plan(desc: _core.MemoryDesc, num_gpus: int, context: int, want_ep: boo
         if ep_rows.size:
             idx = int(ep_rows[0])
     return _core.PlanDesc(int(t.tp[idx]), int(t.pp[idx]), int(t.dp[idx]), int(t.ep[idx]), int(t.etp[idx]),
-                          bool(t.attn_dp[idx]))
+                          bool(t.attn_dp[idx]), int(t.redundant[idx]))
 
 
 def _precision(model: Model, precision: Precision | str | None) -> Precision:
@@ -126,9 +126,14 @@ def pack(
         precision: a :class:`~qsengine.Precision` or a preset name; None: the
             model's deployed precision (:func:`qsengine.default_precision`).
         replicas: extra expert copies per EP group (EPLB-style greedy LPT),
-            memory taken from the KV cache.
+            memory taken from the KV cache. Must be 0 for a plan with
+            ``redundant`` slots: those are its replicas, their bytes counted in
+            the routed experts ((E + redundant)/ep slots per GPU).
         popularity: expected token share of each routed expert (E values, any
-            positive scale; default uniform). Needed to judge replication.
+            positive scale; default uniform). Needed to judge replication; for
+            a plan with ``redundant`` slots it places them (EPLB-style,
+            ``_core.place_slots``) and ``replication`` reports that placement
+            (``batch_cost``: the batch the slots' bytes take).
         block_size: tokens per paged KV block (default 16) for ``lengths``.
         lengths: context lengths of arriving sequences (array), or a Workload
             with a length distribution to draw ``num_sequences`` from with ``seed``.

@@ -126,16 +126,16 @@ def _plan_desc(plan: Plan) -> _core.PlanDesc:
     return plan.core_desc()  # the Plan validated its fields on construction
 
 
-def _plan_from(tp: int, pp: int, dp: int, ep: int, etp: int, attn_dp: bool) -> Plan:
+def _plan_from(tp: int, pp: int, dp: int, ep: int, etp: int, attn_dp: bool, redundant: int = 0) -> Plan:
     default_etp = tp if ep == 1 else 1
     return Plan(
         tp=int(tp), pp=int(pp), dp=int(dp), ep=int(ep),
-        etp=None if int(etp) in (0, default_etp) else int(etp), attn_dp=bool(attn_dp),
+        etp=None if int(etp) in (0, default_etp) else int(etp), attn_dp=bool(attn_dp), redundant=int(redundant),
     )
 
 
 def _plan_from_desc(p: _core.PlanDesc) -> Plan:
-    return _plan_from(p.tp, p.pp, p.dp, p.ep, p.etp, p.attn_dp)
+    return _plan_from(p.tp, p.pp, p.dp, p.ep, p.etp, p.attn_dp, p.redundant)
 
 
 def _threads(threads: int | None) -> int:

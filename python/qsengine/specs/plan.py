@@ -9,6 +9,10 @@ A plan places one model on ``G = dp · pp · tp`` GPUs:
   ``dp · tp`` GPUs: ``ep`` groups of whole experts (expert parallel), each
   expert split ``etp`` ways (expert tensor parallel); the stage holds
   ``dp·tp / (ep·etp)`` copies of every expert.
+* ``redundant``: redundant expert slots (DeepSeek EPLB,
+  https://github.com/deepseek-ai/EPLB): each EP group holds ``E + redundant``
+  expert slots, ``(E + redundant)/ep`` per GPU, the extra ones replicas of the
+  most loaded experts; so ``ep`` need only divide ``E + redundant``.
 * ``attn_dp``: attention data-parallel (SGLang DP-attention): attention and
   other non-expert weights are replicated on every GPU of the stage instead
   of tensor-sharded; each GPU serves its own sequences, the MoE runs EP over
@@ -42,7 +46,8 @@ def _violation(src: str, violation: tuple[str, str, str]) -> SpecError:
 @dataclass(frozen=True)
 class Plan:
     """A parallel plan: degrees ``tp``, ``pp``, ``dp``, ``ep``, ``etp`` (None:
-    the default, ``tp`` without EP and 1 with EP) and ``attn_dp``.
+    the default, ``tp`` without EP and 1 with EP), ``attn_dp`` and
+    ``redundant`` (extra expert slots per EP group holding replicas, EPLB).
 
     The rules a plan must follow live once, in the C++ core
     (``cpp/core/packing.h``, ``PlanRule``): the model-independent ones are
@@ -58,6 +63,7 @@ class Plan:
     ep: int = 1
     etp: int | None = None
     attn_dp: bool = False
+    redundant: int = 0
 
     def __post_init__(self) -> None:
         src = current_source("Plan")
@@ -65,13 +71,14 @@ class Plan:
             check_int(src, f, getattr(self, f), minimum=1)
         check_opt_int(src, "etp", self.etp, minimum=1)
         check_bool(src, "attn_dp", self.attn_dp)
+        check_int(src, "redundant", self.redundant, minimum=0)
         violation = _core.check_plan_shape(self.core_desc())
         if violation is not None:
             raise _violation(src, violation)
 
     @classmethod
     def from_label(cls, text: str) -> "Plan":
-        """The plan of a label ``tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp]``
+        """The plan of a label ``tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-red<n>][-adp]``
         (the format of :attr:`label`; parts in any order, missing parts take
         their default): ``Plan.from_label(p.label) == p`` for every plan whose
         ``etp`` is None or not the default."""
@@ -82,12 +89,12 @@ class Plan:
             d = _core.parse_plan_label(text)
         except ValueError as exc:
             raise SpecError(f"{src}: field 'plan' = {text!r}: {exc}") from None
-        return cls(tp=d.tp, pp=d.pp, dp=d.dp, ep=d.ep, etp=d.etp or None, attn_dp=d.attn_dp)
+        return cls(tp=d.tp, pp=d.pp, dp=d.dp, ep=d.ep, etp=d.etp or None, attn_dp=d.attn_dp, redundant=d.redundant)
 
     def core_desc(self) -> Any:
         """The core's ``PlanDesc`` of this plan (``etp`` 0 for the default)."""
         return _core.PlanDesc(int(self.tp), int(self.pp), int(self.dp), int(self.ep),
-                              0 if self.etp is None else int(self.etp), bool(self.attn_dp))
+                              0 if self.etp is None else int(self.etp), bool(self.attn_dp), int(self.redundant))
 
     def validate_for(self, model: "Model", cluster: "Cluster") -> "Plan":
         """Check that this plan fits ``model`` on ``cluster``; return ``self``.
@@ -105,7 +112,10 @@ class Plan:
           then replicated on ``tp / kv_heads`` GPUs); MLA's latent KV is
           shared by all heads and has no such constraint;
         * a dense model has ``ep`` = 1; a MoE's ``ep`` divides the routed
-          experts and ``etp`` divides the expert FFN width.
+          experts plus ``redundant`` (the EP group's expert slots) and ``etp``
+          divides the expert FFN width;
+        * ``redundant`` > 0 only for a MoE with ``ep`` > 1, at most
+          ``E·(ep−1)`` (the copies of one expert sit on distinct GPUs).
         """
         from qsengine.packing import memory_description  # packing imports the specs
         from qsengine.specs.hardware import Cluster
@@ -140,13 +150,19 @@ class Plan:
 
     @property
     def expert_copies(self) -> int:
-        """Copies of each expert per pipeline stage."""
+        """Copies of each EP group (of all expert slots) per pipeline stage."""
         return (self.dp * self.tp) // (self.ep * self.expert_tp)
+
+    def slots_per_gpu(self, experts: int) -> int:
+        """Expert slots on each GPU of an EP group for a MoE of ``experts``
+        routed experts: ``(experts + redundant) / ep``."""
+        return (int(experts) + self.redundant) // self.ep
 
     @property
     def label(self) -> str:
-        """``tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-adp]`` (``etp`` only when not
-        the default); :meth:`from_label` reads it back."""
+        """``tp<n>-pp<n>-dp<n>-ep<n>[-etp<n>][-red<n>][-adp]`` (``etp`` only
+        when not the default, ``red`` only when > 0); :meth:`from_label` reads
+        it back."""
         return self.core_desc().label
 
 
