@@ -23,6 +23,24 @@ settings.register_profile("random", derandomize=False)
 settings.load_profile("random" if os.environ.get("QSENGINE_FUZZ_RANDOM", "0") == "1" else "fixed")
 
 
+#: Under the sanitizer build (ci/sanitize.sh) property tests draw at most this many
+#: examples (their explicit @example cases always run): that run hunts memory
+#: errors in the C++ core, which a few draws reach as well as many, and the
+#: normal run has already drawn every example. Keeps the sanitized suite's time
+#: in proportion as oracle-checked physics grows.
+SANITIZED_MAX_EXAMPLES = 4
+
+
+def pytest_collection_modifyitems(config, items):
+    if os.environ.get("QSENGINE_SANITIZED") != "1":
+        return
+    for item in items:
+        fn = getattr(item, "obj", None)
+        current = getattr(fn, "_hypothesis_internal_use_settings", None)
+        if current is not None and current.max_examples > SANITIZED_MAX_EXAMPLES:
+            fn._hypothesis_internal_use_settings = settings(current, max_examples=SANITIZED_MAX_EXAMPLES)
+
+
 def pytest_terminal_summary(terminalreporter, exitstatus, config):
     fuzz = sys.modules.get("_fuzz")
     if fuzz is None or not fuzz.COUNTS:
