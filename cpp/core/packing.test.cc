@@ -539,7 +539,8 @@ static void test_place_slots() {
   }
   std::vector<double> pop(16);
   for (int e = 0; e < 16; ++e) pop[e] = 1.0 / std::pow(e + 1.0, 1.2);
-  const double before = *std::max_element(place_slots(pop, 4, 0).load.begin(), place_slots(pop, 4, 0).load.end());
+  const SlotPlacement without = place_slots(pop, 4, 0);  // one object: begin() and end() of the same vector
+  const double before = *std::max_element(without.load.begin(), without.load.end());
   const SlotPlacement with = place_slots(pop, 4, 4);
   CHECK(*std::max_element(with.load.begin(), with.load.end()) < before);
   CHECK(with.copies[0] >= 2);  // the most popular expert is replicated first
