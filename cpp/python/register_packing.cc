@@ -285,12 +285,9 @@ void register_packing(py::module_& m) {
         const double* ffn = dense_ffn_bytes ? dense_ffn_bytes->data() : nullptr;
         std::int64_t* b = batch.mutable_data();
         auto* f = reinterpret_cast<std::uint8_t*>(fit.mutable_data());  // numpy bool: one byte, 0 or 1
-        {
-          // The inputs are kept alive by this frame; a short pure kernel, so no interrupt polling.
-          py::gil_scoped_release release;
-          pk::admissible_batches(table, static_cast<std::int64_t>(n), pi, ctx, ffn, b, f, weight_max.mutable_data(),
-                                 nt);
-        }
+        // The inputs are kept alive by this frame; a short pure kernel, so no interrupt polling.
+        double* wm = weight_max.mutable_data();
+        without_gil([&] { pk::admissible_batches(table, static_cast<std::int64_t>(n), pi, ctx, ffn, b, f, wm, nt); });
         return py::make_tuple(batch, fit, weight_max);
       },
       py::arg("table"), py::arg("plan_index"), py::arg("context"), py::arg("dense_ffn_bytes") = py::none(),
