@@ -23,7 +23,6 @@ Guarantees (see ``docs`` / ARCHITECTURE "Sweeps"):
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 import re
@@ -79,11 +78,12 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def table_to_parquet_bytes(table) -> bytes:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    buf = io.BytesIO()
-    pq.write_table(table, buf, compression="zstd")
-    return buf.getvalue()
+    sink = pa.BufferOutputStream()  # Arrow-owned, like every stream handed to Arrow here (see ChunkStore.scan)
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
 
 
 #: A finished sweep's ``results.parquet`` (written by ``qsengine sweep``) names
@@ -225,11 +225,17 @@ class Checkpoint:
             problem = None
             table = None
             try:
-                data = path.read_bytes()
+                # Read into an Arrow-owned buffer, never a Python file object: Arrow's
+                # reader threads drop their last reference to the source later,
+                # and releasing a Python object there asks for the GIL inside a
+                # C++ destructor; at interpreter exit (Ctrl-C) that aborts the
+                # process ("terminate called without an active exception").
+                with pa.OSFile(str(path)) as f:
+                    data = f.read_buffer()
                 if hashlib.sha256(data).hexdigest()[:32] != _CHUNK_RE.match(path.name).group(1):
                     problem = "its contents do not match its checksum (truncated or corrupted)"
                 else:
-                    table = pq.read_table(io.BytesIO(data))
+                    table = pq.read_table(pa.BufferReader(data))
             except Exception as exc:  # noqa: BLE001 - any parse failure means a bad chunk
                 problem = f"it is not readable parquet ({type(exc).__name__}: {exc})"
             if problem is None:
