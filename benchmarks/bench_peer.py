@@ -191,10 +191,15 @@ class Row:
     peer_pieces: dict[str, float]
     peer_leaves_sum: float
     peer_ops: dict[str, float] = field(default_factory=dict)
+    qs_time_roofline: float = math.nan  # the same step with kernels="roofline" (the obvious model)
 
     @property
     def ratio(self) -> float:
         return ratio(self.qs_time, self.peer_time)
+
+    @property
+    def ratio_roofline(self) -> float:
+        return ratio(self.qs_time_roofline, self.peer_time)
 
     @property
     def ratios(self) -> dict[str, float]:
@@ -284,16 +289,19 @@ class Peer:
         return out
 
 
-def qs_step(cfg: Config, batch: int, isl: int) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
-    """qsengine's decode step at the same point: time (s), categories, raw pieces."""
+def qs_step(cfg: Config, batch: int, isl: int, kernels: str = "calibrated"
+            ) -> tuple[float, dict[str, float], list[tuple[str, float]]]:
+    """qsengine's decode step at the same point: time (s), categories, raw pieces.
+    ``kernels`` is :class:`~qsengine.decode.step.StepOptions`' kernel model
+    (the default, ``"calibrated"``, is what the pipeline runs)."""
     from qsengine import Plan, as_accelerator, as_cluster, as_model, as_precision
-    from qsengine.decode.step import decode_step
+    from qsengine.decode.step import StepOptions, decode_step
 
     model = as_model(cfg.qs_model)
     plan = Plan(**cfg.qs_plan)
     plan.validate_for(model, as_cluster(f"{plan.tp * plan.pp * plan.dp}x{cfg.qs_accelerator}"))  # the plan's rules
     br = decode_step(model, as_precision(cfg.qs_precision), as_accelerator(cfg.qs_accelerator), plan, batch,
-                     isl + OSL // 2 + 1)
+                     isl + OSL // 2 + 1, options=StepOptions(kernels=kernels))
     raw = [(p.name, p.time) for p in br.pieces]
     return br.time, by_category(raw, qs_category), raw
 
@@ -325,8 +333,9 @@ def run(configs: Sequence[Config], isls: Sequence[int]) -> tuple[list[Row], list
                 for name, _ in raw:
                     if name not in QS_PIECES:
                         unknown.add(f"qsengine:{name}")
+                t_roof, _, _ = qs_step(cfg, b, isl, kernels="roofline")
                 rows.append(Row(cfg.label, b, isl, t_qs, t_peer, t_pl, qs_cat, by_category(leaves, peer_category),
-                                sum(t for _, t in leaves), ops))
+                                sum(t for _, t in leaves), ops, t_roof))
     if unknown:
         notes.append("unmatched names counted as 'other': " + ", ".join(sorted(unknown)))
     return rows, notes, sorted(tables)
@@ -354,6 +363,13 @@ def report(rows: Sequence[Row], notes: Sequence[str], header: Sequence[str]) -> 
     s = summarize(rows)
     out.append(f"{'ALL (median over every point)':38s} {fmt(s['end-to-end'], 6)} "
                + " ".join(fmt(s[c]) for c in CATEGORIES))
+    roof = [r.ratio_roofline for r in rows if math.isfinite(r.ratio_roofline)]
+    if roof:
+        by_cfg = {label: nanmedian(r.ratio_roofline for r in rows if r.config == label)
+                  for label in dict.fromkeys(r.config for r in rows)}
+        out.append(f"Same points with kernels='roofline' (one bandwidth and one FLOP efficiency, the obvious model): "
+                   f"e2e median {statistics.median(roof):.2f}, per configuration "
+                   f"{min(by_cfg.values()):.2f}-{max(by_cfg.values()):.2f}")
     by_b = {b: nanmedian(r.ratio for r in rows if r.batch == b) for b in sorted({r.batch for r in rows})}
     out.append("Median end-to-end ratio by batch: " + ", ".join(f"B={b}: {v:.2f}" for b, v in by_b.items()))
     by_isl = {i: nanmedian(r.ratio for r in rows if r.isl == i) for i in sorted({r.isl for r in rows})}
@@ -400,7 +416,9 @@ def main(argv: list[str] | None = None) -> int:
         f"python {platform.python_version()}",
         f"{len(rows)} points in {elapsed:.1f} s",
         "qsengine call:  qsengine.decode.step.decode_step(model, precision, accelerator, Plan(...), batch, "
-        f"context=isl + {OSL // 2 + 1})   (closed form, uniform routing)",
+        f"context=isl + {OSL // 2 + 1}, options=StepOptions(kernels='calibrated'))   (closed form, uniform routing; "
+        "the calibrated kernels are fitted to aiconfigurator-core's tables, so agreement here is partly by "
+        "construction: the fit's held-out error is in bench_calibration.txt)",
         "AIC calls:      build_model_config(tp_size, pp_size, attention_dp_size, moe_tp_size, moe_ep_size, "
         "*_quant_mode); model_config.workload_distribution = 'balanced' | 'power_law'; "
         "get_model(hf_id, model_config, 'trtllm'); EngineHandle(engine_spec_bincode_from_json("
