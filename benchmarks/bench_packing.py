@@ -151,7 +151,7 @@ def bench_plan_search() -> None:
 # The obvious numpy implementation of batched admission: packing.py's
 # admissible_batches before it moved into the core (materialises (lanes,
 # max_pp, components) arrays). Kept here as the benchmark's baseline.
-_BATCH_CAP = 1 << 62  # packing.cc's kBatchCap
+_BATCH_CAP = 1 << 62  # cpp/core/packing_detail.h's kBatchCap
 
 
 def numpy_floor_fit(free: np.ndarray, per: np.ndarray) -> np.ndarray:

@@ -3,7 +3,7 @@
 The specs (:class:`~qsengine.Model`, :class:`~qsengine.Precision`,
 :class:`~qsengine.Accelerator`, :class:`~qsengine.Plan`) are flattened here
 into a numeric memory description (:func:`memory_description`); the C++ core
-(``cpp/core/packing.cc``) does all the arithmetic. Every formula is written
+(``cpp/core/packing.h``) does all the arithmetic. Every formula is written
 out in ``docs/packing.md``.
 
 Entry points:
