@@ -103,6 +103,36 @@ print("usable", q.simulate("qwen3-30b-a3b", "8xh100", 4096, microbatches=0, brea
     pd.testing.assert_frame_equal(resumed, fresh)
 
 
+def _assert_daemon_threads_exit_cleanly(setup: str, call: str, threads: int = 1) -> None:
+    """Run ``call`` in a loop on daemon threads and let the interpreter exit
+    under them, three times: each run must exit 0, with no 'terminate'. An
+    object whose __del__ sleeps keeps the interpreter finalising long enough
+    for a thread to come back from C++ code meanwhile (CPython then ends the
+    thread with a forced unwind when it asks for the GIL)."""
+    code = f"""
+import threading, time
+{setup}
+started = threading.Event()
+def work():
+    started.set()
+    while True:
+        {call}
+class SlowExit:
+    def __del__(self):
+        time.sleep(0.3)
+keep = SlowExit()
+for _ in range({threads}):
+    threading.Thread(target=work, daemon=True).start()
+started.wait()
+time.sleep(0.2)
+print("exiting", flush=True)
+"""
+    for _ in range(3):
+        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0 and p.stdout.strip() == "exiting", (p.returncode, p.stderr)
+        assert "terminate" not in p.stderr, p.stderr
+
+
 _SHUTDOWN_CALLS = {
     # run_interruptible, interrupted in its 20 ms polling loop
     "long core call": "q.route(64, 8, 1024, microbatches=200_000, seed=1, threads=1)",
@@ -115,39 +145,18 @@ _SHUTDOWN_CALLS = {
 
 @pytest.mark.parametrize("call", list(_SHUTDOWN_CALLS), ids=list(_SHUTDOWN_CALLS))
 def test_interpreter_exits_cleanly_while_a_daemon_thread_is_in_the_core(call):
-    """At shutdown Python ends a daemon thread that asks for the GIL with a
-    forced unwind; the binding must join its core thread and never ask for the
-    GIL in a destructor (that aborted: 'terminate called without an active
-    exception', seen when Ctrl-C ends a study with Dask worker threads). The
-    object whose __del__ sleeps keeps the interpreter finalising long enough
-    for the daemon thread to come back from the core: before the fix, the
-    short core call aborted 5 times out of 5."""
-    code = r"""
-import threading, time
-import numpy as np
-import qsengine as q
-from qsengine.packing.memory import admissible_batches, plan_memory
-pm = plan_memory(q.load_model("qwen3-30b-a3b"), q.load_cluster("8xh100"), q.Precision())
-idx = np.zeros(200_000, dtype=np.int64)
-ctx = np.full(200_000, 4096, dtype=np.int64)
-started = threading.Event()
-def work():
-    started.set()
-    while True:
-        CALL
-class SlowExit:
-    def __del__(self):
-        time.sleep(0.3)
-keep = SlowExit()
-threading.Thread(target=work, daemon=True).start()
-started.wait()
-time.sleep(0.2)
-print("exiting", flush=True)
-""".replace("CALL", _SHUTDOWN_CALLS[call])
-    for _ in range(3):
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0 and p.stdout.strip() == "exiting", (p.returncode, p.stderr)
-        assert "terminate" not in p.stderr, p.stderr
+    """The binding must join its core thread and never ask for the GIL in a
+    destructor (that aborted: 'terminate called without an active
+    exception', seen when Ctrl-C ends a study with Dask worker threads).
+    Before the fix, the short core call aborted 5 times out of 5."""
+    _assert_daemon_threads_exit_cleanly(
+        "import numpy as np\n"
+        "import qsengine as q\n"
+        "from qsengine.packing.memory import admissible_batches, plan_memory\n"
+        "pm = plan_memory(q.load_model('qwen3-30b-a3b'), q.load_cluster('8xh100'), q.Precision())\n"
+        "idx = np.zeros(200_000, dtype=np.int64)\n"
+        "ctx = np.full(200_000, 4096, dtype=np.int64)",
+        _SHUTDOWN_CALLS[call])
 
 
 def test_interpreter_exits_cleanly_while_a_daemon_thread_scans_a_checkpoint(tmp_path):
@@ -156,32 +165,13 @@ def test_interpreter_exits_cleanly_while_a_daemon_thread_scans_a_checkpoint(tmp_
     GIL inside a C++ destructor and aborts the process at exit (how CI's
     Ctrl-C-on-Dask test ended once in 12 runs, with the chunks read from
     io.BytesIO). The checkpoint hands Arrow only Arrow-owned buffers."""
-    code = r"""
-import threading, time
-import pyarrow as pa
-from qsengine.sweeps.checkpoint import Checkpoint
-ck = Checkpoint(DIR)
-ck.write_meta({})
-ck.write_chunk(pa.table({"point_id": [f"p{i}" for i in range(2000)], "x": list(range(2000))}))
-started = threading.Event()
-def work():
-    started.set()
-    while True:
-        assert len(ck.scan(None, ["point_id"]).done) == 2000
-class SlowExit:
-    def __del__(self):
-        time.sleep(0.3)
-keep = SlowExit()
-for _ in range(2):
-    threading.Thread(target=work, daemon=True).start()
-started.wait()
-time.sleep(0.3)
-print("exiting", flush=True)
-""".replace("DIR", repr(str(tmp_path / "ck")))
-    for _ in range(3):
-        p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-        assert p.returncode == 0 and p.stdout.strip() == "exiting", (p.returncode, p.stderr)
-        assert "terminate" not in p.stderr, p.stderr
+    _assert_daemon_threads_exit_cleanly(
+        "import pyarrow as pa\n"
+        "from qsengine.sweeps.checkpoint import Checkpoint\n"
+        f"ck = Checkpoint({str(tmp_path / 'ck')!r})\n"
+        "ck.write_meta({})\n"
+        "ck.write_chunk(pa.table({'point_id': [f'p{i}' for i in range(2000)], 'x': list(range(2000))}))",
+        "assert len(ck.scan(None, ['point_id']).done) == 2000", threads=2)
 
 
 def test_eight_python_threads_calling_simulate_equal_serial():
