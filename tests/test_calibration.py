@@ -202,6 +202,23 @@ def test_fitted_accelerators_report_fitted():
 
 
 # ----------------------------------------------------------------- errors
+def test_lookups_follow_the_calibration_directory(tmp_path, monkeypatch):
+    """The per-process caches of the fitted files are keyed on the directory:
+    pointing calibration_dir elsewhere is seen, and pointing it back restores
+    the shipped fits (no stale entry either way)."""
+    from qsengine.calibration import runtime as rt
+
+    assert calibration_info("h200-sxm").status == "fitted"  # warm the caches on the shipped directory
+    (tmp_path / "h100-sxm.json").write_text((calibration_dir() / "h100-sxm.json").read_text())
+    monkeypatch.setattr(rt, "calibration_dir", lambda: tmp_path)
+    assert calibration_info("h100-sxm").status == "fitted"
+    assert calibration_info("h800-sxm").reference == "h100-sxm"
+    with pytest.raises(ValueError, match="fitted: \\['h100-sxm'\\]"):
+        calibration_info("h200-sxm")
+    monkeypatch.undo()
+    assert calibration_info("h200-sxm").status == "fitted"
+
+
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match=r"dtype='int3'"):
         gemm_time("h100-sxm", "int3", 1, 1, 1)

@@ -56,8 +56,13 @@ TRANSFER: dict[str, tuple[str, str]] = {
 Family = Literal["gemm", "grouped_gemm", "attention_gqa", "attention_mha", "attention_mla", "allreduce", "alltoall"]
 
 
+@lru_cache(maxsize=1)
 def calibration_dir() -> Path:
-    """Directory of the shipped fitted parameters."""
+    """Directory of the shipped fitted parameters.
+
+    It depends only on where this module is installed (no environment
+    variable), so it is resolved once per process: resolving it per kernel
+    lookup cost ~1 s of a 72-GPU family build (issue #11)."""
     return Path(__file__).resolve().parent.parent / "cluster_specs" / "calibration"
 
 
@@ -81,11 +86,24 @@ class CalibrationInfo:
     link_scale: float
 
 
+# The fitted files are read once per process: both caches below are keyed on the
+# directory as well as the accelerator, so a caller that points calibration_dir
+# elsewhere (e.g. a test's monkeypatch) gets that directory's files, never a
+# stale entry of another. Files written into a directory after it was read
+# (python -m qsengine.calibration.fit) are seen by the next process.
 @lru_cache(maxsize=None)
-def _load(acc_id: str) -> dict[str, Any]:
-    path = calibration_dir() / f"{acc_id}.json"
-    with open(path, encoding="utf-8") as fh:
+def _read(directory: Path, acc_id: str) -> dict[str, Any]:
+    with open(directory / f"{acc_id}.json", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+@lru_cache(maxsize=None)
+def _exists(directory: Path, acc_id: str) -> bool:
+    return (directory / f"{acc_id}.json").is_file()
+
+
+def _load(acc_id: str) -> dict[str, Any]:
+    return _read(calibration_dir(), acc_id)
 
 
 def _acc(acc: Accelerator | str) -> Accelerator:
@@ -97,7 +115,7 @@ def _acc(acc: Accelerator | str) -> Accelerator:
 
 
 def _has_fit(acc_id: str) -> bool:
-    return (calibration_dir() / f"{acc_id}.json").is_file()
+    return _exists(calibration_dir(), acc_id)
 
 
 def calibration_info(acc: Accelerator | str) -> CalibrationInfo:
