@@ -541,3 +541,23 @@ def test_a_grid_past_max_context_warns_once():
     assert len(ctx) == 1
     msg = str(ctx[0].message)
     assert "grok-1 (max 8,192 tokens): 3 context(s) from 16,384 to 131,072" in msg and "mixtral-8x7b" in msg
+
+
+def test_side_empty_and_fill_cover_every_field():
+    """Side.empty and _SideSet.fill take their fields from the dataclass: every
+    field starts at its declared empty value and is copied by fill."""
+    import dataclasses
+
+    from qsengine.decode.sides import _SIDE_FIELDS, Side, _SideSet
+
+    names = tuple(f.name for f in dataclasses.fields(Side))
+    assert _SIDE_FIELDS == names
+    e = Side.empty(3)
+    assert all(getattr(e, k).shape == (3,) for k in names)
+    assert not e.feasible.any() and (e.plan == -1).all() and np.isnan(e.time).all() and np.isnan(e.pf).all()
+    full = Side.empty(2)
+    for k in names:
+        getattr(full, k)[:] = 1
+    s = _SideSet.empty(3)
+    s.fill(np.array([0, 2]), full, [], np.zeros(2, np.int64))
+    assert all((getattr(s.side, k)[[0, 2]] == 1).all() and getattr(s.side, k)[1] != 1 for k in names)
