@@ -253,6 +253,25 @@ def test_collective_picks_the_faster_protocol_line():
         assert float(allreduce_time("h200-sxm", 8, s)) == pytest.approx(expect, rel=1e-12)
 
 
+def test_collective_lines_are_the_fit_and_follow_the_link_scale():
+    """collective_lines (cached per process) is the measured line at a measured
+    GPU count, read-only, and a spec with another scale-up bandwidth (same id)
+    gets its own link scale, not the cached lines of the shipped spec."""
+    import dataclasses
+
+    from qsengine.calibration.runtime import collective_lines
+
+    per = _rec("h200-sxm")["families"]["allreduce"]["per_gpus"]["8"]
+    al, be = collective_lines("h200-sxm", "allreduce", 8)
+    assert al.tolist() == per["alpha"] and be.tolist() == per["beta"]
+    assert not al.flags.writeable and not be.flags.writeable
+    h800 = load_accelerator("h800-sxm")
+    base = collective_lines(h800, "alltoall", 8)[1]
+    slow = dataclasses.replace(h800, scaleup_bandwidth=h800.scaleup_bandwidth / 2)
+    np.testing.assert_allclose(collective_lines(slow, "alltoall", 8)[1], base / 2, rtol=1e-12)
+    assert collective_lines(h800, "alltoall", 8)[1].tolist() == base.tolist()
+
+
 def test_a100_has_no_grouped_gemm_fit_and_says_so():
     """A100's TRT-LLM 1.0 MoE table has power-law rows only: no balanced kernel fit is possible."""
     assert _rec("a100-80gb-sxm")["families"]["grouped_gemm"] == {}

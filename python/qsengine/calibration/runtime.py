@@ -219,13 +219,34 @@ def attention_time(acc: Accelerator | str, kind: Literal["gqa", "mla"], batch: A
 
 def _lines(a: Accelerator, family: Family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(measured GPU counts, alpha (counts, protocols), beta (counts, protocols)) of a collective,
-    bandwidths scaled by the transfer rule's link factor."""
-    rec, info = _family(a, family, None)
-    per = rec["per_gpus"]
+    bandwidths scaled by the transfer rule's link factor (read-only arrays)."""
+    return _lines_of(calibration_dir(), calibration_info(a), family)
+
+
+def _frozen(x: np.ndarray) -> np.ndarray:
+    x.setflags(write=False)  # shared by every caller of a cached lookup
+    return x
+
+
+# Collective lines depend on the accelerator only through its CalibrationInfo
+# (reference fit, link_scale): cached on (directory, info, family[, gpus]), they
+# are built once per process instead of once per plan lane of a family build.
+@lru_cache(maxsize=None)
+def _lines_of(directory: Path, info: CalibrationInfo,
+              family: Family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    per = _read(directory, info.reference)["families"][family]["per_gpus"]
     gs = np.array(sorted(int(g) for g in per), dtype=np.float64)
     alpha = np.array([per[str(int(g))]["alpha"] for g in gs])  # (gpu counts, protocols)
     beta = np.array([per[str(int(g))]["beta"] for g in gs]) * info.link_scale
-    return gs, alpha, beta
+    return _frozen(gs), _frozen(alpha), _frozen(beta)
+
+
+@lru_cache(maxsize=None)
+def _lines_at(directory: Path, info: CalibrationInfo, family: Family,
+              gpus: float) -> tuple[np.ndarray, np.ndarray]:
+    gs, alpha, beta = _lines_of(directory, info, family)
+    al, be = _interp_lines(np.array([gpus]), gs, alpha, beta)
+    return _frozen(al[0]), _frozen(be[0])
 
 
 def _interp_lines(g: np.ndarray, gs: np.ndarray, alpha: np.ndarray,
@@ -259,11 +280,9 @@ def collective_lines(acc: Accelerator | str, family: Literal["allreduce", "allto
     ``family`` collective over ``gpus`` GPUs of one scale-up domain, as
     :func:`allreduce_time` / :func:`alltoall_time` use them: ``t(S) = min_j
     (alpha_j + S/beta_j)``. Lets a caller resolve a plan's group once and
-    evaluate many message sizes without a lookup per size."""
-    a = _acc(acc)
-    gs, alpha, beta = _lines(a, family)
-    al, be = _interp_lines(np.array([float(gpus)]), gs, alpha, beta)
-    return al[0], be[0]
+    evaluate many message sizes without a lookup per size. The arrays are
+    read-only (shared by every call with the same arguments)."""
+    return _lines_at(calibration_dir(), calibration_info(_acc(acc)), family, float(gpus))
 
 
 def kernel_params(acc: Accelerator | str, family: Family, dtype: str) -> dict[str, float] | None:
