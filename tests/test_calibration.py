@@ -202,6 +202,23 @@ def test_fitted_accelerators_report_fitted():
 
 
 # ----------------------------------------------------------------- errors
+def test_lookups_follow_the_calibration_directory(tmp_path, monkeypatch):
+    """The per-process caches of the fitted files are keyed on the directory:
+    pointing calibration_dir elsewhere is seen, and pointing it back restores
+    the shipped fits (no stale entry either way)."""
+    from qsengine.calibration import runtime as rt
+
+    assert calibration_info("h200-sxm").status == "fitted"  # warm the caches on the shipped directory
+    (tmp_path / "h100-sxm.json").write_text((calibration_dir() / "h100-sxm.json").read_text())
+    monkeypatch.setattr(rt, "calibration_dir", lambda: tmp_path)
+    assert calibration_info("h100-sxm").status == "fitted"
+    assert calibration_info("h800-sxm").reference == "h100-sxm"
+    with pytest.raises(ValueError, match="fitted: \\['h100-sxm'\\]"):
+        calibration_info("h200-sxm")
+    monkeypatch.undo()
+    assert calibration_info("h200-sxm").status == "fitted"
+
+
 def test_errors_name_the_field():
     with pytest.raises(ValueError, match=r"dtype='int3'"):
         gemm_time("h100-sxm", "int3", 1, 1, 1)
@@ -234,6 +251,25 @@ def test_collective_picks_the_faster_protocol_line():
     for s in (1e3, 1e5, 1e7):
         expect = min(a + s / b for a, b in zip(per["alpha"], per["beta"], strict=True))
         assert float(allreduce_time("h200-sxm", 8, s)) == pytest.approx(expect, rel=1e-12)
+
+
+def test_collective_lines_are_the_fit_and_follow_the_link_scale():
+    """collective_lines (cached per process) is the measured line at a measured
+    GPU count, read-only, and a spec with another scale-up bandwidth (same id)
+    gets its own link scale, not the cached lines of the shipped spec."""
+    import dataclasses
+
+    from qsengine.calibration.runtime import collective_lines
+
+    per = _rec("h200-sxm")["families"]["allreduce"]["per_gpus"]["8"]
+    al, be = collective_lines("h200-sxm", "allreduce", 8)
+    assert al.tolist() == per["alpha"] and be.tolist() == per["beta"]
+    assert not al.flags.writeable and not be.flags.writeable
+    h800 = load_accelerator("h800-sxm")
+    base = collective_lines(h800, "alltoall", 8)[1]
+    slow = dataclasses.replace(h800, scaleup_bandwidth=h800.scaleup_bandwidth / 2)
+    np.testing.assert_allclose(collective_lines(slow, "alltoall", 8)[1], base / 2, rtol=1e-12)
+    assert collective_lines(h800, "alltoall", 8)[1].tolist() == base.tolist()
 
 
 def test_a100_has_no_grouped_gemm_fit_and_says_so():

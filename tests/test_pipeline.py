@@ -15,24 +15,14 @@ from hypothesis import strategies as st
 
 import qsengine
 import reference_simulate as ref
+from _helpers import CLUSTERS, MOE_MODELS, records, valid_point
 from qsengine import Plan
 from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_columns
 from qsengine.packing import admissible_batches, pack, plan_memory
 from qsengine.specs.loaders import as_cluster, as_model, as_precision
 from qsengine.sweeps.executors import simulate_point
 
-MOE_MODELS = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048", "qwen3-30b-a3b", "mixtral-8x7b",
-              "gpt-oss-120b", "llama-4-scout", "dbrx", "kimi-k2"]
-CLUSTERS = ["8xh100", "8xh200", "8xb200", "8xmi300x", "16xh100", "8xa100", "12xmi300x"]
 DENSE = ["llama-3.1-70b", "qwen3-32b", "llama-3.1-8b"]
-
-
-def _records(pts):
-    cols, n = encode_points(pts)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qsengine.ContextWarning)
-        out = evaluate_columns(cols, n)
-    return [{name: out[name][i] for name, _ in RECORD_COLUMNS} for i in range(n)]
 
 
 points = st.fixed_dictionaries({
@@ -52,14 +42,6 @@ points = st.fixed_dictionaries({
 })
 
 
-def _valid(p) -> bool:
-    try:
-        qsengine.Point.make(strict=False, **p)
-        return True
-    except ValueError:
-        return False
-
-
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(points, min_size=1, max_size=3))
 @example(pts=[dict(model="deepseek-r1", cluster="8xh200", context=32768, precision="fp8", microbatches=0,
@@ -77,10 +59,10 @@ def test_pipeline_equals_the_slow_reference(pts):
     """Several points in one call, each equal to the plain computation."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qsengine.ContextWarning)
-        pts = [p for p in pts if _valid(p)]
+        pts = [p for p in pts if valid_point(p)]
         if not pts:
             return
-        got = _records(pts)
+        got = records(pts)
         for p, g in zip(pts, got):
             assert ref.same(ref.record(**p), g) == [], p
 
@@ -235,7 +217,7 @@ def test_simulate_is_the_one_lane_case():
                dict(model="grok-1", cluster="8xmi300x", context=8192, twin_attention="gqa"),
                dict(model="mixtral-8x7b", cluster="8xh100", context=4096, dense="llama-3.1-70b")):
         res = qsengine.simulate(microbatches=0, **kw)
-        rec = _records([dict(microbatches=0, **kw)])[0]
+        rec = records([dict(microbatches=0, **kw)])[0]
         assert ref.same(res.to_record(), rec) == []
         for side in (res.moe, res.dense):
             assert side.step.time * 1e3 == rec[f"{'moe' if side.model.is_moe else 'dense'}_tpot_ms"]
@@ -494,10 +476,10 @@ def test_why_factors_multiply_back_to_the_ratio(pts, overlap):
     pts = [dict(p, options=qsengine.StepOptions(overlap=overlap)) for p in pts]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qsengine.ContextWarning)
-        pts = [p for p in pts if _valid(p)]
+        pts = [p for p in pts if valid_point(p)]
         if not pts:
             return
-        for rec in _records(pts):
+        for rec in records(pts):
             factors = [rec[f"why_{k}"] for k in WHY]
             if math.isnan(rec["ratio"]):
                 assert all(math.isnan(f) for f in factors)
@@ -508,7 +490,7 @@ def test_why_factors_multiply_back_to_the_ratio(pts, overlap):
 
 
 def test_records_name_the_twin_shape_and_its_kv_cache():
-    recs = _records([dict(model="deepseek-v3", cluster="16xh200", context=8192, precision="fp8", microbatches=0,
+    recs = records([dict(model="deepseek-v3", cluster="16xh200", context=8192, precision="fp8", microbatches=0,
                           twin_attention=att) for att in ("same", "gqa")]
                     + [dict(model="mixtral-8x7b", cluster="8xh100", context=4096, dense="llama-3.1-70b",
                             microbatches=0)])
@@ -541,3 +523,23 @@ def test_a_grid_past_max_context_warns_once():
     assert len(ctx) == 1
     msg = str(ctx[0].message)
     assert "grok-1 (max 8,192 tokens): 3 context(s) from 16,384 to 131,072" in msg and "mixtral-8x7b" in msg
+
+
+def test_side_empty_and_fill_cover_every_field():
+    """Side.empty and _SideSet.fill take their fields from the dataclass: every
+    field starts at its declared empty value and is copied by fill."""
+    import dataclasses
+
+    from qsengine.decode.sides import _SIDE_FIELDS, Side, _SideSet
+
+    names = tuple(f.name for f in dataclasses.fields(Side))
+    assert _SIDE_FIELDS == names
+    e = Side.empty(3)
+    assert all(getattr(e, k).shape == (3,) for k in names)
+    assert not e.feasible.any() and (e.plan == -1).all() and np.isnan(e.time).all() and np.isnan(e.pf).all()
+    full = Side.empty(2)
+    for k in names:
+        getattr(full, k)[:] = 1
+    s = _SideSet.empty(3)
+    s.fill(np.array([0, 2]), full, [], np.zeros(2, np.int64))
+    assert all((getattr(s.side, k)[[0, 2]] == 1).all() and getattr(s.side, k)[1] != 1 for k in names)

@@ -15,26 +15,17 @@ from hypothesis import strategies as st
 
 import qsengine
 import reference_simulate as ref
+from _helpers import CLUSTERS, MOE_MODELS, records, valid_point
 from qsengine import Plan
-from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_columns
 from qsengine.decode.prefill import prefill_ctx_flops, prefill_time
 from qsengine.decode.step import StepOptions, step_params
 from qsengine.specs.loaders import as_cluster, as_model, as_precision
-from test_pipeline import CLUSTERS, MOE_MODELS, _valid
 
 EXACT = ("dense_model", "q", "qs", "moe_feasible", "moe_plan", "moe_batch", "moe_batch_limit", "moe_tokens_per_s",
          "moe_tpot_ms", "moe_tpot_p99_ms", "dense_feasible", "dense_plan", "dense_batch", "dense_batch_limit",
          "dense_tokens_per_s", "dense_tpot_ms", "dense_tpot_p99_ms", "verdict", "ratio_decode")
 CLOSE = ("ratio", "moe_prefill_tokens_per_s_per_gpu", "moe_request_tokens_per_s_per_gpu",
          "dense_prefill_tokens_per_s_per_gpu", "dense_request_tokens_per_s_per_gpu")
-
-
-def _records(pts):
-    cols, n = encode_points(pts)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qsengine.ContextWarning)
-        out = evaluate_columns(cols, n)
-    return [{name: out[name][i] for name, _ in RECORD_COLUMNS} for i in range(n)]
 
 
 def _close(a: float, b: float, rel: float) -> bool:
@@ -77,10 +68,10 @@ def test_pipeline_equals_the_oracle_with_requests(pts):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qsengine.ContextWarning)
         pts = [{k: v for k, v in p.items() if v is not None or k in ("q", "slo_tpot", "batch")} for p in pts]
-        pts = [p for p in pts if _valid(p)]
+        pts = [p for p in pts if valid_point(p)]
         if not pts:
             return
-        got = _records(pts)
+        got = records(pts)
         for p, g in zip(pts, got):
             want = ref.record(**p)
             assert ref.same({k: want[k] for k in EXACT}, g) == [], p
@@ -155,7 +146,7 @@ def test_admission_at_the_peak_reads_at_the_mean():
 def test_decode_only_is_todays_model():
     """output = 0 with prefill "none" (the defaults) is the decode-only record, column by column."""
     kw = dict(model="deepseek-v3", cluster="16xh200", context=8192, precision="fp8", microbatches=0)
-    base, explicit = _records([kw, dict(kw, output=0, prefill="none")])
+    base, explicit = records([kw, dict(kw, output=0, prefill="none")])
     assert ref.same(base, explicit) == []
     assert base["ratio"] == base["ratio_decode"] and base["why_prefill"] == 1.0 and base["ratio_basis"] == "decode"
     assert math.isnan(base["moe_prefill_tokens_per_s_per_gpu"]) and math.isnan(base["dense_request_tokens_per_s_per_gpu"])
@@ -168,7 +159,7 @@ def test_decode_only_is_todays_model():
 def test_colocated_and_disaggregated_throughput(model, cluster):
     pts = [dict(model=model, cluster=cluster, context=6144, output=2048, prefill=mode, microbatches=0,
                 break_even=False) for mode in ("none", "colocated", "disaggregated")]
-    none, col, dis = _records(pts)
+    none, col, dis = records(pts)
     for s in ("moe", "dense"):
         if not none[f"{s}_feasible"]:
             continue
@@ -192,7 +183,7 @@ def test_colocated_and_disaggregated_throughput(model, cluster):
 
 def test_end_to_end_favours_the_moe_through_prefill():
     """The twin's prefill costs ~q× the MoE's: counting it lowers the dense/MoE ratio (DeepSeek-V3, 6K in / 2K out)."""
-    rec = _records([dict(model="deepseek-v3", cluster="16xh200", context=6144, output=2048, prefill="colocated",
+    rec = records([dict(model="deepseek-v3", cluster="16xh200", context=6144, output=2048, prefill="colocated",
                          microbatches=0, break_even=False)])[0]
     assert rec["ratio"] < rec["ratio_decode"] and rec["why_prefill"] < 1
 

@@ -56,8 +56,13 @@ TRANSFER: dict[str, tuple[str, str]] = {
 Family = Literal["gemm", "grouped_gemm", "attention_gqa", "attention_mha", "attention_mla", "allreduce", "alltoall"]
 
 
+@lru_cache(maxsize=1)
 def calibration_dir() -> Path:
-    """Directory of the shipped fitted parameters."""
+    """Directory of the shipped fitted parameters.
+
+    It depends only on where this module is installed (no environment
+    variable), so it is resolved once per process: resolving it per kernel
+    lookup cost ~1 s of a 72-GPU family build (issue #11)."""
     return Path(__file__).resolve().parent.parent / "cluster_specs" / "calibration"
 
 
@@ -81,11 +86,24 @@ class CalibrationInfo:
     link_scale: float
 
 
+# The fitted files are read once per process: both caches below are keyed on the
+# directory as well as the accelerator, so a caller that points calibration_dir
+# elsewhere (e.g. a test's monkeypatch) gets that directory's files, never a
+# stale entry of another. Files written into a directory after it was read
+# (python -m qsengine.calibration.fit) are seen by the next process.
 @lru_cache(maxsize=None)
-def _load(acc_id: str) -> dict[str, Any]:
-    path = calibration_dir() / f"{acc_id}.json"
-    with open(path, encoding="utf-8") as fh:
+def _read(directory: Path, acc_id: str) -> dict[str, Any]:
+    with open(directory / f"{acc_id}.json", encoding="utf-8") as fh:
         return json.load(fh)
+
+
+@lru_cache(maxsize=None)
+def _exists(directory: Path, acc_id: str) -> bool:
+    return (directory / f"{acc_id}.json").is_file()
+
+
+def _load(acc_id: str) -> dict[str, Any]:
+    return _read(calibration_dir(), acc_id)
 
 
 def _acc(acc: Accelerator | str) -> Accelerator:
@@ -97,7 +115,7 @@ def _acc(acc: Accelerator | str) -> Accelerator:
 
 
 def _has_fit(acc_id: str) -> bool:
-    return (calibration_dir() / f"{acc_id}.json").is_file()
+    return _exists(calibration_dir(), acc_id)
 
 
 def calibration_info(acc: Accelerator | str) -> CalibrationInfo:
@@ -201,13 +219,34 @@ def attention_time(acc: Accelerator | str, kind: Literal["gqa", "mla"], batch: A
 
 def _lines(a: Accelerator, family: Family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(measured GPU counts, alpha (counts, protocols), beta (counts, protocols)) of a collective,
-    bandwidths scaled by the transfer rule's link factor."""
-    rec, info = _family(a, family, None)
-    per = rec["per_gpus"]
+    bandwidths scaled by the transfer rule's link factor (read-only arrays)."""
+    return _lines_of(calibration_dir(), calibration_info(a), family)
+
+
+def _frozen(x: np.ndarray) -> np.ndarray:
+    x.setflags(write=False)  # shared by every caller of a cached lookup
+    return x
+
+
+# Collective lines depend on the accelerator only through its CalibrationInfo
+# (reference fit, link_scale): cached on (directory, info, family[, gpus]), they
+# are built once per process instead of once per plan lane of a family build.
+@lru_cache(maxsize=None)
+def _lines_of(directory: Path, info: CalibrationInfo,
+              family: Family) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    per = _read(directory, info.reference)["families"][family]["per_gpus"]
     gs = np.array(sorted(int(g) for g in per), dtype=np.float64)
     alpha = np.array([per[str(int(g))]["alpha"] for g in gs])  # (gpu counts, protocols)
     beta = np.array([per[str(int(g))]["beta"] for g in gs]) * info.link_scale
-    return gs, alpha, beta
+    return _frozen(gs), _frozen(alpha), _frozen(beta)
+
+
+@lru_cache(maxsize=None)
+def _lines_at(directory: Path, info: CalibrationInfo, family: Family,
+              gpus: float) -> tuple[np.ndarray, np.ndarray]:
+    gs, alpha, beta = _lines_of(directory, info, family)
+    al, be = _interp_lines(np.array([gpus]), gs, alpha, beta)
+    return _frozen(al[0]), _frozen(be[0])
 
 
 def _interp_lines(g: np.ndarray, gs: np.ndarray, alpha: np.ndarray,
@@ -241,11 +280,9 @@ def collective_lines(acc: Accelerator | str, family: Literal["allreduce", "allto
     ``family`` collective over ``gpus`` GPUs of one scale-up domain, as
     :func:`allreduce_time` / :func:`alltoall_time` use them: ``t(S) = min_j
     (alpha_j + S/beta_j)``. Lets a caller resolve a plan's group once and
-    evaluate many message sizes without a lookup per size."""
-    a = _acc(acc)
-    gs, alpha, beta = _lines(a, family)
-    al, be = _interp_lines(np.array([float(gpus)]), gs, alpha, beta)
-    return al[0], be[0]
+    evaluate many message sizes without a lookup per size. The arrays are
+    read-only (shared by every call with the same arguments)."""
+    return _lines_at(calibration_dir(), calibration_info(_acc(acc)), family, float(gpus))
 
 
 def kernel_params(acc: Accelerator | str, family: Family, dtype: str) -> dict[str, float] | None:

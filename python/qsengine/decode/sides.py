@@ -144,6 +144,15 @@ def family(model: Model, cluster: Cluster, precision: Precision, plan: Plan | st
 # ---------------------------------------------------------------------------
 
 
+def _lanes(fill: Any, dtype: Any = np.float64, default: Any = None) -> Any:
+    """A :class:`Side` field whose lanes start at ``fill`` (``dtype``) in :meth:`Side.empty`;
+    required unless ``default`` (a factory) is given."""
+    meta = {"empty": (fill, dtype)}
+    if default is None:
+        return field(metadata=meta)
+    return field(default_factory=default, metadata=meta)
+
+
 @dataclass
 class Side:
     """One side (MoE or dense) of many lanes at its best plan and batch.
@@ -163,38 +172,38 @@ class Side:
     TPOT and cluster tokens/s; equal to the chosen point where the target
     does not bind."""
 
-    feasible: np.ndarray
-    plan: np.ndarray
-    batch: np.ndarray
-    limit: np.ndarray
-    time: np.ndarray
-    p99: np.ndarray
-    tps: np.ndarray
-    why: np.ndarray
-    why_kind: np.ndarray
-    why_fit: np.ndarray
-    why_adm: np.ndarray
-    max_plan: np.ndarray
-    max_batch: np.ndarray
-    max_time: np.ndarray
-    max_p99: np.ndarray
-    max_tps: np.ndarray
+    # Each field declares the value and dtype of its lanes in Side.empty
+    # (_lanes), so a new field cannot be left out of empty() or _SideSet.fill.
+    feasible: np.ndarray = _lanes(False, np.bool_)
+    plan: np.ndarray = _lanes(-1, np.int64)
+    batch: np.ndarray = _lanes(0, np.int64)
+    limit: np.ndarray = _lanes(0, np.int8)
+    time: np.ndarray = _lanes(np.nan)
+    p99: np.ndarray = _lanes(np.nan)
+    tps: np.ndarray = _lanes(0.0)
+    why: np.ndarray = _lanes(-1, np.int64)
+    why_kind: np.ndarray = _lanes(0, np.int8)
+    why_fit: np.ndarray = _lanes(False, np.bool_)
+    why_adm: np.ndarray = _lanes(0, np.int64)
+    max_plan: np.ndarray = _lanes(-1, np.int64)
+    max_batch: np.ndarray = _lanes(0, np.int64)
+    max_time: np.ndarray = _lanes(np.nan)
+    max_p99: np.ndarray = _lanes(np.nan)
+    max_tps: np.ndarray = _lanes(0.0)
     #: prefill tokens/s at the maximum-throughput point (as ``pf``)
-    max_pf: np.ndarray
+    max_pf: np.ndarray = _lanes(np.nan)
     #: prefill tokens/s (cluster-equivalent: per GPU x the cluster's GPUs) of a request workload: at the chosen
     #: plan ("colocated") or at the prefill pool's best plan ("disaggregated"); nan without prefill
-    pf: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pf: np.ndarray = _lanes(np.nan, default=lambda: np.zeros(0))
 
     @classmethod
     def empty(cls, n: int) -> "Side":
-        return cls(np.zeros(n, bool), np.full(n, -1), np.zeros(n, np.int64), np.zeros(n, np.int8),
-                   np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, -1), np.zeros(n, np.int8),
-                   np.zeros(n, bool), np.zeros(n, np.int64), np.full(n, -1), np.zeros(n, np.int64),
-                   np.full(n, np.nan), np.full(n, np.nan), np.zeros(n), np.full(n, np.nan), np.full(n, np.nan))
+        """``n`` lanes, each field at its declared empty value (infeasible, no plan)."""
+        return cls(**{f.name: np.full(n, *f.metadata["empty"]) for f in dataclasses.fields(cls)})
 
 
-_SIDE_FIELDS = ("feasible", "plan", "batch", "limit", "time", "p99", "tps", "why", "why_kind", "why_fit", "why_adm",
-                "max_plan", "max_batch", "max_time", "max_p99", "max_tps", "max_pf", "pf")
+#: every Side field: what _SideSet.fill copies per group
+_SIDE_FIELDS = tuple(f.name for f in dataclasses.fields(Side))
 #: ``Side.limit`` codes and their record text
 LIMITS = ("hbm", "slo", "fixed")
 
