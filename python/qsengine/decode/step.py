@@ -1063,7 +1063,8 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     batch = np.asarray(batch, dtype=np.float64)
     dr = draft_step_time(p, batch, np.asarray(context, dtype=np.float64), pi=pi, uniform=uniform, detail=detail)
     acc = np.where(spec, accepted_tokens(p.draft, p.accept), 1.0)
-    time, p50, p99 = ((v + p.draft * dv) / acc for v, dv in ((r.time, dr.time), (r.p50, dr.p50), (r.p99, dr.p99)))
+    time, p50, p99 = (np.where(spec, (v + p.draft * dv) / acc, v)  # other lanes exactly as without drafts
+                      for v, dv in ((r.time, dr.time), (r.p50, dr.p50), (r.p99, dr.p99)))
     pieces = []
     if detail:  # per accepted token, like the time: the pieces of a speculative lane still sum to it
         pieces = [dataclasses.replace(pa, time=pa.time / acc, bytes=pa.bytes / acc, flops=pa.flops / acc)
