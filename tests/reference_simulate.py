@@ -19,7 +19,8 @@ import numpy as np
 
 from qsengine.calibration import runtime as kernels
 from qsengine.decode.point import DEFAULT_SLO_TPOT
-from qsengine.decode.step import StepOptions, decode_step, moe_straggler_closed_form
+from qsengine.decode.step import (StepOptions, _inclusion_probabilities, decode_step, moe_straggler_closed_form,
+                                  step_params, step_time)
 from qsengine.packing import pack
 from qsengine.packing import plans as enumerate_plans
 from qsengine.routing import independent_popularity
@@ -62,15 +63,20 @@ def _dtypes(prec: Precision) -> tuple[str | None, str | None, str | None]:
 
 
 def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, context: float,
-                    pop: Any, options: StepOptions) -> Step:
+                    pop: Any, options: StepOptions, rows: int = 1) -> Step:
+    """One pass of ``batch`` sequences; ``rows`` token rows per sequence (a
+    speculative verify pass: d + 1) that each pay their GEMM rows, routing
+    and activations, while each sequence's KV is streamed once."""
     from qsengine.calibration.models import ACT_BYTES, PEAK_DTYPE, WEIGHT_BYTES
 
     att = model.attention
     d = model.hidden_size
     g_dt, e_dt, kv_dt = _dtypes(prec)
     shard = 1 if plan.attn_dp else plan.tp
-    b = batch / plan.pp
-    seqs = b / plan.tp if plan.attn_dp else b
+    b_seq = batch / plan.pp
+    seqs_kv = b_seq / plan.tp if plan.attn_dp else b_seq  # sequences whose KV an attention GPU reads
+    b = b_seq * rows  # token rows of a microbatch
+    seqs = seqs_kv * rows
 
     def fit(family: str, dtype: str | None) -> dict | None:
         return None if dtype is None else kernels.kernel_params(acc, family, dtype)
@@ -109,17 +115,22 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
         else:
             kvh_gpu = att.num_kv_heads if plan.attn_dp else att.num_kv_heads / min(plan.tp, att.num_kv_heads)
             fam, kind = ("attention_mha" if heads == kvh_gpu else "attention_gqa"), "gqa"
-        if fit(fam, kv_dt) is not None or (fam == "attention_mha" and fit("attention_gqa", kv_dt) is not None):
-            return float(kernels.attention_time(acc, kind, seqs, ctx, heads, kvh_gpu, att.head_dim,
-                                                kv_dtype=kv_dt))
+        # score FLOPs of one query row per sequence
         if kind == "mla":
-            nbytes = seqs * ctx * (r_kv + rope) * prec.kv_bytes + seqs * heads * (2 * r_kv + rope) * 2
-            flops = 2 * seqs * ctx * heads * (2 * r_kv + rope)
+            flops = 2 * seqs_kv * ctx * heads * (2 * r_kv + rope)
         else:
-            nbytes = seqs * kvh_gpu * ctx * 2 * att.head_dim * prec.kv_bytes + seqs * heads * att.head_dim * 4
-            flops = 4 * seqs * ctx * heads * att.head_dim
-        return max(nbytes / (acc.hbm_bandwidth * acc.bandwidth_efficiency),
-                   flops / (acc.peak_flops("bf16") * acc.flops_efficiency))
+            flops = 4 * seqs_kv * ctx * heads * att.head_dim
+        f = fit(fam, kv_dt) or fit("attention_gqa", kv_dt)
+        if f is not None:
+            t = float(kernels.attention_time(acc, kind, seqs_kv, ctx, heads, kvh_gpu, att.head_dim, kv_dtype=kv_dt))
+            # a verify pass's rows - 1 extra query rows: their score FLOPs at the kernel's fitted rate
+            return t + (rows - 1) * flops / (acc.peak_flops("bf16") * f["eta_f"])
+        if kind == "mla":
+            nbytes = seqs_kv * ctx * (r_kv + rope) * prec.kv_bytes + seqs_kv * heads * (2 * r_kv + rope) * 2
+        else:
+            nbytes = seqs_kv * kvh_gpu * ctx * 2 * att.head_dim * prec.kv_bytes + seqs_kv * heads * att.head_dim * 4
+        rate = acc.peak_flops("bf16") * acc.flops_efficiency
+        return max(nbytes / (acc.hbm_bandwidth * acc.bandwidth_efficiency), flops / rate) + (rows - 1) * flops / rate
 
     local = att.local_layers
     window = att.local_window or 0
@@ -212,7 +223,7 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
     det = compute - moe_mean
     if options.overlap == "tbo":  # two microbatches of half the batch, each one's comm behind the other's compute
         half = calibrated_step(model, prec, acc, plan, batch / 2, context, pop,
-                               dataclasses.replace(options, overlap="none"))
+                               dataclasses.replace(options, overlap="none"), rows)
         return Step(batch, 2 * max(half.compute, half.comm) + min(half.compute, half.comm) / model.decode_layers,
                     2 * max(half.compute99, half.comm) + min(half.compute99, half.comm) / model.decode_layers)
     if options.overlap_comm or options.overlap == "full":
@@ -223,11 +234,67 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
     return st
 
 
-def step_of(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, context: float, pop: Any,
-            options: StepOptions) -> Any:
+def plain_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, context: float, pop: Any,
+               options: StepOptions) -> Any:
+    """A step without speculation (roofline kernels: the library's decode_step, checked elsewhere)."""
     if options.kernels == "roofline":
         return decode_step(model, prec, acc, plan, batch, context, popularity=pop, options=options)
     return calibrated_step(model, prec, acc, plan, batch, context, pop, options)
+
+
+def one_block(model: Model) -> Model:
+    """The draft (MTP) module's decoder block as a model of one layer of
+    ``model``'s kind: an MoE layer for an MoE model, else a dense layer; full
+    attention, no encoder."""
+    att = dataclasses.replace(model.attention, local_layers=0, local_window=None)
+    moe = 1 if model.is_moe else 0
+    return model.replace(num_layers=1, dense_layers=1 - moe, moe_layers=moe, encoder_layers=0, cross_attention=False,
+                         attention=att, published_total_params=None, published_active_params=None)
+
+
+def step_of(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, context: float, pop: Any,
+            options: StepOptions) -> Any:
+    """The step per accepted token. d = options.draft_tokens drafts: a verify
+    pass of d + 1 rows per sequence (calibrated: ``rows``; roofline: a plain
+    step of B(d+1) sequences whose KV bytes per element are divided by d + 1,
+    so each sequence's cache is read once), plus d draft passes, each a plain
+    step of the one-block model on the microbatch B/pp (no pipeline, no
+    two-batch overlap) plus the 2d x d projection GEMM; the sum over
+    1 + a + ... + a^d accepted tokens."""
+    dr = options.draft_tokens
+    plain_opts = dataclasses.replace(options, draft_tokens=0, acceptance=0.0)
+    if dr == 0:
+        return plain_step(model, prec, acc, plan, batch, context, pop, plain_opts)
+    if options.kernels == "roofline":
+        verify = decode_step(model, dataclasses.replace(prec, kv_bytes=prec.kv_bytes / (dr + 1)), acc, plan,
+                             batch * (dr + 1), context, popularity=pop, options=plain_opts)
+    else:
+        verify = calibrated_step(model, prec, acc, plan, batch, context, pop, plain_opts, rows=dr + 1)
+    one_opts = dataclasses.replace(plain_opts, overlap="none") if options.overlap == "tbo" else plain_opts
+    micro = batch / plan.pp  # may be below one sequence (a fixed batch over pp stages)
+    blk_model, blk_plan = one_block(model), dataclasses.replace(plan, pp=1)
+    if options.kernels == "roofline":  # decode_step's lane without its whole-batch check
+        pi = _inclusion_probabilities(pop, model.top_k) if (pop is not None and model.is_moe) else None
+        r = step_time(step_params(blk_model, prec, acc, blk_plan, one_opts), np.array([micro]),
+                      np.array([float(context)]), pi=pi, uniform=pi is None)
+        blk = Step(micro, float(r.time[0]), float(r.p99[0]))
+    else:
+        blk = calibrated_step(blk_model, prec, acc, blk_plan, micro, context, pop, one_opts)
+    d = model.hidden_size
+    shard, seqs = (1, micro / plan.tp) if plan.attn_dp else (plan.tp, micro)
+    if options.kernels == "roofline":
+        proj = max(2 * d * d * prec.weight_bytes / shard / (acc.hbm_bandwidth * acc.bandwidth_efficiency),
+                   2 * seqs * 2 * d * d / shard / (acc.peak_flops(prec.compute) * acc.flops_efficiency))
+    elif _dtypes(prec)[0] is not None and kernels.kernel_params(acc, "gemm", _dtypes(prec)[0]) is not None:
+        proj = float(kernels.gemm_time(acc, _dtypes(prec)[0], seqs, d / shard, 2 * d))
+    else:  # no measured GEMM in this dtype: the GEMM roofline at the spec efficiencies
+        n, k = d / shard, 2 * d
+        nbytes = seqs * k * prec.activation_bytes + k * n * prec.weight_bytes + 2 * seqs * n
+        proj = max(nbytes / (acc.hbm_bandwidth * acc.bandwidth_efficiency),
+                   2 * seqs * n * k / (acc.peak_flops(prec.compute) * acc.flops_efficiency))
+    accepted = sum(options.acceptance ** i for i in range(dr + 1))
+    return Step(batch, (verify.time + dr * (blk.time + proj)) / accepted,
+                (verify.time_p99 + dr * (blk.time_p99 + proj)) / accepted)
 
 
 def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, prompt: int,
@@ -325,11 +392,12 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
     pool = math.nan  # disaggregated: the prefill pool's best tokens/s per GPU x the cluster's GPUs
     for p in candidates:
         used = cluster if p.num_gpus == cluster.num_gpus else Cluster(acc, p.num_gpus)
-        pk = pack(model, used, admit, plan=p, precision=precision)
+        pk = pack(model, used, admit, plan=p, precision=precision, draft_module=options.draft_tokens > 0)
         if model.is_moe:  # every GPU holds (E + redundant)/ep expert slots of each of its stage's MoE layers
             slots = (model.routed_experts + p.redundant) // p.ep
             per_slot = model.expert_params * precision.expert_bytes / p.expert_tp
-            moe_layers = [sum(1 for i in range(s * model.num_layers // p.pp, (s + 1) * model.num_layers // p.pp)
+            layers = model.num_layers + (options.draft_tokens > 0)  # the draft module: one more MoE layer, last
+            moe_layers = [sum(1 for i in range(s * layers // p.pp, (s + 1) * layers // p.pp)
                               if i >= model.dense_layers) for s in range(p.pp)]  # dense layers come first
             want = [slots * n * per_slot for n in moe_layers]
             got = pk.gpu_map.groupby("stage")["routed_experts"].max().tolist()
@@ -390,12 +458,14 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
            routing: Any = "uniform", plan: Plan | str = "auto", precision: str | None = None,
            slo_tpot: float | None = DEFAULT_SLO_TPOT, twin_attention: str = "same", break_even: bool = True,
            options: StepOptions | None = None, batch: int | None = None, output: int = 0, prefill: str = "none",
-           **_: Any) -> dict[str, Any]:
+           draft_tokens: int = 0, acceptance: float = 0.0, **_: Any) -> dict[str, Any]:
     """The comparison the plain way: the record columns that do not depend on
     wording (feasibility, plans, batches, throughput, TPOT, ratio, verdict, q*)."""
     m, c = as_model(model), as_cluster(cluster)
     prec = as_precision(precision) if precision is not None else default_precision(m)  # the MoE's, both sides
     opts = options or StepOptions()
+    if draft_tokens:  # speculative decoding on both sides
+        opts = dataclasses.replace(opts, draft_tokens=draft_tokens, acceptance=acceptance)
     if dense is not None:
         d = as_model(dense)
         rec = qs_record(m, d)

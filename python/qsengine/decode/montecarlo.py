@@ -67,10 +67,18 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
     p = step_params(model, precision, acc, plan, options)
     # the closed form's per-GPU layer cost max(a·u_g, b·n_g) (+ the fixed term step_time adds)
     a, bcoef = float(p.moe_a[0]), float(p.moe_b[0])
+    # speculative decoding: the verify pass routes the d drafts + 1 of every sequence; the d draft passes'
+    # routed experts take the closed form under the law's independent proxy (docs/model.md)
+    rows = 1 + options.draft_tokens
+    pi = None
+    if options.draft_tokens:
+        from qsengine.decode.sides import _law
+
+        pi = _law(model, routing, closed_form=False)[1]
     while True:
         shape = moe_layer_shape(model, plan, batch)
         # two-batch overlap: each microbatch routes half the tokens, and step_time takes its straggler
-        tokens = max(1, int(round(shape.tokens / (2 if options.overlap == "tbo" else 1))))
+        tokens = max(1, int(round(shape.tokens * rows / (2 if options.overlap == "tbo" else 1))))
         auto = microbatches == "auto"
         n = AUTO_MAX_MICROBATCHES if auto else int(microbatches)
         stats = route(model.routed_experts, model.top_k, tokens, n, routing=routing,
@@ -83,7 +91,7 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
         if p99 < mean <= p99 * math.sqrt(1.001):
             p99 = mean
         mst = (mean, dist.quantile(0.5), p99)
-        r = step_time(p, np.array([float(batch)]), np.array([float(context)]),
+        r = step_time(p, np.array([float(batch)]), np.array([float(context)]), pi=pi, uniform=pi is None,
                       moe_step_time=tuple(np.array([v]) for v in mst))  # type: ignore[arg-type]
         t, t99 = float(r.time[0]), float(r.p99[0])
         if slo_tpot is None or t99 <= slo_tpot or batch <= unit:

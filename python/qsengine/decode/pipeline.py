@@ -321,6 +321,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     modes = np.array([PREFILL_MODES.index(v.obj) for v in values["prefill"]], dtype=np.int8)
     adm_ctx, req = Requests.make(contexts[codes["context"]], outputs[codes["output"]], modes[codes["prefill"]])
     pr, precisions = _deployed(pr, precisions, m, models)
+    op, options = _speculative(n, op, options, codes["draft_tokens"], objs("draft_tokens"), codes["acceptance"],
+                               objs("acceptance"))
     dn, at, qc, mb = codes["dense"], codes["twin_attention"], codes["q"], codes["microbatches"]
     ctx, slo, fixed = contexts[codes["context"]], slos[codes["slo_tpot"]], fixeds[codes["batch"]]
     closed = np.array([v == 0 for v in mbs], dtype=bool)[mb]
@@ -553,7 +555,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             reasons[g] = _infeasible_reason(res, g, _side_model(side_name, i, models, m, dq_dense, dq, values, qc,
                                                                 attentions, at, qv),
                                             clusters[c[i]], precisions[pr[i]], int(adm_ctx[i]),
-                                            None if np.isnan(slo[i]) else float(slo[i]), int(fixed[i]))
+                                            None if np.isnan(slo[i]) else float(slo[i]), int(fixed[i]),
+                                            options[op[i]].draft_tokens > 0)
         out[f"{side_name}_reason"][:] = reasons[grp]
         with_pf = feas & (req.mode > 0)
         out[f"{side_name}_prefill_tokens_per_s_per_gpu"][:] = np.where(with_pf, sd.pf[grp] / gpus, np.nan)
@@ -600,6 +603,22 @@ def _deployed(pr: np.ndarray, precisions: list[Any], m: np.ndarray, models: list
     return pr, out
 
 
+def _speculative(n: int, op: np.ndarray, options: list[Any], dc: np.ndarray, drafts: list[int], ac: np.ndarray,
+                 accepts: list[float]) -> tuple[np.ndarray, list[Any]]:
+    """Options codes and values with each lane's speculative decoding (point
+    fields ``draft_tokens``, ``acceptance``) folded into its StepOptions
+    (:func:`qsengine.decode.point.with_speculation`), which the families, the
+    step model and the packing (the draft module's weights and KV) read: one
+    option per distinct (options, draft_tokens, acceptance). Unchanged (the
+    same codes and objects) when no lane speculates."""
+    from qsengine.decode.point import with_speculation
+
+    if not any(drafts):
+        return op, options
+    g, first = _group(n, op, dc, ac)
+    return g, [with_speculation(options[op[i]], drafts[dc[i]], accepts[ac[i]]) for i in first.tolist()]
+
+
 def _side_model(side: str, i: int, models: list[Model], m: np.ndarray, dq_dense: list[Model | None],
                 dq: np.ndarray, values: dict[str, list[Value]], qc: np.ndarray, attentions: list[str],
                 at: np.ndarray, qv: np.ndarray) -> tuple[tuple, Any]:
@@ -615,9 +634,10 @@ def _side_model(side: str, i: int, models: list[Model], m: np.ndarray, dq_dense:
 
 
 def _infeasible_reason(res: _SideSet, k: int, who: tuple[tuple, Any], cluster: Cluster, precision: Precision,
-                       context: int, slo: float | None, fixed: int = 0) -> str:
+                       context: int, slo: float | None, fixed: int = 0, draft: bool = False) -> str:
     """The reason an infeasible side reports (the packer's own words for the
-    plan that came closest to fitting)."""
+    plan that came closest to fitting; ``draft``: the speculative draft module
+    is resident)."""
     from qsengine.packing import pack
 
     ident, build = who
@@ -631,11 +651,11 @@ def _infeasible_reason(res: _SideSet, k: int, who: tuple[tuple, Any], cluster: C
         return (f"batch {fixed} does not fit: the plan that admits the most ({plan.label}) holds "
                 f"{int(res.side.why_adm[k])} sequences on the cluster (or cannot split {fixed} over its replicas)")
     # the packer's reason when the weights do not fit does not depend on the context
-    key = (ident, cluster, precision, context if res.side.why_fit[k] else None, plan)
+    key = (ident, cluster, precision, context if res.side.why_fit[k] else None, plan, draft)
     got = _REASONS.get(key)
     if got is None:
         used = cluster if plan.num_gpus == cluster.num_gpus else Cluster(cluster.accelerator, plan.num_gpus)
-        got = pack(build(), used, context, plan=plan, precision=precision).reason
+        got = pack(build(), used, context, plan=plan, precision=precision, draft_module=draft).reason
         if len(_REASONS) > 100_000:
             _REASONS.clear()
         _REASONS[key] = got

@@ -60,6 +60,8 @@ FIELDS: dict[str, Any] = {
     "options": None,
     "output": 0,
     "prefill": "none",
+    "draft_tokens": 0,
+    "acceptance": 0.0,
 }
 
 
@@ -276,7 +278,24 @@ def check_value(field: str, v: Any) -> Value:
         if v not in PREFILL_MODES:
             raise _err(field, v, f"must be one of {list(PREFILL_MODES)}")
         return Value(v, v, canonical_json(v), v)
+    if field in ("draft_tokens", "acceptance"):  # speculative decoding (docs/model.md, "Speculative decoding")
+        from qsengine.decode.step import check_speculation
+
+        check_speculation(v, 0.0) if field == "draft_tokens" else check_speculation(0, v)
+        c = int(v) if field == "draft_tokens" else float(v)
+        return Value(c, c, canonical_json(c), c)
     raise AssertionError(field)  # pragma: no cover
+
+
+def with_speculation(options: Any, draft_tokens: int, acceptance: float) -> Any:
+    """``options`` (a StepOptions) carrying a point's speculative decoding;
+    the same object when ``draft_tokens`` is 0, whatever the acceptance (no
+    drafts: nothing to accept), so every non-speculative result is unchanged."""
+    import dataclasses
+
+    if not draft_tokens:
+        return options
+    return dataclasses.replace(options, draft_tokens=int(draft_tokens), acceptance=float(acceptance))
 
 
 def _key(field: str, v: Any) -> tuple:
@@ -375,6 +394,12 @@ class Validator:
         except ValueError as exc:
             raise ValueError(f"field 'routing' = {values['routing'].display!r}: {exc}") from None
 
+    def _speculation(self, values: dict[str, Value]) -> None:
+        opts = values["options"].obj
+        if opts.draft_tokens != 0 or opts.acceptance != 0.0:
+            raise ValueError(f"field 'options' = {opts!r}: leave draft_tokens and acceptance at 0 in options; "
+                             "speculative decoding is set by the point fields 'draft_tokens' and 'acceptance'")
+
     def _request(self, values: dict[str, Value]) -> None:
         out, mode, ctx = values["output"].obj, values["prefill"].obj, values["context"].obj
         if mode != "none" and out < 1:
@@ -391,6 +416,7 @@ class Validator:
         (("model", "routing", "microbatches"), _law),
         (("batch", "slo_tpot"), _batch),
         (("context", "output", "prefill"), _request),
+        (("options",), _speculation),
     )
 
     def points(self, values: dict[str, list[Value]], codes: dict[str, np.ndarray], n: int,
@@ -447,6 +473,8 @@ class Point:
     options: Any
     output: int
     prefill: str
+    draft_tokens: int
+    acceptance: float
     values: dict[str, Value]
 
     @classmethod
@@ -469,6 +497,8 @@ class Point:
             from qsengine.specs.loaders import default_precision
 
             obj["precision"] = default_precision(obj["model"])
+        # the step model reads speculative decoding from its options (the pipeline folds it the same way)
+        obj["options"] = with_speculation(obj["options"], obj["draft_tokens"], obj["acceptance"])
         return cls(**obj, values=values)
 
     def columns(self) -> dict[str, tuple[list[Any], np.ndarray]]:

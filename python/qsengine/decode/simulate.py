@@ -42,17 +42,18 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
     options = point.options
     acc = point.cluster.accelerator
     read = float(ev.requests.read[0])  # the mean cached tokens a step reads (the context without a workload)
-    if refined is not None:
+    pop = None
+    if model.is_moe:
+        closed = point.microbatches == 0
+        pop = (independent_popularity if closed else proxy_popularity)(point.routing, model.routed_experts)
+    if refined is not None:  # the law's proxy serves only the draft passes' routed experts (speculative decoding)
         step = decode_step(model, point.precision, acc, plan, batch, read, moe_step_time=refined.moe_step_time,
-                           options=options)
+                           popularity=pop if options.draft_tokens else None, options=options)
     else:
-        pop = None
-        if model.is_moe:
-            closed = point.microbatches == 0
-            pop = (independent_popularity if closed else proxy_popularity)(point.routing, model.routed_experts)
         step = decode_step(model, point.precision, acc, plan, batch, read, popularity=pop, options=options)
     used = point.cluster if plan.num_gpus == point.cluster.num_gpus else Cluster(acc, plan.num_gpus)
-    pk = pack(model, used, point.context + point.output, plan=plan, precision=point.precision)
+    pk = pack(model, used, point.context + point.output, plan=plan, precision=point.precision,
+              draft_module=options.draft_tokens > 0)
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
                       admissible_batch=int(pk.admissible_batch), batch_limit=LIMITS[int(sd.limit[g])],
                       step=step, packing=pk, routing=None if refined is None else refined.stats,
@@ -80,6 +81,8 @@ def simulate(
     options: StepOptions | None = None,
     output: int = 0,
     prefill: str = "none",
+    draft_tokens: int = 0,
+    acceptance: float = 0.0,
     strict: bool = False,
 ) -> SimulationResult:
     """Decode throughput of an MoE model and its quality-matched dense twin.
@@ -135,13 +138,22 @@ def simulate(
             with a prefill mode ``ratio`` is the end-to-end ratio (output
             tokens/s per GPU including prefill), ``record["ratio_decode"]``
             the decode-only one. See docs/model.md, "Whole requests".
+        draft_tokens: speculative decoding on both sides: d draft tokens
+            per step from a draft (MTP) module of one decoder block of each
+            side's own kind, verified in one pass of d + 1 rows per sequence
+            (0, the default: off; docs/model.md, "Speculative decoding").
+        acceptance: probability in [0, 1] that each draft token is accepted
+            given the ones before it were (DeepSeek-V3 reports 85-90% for its
+            second token, arXiv:2412.19437 §5.4.3); throughput counts the
+            1 + a + ... + a^d accepted tokens per step.
         strict: a context beyond a model's maximum context is an error
             instead of a :class:`qsengine.decode.point.ContextWarning`.
     """
     point = Point.make(strict=strict, model=model, cluster=cluster, context=context, q=q, dense=dense,
                        routing=routing, plan=plan, precision=precision, microbatches=microbatches, rtol=rtol,
                        slo_tpot=slo_tpot, batch=batch, twin_attention=twin_attention, break_even=break_even,
-                       options=options, output=output, prefill=prefill)
+                       options=options, output=output, prefill=prefill, draft_tokens=draft_tokens,
+                       acceptance=acceptance)
     seq = as_seed_sequence(seed)
     moe_seed, _ = seq.spawn(2)
     ev = evaluate(point.columns(), 1, seeds=[moe_seed], threads=threads, check_points=False)
@@ -184,6 +196,8 @@ def simulate(
         "options": dataclasses.asdict(point.options),
         "output": point.output,
         "prefill": point.prefill,
+        "draft_tokens": point.draft_tokens,
+        "acceptance": point.acceptance,
     }
     return SimulationResult(moe=moe_side, dense=dense_side, cluster=point.cluster, context=point.context,
                             ratio=None if math.isnan(ratio) else ratio, qs=qs_rec, verdict=rec["verdict"],

@@ -69,6 +69,10 @@ __all__ = [
     "StepParams",
     "step_params",
     "step_time",
+    "draft_step_time",
+    "accepted_tokens",
+    "check_speculation",
+    "MAX_DRAFT_TOKENS",
     "StepTimes",
     "PieceArrays",
     "decode_step",
@@ -98,12 +102,20 @@ class StepOptions:
             formulas, ``max(bytes/(BW·η_bw), flops/(F·η_f))`` with the
             accelerator's constant efficiencies and ``collective_latency``
             (docs/model.md, "Calibrated kernels").
+        draft_tokens: speculative decoding (MTP / draft module, docs/model.md
+            "Speculative decoding"): draft tokens per step, 0 = off. The
+            pipeline sets it from the point field ``draft_tokens``.
+        acceptance: probability that each draft token is accepted, given the
+            ones before it were (chain acceptance), in [0, 1]; from the point
+            field ``acceptance``.
     """
 
     collective_latency: float = 10e-6
     overlap_comm: bool = False
     kernels: Literal["calibrated", "roofline"] = "calibrated"
     overlap: Literal["none", "tbo", "full"] = "none"
+    draft_tokens: int = 0
+    acceptance: float = 0.0
 
     def __post_init__(self) -> None:
         if self.overlap not in OVERLAP:
@@ -115,6 +127,42 @@ class StepOptions:
             raise ValueError(f"StepOptions.collective_latency={self.collective_latency!r}: must be finite and >= 0")
         if self.kernels not in KERNELS:
             raise ValueError(f"StepOptions: field 'kernels' = {self.kernels!r}: must be one of {list(KERNELS)}")
+        check_speculation(self.draft_tokens, self.acceptance, prefix="StepOptions.")
+
+
+#: Largest number of draft tokens per step accepted (serving engines run 1-3
+#: MTP/EAGLE draft steps, e.g. SGLang ``--speculative-num-steps``; beyond 16
+#: the chain acceptance alpha^d leaves nothing to gain at any realistic alpha).
+MAX_DRAFT_TOKENS = 16
+
+
+def check_speculation(draft_tokens: Any, acceptance: Any, prefix: str = "") -> None:
+    """Refuse a bad speculative-decoding setting, naming the field, the value and the rule."""
+    import numbers
+
+    if isinstance(draft_tokens, (bool, np.bool_)) or not isinstance(draft_tokens, numbers.Integral):
+        raise TypeError(f"field '{prefix}draft_tokens' = {draft_tokens!r}: must be an int, "
+                        f"got {type(draft_tokens).__name__}")
+    if not 0 <= draft_tokens <= MAX_DRAFT_TOKENS:
+        raise ValueError(f"field '{prefix}draft_tokens' = {draft_tokens!r}: must be in [0, {MAX_DRAFT_TOKENS}] "
+                         "(0 = no speculative decoding)")
+    if isinstance(acceptance, (bool, np.bool_)) or not isinstance(acceptance, numbers.Real):
+        raise TypeError(f"field '{prefix}acceptance' = {acceptance!r}: must be a number in [0, 1], "
+                        f"got {type(acceptance).__name__}")
+    if not (0.0 <= acceptance <= 1.0):
+        raise ValueError(f"field '{prefix}acceptance' = {acceptance!r}: must be in [0, 1] (the probability that "
+                         "a draft token is accepted given the ones before it were)")
+
+
+def accepted_tokens(draft: Any, acceptance: Any) -> Any:
+    """Expected tokens a sequence gains per speculative step: 1 + a + a^2 + ... + a^d
+    (chain acceptance: draft i counts only if drafts 1..i-1 did; the verify pass
+    always yields one token). Leviathan et al., arXiv:2211.17192, eq. (1):
+    (1 - a^(d+1)) / (1 - a); d + 1 at a = 1."""
+    d = np.asarray(draft, dtype=np.float64)
+    a = np.asarray(acceptance, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        return np.where(a >= 1.0, d + 1.0, (1.0 - a ** (d + 1.0)) / (1.0 - a))
 
 
 @dataclass(frozen=True)
@@ -255,6 +303,8 @@ STEP_FIELDS = (
     "ar_a1", "ar_b1", "ar_a2", "ar_b2", "aa_a1", "aa_b1", "aa_a2", "aa_b2", "er_a1", "er_b1", "er_a2", "er_b2",
     # plan: redundant expert slots per EP group (EPLB; decode/slots.py)
     "redundant",
+    # speculative decoding (StepOptions.draft_tokens, .acceptance): draft tokens per step, acceptance rate
+    "draft", "accept",
 )
 
 
@@ -353,6 +403,8 @@ class StepParams:
     er_a2: np.ndarray
     er_b2: np.ndarray
     redundant: np.ndarray
+    draft: np.ndarray
+    accept: np.ndarray
     #: the fields as rows of one (fields, lanes) array, when they are views of it
     matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -414,6 +466,7 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         latency=opt.collective_latency,
         overlap=1 if (opt.overlap_comm or opt.overlap == "full") else (2 if opt.overlap == "tbo" else 0),
         redundant=plan.redundant if moe else 0,
+        draft=opt.draft_tokens, accept=opt.acceptance,
     )
     vals.update(_kernel_lane(model, precision, acc, plan, opt, kv_split))
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})
@@ -994,7 +1047,41 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     or, if None, from the closed form (``pi`` = inclusion
     probabilities, ``uniform`` when None), which takes one routing law per
     call: MoE lanes must agree on experts and top-k (ValueError otherwise).
+
+    Speculative lanes (``p.draft`` = d > 0; docs/model.md, "Speculative
+    decoding"): the step is one verify pass of d + 1 token rows per sequence
+    (``moe_step_time`` is its straggler) plus d passes of the one-block draft
+    module (:func:`draft_step_time`, closed-form straggler with ``pi``), and
+    every time, quantile and piece is per accepted token: divided by
+    1 + a + ... + a^d (:func:`accepted_tokens`). With ``detail`` the draft
+    passes' pieces follow, named ``"draft: <piece>"`` (d passes summed).
     """
+    r = _pass_time(p, batch, context, pi=pi, uniform=uniform, moe_step_time=moe_step_time, detail=detail)
+    spec = p.draft > 0
+    if not spec.any():
+        return r
+    batch = np.asarray(batch, dtype=np.float64)
+    dr = draft_step_time(p, batch, np.asarray(context, dtype=np.float64), pi=pi, uniform=uniform, detail=detail)
+    acc = np.where(spec, accepted_tokens(p.draft, p.accept), 1.0)
+    time, p50, p99 = (np.where(spec, (v + p.draft * dv) / acc, v)  # other lanes exactly as without drafts
+                      for v, dv in ((r.time, dr.time), (r.p50, dr.p50), (r.p99, dr.p99)))
+    pieces = []
+    if detail:  # per accepted token, like the time: the pieces of a speculative lane still sum to it
+        pieces = [dataclasses.replace(pa, time=pa.time / acc, bytes=pa.bytes / acc, flops=pa.flops / acc)
+                  for pa in r.pieces]
+        pieces += [dataclasses.replace(pa, name="draft: " + pa.name, time=pa.time * p.draft / acc,
+                                       bytes=pa.bytes * p.draft / acc, flops=pa.flops * p.draft / acc,
+                                       count=pa.count * p.draft, present=pa.present & spec) for pa in dr.pieces]
+    return StepTimes(time=time, p50=p50, p99=p99, tokens=r.tokens, pieces=tuple(pieces))
+
+
+def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
+               uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+               detail: bool = False) -> StepTimes:
+    """One forward pass of every lane of ``p`` (see :func:`step_time`): a plain
+    decode step, or for a speculative lane its verify pass (d + 1 token rows
+    per sequence, weights and KV read once), two-batch overlap included; no
+    draft passes, no division by the accepted tokens."""
     batch = np.asarray(batch, dtype=np.float64)
     ctx = np.asarray(context, dtype=np.float64)
     n_lanes = batch.shape[0]
@@ -1013,7 +1100,13 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     micro = batch / p.pp
     adp = p.attn_dp > 0
     shard = np.where(adp, 1.0, p.tp)
-    seqs = np.where(adp, micro / p.tp, micro)
+    # speculative verify pass (docs/model.md, "Speculative decoding"): each sequence runs its d draft tokens
+    # + 1 through the model, so token rows (GEMM rows, FLOPs, activations, routed tokens) are x(d+1), while
+    # weights and each sequence's KV cache are read once; x1.0 (d = 0) leaves every value bit for bit
+    spec_rows = 1.0 + p.draft
+    micro_rows = micro * spec_rows  # token rows of one microbatch
+    seqs_kv = np.where(adp, micro / p.tp, micro)  # sequences per attention group (KV caches read)
+    seqs = seqs_kv * spec_rows  # token rows per attention group
     ctx_local = np.where(p.window > 0, np.minimum(ctx, p.window), ctx)
     # kernels per lane: calibrated (kern = 1) or roofline; each is computed only if some lane needs it
     cal = p.kern > 0
@@ -1057,11 +1150,15 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         t_r = b_r = t_c = b_c = None
         if roof_work:  # the roofline's work: its time, and the bytes/FLOPs every piece reports
             w = p.attn_params * p.wb / shard + norm_bytes
-            kv = seqs * c * p.kv_layer / p.kv_split
+            kv = seqs_kv * c * p.kv_layer / p.kv_split
             fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
             t_r, b_r = _roof(w + kv, fl, p)
         if any_cal:
-            t_c, tb, tf = _attn_core(p, seqs, c)
+            # the fitted kernel streams each sequence's KV once; the d extra query rows of a verify pass add
+            # their score FLOPs at the kernel's fitted compute rate (tf: one row's compute term)
+            t_c, tb, tf = _attn_core(p, seqs_kv, c)
+            t_c = t_c + p.draft * tf
+            tf = tf * spec_rows
             t_p, _ = gemms(proj)
             t_c = t_c + t_p
             b_c = tb >= tf
@@ -1073,7 +1170,7 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     # tensor-parallel over the replica's tp GPUs, on all the replica's tokens
     dense_adp = adp & (p.moe_layers == 0)
     fshard = np.where(dense_adp, p.tp, shard)
-    ftok = np.where(dense_adp, micro, seqs)
+    ftok = np.where(dense_adp, micro_rows, seqs)
     has = (p.dense_layers > 0) & (p.ffn_params > 0)
     t_r = b_r = t_c = b_c = None
     if roof_work:
@@ -1094,7 +1191,7 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     n_moe = p.moe_layers
     is_moe = n_moe > 0
     any_moe = detail or bool(is_moe.any())
-    tokens = batch / p.pp * p.dp / p.copies
+    tokens = batch / p.pp * p.dp / p.copies * spec_rows
     moe_mean = moe_p50 = moe_p99 = None
     if any_moe:
         t_r = b_r = t_c = b_c = None
@@ -1178,7 +1275,7 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     # replica's tp GPUs all-gather their sequences' activations and reduce-scatter
     # the FFN's output: the bytes of a ring all-reduce of the replica's tokens
     # plus one more collective latency
-    gathered = micro * p.d * p.ab
+    gathered = micro_rows * p.d * p.ab
     n_adp = p.dense_layers + 1
     t = _allreduce(gathered, p.tp, p) + p.latency
     if any_cal:  # two fitted calls (reduce-scatter and all-gather), each moving half an all-reduce's bytes
@@ -1191,7 +1288,7 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     if any_moe:
         has_ep = is_moe & (p.ep > 1)
         stage_gpus = p.dp * p.tp
-        tokens_src = micro * p.dp / stage_gpus
+        tokens_src = micro_rows * p.dp / stage_gpus
         group = p.ep * p.etp
         remote = (p.ep - 1) / p.ep
         nbytes = tokens_src * p.top_k * p.d * p.ab * remote
@@ -1213,7 +1310,7 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
         comm.append(np.where(has_etp, t * n_moe, 0.0))
         if detail:
             keep("expert-tp all-reduce", comm[-1], nbytes * n_moe, 0.0, n_moe, has_etp, link=True)
-    nbytes = micro * p.d * p.ab
+    nbytes = micro_rows * p.d * p.ab
     t = (p.pp - 1) * (p.latency + nbytes / _link_bw(p, p.tp * p.pp))
     comm.append(np.where(p.pp > 1, t, 0.0))
     if detail:
@@ -1260,7 +1357,7 @@ def _two_batch_overlap(p: StepParams, batch: np.ndarray, ctx: np.ndarray, tbo: n
     rows = np.flatnonzero(tbo)
     sub = p.take(rows).replace(overlap=np.zeros(rows.size))
     mst = None if moe_step_time is None else tuple(np.asarray(v, dtype=np.float64)[rows] for v in moe_step_time)
-    h = step_time(sub, batch[rows] / 2.0, ctx[rows], pi=pi, uniform=uniform, moe_step_time=mst)  # type: ignore[arg-type]
+    h = _pass_time(sub, batch[rows] / 2.0, ctx[rows], pi=pi, uniform=uniform, moe_step_time=mst)  # type: ignore[arg-type]
     layers = sub.layers
     out = []
     for full, c in ((time, h.compute), (p50, h.compute_p50), (p99, h.compute_p99)):
@@ -1269,6 +1366,46 @@ def _two_batch_overlap(p: StepParams, batch: np.ndarray, ctx: np.ndarray, tbo: n
         t[rows] = 2.0 * np.maximum(c, h.comm) + np.minimum(c, h.comm) / layers
         out.append(t)
     return out[0], out[1], out[2]
+
+
+def draft_step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
+                    uniform: bool = True, detail: bool = False) -> StepTimes:
+    """Time of ONE draft pass of the MTP / draft module for every lane of ``p``
+    (docs/model.md, "Speculative decoding"). The module is one decoder block
+    of the lane's kind (an MoE layer for an MoE model, a dense FFN layer for a
+    dense one; DeepSeek-V3 report arXiv:2412.19437 §2.2), run on the
+    microbatch ``batch/pp`` of one token per sequence, with its own one-layer
+    KV cache over the context (full attention), the shared LM head, the TP/EP
+    collectives of one layer and no pipeline sends; plus the 2d×d projection
+    of [norm(h); norm(emb)] (the piece "mtp projection", a GEMM of
+    ``seqs`` rows, n = d/shard, k = 2d). Its routed experts take the closed-form
+    straggler of ``pi``. Two-batch overlap does not apply (one layer has
+    nothing to alternate with: ``overlap="tbo"`` runs it without overlap);
+    ``"full"`` does. Built on the one-pass model over a one-block view of ``p``."""
+    batch = np.asarray(batch, dtype=np.float64)
+    is_moe = p.moe_layers > 0
+    one = np.ones_like(p.layers)
+    zero = np.zeros_like(p.layers)
+    q = p.replace(layers=one, local=zero, window=zero, pp=one, draft=zero,
+                  overlap=np.where(p.overlap == 2, 0.0, p.overlap),
+                  moe_layers=np.where(is_moe, 1.0, 0.0), dense_layers=np.where(is_moe, 0.0, 1.0))
+    micro = batch / p.pp
+    r = _pass_time(q, micro, context, pi=pi, uniform=uniform, detail=detail)
+    shard = np.where(p.attn_dp > 0, 1.0, p.tp)
+    seqs = np.where(p.attn_dp > 0, micro / p.tp, micro)
+    proj = 2.0 * p.d * p.d
+    w = proj * p.wb / shard
+    fl = 2.0 * seqs * proj / shard
+    t_r, b_r = _roof(w, fl, p)
+    t_c, tb, tf = _gemm(p, seqs, p.d / shard, 2.0 * p.d)
+    cal = p.kern > 0
+    t = np.where(cal, t_c, t_r)
+    pieces = r.pieces
+    if detail:
+        n = t.shape[0]
+        pieces = pieces + (PieceArrays("mtp projection", t, w, fl, np.ones(n), np.ones(n, bool),
+                                       np.where(cal, tb >= tf, b_r)),)
+    return StepTimes(time=r.time + t, p50=r.p50 + t, p99=r.p99 + t, tokens=r.tokens, pieces=pieces)
 
 
 def decode_step(

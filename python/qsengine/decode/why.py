@@ -18,7 +18,7 @@ WHY = ("headroom", "weights", "attention", "communication", "other")
 #: Which step pieces each time factor of :data:`WHY` swaps (the rest: "other").
 _CATEGORY = {"attention": "attention", "attention (local)": "attention", "dense ffn": "weights",
              "router + shared experts": "weights", "routed experts (straggler)": "weights",
-             "lm head": "other"}
+             "lm head": "other", "mtp projection": "weights"}  # draft passes ("draft: <piece>") as their piece
 
 # ---------------------------------------------------------------------------
 # why: the ratio as a product of factors
@@ -65,7 +65,7 @@ def _category_times(sides: _SideSet, groups: np.ndarray, context: np.ndarray, ff
                           pi=fams[0].pi, uniform=fams[0].pi is None, moe_step_time=mst,  # type: ignore[arg-type]
                           detail=True)
             for pa in r.pieces:
-                key = "communication" if pa.link else _CATEGORY[pa.name]
+                key = "communication" if pa.link else _CATEGORY[pa.name.removeprefix("draft: ")]
                 cat[key][sub] += np.where(pa.present, pa.time, 0.0)
             total[sub] = r.time
     return cat, total

@@ -113,6 +113,7 @@ def pack(
     num_sequences: int | None = None,
     seed: SeedLike = None,
     threads: int | None = None,
+    draft_module: bool = False,
 ) -> Packing:
     """Pack ``model`` onto ``cluster`` under ``plan`` at ``context`` tokens.
 
@@ -141,6 +142,9 @@ def pack(
         seed: None | int | numpy SeedSequence for the draws (recorded).
         threads: worker threads (None = all hardware threads); results do not
             depend on it.
+        draft_module: the speculative-decoding draft (MTP) module is resident:
+            one more decoder layer of the model's kind with its KV cache, plus
+            its 2d×d projection (docs/model.md, "Speculative decoding").
 
     Returns:
         A :class:`Packing`. Infeasible packings are returned, not raised
@@ -153,7 +157,9 @@ def pack(
     ctx = _as_context(context)
     replicas = _as_int(replicas, "replicas", 0)
     nthreads = _threads(threads)
-    desc = memory_description(model, prec, cluster.accelerator)
+    if not isinstance(draft_module, (bool, np.bool_)):
+        raise TypeError(f"draft_module={draft_module!r}: must be True or False")
+    desc = memory_description(model, prec, cluster.accelerator, bool(draft_module))
     num_gpus = _as_int(cluster.num_gpus, "cluster.num_gpus", 1)
 
     pop = None

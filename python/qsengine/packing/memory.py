@@ -66,13 +66,21 @@ def _decode_local_mask(decode_layers: int, local_layers: int) -> list[int]:
 
 
 def memory_description(
-    model: Model, precision: Precision | str | None = None, accelerator: Accelerator | None = None
+    model: Model, precision: Precision | str | None = None, accelerator: Accelerator | None = None,
+    draft_module: bool = False,
 ) -> _core.MemoryDesc:
     """Flatten model x precision x accelerator into the core's numeric description.
 
     Layer order conventions (docs/packing.md): encoder layers first, dense-FFN
     layers before MoE layers (DeepSeek's ``first_k_dense_replace``), local
     (sliding/chunked) layers spread evenly over the decode layers.
+
+    ``draft_module``: the speculative-decoding draft (MTP) module is resident
+    (docs/model.md, "Speculative decoding"): one more decoder layer after the
+    last, of the model's kind (MoE for an MoE model, else dense FFN), with
+    full attention and its own KV cache, sharded like the other layers (so
+    on the last pipeline stage); its 2d×d projection and 3 norms are charged
+    with the final norm (non-expert weights of the last stage).
     """
     model = as_model(model)
     prec = as_precision(precision)
@@ -97,14 +105,18 @@ def memory_description(
     d.embedding_bytes = model.embedding_params * wb
     d.lm_head_bytes = model.lm_head_params * wb
     d.tie_embeddings = bool(model.tie_embeddings)
-    d.layer_is_moe = [int(i >= model.dense_layers) for i in range(L)]
-    d.layer_has_kv = [int(i >= model.encoder_layers) for i in range(L)]
+    extra = [int(model.is_moe)] if draft_module else []  # the draft module's block: one layer of the model's kind
+    d.layer_is_moe = [int(i >= model.dense_layers) for i in range(L)] + extra
+    d.layer_has_kv = [int(i >= model.encoder_layers) for i in range(L)] + [1] * len(extra)
+    if draft_module:
+        h = model.hidden_size
+        d.final_norm_bytes += (2 * h * h + 3 * h) * wb  # the MTP projection [norm(h); norm(emb)] -> d, 3 norms
     local = att.local_layers
     if local < 0 or local > model.decode_layers:
         raise ValueError(
             f"attention.local_layers={local}: must be in [0, decode_layers={model.decode_layers}]"
         )
-    d.layer_is_local = [0] * model.encoder_layers + _decode_local_mask(model.decode_layers, local)
+    d.layer_is_local = [0] * model.encoder_layers + _decode_local_mask(model.decode_layers, local) + [0] * len(extra)
     d.routed_experts = model.routed_experts if model.is_moe else 0
     d.moe_intermediate = model.moe_intermediate
     d.num_heads = att.num_heads
@@ -168,14 +180,17 @@ class PlanMemory:
     table: _core.AdmissionTable = field(repr=False, compare=False)
 
 
-def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list: Sequence[Plan] | None = None
-                ) -> PlanMemory:
+def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list: Sequence[Plan] | None = None,
+                draft_module: bool = False) -> PlanMemory:
     """The :class:`PlanMemory` of ``plan_list`` (default: every valid plan, in
-    :func:`plans` order)."""
-    desc = memory_description(model, precision, cluster.accelerator)
+    :func:`plans` order), with the speculative draft module resident if
+    ``draft_module`` (see :func:`memory_description`; the plans are the
+    model's own either way)."""
+    desc = memory_description(model, precision, cluster.accelerator, draft_module)
     g = int(cluster.num_gpus)
     if plan_list is None:
-        pdescs = list(_core.enumerate_plans(desc, g))
+        pdescs = list(_core.enumerate_plans(memory_description(model, precision, cluster.accelerator) if draft_module
+                                            else desc, g))
         plan_list = [_plan_from_desc(p) for p in pdescs]
     else:
         pdescs = [_plan_desc(p) for p in plan_list]

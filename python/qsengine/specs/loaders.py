@@ -352,7 +352,8 @@ def model_from_hf_config(cfg: Any, label: str = "config.json", *, id: str = "hf-
     ``qwen3_moe`` (``decoder_sparse_step``, ``mlp_only_layers``), ``mixtral``,
     ``llama`` / ``mistral`` / ``qwen2`` / ``qwen3`` (dense), ``gpt_oss``
     (alternating sliding-window layers, biases). Multi-token-prediction
-    modules (``num_nextn_predict_layers``) are not part of the model counted.
+    modules (``num_nextn_predict_layers``) become ``mtp_layers``; they are not
+    part of the parameters counted (``Model.mtp_params``).
     """
     if not isinstance(cfg, dict):
         raise type_fail(label, "<root>", type(cfg).__name__, "a JSON object")
@@ -375,7 +376,7 @@ _HF_KEYS = frozenset({
     "n_routed_experts", "n_shared_experts", "qk_rope_head_dim", "qk_nope_head_dim", "v_head_dim", "q_lora_rank",
     "kv_lora_rank", "moe_intermediate_size", "intermediate_size", "num_experts_per_tok", "n_group", "topk_group",
     "sliding_window", "layer_types", "attention_bias", "experts_per_token", "num_local_experts", "num_experts",
-    "decoder_sparse_step", "mlp_only_layers", "mlp_bias", "quantization_config",
+    "decoder_sparse_step", "mlp_only_layers", "mlp_bias", "quantization_config", "num_nextn_predict_layers",
 })
 
 
@@ -386,7 +387,7 @@ def _hf_field_names(mt: str) -> dict[str, str]:
         "attention.num_kv_heads": "num_key_value_heads", "top_k": "num_experts_per_tok",
         "max_context": "max_position_embeddings", "tie_embeddings": "tie_word_embeddings",
         "attention.local_window": "sliding_window", "attention.qkv_bias": "attention_bias",
-        "dense_intermediate": "intermediate_size",
+        "dense_intermediate": "intermediate_size", "mtp_layers": "num_nextn_predict_layers",
     }
     if mt in ("deepseek_v3", "kimi_k2"):
         names.update({"routed_experts": "n_routed_experts", "moe_intermediate": "moe_intermediate_size",
@@ -447,6 +448,7 @@ def _model_from_hf(cfg: dict[str, Any], label: str, mt: str, id: str) -> Model:
     max_ctx = g("max_position_embeddings", None)
     common: dict[str, Any] = dict(id=id, name=id, num_layers=L, hidden_size=d, vocab_size=vocab,
                                   tie_embeddings=tie, max_context=max_ctx, source=label,
+                                  mtp_layers=g("num_nextn_predict_layers", 0),
                                   **_hf_precision(cfg, label))
 
     def head_dim() -> int:

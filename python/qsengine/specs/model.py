@@ -165,6 +165,10 @@ class Model:
     deployed_precision: str | None = None
     #: Where ``deployed_precision`` comes from (URL or note).
     deployed_precision_source: str = field(default="", compare=False)
+    #: Multi-token-prediction (MTP) modules shipped with the checkpoint (Hugging Face
+    #: ``num_nextn_predict_layers``; DeepSeek-V3 report arXiv:2412.19437 §2.2). Not counted in
+    #: :attr:`total_params` / :attr:`active_params` (nor in q, s): see :attr:`mtp_module_params`.
+    mtp_layers: int = 0
 
     def __post_init__(self) -> None:
         _validate_model(self)
@@ -243,6 +247,29 @@ class Model:
     @property
     def lm_head_params(self) -> int:
         return 0 if self.tie_embeddings else self.vocab_size * self.hidden_size
+
+    @property
+    def mtp_module_params(self) -> int:
+        """Weights of one multi-token-prediction / draft module (docs/model.md,
+        "Speculative decoding"): one decoder block of the model's kind
+        (attention + 2 norms + the FFN of its last layer: an MoE layer with
+        router, routed and shared experts for an MoE model, else a dense FFN),
+        the 2d×d projection of [norm(h); norm(emb)] and 3 norms (hnorm, enorm,
+        the head's norm). The embedding and LM head are shared with the main
+        model (DeepSeek-V3 report arXiv:2412.19437 §2.2), so not counted."""
+        d = self.hidden_size
+        if self.is_moe:
+            ffn = (self.routed_experts * self.expert_params + self.shared_experts * self.shared_expert_params
+                   + self.router_params)
+        else:
+            ffn = self.dense_ffn_params
+        return self.attention_params + 2 * d + ffn + 2 * d * d + 3 * d
+
+    @property
+    def mtp_params(self) -> int:
+        """Weights of the shipped MTP modules (``mtp_layers`` × :attr:`mtp_module_params`);
+        not part of :attr:`total_params`."""
+        return self.mtp_layers * self.mtp_module_params
 
     def params_by_component(self) -> dict[str, int]:
         """Total parameters per component; the values sum to :attr:`total_params`.
@@ -409,7 +436,7 @@ def _validate_model(m: Model) -> None:
     if not isinstance(m.attention, Attention):
         raise type_fail(src, "attention", m.attention, "an Attention")
     for name in ("dense_layers", "moe_layers", "dense_intermediate", "routed_experts", "top_k",
-                 "moe_intermediate", "shared_experts", "shared_intermediate", "encoder_layers"):
+                 "moe_intermediate", "shared_experts", "shared_intermediate", "encoder_layers", "mtp_layers"):
         check_int(src, name, getattr(m, name), minimum=0)
     check_int(src, "expert_groups", m.expert_groups, minimum=1)
     check_int(src, "top_groups", m.top_groups, minimum=1)

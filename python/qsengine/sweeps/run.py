@@ -73,8 +73,8 @@ def sweep(
             Fields are simulate's arguments: ``model``, ``cluster``,
             ``context`` (required), ``q``, ``dense``, ``routing``, ``plan``,
             ``precision``, ``microbatches``, ``rtol``, ``slo_tpot``, ``batch``,
-            ``twin_attention``, ``break_even``, ``options``
-            (:data:`qsengine.decode.point.FIELDS`). A scalar is a one-value axis.
+            ``twin_attention``, ``break_even``, ``options``, ``output``, ``prefill``, ``draft_tokens``,
+            ``acceptance`` (:data:`qsengine.decode.point.FIELDS`). A scalar is a one-value axis.
         executor: None (in-process; the C++ core uses all cores per point),
             ``"processes"`` (a process pool over the cores, one core per
             point), a ``dask.distributed.Client`` or a scheduler address
