@@ -10,6 +10,7 @@ medians, and the winning plans. It runs with any qsengine that has
 
     python examples/deployment_tables.py                      # both twin shapes
     python examples/deployment_tables.py --twins same --csv out.csv
+    python examples/deployment_tables.py --twins same --draft-tokens 1 --acceptance 0.85   # with MTP
 """
 
 from __future__ import annotations
@@ -27,9 +28,11 @@ CLUSTERS = ("8xh100", "8xh200", "8xb200", "8xmi300x", "8xmi355x", "16xh100", "32
 CONTEXTS = (4096, 32768, 131072)
 
 
-def run(twins: tuple[str, ...], slo: float | None):
+def run(twins: tuple[str, ...], slo: float | None, draft_tokens: int = 0, acceptance: float = 0.0):
     grid = {"model": list(MODELS), "cluster": list(CLUSTERS), "context": list(CONTEXTS), "microbatches": [0],
             "slo_tpot": [slo], "twin_attention": list(twins), "break_even": [False]}
+    if draft_tokens:  # speculative decoding on both sides (docs/model.md, "Speculative decoding")
+        grid |= {"draft_tokens": [draft_tokens], "acceptance": [acceptance]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return qsengine.sweep(grid, progress=False)
@@ -52,14 +55,18 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--twins", nargs="+", default=["same", "gqa"])
     ap.add_argument("--csv", default=None, help="also write every point (both operating points) to this CSV")
+    ap.add_argument("--draft-tokens", type=int, default=0, help="speculative decoding: draft tokens per step (0 = off)")
+    ap.add_argument("--acceptance", type=float, default=0.0, help="speculative decoding: per-token acceptance rate")
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
-    print(f"qsengine {qsengine.__version__} ({qsengine.__file__})\n")
+    print(f"qsengine {qsengine.__version__} ({qsengine.__file__})"
+          + (f"; speculative decoding: {args.draft_tokens} draft token(s), acceptance {args.acceptance:g}"
+             if args.draft_tokens else "") + "\n")
     print("| operating point | model | twin | points | dense | MoE | tie | dense-only | MoE-only/neither | median ratio |")
     print("|---|---|---|---:|---:|---:|---:|---:|---:|---:|")
     frames = []
     for label, slo in (("max throughput", None), ("p99 <= 50 ms", 0.05)):
-        df = run(tuple(args.twins), slo)
+        df = run(tuple(args.twins), slo, args.draft_tokens, args.acceptance)
         df["operating_point"] = label
         frames.append(df)
         print("\n".join(summarise(df, label)))
