@@ -62,16 +62,69 @@ def _dtypes(prec: Precision) -> tuple[str | None, str | None, str | None]:
     return gemm, grouped, kv
 
 
+def gemm_seconds(acc: Any, prec: Precision, m: float, n: float, k: float) -> float:
+    """One GEMM [m,k] x [k,n] on one GPU: the fitted kernel in the precision's GEMM dtype, else the
+    roofline at the spec efficiencies; 0 for n = 0."""
+    g_dt = _dtypes(prec)[0]
+    if n <= 0:
+        return 0.0
+    if g_dt is not None and kernels.kernel_params(acc, "gemm", g_dt) is not None:
+        return float(kernels.gemm_time(acc, g_dt, m, n, k))
+    nbytes = m * k * prec.activation_bytes + k * n * prec.weight_bytes + 2 * m * n
+    return max(nbytes / (acc.hbm_bandwidth * acc.bandwidth_efficiency),
+               2 * m * n * k / (acc.peak_flops(prec.compute) * acc.flops_efficiency))
+
+
+def projections(model: Model, plan: Plan, m: float, gemm: Any) -> float:
+    """One layer's attention projections at m token rows per attention GPU: MLA's fused q_a + kv_a
+    (replicated), q_b, kv_b and o; GQA's fused QKV and o."""
+    att, d = model.attention, model.hidden_size
+    h = att.num_heads
+    shard = 1 if plan.attn_dp else plan.tp
+    if att.kind == "mla":
+        rope, r_kv, r_q = att.qk_rope_head_dim, att.kv_lora_rank, att.q_lora_rank or 0
+        nope = att.qk_nope_head_dim if att.qk_nope_head_dim is not None else att.head_dim - rope
+        return (gemm(r_q + r_kv + rope, d, m) + gemm(h * (nope + rope) / shard, r_q or d, m)
+                + gemm(h * (nope + att.value_dim) / shard, r_kv, m) + gemm(d, h * att.value_dim / shard, m))
+    kvh = att.num_kv_heads if plan.attn_dp else att.num_kv_heads / min(plan.tp, att.num_kv_heads)
+    return (gemm(h * att.head_dim / shard + kvh * (att.head_dim + att.value_dim), d, m)
+            + gemm(d, h * att.value_dim / shard, m))
+
+
+def _grouped(model: Model, prec: Precision, acc: Any, plan: Plan) -> tuple[float, float, float]:
+    """(a, b, fixed) of one GPU's routed experts per layer: the calibrated grouped GEMM's
+    ``fixed + max(a·u, b·n)``, or the roofline where no grouped-GEMM fit exists."""
+    from qsengine.calibration.models import ACT_BYTES, PEAK_DTYPE, WEIGHT_BYTES
+
+    d = model.hidden_size
+    e_dt = _dtypes(prec)[1]
+    etp = plan.expert_tp
+    f = None if e_dt is None else kernels.kernel_params(acc, "grouped_gemm", e_dt)
+    if f is None:
+        a = model.expert_params * prec.expert_bytes / etp / (acc.hbm_bandwidth * acc.bandwidth_efficiency)
+        bb = 2 * model.expert_params / etp / (acc.peak_flops(prec.compute) * acc.flops_efficiency)
+        fixed = 0.0
+    else:
+        bw = acc.hbm_bandwidth * f["eta_bw"]
+        fl = acc.peak_flops(PEAK_DTYPE[e_dt]) * f["eta_f"]
+        one = model.expert_params / etp
+        io = d * (ACT_BYTES[e_dt] + 2) / bw + f["c1"]
+        a = one * WEIGHT_BYTES[e_dt] / bw + f["c_expert"] + io
+        bb = 2 * one / fl + io
+        col = model.expert_params / model.moe_intermediate
+        fixed = f["c0"] + max(col * f["width_pad"] * WEIGHT_BYTES[e_dt] / bw, 2 * col * f["width_pad"] / fl)
+    return a, bb, fixed
+
+
 def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, context: float,
                     pop: Any, options: StepOptions, rows: int = 1) -> Step:
     """One pass of ``batch`` sequences; ``rows`` token rows per sequence (a
     speculative verify pass: d + 1) that each pay their GEMM rows, routing
     and activations, while each sequence's KV is streamed once."""
-    from qsengine.calibration.models import ACT_BYTES, PEAK_DTYPE, WEIGHT_BYTES
 
     att = model.attention
     d = model.hidden_size
-    g_dt, e_dt, kv_dt = _dtypes(prec)
+    kv_dt = _dtypes(prec)[2]
     shard = 1 if plan.attn_dp else plan.tp
     b_seq = batch / plan.pp
     seqs_kv = b_seq / plan.tp if plan.attn_dp else b_seq  # sequences whose KV an attention GPU reads
@@ -86,27 +139,13 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
     fshard, ftok = (plan.tp, b) if dense_adp else (shard, seqs)
 
     def gemm(n: float, k: float, m: float | None = None) -> float:
-        m = seqs if m is None else m
-        if n <= 0:
-            return 0.0
-        if fit("gemm", g_dt) is not None:
-            return float(kernels.gemm_time(acc, g_dt, m, n, k))
-        # no measured GEMM in this dtype: roofline at the spec efficiencies
-        nbytes = m * k * prec.activation_bytes + k * n * prec.weight_bytes + 2 * m * n
-        return max(nbytes / (acc.hbm_bandwidth * acc.bandwidth_efficiency),
-                   2 * m * n * k / (acc.peak_flops(prec.compute) * acc.flops_efficiency))
+        return gemm_seconds(acc, prec, seqs if m is None else m, n, k)
 
     # attention: projections + the decode attention core
     h = att.num_heads
     if att.kind == "mla":
-        rope, r_kv, r_q = att.qk_rope_head_dim, att.kv_lora_rank, att.q_lora_rank or 0
-        nope = att.qk_nope_head_dim if att.qk_nope_head_dim is not None else att.head_dim - rope
-        proj = (gemm(r_q + r_kv + rope, d) + gemm(h * (nope + rope) / shard, r_q or d)
-                + gemm(h * (nope + att.value_dim) / shard, r_kv) + gemm(d, h * att.value_dim / shard))
-    else:
-        kvh = att.num_kv_heads if plan.attn_dp else att.num_kv_heads / min(plan.tp, att.num_kv_heads)
-        proj = (gemm(h * att.head_dim / shard + kvh * (att.head_dim + att.value_dim), d)
-                + gemm(d, h * att.value_dim / shard))
+        rope, r_kv = att.qk_rope_head_dim, att.kv_lora_rank
+    proj = projections(model, plan, seqs, gemm)
 
     def core(ctx: float) -> float:
         heads = h / shard
@@ -150,21 +189,7 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
         compute += n_moe * gemm(model.routed_experts, d)
         if ws:
             compute += n_moe * (gemm((mats - 1) * ws, d) + gemm(d, ws))
-        etp = plan.expert_tp
-        f = fit("grouped_gemm", e_dt)
-        if f is None:
-            a = model.expert_params * prec.expert_bytes / etp / (acc.hbm_bandwidth * acc.bandwidth_efficiency)
-            bb = 2 * model.expert_params / etp / (acc.peak_flops(prec.compute) * acc.flops_efficiency)
-            fixed = 0.0
-        else:
-            bw = acc.hbm_bandwidth * f["eta_bw"]
-            fl = acc.peak_flops(PEAK_DTYPE[e_dt]) * f["eta_f"]
-            one = model.expert_params / etp
-            io = d * (ACT_BYTES[e_dt] + 2) / bw + f["c1"]
-            a = one * WEIGHT_BYTES[e_dt] / bw + f["c_expert"] + io
-            bb = 2 * one / fl + io
-            col = model.expert_params / model.moe_intermediate
-            fixed = f["c0"] + max(col * f["width_pad"] * WEIGHT_BYTES[e_dt] / bw, 2 * col * f["width_pad"] / fl)
+        a, bb, fixed = _grouped(model, prec, acc, plan)
         tokens = b * plan.dp / plan.expert_copies
         # the slot straggler (redundant slots) is the library's, proved against the Monte Carlo in test_slots.py
         m, sd = moe_straggler_closed_form(model.routed_experts, model.top_k, tokens, plan.ep, a, bb, pop,
@@ -358,11 +383,58 @@ def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, pr
             nb = tokens / plan.ep * k * d * precision.activation_bytes
             comm += n_moe * (options.collective_latency + 2 * (etp - 1) / etp * nb / link(etp))
     compute += roof(model.vocab_size * d * precision.weight_bytes / shard, 2 * model.vocab_size * d / shard)
+    if options.kernels == "calibrated":
+        compute = calibrated_prefill_compute(model, precision, acc, plan, n_tok, pop)
     if plan.pp > 1:
         comm += (plan.pp - 1) * (options.collective_latency
                                  + n_tok * prompts * d * precision.activation_bytes / link(plan.tp * plan.pp))
     total = max(compute, comm) if options.overlap_comm else compute + comm
     return total / (plan.pp * prompts)
+
+
+def calibrated_prefill_compute(model: Model, precision: Precision, acc: Any, plan: Plan, n_tok: float,
+                               pop: Any) -> float:
+    """The compute of one prefill round with calibrated kernels, the plain way: every GEMM the fitted
+    kernel at n_tok rows (the LM head at one), the causal attention core's FLOPs at bf16 peak x the
+    measured bf16 efficiency, the prompt's KV written at the HBM roofline, the routed experts the
+    calibrated grouped-GEMM cost through the closed-form straggler."""
+    att, d = model.attention, model.hidden_size
+    shard = 1 if plan.attn_dp else plan.tp
+    prompts = plan.tp if plan.attn_dp else 1
+    kv_split = 1 if (plan.attn_dp or att.kind == "mla") else min(plan.tp, att.num_kv_heads)
+
+    def gemm(n: float, k: float, m: float) -> float:
+        return gemm_seconds(acc, precision, m, n, k)
+
+    proj = projections(model, plan, n_tok, gemm)
+    write = n_tok * model.kv_bytes_per_token_per_layer(precision.kv_bytes) / kv_split / (
+        acc.hbm_bandwidth * acc.bandwidth_efficiency)
+    rate = acc.peak_flops("bf16") * acc.flops_efficiency
+    per_pair = 2.0 * att.num_heads * (att.head_dim + att.value_dim)
+    total = 0.0
+    for layers, window in ((model.decode_layers - att.local_layers, None),
+                           (att.local_layers, att.local_window if att.local_layers else None)):
+        if layers == 0:
+            continue
+        if window is None or n_tok <= window:
+            pairs = n_tok * (n_tok + 1) / 2
+        else:
+            pairs = window * (window + 1) / 2 + (n_tok - window) * window
+        total += layers * (proj + per_pair * pairs / shard / rate + write)
+    mats = 3 if model.gated_ffn else 2
+    if model.decode_dense_layers and model.dense_intermediate:
+        w = model.dense_intermediate / shard
+        total += model.decode_dense_layers * (gemm((mats - 1) * w, d, n_tok) + gemm(d, w, n_tok))
+    if model.is_moe:
+        ws = model.shared_experts * model.shared_intermediate / shard
+        per_layer = gemm(model.routed_experts, d, n_tok)
+        if ws:
+            per_layer += gemm((mats - 1) * ws, d, n_tok) + gemm(d, ws, n_tok)
+        a, bb, fixed = _grouped(model, precision, acc, plan)
+        tokens = n_tok * prompts * plan.dp / plan.expert_copies
+        m, _ = moe_straggler_closed_form(model.routed_experts, model.top_k, tokens, plan.ep, a, bb, pop)
+        total += model.decode_moe_layers * (per_layer + m + fixed)
+    return total + gemm(model.vocab_size / shard, d, 1.0)
 
 
 def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precision: Precision,

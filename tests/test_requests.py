@@ -88,8 +88,9 @@ def _lane(model: str, cluster: str, prec: str, plan: Plan, options: StepOptions 
 def test_prefill_closed_form_on_one_gpu():
     """tp = pp = dp = 1, compute-bound at I = 8192: every layer piece is FLOPs / (F·η):
     2·I·(attention + FFN parameters)·L + causal pairs·2·h·(d_qk + d_v)·L; the LM head computes the last
-    token's logits only, so it reads its weights: V·d·b_w / (BW·η_bw)."""
-    m, p, pr, acc = _lane("llama-3.1-8b", "8xh100", "bf16", Plan(tp=1, dp=8))
+    token's logits only, so it reads its weights: V·d·b_w / (BW·η_bw). (The roofline kernels: the
+    calibrated prefill is the oracle's, tests/reference_simulate.py.)"""
+    m, p, pr, acc = _lane("llama-3.1-8b", "8xh100", "bf16", Plan(tp=1, dp=8), StepOptions(kernels="roofline"))
     n_tok = 8192.0
     att = m.attention
     flops = (2 * n_tok * (att.params(m.hidden_size) + m.dense_ffn_params) * m.num_layers
@@ -110,9 +111,18 @@ def test_twin_prefill_costs_about_q_times_the_moe(model):
     twin = moe.dense_twin(q)
     n_tok = np.array([8192.0])
     acc, pr = as_cluster("8xh200").accelerator, as_precision("fp8")
-    t_moe = prefill_time(step_params(moe, pr, acc, Plan(tp=1)), n_tok, np.array([prefill_ctx_flops(moe)]))[0]
-    t_dense = prefill_time(step_params(twin, pr, acc, Plan(tp=1)), n_tok, np.array([prefill_ctx_flops(twin)]))[0]
-    assert 0.8 * q <= t_dense / t_moe <= 1.02 * q, (t_dense / t_moe, q)
+
+    def ratio(kernels: str) -> float:
+        opt = StepOptions(kernels=kernels)  # type: ignore[arg-type]
+        t_moe = prefill_time(step_params(moe, pr, acc, Plan(tp=1), opt), n_tok, np.array([prefill_ctx_flops(moe)]))
+        t_dense = prefill_time(step_params(twin, pr, acc, Plan(tp=1), opt), n_tok,
+                               np.array([prefill_ctx_flops(twin)]))
+        return float(t_dense[0] / t_moe[0])
+
+    assert 0.8 * q <= ratio("roofline") <= 1.02 * q, (ratio("roofline"), q)
+    # measured kernels: the MoE's grouped GEMMs at prefill sizes (I·k/E tokens per expert) run below the dense
+    # GEMMs' efficiency, and the shared attention core runs at bf16, so the twin costs less than q x, still more
+    assert 1.0 < ratio("calibrated") < ratio("roofline"), (ratio("calibrated"), ratio("roofline"))
 
 
 def test_causal_attention_is_quadratic_in_the_prompt():

@@ -253,3 +253,14 @@ def test_overlap_option_is_validated_and_the_monte_carlo_routes_half_the_tokens(
     assert mc.moe.routing is not None and mc.moe.routing.config.batch == 256 // 2
     closed = qsengine.simulate(microbatches=0, options=StepOptions(overlap="tbo"), **kw)
     assert mc.moe.tokens_per_second == pytest.approx(closed.moe.tokens_per_second, rel=0.02)
+
+
+def test_step_fields_are_the_dataclass_fields_in_order():
+    """StepParams.from_matrix builds lanes positionally from the rows of the field matrix: its dataclass
+    fields must be STEP_FIELDS, in that order (a field added in one list only shifts every later one)."""
+    import dataclasses
+
+    from qsengine.decode.step import STEP_FIELDS, StepParams
+
+    names = tuple(f.name for f in dataclasses.fields(StepParams) if f.name != "matrix")
+    assert names == STEP_FIELDS

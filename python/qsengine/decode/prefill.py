@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qsengine.decode.step import StepParams, _allreduce, _link_bw, _roof, straggler_closed_form
+from qsengine.decode.step import StepParams, _allreduce, _gemm, _link_bw, _roof, straggler_closed_form
 from qsengine.specs import Model
 
 __all__ = ["PREFILL_MODES", "Requests", "prefill_ctx_flops", "prefill_time", "end_to_end"]
@@ -159,9 +159,51 @@ def prefill_time(p: StepParams, prompt: np.ndarray, ctx_flops: np.ndarray, *, pi
     comm.append(np.where(p.pp > 1, (p.pp - 1) * (p.latency + m * per_stage * p.d * p.ab / _link_bw(p, p.tp * p.pp)),
                          0.0))
     compute = sum(pieces[1:], pieces[0])
+    cal = p.kern > 0
+    if cal.any():
+        compute = np.where(cal, _calibrated_compute(p, m, shard, tokens, ctx_flops, pi, uniform), compute)
     link = sum(comm[1:], comm[0])
     t_round = np.where(p.overlap > 0, np.maximum(compute, link), compute + link)
     return t_round / (p.pp * per_stage)
+
+
+def _calibrated_compute(p: StepParams, m: np.ndarray, shard: np.ndarray, tokens: np.ndarray, ctx_flops: np.ndarray,
+                        pi: np.ndarray | None, uniform: bool) -> np.ndarray:
+    """The compute of one prefill round with calibrated kernels (``StepOptions.kernels="calibrated"``):
+    every GEMM the fitted GEMM kernel at its prefill shape, m = I tokens per attention GPU group (the decode
+    step's projection, FFN, router and shared-expert shapes; the LM head at one row); the causal attention
+    core's FLOPs at bf16 peak x the accelerator's measured bf16 matmul efficiency (``pf_core_f``: the
+    decode attention fits are bandwidth-bound, their compute rate is not identified, and no prefill
+    attention kernel is fitted), the prompt's KV written once at the HBM roofline; routed experts the decode model's calibrated grouped-GEMM cost
+    ``fixed + max(a·u, b·n)`` through the closed-form straggler at the round's tokens."""
+    n = m.shape[0]
+
+    def gemm(nn: np.ndarray, k: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        return _gemm(p, rows, nn, k)[0]
+
+    proj = sum(gemm(nn, k, m) for nn, k in ((p.ap_n1, p.ap_k1), (p.ap_n2, p.ap_k2), (p.ap_n3, p.ap_k3),
+                                             (p.ap_n4, p.ap_k4)))
+    kv = m * p.kv_layer / p.kv_split / p.bw
+    total = np.zeros(n)
+    for nl, win in ((p.layers - p.local, np.zeros(n)), (p.local, p.window)):
+        core = ctx_flops * _causal_pairs(m, win) / shard / p.pf_core_f
+        total = total + np.where(nl > 0, (proj + core + kv) * nl, 0.0)
+    has = (p.dense_layers > 0) & (p.ffn_params > 0)
+    width = np.where(has, (p.ffn_params - p.ffn_bias * p.d) / (p.ffn_mats * p.d + p.ffn_bias * (p.ffn_mats - 1))
+                     / shard, 0.0)  # no dense FFN: width 0, no GEMM (the formula would go negative with biases)
+    ffn = gemm((p.ffn_mats - 1) * width, p.d, m) + gemm(np.where(width > 0, p.d, 0.0), width, m)
+    total = total + np.where(has, ffn * p.dense_layers, 0.0)
+    is_moe = p.moe_layers > 0
+    if is_moe.any():
+        shared = (gemm(np.where(is_moe, p.experts, 0.0), p.d, m) + gemm(p.sh_n, p.d, m)
+                  + gemm(np.where(p.sh_k > 0, p.d, 0.0), p.sh_k, m))
+        rows = np.flatnonzero(is_moe)
+        routed = np.zeros(n)
+        experts, top_k = int(p.experts[rows[0]]), int(p.top_k[rows[0]])
+        routed[rows], _ = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], p.moe_a[rows],
+                                                p.moe_b[rows], None if uniform else pi)
+        total = total + np.where(is_moe, (shared + routed + p.moe_fix) * p.moe_layers, 0.0)
+    return total + gemm(p.lm_n, p.d, np.ones(n))
 
 
 def end_to_end(decode_tps: np.ndarray, prefill_tps: np.ndarray, req: Requests) -> np.ndarray:

@@ -296,6 +296,8 @@ STEP_FIELDS = (
     # heads and KV streams per GPU, cached elements per stream-token, Q/O bytes and FLOPs per head-token
     "at_bw", "at_f", "at_p", "at_c0", "at_c1", "at_pad", "at_split", "at_kvb", "at_h", "at_kvh", "at_el",
     "at_qo", "at_fl",
+    # prefill attention core's FLOP rate: bf16 peak x the measured bf16 matmul efficiency (no prefill kernel fit)
+    "pf_core_f",
     # routed experts: per-GPU layer cost moe_fix + max(moe_a·u_g, moe_b·n_g)
     "moe_a", "moe_b", "moe_fix",
     # fitted collectives (two protocols: latency s, bandwidth B/s) at the TP, EP x ETP and ETP group
@@ -387,6 +389,7 @@ class StepParams:
     at_el: np.ndarray
     at_qo: np.ndarray
     at_fl: np.ndarray
+    pf_core_f: np.ndarray
     moe_a: np.ndarray
     moe_b: np.ndarray
     moe_fix: np.ndarray
@@ -611,7 +614,8 @@ def _kernel_lane(model: Model, precision: Precision, acc: Accelerator, plan: Pla
         out.update(at_bw=acc.hbm_bandwidth * acc.bandwidth_efficiency,
                    at_f=acc.peak_flops("bf16") * acc.flops_efficiency, at_p=inf, at_c0=0.0, at_c1=0.0,
                    at_pad=0.0, at_split=inf)
-    out.update(at_kvb=precision.kv_bytes, at_h=heads, at_kvh=kvh, at_el=el, at_qo=qo, at_fl=flo)
+    out.update(at_kvb=precision.kv_bytes, at_h=heads, at_kvh=kvh, at_el=el, at_qo=qo, at_fl=flo,
+               pf_core_f=acc.peak_flops("bf16") * acc.flops_efficiency)
     # routed experts
     if model.is_moe:
         if opt.kernels == "calibrated":
