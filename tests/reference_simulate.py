@@ -26,6 +26,7 @@ from qsengine.packing import plans as enumerate_plans
 from qsengine.routing import independent_popularity
 from qsengine.specs import Cluster, Model, Plan, Precision
 from qsengine.specs.loaders import as_cluster, as_model, as_precision, default_precision
+from qsengine.specs.serving import serving_policy
 from qsengine.specs.twin import qs as qs_record
 
 TIE = 1e-3
@@ -439,8 +440,10 @@ def calibrated_prefill_compute(model: Model, precision: Precision, acc: Any, pla
 
 def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precision: Precision,
          routing: Any, slo: float | None, options: StepOptions, fixed: int | None = None,
-         output: int = 0, prefill: str = "none") -> dict[str, Any]:
-    """One side at its best plan and batch. A request workload (output >= 1)
+         output: int = 0, prefill: str = "none", cap: int = 0) -> dict[str, Any]:
+    """One side at its best plan and batch. ``cap``: the serving engine's
+    sequences per scheduler (one scheduler per replica, per attention rank under
+    attention-DP; 0 = none). A request workload (output >= 1)
     admits at context + output and reads context + (output + 1)/2; prefill
     "colocated" scores plans by end-to-end tokens/s, "disaggregated" takes the
     prefill pool's best plan among all that pack."""
@@ -492,6 +495,9 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
             return step_of(model, precision, acc, p, units * unit, read, pop, options)
 
         units, limit = int(pk.admissible_batch), "hbm"
+        schedulers = p.tp if p.attn_dp else 1
+        if cap and max(1, cap * schedulers // unit) < units:
+            units, limit = max(1, cap * schedulers // unit), "cap"
         if fixed is not None:  # the cluster batch split evenly over the replicas, if the plan holds it
             if fixed % p.dp or math.ceil(fixed // p.dp / unit) > units:
                 continue
@@ -530,10 +536,13 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
            routing: Any = "uniform", plan: Plan | str = "auto", precision: str | None = None,
            slo_tpot: float | None = DEFAULT_SLO_TPOT, twin_attention: str = "same", break_even: bool = True,
            options: StepOptions | None = None, batch: int | None = None, output: int = 0, prefill: str = "none",
-           draft_tokens: int = 0, acceptance: float = 0.0, **_: Any) -> dict[str, Any]:
+           draft_tokens: int = 0, acceptance: float = 0.0, serving: str = "qsengine", **_: Any) -> dict[str, Any]:
     """The comparison the plain way: the record columns that do not depend on
     wording (feasibility, plans, batches, throughput, TPOT, ratio, verdict, q*)."""
     m, c = as_model(model), as_cluster(cluster)
+    policy = serving_policy(serving)  # the engine's memory budget on the accelerator, and its batch cap
+    cap = policy.max_sequences(c.accelerator)
+    c = dataclasses.replace(c, accelerator=policy.accelerator(c.accelerator))
     prec = as_precision(precision) if precision is not None else default_precision(m)  # the MoE's, both sides
     opts = options or StepOptions()
     if draft_tokens:  # speculative decoding on both sides
@@ -546,12 +555,12 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
         rec = qs_record(m, "sqrt" if q is None else q)
     if batch is not None:
         slo_tpot = None  # a fixed batch is evaluated as given
-    moe = side(m, c, context, plan, prec, routing, slo_tpot, opts, batch, output, prefill)
-    den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts, batch, output, prefill)
+    moe = side(m, c, context, plan, prec, routing, slo_tpot, opts, batch, output, prefill, cap)
+    den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts, batch, output, prefill, cap)
     # the maximum-throughput point: no latency target
-    moe_max = side(m, c, context, plan, prec, routing, None, opts, batch, output, prefill) \
+    moe_max = side(m, c, context, plan, prec, routing, None, opts, batch, output, prefill, cap) \
         if slo_tpot is not None else moe
-    den_max = side(d, c, context, plan, prec, "uniform", None, opts, batch, output, prefill) \
+    den_max = side(d, c, context, plan, prec, "uniform", None, opts, batch, output, prefill, cap) \
         if slo_tpot is not None else den
     gpus = c.num_gpus
     out: dict[str, Any] = {"dense_model": d.id, "q": rec.q, "qs": rec.qs}
@@ -584,20 +593,21 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
     q_star = math.nan
     if break_even and moe["plan"] and dense is None:
         q_star = break_even_q(m, c, context, moe["e2e"], prec, plan, slo_tpot, opts, twin_attention, batch,
-                              output=output, prefill=prefill)
+                              output=output, prefill=prefill, cap=cap)
     out["break_even_q"] = q_star
     return out
 
 
 def break_even_q(model: Model, cluster: Cluster, context: int, moe_tps: float, precision: Precision,
                  plan: Plan | str, slo: float | None, options: StepOptions, attention: str,
-                 fixed: int | None = None, rtol: float = 1e-3, output: int = 0, prefill: str = "none") -> float:
+                 fixed: int | None = None, rtol: float = 1e-3, output: int = 0, prefill: str = "none",
+                 cap: int = 0) -> float:
     def ratio(q: float) -> float | None:
         try:
             twin = model.dense_twin(q, attention=attention)
         except ValueError:
             return None
-        s = side(twin, cluster, context, plan, precision, "uniform", slo, options, fixed, output, prefill)
+        s = side(twin, cluster, context, plan, precision, "uniform", slo, options, fixed, output, prefill, cap)
         return s["e2e"] / moe_tps if s["plan"] else 0.0
 
     lo, hi = 1.0, 1.0 / model.sparsity

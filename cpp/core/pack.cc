@@ -121,7 +121,7 @@ Admission admit(const PackResult& r, const std::vector<double>& free0) {
     }
     const double per = r.kv_per_sequence[g];
     if (per > 0) {
-      const std::int64_t b = floor_fit(free0[g], per);
+      const std::int64_t b = floor_fit(r.kv_fraction * free0[g], per);
       const std::int64_t u = r.unit[g];
       if (b < a.unit_batch[u]) {
         a.unit_batch[u] = b;
@@ -151,7 +151,7 @@ void pack_paged(const MemoryDesc& d, PackResult& r, const PagedRequest& req, con
   std::vector<double> cap(static_cast<std::size_t>(U * pp), std::numeric_limits<double>::infinity());
   for (std::int64_t g = 0; g < r.num_gpus; ++g) {
     double& c = cap[r.unit[g] * pp + r.stage[g]];
-    c = std::min(c, free0[g]);
+    c = std::min(c, d.kv_fraction * free0[g]);
   }
   std::vector<double> a(static_cast<std::size_t>(pp)), b(static_cast<std::size_t>(pp));
   for (std::int64_t s = 0; s < pp; ++s) {
@@ -242,6 +242,7 @@ PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, s
   r.context = context;
   r.capacity = d.hbm_bytes;
   r.usable = d.usable_bytes();
+  r.kv_fraction = d.kv_fraction;
   const std::int64_t G = num_gpus, tp = p.tp, pp = p.pp;
   const bool moe = d.is_moe();
   const std::int64_t etp = moe ? p.expert_tp() : 1;

@@ -103,11 +103,12 @@ namespace {
 // through add() and read the result here, so they agree bit for bit.
 struct StageFold {
   double usable;
+  double kv_fraction;              // of the memory left after weights, for the KV cache
   std::int64_t batch = kBatchCap;  // min over stages holding KV of floor_fit(free, per)
   std::int64_t batch_stage = 0, fullest_stage = 0;
   double wmax = -1;                // weights on the fullest stage's GPU
 
-  explicit StageFold(double usable_bytes) : usable(usable_bytes) {}
+  StageFold(double usable_bytes, double kv_frac) : usable(usable_bytes), kv_fraction(kv_frac) {}
 
   // Stage s: weight_total bytes of weights and `per` bytes of KV per sequence on one GPU.
   void add(std::int64_t s, double weight_total, double per) {
@@ -116,7 +117,7 @@ struct StageFold {
       fullest_stage = s;
     }
     if (per > 0) {
-      const std::int64_t b = floor_fit(usable - weight_total, per);
+      const std::int64_t b = floor_fit(kv_fraction * (usable - weight_total), per);
       if (b < batch) {
         batch = b;
         batch_stage = s;
@@ -136,7 +137,7 @@ PlanEval evaluate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_
   e.plan = p;
   e.num_gpus = num_gpus;
   e.units = p.num_units();
-  StageFold fold(d.usable_bytes());
+  StageFold fold(d.usable_bytes(), d.kv_fraction);
   for (std::int64_t s = 0; s < p.pp; ++s) {
     const StageMemory sm = stage_memory(d, p, s);
     fold.add(s, sm.weight_total, kv_per_sequence(sm, context, d.local_window));
@@ -152,7 +153,8 @@ PlanEval evaluate_plan(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_
 
 // ---------------------------------------------------------------- batched admission
 AdmissionTable::AdmissionTable(const MemoryDesc& d, const std::vector<PlanDesc>& plan_list, std::int64_t g)
-    : num_gpus(g), usable(d.usable_bytes()), local_window(d.local_window), plans(plan_list) {
+    : num_gpus(g), usable(d.usable_bytes()), kv_fraction(d.kv_fraction), local_window(d.local_window),
+      plans(plan_list) {
   validate_desc(d);
   shard.reserve(plans.size());
   stage_begin.reserve(plans.size() + 1);
@@ -193,7 +195,7 @@ void admissible_batches(const AdmissionTable& t, std::int64_t n, const std::int6
       throw InvalidArgument(cat("admissible_batches: lane ", i, ": context=", ctx,
                                 ": must be a positive number of tokens <= 2^53"));
     }
-    StageFold fold(t.usable);
+    StageFold fold(t.usable, t.kv_fraction);
     const StageMemory* first = t.stages.data() + t.stage_begin[p];
     const std::int64_t pp = t.stage_begin[p + 1] - t.stage_begin[p];
     if (dense_ffn_bytes == nullptr) {

@@ -20,7 +20,9 @@
 //   down to one KV head per rank (then replicated), never for MLA's latent,
 //   never with attn_dp (each GPU holds the full KV of its own sequences).
 //   usable = hbm * usable_fraction - reserve; a GPU is full when
-//   weights + replicas + KV > usable.
+//   weights + replicas + KV > usable. The KV cache may use only kv_fraction of
+//   the memory left after weights and replicas (TensorRT-LLM's
+//   free_gpu_memory_fraction; 1 = all of it).
 //
 // Every function is deterministic; the multithreaded ones reduce in block order.
 #pragma once
@@ -81,6 +83,7 @@ struct MemoryDesc {
   double hbm_bytes = 0;
   double usable_fraction = 1.0;
   double reserve_bytes = 0;
+  double kv_fraction = 1.0;  // of usable - weights - replicas, for the KV cache (0, 1]
 
   std::int64_t num_layers() const { return static_cast<std::int64_t>(layer_is_moe.size()); }
   bool is_moe() const;
@@ -214,6 +217,7 @@ struct AdmissionTable {
 
   std::int64_t num_gpus = 0;
   double usable = 0;               // desc.usable_bytes()
+  double kv_fraction = 1.0;        // desc.kv_fraction
   std::int64_t local_window = 0;   // desc.local_window
   std::vector<PlanDesc> plans;
   std::vector<double> shard;       // per plan: what divides the dense-FFN weights (ffn_shard: tp, or 1 for an MoE with attn_dp)
@@ -295,7 +299,7 @@ struct PagedRequest {
 struct PackResult {
   PlanDesc plan;
   std::int64_t num_gpus = 0, num_units = 0, context = 0;
-  double capacity = 0, usable = 0;
+  double capacity = 0, usable = 0, kv_fraction = 1.0;
   // per GPU (length num_gpus)
   std::vector<std::int64_t> unit, stage, dp_rank, tp_rank, ep_rank;
   std::array<std::vector<double>, kNumComponents> weights;

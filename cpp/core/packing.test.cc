@@ -549,6 +549,41 @@ static void test_place_slots() {
   CHECK(throws_invalid([&] { place_slots(std::vector<double>(16, 0.0), 4, 0); }, "no mass"));
 }
 
+// kv_fraction f: the KV cache gets f of the memory left after weights (TensorRT-LLM's
+// free_gpu_memory_fraction). pack, evaluate_plan and the batched admission agree, the
+// batch is floor(f * free / per_sequence), and f = 1 is the default rule.
+static void test_kv_fraction() {
+  for (MemoryDesc d : {toy_dense(), toy_moe()}) {
+    for (const PlanDesc& p : enumerate_plans(d, 4)) {
+      const std::int64_t ctx = 2048;
+      const PlanEval full = evaluate_plan(d, p, 4, ctx);
+      if (!full.feasible) continue;
+      MemoryDesc h = d;
+      h.kv_fraction = 0.5;
+      const PlanEval half = evaluate_plan(h, p, 4, ctx);
+      const PackResult r = pack(h, p, 4, ctx, nullptr, nullptr);
+      const AdmissionTable t(h, {p}, 4);
+      const std::int64_t zero = 0;
+      std::int64_t b = -1;
+      std::uint8_t f = 2;
+      admissible_batches(t, 1, &zero, &ctx, nullptr, &b, &f, nullptr, 1);
+      CHECK(half.unit_batch == b && r.admissible_batch == b);
+      CHECK(half.unit_batch <= full.unit_batch && 2 * half.unit_batch <= full.unit_batch + 1);
+      const StageMemory sm = stage_memory(h, p, half.binding_stage);
+      CHECK(half.unit_batch == floor_fit(0.5 * (h.usable_bytes() - sm.weight_total),
+                                         kv_per_sequence(sm, ctx, h.local_window)));
+      for (std::size_t g = 0; g < r.kv_bytes.size(); ++g) {  // at least the other half stays free
+        CHECK(r.kv_bytes[g] <= 0.5 * (r.free[g] + r.kv_bytes[g]) * (1 + 1e-12));
+      }
+    }
+  }
+  MemoryDesc bad = toy_dense();
+  for (double v : {0.0, -0.1, 1.5, std::nan("")}) {
+    bad.kv_fraction = v;
+    CHECK(throws_invalid([&] { validate_desc(bad); }, "kv_fraction"));
+  }
+}
+
 int main() {
   test_redundant_slots();
   test_place_slots();
@@ -557,6 +592,7 @@ int main() {
   test_plan_labels();
   test_enumeration_is_the_rules();
   test_floor_fit();
+  test_kv_fraction();
   test_replicas_reduce_imbalance();
   test_threads_and_sampling();
   test_paged();

@@ -70,6 +70,9 @@ void validate_desc(const MemoryDesc& d) {
   if (!std::isfinite(d.usable_fraction) || !(d.usable_fraction > 0) || d.usable_fraction > 1) {
     throw InvalidArgument(cat("accelerator.usable_hbm_fraction=", d.usable_fraction, ": must be in (0, 1]"));
   }
+  if (!std::isfinite(d.kv_fraction) || !(d.kv_fraction > 0) || d.kv_fraction > 1) {
+    throw InvalidArgument(cat("kv_fraction=", d.kv_fraction, ": must be in (0, 1]"));
+  }
   if (!(d.usable_bytes() > 0)) {
     throw InvalidArgument(cat("accelerator: usable HBM = hbm_bytes*usable_hbm_fraction - runtime_reserve_bytes = ",
                               d.usable_bytes(), " bytes: must be > 0"));

@@ -146,6 +146,7 @@ void register_packing(py::module_& m) {
       .def_readwrite("hbm_bytes", &pk::MemoryDesc::hbm_bytes)
       .def_readwrite("usable_fraction", &pk::MemoryDesc::usable_fraction)
       .def_readwrite("reserve_bytes", &pk::MemoryDesc::reserve_bytes)
+      .def_readwrite("kv_fraction", &pk::MemoryDesc::kv_fraction)
       .def_property_readonly("usable_bytes", &pk::MemoryDesc::usable_bytes)
       .def("validate", &pk::validate_desc);
 

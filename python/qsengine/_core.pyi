@@ -45,6 +45,7 @@ class MemoryDesc:
     hbm_bytes: float
     usable_fraction: float
     reserve_bytes: float
+    kv_fraction: float
     def __init__(self) -> None: ...
     @property
     def usable_bytes(self) -> float: ...

@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from qsengine.decode.sides import Family
+from qsengine.decode.sides import Family, capped_units
 from qsengine.decode.step import step_time
 from qsengine.packing import admissible_batches
 
@@ -23,7 +23,7 @@ FRONTIER_COLUMNS = ("side", "plan", "batch", "tpot", "tpot_p99", "tokens_per_s_p
 
 
 def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side: str = "",
-             points: int = 40, read_context: float | None = None):
+             points: int = 40, read_context: float | None = None, cap: int = 0):
     """The Pareto frontier of one side: output tokens/s per GPU of the
     cluster against tokens/s per user (1/TPOT), over every feasible plan of
     ``fam`` and, per plan, ``points`` batches spaced geometrically from one
@@ -35,7 +35,9 @@ def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side
     concurrent sequences on the cluster; ``tpot``/``tpot_p99`` in seconds),
     sorted by TPOT. ``read_context``: the cached tokens a step reads, when
     they differ from the admission ``context`` (a request workload: the
-    running mean; decode throughput only, prefill is not in the frontier)."""
+    running mean; decode throughput only, prefill is not in the frontier).
+    ``cap``: the serving engine's sequences per scheduler (0 = none;
+    :func:`qsengine.decode.sides.capped_units`)."""
     import pandas as pd
 
     P = len(fam.plans)
@@ -47,6 +49,8 @@ def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side
     if fam.override and ffn_params is not None:
         fb = np.full(P, float(ffn_params) * fam.precision.weight_bytes)
     adm, _ = admissible_batches(fam.memory, idx, np.full(P, int(context)), fb)
+    if cap:
+        adm = capped_units(adm, np.full(P, int(cap)), fam.params.attn_dp, fam.params.tp, fam.unit)
     plan_rows, unit_rows = [], []
     for p in np.flatnonzero(adm >= 1).tolist():
         u = np.unique(np.round(np.geomspace(1, int(adm[p]), points)).astype(np.int64))

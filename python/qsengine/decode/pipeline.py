@@ -39,6 +39,7 @@ and families, never over points.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -92,7 +93,7 @@ def compare(moe_feasible: np.ndarray, dense_feasible: np.ndarray, moe_tps: np.nd
 
 def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, slo: np.ndarray,
                 moe_tps: np.ndarray, fixed: np.ndarray | None = None, rtol: float = 1e-3,
-                requests: Requests | None = None) -> np.ndarray:
+                requests: Requests | None = None, cap: np.ndarray | None = None) -> np.ndarray:
     """q* per lane (nan = not bracketed): the twin size multiplier at which
     dense tokens/s equals ``moe_tps``, by bisection on q.
 
@@ -102,7 +103,8 @@ def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, sl
     smallest constructible twin (q ≥ 1, grown by 1.5x) to 1/s (the twin as
     large as the MoE's total parameters), widened up to 16/s while the twin
     still wins there. With ``requests`` (``context`` is then the admission
-    context) the ratio is the end-to-end one (``moe_tps`` end-to-end too)."""
+    context) the ratio is the end-to-end one (``moe_tps`` end-to-end too).
+    ``cap``: the serving engine's sequences per scheduler per lane (0 = none)."""
     from qsengine.specs.twin import solve_twins
 
     n = spec_of.size
@@ -131,7 +133,8 @@ def _break_even(specs: list[tuple], spec_of: np.ndarray, context: np.ndarray, sl
         lanes = idx[lanes_ok]
         req = None if requests is None else requests.take(lanes)
         side = _side(fams, context[lanes], slo[lanes], ffn[lanes_ok], family=fam_of[lanes_ok],
-                     fixed=None if fixed is None else fixed[lanes], requests=req)
+                     fixed=None if fixed is None else fixed[lanes], requests=req,
+                     cap=None if cap is None else cap[lanes])
         tps = side.tps if req is None else end_to_end(side.tps, side.pf, req)
         r[lanes_ok] = np.where(side.feasible, tps / moe_tps[lanes], 0.0)
         return r
@@ -321,6 +324,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     modes = np.array([PREFILL_MODES.index(v.obj) for v in values["prefill"]], dtype=np.int8)
     adm_ctx, req = Requests.make(contexts[codes["context"]], outputs[codes["output"]], modes[codes["prefill"]])
     pr, precisions = _deployed(pr, precisions, m, models)
+    c, clusters, cap = _served(c, clusters, codes["serving"], objs("serving"))
     op, options = _speculative(n, op, options, codes["draft_tokens"], objs("draft_tokens"), codes["acceptance"],
                                objs("acceptance"))
     dn, at, qc, mb = codes["dense"], codes["twin_attention"], codes["q"], codes["microbatches"]
@@ -371,7 +375,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         lanes_f = m_first[members]
         stacked = [fams[f] for f in fs]
         moe.fill(members, _side(stacked, adm_ctx[lanes_f], slo[lanes_f], family=local[fg[members]],
-                                fixed=fixed[lanes_f], requests=req.take(lanes_f)), stacked, local[fg[members]])
+                                fixed=fixed[lanes_f], requests=req.take(lanes_f), cap=cap[lanes_f]), stacked,
+                  local[fg[members]])
 
     # ---- Monte Carlo refinement of the MoE side's operating point
     refined: dict[int, Refined] = {}
@@ -453,7 +458,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
                                               for w in uw.tolist()], dtype=object)[inv.reshape(-1)]
             dkv[members[lsel]] = line.base.kv_bytes_per_token(precision.kv_bytes)
     dense.fill(np.arange(d_first.size), _side(dfams, adm_ctx[d_first], slo[d_first], ffn, family=dfam_of,
-                                              fixed=fixed[d_first], requests=req.take(d_first)), dfams, dfam_of)
+                                              fixed=fixed[d_first], requests=req.take(d_first), cap=cap[d_first]),
+               dfams, dfam_of)
 
     # ---- comparison
     qs_val = np.array([r[0].qs for r in dq_rec])[dq]
@@ -498,7 +504,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         specs = [(models[m[i]], clusters[c[i]], precisions[pr[i]], plans[pl[i]], options[op[i]], attentions[at[i]])
                  for i in lanes_b[s_first].tolist()]
         q_star_b[want] = _break_even(specs, sg, adm_ctx[lanes_b], slo[lanes_b], moe_e2e[mg[lanes_b]],
-                                     fixed[lanes_b], requests=req.take(lanes_b))
+                                     fixed[lanes_b], requests=req.take(lanes_b), cap=cap[lanes_b])
 
     # ---- columns
     out["model"][:] = np.array([x.id for x in models], dtype=object)[m]
@@ -578,6 +584,29 @@ def shape_label(att: Any, layers: int, hidden: int, ffn: int) -> str:
     KV heads (MLA: latent rank), FFN width, e.g. ``L80 d8192 gqa-kv8 ffn28672``."""
     kv = f"mla-r{att.kv_lora_rank}" if att.kind == "mla" else f"{att.kind}-kv{att.num_kv_heads}"
     return f"L{layers} d{hidden} {kv} ffn{ffn}"
+
+
+def _served(c: np.ndarray, clusters: list[Any], sc: np.ndarray, policies: list[Any]
+            ) -> tuple[np.ndarray, list[Any], np.ndarray]:
+    """Cluster codes and values with each lane's serving policy applied to the
+    accelerator (a derived cluster per distinct (cluster, policy); the default
+    policy keeps the cluster itself), and each lane's cap on sequences per
+    scheduler (0 = none)."""
+    cap = np.zeros(c.shape[0], np.int64)
+    if all(p.name == "qsengine" for p in policies):
+        return c, clusters, cap
+    out = list(clusters)
+    c = c.copy()
+    pairs, first = _group(c.shape[0], c, sc)
+    for g, i in enumerate(first.tolist()):
+        lanes = pairs == g
+        cl, pol = clusters[int(c[i])], policies[int(sc[i])]
+        cap[lanes] = pol.max_sequences(cl.accelerator)
+        if pol.name == "qsengine":
+            continue
+        out.append(dataclasses.replace(cl, accelerator=pol.accelerator(cl.accelerator)))
+        c[lanes] = len(out) - 1
+    return c, out, cap
 
 
 def _deployed(pr: np.ndarray, precisions: list[Any], m: np.ndarray, models: list[Model]

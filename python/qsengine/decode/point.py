@@ -62,6 +62,7 @@ FIELDS: dict[str, Any] = {
     "prefill": "none",
     "draft_tokens": 0,
     "acceptance": 0.0,
+    "serving": "qsengine",
 }
 
 
@@ -278,6 +279,16 @@ def check_value(field: str, v: Any) -> Value:
         if v not in PREFILL_MODES:
             raise _err(field, v, f"must be one of {list(PREFILL_MODES)}")
         return Value(v, v, canonical_json(v), v)
+    if field == "serving":  # the serving engine's memory policy and batch cap (qsengine.specs.serving)
+        from qsengine.specs.serving import SERVING_POLICIES, ServingPolicy, serving_policy
+
+        if not isinstance(v, (str, ServingPolicy)):
+            raise _err(field, v, f"must be one of {list(SERVING_POLICIES)}, got {type(v).__name__}", TypeError)
+        try:
+            pol = serving_policy(v)
+        except ValueError:
+            raise _err(field, v, f"must be one of {list(SERVING_POLICIES)}") from None
+        return Value(pol.name, pol, canonical_json(pol.name), pol.name)
     if field in ("draft_tokens", "acceptance"):  # speculative decoding (docs/model.md, "Speculative decoding")
         from qsengine.decode.step import check_speculation
 
@@ -475,6 +486,7 @@ class Point:
     prefill: str
     draft_tokens: int
     acceptance: float
+    serving: Any
     values: dict[str, Value]
 
     @classmethod

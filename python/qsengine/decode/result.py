@@ -181,7 +181,8 @@ class SimulationResult:
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
                 f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), {work}, "
                 f"operating point: {op}, plan {inp.get('plan')} "
-                f"(objective: highest throughput), {mc}, {kernels} kernels, seed {seed}, qsengine {__version__}")
+                f"(objective: highest throughput), serving {inp.get('serving', 'qsengine')}, {mc}, {kernels} kernels, "
+                f"seed {seed}, qsengine {__version__}")
 
     def _repr_html_(self) -> str:
         """A notebook view: both sides as a table, the ratio and its factors,

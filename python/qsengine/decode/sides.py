@@ -205,12 +205,25 @@ class Side:
 #: every Side field: what _SideSet.fill copies per group
 _SIDE_FIELDS = tuple(f.name for f in dataclasses.fields(Side))
 #: ``Side.limit`` codes and their record text
-LIMITS = ("hbm", "slo", "fixed")
+LIMITS = ("hbm", "slo", "fixed", "cap")
+
+
+def capped_units(adm: np.ndarray, cap: np.ndarray, attn_dp: np.ndarray, tp: np.ndarray, unit: np.ndarray
+                 ) -> np.ndarray:
+    """Admission units per replica under a serving engine's cap of ``cap``
+    sequences per scheduler (0: none; :mod:`qsengine.specs.serving`): a replica
+    runs one scheduler, or one per attention rank under attention data-parallelism
+    (tp of them), so it holds at most cap x schedulers sequences, i.e.
+    ``cap x schedulers // unit`` admission units (at least one)."""
+    sched = np.where(attn_dp > 0, tp, 1.0)
+    limit = np.maximum((cap * sched) // unit, 1).astype(np.int64)
+    return np.where(cap > 0, np.minimum(adm, limit), adm)
 
 
 def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarray,
           ffn_params: np.ndarray | None = None, family: np.ndarray | None = None,
-          fixed: np.ndarray | None = None, requests: Requests | None = None) -> Side:
+          fixed: np.ndarray | None = None, requests: Requests | None = None, cap: np.ndarray | None = None
+          ) -> Side:
     """Best plan and batch for many lanes (context, slo (nan = none)[, dense
     FFN parameters][, fixed batch per replica (0 = none)]). Lane i belongs to
     ``fams[family[i]]`` (one family: all lanes); the families must share their
@@ -221,7 +234,9 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     the admission context (the peak cache), steps read ``requests.read``
     tokens, and prefill is costed: "colocated" lanes choose the plan by
     end-to-end throughput, "disaggregated" lanes get the prefill pool's best
-    plan over every plan that packs (``Side.pf``)."""
+    plan over every plan that packs (``Side.pf``). ``cap``: the serving
+    engine's sequences per scheduler per lane (0 = none, :func:`capped_units`;
+    a capped batch reports ``limit`` 3, "cap")."""
     if isinstance(fams, Family):
         fams = [fams]
     n = context.shape[0]
@@ -287,6 +302,10 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
 
     units = adm[rows]
     limit = np.zeros(K, np.int8)
+    if cap is not None and bool((cap > 0).any()):  # the serving engine's sequences per scheduler
+        pa = stack.params
+        units = capped_units(units, cap[lane[rows]].astype(np.int64), pa.attn_dp[gplan], pa.tp[gplan], unit)
+        limit[units < adm[rows]] = 3
     top = step(None, units)
     time, p99 = top["time"], top["p99"]
     valid = np.ones(K, bool)

@@ -40,7 +40,8 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
     assert plan is not None
     batch = int(sd.batch[g])
     options = point.options
-    acc = point.cluster.accelerator
+    cluster = sides.family_of(g).cluster  # the point's cluster under its serving policy's memory budget
+    acc = cluster.accelerator
     read = float(ev.requests.read[0])  # the mean cached tokens a step reads (the context without a workload)
     pop = None
     if model.is_moe:
@@ -51,7 +52,7 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
                            popularity=pop if options.draft_tokens else None, options=options)
     else:
         step = decode_step(model, point.precision, acc, plan, batch, read, popularity=pop, options=options)
-    used = point.cluster if plan.num_gpus == point.cluster.num_gpus else Cluster(acc, plan.num_gpus)
+    used = cluster if plan.num_gpus == cluster.num_gpus else Cluster(acc, plan.num_gpus)
     pk = pack(model, used, point.context + point.output, plan=plan, precision=point.precision,
               draft_module=options.draft_tokens > 0)
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
@@ -83,6 +84,7 @@ def simulate(
     prefill: str = "none",
     draft_tokens: int = 0,
     acceptance: float = 0.0,
+    serving: str = "qsengine",
     strict: bool = False,
 ) -> SimulationResult:
     """Decode throughput of an MoE model and its quality-matched dense twin.
@@ -146,6 +148,11 @@ def simulate(
             given the ones before it were (DeepSeek-V3 reports 85-90% for its
             second token, arXiv:2412.19437 §5.4.3); throughput counts the
             1 + a + ... + a^d accepted tokens per step.
+        serving: the serving engine whose memory policy and batch cap both
+            sides run under: ``"qsengine"`` (default: the accelerator spec's
+            usable HBM, no cap), ``"vllm"``, ``"sglang"`` or ``"trtllm"``
+            (each engine's defaults, :mod:`qsengine.specs.serving`); a
+            batch the cap limits reports ``batch_limit`` "cap".
         strict: a context beyond a model's maximum context is an error
             instead of a :class:`qsengine.decode.point.ContextWarning`.
     """
@@ -153,7 +160,7 @@ def simulate(
                        routing=routing, plan=plan, precision=precision, microbatches=microbatches, rtol=rtol,
                        slo_tpot=slo_tpot, batch=batch, twin_attention=twin_attention, break_even=break_even,
                        options=options, output=output, prefill=prefill, draft_tokens=draft_tokens,
-                       acceptance=acceptance)
+                       acceptance=acceptance, serving=serving)
     seq = as_seed_sequence(seed)
     moe_seed, _ = seq.spawn(2)
     ev = evaluate(point.columns(), 1, seeds=[moe_seed], threads=threads, check_points=False)
@@ -168,9 +175,10 @@ def simulate(
     import pandas as pd
 
     peak, read = point.context + point.output, float(ev.requests.read[0])
-    front = pd.concat([frontier(ev.moe.family_of(mg), peak, side="moe", read_context=read),
+    cap = point.serving.max_sequences(point.cluster.accelerator)
+    front = pd.concat([frontier(ev.moe.family_of(mg), peak, side="moe", read_context=read, cap=cap),
                        frontier(ev.dense.family_of(dg), peak, float(ev.dense_ffn[dg]), side="dense",
-                                read_context=read)],
+                                read_context=read, cap=cap)],
                       ignore_index=True)
     from qsengine.specs.twin import qs as qs_record
 
@@ -198,6 +206,7 @@ def simulate(
         "prefill": point.prefill,
         "draft_tokens": point.draft_tokens,
         "acceptance": point.acceptance,
+        "serving": point.serving.name,
     }
     return SimulationResult(moe=moe_side, dense=dense_side, cluster=point.cluster, context=point.context,
                             ratio=None if math.isnan(ratio) else ratio, qs=qs_rec, verdict=rec["verdict"],

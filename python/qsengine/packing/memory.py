@@ -128,6 +128,7 @@ def memory_description(
         d.hbm_bytes = float(accelerator.hbm_bytes)
         d.usable_fraction = float(accelerator.usable_hbm_fraction)
         d.reserve_bytes = float(accelerator.runtime_reserve_bytes)
+        d.kv_fraction = float(accelerator.kv_fraction)
         d.validate()
     return d
 

@@ -49,6 +49,10 @@ class Accelerator:
         usable_hbm_fraction: fraction of HBM the serving engine may use.
         runtime_reserve_bytes: per-GPU reserve for the runtime, CUDA graphs,
             activations and workspace, taken out of the usable HBM.
+        kv_fraction: fraction of the memory left after weights (usable HBM
+            minus weights and expert replicas) that the serving engine gives
+            the KV cache (TensorRT-LLM's ``free_gpu_memory_fraction``); 1 =
+            all of it. Serving policies set it (:mod:`qsengine.specs.serving`).
     """
 
     id: str
@@ -66,6 +70,7 @@ class Accelerator:
     flops_efficiency_by_dtype: dict[str, float] = field(default_factory=dict)
     usable_hbm_fraction: float = 0.9
     runtime_reserve_bytes: float = 4e9
+    kv_fraction: float = 1.0
     vendor: str = ""
     source: str = ""
     notes: str = field(default="", compare=False)
@@ -92,7 +97,7 @@ class Accelerator:
                 raise fail(src, f"flops_efficiency_by_dtype.{k}", v,
                            f"unknown dtype; known: {list(FLOPS_DTYPES)}{did_you_mean(str(k), FLOPS_DTYPES)}")
             check_fraction(src, f"flops_efficiency_by_dtype.{k}", v)
-        for f in ("bandwidth_efficiency", "flops_efficiency", "link_efficiency", "usable_hbm_fraction"):
+        for f in ("bandwidth_efficiency", "flops_efficiency", "link_efficiency", "usable_hbm_fraction", "kv_fraction"):
             check_fraction(src, f, getattr(self, f))
         check_int(src, "gpus_per_node", self.gpus_per_node, minimum=1)
         check_int(src, "scaleup_domain", self.scaleup_domain, minimum=1)

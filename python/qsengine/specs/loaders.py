@@ -99,7 +99,7 @@ _ACC_UNITS: dict[str, tuple[str, float]] = {
 }
 _ACC_PLAIN = [
     "id", "name", "vendor", "source", "notes", "gpus_per_node", "scaleup_domain", "bandwidth_efficiency",
-    "flops_efficiency", "link_efficiency", "usable_hbm_fraction", "flops_efficiency_by_dtype",
+    "flops_efficiency", "link_efficiency", "usable_hbm_fraction", "kv_fraction", "flops_efficiency_by_dtype",
 ]
 _ACC_REQUIRED = ["id", "hbm_gb", "hbm_bandwidth_tbps", "scaleup_bandwidth_gb_s", "internode_bandwidth_gbit_s",
                  "gpus_per_node", "scaleup_domain", "flops_tflops"]
