@@ -323,6 +323,22 @@ def step_of(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, c
                 (verify.time_p99 + dr * (blk.time_p99 + proj)) / accepted)
 
 
+def causal_layers(model: Model, n_tok: float) -> list[tuple[int, float]]:
+    """(layers, causal (query, key) pairs per layer) of a prompt of n_tok tokens: full layers
+    n(n+1)/2, windowed layers W(W+1)/2 + (n - W)·W when the window W is shorter than the prompt."""
+    att = model.attention
+    out = []
+    for layers, window in ((model.decode_layers - att.local_layers, None),
+                           (att.local_layers, att.local_window if att.local_layers else None)):
+        if layers == 0:
+            continue
+        if window is None or n_tok <= window:
+            out.append((layers, n_tok * (n_tok + 1) / 2))
+        else:
+            out.append((layers, window * (window + 1) / 2 + (n_tok - window) * window))
+    return out
+
+
 def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, prompt: int,
                     pop: Any, options: StepOptions) -> float:
     """Seconds of one replica per prefilled request of ``prompt`` tokens, the
@@ -344,14 +360,7 @@ def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, pr
     kv_split = 1 if (plan.attn_dp or att.kind == "mla") else min(plan.tp, att.num_kv_heads)
     per_pair = 2.0 * att.num_heads * (att.head_dim + att.value_dim)  # QK^T and PV, non-absorbed MLA
     compute = 0.0
-    for layers, window in ((model.decode_layers - att.local_layers, None),
-                           (att.local_layers, att.local_window if att.local_layers else None)):
-        if layers == 0:
-            continue
-        if window is None or n_tok <= window:
-            pairs = n_tok * (n_tok + 1) / 2
-        else:
-            pairs = window * (window + 1) / 2 + (n_tok - window) * window
+    for layers, pairs in causal_layers(model, n_tok):
         nbytes = model.attention_params * precision.weight_bytes / shard + 2 * d * precision.weight_bytes \
             + n_tok * model.kv_bytes_per_token_per_layer(precision.kv_bytes) / kv_split
         compute += layers * roof(nbytes, (n_tok * 2.0 * att.params(d) + per_pair * pairs) / shard)
@@ -413,14 +422,7 @@ def calibrated_prefill_compute(model: Model, precision: Precision, acc: Any, pla
     rate = acc.peak_flops("bf16") * acc.flops_efficiency
     per_pair = 2.0 * att.num_heads * (att.head_dim + att.value_dim)
     total = 0.0
-    for layers, window in ((model.decode_layers - att.local_layers, None),
-                           (att.local_layers, att.local_window if att.local_layers else None)):
-        if layers == 0:
-            continue
-        if window is None or n_tok <= window:
-            pairs = n_tok * (n_tok + 1) / 2
-        else:
-            pairs = window * (window + 1) / 2 + (n_tok - window) * window
+    for layers, pairs in causal_layers(model, n_tok):
         total += layers * (proj + per_pair * pairs / shard / rate + write)
     mats = 3 if model.gated_ffn else 2
     if model.decode_dense_layers and model.dense_intermediate:
