@@ -19,8 +19,8 @@ import numpy as np
 
 from qsengine.calibration import runtime as kernels
 from qsengine.decode.point import DEFAULT_SLO_TPOT
-from qsengine.decode.step import (StepOptions, _inclusion_probabilities, decode_step, moe_straggler_closed_form,
-                                  step_params, step_time)
+from qsengine.decode.step import StepOptions, decode_step, moe_straggler_closed_form, step_params, step_time
+from qsengine.decode.straggler import _inclusion_probabilities
 from qsengine.packing import pack
 from qsengine.packing import plans as enumerate_plans
 from qsengine.routing import independent_popularity

@@ -14,7 +14,7 @@ import pytest
 import qsengine as q
 from qsengine import Plan
 from qsengine.decode.slots import slot_layout, slot_placement
-from qsengine.decode.step import _inclusion_probabilities, moe_cost_coefficients, straggler_closed_form
+from qsengine.decode.straggler import _inclusion_probabilities, moe_cost_coefficients, straggler_closed_form
 from qsengine.packing import memory_description, pack, plans
 from qsengine.specs.loaders import as_precision
 

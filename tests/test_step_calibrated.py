@@ -16,6 +16,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from qsengine import Plan
 from qsengine.calibration import runtime as rt
+from qsengine.decode import kernels as K
 from qsengine.decode import step as S
 from qsengine.decode.step import StepOptions, decode_step, step_params
 from qsengine.specs.loaders import as_cluster, as_model, as_precision
@@ -53,14 +54,14 @@ def test_each_calibrated_piece_is_the_runtime_kernel_at_its_shape(s):
     tp = s["tp"]
     plan = Plan(tp=tp, ep=tp if m.is_moe and m.routed_experts % tp == 0 else 1, attn_dp=s["attn_dp"] and tp > 1)
     p = step_params(m, prec, acc, plan)
-    dts = S.kernel_dtypes(prec)
+    dts = K.kernel_dtypes(prec)
     seqs = np.array([float(s["seqs"])])
     ctx = np.array([float(s["context"])])
     # GEMMs: every projection, the FFN, the LM head
     for n, k in ((p.ap_n1, p.ap_k1), (p.ap_n2, p.ap_k2), (p.ap_n3, p.ap_k3), (p.lm_n, p.d), (p.experts, p.d)):
         if _one(n) <= 0:
             continue
-        got = _one(S._gemm(p, seqs, n, k)[0])
+        got = _one(K._gemm(p, seqs, n, k)[0])
         want = _one(rt.gemm_time(acc, dts["gemm"], seqs, n, k))
         assert got == pytest.approx(want, rel=1e-12), (n, k)
     # attention core (gqa / mha / mla by heads per GPU)
@@ -69,16 +70,16 @@ def test_each_calibrated_piece_is_the_runtime_kernel_at_its_shape(s):
     heads = att.num_heads / shard
     kind = "mla" if att.kind == "mla" else "gqa"
     kvh = 1 if kind == "mla" else att.num_kv_heads / (1 if plan.attn_dp else min(tp, att.num_kv_heads))
-    got = _one(S._attn_core(p, seqs, ctx)[0])
+    got = _one(K._attn_core(p, seqs, ctx)[0])
     want = _one(rt.attention_time(acc, kind, seqs, ctx, heads, kvh, att.head_dim, kv_dtype=dts["attention"]))
     assert got == pytest.approx(want, rel=1e-12)
     # collectives inside the scale-up domain
     nbytes = np.array([float(s["seqs"]) * m.hidden_size * 2.0])
     if tp > 1:
-        got = _one(S._fitted_collective(nbytes, p.ar_a1, p.ar_b1, p.ar_a2, p.ar_b2))
+        got = _one(K._fitted_collective(nbytes, p.ar_a1, p.ar_b1, p.ar_a2, p.ar_b2))
         assert got == pytest.approx(_one(rt.allreduce_time(acc, tp, nbytes)), rel=1e-12)
     if plan.ep > 1:
-        got = _one(S._fitted_collective(nbytes, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2))
+        got = _one(K._fitted_collective(nbytes, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2))
         assert got == pytest.approx(_one(rt.alltoall_time(acc, plan.ep, nbytes)), rel=1e-12)
 
 
@@ -91,11 +92,11 @@ def test_grouped_gemm_mapping_is_close_to_the_runtime_in_decode(model, acc, prec
     for up to smax -> max): within the smax ridge (p >= 1 doubles at most)."""
     m, a_ = as_model(model), qsengine.as_accelerator(acc)
     pr = as_precision(prec)
-    a, b, fixed = S.grouped_cost(m, pr, a_, Plan(tp=8, ep=8))
+    a, b, fixed = K.grouped_cost(m, pr, a_, Plan(tp=8, ep=8))
     per = m.routed_experts // 8
     n = float(min(per, 2 ** log_tokens))
     mapped = fixed + max(a * n, b * n)
-    want = _one(rt.grouped_gemm_time(a_, S.kernel_dtypes(pr)["grouped_gemm"], n / per, per, m.hidden_size,
+    want = _one(rt.grouped_gemm_time(a_, K.kernel_dtypes(pr)["grouped_gemm"], n / per, per, m.hidden_size,
                                      m.moe_intermediate))
     assert want <= mapped * 2.0 + 1e-12 and mapped <= want * 2.0 + 1e-12
 
@@ -203,7 +204,7 @@ def test_grouped_gemm_mapping_error_on_held_out_rows():
         acc = qsengine.as_accelerator(r["accelerator"])
         h, i, el, tpe = (float(r[k]) for k in ("hidden", "inter", "experts_local", "tokens_per_expert"))
         fit = rt.kernel_params(acc, "grouped_gemm", r["dtype"])
-        a, b, fixed = S.grouped_coefficients(acc, r["dtype"], fit, h, 3 * h, 3 * h * i)
+        a, b, fixed = K.grouped_coefficients(acc, r["dtype"], fit, h, 3 * h, 3 * h * i)
         n = tpe * el
         mapped = fixed + max(a * min(el, n), b * n)
         want = _one(rt.grouped_gemm_time(acc, r["dtype"], tpe, el, h, i))
@@ -260,7 +261,7 @@ def test_step_fields_are_the_dataclass_fields_in_order():
     fields must be STEP_FIELDS, in that order (a field added in one list only shifts every later one)."""
     import dataclasses
 
-    from qsengine.decode.step import STEP_FIELDS, StepParams
+    from qsengine.decode.params import STEP_FIELDS, StepParams
 
     names = tuple(f.name for f in dataclasses.fields(StepParams) if f.name != "matrix")
     assert names == STEP_FIELDS

@@ -3,8 +3,11 @@
 Modules, one role each:
 
 * :mod:`~qsengine.decode.point`: the point's fields, defaults and validation;
-* :mod:`~qsengine.decode.step`: the step model (roofline pieces, communication,
-  the closed-form straggler), vectorised over lanes;
+* :mod:`~qsengine.decode.step`: the step model (roofline pieces, communication),
+  vectorised over lanes, and its parts: :mod:`~qsengine.decode.params` (options
+  and lane parameters), :mod:`~qsengine.decode.kernels` (calibrated kernels,
+  roofline, collectives), :mod:`~qsengine.decode.straggler` (the closed-form
+  straggler), :mod:`~qsengine.decode.breakdown` (the typed step results);
 * :mod:`~qsengine.decode.sides`, :mod:`~qsengine.decode.montecarlo`,
   :mod:`~qsengine.decode.why`, :mod:`~qsengine.decode.frontier`: the pipeline's
   stages (one side over lanes x plans, the Monte Carlo at the chosen point, the
@@ -19,7 +22,9 @@ Modules, one role each:
 from qsengine.decode.point import ContextWarning, Point
 from qsengine.decode.result import SideResult, SimulationResult
 from qsengine.decode.simulate import simulate
-from qsengine.decode.step import StepBreakdown, StepOptions, decode_step
+from qsengine.decode.breakdown import StepBreakdown
+from qsengine.decode.params import StepOptions
+from qsengine.decode.step import decode_step
 
 __all__ = ["ContextWarning", "Point", "SideResult", "SimulationResult", "StepBreakdown", "StepOptions",
            "decode_step", "simulate"]

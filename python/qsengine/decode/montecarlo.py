@@ -11,7 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from qsengine.decode.step import StepOptions, step_params, step_time
+from qsengine.decode.params import StepOptions, step_params
+from qsengine.decode.step import step_time
 from qsengine.specs import Cluster, Model, Plan, Precision
 
 __all__ = ["AUTO_MAX_MICROBATCHES", "Refined"]
@@ -50,14 +51,14 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
     routing Monte Carlo; if the Monte Carlo TPOT misses the target, the batch
     steps down (in admission units) and the Monte Carlo runs again (the
     target holds on the p99)."""
-    from qsengine.decode.step import moe_layer_shape
+    from qsengine.decode.straggler import moe_layer_shape
     from qsengine.routing import Placement, route
 
     acc = cluster.accelerator
     placement = Placement.contiguous(plan.ep)
     if plan.redundant > 0:  # the plan's redundant slots, EPLB-placed from the law's (proxy) popularity
         from qsengine.decode.slots import slot_placement
-        from qsengine.decode.step import _inclusion_probabilities
+        from qsengine.decode.straggler import _inclusion_probabilities
         from qsengine.routing import proxy_popularity
 
         pop = proxy_popularity(routing, model.routed_experts)

@@ -11,7 +11,7 @@ columns of points. The stages, each written once and vectorised over lanes:
 3. **families**: per (model or twin line, cluster, precision, plan spec,
    options, routing law) the plan list, the packing constants
    (:func:`qsengine.packing.plan_memory`) and the step parameters
-   (:class:`qsengine.decode.step.StepParams`), built once and cached;
+   (:class:`qsengine.decode.params.StepParams`), built once and cached;
 4. **sides** (:func:`_side`): over lanes x plans at once, the admissible
    batch (the core's batched admission, equal to ``pack``), the largest
    batch meeting the TPOT target (a bisection in lockstep over lanes), the

@@ -256,7 +256,7 @@ def check_value(field: str, v: Any) -> Value:
             raise _err(field, v, f"must be True or False, got {type(v).__name__}", TypeError)
         return Value(bool(v), bool(v), canonical_json(bool(v)), bool(v))
     if field == "options":
-        from qsengine.decode.step import StepOptions
+        from qsengine.decode.params import StepOptions
 
         if v is None:
             v = StepOptions()
@@ -290,7 +290,7 @@ def check_value(field: str, v: Any) -> Value:
             raise _err(field, v, f"must be one of {list(SERVING_POLICIES)}") from None
         return Value(pol.name, pol, canonical_json(pol.name), pol.name)
     if field in ("draft_tokens", "acceptance"):  # speculative decoding (docs/model.md, "Speculative decoding")
-        from qsengine.decode.step import check_speculation
+        from qsengine.decode.params import check_speculation
 
         check_speculation(v, 0.0) if field == "draft_tokens" else check_speculation(0, v)
         c = int(v) if field == "draft_tokens" else float(v)

@@ -22,8 +22,8 @@ Formulas and assumptions: ``docs/model.md``, section "Whole requests".
   combination :func:`end_to_end`.
 
 Helpers only: the roofline and collectives come from
-:mod:`qsengine.decode.step` (``_roof``, ``_allreduce``, ``_link_bw``,
-``straggler_closed_form``); nothing here edits the decode step's pieces.
+:mod:`qsengine.decode.kernels` (``_roof``, ``_allreduce``, ``_link_bw``) and
+:mod:`qsengine.decode.straggler` (``straggler_closed_form``); nothing here edits the decode step's pieces.
 """
 
 from __future__ import annotations
@@ -32,7 +32,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from qsengine.decode.step import StepParams, _allreduce, _gemm, _link_bw, _roof, straggler_closed_form
+from qsengine.decode.kernels import _allreduce, _gemm, _link_bw, _roof
+from qsengine.decode.params import StepParams
+from qsengine.decode.straggler import straggler_closed_form
 from qsengine.specs import Model
 
 __all__ = ["PREFILL_MODES", "Requests", "prefill_ctx_flops", "prefill_time", "end_to_end"]

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from qsengine.decode.step import StepBreakdown
+from qsengine.decode.breakdown import StepBreakdown
 from qsengine.specs import Cluster, Model, Plan
 from qsengine.specs.twin import QsResult
 

@@ -15,7 +15,8 @@ import numpy as np
 
 from qsengine._groups import split as _split
 from qsengine.decode.prefill import Requests, end_to_end, prefill_ctx_flops, prefill_time
-from qsengine.decode.step import StepOptions, StepParams, step_params, step_time
+from qsengine.decode.params import StepOptions, StepParams, step_params
+from qsengine.decode.step import step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
 
@@ -72,7 +73,7 @@ def _law(model: Model, routing: Any, closed_form: bool) -> tuple[tuple, np.ndarr
     plans before a Monte Carlo otherwise; (None, None) for a dense model."""
     if not model.is_moe:
         return (None,), None
-    from qsengine.decode.step import _inclusion_probabilities
+    from qsengine.decode.straggler import _inclusion_probabilities
     from qsengine.routing import independent_popularity, proxy_popularity
 
     pop = (independent_popularity if closed_form else proxy_popularity)(routing, model.routed_experts)

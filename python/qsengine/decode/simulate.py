@@ -22,7 +22,8 @@ from qsengine.decode.pipeline import Evaluation, evaluate
 from qsengine.decode.sides import LIMITS, _SideSet
 from qsengine.decode.point import DEFAULT_MICROBATCHES, DEFAULT_SLO_TPOT, Point
 from qsengine.decode.result import SideResult, SimulationResult
-from qsengine.decode.step import StepOptions, decode_step
+from qsengine.decode.params import StepOptions
+from qsengine.decode.step import decode_step
 from qsengine.specs import Cluster, Model, Plan, Precision
 
 __all__ = ["simulate"]
