@@ -1,10 +1,14 @@
-"""Helpers shared by the pipeline test modules (test_pipeline, test_requests):
-the model and cluster grids their property tests draw from, the point filter,
-and one call of the vectorised pipeline as per-point records."""
+"""Helpers shared by the pipeline test modules (test_pipeline, test_requests,
+test_speculative): the model and cluster grids their property tests draw from,
+the one hypothesis strategy of point dicts (:func:`point_strategy`), the point
+filter, and one call of the vectorised pipeline as per-point records."""
 
 from __future__ import annotations
 
 import warnings
+from typing import Any
+
+from hypothesis import strategies as st
 
 import qsengine
 from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_columns
@@ -12,6 +16,35 @@ from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_col
 MOE_MODELS = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048", "qwen3-30b-a3b", "mixtral-8x7b",
               "gpt-oss-120b", "llama-4-scout", "dbrx", "kimi-k2"]
 CLUSTERS = ["8xh100", "8xh200", "8xb200", "8xmi300x", "16xh100", "8xa100", "12xmi300x"]
+
+#: The fields of a drawn point and the strategy of each (test_pipeline's ranges);
+#: :func:`point_strategy` replaces some and adds others.
+POINT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
+    "model": st.sampled_from(MOE_MODELS),
+    "cluster": st.sampled_from(CLUSTERS),
+    "context": st.one_of(st.sampled_from([1, 4096, 32768, 131072]), st.integers(1, 262144)),
+    "q": st.one_of(st.just("sqrt"), st.none(), st.floats(1.05, 12.0)),
+    "slo_tpot": st.one_of(st.none(), st.floats(0.002, 0.2)),
+    "precision": st.sampled_from([None, "bf16", "fp8"]),
+    "routing": st.sampled_from(["uniform", "uniform", "powerlaw:1.01"]),
+    "twin_attention": st.sampled_from(["same", "same", "gqa"]),
+    "break_even": st.booleans(),
+    "microbatches": st.just(0),
+    "batch": st.one_of(st.none(), st.none(), st.sampled_from([1, 8, 48, 64, 100, 256, 4096])),
+    "options": st.sampled_from([None, None, None, qsengine.StepOptions(overlap="tbo"),
+                                qsengine.StepOptions(kernels="roofline")]),
+}
+
+
+def point_strategy(**fields: st.SearchStrategy[Any]) -> st.SearchStrategy[dict[str, Any]]:
+    """Point dicts (keyword arguments of ``qsengine.Point.make``): every field of
+    :data:`POINT_FIELDS`, each drawn from the strategy given for it in ``fields``
+    if any (another range, or a new field such as ``output``), else from its
+    default. Drawn points may be invalid: filter them with :func:`valid_point`."""
+    unknown = sorted(set(fields) - set(qsengine.decode.point.FIELDS))
+    if unknown:
+        raise ValueError(f"point_strategy: fields {unknown}: not point fields")
+    return st.fixed_dictionaries({**POINT_FIELDS, **fields})
 
 
 def valid_point(p) -> bool:

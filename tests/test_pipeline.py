@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import qsengine
 import reference_simulate as ref
-from _helpers import CLUSTERS, MOE_MODELS, records, valid_point
+from _helpers import CLUSTERS, MOE_MODELS, point_strategy, records, valid_point
 from qsengine import Plan
 from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_columns
 from qsengine.packing import admissible_batches, pack, plan_memory
@@ -25,21 +25,7 @@ from qsengine.sweeps.executors import simulate_point
 DENSE = ["llama-3.1-70b", "qwen3-32b", "llama-3.1-8b"]
 
 
-points = st.fixed_dictionaries({
-    "model": st.sampled_from(MOE_MODELS),
-    "cluster": st.sampled_from(CLUSTERS),
-    "context": st.one_of(st.sampled_from([1, 4096, 32768, 131072]), st.integers(1, 262144)),
-    "q": st.one_of(st.just("sqrt"), st.none(), st.floats(1.05, 12.0)),
-    "slo_tpot": st.one_of(st.none(), st.floats(0.002, 0.2)),
-    "precision": st.sampled_from([None, "bf16", "fp8"]),
-    "routing": st.sampled_from(["uniform", "uniform", "powerlaw:1.01"]),
-    "twin_attention": st.sampled_from(["same", "same", "gqa"]),
-    "break_even": st.booleans(),
-    "microbatches": st.just(0),
-    "batch": st.one_of(st.none(), st.none(), st.sampled_from([1, 8, 48, 64, 100, 256, 4096])),
-    "options": st.sampled_from([None, None, None, qsengine.StepOptions(overlap="tbo"),
-                                qsengine.StepOptions(kernels="roofline")]),
-})
+points = point_strategy()
 
 
 @settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import qsengine
 import reference_simulate as ref
-from _helpers import CLUSTERS, MOE_MODELS, records, valid_point
+from _helpers import point_strategy, records, valid_point
 from qsengine import Plan
 from qsengine.decode.prefill import prefill_ctx_flops, prefill_time
 from qsengine.decode.step import StepOptions, step_params
@@ -32,22 +32,16 @@ def _close(a: float, b: float, rel: float) -> bool:
     return (math.isnan(a) and math.isnan(b)) or a == pytest.approx(b, rel=rel)
 
 
-requests = st.fixed_dictionaries({
-    "model": st.sampled_from(MOE_MODELS),
-    "cluster": st.sampled_from(CLUSTERS),
-    "context": st.one_of(st.sampled_from([1, 2048, 6144, 32768]), st.integers(1, 131072)),
-    "output": st.one_of(st.sampled_from([0, 1, 2048]), st.integers(1, 65536)),
-    "prefill": st.sampled_from(["none", "colocated", "disaggregated"]),
-    "q": st.one_of(st.just("sqrt"), st.floats(1.05, 12.0)),
-    "slo_tpot": st.one_of(st.none(), st.floats(0.002, 0.2)),
-    "precision": st.sampled_from([None, "bf16", "fp8"]),
-    "routing": st.sampled_from(["uniform", "powerlaw:1.01"]),
-    "twin_attention": st.sampled_from(["same", "gqa"]),
-    "break_even": st.booleans(),
-    "microbatches": st.just(0),
-    "batch": st.one_of(st.none(), st.none(), st.sampled_from([1, 48, 256])),
-    "options": st.sampled_from([None, StepOptions(overlap_comm=True)]),
-})
+requests = point_strategy(
+    context=st.one_of(st.sampled_from([1, 2048, 6144, 32768]), st.integers(1, 131072)),
+    output=st.one_of(st.sampled_from([0, 1, 2048]), st.integers(1, 65536)),
+    prefill=st.sampled_from(["none", "colocated", "disaggregated"]),
+    q=st.one_of(st.just("sqrt"), st.floats(1.05, 12.0)),
+    routing=st.sampled_from(["uniform", "powerlaw:1.01"]),
+    twin_attention=st.sampled_from(["same", "gqa"]),
+    batch=st.one_of(st.none(), st.none(), st.sampled_from([1, 48, 256])),
+    options=st.sampled_from([None, StepOptions(overlap_comm=True)]),
+)
 
 
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -19,8 +19,8 @@ from hypothesis import strategies as st
 
 import qsengine
 import reference_simulate as ref
+from _helpers import point_strategy, records
 from qsengine import Plan, StepOptions
-from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_columns
 from qsengine.decode.step import StepParams, accepted_tokens, decode_step, step_params, step_time
 from qsengine.packing import pack
 from qsengine.specs.loaders import as_cluster, as_model, as_precision, load_model
@@ -28,17 +28,8 @@ from qsengine.specs.loaders import as_cluster, as_model, as_precision, load_mode
 DATA = Path(__file__).parent / "data" / "hf"
 MOE_MODELS = ["deepseek-v3", "qwen3-235b-a22b", "grok-1", "switch-c-2048", "qwen3-30b-a3b", "mixtral-8x7b",
               "gpt-oss-120b", "llama-4-scout"]
-CLUSTERS = ["8xh100", "8xh200", "8xb200", "8xmi300x", "16xh100", "8xa100", "12xmi300x"]
 OPTIONS = [None, None, StepOptions(overlap="tbo"), StepOptions(kernels="roofline"), StepOptions(overlap="full"),
            StepOptions(kernels="roofline", overlap="tbo")]
-
-
-def _records(pts):
-    cols, n = encode_points(pts)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qsengine.ContextWarning)
-        out = evaluate_columns(cols, n)
-    return [{name: out[name][i] for name, _ in RECORD_COLUMNS} for i in range(n)]
 
 
 def _valid(p) -> bool:
@@ -184,22 +175,16 @@ def test_lanes_with_and_without_drafts_are_independent():
 
 
 # ------------------------------------------------------------------ the pipeline
-spec_points = st.fixed_dictionaries({
-    "model": st.sampled_from(MOE_MODELS),
-    "cluster": st.sampled_from(CLUSTERS),
-    "context": st.one_of(st.sampled_from([1, 4096, 32768, 131072]), st.integers(1, 200000)),
-    "q": st.one_of(st.just("sqrt"), st.none(), st.floats(1.05, 12.0)),
-    "slo_tpot": st.one_of(st.none(), st.floats(0.002, 0.2)),
-    "precision": st.sampled_from([None, "bf16", "fp8"]),
-    "routing": st.sampled_from(["uniform", "powerlaw:1.01"]),
-    "twin_attention": st.sampled_from(["same", "same", "gqa"]),
-    "break_even": st.just(False),  # q* (dozens of reference sides per point) in the explicit examples
-    "microbatches": st.just(0),
-    "batch": st.one_of(st.none(), st.none(), st.sampled_from([1, 8, 64, 256])),
-    "options": st.sampled_from(OPTIONS),
-    "draft_tokens": st.sampled_from([1, 1, 2, 3]),
-    "acceptance": st.one_of(st.sampled_from([0.0, 0.85, 1.0]), st.floats(0.0, 1.0)),
-})
+spec_points = point_strategy(
+    model=st.sampled_from(MOE_MODELS),
+    context=st.one_of(st.sampled_from([1, 4096, 32768, 131072]), st.integers(1, 200000)),
+    routing=st.sampled_from(["uniform", "powerlaw:1.01"]),
+    break_even=st.just(False),  # q* (dozens of reference sides per point) in the explicit examples
+    batch=st.one_of(st.none(), st.none(), st.sampled_from([1, 8, 64, 256])),
+    options=st.sampled_from(OPTIONS),
+    draft_tokens=st.sampled_from([1, 1, 2, 3]),
+    acceptance=st.one_of(st.sampled_from([0.0, 0.85, 1.0]), st.floats(0.0, 1.0)),
+)
 
 
 @settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -227,7 +212,7 @@ def test_speculative_pipeline_equals_the_slow_reference(pts):
         return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", qsengine.ContextWarning)
-        got = _records(pts)
+        got = records(pts)
         for p, g in zip(pts, got):
             assert ref.same(ref.record(**p), g) == [], p
 
@@ -245,13 +230,13 @@ def test_acceptance_bounds_the_gain(pts):
     pts = [dict(p, break_even=False) for p in pts if _valid(p)]
     if not pts:
         return
-    off = _records([dict(p, draft_tokens=0, acceptance=0.0) for p in pts])
-    plain = _records([{k: v for k, v in p.items() if k not in ("draft_tokens", "acceptance")} for p in pts])
-    for want, got in zip(plain, _records([dict(p, draft_tokens=0) for p in pts])):
+    off = records([dict(p, draft_tokens=0, acceptance=0.0) for p in pts])
+    plain = records([{k: v for k, v in p.items() if k not in ("draft_tokens", "acceptance")} for p in pts])
+    for want, got in zip(plain, records([dict(p, draft_tokens=0) for p in pts])):
         assert ref.same({k: v.item() if isinstance(v, np.generic) else v for k, v in want.items()},
                         {k: v.item() if isinstance(v, np.generic) else v for k, v in got.items()}, rtol=0.0) == []
-    zero = _records([dict(p, acceptance=0.0) for p in pts])
-    full = _records([dict(p, acceptance=1.0) for p in pts])
+    zero = records([dict(p, acceptance=0.0) for p in pts])
+    full = records([dict(p, acceptance=1.0) for p in pts])
     d = np.array([[p["draft_tokens"]] * 2 for p in pts], dtype=float)
     t_off, t_zero, t_full = _side_tps(off), _side_tps(zero), _side_tps(full)
     assert np.all(t_zero <= t_off * (1 + 1e-12))
