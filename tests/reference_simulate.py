@@ -371,7 +371,8 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
     """One side at its best plan and batch. A request workload (output >= 1)
     admits at context + output and reads context + (output + 1)/2; prefill
     "colocated" scores plans by end-to-end tokens/s, "disaggregated" takes the
-    prefill pool's best plan among all that pack."""
+    prefill pool's best plan among all that pack. Colocated TPOTs (mean, p99,
+    and the target) include the amortised prefill stall B·t_pf/O."""
     admit = context + output
     read = context + (output + 1) / 2 if output else context
     acc = cluster.accelerator
@@ -406,9 +407,12 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
             continue
         unit = p.tp if p.attn_dp else 1
         pf = math.nan
+        stall = 0.0  # colocated: each of the B running sequences' replacement prompt stops decode once per O steps
         if prefill != "none":
             t_pf = prefill_seconds(model, precision, acc, p, context, pop, options)
             pf = context * p.dp / t_pf  # colocated: the replicas prefill on the decode GPUs
+            if prefill == "colocated":
+                stall = t_pf / output
             if prefill == "disaggregated":
                 own = context / (t_pf * p.tp * p.pp) * cluster.num_gpus
                 pool = own if math.isnan(pool) else max(pool, own)
@@ -419,6 +423,11 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
         def step(units: int):
             return step_of(model, precision, acc, p, units * unit, read, pop, options)
 
+        def seen(st, seqs: int) -> tuple[float, float]:
+            """(mean, p99) TPOT a user sees with seqs running sequences per replica: the step plus the
+            amortised prefill stalls, seqs/O prompts of t_pf each per step."""
+            return st.time + seqs * stall, st.time_p99 + seqs * stall
+
         units, limit = int(pk.admissible_batch), "hbm"
         if fixed is not None:  # the cluster batch split evenly over the replicas, if the plan holds it
             if fixed % p.dp or math.ceil(fixed // p.dp / unit) > units:
@@ -426,25 +435,27 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
             st = step_of(model, precision, acc, p, fixed // p.dp, read, pop, options)
             thr = fixed / st.time
             if best is None or score(thr) > best["score"] * (1 + 1e-12):
-                best = dict(plan=p.label, batch=fixed, limit="fixed", tps=thr, tpot=st.time, p99=st.time_p99,
+                t_mean, t_p99 = seen(st, fixed // p.dp)
+                best = dict(plan=p.label, batch=fixed, limit="fixed", tps=thr, tpot=t_mean, p99=t_p99,
                             score=score(thr), pf=pf)
             continue
         st = step(units)
-        if slo is not None and st.time_p99 > slo:
+        if slo is not None and seen(st, units * unit)[1] > slo:
             limit = "slo"
-            if step(1).time_p99 > slo:
+            if seen(step(1), unit)[1] > slo:
                 continue
             lo, hi = 1, units
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if step(mid).time_p99 <= slo:
+                if seen(step(mid), mid * unit)[1] <= slo:
                     lo = mid
                 else:
                     hi = mid
             units, st = lo, step(lo)
         thr = st.tokens_per_second * p.dp
         if best is None or score(thr) > best["score"] * (1 + 1e-12):
-            best = dict(plan=p.label, batch=units * unit * p.dp, limit=limit, tps=thr, tpot=st.time, p99=st.time_p99,
+            t_mean, t_p99 = seen(st, units * unit)
+            best = dict(plan=p.label, batch=units * unit * p.dp, limit=limit, tps=thr, tpot=t_mean, p99=t_p99,
                         score=score(thr), pf=pf)
     if best is None:
         return dict(plan="", batch=0, limit="", tps=0.0, tpot=math.nan, p99=math.nan, e2e=0.0, pf=math.nan)

@@ -385,7 +385,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         assert plan is not None
         r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, float(req.read[i]), int(moe.side.batch[g]),
                     int(moe.side.limit[g]), None if np.isnan(slo[i]) or fixed[i] > 0 else float(slo[i]),
-                    routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]])
+                    routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]],
+                    stall=float(moe.side.stall[g]))
         refined[g] = r
         mc_n[g] = r.stats.microbatches
         if r.stats.precision is not None:
@@ -403,7 +404,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             plan = moe.family_of(g).plans[int(sd.max_plan[g])]
             r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, float(req.read[i]),
                         int(sd.max_batch[g]), 0, None, routings[rt[i]], mbs[mb[i]], seeds[i], threads,
-                        options[op[i]], rtols[codes["rtol"][i]])
+                        options[op[i]], rtols[codes["rtol"][i]], stall=float(sd.max_stall[g]))
         sd.max_time[g], sd.max_p99[g], sd.max_tps[g] = r.time, r.p99, r.tps
 
     # ---- the dense side: once per distinct (specs, dense identity, context, slo), in one stacked call

@@ -57,7 +57,7 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
                       admissible_batch=int(pk.admissible_batch), batch_limit=LIMITS[int(sd.limit[g])],
                       step=step, packing=pk, routing=None if refined is None else refined.stats,
-                      idle_gpus=point.cluster.num_gpus - plan.num_gpus)
+                      idle_gpus=point.cluster.num_gpus - plan.num_gpus, prefill_stall=batch * float(sd.stall[g]))
 
 
 def simulate(
@@ -168,9 +168,12 @@ def simulate(
     import pandas as pd
 
     peak, read = point.context + point.output, float(ev.requests.read[0])
-    front = pd.concat([frontier(ev.moe.family_of(mg), peak, side="moe", read_context=read),
+    work = dict(read_context=read, prompt=float(point.context), output=float(point.output), prefill=point.prefill)
+    gpus = point.cluster.num_gpus
+    front = pd.concat([frontier(ev.moe.family_of(mg), peak, side="moe", pool=float(ev.moe.side.pf[mg]) / gpus,
+                                **work),  # type: ignore[arg-type]
                        frontier(ev.dense.family_of(dg), peak, float(ev.dense_ffn[dg]), side="dense",
-                                read_context=read)],
+                                pool=float(ev.dense.side.pf[dg]) / gpus, **work)],  # type: ignore[arg-type]
                       ignore_index=True)
     from qsengine.specs.twin import qs as qs_record
 
