@@ -7,7 +7,7 @@ import math
 
 import numpy as np
 
-from qsengine.decode.prefill import PREFILL_MODES, prefill_ctx_flops, prefill_time
+from qsengine.decode.prefill import PREFILL_MODES, admission_context, prefill_ctx_flops, prefill_time
 from qsengine.decode.sides import Family
 from qsengine.decode.step import step_time
 from qsengine.packing import admissible_batches
@@ -26,7 +26,7 @@ FRONTIER_COLUMNS = ("side", "plan", "batch", "tpot", "tpot_p99", "tokens_per_s_p
 
 def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side: str = "",
              points: int = 40, read_context: float | None = None, prompt: float = 0.0, output: float = 0.0,
-             prefill: str = "none", pool: float = math.nan):
+             prefill: str = "none", pool: float = math.nan, spread: float = 0.0, prefill_seconds=None):
     """The Pareto frontier of one side: output tokens/s per GPU of the
     cluster against tokens/s per user (1/TPOT), over every feasible plan of
     ``fam`` and, per plan, ``points`` batches spaced geometrically from one
@@ -48,7 +48,11 @@ def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side
     B·t_pf/O and the end-to-end rate is B·dp/TPOT (per GPU); disaggregated:
     the harmonic combination with the prefill pool's ``pool`` prompt tokens/s
     per GPU. Without prefill the column is nan and ``tokens_per_s_per_gpu``
-    (decode) is the basis."""
+    (decode) is the basis. Length distributions: ``spread`` (> 0) is the sd
+    of a slot's cache, each plan admits at
+    :func:`~qsengine.decode.prefill.admission_context` (``context`` is then
+    the mean cache, rounded up), and ``prefill_seconds(params, ctx_flops)``
+    gives E[t_pf(I)] per row (default: :func:`prefill_time` at ``prompt``)."""
     import pandas as pd
 
     P = len(fam.plans)
@@ -60,6 +64,11 @@ def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side
     if fam.override and ffn_params is not None:
         fb = np.full(P, float(ffn_params) * fam.precision.weight_bytes)
     adm, _ = admissible_batches(fam.memory, idx, np.full(P, int(context)), fb)
+    if spread > 0:  # a length distribution: the mean cache plus its margin over the plan's pool
+        ok = adm >= 1
+        adm_ctx = admission_context(np.full(P, float(context if read_context is None else read_context)),
+                                    np.full(P, spread), adm)
+        adm = np.where(ok, admissible_batches(fam.memory, idx, adm_ctx, fb)[0], 0)
     plan_rows, unit_rows = [], []
     for p in np.flatnonzero(adm >= 1).tolist():
         u = np.unique(np.round(np.geomspace(1, int(adm[p]), points)).astype(np.int64))
@@ -79,8 +88,9 @@ def frontier(fam: Family, context: int, ffn_params: float | None = None, *, side
     gpus = fam.cluster.num_gpus
     tpot, tpot99 = r.time, r.p99
     if mode == 1:  # colocated: B/O prompts of t_pf each stall every decode step of the replica
-        t_pf = prefill_time(sp, np.full(plan_idx.size, float(prompt)), np.full(plan_idx.size, prefill_ctx_flops(fam.model)),
-                            pi=fam.pi, uniform=fam.pi is None)
+        fl = np.full(plan_idx.size, prefill_ctx_flops(fam.model))
+        t_pf = prefill_time(sp, np.full(plan_idx.size, float(prompt)), fl, pi=fam.pi, uniform=fam.pi is None) \
+            if prefill_seconds is None else prefill_seconds(sp, fl)
         tpot, tpot99 = r.time + batch * t_pf / output, r.p99 + batch * t_pf / output
     with np.errstate(divide="ignore", invalid="ignore"):
         per_gpu = batch * dp / r.time / gpus

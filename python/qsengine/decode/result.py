@@ -184,9 +184,17 @@ class SimulationResult:
         mc = ("closed form (no Monte Carlo)" if mb == 0 else
               f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
         ctx, out = int(inp.get("context")), int(inp.get("output") or 0)
-        work = (f"decode only: every sequence at {ctx:,} tokens" if not out else
-                f"requests of {ctx:,} in / {out:,} out (admitted at {ctx + out:,} tokens, decode reads "
-                f"{ctx + (out + 1) / 2:,.1f} on average), prefill {inp.get('prefill')}")
+        laws = (inp.get("context_dist", "fixed"), inp.get("output_dist", "fixed"))
+        rec = self.record
+        if out and laws != ("fixed", "fixed"):  # length distributions: paged admission at the mean plus a margin
+            work = (f"requests of {ctx:,} in ({laws[0]}) / {out:,} out ({laws[1]}) on average (admitted at "
+                    f"{rec.get('moe_admit_context', 0):,} tokens per sequence on the MoE, "
+                    f"{rec.get('dense_admit_context', 0):,} on the dense side; decode reads "
+                    f"{rec.get('read_context', math.nan):,.1f} on average), prefill {inp.get('prefill')}")
+        else:
+            work = (f"decode only: every sequence at {ctx:,} tokens" if not out else
+                    f"requests of {ctx:,} in / {out:,} out (admitted at {ctx + out:,} tokens, decode reads "
+                    f"{ctx + (out + 1) / 2:,.1f} on average), prefill {inp.get('prefill')}")
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
                 f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), {work}, "
                 f"operating point: {op}, plan {inp.get('plan')} "

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from qsengine._groups import split as _split
-from qsengine.decode.prefill import Requests, end_to_end, prefill_ctx_flops, prefill_time
+from qsengine.decode.prefill import Requests, admission_context, end_to_end, prefill_ctx_flops, prefill_time
 from qsengine.decode.step import StepOptions, StepParams, step_params, step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -201,6 +201,9 @@ class Side:
     stall: np.ndarray = _lanes(0.0, default=lambda: np.zeros(0))
     #: the same at the maximum-throughput point's plan
     max_stall: np.ndarray = _lanes(0.0, default=lambda: np.zeros(0))
+    #: tokens admitted per sequence at the chosen plan (the admission context; a length distribution's
+    #: mean cache plus its margin, prefill.admission_context); 0 if infeasible
+    admit: np.ndarray = _lanes(0, np.int64, default=lambda: np.zeros(0, np.int64))
 
     @classmethod
     def empty(cls, n: int) -> "Side":
@@ -258,6 +261,18 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
             if fam.override:
                 fb = ffn_params[lane[sl]] * fam.precision.weight_bytes  # type: ignore[index]
             adm[sl], fit[sl], fullest[sl] = admissible_batches(fam.memory, pidx[sl], ctx[sl], fb, fullest=True)
+    if requests is not None and bool((requests.spread > 0).any()):
+        # length distributions: admitted at the mean cache plus a margin of z standard errors over the n
+        # sequences of one memory pool, n the admission at the mean (one fixed-point step)
+        spr = np.flatnonzero((requests.spread[lane] > 0) & (adm >= 1))
+        if spr.size:
+            ctx = ctx.copy()
+            ctx[spr] = admission_context(requests.read[lane[spr]], requests.spread[lane[spr]], adm[spr])
+            for f, fam in enumerate(fams):
+                sub = spr[(spr >= bounds[f]) & (spr < bounds[f + 1])]
+                if sub.size:
+                    fb = None if not fam.override else ffn_params[lane[sub]] * fam.precision.weight_bytes  # type: ignore[index]
+                    adm[sub], fit[sub] = admissible_batches(fam.memory, pidx[sub], ctx[sub], fb)
     ok = adm >= 1  # pack(...).feasible: weights fit and one sequence fits
     rows = np.flatnonzero(ok)
     stack = _stacked(fams)
@@ -455,6 +470,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     out.plan = arg
     out.batch = np.where(feas, batch[k], 0)
     out.limit = np.where(feas, limit[k], 0)
+    out.admit = np.where(feas, ctx[rows][k], 0)
     out.time = np.where(feas, time[k], np.nan)
     out.p99 = np.where(feas, p99[k], np.nan)
     out.tps = np.where(feas, best, 0.0) if pf_rows is None else np.where(feas, thr[k], 0.0)
@@ -494,12 +510,19 @@ def _prefill_seconds(fams: Sequence[Family], stack: "_Stack", gplan: np.ndarray,
     on = np.flatnonzero(req.mode[lane_rows] > 0)
     t_req = np.full(gplan.size, np.nan)
     ctx_fl = np.array([prefill_ctx_flops(f.model) for f in fams])[fam_rows]
-    for lo in range(0, on.size, _BLOCK):
-        blk = on[lo:lo + _BLOCK]
-        sp = stack.params.take(gplan[blk])
-        if ffn_rows is not None:
-            sp = sp.replace(ffn_params=ffn_rows[blk])
-        t_req[blk] = prefill_time(sp, req.prompt[lane_rows[blk]], ctx_fl[blk], pi=pi, uniform=pi is None)
+
+    def seconds(sub: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        """prefill_time of rows ``on[sub]`` at ``prompt`` tokens, in cache-sized blocks."""
+        got = np.empty(sub.size)
+        for lo in range(0, sub.size, _BLOCK):
+            blk = on[sub[lo:lo + _BLOCK]]
+            sp = stack.params.take(gplan[blk])
+            if ffn_rows is not None:
+                sp = sp.replace(ffn_params=ffn_rows[blk])
+            got[lo:lo + blk.size] = prefill_time(sp, prompt[lo:lo + _BLOCK], ctx_fl[blk], pi=pi, uniform=pi is None)
+        return got
+
+    t_req[on] = req.mean_prefill(lane_rows[on], seconds)  # E[t_pf(I)] over a prompt law
     return t_req
 
 
