@@ -326,3 +326,20 @@ def test_distributions_through_simulate_and_sweep():
 def test_bad_length_laws_are_refused(kw, exc, msg):
     with pytest.raises(exc, match=msg):
         qsengine.simulate(**{**BASE, **kw})
+
+
+@pytest.mark.parametrize("prefill", ["colocated", "disaggregated"])
+def test_frontier_with_length_distributions_reaches_the_operating_point(prefill):
+    """With no latency target each side runs its best plan at the largest batch it admits (mean cache plus
+    margin), which is the top of its end-to-end frontier (the frontier admits and prefills the same way:
+    E[t_pf(I)] over the prompt law)."""
+    kw = dict(BASE, prefill=prefill, slo_tpot=None, context_dist="lognormal:1", output_dist="uniform:1")
+    res = qsengine.simulate(**kw)
+    rec = res.to_record()
+    for name, side in (("moe", res.moe), ("dense", res.dense)):
+        f = res.frontier[res.frontier["side"] == name]
+        top = f.iloc[int(np.argmax(f["request_tokens_per_s_per_gpu"].to_numpy()))]
+        assert top["plan"] == side.plan.label and top["batch"] == side.cluster_batch
+        assert top["request_tokens_per_s_per_gpu"] == pytest.approx(rec[f"{name}_request_tokens_per_s_per_gpu"],
+                                                                    rel=1e-9)
+        assert top["tpot"] == pytest.approx(side.tpot, rel=1e-12)
