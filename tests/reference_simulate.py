@@ -520,7 +520,8 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
     moe = side(m, c, context, plan, prec, routing, slo_tpot, opts, batch, output, prefill, context_dist, output_dist)
     den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts, batch, output, prefill, context_dist, output_dist)
     # the maximum-throughput point: no latency target
-    moe_max = side(m, c, context, plan, prec, routing, None, opts, batch, output, prefill, context_dist, output_dist) \
+    moe_max = side(m, c, context, plan, prec, routing, None, opts, batch, output, prefill, context_dist,
+                   output_dist) \
         if slo_tpot is not None else moe
     den_max = side(d, c, context, plan, prec, "uniform", None, opts, batch, output, prefill, context_dist, output_dist) \
         if slo_tpot is not None else den

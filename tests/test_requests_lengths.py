@@ -207,7 +207,8 @@ def _slots(laws: tuple[str, str], mean_in: int, mean_out: int, B: int, steps: in
     return cache, started, prompt_sq, (iv, iw, ov.astype(float), ow)
 
 
-@pytest.mark.parametrize("laws", [("fixed", "exponential"), ("lognormal:1", "uniform:1"), ("exponential", "lognormal:0.8")])
+@pytest.mark.parametrize("laws", [("fixed", "exponential"), ("lognormal:1", "uniform:1"),
+                                  ("exponential", "lognormal:0.8")])
 def test_slot_simulation_agrees_with_the_closed_forms(laws):
     """Steady-state continuous batching, simulated slot by slot: the mean cache per slot (what a step reads)
     is E[O·(I + (O+1)/2)]/E[O], its sd that of length_moments, prefills start at B/E[O] per step, and a

@@ -162,8 +162,8 @@ class Side:
     the batch, 0 = HBM; ``time``/``p99``: mean and p99 TPOT (s), the TPOT
     a user sees (colocated prefill: the decode step plus the amortised
     prefill stall ``batch · stall``); ``tps``: cluster decode tokens/s
-    (``batch · replicas`` / the decode step's mean, stalls not counted). Infeasible lanes: ``why`` = the plan whose reason is
-    reported, ``why_kind`` 1 (it misses the TPOT target at the smallest
+    (``batch · replicas`` / the decode step's mean, stalls not counted).
+    Infeasible lanes: ``why`` = the plan whose reason is reported, ``why_kind`` 1 (it misses the TPOT target at the smallest
     batch), 2 (it packs but cannot hold the fixed batch: it admits
     ``why_adm`` sequences per replica) or 0 (it does not pack; ``why_fit``:
     its weights fit, so the KV cache does not).
@@ -271,7 +271,9 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
             for f, fam in enumerate(fams):
                 sub = spr[(spr >= bounds[f]) & (spr < bounds[f + 1])]
                 if sub.size:
-                    fb = None if not fam.override else ffn_params[lane[sub]] * fam.precision.weight_bytes  # type: ignore[index]
+                    fb = None
+                    if fam.override:
+                        fb = ffn_params[lane[sub]] * fam.precision.weight_bytes  # type: ignore[index]
                     adm[sub], fit[sub] = admissible_batches(fam.memory, pidx[sub], ctx[sub], fb)
     ok = adm >= 1  # pack(...).feasible: weights fit and one sequence fits
     rows = np.flatnonzero(ok)
