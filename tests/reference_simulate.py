@@ -345,7 +345,8 @@ def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, pr
         tokens = n_tok * prompts * plan.dp / plan.expert_copies
         a = model.expert_params * precision.expert_bytes / plan.expert_tp / bw
         b = 2.0 * model.expert_params / plan.expert_tp / peak
-        compute += n_moe * moe_straggler_closed_form(model.routed_experts, k, tokens, plan.ep, a, b, pop)[0]
+        compute += n_moe * moe_straggler_closed_form(model.routed_experts, k, tokens, plan.ep, a, b, pop,
+                                                     plan.redundant)[0]  # the plan's redundant slots, as in decode
         if plan.ep > 1:
             sent = n_tok * prompts / plan.tp * k * d * precision.activation_bytes * (plan.ep - 1) / plan.ep
             group = plan.ep * plan.expert_tp

@@ -344,3 +344,18 @@ def test_frontier_with_length_distributions_reaches_the_operating_point(prefill)
         assert top["request_tokens_per_s_per_gpu"] == pytest.approx(rec[f"{name}_request_tokens_per_s_per_gpu"],
                                                                     rel=1e-9)
         assert top["tpot"] == pytest.approx(side.tpot, rel=1e-12)
+
+
+def test_prefill_on_a_plan_with_redundant_slots():
+    """Regression: prefill's routed straggler takes the plan's redundant expert slots (12 GPUs, ep = 3 or
+    6 with slots filling 256 experts), under a skewed law too (it used to fail reshaping 256 experts into
+    3 GPUs); equal to the oracle."""
+    p = dict(model="deepseek-v3", cluster="12xmi300x", context=1, output=1, prefill="colocated", slo_tpot=None,
+             routing="powerlaw:1.01", break_even=False, microbatches=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qsengine.ContextWarning)
+        got = records([p])[0]
+        want = ref.record(**p)
+    assert ref.same({k: want[k] for k in _tr.EXACT}, got) == []
+    for k in _tr.CLOSE:
+        assert _tr._close(got[k], want[k], 1e-9), k

@@ -335,8 +335,9 @@ def prefill_time(p: StepParams, prompt: np.ndarray, ctx_flops: np.ndarray, *, pi
         a = p.expert_params * p.eb / p.etp / p.bw
         b = 2.0 * p.expert_params / p.etp / p.flops
         experts, top_k = int(p.experts[rows[0]]), int(p.top_k[rows[0]])
+        red = p.redundant[rows]  # a plan's redundant expert slots (EPLB) serve prefill as they serve decode
         mean[rows], _ = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows], b[rows],
-                                              None if uniform else pi)
+                                              None if uniform else pi, red.astype(np.int64) if red.any() else None)
         pieces.append(np.where(is_moe, mean * p.moe_layers, 0.0))
     # LM head: the last token's logits
     t, _ = _roof(p.vd * p.wb / shard, 2.0 * p.vd / shard, p)
