@@ -397,26 +397,29 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         # throughput, so a row whose maximum is below (1 - 1e-9) of the best its lane
         # already has cannot be chosen, and its bisection is skipped. The lane's best
         # starts from the rows that meet the target at their maximum (exact), then
-        # the binding row with the largest maximum per lane is bisected first.
+        # the binding row with the largest maximum per lane is bisected first. The
+        # throughput is B·dp / TPOT: decode, or for colocated prefill (TPOT with its
+        # stalls) the end-to-end rate its plans are ranked by, B·dp/(t_step + B·t_pf/O),
+        # which grows with B wherever B/t_step does.
         lane_r = lane[rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = np.where(max_time > 0, max_batch / max_time, 0.0) * stack.dp[gplan]
         best_known = np.zeros(n)
         final_rows = np.flatnonzero(valid & ~(has_slo & ~(p99 <= s)))
-        np.maximum.at(best_known, lane_r[final_rows], max_thr[final_rows])
-        # lanes with colocated prefill rank plans end to end: a decode-only bound does not bound that
-        no_prune = np.zeros(n, bool) if requests is None else requests.mode == 1
+        np.maximum.at(best_known, lane_r[final_rows], bound[final_rows])
 
         def alive(cand: np.ndarray) -> np.ndarray:
-            return cand[(max_thr[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]) | no_prune[lane_r[cand]]]
+            return cand[bound[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]]
 
         cand = alive(over)
-        cand = cand[np.lexsort((-max_thr[cand], lane_r[cand]))]
+        cand = cand[np.lexsort((-bound[cand], lane_r[cand]))]
         lead = np.ones(cand.size, bool)
         lead[1:] = lane_r[cand[1:]] != lane_r[cand[:-1]]
         first_round = cand[lead]
         bisect(first_round)
         done = first_round[valid[first_round]]
         with np.errstate(divide="ignore", invalid="ignore"):
-            got = np.where(dec[done] > 0, units[done] * unit[done] / dec[done], 0.0) * stack.dp[gplan[done]]
+            got = np.where(time[done] > 0, units[done] * unit[done] / time[done], 0.0) * stack.dp[gplan[done]]
         np.maximum.at(best_known, lane_r[done], got)
         second_round = alive(cand[~lead])
         bisect(second_round)
