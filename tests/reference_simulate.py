@@ -380,7 +380,8 @@ def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, pr
         tokens = n_tok * prompts * plan.dp / plan.expert_copies
         a = model.expert_params * precision.expert_bytes / plan.expert_tp / bw
         b = 2.0 * model.expert_params / plan.expert_tp / peak
-        compute += n_moe * moe_straggler_closed_form(model.routed_experts, k, tokens, plan.ep, a, b, pop)[0]
+        compute += n_moe * moe_straggler_closed_form(model.routed_experts, k, tokens, plan.ep, a, b, pop,
+                                                     plan.redundant)[0]  # the plan's redundant slots, as in decode
         if plan.ep > 1:
             sent = n_tok * prompts / plan.tp * k * d * precision.activation_bytes * (plan.ep - 1) / plan.ep
             group = plan.ep * plan.expert_tp
@@ -435,22 +436,51 @@ def calibrated_prefill_compute(model: Model, precision: Precision, acc: Any, pla
             per_layer += gemm((mats - 1) * ws, d, n_tok) + gemm(d, ws, n_tok)
         a, bb, fixed = _grouped(model, precision, acc, plan)
         tokens = n_tok * prompts * plan.dp / plan.expert_copies
-        m, _ = moe_straggler_closed_form(model.routed_experts, model.top_k, tokens, plan.ep, a, bb, pop)
+        m, _ = moe_straggler_closed_form(model.routed_experts, model.top_k, tokens, plan.ep, a, bb, pop,
+                                         plan.redundant)
         total += model.decode_moe_layers * (per_layer + m + fixed)
     return total + gemm(model.vocab_size / shard, d, 1.0)
 
 
+def length_workload(context: int, output: int, context_dist: str, output_dist: str
+                    ) -> tuple[float, float, list[tuple[float, float]]]:
+    """(mean cache a slot holds = mean a step reads, its sd, prompt law as (length, probability) pairs) of
+    requests with I and O drawn independently from the named laws (their discrete form is the definition,
+    qsengine.decode.prefill.LengthDist; everything else the plain way). A slot holds request (i, o) for o
+    steps, so it is seen with probability ∝ p(i)·p(o)·o, at a step j uniform on 1..o, caching i + j."""
+    from qsengine.decode.prefill import LengthDist
+
+    ins = list(zip(*(x.tolist() for x in LengthDist.parse(context_dist).discretise(context))))
+    outs = list(zip(*(x.tolist() for x in LengthDist.parse(output_dist).discretise(output))))
+    norm = sum(po * o for o, po in outs)
+    c1 = c2 = 0.0
+    for i, pi_ in ins:
+        for o, po in outs:
+            w = pi_ * po * o / norm
+            c1 += w * (i + (o + 1) / 2)  # the mean over j of i + j
+            c2 += w * (i * i + i * (o + 1) + (o + 1) * (2 * o + 1) / 6)  # the mean over j of (i + j)^2
+    return c1, math.sqrt(max(c2 - c1 * c1, 0.0)), ins
+
+
 def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precision: Precision,
          routing: Any, slo: float | None, options: StepOptions, fixed: int | None = None,
-         output: int = 0, prefill: str = "none", cap: int = 0) -> dict[str, Any]:
+         output: int = 0, prefill: str = "none", context_dist: str = "fixed",
+         output_dist: str = "fixed", cap: int = 0) -> dict[str, Any]:
     """One side at its best plan and batch. ``cap``: the serving engine's
     sequences per scheduler (one scheduler per replica, per attention rank under
     attention-DP; 0 = none). A request workload (output >= 1)
     admits at context + output and reads context + (output + 1)/2; prefill
     "colocated" scores plans by end-to-end tokens/s, "disaggregated" takes the
-    prefill pool's best plan among all that pack."""
+    prefill pool's best plan among all that pack. Colocated TPOTs (mean, p99,
+    and the target) include the amortised prefill stall B·t_pf/O."""
     admit = context + output
     read = context + (output + 1) / 2 if output else context
+    laws = output >= 1 and (context_dist, output_dist) != ("fixed", "fixed")
+    prompts = [(float(context), 1.0)]
+    sd = 0.0
+    if laws:  # paged KV: admitted at the mean cache plus a 99% margin over the sequences of one memory pool
+        read, sd, prompts = length_workload(context, output, context_dist, output_dist)
+        admit = math.ceil(read)
     acc = cluster.accelerator
     pop = independent_popularity(routing, model.routed_experts) if model.is_moe else None
     if isinstance(plan, Plan) and not model.is_moe and (plan.ep > 1 or plan.etp is not None or plan.redundant):
@@ -470,6 +500,10 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
     for p in candidates:
         used = cluster if p.num_gpus == cluster.num_gpus else Cluster(acc, p.num_gpus)
         pk = pack(model, used, admit, plan=p, precision=precision, draft_module=options.draft_tokens > 0)
+        admitted = admit
+        if laws and pk.feasible:
+            admitted = math.ceil(read + Z99 * sd / math.sqrt(pk.admissible_batch))
+            pk = pack(model, used, admitted, plan=p, precision=precision, draft_module=options.draft_tokens > 0)
         if model.is_moe:  # every GPU holds (E + redundant)/ep expert slots of each of its stage's MoE layers
             slots = (model.routed_experts + p.redundant) // p.ep
             per_slot = model.expert_params * precision.expert_bytes / p.expert_tp
@@ -483,9 +517,12 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
             continue
         unit = p.tp if p.attn_dp else 1
         pf = math.nan
+        stall = 0.0  # colocated: each of the B running sequences' replacement prompt stops decode once per O steps
         if prefill != "none":
-            t_pf = prefill_seconds(model, precision, acc, p, context, pop, options)
+            t_pf = sum(w * prefill_seconds(model, precision, acc, p, i, pop, options) for i, w in prompts)
             pf = context * p.dp / t_pf  # colocated: the replicas prefill on the decode GPUs
+            if prefill == "colocated":
+                stall = t_pf / output
             if prefill == "disaggregated":
                 own = context / (t_pf * p.tp * p.pp) * cluster.num_gpus
                 pool = own if math.isnan(pool) else max(pool, own)
@@ -495,6 +532,11 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
 
         def step(units: int):
             return step_of(model, precision, acc, p, units * unit, read, pop, options)
+
+        def seen(st, seqs: int) -> tuple[float, float]:
+            """(mean, p99) TPOT a user sees with seqs running sequences per replica: the step plus the
+            amortised prefill stalls, seqs/O prompts of t_pf each per step."""
+            return st.time + seqs * stall, st.time_p99 + seqs * stall
 
         units, limit = int(pk.admissible_batch), "hbm"
         schedulers = p.tp if p.attn_dp else 1
@@ -506,28 +548,30 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
             st = step_of(model, precision, acc, p, fixed // p.dp, read, pop, options)
             thr = fixed / st.time
             if best is None or score(thr) > best["score"] * (1 + 1e-12):
-                best = dict(plan=p.label, batch=fixed, limit="fixed", tps=thr, tpot=st.time, p99=st.time_p99,
-                            score=score(thr), pf=pf)
+                t_mean, t_p99 = seen(st, fixed // p.dp)
+                best = dict(plan=p.label, batch=fixed, limit="fixed", tps=thr, tpot=t_mean, p99=t_p99,
+                            score=score(thr), pf=pf, admit=admitted)
             continue
         st = step(units)
-        if slo is not None and st.time_p99 > slo:
+        if slo is not None and seen(st, units * unit)[1] > slo:
             limit = "slo"
-            if step(1).time_p99 > slo:
+            if seen(step(1), unit)[1] > slo:
                 continue
             lo, hi = 1, units
             while hi - lo > 1:
                 mid = (lo + hi) // 2
-                if step(mid).time_p99 <= slo:
+                if seen(step(mid), mid * unit)[1] <= slo:
                     lo = mid
                 else:
                     hi = mid
             units, st = lo, step(lo)
         thr = st.tokens_per_second * p.dp
         if best is None or score(thr) > best["score"] * (1 + 1e-12):
-            best = dict(plan=p.label, batch=units * unit * p.dp, limit=limit, tps=thr, tpot=st.time, p99=st.time_p99,
-                        score=score(thr), pf=pf)
+            t_mean, t_p99 = seen(st, units * unit)
+            best = dict(plan=p.label, batch=units * unit * p.dp, limit=limit, tps=thr, tpot=t_mean, p99=t_p99,
+                        score=score(thr), pf=pf, admit=admitted)
     if best is None:
-        return dict(plan="", batch=0, limit="", tps=0.0, tpot=math.nan, p99=math.nan, e2e=0.0, pf=math.nan)
+        return dict(plan="", batch=0, limit="", tps=0.0, tpot=math.nan, p99=math.nan, e2e=0.0, pf=math.nan, admit=0)
     if prefill == "disaggregated":
         best["pf"] = pool
     best["e2e"] = 1 / (1 / best["tps"] + (context / output) / best["pf"]) if prefill != "none" else best["tps"]
@@ -538,7 +582,8 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
            routing: Any = "uniform", plan: Plan | str = "auto", precision: str | None = None,
            slo_tpot: float | None = DEFAULT_SLO_TPOT, twin_attention: str = "same", break_even: bool = True,
            options: StepOptions | None = None, batch: int | None = None, output: int = 0, prefill: str = "none",
-           draft_tokens: int = 0, acceptance: float = 0.0, serving: str = "qsengine", **_: Any) -> dict[str, Any]:
+           draft_tokens: int = 0, acceptance: float = 0.0, context_dist: str = "fixed", output_dist: str = "fixed",
+           serving: str = "qsengine", **_: Any) -> dict[str, Any]:
     """The comparison the plain way: the record columns that do not depend on
     wording (feasibility, plans, batches, throughput, TPOT, ratio, verdict, q*)."""
     m, c = as_model(model), as_cluster(cluster)
@@ -557,12 +602,16 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
         rec = qs_record(m, "sqrt" if q is None else q)
     if batch is not None:
         slo_tpot = None  # a fixed batch is evaluated as given
-    moe = side(m, c, context, plan, prec, routing, slo_tpot, opts, batch, output, prefill, cap)
-    den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts, batch, output, prefill, cap)
+    moe = side(m, c, context, plan, prec, routing, slo_tpot, opts, batch, output, prefill, context_dist, output_dist,
+               cap)
+    den = side(d, c, context, plan, prec, "uniform", slo_tpot, opts, batch, output, prefill, context_dist, output_dist,
+               cap)
     # the maximum-throughput point: no latency target
-    moe_max = side(m, c, context, plan, prec, routing, None, opts, batch, output, prefill, cap) \
+    moe_max = side(m, c, context, plan, prec, routing, None, opts, batch, output, prefill, context_dist,
+                   output_dist, cap) \
         if slo_tpot is not None else moe
-    den_max = side(d, c, context, plan, prec, "uniform", None, opts, batch, output, prefill, cap) \
+    den_max = side(d, c, context, plan, prec, "uniform", None, opts, batch, output, prefill, context_dist, output_dist,
+                   cap) \
         if slo_tpot is not None else den
     gpus = c.num_gpus
     out: dict[str, Any] = {"dense_model": d.id, "q": rec.q, "qs": rec.qs}
@@ -581,6 +630,7 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
         on = prefill != "none" and bool(s["plan"])
         out[f"{name}_prefill_tokens_per_s_per_gpu"] = s["pf"] / c.num_gpus if on else math.nan
         out[f"{name}_request_tokens_per_s_per_gpu"] = s["e2e"] / c.num_gpus if on else math.nan
+        out[f"{name}_admit_context"] = s["admit"]
     if not moe["plan"] and not den["plan"]:
         verdict = "neither"
     elif not moe["plan"]:
@@ -595,7 +645,8 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
     q_star = math.nan
     if break_even and moe["plan"] and dense is None:
         q_star = break_even_q(m, c, context, moe["e2e"], prec, plan, slo_tpot, opts, twin_attention, batch,
-                              output=output, prefill=prefill, cap=cap)
+                              output=output, prefill=prefill, context_dist=context_dist, output_dist=output_dist,
+                              cap=cap)
     out["break_even_q"] = q_star
     return out
 
@@ -603,13 +654,14 @@ def record(model: str, cluster: str, context: int, q: Any = None, dense: str | N
 def break_even_q(model: Model, cluster: Cluster, context: int, moe_tps: float, precision: Precision,
                  plan: Plan | str, slo: float | None, options: StepOptions, attention: str,
                  fixed: int | None = None, rtol: float = 1e-3, output: int = 0, prefill: str = "none",
-                 cap: int = 0) -> float:
+                 context_dist: str = "fixed", output_dist: str = "fixed", cap: int = 0) -> float:
     def ratio(q: float) -> float | None:
         try:
             twin = model.dense_twin(q, attention=attention)
         except ValueError:
             return None
-        s = side(twin, cluster, context, plan, precision, "uniform", slo, options, fixed, output, prefill, cap)
+        s = side(twin, cluster, context, plan, precision, "uniform", slo, options, fixed, output, prefill, context_dist,
+                 output_dist, cap)
         return s["e2e"] / moe_tps if s["plan"] else 0.0
 
     lo, hi = 1.0, 1.0 / model.sparsity

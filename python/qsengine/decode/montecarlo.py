@@ -46,11 +46,14 @@ class Refined:
 def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, context: float, batch: int,
             limit: int, slo_tpot: float | None, routing: Any, microbatches: int | str,
             seed: np.random.SeedSequence | None, threads: int | None, options: StepOptions,
-            rtol: float = 1e-3) -> Refined:
+            rtol: float = 1e-3, stall: float = 0.0) -> Refined:
     """The step time at ``batch`` with the routed-expert straggler from the
     routing Monte Carlo; if the Monte Carlo TPOT misses the target, the batch
     steps down (in admission units) and the Monte Carlo runs again (the
-    target holds on the p99)."""
+    target holds on the p99). ``stall``: colocated prefill's stall per
+    running sequence and step (t_pf / O, seconds): the TPOT (mean and p99,
+    ``Refined.time``/``p99``) is the step's plus ``batch · stall``; ``tps``
+    stays the decode throughput."""
     from qsengine.decode.straggler import moe_layer_shape
     from qsengine.routing import Placement, route
 
@@ -94,8 +97,9 @@ def _refine(model: Model, precision: Precision, cluster: Cluster, plan: Plan, co
         mst = (mean, dist.quantile(0.5), p99)
         r = step_time(p, np.array([float(batch)]), np.array([float(context)]), pi=pi, uniform=pi is None,
                       moe_step_time=tuple(np.array([v]) for v in mst))  # type: ignore[arg-type]
-        t, t99 = float(r.time[0]), float(r.p99[0])
+        t_step = float(r.time[0])
+        t, t99 = t_step + batch * stall, float(r.p99[0]) + batch * stall
         if slo_tpot is None or t99 <= slo_tpot or batch <= unit:
-            return Refined(batch, limit, mst, t, t99, batch / t * plan.dp if t > 0 else 0.0, stats)
+            return Refined(batch, limit, mst, t, t99, batch / t_step * plan.dp if t_step > 0 else 0.0, stats)
         batch = max(unit, int(batch * slo_tpot / t99) // unit * unit)
         limit = 1

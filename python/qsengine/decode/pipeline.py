@@ -196,6 +196,10 @@ RECORD_COLUMNS: tuple[tuple[str, str], ...] = (
     ("output", "int"), ("prefill", "str"), ("ratio_basis", "str"), ("ratio_decode", "float"), ("why_prefill", "float"),
     *((f"{side}_{name}", "float") for side in ("moe", "dense") for name in (
         "prefill_tokens_per_s_per_gpu", "request_tokens_per_s_per_gpu")),
+    # length distributions (docs/model.md "Length distributions"): the laws, the mean cached tokens a step reads,
+    # and the tokens admitted per sequence at each side's chosen plan
+    ("context_dist", "str"), ("output_dist", "str"), ("read_context", "float"), ("moe_admit_context", "int"),
+    ("dense_admit_context", "int"),
 )
 _EMPTY = {"str": "", "int": 0, "float": math.nan, "bool": False, "bool?": None}
 
@@ -322,7 +326,10 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     # whole requests: admission at the peak cache, steps read the running mean (prefill.Requests)
     outputs = np.array([v.obj for v in values["output"]], dtype=np.int64)
     modes = np.array([PREFILL_MODES.index(v.obj) for v in values["prefill"]], dtype=np.int8)
-    adm_ctx, req = Requests.make(contexts[codes["context"]], outputs[codes["output"]], modes[codes["prefill"]])
+    # length laws: the distinct laws of both fields in one list, each lane's I and O law an index into it
+    length_laws = objs("context_dist") + objs("output_dist")
+    adm_ctx, req = Requests.make(contexts[codes["context"]], outputs[codes["output"]], modes[codes["prefill"]],
+                                 length_laws, codes["context_dist"], codes["output_dist"] + len(values["context_dist"]))
     pr, precisions = _deployed(pr, precisions, m, models)
     c, clusters, cap = _served(c, clusters, codes["serving"], objs("serving"))
     op, options = _speculative(n, op, options, codes["draft_tokens"], objs("draft_tokens"), codes["acceptance"],
@@ -357,7 +364,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     # ---- the MoE side: once per distinct (specs, routing, closed form?, context, slo); families sharing
     # a routing law in one stacked call
     mg, m_first = _group(n, m, c, pr, pl, op, rt, closed.astype(np.int64), codes["context"], codes["slo_tpot"],
-                         codes["batch"], mb, codes["rtol"], codes["output"], codes["prefill"])
+                         codes["batch"], mb, codes["rtol"], codes["output"], codes["prefill"], codes["context_dist"],
+                         codes["output_dist"])
     moe = _SideSet.empty(m_first.size)
     fg, f_first = _group(m_first.size, *(x[m_first] for x in (m, c, pr, pl, op, rt)),
                          closed[m_first].astype(np.int64))
@@ -390,7 +398,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         assert plan is not None
         r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, float(req.read[i]), int(moe.side.batch[g]),
                     int(moe.side.limit[g]), None if np.isnan(slo[i]) or fixed[i] > 0 else float(slo[i]),
-                    routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]])
+                    routings[rt[i]], mbs[mb[i]], seeds[i], threads, options[op[i]], rtols[codes["rtol"][i]],
+                    stall=float(moe.side.stall[g]))
         refined[g] = r
         mc_n[g] = r.stats.microbatches
         if r.stats.precision is not None:
@@ -408,12 +417,12 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             plan = moe.family_of(g).plans[int(sd.max_plan[g])]
             r = _refine(models[m[i]], precisions[pr[i]], clusters[c[i]], plan, float(req.read[i]),
                         int(sd.max_batch[g]), 0, None, routings[rt[i]], mbs[mb[i]], seeds[i], threads,
-                        options[op[i]], rtols[codes["rtol"][i]])
+                        options[op[i]], rtols[codes["rtol"][i]], stall=float(sd.max_stall[g]))
         sd.max_time[g], sd.max_p99[g], sd.max_tps[g] = r.time, r.p99, r.tps
 
     # ---- the dense side: once per distinct (specs, dense identity, context, slo), in one stacked call
     dg, d_first = _group(n, m, c, pr, pl, op, dq, codes["context"], codes["slo_tpot"], codes["batch"], codes["output"],
-                         codes["prefill"])
+                         codes["prefill"], codes["context_dist"], codes["output_dist"])
     dense = _SideSet.empty(d_first.size)
     ffn = np.zeros(d_first.size)
     dfam_of = np.zeros(d_first.size, np.int64)
@@ -569,6 +578,11 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
         e2e = moe_e2e if side_name == "moe" else dense_e2e
         out[f"{side_name}_request_tokens_per_s_per_gpu"][:] = np.where(with_pf, e2e[grp] / gpus, np.nan)
     out["output"][:] = req.output.astype(np.int64)
+    out["context_dist"][:] = np.array([v.display for v in values["context_dist"]], dtype=object)[codes["context_dist"]]
+    out["output_dist"][:] = np.array([v.display for v in values["output_dist"]], dtype=object)[codes["output_dist"]]
+    out["read_context"][:] = req.read
+    out["moe_admit_context"][:] = np.where(moe.side.feasible[mg], moe.side.admit[mg], 0)
+    out["dense_admit_context"][:] = np.where(dense.side.feasible[dg], dense.side.admit[dg], 0)
     out["prefill"][:] = np.array(PREFILL_MODES, dtype=object)[req.mode]
     out["ratio_basis"][:] = np.where(req.mode > 0, "end-to-end", "decode").astype(object)
     out["ratio_decode"][:] = ratio_decode

@@ -62,6 +62,8 @@ FIELDS: dict[str, Any] = {
     "prefill": "none",
     "draft_tokens": 0,
     "acceptance": 0.0,
+    "context_dist": "fixed",
+    "output_dist": "fixed",
     "serving": "qsengine",
 }
 
@@ -279,6 +281,11 @@ def check_value(field: str, v: Any) -> Value:
         if v not in PREFILL_MODES:
             raise _err(field, v, f"must be one of {list(PREFILL_MODES)}")
         return Value(v, v, canonical_json(v), v)
+    if field in ("context_dist", "output_dist"):  # length laws of I and O (docs/model.md "Length distributions")
+        from qsengine.decode.prefill import LengthDist
+
+        d = LengthDist.parse(v, field)
+        return Value(d.label, d, canonical_json(d.label), d.label)
     if field == "serving":  # the serving engine's memory policy and batch cap (qsengine.specs.serving)
         from qsengine.specs.serving import SERVING_POLICIES, ServingPolicy, serving_policy
 
@@ -418,6 +425,10 @@ class Validator:
                              "requests: give output >= 1 generated tokens per request")
         if ctx + out > 2**53:
             raise ValueError(f"fields 'context' = {ctx} and 'output' = {out}: context + output must be <= 2^53 tokens")
+        for name in ("context_dist", "output_dist"):
+            if out < 1 and not values[name].obj.is_fixed:
+                raise ValueError(f"fields {name!r} = {values[name].arg!r} and 'output' = {out}: a length "
+                                 "distribution needs whole requests: give output >= 1 generated tokens per request")
 
     #: (fields read, check) of :meth:`point`
     CHECKS: tuple[tuple[tuple[str, ...], Callable[["Validator", dict[str, Value]], None]], ...] = (
@@ -426,7 +437,7 @@ class Validator:
         (("model", "dense", "context", "output"), _context),
         (("model", "routing", "microbatches"), _law),
         (("batch", "slo_tpot"), _batch),
-        (("context", "output", "prefill"), _request),
+        (("context", "output", "prefill", "context_dist", "output_dist"), _request),
         (("options",), _speculation),
     )
 
@@ -486,6 +497,8 @@ class Point:
     prefill: str
     draft_tokens: int
     acceptance: float
+    context_dist: Any
+    output_dist: Any
     serving: Any
     values: dict[str, Value]
 

@@ -14,6 +14,15 @@ Formulas and assumptions: ``docs/model.md``, section "Whole requests".
   read once per batch, the GEMMs over I tokens, causal attention over the
   prompt, the same TP/EP/PP communication at prefill sizes, each piece a
   roofline with the accelerator efficiencies of the decode step model.
+* **Length distributions** (:class:`LengthDist`, point fields
+  ``context_dist``, ``output_dist``): I and O drawn independently from
+  "fixed", "uniform:w", "exponential" or "lognormal:s" laws of mean
+  ``context`` and ``output``, discretised into :data:`DIST_POINTS`
+  equiprobable bins. A slot of a continuously batched replica holds a request
+  for O steps, so the request a step sees is length-biased (probability ∝ O):
+  steps read E[O·(I + (O+1)/2)]/E[O] tokens per sequence, prefill costs
+  E[t_pf(I)] per request, and sequences are admitted at the mean cache plus a
+  margin (:func:`admission_context`; fixed lengths keep the peak I + O).
 * **Modes** (:data:`PREFILL_MODES`): ``"none"`` (decode only), ``"colocated"``
   (prefill runs on the decode GPUs and takes their time: the plan is chosen for
   the end-to-end throughput), ``"disaggregated"`` (a separate prefill pool at
@@ -28,19 +37,143 @@ Helpers only: the roofline and collectives come from
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
 
 import numpy as np
+
+from collections.abc import Callable, Sequence
 
 from qsengine.decode.kernels import _allreduce, _gemm, _link_bw, _roof
 from qsengine.decode.params import StepParams
 from qsengine.decode.straggler import straggler_closed_form
 from qsengine.specs import Model
 
-__all__ = ["PREFILL_MODES", "Requests", "prefill_ctx_flops", "prefill_time", "end_to_end"]
+__all__ = ["PREFILL_MODES", "LENGTH_DISTRIBUTIONS", "DIST_POINTS", "ADMISSION_Z", "LengthDist", "Requests",
+           "admission_context", "prefill_ctx_flops", "prefill_time", "end_to_end"]
 
 #: The ``prefill`` point field's values, in code order (``Requests.mode``).
 PREFILL_MODES = ("none", "colocated", "disaggregated")
+
+#: The length laws of the ``context_dist`` / ``output_dist`` point fields (docs/model.md "Length distributions").
+LENGTH_DISTRIBUTIONS = ("fixed", "uniform", "exponential", "lognormal")
+
+#: Equiprobable bins a length law is discretised into (each bin at its conditional mean, so the mean is exact;
+#: the sd loses the within-bin part: 0.01% for uniform, 0.9% for exponential, 1.1% for lognormal:0.5, 6% for
+#: lognormal:1, all of it in the top bin's tail).
+DIST_POINTS = 64
+
+#: Admission margin of a length distribution, in standard errors of the batch's mean cache per sequence: the
+#: one-sided 99% normal quantile (the sum of the n independent slots' caches of one memory pool exceeds the
+#: admitted n·(mean + z·sd/√n) on about 1% of steps, central limit theorem; an engine then preempts, e.g. vLLM's
+#: recompute preemption, https://docs.vllm.ai/en/latest/configuration/optimization.html#preemption).
+ADMISSION_Z = NormalDist().inv_cdf(0.99)
+
+
+@dataclass(frozen=True)
+class LengthDist:
+    """A law of request lengths L ≥ 1 of a given mean m: L = 1 + Y with
+    E[Y] = m − 1, Y ≥ 0 (so every law keeps lengths ≥ 1 and its mean exact).
+
+    * ``"fixed"``: L = m;
+    * ``"uniform:w"`` (0 < w ≤ 1): Y uniform on [(m−1)(1−w), (m−1)(1+w)];
+    * ``"exponential"``: Y exponential of mean m − 1 (sd = m − 1);
+    * ``"lognormal:s"`` (0 < s ≤ 4): ln Y normal of sd s and mean ln(m−1) − s²/2.
+
+    ``spread`` is w or s (0 for fixed and exponential)."""
+
+    kind: str = "fixed"
+    spread: float = 0.0
+
+    @staticmethod
+    def parse(v: Any, field_name: str = "context_dist") -> "LengthDist":
+        """A LengthDist from its string form ("fixed", "uniform:0.5",
+        "exponential", "lognormal:0.8") or itself; errors name the field."""
+        if isinstance(v, LengthDist):
+            v = v.label
+        if not isinstance(v, str):
+            raise TypeError(f"field {field_name!r} = {v!r}: must be a string such as 'fixed', 'uniform:0.5', "
+                            f"'exponential' or 'lognormal:0.8', got {type(v).__name__}")
+        kind, _, arg = v.strip().lower().partition(":")
+        if kind not in LENGTH_DISTRIBUTIONS:
+            raise ValueError(f"field {field_name!r} = {v!r}: the law must be one of {list(LENGTH_DISTRIBUTIONS)}")
+        if kind in ("fixed", "exponential"):
+            if arg:
+                raise ValueError(f"field {field_name!r} = {v!r}: {kind!r} takes no parameter")
+            return LengthDist(kind)
+        try:
+            x = float(arg)
+        except ValueError:
+            raise ValueError(f"field {field_name!r} = {v!r}: {kind!r} needs its spread, e.g. "
+                             f"'{kind}:{'0.5' if kind == 'uniform' else '0.8'}'") from None
+        hi = 1.0 if kind == "uniform" else 4.0
+        if not (math.isfinite(x) and 0 < x <= hi):
+            raise ValueError(f"field {field_name!r} = {v!r}: the spread must be in (0, {hi:g}] "
+                             f"({'half-width over the mean' if kind == 'uniform' else 'sd of the log'})")
+        return LengthDist(kind, x)
+
+    @property
+    def label(self) -> str:
+        return self.kind if self.kind in ("fixed", "exponential") else f"{self.kind}:{self.spread:g}"
+
+    @property
+    def is_fixed(self) -> bool:
+        return self.kind == "fixed"
+
+    def discretise(self, mean: float, k: int = DIST_POINTS) -> tuple[np.ndarray, np.ndarray]:
+        """(values, weights) of ``k`` equiprobable bins of the law of mean
+        ``mean``, each value the bin's conditional mean E[L | bin] (so
+        Σ w·v = mean up to rounding). "fixed" (or mean 1): one point."""
+        theta = float(mean) - 1.0
+        if self.is_fixed or theta <= 0:
+            return np.array([float(mean)]), np.array([1.0])
+        p = np.arange(k + 1) / k
+        if self.kind == "uniform":  # the bin's midpoint
+            lo, hi = theta * (1 - self.spread), theta * (1 + self.spread)
+            y = lo + (hi - lo) * (np.arange(k) + 0.5) / k
+        elif self.kind == "exponential":
+            # partial expectation E[Y·1{Y ≤ x_p}] = θ·(1 − (1 − p)(1 − ln(1 − p))), x_p the p-quantile
+            q = 1.0 - p
+            with np.errstate(divide="ignore", invalid="ignore"):
+                g = theta * (1.0 - q * (1.0 - np.log(q)))
+            g[-1] = theta
+            y = np.diff(g) * k
+        else:  # lognormal: E[Y·1{Y ≤ x_p}] = E[Y]·Φ(Φ⁻¹(p) − s)
+            nd = NormalDist()
+            g = np.array([0.0] + [nd.cdf(nd.inv_cdf(x) - self.spread) for x in p[1:-1]] + [1.0]) * theta
+            y = np.diff(g) * k
+        return 1.0 + y, np.full(k, 1.0 / k)
+
+
+def length_moments(context: float, output: float, cd: LengthDist, od: LengthDist
+                   ) -> tuple[float, float, np.ndarray, np.ndarray]:
+    """(mean cache per slot, its sd, prompt values, prompt weights) of
+    requests with I ~ ``cd`` of mean ``context`` and O ~ ``od`` of mean
+    ``output`` ≥ 1, independent. A slot's request is length-biased (∝ O) and
+    at a uniform step J ∈ {1..O} of it, so its cache C = I + J has
+    E[C] = E[I] + E_b[J], Var[C] = Var[I] + Var_b[J] with
+    E_b[J] = E[O(O+1)/2]/E[O] and E_b[J²] = E[O(O+1)(2O+1)/6]/E[O]
+    (E[C] is also the mean a step reads, E[O·(I + (O+1)/2)]/E[O])."""
+    iv, iw = cd.discretise(context)
+    ov, ow = od.discretise(output)
+    m_i, m_o = float(context), float(output)
+    var_i = float(np.sum(iw * iv * iv)) - m_i * m_i if not cd.is_fixed else 0.0
+    o2, o3 = float(np.sum(ow * ov ** 2)), float(np.sum(ow * ov ** 3))
+    ej = (o2 + m_o) / (2.0 * m_o)
+    ej2 = (2.0 * o3 + 3.0 * o2 + m_o) / (6.0 * m_o)
+    return m_i + ej, math.sqrt(max(var_i + ej2 - ej * ej, 0.0)), iv, iw
+
+
+def admission_context(mean: np.ndarray, sd: np.ndarray, units: np.ndarray) -> np.ndarray:
+    """Tokens admitted per sequence of a length distribution (paged KV):
+    ceil(mean + z·sd/√n), the mean cache plus :data:`ADMISSION_Z` standard
+    errors of the mean over the n sequences sharing one memory pool (``units``,
+    the admissible batch at the mean: per replica, or per GPU under attention
+    data-parallelism)."""
+    n = np.maximum(np.asarray(units, dtype=np.float64), 1.0)
+    return np.ceil(np.asarray(mean) + ADMISSION_Z * np.asarray(sd) / np.sqrt(n)).astype(np.int64)
 
 
 @dataclass(frozen=True)
@@ -48,27 +181,92 @@ class Requests:
     """The request workload of many lanes (float64 arrays, int8 ``mode``).
 
     ``read``: mean cached tokens one decode step reads per sequence;
-    ``prompt``: I; ``output``: O (0 = decode only at a fixed context);
-    ``mode``: index into :data:`PREFILL_MODES`."""
+    ``prompt``: I (its mean); ``output``: O (its mean; 0 = decode only at a
+    fixed context); ``mode``: index into :data:`PREFILL_MODES`. Length
+    distributions: ``spread`` = sd of a slot's cache (> 0: admitted by
+    :func:`admission_context` at ``read`` plus a margin; 0: at the admission
+    context given), ``pcode`` = index into ``ptable`` of the lane's prompt
+    law (values, weights), -1 for a fixed prompt."""
 
     read: np.ndarray
     prompt: np.ndarray
     output: np.ndarray
     mode: np.ndarray
+    spread: np.ndarray = field(default_factory=lambda: np.zeros(0))
+    pcode: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+    ptable: tuple[tuple[np.ndarray, np.ndarray], ...] = ()
+
+    def __post_init__(self) -> None:
+        n = self.read.shape[0]
+        if self.spread.shape[0] != n:
+            object.__setattr__(self, "spread", np.zeros(n))
+        if self.pcode.shape[0] != n:
+            object.__setattr__(self, "pcode", np.full(n, -1, np.int64))
 
     @staticmethod
-    def make(context: np.ndarray, output: np.ndarray, mode: np.ndarray) -> tuple[np.ndarray, "Requests"]:
+    def make(context: np.ndarray, output: np.ndarray, mode: np.ndarray, dists: Sequence[LengthDist] = (),
+             context_dist: np.ndarray | None = None, output_dist: np.ndarray | None = None
+             ) -> tuple[np.ndarray, "Requests"]:
         """(admission context, requests) of lanes with ``context`` = I,
         ``output`` = O and ``mode`` codes: admission at the peak I + O, reads
-        at the running mean I + (O + 1)/2 (I exactly when O = 0)."""
+        at the running mean I + (O + 1)/2 (I exactly when O = 0). With
+        length laws (``dists`` and each lane's index into it for I and O, all
+        "fixed" when omitted): lanes with a non-fixed law read the
+        length-biased mean E[C] (:func:`length_moments`), are admitted at
+        ceil(E[C]) here and at :func:`admission_context` by the side, and
+        prefill E[t_pf(I)] over the prompt law (one loop per distinct law)."""
         ctx = np.asarray(context, dtype=np.int64)
         out = np.asarray(output, dtype=np.int64)
         read = np.where(out > 0, ctx + (out + 1) / 2.0, ctx.astype(np.float64))
-        return ctx + out, Requests(read, ctx.astype(np.float64), out.astype(np.float64),
-                                   np.asarray(mode, dtype=np.int8))
+        admit = ctx + out
+        n = ctx.shape[0]
+        spread, pcode = np.zeros(n), np.full(n, -1, np.int64)
+        table: list[tuple[np.ndarray, np.ndarray]] = []
+        if dists and context_dist is not None and output_dist is not None:
+            fixed = np.array([d.is_fixed for d in dists], dtype=bool)
+            cd, od = np.asarray(context_dist, np.int64), np.asarray(output_dist, np.int64)
+            lanes = np.flatnonzero(~(fixed[cd] & fixed[od]) & (out > 0))
+            if lanes.size:
+                from qsengine._groups import group
+
+                g, first = group(lanes.size, ctx[lanes], out[lanes], cd[lanes], od[lanes])
+                read = read.copy()
+                pkey: dict[tuple, int] = {}
+                for k, i in enumerate(lanes[first].tolist()):
+                    mean, sd, iv, iw = length_moments(float(ctx[i]), float(out[i]), dists[cd[i]], dists[od[i]])
+                    sel = lanes[g == k]
+                    read[sel], spread[sel] = mean, sd
+                    admit[sel] = math.ceil(mean)
+                    if not dists[cd[i]].is_fixed:
+                        key = (int(ctx[i]), dists[cd[i]])
+                        if key not in pkey:
+                            pkey[key] = len(table)
+                            table.append((iv, iw))
+                        pcode[sel] = pkey[key]
+        return admit, Requests(read, ctx.astype(np.float64), out.astype(np.float64),
+                               np.asarray(mode, dtype=np.int8), spread, pcode, tuple(table))
 
     def take(self, idx: np.ndarray) -> "Requests":
-        return Requests(self.read[idx], self.prompt[idx], self.output[idx], self.mode[idx])
+        return Requests(self.read[idx], self.prompt[idx], self.output[idx], self.mode[idx], self.spread[idx],
+                        self.pcode[idx], self.ptable)
+
+    def mean_prefill(self, lanes: np.ndarray, seconds: "Callable[[np.ndarray, np.ndarray], np.ndarray]"
+                     ) -> np.ndarray:
+        """E[t_pf(I)] of rows whose lanes are ``lanes``: ``seconds(rows,
+        prompts)`` for a fixed prompt, Σ_k w_k·seconds(rows, I_k) over the
+        lane's prompt law otherwise (one call per distinct law, each over its
+        rows x the law's values)."""
+        code = self.pcode[lanes]
+        fixed = np.flatnonzero(code < 0)
+        out = np.empty(lanes.size)
+        if fixed.size:
+            out[fixed] = seconds(fixed, self.prompt[lanes[fixed]])
+        for c in np.unique(code[code >= 0]).tolist():
+            rows = np.flatnonzero(code == c)
+            iv, iw = self.ptable[c]
+            t = seconds(np.repeat(rows, iv.size), np.tile(iv, rows.size)).reshape(rows.size, iv.size)
+            out[rows] = t @ iw
+        return out
 
 
 def prefill_ctx_flops(model: Model) -> float:
@@ -139,8 +337,9 @@ def prefill_time(p: StepParams, prompt: np.ndarray, ctx_flops: np.ndarray, *, pi
         a = p.expert_params * p.eb / p.etp / p.bw
         b = 2.0 * p.expert_params / p.etp / p.flops
         experts, top_k = int(p.experts[rows[0]]), int(p.top_k[rows[0]])
+        red = p.redundant[rows]  # a plan's redundant expert slots (EPLB) serve prefill as they serve decode
         mean[rows], _ = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows], b[rows],
-                                              None if uniform else pi)
+                                              None if uniform else pi, red.astype(np.int64) if red.any() else None)
         pieces.append(np.where(is_moe, mean * p.moe_layers, 0.0))
     # LM head: the last token's logits
     t, _ = _roof(p.vd * p.wb / shard, 2.0 * p.vd / shard, p)
@@ -202,8 +401,10 @@ def _calibrated_compute(p: StepParams, m: np.ndarray, shard: np.ndarray, tokens:
         rows = np.flatnonzero(is_moe)
         routed = np.zeros(n)
         experts, top_k = int(p.experts[rows[0]]), int(p.top_k[rows[0]])
+        red = p.redundant[rows]  # the plan's redundant expert slots, as in the roofline prefill and decode
         routed[rows], _ = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], p.moe_a[rows],
-                                                p.moe_b[rows], None if uniform else pi)
+                                                p.moe_b[rows], None if uniform else pi,
+                                                red.astype(np.int64) if red.any() else None)
         total = total + np.where(is_moe, (shared + routed + p.moe_fix) * p.moe_layers, 0.0)
     return total + gemm(p.lm_n, p.d, np.ones(n))
 

@@ -39,6 +39,9 @@ class SideResult:
     packing: "Packing | None" = None
     routing: "RoutingStats | None" = None
     idle_gpus: int = 0
+    #: colocated prefill: seconds each decode step is stalled on average by the prompts admitted in its
+    #: place, batch · t_pf / O (docs/model.md "Prefill stalls"); 0 for other workloads
+    prefill_stall: float = 0.0
 
     @property
     def cluster_batch(self) -> int:
@@ -47,8 +50,13 @@ class SideResult:
 
     @property
     def tpot(self) -> float:
-        """Mean per-token latency (s)."""
-        return self.step.time if self.step else math.inf
+        """Mean per-token latency a user sees (s): the decode step plus ``prefill_stall``."""
+        return self.step.time + self.prefill_stall if self.step else math.inf
+
+    @property
+    def tpot_p99(self) -> float:
+        """p99 per-token latency (s): the decode step's p99 plus ``prefill_stall``."""
+        return self.step.time_p99 + self.prefill_stall if self.step else math.inf
 
     @property
     def tokens_per_second(self) -> float:
@@ -79,9 +87,10 @@ class SideResult:
         }
         if self.step is not None:
             d.update(
-                tpot_mean_s=self.step.time,
-                tpot_p50_s=self.step.time_p50,
-                tpot_p99_s=self.step.time_p99,
+                tpot_mean_s=self.tpot,
+                tpot_p50_s=self.step.time_p50 + self.prefill_stall,
+                tpot_p99_s=self.tpot_p99,
+                prefill_stall_s=self.prefill_stall,
                 tokens_per_s=self.tokens_per_second,
                 tokens_per_s_per_gpu=self.tokens_per_second_per_gpu(gpus),
                 tokens_per_s_per_user=self.tokens_per_second_per_user,
@@ -175,9 +184,17 @@ class SimulationResult:
         mc = ("closed form (no Monte Carlo)" if mb == 0 else
               f"Monte Carlo to rtol {inp.get('rtol'):g}" if mb == "auto" else f"Monte Carlo {mb:,} microbatches")
         ctx, out = int(inp.get("context")), int(inp.get("output") or 0)
-        work = (f"decode only: every sequence at {ctx:,} tokens" if not out else
-                f"requests of {ctx:,} in / {out:,} out (admitted at {ctx + out:,} tokens, decode reads "
-                f"{ctx + (out + 1) / 2:,.1f} on average), prefill {inp.get('prefill')}")
+        laws = (inp.get("context_dist", "fixed"), inp.get("output_dist", "fixed"))
+        rec = self.record
+        if out and laws != ("fixed", "fixed"):  # length distributions: paged admission at the mean plus a margin
+            work = (f"requests of {ctx:,} in ({laws[0]}) / {out:,} out ({laws[1]}) on average (admitted at "
+                    f"{rec.get('moe_admit_context', 0):,} tokens per sequence on the MoE, "
+                    f"{rec.get('dense_admit_context', 0):,} on the dense side; decode reads "
+                    f"{rec.get('read_context', math.nan):,.1f} on average), prefill {inp.get('prefill')}")
+        else:
+            work = (f"decode only: every sequence at {ctx:,} tokens" if not out else
+                    f"requests of {ctx:,} in / {out:,} out (admitted at {ctx + out:,} tokens, decode reads "
+                    f"{ctx + (out + 1) / 2:,.1f} on average), prefill {inp.get('prefill')}")
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
                 f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), {work}, "
                 f"operating point: {op}, plan {inp.get('plan')} "
@@ -196,7 +213,7 @@ class SimulationResult:
                 rows.append([side, r.model.id, "infeasible: " + r.reason, "", "", "", "", ""])
                 continue
             assert r.step is not None and r.plan is not None
-            rows.append([side, r.model.id, r.plan.label, r.cluster_batch, r.tpot * 1e3, r.step.time_p99 * 1e3,
+            rows.append([side, r.model.id, r.plan.label, r.cluster_batch, r.tpot * 1e3, r.tpot_p99 * 1e3,
                          r.tokens_per_second, r.tokens_per_second_per_gpu(g)])
         head = ["side", "model", "plan", "batch", "TPOT ms", "p99 ms", "tok/s", "tok/s/GPU"]
         caption = (f"{self.moe.model.id} vs {self.dense.model.id} on {self.cluster.label}, context {self.context:,}: "
@@ -218,10 +235,14 @@ class SimulationResult:
         parts.append(figure(fig))
         return "".join(parts)
 
-    def throughput_at(self, tpot: float, side: str, quantile: str = "mean") -> float:
+    def throughput_at(self, tpot: float, side: str, quantile: str = "mean", basis: str | None = None) -> float:
         """Tokens/s per GPU ``side`` ("moe" or "dense") reaches at a TPOT of
         ``tpot`` seconds (``quantile`` "mean" or "p99"), interpolated on its
-        frontier; nan if it cannot serve that fast."""
+        frontier; nan if it cannot serve that fast. ``basis``: "decode"
+        (decode tokens/s) or "end-to-end" (a request workload's output
+        tokens/s including prefill); default: the headline ratio's
+        (``record["ratio_basis"]``). With colocated prefill the frontier's
+        TPOTs include the prefill stalls on either basis."""
         from qsengine.decode.frontier import throughput_at
 
         if side not in ("moe", "dense"):
@@ -230,15 +251,23 @@ class SimulationResult:
             raise ValueError(f"quantile={quantile!r}: must be 'mean' or 'p99'")
         if not (isinstance(tpot, (int, float)) and math.isfinite(tpot) and tpot > 0):
             raise ValueError(f"tpot={tpot!r}: must be a positive number of seconds")
+        if basis is None:
+            basis = str(self.record.get("ratio_basis") or "decode")
+        if basis not in ("decode", "end-to-end"):
+            raise ValueError(f"basis={basis!r}: must be 'decode' or 'end-to-end'")
+        if basis == "end-to-end" and self.record.get("ratio_basis") != "end-to-end":
+            raise ValueError(f"basis={basis!r}: needs a request workload with a prefill mode")
         front = self.frontier[self.frontier["side"] == side]
-        return throughput_at(front, float(tpot), "tpot" if quantile == "mean" else "tpot_p99")
+        value = "request_tokens_per_s_per_gpu" if basis == "end-to-end" else "tokens_per_s_per_gpu"
+        return throughput_at(front, float(tpot), "tpot" if quantile == "mean" else "tpot_p99", value)
 
-    def ratio_at(self, tpot: float, quantile: str = "mean") -> float | None:
+    def ratio_at(self, tpot: float, quantile: str = "mean", basis: str | None = None) -> float | None:
         """dense ÷ MoE tokens/s per GPU at equal latency: both sides at a TPOT
         of ``tpot`` seconds on their frontiers (interpolated between frontier
-        points). None when a side cannot serve that fast."""
-        d = self.throughput_at(tpot, "dense", quantile)
-        m = self.throughput_at(tpot, "moe", quantile)
+        points), on ``basis`` (see :meth:`throughput_at`; default the headline
+        ratio's). None when a side cannot serve that fast."""
+        d = self.throughput_at(tpot, "dense", quantile, basis)
+        m = self.throughput_at(tpot, "moe", quantile, basis)
         if math.isnan(d) or math.isnan(m) or m <= 0:
             return None
         return d / m
@@ -318,7 +347,7 @@ class SimulationResult:
             label = r.plan.label + (f" +{r.idle_gpus} idle" if r.idle_gpus else "")
             lines.append(
                 f"  {side:8s}{label:>22s}{r.cluster_batch:>9,d}{r.tpot * 1e3:>10.2f}"
-                f"{r.step.time_p99 * 1e3:>9.2f}{r.tokens_per_second:>12,.0f}"
+                f"{r.tpot_p99 * 1e3:>9.2f}{r.tokens_per_second:>12,.0f}"
                 f"{r.tokens_per_second_per_gpu(self.cluster.num_gpus):>11,.0f}  {r.batch_limit}"
             )
         at = self.settings_operating_point()
@@ -328,7 +357,8 @@ class SimulationResult:
                          f"{rec['prefill']}: prefill tok/s/GPU MoE {rec['moe_prefill_tokens_per_s_per_gpu']:,.0f}, "
                          f"dense {rec['dense_prefill_tokens_per_s_per_gpu']:,.0f}; end-to-end output tok/s/GPU MoE "
                          f"{rec['moe_request_tokens_per_s_per_gpu']:,.0f}, dense "
-                         f"{rec['dense_request_tokens_per_s_per_gpu']:,.0f} (the table above is decode only)")
+                         f"{rec['dense_request_tokens_per_s_per_gpu']:,.0f} (tok/s above are decode only"
+                         + ("; TPOTs include the prefill stalls)" if rec["prefill"] == "colocated" else ")"))
         if self.ratio is not None:
             basis = f"end-to-end, prefill {rec['prefill']}" if end_to_end else "decode only"
             lines.append(f"  ratio dense/MoE ({basis}) = {self.ratio:.3f} at {at} -> {self.verdict} "
@@ -367,21 +397,26 @@ class SimulationResult:
 
     def plot_frontier(self, ax=None):
         """Tokens/s per GPU against tokens/s per user (1/TPOT) for both sides,
-        the chosen operating points marked."""
+        the chosen operating points marked; on the headline ratio's basis
+        (end-to-end output tokens/s for a request workload with prefill)."""
         import matplotlib.pyplot as plt
 
+        e2e = self.record.get("ratio_basis") == "end-to-end"
+        col = "request_tokens_per_s_per_gpu" if e2e else "tokens_per_s_per_gpu"
         if ax is None:
             _, ax = plt.subplots(figsize=(6, 4.2))
         for side, r, color, label in (("moe", self.moe, "tab:red", f"MoE ({self.moe.model.id})"),
                                       ("dense", self.dense, "tab:blue", f"dense ({self.dense.model.id})")):
             f = self.frontier[self.frontier["side"] == side] if self.frontier is not None else None
             if f is not None and len(f):
-                ax.plot(f["tokens_per_s_per_user"], f["tokens_per_s_per_gpu"], "-o", ms=3, color=color, label=label)
+                ax.plot(f["tokens_per_s_per_user"], f[col], "-o", ms=3, color=color, label=label)
             if r.feasible:
-                ax.plot([r.tokens_per_second_per_user], [r.tokens_per_second_per_gpu(self.cluster.num_gpus)], "*",
+                y = self.record.get(f"{side}_request_tokens_per_s_per_gpu") if e2e else \
+                    r.tokens_per_second_per_gpu(self.cluster.num_gpus)
+                ax.plot([r.tokens_per_second_per_user], [y], "*",
                         ms=12, color=color, markeredgecolor="k", label=f"{side} operating point ({r.batch_limit})")
         ax.set_xlabel("tokens/s per user (1 / TPOT)")
-        ax.set_ylabel("output tokens/s per GPU")
+        ax.set_ylabel("output tokens/s per GPU" + (" (end to end)" if e2e else ""))
         ax.set_title(f"{self.moe.model.id} on {self.cluster.label}, context {self.context:,}", fontsize=9)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from qsengine._groups import split as _split
-from qsengine.decode.prefill import Requests, end_to_end, prefill_ctx_flops, prefill_time
+from qsengine.decode.prefill import Requests, admission_context, end_to_end, prefill_ctx_flops, prefill_time
 from qsengine.decode.params import StepOptions, StepParams, step_params
 from qsengine.decode.step import step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
@@ -160,9 +160,11 @@ class Side:
 
     ``plan``: index into the lane's family's plans (-1 if infeasible);
     ``batch``: sequences per replica; ``limit``: 1 = the TPOT target capped
-    the batch, 0 = HBM; ``time``/``p99``: mean and p99 TPOT (s); ``tps``:
-    cluster tokens/s. Infeasible lanes: ``why`` = the plan whose reason is
-    reported, ``why_kind`` 1 (it misses the TPOT target at the smallest
+    the batch, 0 = HBM; ``time``/``p99``: mean and p99 TPOT (s), the TPOT
+    a user sees (colocated prefill: the decode step plus the amortised
+    prefill stall ``batch · stall``); ``tps``: cluster decode tokens/s
+    (``batch · replicas`` / the decode step's mean, stalls not counted).
+    Infeasible lanes: ``why`` = the plan whose reason is reported, ``why_kind`` 1 (it misses the TPOT target at the smallest
     batch), 2 (it packs but cannot hold the fixed batch: it admits
     ``why_adm`` sequences per replica) or 0 (it does not pack; ``why_fit``:
     its weights fit, so the KV cache does not).
@@ -196,6 +198,13 @@ class Side:
     #: prefill tokens/s (cluster-equivalent: per GPU x the cluster's GPUs) of a request workload: at the chosen
     #: plan ("colocated") or at the prefill pool's best plan ("disaggregated"); nan without prefill
     pf: np.ndarray = _lanes(np.nan, default=lambda: np.zeros(0))
+    #: colocated prefill: stall per running sequence and decode step at the chosen plan, t_pf / O (s); 0 otherwise
+    stall: np.ndarray = _lanes(0.0, default=lambda: np.zeros(0))
+    #: the same at the maximum-throughput point's plan
+    max_stall: np.ndarray = _lanes(0.0, default=lambda: np.zeros(0))
+    #: tokens admitted per sequence at the chosen plan (the admission context; a length distribution's
+    #: mean cache plus its margin, prefill.admission_context); 0 if infeasible
+    admit: np.ndarray = _lanes(0, np.int64, default=lambda: np.zeros(0, np.int64))
 
     @classmethod
     def empty(cls, n: int) -> "Side":
@@ -233,8 +242,9 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     A fixed batch is evaluated on every plan that can hold it. With
     ``requests`` (:class:`~qsengine.decode.prefill.Requests`), ``context`` is
     the admission context (the peak cache), steps read ``requests.read``
-    tokens, and prefill is costed: "colocated" lanes choose the plan by
-    end-to-end throughput, "disaggregated" lanes get the prefill pool's best
+    tokens, and prefill is costed: "colocated" lanes add the amortised
+    prefill stall to their TPOT (mean and p99, so the target holds on it) and
+    choose the plan by end-to-end throughput, "disaggregated" lanes get the prefill pool's best
     plan over every plan that packs (``Side.pf``). ``cap``: the serving
     engine's sequences per scheduler per lane (0 = none, :func:`capped_units`;
     a capped batch reports ``limit`` 3, "cap")."""
@@ -267,6 +277,20 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
             if fam.override:
                 fb = ffn_params[lane[sl]] * fam.precision.weight_bytes  # type: ignore[index]
             adm[sl], fit[sl], fullest[sl] = admissible_batches(fam.memory, pidx[sl], ctx[sl], fb, fullest=True)
+    if requests is not None and bool((requests.spread > 0).any()):
+        # length distributions: admitted at the mean cache plus a margin of z standard errors over the n
+        # sequences of one memory pool, n the admission at the mean (one fixed-point step)
+        spr = np.flatnonzero((requests.spread[lane] > 0) & (adm >= 1))
+        if spr.size:
+            ctx = ctx.copy()
+            ctx[spr] = admission_context(requests.read[lane[spr]], requests.spread[lane[spr]], adm[spr])
+            for f, fam in enumerate(fams):
+                sub = spr[(spr >= bounds[f]) & (spr < bounds[f + 1])]
+                if sub.size:
+                    fb = None
+                    if fam.override:
+                        fb = ffn_params[lane[sub]] * fam.precision.weight_bytes  # type: ignore[index]
+                    adm[sub], fit[sub] = admissible_batches(fam.memory, pidx[sub], ctx[sub], fb)
     ok = adm >= 1  # pack(...).feasible: weights fit and one sequence fits
     rows = np.flatnonzero(ok)
     stack = _stacked(fams)
@@ -283,13 +307,23 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     dp_rows = stack.dp[gplan].astype(np.int64)
     fx_rep = fx // dp_rows  # a fixed cluster batch split evenly over the plan's replicas
     pi = fams[0].pi
+    # whole requests: seconds of one replica per prefilled request (rows of lanes with a prefill mode), and
+    # the colocated prefill stall per running sequence and decode step, t_pf / O (docs/model.md "Prefill stalls")
+    t_req = stall = None
+    if requests is not None and bool((requests.mode > 0).any()):
+        t_req = _prefill_seconds(fams, stack, gplan, fam_row[rows], lane[rows], ffn_rows, requests, pi)
+        col = requests.mode[lane[rows]] == 1
+        if col.any():
+            stall = np.where(col, t_req / requests.output[lane[rows]], 0.0)
 
     def step(sub: np.ndarray | None, b: np.ndarray) -> dict[str, np.ndarray]:
         """time and p99 of rows ``sub`` (None: all) at ``b`` admitted units
         (batch per replica = b x unit; a fixed batch where one is given), in
-        cache-sized blocks (the step model is elementwise over rows)."""
+        cache-sized blocks (the step model is elementwise over rows). The TPOT
+        a user sees: colocated rows add their amortised prefill stall B·t_pf/O
+        to both; ``step`` is the decode step's mean alone (throughput)."""
         idx = np.arange(rows.size) if sub is None else sub
-        got = {"time": np.empty(idx.size), "p99": np.empty(idx.size)}
+        got = {"time": np.empty(idx.size), "p99": np.empty(idx.size), "step": np.empty(idx.size)}
         for lo in range(0, idx.size, _BLOCK):
             blk = idx[lo:lo + _BLOCK]
             sp = stack.params.take(gplan[blk])
@@ -297,8 +331,13 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
                 sp = sp.replace(ffn_params=ffn_rows[blk])
             bb = np.where(fx[blk] > 0, fx_rep[blk], b[lo:lo + _BLOCK] * unit[blk]).astype(np.float64)
             r = step_time(sp, bb, c[blk], pi=pi, uniform=pi is None)
-            got["time"][lo:lo + blk.size] = r.time
-            got["p99"][lo:lo + blk.size] = r.p99
+            got["step"][lo:lo + blk.size] = r.time
+            if stall is None:
+                got["time"][lo:lo + blk.size] = r.time
+                got["p99"][lo:lo + blk.size] = r.p99
+            else:
+                got["time"][lo:lo + blk.size] = r.time + bb * stall[blk]
+                got["p99"][lo:lo + blk.size] = r.p99 + bb * stall[blk]
         return got
 
     units = adm[rows]
@@ -308,7 +347,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         units = capped_units(units, cap[lane[rows]].astype(np.int64), pa.attn_dp[gplan], pa.tp[gplan], unit)
         limit[units < adm[rows]] = 3
     top = step(None, units)
-    time, p99 = top["time"], top["p99"]
+    time, p99, dec = top["time"], top["p99"], top["step"]
     valid = np.ones(K, bool)
     has_fixed = fx > 0
     limit[has_fixed] = 2
@@ -319,7 +358,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     max_batch = np.where(has_fixed, fx_rep, units * unit)
     max_time, max_p99 = time.copy(), p99.copy()
     with np.errstate(divide="ignore", invalid="ignore"):
-        max_thr = np.where(max_time > 0, max_batch / max_time, 0.0) * stack.dp[gplan]
+        max_thr = np.where(dec > 0, max_batch / dec, 0.0) * stack.dp[gplan]
     max_valid = valid.copy()
     has_slo = ~np.isnan(s) & ~has_fixed
     over = np.flatnonzero(has_slo & ~(p99 <= s))
@@ -370,6 +409,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
             units[act] = lo
             time[act] = final["time"]
             p99[act] = final["p99"]
+            dec[act] = final["step"]
 
     if over.size:
         limit[over] = 1
@@ -377,19 +417,22 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         # throughput, so a row whose maximum is below (1 - 1e-9) of the best its lane
         # already has cannot be chosen, and its bisection is skipped. The lane's best
         # starts from the rows that meet the target at their maximum (exact), then
-        # the binding row with the largest maximum per lane is bisected first.
+        # the binding row with the largest maximum per lane is bisected first. The
+        # throughput is B·dp / TPOT: decode, or for colocated prefill (TPOT with its
+        # stalls) the end-to-end rate its plans are ranked by, B·dp/(t_step + B·t_pf/O),
+        # which grows with B wherever B/t_step does.
         lane_r = lane[rows]
+        with np.errstate(divide="ignore", invalid="ignore"):
+            bound = np.where(max_time > 0, max_batch / max_time, 0.0) * stack.dp[gplan]
         best_known = np.zeros(n)
         final_rows = np.flatnonzero(valid & ~(has_slo & ~(p99 <= s)))
-        np.maximum.at(best_known, lane_r[final_rows], max_thr[final_rows])
-        # lanes with colocated prefill rank plans end to end: a decode-only bound does not bound that
-        no_prune = np.zeros(n, bool) if requests is None else requests.mode == 1
+        np.maximum.at(best_known, lane_r[final_rows], bound[final_rows])
 
         def alive(cand: np.ndarray) -> np.ndarray:
-            return cand[(max_thr[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]) | no_prune[lane_r[cand]]]
+            return cand[bound[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]]
 
         cand = alive(over)
-        cand = cand[np.lexsort((-max_thr[cand], lane_r[cand]))]
+        cand = cand[np.lexsort((-bound[cand], lane_r[cand]))]
         lead = np.ones(cand.size, bool)
         lead[1:] = lane_r[cand[1:]] != lane_r[cand[:-1]]
         first_round = cand[lead]
@@ -404,11 +447,10 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         valid[pruned] = False  # never chosen: another plan of its lane serves more
     batch = np.where(has_fixed, fx_rep, units * unit)
     with np.errstate(divide="ignore", invalid="ignore"):
-        thr = np.where(time > 0, batch / time, 0.0) * stack.dp[gplan]
+        thr = np.where(dec > 0, batch / dec, 0.0) * stack.dp[gplan]  # decode tokens/s (stalls not counted)
     score, pf_rows, pool = thr, None, None
-    if requests is not None and bool((requests.mode > 0).any()):
-        score, pf_rows, pool = _prefill_rows(fams, stack, gplan, fam_row[rows], lane[rows], ffn_rows, thr, requests,
-                                             n, pi)
+    if t_req is not None:
+        score, pf_rows, pool = _prefill_rows(fams, stack, gplan, fam_row[rows], lane[rows], t_req, thr, requests, n)
     # in-order selection: a plan replaces the best only if better by 1e-12 (relative)
     P = int(counts.max())
     T = np.full((n, P), np.nan)
@@ -453,12 +495,15 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     out.plan = arg
     out.batch = np.where(feas, batch[k], 0)
     out.limit = np.where(feas, limit[k], 0)
+    out.admit = np.where(feas, ctx[rows][k], 0)
     out.time = np.where(feas, time[k], np.nan)
     out.p99 = np.where(feas, p99[k], np.nan)
     out.tps = np.where(feas, best, 0.0) if pf_rows is None else np.where(feas, thr[k], 0.0)
     if pf_rows is not None:
         mode = requests.mode  # type: ignore[union-attr]
         out.pf = np.where(feas & (mode == 1), pf_rows[k], np.where(feas & (mode == 2), pool, np.nan))
+    if stall is not None:
+        out.stall = np.where(feas, stall[k], 0.0)
     # the maximum-throughput point: the same objective (end to end for colocated prefill) at the HBM-max batches
     max_score = max_thr
     if pf_rows is not None:
@@ -477,12 +522,38 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     out.max_tps = np.where(mfeas, max_thr[mk], 0.0)
     if pf_rows is not None:
         out.max_pf = np.where(mfeas & (mode == 1), pf_rows[mk], np.where(mfeas & (mode == 2), pool, np.nan))
+    if stall is not None:
+        out.max_stall = np.where(mfeas, stall[mk], 0.0)
     return out
 
 
+def _prefill_seconds(fams: Sequence[Family], stack: "_Stack", gplan: np.ndarray, fam_rows: np.ndarray,
+                     lane_rows: np.ndarray, ffn_rows: np.ndarray | None, req: Requests,
+                     pi: np.ndarray | None) -> np.ndarray:
+    """Seconds of one replica per prefilled request (:func:`prefill_time`) of
+    the rows (lane x plan that packs) of lanes with a prefill mode; nan elsewhere."""
+    on = np.flatnonzero(req.mode[lane_rows] > 0)
+    t_req = np.full(gplan.size, np.nan)
+    ctx_fl = np.array([prefill_ctx_flops(f.model) for f in fams])[fam_rows]
+
+    def seconds(sub: np.ndarray, prompt: np.ndarray) -> np.ndarray:
+        """prefill_time of rows ``on[sub]`` at ``prompt`` tokens, in cache-sized blocks."""
+        got = np.empty(sub.size)
+        for lo in range(0, sub.size, _BLOCK):
+            blk = on[sub[lo:lo + _BLOCK]]
+            sp = stack.params.take(gplan[blk])
+            if ffn_rows is not None:
+                sp = sp.replace(ffn_params=ffn_rows[blk])
+            got[lo:lo + blk.size] = prefill_time(sp, prompt[lo:lo + _BLOCK], ctx_fl[blk], pi=pi, uniform=pi is None)
+        return got
+
+    t_req[on] = req.mean_prefill(lane_rows[on], seconds)  # E[t_pf(I)] over a prompt law
+    return t_req
+
+
 def _prefill_rows(fams: Sequence[Family], stack: "_Stack", gplan: np.ndarray, fam_rows: np.ndarray,
-                  lane_rows: np.ndarray, ffn_rows: np.ndarray | None, thr: np.ndarray, req: Requests, n: int,
-                  pi: np.ndarray | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  lane_rows: np.ndarray, t_req: np.ndarray, thr: np.ndarray, req: Requests,
+                  n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Prefill of the rows (lane x plan that packs) of lanes with a prefill
     mode: (selection score per row, colocated prefill tokens/s per row, the
     disaggregated pool's prefill tokens/s per lane), tokens/s
@@ -490,16 +561,7 @@ def _prefill_rows(fams: Sequence[Family], stack: "_Stack", gplan: np.ndarray, fa
     I·dp / t_request, and the plan is scored by :func:`end_to_end`.
     Disaggregated: the pool is built of replicas of any plan that packs, each
     giving I / (t_request · tp · pp) per GPU; the best one, times the
-    cluster's GPUs."""
-    on = np.flatnonzero(req.mode[lane_rows] > 0)
-    t_req = np.full(thr.size, np.nan)
-    ctx_fl = np.array([prefill_ctx_flops(f.model) for f in fams])[fam_rows]
-    for lo in range(0, on.size, _BLOCK):
-        blk = on[lo:lo + _BLOCK]
-        sp = stack.params.take(gplan[blk])
-        if ffn_rows is not None:
-            sp = sp.replace(ffn_params=ffn_rows[blk])
-        t_req[blk] = prefill_time(sp, req.prompt[lane_rows[blk]], ctx_fl[blk], pi=pi, uniform=pi is None)
+    cluster's GPUs. ``t_req``: :func:`_prefill_seconds` of the rows."""
     prompt = req.prompt[lane_rows]
     gpus = np.array([float(f.cluster.num_gpus) for f in fams])[fam_rows]
     sp_all = stack.params

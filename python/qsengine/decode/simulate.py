@@ -54,12 +54,12 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
     else:
         step = decode_step(model, point.precision, acc, plan, batch, read, popularity=pop, options=options)
     used = cluster if plan.num_gpus == cluster.num_gpus else Cluster(acc, plan.num_gpus)
-    pk = pack(model, used, point.context + point.output, plan=plan, precision=point.precision,
+    pk = pack(model, used, int(sd.admit[g]), plan=plan, precision=point.precision,
               draft_module=options.draft_tokens > 0)
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
                       admissible_batch=int(pk.admissible_batch), batch_limit=LIMITS[int(sd.limit[g])],
                       step=step, packing=pk, routing=None if refined is None else refined.stats,
-                      idle_gpus=point.cluster.num_gpus - plan.num_gpus)
+                      idle_gpus=point.cluster.num_gpus - plan.num_gpus, prefill_stall=batch * float(sd.stall[g]))
 
 
 def simulate(
@@ -85,6 +85,8 @@ def simulate(
     prefill: str = "none",
     draft_tokens: int = 0,
     acceptance: float = 0.0,
+    context_dist: str = "fixed",
+    output_dist: str = "fixed",
     serving: str = "qsengine",
     strict: bool = False,
 ) -> SimulationResult:
@@ -149,6 +151,18 @@ def simulate(
             given the ones before it were (DeepSeek-V3 reports 85-90% for its
             second token, arXiv:2412.19437 §5.4.3); throughput counts the
             1 + a + ... + a^d accepted tokens per step.
+        context_dist, output_dist: the laws of the prompt length I and the
+            output length O of a request workload (output >= 1), of means
+            ``context`` and ``output``, drawn independently: ``"fixed"`` (the
+            default), ``"uniform:w"`` (half-width w of the mean, 0 < w <= 1),
+            ``"exponential"`` or ``"lognormal:s"`` (sd s of the log), each
+            over lengths >= 1 (:class:`qsengine.decode.prefill.LengthDist`).
+            A slot sees requests length-biased by O: steps read
+            E[O·(I + (O+1)/2)]/E[O] tokens, prefill costs E[t_pf(I)], and
+            sequences are admitted at the mean cache plus a 99% margin
+            (paged KV; fixed lengths keep the peak I + O). Records:
+            ``read_context``, ``{moe,dense}_admit_context``. See
+            docs/model.md, "Length distributions".
         serving: the serving engine whose memory policy and batch cap both
             sides run under: ``"qsengine"`` (default: the accelerator spec's
             usable HBM, no cap), ``"vllm"``, ``"sglang"`` or ``"trtllm"``
@@ -161,7 +175,8 @@ def simulate(
                        routing=routing, plan=plan, precision=precision, microbatches=microbatches, rtol=rtol,
                        slo_tpot=slo_tpot, batch=batch, twin_attention=twin_attention, break_even=break_even,
                        options=options, output=output, prefill=prefill, draft_tokens=draft_tokens,
-                       acceptance=acceptance, serving=serving)
+                       acceptance=acceptance, context_dist=context_dist, output_dist=output_dist,
+                       serving=serving)
     seq = as_seed_sequence(seed)
     moe_seed, _ = seq.spawn(2)
     ev = evaluate(point.columns(), 1, seeds=[moe_seed], threads=threads, check_points=False)
@@ -175,11 +190,33 @@ def simulate(
     dense_side = _side_result(ev, ev.dense, dg, dense_model, point, None)
     import pandas as pd
 
-    peak, read = point.context + point.output, float(ev.requests.read[0])
+    req = ev.requests
+    assert req is not None
+    read, spread = float(req.read[0]), float(req.spread[0])
+    # admission: the peak I + O of fixed lengths, the mean cache (plus the frontier's margin) of a distribution
+    peak = point.context + point.output if spread == 0 else math.ceil(read)
+    work: dict[str, Any] = dict(read_context=read, prompt=float(point.context), output=float(point.output),
+                                prefill=point.prefill, spread=spread)
+    gpus = point.cluster.num_gpus
     cap = point.serving.max_sequences(point.cluster.accelerator)
-    front = pd.concat([frontier(ev.moe.family_of(mg), peak, side="moe", read_context=read, cap=cap),
-                       frontier(ev.dense.family_of(dg), peak, float(ev.dense_ffn[dg]), side="dense",
-                                read_context=read, cap=cap)],
+
+    def mean_prefill(fam: Any) -> Any:
+        """E[t_pf(I)] per frontier row over the lane's prompt law (None: the fixed prompt)."""
+        if req.pcode[0] < 0:
+            return None
+        from qsengine.decode.prefill import prefill_time
+
+        def seconds(sp: Any, fl: np.ndarray) -> np.ndarray:
+            return req.mean_prefill(np.zeros(fl.size, np.int64), lambda rows, prompts: prefill_time(
+                sp.take(rows), prompts, fl[rows], pi=fam.pi, uniform=fam.pi is None))
+        return seconds
+
+    mfam, dfam = ev.moe.family_of(mg), ev.dense.family_of(dg)
+    front = pd.concat([frontier(mfam, peak, side="moe", pool=float(ev.moe.side.pf[mg]) / gpus,
+                                prefill_seconds=mean_prefill(mfam), cap=cap, **work),
+                       frontier(dfam, peak, float(ev.dense_ffn[dg]), side="dense",
+                                pool=float(ev.dense.side.pf[dg]) / gpus, prefill_seconds=mean_prefill(dfam), cap=cap,
+                                **work)],
                       ignore_index=True)
     from qsengine.specs.twin import qs as qs_record
 
@@ -207,6 +244,8 @@ def simulate(
         "prefill": point.prefill,
         "draft_tokens": point.draft_tokens,
         "acceptance": point.acceptance,
+        "context_dist": point.context_dist.label,
+        "output_dist": point.output_dist.label,
         "serving": point.serving.name,
     }
     return SimulationResult(moe=moe_side, dense=dense_side, cluster=point.cluster, context=point.context,

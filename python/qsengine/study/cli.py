@@ -142,6 +142,10 @@ def add_parser(sub) -> None:
                    help="the p99 per-token latency (ms) both sides are compared at, or 'none' "
                         f"(default {DEFAULT_SLO_TPOT * 1e3:g})")
     _request_args(s)
+    for flag, what in (("--context-dist", "prompt"), ("--output-dist", "output")):
+        s.add_argument(flag, default="fixed", metavar="LAW",
+                       help=f"law of the {what} length around its mean: fixed (default), uniform:W, exponential, "
+                            "lognormal:S (docs/model.md \"Length distributions\")")
     s.add_argument("--serving", choices=("qsengine", "vllm", "sglang", "trtllm"), default="qsengine",
                    help="serving engine's memory policy and batch cap (default qsengine: the accelerator spec's "
                         "usable HBM, no cap; docs/model.md 'Serving engines')")
@@ -218,7 +222,8 @@ def _run_simulate_cli(args) -> int:
     res = simulate(model, args.cluster, parse_tokens(args.context), q=args.q, dense=args.dense,
                    routing=args.routing, precision=precision, microbatches=args.microbatches,
                    slo_tpot=args.slo_tpot_ms, seed=args.seed,
-                   threads=args.threads, output=args.output, prefill=args.prefill, serving=args.serving)
+                   threads=args.threads, output=args.output, prefill=args.prefill, context_dist=args.context_dist,
+                   output_dist=args.output_dist, serving=args.serving)
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:
