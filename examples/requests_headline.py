@@ -44,7 +44,7 @@ def main() -> int:
     warnings.simplefilter("ignore", qsengine.ContextWarning)
     grid = {"model": list(DEFAULT_MODELS), "cluster": list(DEFAULT_CLUSTERS), "context": [args.input],
             "output": [args.output], "prefill": ["none", "colocated", "disaggregated"], "microbatches": [0],
-            "break_even": [False]}
+            "break_even": [False], "slo_tpot": [None]}  # no latency target, as stated: each side at its HBM maximum
     df = qsengine.sweep(grid, seed=1, progress=False)
     lines = [f"qsengine {qsengine.__version__}: {args.input:,} in / {args.output:,} out, the study's models x "
              f"clusters ({len(DEFAULT_CLUSTERS)}: {', '.join(DEFAULT_CLUSTERS)}), deployed precision, q = 1/sqrt(s), "
