@@ -1,7 +1,8 @@
 """Helpers shared by the pipeline test modules (test_pipeline, test_requests,
-test_speculative): the model and cluster grids their property tests draw from,
-the one hypothesis strategy of point dicts (:func:`point_strategy`), the point
-filter, and one call of the vectorised pipeline as per-point records."""
+test_speculative, ...): the model and cluster grids their property tests draw
+from, the one hypothesis strategy of point dicts (:func:`point_strategy`), the
+point filter, one call of the vectorised pipeline as per-point records, and the
+comparison of those records with the scalar oracle (:func:`assert_matches_oracle`)."""
 
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ POINT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "context": st.one_of(st.sampled_from([1, 4096, 32768, 131072]), st.integers(1, 262144)),
     "q": st.one_of(st.just("sqrt"), st.none(), st.floats(1.05, 12.0)),
     "slo_tpot": st.one_of(st.none(), st.floats(0.002, 0.2)),
-    "precision": st.sampled_from([None, "bf16", "fp8"]),
+    "precision": st.sampled_from([None, "bf16", "fp8", "fp8", "nvfp4-experts", "fp4"]),
     "routing": st.sampled_from(["uniform", "uniform", "powerlaw:1.01"]),
     "twin_attention": st.sampled_from(["same", "same", "gqa"]),
     "break_even": st.booleans(),
@@ -64,3 +65,32 @@ def records(pts):
         warnings.simplefilter("ignore", qsengine.ContextWarning)
         out = evaluate_columns(cols, n)
     return [{name: out[name][i] for name, _ in RECORD_COLUMNS} for i in range(n)]
+
+
+def assert_matches_oracle(pts, exact=None, close=(), rtol: float = 1e-9, q_star_rtol: float | None = None) -> list:
+    """Evaluate the valid points of ``pts`` (ContextWarning silenced) in ONE pipeline
+    call and compare each record with the scalar oracle's
+    (``tests/reference_simulate.py`` ``record``): the columns ``exact`` (every oracle
+    column if None) by ``reference_simulate.same`` at ``rtol``, the columns ``close``
+    to ``rtol`` (nan equals nan), ``break_even_q`` to ``q_star_rtol`` when given.
+    Returns the (point, record) pairs compared (none if no point was valid)."""
+    import math
+
+    import reference_simulate as ref
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", qsengine.ContextWarning)
+        pts = [p for p in pts if valid_point(p)]
+        if not pts:
+            return []
+        got = records(pts)
+        for p, g in zip(pts, got):
+            want = ref.record(**p)
+            cols = want if exact is None else {k: want[k] for k in exact}
+            assert ref.same(cols, g, rtol=rtol) == [], p
+            checks = [(k, rtol) for k in close] + ([("break_even_q", q_star_rtol)] if q_star_rtol is not None else [])
+            for k, tol in checks:
+                a, b = g[k], want[k]
+                assert (math.isnan(a) and math.isnan(b)) or math.isclose(a, b, rel_tol=tol, abs_tol=0.0), \
+                    (k, a, b, p)
+    return list(zip(pts, got))

@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 import qsengine
 import reference_simulate as ref
-from _helpers import CLUSTERS, MOE_MODELS, point_strategy, records, valid_point
+from _helpers import CLUSTERS, MOE_MODELS, point_strategy, assert_matches_oracle, records, valid_point
 from qsengine import Plan
 from qsengine.decode.pipeline import RECORD_COLUMNS, encode_points, evaluate_columns
 from qsengine.packing import admissible_batches, pack, plan_memory
@@ -43,14 +43,7 @@ points = point_strategy()
                    q=2.0)])
 def test_pipeline_equals_the_slow_reference(pts):
     """Several points in one call, each equal to the plain computation."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qsengine.ContextWarning)
-        pts = [p for p in pts if valid_point(p)]
-        if not pts:
-            return
-        got = records(pts)
-        for p, g in zip(pts, got):
-            assert ref.same(ref.record(**p), g) == [], p
+    assert_matches_oracle(pts)
 
 
 def test_fixed_batch_is_the_step_model_at_that_batch():

@@ -6,7 +6,6 @@ reproduced, colocated and disaggregated throughput rules, bad input."""
 from __future__ import annotations
 
 import math
-import warnings
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ from hypothesis import strategies as st
 
 import qsengine
 import reference_simulate as ref
-from _helpers import point_strategy, records, valid_point
+from _helpers import assert_matches_oracle, point_strategy, records
 from qsengine import Plan
 from qsengine.decode.prefill import prefill_ctx_flops, prefill_time
 from qsengine.decode.step import StepOptions, step_params
@@ -59,19 +58,8 @@ requests = point_strategy(
 def test_pipeline_equals_the_oracle_with_requests(pts):
     """Lanes with and without workloads in one call, each equal to the plain
     computation (decode columns exactly; prefill arithmetic, written twice, to 1e-9)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qsengine.ContextWarning)
-        pts = [{k: v for k, v in p.items() if v is not None or k in ("q", "slo_tpot", "batch")} for p in pts]
-        pts = [p for p in pts if valid_point(p)]
-        if not pts:
-            return
-        got = records(pts)
-        for p, g in zip(pts, got):
-            want = ref.record(**p)
-            assert ref.same({k: want[k] for k in EXACT}, g) == [], p
-            for k in CLOSE:
-                assert _close(g[k], want[k], 1e-9), (k, g[k], want[k], p)
-            assert _close(g["break_even_q"], want["break_even_q"], 2e-3), p
+    pts = [{k: v for k, v in p.items() if v is not None or k in ("q", "slo_tpot", "batch")} for p in pts]
+    assert_matches_oracle(pts, exact=EXACT, close=CLOSE, q_star_rtol=2e-3)
 
 
 def _lane(model: str, cluster: str, prec: str, plan: Plan, options: StepOptions | None = None):

@@ -138,7 +138,7 @@ from hypothesis import HealthCheck, example, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 import reference_simulate as ref  # noqa: E402
-from _helpers import CLUSTERS, MOE_MODELS, records, valid_point  # noqa: E402
+from _helpers import CLUSTERS, MOE_MODELS, assert_matches_oracle, records  # noqa: E402
 from qsengine.decode.prefill import ADMISSION_Z, LengthDist, admission_context, length_moments  # noqa: E402
 import test_requests as _tr  # noqa: E402  (its column lists; a module, so its tests are not collected twice)
 
@@ -268,21 +268,10 @@ lengths = st.fixed_dictionaries({
 def test_pipeline_equals_the_oracle_with_length_distributions(pts):
     """Lanes with fixed and distributed lengths in one call, each equal to the scalar oracle (the
     length-biased read, E[t_pf(I)], admission at the mean plus its margin, written the plain way)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qsengine.ContextWarning)
-        pts = [{k: v for k, v in p.items() if v is not None or k in ("slo_tpot", "batch")} for p in pts]
-        pts = [p for p in pts if valid_point(p)]
-        if not pts:
-            return
-        got = records(pts)
-        for p, g in zip(pts, got):
-            want = ref.record(**p)
-            assert ref.same({k: want[k] for k in _tr.EXACT + ("moe_admit_context", "dense_admit_context")}, g,
-                            rtol=1e-9) == [], p
-            for k in _tr.CLOSE:
-                assert _tr._close(g[k], want[k], 1e-9), (k, g[k], want[k], p)
-            assert _tr._close(g["break_even_q"], want["break_even_q"], 2e-3), p
-            assert g["context_dist"] == LengthDist.parse(p.get("context_dist", "fixed")).label
+    pts = [{k: v for k, v in p.items() if v is not None or k in ("slo_tpot", "batch")} for p in pts]
+    for p, g in assert_matches_oracle(pts, exact=_tr.EXACT + ("moe_admit_context", "dense_admit_context"),
+                                      close=_tr.CLOSE, q_star_rtol=2e-3):
+        assert g["context_dist"] == LengthDist.parse(p.get("context_dist", "fixed")).label
 
 
 def test_fixed_laws_are_bit_identical_to_no_laws():

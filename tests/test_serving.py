@@ -6,8 +6,6 @@ oracle under every policy, and bad input."""
 from __future__ import annotations
 
 import dataclasses
-import math
-import warnings
 
 import numpy as np
 import pytest
@@ -15,8 +13,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import qsengine
-import reference_simulate as ref
-from _helpers import CLUSTERS, MOE_MODELS, records, valid_point
+from _helpers import CLUSTERS, MOE_MODELS, assert_matches_oracle
 from qsengine import Plan
 from qsengine.packing import pack
 from qsengine.specs.loaders import as_cluster, as_model
@@ -102,17 +99,7 @@ serving_points = st.fixed_dictionaries({
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(pts=st.lists(serving_points, min_size=1, max_size=3))
 def test_pipeline_equals_the_oracle_under_every_policy(pts):
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", qsengine.ContextWarning)
-        pts = [p for p in pts if valid_point(p)]
-        if not pts:
-            return
-        got = records(pts)
-        for p, g in zip(pts, got):
-            want = ref.record(**p)
-            assert ref.same({k: want[k] for k in EXACT}, g) == [], p
-            r, w = g["ratio"], want["ratio"]
-            assert (math.isnan(r) and math.isnan(w)) or r == pytest.approx(w, rel=1e-9), p
+    assert_matches_oracle(pts, exact=EXACT, close=("ratio",))
 
 
 @pytest.mark.parametrize("serving", ["vllm", "sglang", "trtllm"])
@@ -121,10 +108,8 @@ def test_hand_picked_points_equal_the_oracle(serving):
            dict(model="qwen3-30b-a3b", cluster="8xh100", context=256, microbatches=0, slo_tpot=None, serving=serving,
                 precision="fp8", plan=Plan(tp=1, dp=8)),
            dict(model="qwen3-235b-a22b", cluster="8xb200", context=32768, microbatches=0, serving=serving)]
-    got = records(pts)
-    for p, g in zip(pts, got):
-        want = ref.record(**p)
-        assert ref.same({k: want[k] for k in EXACT}, g) == [], p
+    got = [g for _, g in assert_matches_oracle(pts, exact=EXACT)]
+    assert len(got) == len(pts)
     assert any(g["moe_batch_limit"] == "cap" or g["dense_batch_limit"] == "cap" for g in got) or serving == "sglang"
 
 
