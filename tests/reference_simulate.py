@@ -51,13 +51,12 @@ class Step:
 
 def _dtypes(prec: Precision) -> tuple[str | None, str | None, str | None]:
     """(GEMM, grouped GEMM, KV) calibration dtypes of a precision (docs/model.md)."""
-    gemm = grouped = None
-    if prec.compute == "fp8":
-        gemm = grouped = "fp8_block"
-    elif prec.compute == "fp4":
-        gemm = grouped = "nvfp4"
-    elif prec.compute == "bf16":
+    names = {"fp8": "fp8_block", "fp4": "nvfp4"}
+    gemm = names.get(prec.compute)
+    grouped = names.get(prec.expert_compute)  # the routed experts run in their own compute dtype
+    if prec.compute == "bf16":
         gemm = "bf16" if prec.weight_bytes == 2 else None
+    if prec.expert_compute == "bf16":
         grouped = "bf16" if prec.expert_bytes == 2 else ("w4a16_mxfp4" if prec.expert_bytes < 1 else None)
     kv = "bf16" if prec.kv_bytes == 2 else ("fp8" if prec.kv_bytes == 1 else None)
     return gemm, grouped, kv
@@ -103,7 +102,7 @@ def _grouped(model: Model, prec: Precision, acc: Any, plan: Plan) -> tuple[float
     f = None if e_dt is None else kernels.kernel_params(acc, "grouped_gemm", e_dt)
     if f is None:
         a = model.expert_params * prec.expert_bytes / etp / (acc.hbm_bandwidth * acc.bandwidth_efficiency)
-        bb = 2 * model.expert_params / etp / (acc.peak_flops(prec.compute) * acc.flops_efficiency)
+        bb = 2 * model.expert_params / etp / (acc.peak_flops(prec.expert_compute) * acc.flops_efficiency)
         fixed = 0.0
     else:
         bw = acc.hbm_bandwidth * f["eta_bw"]
@@ -232,14 +231,16 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
         comm += (model.decode_dense_layers + 1) * one
     if n_moe and plan.ep > 1:
         group = plan.ep * plan.expert_tp
-        send = b * plan.dp / (plan.dp * plan.tp) * model.top_k * d * prec.activation_bytes
-        if fitted(group):
-            t = 2 * float(kernels.alltoall_time(acc, group, send))
-        else:
-            remote = send * (plan.ep - 1) / plan.ep
-            out = 0.0 if group <= acc.scaleup_domain else 1 - acc.scaleup_domain / group
-            t = 2 * (lat + max(remote * (1 - out) / (acc.scaleup_bandwidth * acc.link_efficiency),
-                               remote * out / (acc.internode_bandwidth * acc.link_efficiency)))
+        t = 0.0
+        for el in (prec.dispatch_bytes, prec.combine_bytes):  # dispatch, then combine, each in its own format
+            send = b * plan.dp / (plan.dp * plan.tp) * model.top_k * d * el
+            if fitted(group):
+                t += float(kernels.alltoall_time(acc, group, send))
+            else:
+                remote = send * (plan.ep - 1) / plan.ep
+                out = 0.0 if group <= acc.scaleup_domain else 1 - acc.scaleup_domain / group
+                t += lat + max(remote * (1 - out) / (acc.scaleup_bandwidth * acc.link_efficiency),
+                               remote * out / (acc.internode_bandwidth * acc.link_efficiency))
         comm += n_moe * t
     if n_moe and plan.expert_tp > 1 and not (shard > 1 and plan.expert_tp == plan.tp and plan.ep == 1):
         tokens = b * plan.dp / plan.expert_copies
@@ -379,16 +380,18 @@ def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, pr
                                 / shard, 2 * n_tok * (model.router_params + shared) / shard)
         tokens = n_tok * prompts * plan.dp / plan.expert_copies
         a = model.expert_params * precision.expert_bytes / plan.expert_tp / bw
-        b = 2.0 * model.expert_params / plan.expert_tp / peak
+        b = 2.0 * model.expert_params / plan.expert_tp / (acc.peak_flops(precision.expert_compute)
+                                                          * acc.flops_efficiency)
         compute += n_moe * moe_straggler_closed_form(model.routed_experts, k, tokens, plan.ep, a, b, pop,
                                                      plan.redundant)[0]  # the plan's redundant slots, as in decode
         if plan.ep > 1:
-            sent = n_tok * prompts / plan.tp * k * d * precision.activation_bytes * (plan.ep - 1) / plan.ep
             group = plan.ep * plan.expert_tp
             inter = 0.0 if group <= acc.scaleup_domain else 1 - acc.scaleup_domain / group
-            one = max(sent * (1 - inter) / (acc.scaleup_bandwidth * acc.link_efficiency),
-                      sent * inter / (acc.internode_bandwidth * acc.link_efficiency))
-            comm += n_moe * 2 * (options.collective_latency + one)
+            for el in (precision.dispatch_bytes, precision.combine_bytes):
+                sent = n_tok * prompts / plan.tp * k * d * el * (plan.ep - 1) / plan.ep
+                one = max(sent * (1 - inter) / (acc.scaleup_bandwidth * acc.link_efficiency),
+                          sent * inter / (acc.internode_bandwidth * acc.link_efficiency))
+                comm += n_moe * (options.collective_latency + one)
         etp = plan.expert_tp
         if etp > 1 and not (shard > 1 and etp == plan.tp and plan.ep == 1):
             nb = tokens / plan.ep * k * d * precision.activation_bytes

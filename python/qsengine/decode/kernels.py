@@ -33,15 +33,18 @@ def kernel_dtypes(precision: Precision) -> dict[str, str | None]:
     accelerator's spec efficiencies). fp8 weights are block-scaled (DeepSeek's
     128x128 fp32 scales, ``Precision.weight_bytes`` = 1 + 4/16384), so their
     GEMMs are ``fp8_block``; fp4 is ``nvfp4``; bf16 compute over 4-bit experts
-    is ``w4a16_mxfp4``; the KV cache is ``bf16`` (2 B) or ``fp8`` (1 B)."""
+    is ``w4a16_mxfp4``; the KV cache is ``bf16`` (2 B) or ``fp8`` (1 B). The
+    grouped (routed-expert) GEMMs follow ``Precision.expert_compute``, the
+    other GEMMs ``Precision.compute``."""
     c = precision.compute
     gemm = {"bf16": "bf16", "fp8": "fp8_block", "fp4": "nvfp4"}.get(c)
     if c == "bf16" and precision.weight_bytes != 2.0:
         gemm = None
-    if c == "bf16":
+    ec = precision.expert_compute  # the routed experts' own compute dtype (nvfp4 experts under fp8 elsewhere)
+    if ec == "bf16":
         grouped = "bf16" if precision.expert_bytes == 2.0 else ("w4a16_mxfp4" if precision.expert_bytes < 1 else None)
     else:
-        grouped = {"fp8": "fp8_block", "fp4": "nvfp4"}.get(c)
+        grouped = {"fp8": "fp8_block", "fp4": "nvfp4"}.get(ec)  # type: ignore[arg-type]
     kv = {2.0: "bf16", 1.0: "fp8"}.get(float(precision.kv_bytes))
     return {"gemm": gemm, "grouped_gemm": grouped, "attention": kv}
 
@@ -75,7 +78,7 @@ def grouped_cost(model: Model, precision: Precision, acc: Accelerator, plan: Pla
     f = _fit(acc, "grouped_gemm", dt)
     if f is None or not model.is_moe:
         a = model.expert_params * precision.expert_bytes / etp / (acc.hbm_bandwidth * acc.bandwidth_efficiency)
-        b = 2.0 * model.expert_params / etp / (acc.peak_flops(precision.compute) * acc.flops_efficiency)
+        b = 2.0 * model.expert_params / etp / (acc.peak_flops(precision.expert_compute) * acc.flops_efficiency)
         return a, b, 0.0
     assert dt is not None
     # weights per unit of expert width (3·d gated) and of one expert on one GPU
@@ -175,7 +178,7 @@ def _kernel_lane(model: Model, precision: Precision, acc: Accelerator, plan: Pla
             ma = model.expert_params * precision.expert_bytes / plan.expert_tp / (
                 acc.hbm_bandwidth * acc.bandwidth_efficiency)
             mb = 2.0 * model.expert_params / plan.expert_tp / (
-                acc.peak_flops(precision.compute) * acc.flops_efficiency)
+                acc.peak_flops(precision.expert_compute) * acc.flops_efficiency)
             mf = 0.0
     else:
         ma = mb = mf = 0.0

@@ -150,6 +150,8 @@ STEP_FIELDS = (
     "redundant",
     # speculative decoding (StepOptions.draft_tokens, .acceptance): draft tokens per step, acceptance rate
     "draft", "accept",
+    # precision: bytes per element of the EP all-to-all's dispatch and combine (Precision.dispatch_bytes, .combine_bytes)
+    "db", "cb",
 )
 
 
@@ -251,6 +253,8 @@ class StepParams:
     redundant: np.ndarray
     draft: np.ndarray
     accept: np.ndarray
+    db: np.ndarray
+    cb: np.ndarray
     #: the fields as rows of one (fields, lanes) array, when they are views of it
     matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -313,6 +317,7 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         overlap=1 if (opt.overlap_comm or opt.overlap == "full") else (2 if opt.overlap == "tbo" else 0),
         redundant=plan.redundant if moe else 0,
         draft=opt.draft_tokens, accept=opt.acceptance,
+        db=precision.dispatch_bytes, cb=precision.combine_bytes,
     )
     vals.update(_kernel_lane(model, precision, acc, plan, opt, kv_split))
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})

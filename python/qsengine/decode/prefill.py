@@ -334,8 +334,9 @@ def prefill_time(p: StepParams, prompt: np.ndarray, ctx_flops: np.ndarray, *, pi
         pieces.append(np.where(is_moe, t * p.moe_layers, 0.0))
         rows = np.flatnonzero(is_moe)
         mean = np.zeros(n)
-        a = p.expert_params * p.eb / p.etp / p.bw
-        b = 2.0 * p.expert_params / p.etp / p.flops
+        # the roofline expert cost (kernels._kernel_lane: weights at BW·η, FLOPs at the peak of
+        # Precision.expert_compute); calibrated lanes are recomputed by _calibrated_compute below
+        a, b = p.moe_a, p.moe_b
         experts, top_k = int(p.experts[rows[0]]), int(p.top_k[rows[0]])
         red = p.redundant[rows]  # a plan's redundant expert slots (EPLB) serve prefill as they serve decode
         mean[rows], _ = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows], b[rows],
@@ -349,11 +350,13 @@ def prefill_time(p: StepParams, prompt: np.ndarray, ctx_flops: np.ndarray, *, pi
     if is_moe.any():
         tokens_src = m * per_stage / p.tp
         group = p.ep * p.etp
-        nbytes = tokens_src * p.top_k * p.d * p.ab * (p.ep - 1) / p.ep
         inter = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
-        t_one = np.maximum(nbytes * (1 - inter) / (p.scaleup * p.link_eff),
-                           nbytes * inter / (p.internode * p.link_eff))
-        comm.append(np.where(is_moe & (p.ep > 1), 2 * (p.latency + t_one) * p.moe_layers, 0.0))
+        t = 0.0
+        for el in (p.db, p.cb):  # dispatch, then combine (Precision.dispatch_bytes, .combine_bytes)
+            nbytes = tokens_src * p.top_k * p.d * el * (p.ep - 1) / p.ep
+            t = t + (p.latency + np.maximum(nbytes * (1 - inter) / (p.scaleup * p.link_eff),
+                                            nbytes * inter / (p.internode * p.link_eff)))
+        comm.append(np.where(is_moe & (p.ep > 1), t * p.moe_layers, 0.0))
         has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
         comm.append(np.where(has_etp, _allreduce(tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab, p.etp, p)
                              * p.moe_layers, 0.0))

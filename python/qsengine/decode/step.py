@@ -365,17 +365,24 @@ def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.
         tokens_src = micro_rows * p.dp / stage_gpus
         group = p.ep * p.etp
         remote = (p.ep - 1) / p.ep
-        nbytes = tokens_src * p.top_k * p.d * p.ab * remote
         inter_frac = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
-        t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
-                           nbytes * inter_frac / (p.internode * p.link_eff))
-        t = 2 * (p.latency + t_one)
+        # dispatch (tokens out, Precision.dispatch_bytes per element) and combine (expert outputs back,
+        # .combine_bytes), each one all-to-all; equal formats give 2 x one of them
+        sent = []
+        t = 0.0
+        for el in (p.db, p.cb):
+            nbytes = tokens_src * p.top_k * p.d * el * remote
+            t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
+                               nbytes * inter_frac / (p.internode * p.link_eff))
+            t = t + (p.latency + t_one)
+            sent.append(nbytes)
         if any_cal:  # NCCL all-to-all of the whole send buffer (self chunk included), dispatch + combine
-            full = tokens_src * p.top_k * p.d * p.ab
-            t = np.where(cal & ~np.isnan(p.aa_a1), 2 * _fitted_collective(full, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2), t)
+            t_fit = (_fitted_collective(tokens_src * p.top_k * p.d * p.db, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2)
+                     + _fitted_collective(tokens_src * p.top_k * p.d * p.cb, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2))
+            t = np.where(cal & ~np.isnan(p.aa_a1), t_fit, t)
         comm.append(np.where(has_ep, t * n_moe, 0.0))
         if detail:
-            keep("ep all-to-all", comm[-1], 2 * nbytes * n_moe, 0.0, n_moe, has_ep, link=True)
+            keep("ep all-to-all", comm[-1], (sent[0] + sent[1]) * n_moe, 0.0, n_moe, has_ep, link=True)
         has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
         nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
         t = _allreduce(nbytes, p.etp, p)
