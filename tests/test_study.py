@@ -54,6 +54,9 @@ def test_whole_study_is_validated_before_any_work(tmp_path):
     (dict(q=None), "field 'q' = None"),
     (dict(models=("llama-3.1-70b",)), "is dense"), (dict(contexts=("12Q",)), "12Q"),
     (dict(beyond_max_context="drop"), "beyond_max_context"), (dict(tie=1.5), "tie"),
+    (dict(context_dist="gauss"), "field 'context_dist' = 'gauss'"), (dict(serving="tgi"), "field 'serving' = 'tgi'"),
+    (dict(draft_tokens=-1), "field 'draft_tokens' = -1"), (dict(acceptance=1.5), "field 'acceptance' = 1.5"),
+    (dict(output=-5), "field 'output' = -5"),
 ])
 def test_bad_inputs_named(tmp_path, kw, match):
     with pytest.raises((ValueError, TypeError), match=match):
@@ -93,6 +96,29 @@ def test_run_settings_recorded_everywhere(tmp_path):
                  "both sides at p99 ≤ 50.0 ms per token", "seed: 7", f"qsengine {qsengine.__version__}"):
         assert text in summary, text
     assert format_summary(df).splitlines()[0].startswith("qsengine study")
+
+
+def test_workload_serving_and_speculation_reach_every_point(tmp_path):
+    """The study's workload, serving-engine and speculative-decoding options are
+    the points' own fields: each row equals ``simulate`` at those fields, and
+    the settings say what ran (columns, parquet metadata, summary)."""
+    opts = dict(output=1024, prefill="colocated", context_dist="uniform:0.5", output_dist="exponential",
+                serving="vllm", draft_tokens=1, acceptance=0.8)
+    cfg = _cfg(tmp_path, contexts=(4096,), slo_tpot=None, **opts)
+    df = run_study(cfg, figures=False)
+    row = df.iloc[0]
+    want = qsengine.simulate(model="qwen3-30b-a3b", cluster="8xh100", context=4096, microbatches=0, slo_tpot=None,
+                             q="sqrt", precision="bf16", seed=cfg.seed, **opts).to_record()
+    for k in ("ratio", "moe_tokens_per_s", "dense_tokens_per_s", "moe_plan", "dense_batch", "ratio_basis"):
+        assert row[k] == want[k], k
+    assert row["serving"] == "vllm" and row["draft_tokens"] == 1 and row["acceptance"] == 0.8
+    assert row["workload"] == "requests: context in, 1K out, prefill colocated (prompt uniform:0.5, output exponential)"
+    summary = (tmp_path / "out" / "summary.md").read_text()
+    assert "serving engine: vllm; speculative decoding: 1 draft token(s) per step at acceptance 0.8" in summary
+    assert "lengths: prompt uniform:0.5, output exponential" in summary
+    # the defaults leave the points as before (no extra fields, same checkpoint key as a config without them)
+    plain = S.config._validate(_cfg(tmp_path, contexts=(4096,)))
+    assert all(set(p) & {"output", "serving", "draft_tokens", "context_dist"} == set() for p in plain.points)
 
 
 # ---------------------------------------------------------------- answer first

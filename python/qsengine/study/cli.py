@@ -142,13 +142,6 @@ def add_parser(sub) -> None:
                    help="the p99 per-token latency (ms) both sides are compared at, or 'none' "
                         f"(default {DEFAULT_SLO_TPOT * 1e3:g})")
     _request_args(s)
-    for flag, what in (("--context-dist", "prompt"), ("--output-dist", "output")):
-        s.add_argument(flag, default="fixed", metavar="LAW",
-                       help=f"law of the {what} length around its mean: fixed (default), uniform:W, exponential, "
-                            "lognormal:S (docs/model.md \"Length distributions\")")
-    s.add_argument("--serving", choices=("qsengine", "vllm", "sglang", "trtllm"), default="qsengine",
-                   help="serving engine's memory policy and batch cap (default qsengine: the accelerator spec's "
-                        "usable HBM, no cap; docs/model.md 'Serving engines')")
     s.add_argument("--seed", type=int, default=None, help="seed (default: fresh entropy, printed)")
     s.add_argument("--threads", type=int, default=None, help="C++ threads (default: all cores)")
     s.add_argument("--json", action="store_true", help="print the full result as JSON")
@@ -176,13 +169,32 @@ def _output_tokens(text: str) -> int:
 
 
 def _request_args(p) -> None:
-    """--output / --prefill: whole requests (docs/model.md "Whole requests")."""
+    """The workload and serving options of ``study`` and ``simulate``: --output / --prefill (whole
+    requests, docs/model.md "Whole requests"), the length laws, the serving engine and speculative decoding."""
     p.add_argument("--output", type=_output_tokens, default=0, metavar="TOKENS",
                    help="generated tokens per request, e.g. 2K; the context is then the prompt (default 0: decode "
                         "only at the context)")
     p.add_argument("--prefill", choices=("none", "colocated", "disaggregated"), default="none",
                    help="prefill costed on the decode GPUs (colocated) or a separate pool (disaggregated); the "
                         "ratio is then end-to-end (default none: decode only)")
+    for flag, what in (("--context-dist", "prompt"), ("--output-dist", "output")):
+        p.add_argument(flag, default="fixed", metavar="LAW",
+                       help=f"law of the {what} length around its mean: fixed (default), uniform:W, exponential, "
+                            "lognormal:S (docs/model.md \"Length distributions\")")
+    p.add_argument("--serving", choices=("qsengine", "vllm", "sglang", "trtllm"), default="qsengine",
+                   help="serving engine's memory policy and batch cap (default qsengine: the accelerator spec's "
+                        "usable HBM, no cap; docs/model.md 'Serving engines')")
+    p.add_argument("--draft-tokens", type=int, default=0, metavar="D",
+                   help="speculative decoding / MTP on both sides: draft tokens per step (default 0: off; "
+                        "docs/model.md 'Speculative decoding')")
+    p.add_argument("--acceptance", type=float, default=0.0, metavar="A",
+                   help="probability that a draft token is accepted given the ones before it were (default 0)")
+
+
+def _request_kwargs(args) -> dict:
+    """The keyword arguments of :func:`_request_args`' options."""
+    return dict(output=args.output, prefill=args.prefill, context_dist=args.context_dist, output_dist=args.output_dist,
+                serving=args.serving, draft_tokens=args.draft_tokens, acceptance=args.acceptance)
 
 
 def _run_study_cli(args) -> int:
@@ -192,7 +204,7 @@ def _run_study_cli(args) -> int:
                       q=args.q, routing=args.routing, precision=args.precision, microbatches=args.microbatches,
                       slo_tpot=args.slo_tpot_ms, twins=tuple(args.twins), seed=args.seed,
                       threads=args.threads, out=args.out, beyond_max_context=args.beyond_max_context, tie=args.tie,
-                      output=args.output, prefill=args.prefill)
+                      **_request_kwargs(args))
     ck = checkpoint_dir(cfg)  # validates everything before any work
     progress = not args.no_progress and sys.stderr.isatty()
     try:
@@ -222,8 +234,7 @@ def _run_simulate_cli(args) -> int:
     res = simulate(model, args.cluster, parse_tokens(args.context), q=args.q, dense=args.dense,
                    routing=args.routing, precision=precision, microbatches=args.microbatches,
                    slo_tpot=args.slo_tpot_ms, seed=args.seed,
-                   threads=args.threads, output=args.output, prefill=args.prefill, context_dist=args.context_dist,
-                   output_dist=args.output_dist, serving=args.serving)
+                   threads=args.threads, **_request_kwargs(args))
     if args.json:
         print(json.dumps(res.to_dict(), indent=2, default=str))
     else:

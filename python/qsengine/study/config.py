@@ -112,6 +112,39 @@ class StudyConfig:
     #: study decode only at each context; with output >= 1 each context is the prompt length
     output: int = 0
     prefill: str = "none"
+    #: length laws of the prompt and the output around their means (point fields ``context_dist``,
+    #: ``output_dist``: "fixed", "uniform:W", "exponential", "lognormal:S"; docs/model.md "Length distributions")
+    context_dist: str = "fixed"
+    output_dist: str = "fixed"
+    #: the serving engine's memory policy and batch cap (qsengine.specs.serving: "qsengine", "vllm", "sglang",
+    #: "trtllm")
+    serving: str = "qsengine"
+    #: speculative decoding / MTP on both sides: draft tokens per step and their acceptance rate
+    #: (docs/model.md "Speculative decoding"); 0 = off
+    draft_tokens: int = 0
+    acceptance: float = 0.0
+
+
+#: StudyConfig fields passed to every point when they differ from the point's default
+_POINT_OPTIONS = ("output", "prefill", "context_dist", "output_dist", "serving", "draft_tokens", "acceptance")
+
+
+def _workload(cfg: StudyConfig) -> tuple[str, str]:
+    """(sentence, short label) of the studied workload."""
+    from qsengine.decode.prefill import LengthDist
+
+    laws = [f"{what} {LengthDist.parse(law).label}" for what, law in (("prompt", cfg.context_dist),
+                                                                       ("output", cfg.output_dist))
+            if LengthDist.parse(law).label != "fixed"]
+    law_text = f"; lengths: {', '.join(laws)} around the means" if laws else ""
+    if not cfg.output:
+        return ("every sequence at the studied context (decode, full KV cache)" + law_text,
+                "decode at context" + (f" ({', '.join(laws)})" if laws else ""))
+    sentence = (f"requests: the studied context in, {cfg.output:,} tokens out, prefill {cfg.prefill} (ratio "
+                + ("end-to-end, output tokens/s per GPU including prefill)" if cfg.prefill != "none"
+                   else "decode only, KV cache growing from the context)") + law_text)
+    return sentence, (f"requests: context in, {format_tokens(cfg.output)} out, prefill {cfg.prefill}"
+                      + (f" ({', '.join(laws)})" if laws else ""))
 
 
 @dataclass(frozen=True)
@@ -152,6 +185,11 @@ def _validate(cfg: StudyConfig) -> _Plan:
     check_value("slo_tpot", cfg.slo_tpot)
     check_value("routing", cfg.routing)
     check_value("microbatches", cfg.microbatches)
+    from qsengine.decode.point import FIELDS
+
+    for f in _POINT_OPTIONS:
+        check_value(f, getattr(cfg, f))
+    options = {f: getattr(cfg, f) for f in _POINT_OPTIONS if getattr(cfg, f) != FIELDS[f]}
     from qsengine.specs.twin import TWIN_ATTENTION
 
     twins = tuple(cfg.twins) if not isinstance(cfg.twins, str) else (cfg.twins,)
@@ -176,9 +214,7 @@ def _validate(cfg: StudyConfig) -> _Plan:
                     points.append({"model": spelled[mid], "cluster": cname, "context": t, "q": q,
                                    "routing": cfg.routing, "precision": precision[mid],
                                    "microbatches": cfg.microbatches, "slo_tpot": cfg.slo_tpot,
-                                   "twin_attention": tw,
-                                   **({"output": cfg.output, "prefill": cfg.prefill}
-                                      if cfg.output or cfg.prefill != "none" else {})})
+                                   "twin_attention": tw, **options})
     if not points:
         raise ValueError("study: every point is beyond its model's max_context and beyond_max_context='skip'")
     settings = {
@@ -187,10 +223,11 @@ def _validate(cfg: StudyConfig) -> _Plan:
         "routing": cfg.routing if isinstance(cfg.routing, str) else repr(cfg.routing),
         "twin": f"q = {q}" + (" (1/sqrt(s))" if q == "sqrt" else "") + "; shapes: " + ", ".join(
             TWIN_SHAPE_TEXT[t] for t in twins),
-        "workload": "every sequence at the studied context (decode, full KV cache)" if not cfg.output else
-                    f"requests: the studied context in, {cfg.output:,} tokens out, prefill {cfg.prefill} (ratio "
-                    + ("end-to-end, output tokens/s per GPU including prefill)" if cfg.prefill != "none"
-                       else "decode only, KV cache growing from the context)"),
+        "workload": _workload(cfg)[0],
+        "workload_label": _workload(cfg)[1],
+        "serving": cfg.serving,
+        "speculative": "off" if not cfg.draft_tokens else
+                       f"{cfg.draft_tokens} draft token(s) per step at acceptance {cfg.acceptance:g} (both sides)",
         "slo_tpot_ms": None if cfg.slo_tpot is None else cfg.slo_tpot * 1e3,
         "microbatches": cfg.microbatches,
         "seed": cfg.seed,

@@ -81,7 +81,10 @@ def _annotate(raw, plan: _Plan, cfg: StudyConfig):
     df["routing"] = df["in_routing"]
     df["twin"] = df["dense_model"]
     df["twin_shape"] = df["in_twin_attention"]
-    df["workload"] = "uniform-context"
+    df["workload"] = plan.settings["workload_label"]
+    df["serving"] = cfg.serving
+    df["draft_tokens"] = int(cfg.draft_tokens)
+    df["acceptance"] = float(cfg.acceptance)
     df["slo_tpot_ms"] = np.nan if cfg.slo_tpot is None else cfg.slo_tpot * 1e3
     df["microbatches"] = str(cfg.microbatches)
     df["seed"] = cfg.seed

@@ -115,6 +115,7 @@ def format_summary(df, *, markdown: bool = False) -> str:
         f"- routing: {s.get('routing')}; Monte Carlo microbatches: {s.get('microbatches')}",
         f"- twin: {s.get('twin')}",
         f"- workload: {s.get('workload')}",
+        f"- serving engine: {s.get('serving', 'qsengine')}; speculative decoding: {s.get('speculative', 'off')}",
         "- latency target: " + ("none: each side at the largest batch its HBM holds" if slo is None else
                                 f"both sides at p99 ≤ {fmt_num(slo)} ms per token (equal latency); "
                                 "[max throughput: …] = each side at the largest batch its HBM holds"),
