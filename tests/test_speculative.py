@@ -257,3 +257,11 @@ def test_monte_carlo_routes_the_verify_rows():
     assert mc.moe.step.moe_tokens == cf.moe.step.moe_tokens == pytest.approx(cf.moe.batch * 3)
     assert mc.moe.tokens_per_second == pytest.approx(cf.moe.tokens_per_second, rel=0.02)
     assert math.isclose(mc.moe.step.time, cf.moe.step.time, rel_tol=0.02)
+
+
+def test_summary_states_the_speculation():
+    """A result computed with drafts says so in its settings line (and one without says there are none)."""
+    kw = dict(model="qwen3-30b-a3b", cluster="8xh100", context=4096, microbatches=0, break_even=False)
+    spec = qsengine.simulate(**kw, draft_tokens=2, acceptance=0.7)
+    assert "speculative decoding: 2 draft token(s) per step at acceptance 0.7" in spec.summary()
+    assert "no speculative decoding" in qsengine.simulate(**kw).settings_line()

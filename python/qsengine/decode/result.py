@@ -195,10 +195,14 @@ class SimulationResult:
             work = (f"decode only: every sequence at {ctx:,} tokens" if not out else
                     f"requests of {ctx:,} in / {out:,} out (admitted at {ctx + out:,} tokens, decode reads "
                     f"{ctx + (out + 1) / 2:,.1f} on average), prefill {inp.get('prefill')}")
+        d = int(inp.get("draft_tokens") or 0)
+        spec = (f"speculative decoding: {d} draft token(s) per step at acceptance {float(inp.get('acceptance')):g} "
+                "(per accepted token)" if d else "no speculative decoding")
         return (f"settings: precision {prec}, routing {inp.get('routing')}, dense side {inp.get('dense')} "
                 f"(q = {float(inp.get('q')):.3f}, twin attention {inp.get('twin_attention')}), {work}, "
                 f"operating point: {op}, plan {inp.get('plan')} "
-                f"(objective: highest throughput), serving {inp.get('serving', 'qsengine')}, {mc}, {kernels} kernels, "
+                f"(objective: highest throughput), serving {inp.get('serving', 'qsengine')}, {spec}, {mc}, "
+                f"{kernels} kernels, "
                 f"seed {seed}, qsengine {__version__}")
 
     def _repr_html_(self) -> str:
