@@ -15,7 +15,7 @@ import numpy as np
 
 from qsengine._groups import split as _split
 from qsengine.decode.prefill import Requests, admission_context, end_to_end, prefill_ctx_flops, prefill_time
-from qsengine.decode.params import StepOptions, StepParams, step_params
+from qsengine.decode.params import STEP_FIELDS, StepOptions, StepParams, step_params
 from qsengine.decode.step import step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -326,7 +326,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         got = {"time": np.empty(idx.size), "p99": np.empty(idx.size), "step": np.empty(idx.size)}
         for lo in range(0, idx.size, _BLOCK):
             blk = idx[lo:lo + _BLOCK]
-            sp = stack.params.take(gplan[blk])
+            sp = stack.take(gplan[blk])
             if ffn_rows is not None:
                 sp = sp.replace(ffn_params=ffn_rows[blk])
             bb = np.where(fx[blk] > 0, fx_rep[blk], b[lo:lo + _BLOCK] * unit[blk]).astype(np.float64)
@@ -587,6 +587,20 @@ class _Stack:
     dp: np.ndarray
     unit: np.ndarray
     override: np.ndarray
+    #: the step-model fields equal on every plan, as one-element arrays (none under two-batch
+    #: overlap, whose half-batch pass gathers lanes of its own), and the matrix of the others
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
+    varying: tuple[str, ...] = ()
+    varying_matrix: np.ndarray | None = None
+
+    def take(self, idx: np.ndarray) -> StepParams:
+        """The step parameters of global plans ``idx``: the fields that differ between plans
+        gathered per row, the shared ones one-element arrays that broadcast (elementwise, so
+        the same floats, without gathering them)."""
+        if self.varying_matrix is None:
+            return self.params.take(idx)
+        m = np.take(self.varying_matrix, idx, axis=1)
+        return StepParams(**self.shared, **dict(zip(self.varying, m)))
 
 
 _STACKS: dict[tuple[int, ...], tuple[tuple[Family, ...], _Stack]] = {}
@@ -603,10 +617,23 @@ def _stacked(fams: Sequence[Family]) -> _Stack:
                        dp=np.concatenate([f.dp for f in present]),
                        unit=np.concatenate([f.unit for f in present]),
                        override=np.concatenate([np.full(len(f.plans), f.override) for f in present]))
+        _share(stack)
         if len(_STACKS) > 4096:
             _STACKS.clear()
         got = _STACKS[key] = (tuple(fams), stack)  # keep the families alive: their ids stay unique
     return got[1]
+
+
+def _share(stack: _Stack) -> None:
+    """Split the stack's step fields into those equal on every plan (``shared``) and the others."""
+    pa = stack.params
+    if (pa.overlap == 2).any():
+        return
+    m = pa._matrix()
+    same = [bool(np.array_equal(row, np.full(row.size, row[0]), equal_nan=True)) for row in m]
+    stack.shared = {f: m[i, :1].copy() for i, f in enumerate(STEP_FIELDS) if same[i]}
+    stack.varying = tuple(f for i, f in enumerate(STEP_FIELDS) if not same[i])
+    stack.varying_matrix = np.ascontiguousarray(m[[not x for x in same]])
 
 
 def in_order_best(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
