@@ -15,7 +15,7 @@ import numpy as np
 
 from qsengine._groups import split as _split
 from qsengine.decode.prefill import Requests, admission_context, end_to_end, prefill_ctx_flops, prefill_time
-from qsengine.decode.params import StepOptions, StepParams, step_params
+from qsengine.decode.params import STEP_FIELDS, StepOptions, StepParams, step_params
 from qsengine.decode.step import step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -326,7 +326,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         got = {"time": np.empty(idx.size), "p99": np.empty(idx.size), "step": np.empty(idx.size)}
         for lo in range(0, idx.size, _BLOCK):
             blk = idx[lo:lo + _BLOCK]
-            sp = stack.params.take(gplan[blk])
+            sp = stack.take(gplan[blk])
             if ffn_rows is not None:
                 sp = sp.replace(ffn_params=ffn_rows[blk])
             bb = np.where(fx[blk] > 0, fx_rep[blk], b[lo:lo + _BLOCK] * unit[blk]).astype(np.float64)
@@ -365,7 +365,7 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
 
     def bisect(rows_b: np.ndarray) -> None:
         """The largest batch whose p99 meets the target, for rows ``rows_b``
-        (invalid if even one admission unit misses it)."""
+        (invalid if even one admission unit misses it, or if pruned: see below)."""
         if rows_b.size == 0:
             return
         first = step(rows_b, np.ones(rows_b.size, np.int64))
@@ -382,8 +382,29 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         fhi = p99[act] - s[act]
         halve = np.zeros(act.size, bool)
         moved = np.zeros(act.size, np.int8)  # +1 lo moved last, -1 hi moved last
+        # the step model's values at lo (the answer's: kept, not evaluated again) and the mean TPOT at hi
+        t_lo, p_lo, d_lo = first["time"][~miss], first["p99"][~miss], first["step"][~miss]
+        t_hi = time[act].copy()
+        lane_a, w = lane_r[act], unit[act] * stack.dp[gplan[act]]
+        on = np.ones(act.size, bool)  # not pruned
+        # rows whose B·dp/TPOT provably grows with B: dense plans (every piece of their step is
+        # a nonnegative intercept plus a nonnegative slope in B, combined by sums, max, min and
+        # the kernels' p-norms, so TPOT/B never grows); an MoE straggler's spread can jump where
+        # its binding resource switches (straggler.straggler_closed_form), so MoE rows are not pruned here
+        mono = stack.params.moe_layers[gplan[act]] == 0
+        prune = bool(mono.any())
         while True:
-            live = np.flatnonzero(hi - lo > 1)
+            if prune:
+                # Pruning inside the bracket (exact): a monotone row's answer serves at least its
+                # value at lo, which raises its lane's best, and at most its value at hi (which
+                # misses), so a row whose hi is below (1 - 1e-9) of its lane's best cannot be
+                # chosen and stops here.
+                m_on = on & mono
+                with np.errstate(divide="ignore", invalid="ignore"):
+                    np.maximum.at(best_known, lane_a[m_on], (np.where(t_lo > 0, lo / t_lo, 0.0) * w)[m_on])
+                    cap_hi = np.where(t_hi > 0, hi / t_hi, np.inf) * w  # no bound from a nan or zero TPOT
+                on &= ~(mono & (cap_hi * (1.0 + 1e-9) < best_known[lane_a]))
+            live = np.flatnonzero(on & (hi - lo > 1))
             if live.size == 0:
                 break
             a, b, fa, fb = lo[live], hi[live], flo[live], fhi[live]
@@ -391,25 +412,30 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
                 guess = a + np.floor((b - a) * (-fa) / (fb - fa))
             guess = np.where(np.isfinite(guess), guess, (a + b) // 2).astype(np.int64)
             mid = np.where(halve[live], (a + b) // 2, np.clip(guess, a + 1, b - 1))
-            got = step(act[live], mid)["p99"] - s[act[live]]
+            at_mid = step(act[live], mid)
+            got = at_mid["p99"] - s[act[live]]
             meets = got <= 0
             width = b - a
             lo[live] = np.where(meets, mid, a)
             hi[live] = np.where(meets, b, mid)
             flo[live] = np.where(meets, got, fa)
             fhi[live] = np.where(meets, fb, got)
+            t_lo[live] = np.where(meets, at_mid["time"], t_lo[live])
+            p_lo[live] = np.where(meets, at_mid["p99"], p_lo[live])
+            d_lo[live] = np.where(meets, at_mid["step"], d_lo[live])
+            t_hi[live] = np.where(meets, t_hi[live], at_mid["time"])
             side = np.where(meets, 1, -1).astype(np.int8)
             same = side == moved[live]  # Illinois: the kept end's value halves when it stays twice
             fhi[live] = np.where(same & meets, fhi[live] / 2, fhi[live])
             flo[live] = np.where(same & ~meets, flo[live] / 2, flo[live])
             moved[live] = side
             halve[live] = 2 * (hi[live] - lo[live]) > width
-        if act.size:
-            final = step(act, lo)
-            units[act] = lo
-            time[act] = final["time"]
-            p99[act] = final["p99"]
-            dec[act] = final["step"]
+        kept = act[on]
+        units[kept] = lo[on]
+        time[kept] = t_lo[on]
+        p99[kept] = p_lo[on]
+        dec[kept] = d_lo[on]
+        valid[act[~on]] = False  # never chosen: another plan of its lane serves more
 
     if over.size:
         limit[over] = 1
@@ -587,6 +613,20 @@ class _Stack:
     dp: np.ndarray
     unit: np.ndarray
     override: np.ndarray
+    #: the step-model fields equal on every plan, as one-element arrays (none under two-batch
+    #: overlap, whose half-batch pass gathers lanes of its own), and the matrix of the others
+    shared: dict[str, np.ndarray] = field(default_factory=dict)
+    varying: tuple[str, ...] = ()
+    varying_matrix: np.ndarray | None = None
+
+    def take(self, idx: np.ndarray) -> StepParams:
+        """The step parameters of global plans ``idx``: the fields that differ between plans
+        gathered per row, the shared ones one-element arrays that broadcast (elementwise, so
+        the same floats, without gathering them)."""
+        if self.varying_matrix is None:
+            return self.params.take(idx)
+        m = np.take(self.varying_matrix, idx, axis=1)
+        return StepParams(**self.shared, **dict(zip(self.varying, m)))
 
 
 _STACKS: dict[tuple[int, ...], tuple[tuple[Family, ...], _Stack]] = {}
@@ -603,10 +643,23 @@ def _stacked(fams: Sequence[Family]) -> _Stack:
                        dp=np.concatenate([f.dp for f in present]),
                        unit=np.concatenate([f.unit for f in present]),
                        override=np.concatenate([np.full(len(f.plans), f.override) for f in present]))
+        _share(stack)
         if len(_STACKS) > 4096:
             _STACKS.clear()
         got = _STACKS[key] = (tuple(fams), stack)  # keep the families alive: their ids stay unique
     return got[1]
+
+
+def _share(stack: _Stack) -> None:
+    """Split the stack's step fields into those equal on every plan (``shared``) and the others."""
+    pa = stack.params
+    if (pa.overlap == 2).any():
+        return
+    m = pa._matrix()
+    same = [bool(np.array_equal(row, np.full(row.size, row[0]), equal_nan=True)) for row in m]
+    stack.shared = {f: m[i, :1].copy() for i, f in enumerate(STEP_FIELDS) if same[i]}
+    stack.varying = tuple(f for i, f in enumerate(STEP_FIELDS) if not same[i])
+    stack.varying_matrix = np.ascontiguousarray(m[[not x for x in same]])
 
 
 def in_order_best(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -285,18 +285,21 @@ def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.
         bcoef = p.moe_b
         fix = n_moe * p.moe_fix  # the grouped GEMM's fixed per-layer cost (0 for the roofline)
         if moe_step_time is None:
-            rows = np.flatnonzero(is_moe)
+            def lanes(v: np.ndarray) -> np.ndarray:  # one plan's one-element parameters, over the lanes
+                return np.broadcast_to(v, (n_lanes,))
+
+            rows = np.flatnonzero(lanes(is_moe))
             m = np.zeros(n_lanes)
             s = np.zeros(n_lanes)
             if rows.size:
-                experts = int(p.experts[rows[0]])
-                top_k = int(p.top_k[rows[0]])
-                if np.any(p.experts[rows] != experts) or np.any(p.top_k[rows] != top_k):
+                experts = int(lanes(p.experts)[rows[0]])
+                top_k = int(lanes(p.top_k)[rows[0]])
+                if np.any(lanes(p.experts)[rows] != experts) or np.any(lanes(p.top_k)[rows] != top_k):
                     raise ValueError("step_time: MoE lanes disagree on experts/top_k; the closed-form straggler "
                                      "takes one routing law per call (split the lanes)")
-                red = p.redundant[rows]
-                m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], p.ep[rows], a[rows],
-                                                         bcoef[rows], None if uniform else pi,
+                red = lanes(p.redundant)[rows]
+                m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], lanes(p.ep)[rows],
+                                                         lanes(a)[rows], lanes(bcoef)[rows], None if uniform else pi,
                                                          red.astype(np.int64) if red.any() else None)
             moe_mean = np.where(is_moe, n_moe * m, 0.0)
             sd = np.sqrt(n_moe) * s
