@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qsengine.decode.kernels import _kernel_lane
+from qsengine.decode.kernels import _kernel_lane, torus_alltoall_factor
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 #: Values of :attr:`StepOptions.kernels`.
@@ -150,6 +150,9 @@ STEP_FIELDS = (
     "redundant",
     # speculative decoding (StepOptions.draft_tokens, .acceptance): draft tokens per step, acceptance rate
     "draft", "accept",
+    # EP all-to-all on a torus scale-up (TPU ICI): bisection time / crossbar time of the EP group's slice
+    # (kernels.torus_alltoall_factor); 0 on a switch (the crossbar time, unchanged)
+    "a2a_torus",
 )
 
 
@@ -251,6 +254,7 @@ class StepParams:
     redundant: np.ndarray
     draft: np.ndarray
     accept: np.ndarray
+    a2a_torus: np.ndarray
     #: the fields as rows of one (fields, lanes) array, when they are views of it
     matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -276,6 +280,18 @@ class StepParams:
     @staticmethod
     def stack(parts: "list[StepParams]") -> "StepParams":
         return StepParams.from_matrix(np.concatenate([p._matrix() for p in parts], axis=1))
+
+
+def _torus_factor(acc: Accelerator, group: int) -> float:
+    """The lane's ``a2a_torus``: 0 on a switch; on a torus the bisection factor of
+    the EP group's slice (at most one scale-up domain), with wraparound links if
+    the slice is at least ``acc.torus_wraparound`` chips."""
+    if acc.scaleup_topology != "torus":
+        return 0.0
+    g = min(group, acc.scaleup_domain)
+    assert acc.torus_dims is not None
+    wrap = acc.torus_wraparound is None or g >= acc.torus_wraparound
+    return torus_alltoall_factor(g, acc.torus_dims, wrap)
 
 
 def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan,
@@ -313,6 +329,7 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         overlap=1 if (opt.overlap_comm or opt.overlap == "full") else (2 if opt.overlap == "tbo" else 0),
         redundant=plan.redundant if moe else 0,
         draft=opt.draft_tokens, accept=opt.acceptance,
+        a2a_torus=_torus_factor(acc, plan.ep * plan.expert_tp),
     )
     vals.update(_kernel_lane(model, precision, acc, plan, opt, kv_split))
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})

@@ -52,7 +52,7 @@ import numpy as np
 
 from qsengine.decode.breakdown import Piece, PieceArrays, StepBreakdown, StepTimes, breakdown
 from qsengine.decode.kernels import (_allreduce, _attn_core, _fitted_collective, _gemm, _link_bw, _roof,
-                                     grouped_cost, kernel_dtypes)
+                                     grouped_cost, kernel_dtypes, _ep_alltoall)
 from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepOptions, StepParams,
                                     check_speculation, step_params)
 from qsengine.decode.straggler import (MoeLayerShape, _inclusion_probabilities, max_iid_normal,
@@ -366,13 +366,13 @@ def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.
         group = p.ep * p.etp
         remote = (p.ep - 1) / p.ep
         nbytes = tokens_src * p.top_k * p.d * p.ab * remote
-        inter_frac = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
-        t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
-                           nbytes * inter_frac / (p.internode * p.link_eff))
-        t = 2 * (p.latency + t_one)
+        t_link = 2 * _ep_alltoall(nbytes, group, p)
+        t = t_link
         if any_cal:  # NCCL all-to-all of the whole send buffer (self chunk included), dispatch + combine
             full = tokens_src * p.top_k * p.d * p.ab
             t = np.where(cal & ~np.isnan(p.aa_a1), 2 * _fitted_collective(full, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2), t)
+            # a fit measured on a switch (NVSwitch, transferred to TPUs) is a crossbar: a torus adds its bisection bound
+            t = np.where(p.a2a_torus > 0, np.maximum(t, t_link), t)
         comm.append(np.where(has_ep, t * n_moe, 0.0))
         if detail:
             keep("ep all-to-all", comm[-1], 2 * nbytes * n_moe, 0.0, n_moe, has_ep, link=True)
