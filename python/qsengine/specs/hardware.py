@@ -137,6 +137,8 @@ class Accelerator:
         if self.scaleup_topology == "torus":
             if self.torus_dims is None:
                 raise fail(src, "torus_dims", None, "a torus needs its number of dimensions (e.g. 3 for TPU v5p)")
+            # at most 8: deployed tori have 2-6 dimensions (TPU ICI 2-3, Fujitsu Tofu 6), and the slice search
+            # (kernels.torus_shape) recurses once per dimension
             check_int(src, "torus_dims", self.torus_dims, minimum=1, maximum=8)
             if self.torus_wraparound is not None:
                 check_int(src, "torus_wraparound", self.torus_wraparound, minimum=1)
