@@ -273,7 +273,7 @@ def torus_alltoall_factor(chips: int, dims: int, wraparound: bool = True) -> flo
     Cutting the slice across its longest side k into halves of ⌊k/2⌋ and ⌈k/2⌉
     planes of g/k chips, ⌊k²/4⌋·(g/k)²·s bytes cross each way over c·g/k links
     (c = 2 with wraparound, 1 without; Dally & Towles, "Principles and Practices
-    of Interconnection Networks", 2004, §3.3: bisection bound of a k-ary n-cube),
+    of Interconnection Networks", 2004, ch. 3: the bisection bound; ch. 5: tori),
     so::
 
         factor = bisection time / crossbar time = 2D·g·⌊k²/4⌋ / (c·k·(g − 1))
