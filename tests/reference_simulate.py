@@ -41,6 +41,36 @@ Z99 = 2.3263478740408408  # normal 0.99 quantile
 # ---------------------------------------------------------------------------
 
 
+def _slices(n: int, dims: int) -> list[tuple[int, ...]]:
+    """Every ordered way to write n as a product of ``dims`` positive sides."""
+    if dims == 1:
+        return [(n,)]
+    return [(k,) + rest for k in range(1, n + 1) if n % k == 0 for rest in _slices(n // k, dims - 1)]
+
+
+def scaleup_share_seconds(acc: Any, group: int, sent: float) -> float:
+    """Seconds for every chip of an all-to-all group to send ``sent`` bytes,
+    spread evenly over the group's other chips, over the scale-up links. A
+    switch: the chip's one-way bandwidth W. A torus (TPU ICI) is no faster than
+    its bisection: the group sits on the slice of min(group, domain) chips whose
+    longest side k is the shortest possible (all factorisations tried); cutting
+    it across that side leaves floor(k/2) and ceil(k/2) planes of g/k chips; all
+    bytes between the halves cross the cut's links (g/k per cut plane, two planes
+    with wraparound), each of W/(2D) one way."""
+    w = acc.scaleup_bandwidth * acc.link_efficiency
+    crossbar = sent / w
+    if acc.scaleup_topology != "torus":
+        return crossbar
+    g, dims = min(group, acc.scaleup_domain), acc.torus_dims
+    k = min(max(sh) for sh in _slices(g, dims))
+    plane = g // k
+    half_a, half_b = (k // 2) * plane, (k - k // 2) * plane
+    crossing = half_a * half_b * sent / (g - 1)  # bytes from one half to the other
+    wraps = acc.torus_wraparound is None or g >= acc.torus_wraparound
+    links = plane * (2 if wraps else 1)
+    return max(crossbar, crossing / (links * w / (2 * dims)))
+
+
 class Step:
     """What the reference reads of a step: mean and p99 TPOT."""
 
@@ -234,13 +264,16 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
         t = 0.0
         for el in (prec.dispatch_bytes, prec.combine_bytes):  # dispatch, then combine, each in its own format
             send = b * plan.dp / (plan.dp * plan.tp) * model.top_k * d * el
-            if fitted(group):
-                t += float(kernels.alltoall_time(acc, group, send))
-            else:
-                remote = send * (plan.ep - 1) / plan.ep
-                out = 0.0 if group <= acc.scaleup_domain else 1 - acc.scaleup_domain / group
-                t += lat + max(remote * (1 - out) / (acc.scaleup_bandwidth * acc.link_efficiency),
+            remote = send * (plan.ep - 1) / plan.ep
+            out = 0.0 if group <= acc.scaleup_domain else 1 - acc.scaleup_domain / group
+            t_link = lat + max(scaleup_share_seconds(acc, group, remote * (1 - out)),
                                remote * out / (acc.internode_bandwidth * acc.link_efficiency))
+            one = t_link
+            if fitted(group):
+                one = float(kernels.alltoall_time(acc, group, send))
+                if acc.scaleup_topology == "torus":  # the fit is a switch's (transferred): the torus bounds it below
+                    one = max(one, t_link)
+            t += one
         comm += n_moe * t
     if n_moe and plan.expert_tp > 1 and not (shard > 1 and plan.expert_tp == plan.tp and plan.ep == 1):
         tokens = b * plan.dp / plan.expert_copies
@@ -389,7 +422,7 @@ def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, pr
             inter = 0.0 if group <= acc.scaleup_domain else 1 - acc.scaleup_domain / group
             for el in (precision.dispatch_bytes, precision.combine_bytes):
                 sent = n_tok * prompts / plan.tp * k * d * el * (plan.ep - 1) / plan.ep
-                one = max(sent * (1 - inter) / (acc.scaleup_bandwidth * acc.link_efficiency),
+                one = max(scaleup_share_seconds(acc, group, sent * (1 - inter)),
                           sent * inter / (acc.internode_bandwidth * acc.link_efficiency))
                 comm += n_moe * (options.collective_latency + one)
         etp = plan.expert_tp

@@ -6,14 +6,17 @@ fitted GEMM / decode-attention / grouped-GEMM / collective parameters and the
 per-GPU GEMM shapes (:func:`_kernel_lane`), the routed experts' cost
 (:func:`grouped_cost`). Over lanes (called by the step time): the roofline
 (:func:`_roof`), the link model of a collective (:func:`_link_bw`,
-:func:`_allreduce`), and the calibrated kernel times (:func:`_gemm`,
-:func:`_attn_core`, :func:`_fitted_collective`). Formulas: ``docs/model.md``
-("Calibrated kernels").
+:func:`_allreduce`, :func:`_ep_alltoall`), and the calibrated kernel times
+(:func:`_gemm`, :func:`_attn_core`, :func:`_fitted_collective`). The EP
+all-to-all on a torus (TPU ICI): :func:`torus_shape`,
+:func:`torus_alltoall_factor`. Formulas: ``docs/model.md`` ("Calibrated
+kernels", "Torus all-to-all").
 """
 
 from __future__ import annotations
 
 import math
+from functools import lru_cache
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -23,7 +26,7 @@ from qsengine.specs import Accelerator, Model, Plan, Precision
 if TYPE_CHECKING:
     from qsengine.decode.params import StepOptions, StepParams
 
-__all__ = ["grouped_coefficients", "grouped_cost", "kernel_dtypes"]
+__all__ = ["grouped_coefficients", "grouped_cost", "kernel_dtypes", "torus_alltoall_factor", "torus_shape"]
 
 
 # --------------------------------------------------------- calibrated kernels
@@ -214,6 +217,78 @@ def _roof(nbytes: np.ndarray, flops: np.ndarray, p: StepParams) -> tuple[np.ndar
 def _link_bw(p: StepParams, group: np.ndarray) -> np.ndarray:
     """Per-GPU bandwidth (bytes/s) of a collective over ``group`` GPUs."""
     return np.where(group <= p.domain, p.scaleup, p.internode) * p.link_eff
+
+
+def _ep_alltoall(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:
+    """One EP all-to-all (dispatch or combine) by the link model: each GPU of
+    ``group`` sends ``nbytes`` to the others; the share of destinations beyond
+    the scale-up domain goes over the network, the rest over the scale-up
+    links, on a torus slowed by the lane's bisection factor ``a2a_torus``
+    (:func:`torus_alltoall_factor`; 0 on a switch, so the time is the
+    crossbar's): ``latency + max(in·max(1, f)/scaleup, out/internode)``."""
+    inter = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
+    t_in = nbytes * (1 - inter) / (p.scaleup * p.link_eff) * np.maximum(p.a2a_torus, 1.0)
+    return p.latency + np.maximum(t_in, nbytes * inter / (p.internode * p.link_eff))
+
+
+def _divisors(n: int) -> list[int]:
+    small = [k for k in range(1, math.isqrt(n) + 1) if n % k == 0]
+    return sorted(set(small + [n // k for k in small]))
+
+
+@lru_cache(maxsize=None)
+def _balanced(n: int, dims: int, cap: int) -> tuple[int, ...] | None:
+    """The lexicographically smallest descending factorisation of ``n`` into
+    ``dims`` sides, each <= ``cap`` (None if there is none)."""
+    if dims == 1:
+        return (n,) if n <= cap else None
+    for k in _divisors(n):  # ascending: the first feasible largest side is the smallest
+        if k > cap:
+            break
+        if k ** dims < n:  # the largest side is at least the dims-th root
+            continue
+        rest = _balanced(n // k, dims - 1, k)
+        if rest is not None:
+            return (k,) + rest
+    return None
+
+
+def torus_shape(chips: int, dims: int) -> tuple[int, ...]:
+    """The sides (descending) of a slice of ``chips`` chips on a ``dims``-dimensional
+    torus: the factorisation into ``dims`` integers with the smallest longest side,
+    as close to a cube as the count allows (64 in 3D: (4, 4, 4); 32: (4, 4, 2);
+    256 in 2D: (16, 16); 12 in 2D: (4, 3); a prime p: (p, 1, ...)). These are
+    the shapes Google ships (TPU v5p 2x2x2, 2x4x4, 4x4x4, 4x4x8; v6e 4x4, 8x8,
+    16x16: https://docs.cloud.google.com/tpu/docs/v5p, /v6e)."""
+    if chips < 1 or dims < 1:
+        raise ValueError(f"torus_shape: chips = {chips}, dims = {dims}: both must be >= 1")
+    shape = _balanced(int(chips), int(dims), int(chips))
+    assert shape is not None  # (chips, 1, ..., 1) always fits
+    return shape
+
+
+def torus_alltoall_factor(chips: int, dims: int, wraparound: bool = True) -> float:
+    """Bisection-bound time of a uniform all-to-all over the ``chips`` chips of a
+    torus slice (:func:`torus_shape`), over the crossbar time of the same bytes
+    (docs/model.md "Torus all-to-all"). Each chip sends R bytes, s = R/(g − 1)
+    to each other chip; the crossbar moves them in R/W (W the chip's one-way
+    scale-up bandwidth); on the torus each chip has 2·D links of W/(2D) one way.
+    Cutting the slice across its longest side k into halves of ⌊k/2⌋ and ⌈k/2⌉
+    planes of g/k chips, ⌊k²/4⌋·(g/k)²·s bytes cross each way over c·g/k links
+    (c = 2 with wraparound, 1 without; Dally & Towles, "Principles and Practices
+    of Interconnection Networks", 2004, ch. 3: the bisection bound; ch. 5: tori),
+    so::
+
+        factor = bisection time / crossbar time = 2D·g·⌊k²/4⌋ / (c·k·(g − 1))
+
+    Dimension-ordered routing that splits the ties at distance k/2 evenly reaches
+    the bound exactly (tests/test_torus.py routes every pair). 1.0 for one chip."""
+    g = int(chips)
+    if g <= 1:
+        return 1.0
+    k = torus_shape(g, dims)[0]
+    c = 2 if wraparound else 1
+    return 2.0 * dims * g * (k * k // 4) / (c * k * (g - 1))
 
 
 def _allreduce(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:

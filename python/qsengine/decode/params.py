@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qsengine.decode.kernels import _kernel_lane
+from qsengine.decode.kernels import _kernel_lane, torus_alltoall_factor
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 #: Values of :attr:`StepOptions.kernels`.
@@ -152,6 +152,9 @@ STEP_FIELDS = (
     "draft", "accept",
     # precision: bytes per element of the EP all-to-all's dispatch and combine (Precision.dispatch_bytes, .combine_bytes)
     "db", "cb",
+    # EP all-to-all on a torus scale-up (TPU ICI): bisection time / crossbar time of the EP group's slice
+    # (kernels.torus_alltoall_factor); 0 on a switch (the crossbar time, unchanged)
+    "a2a_torus",
 )
 
 
@@ -255,6 +258,7 @@ class StepParams:
     accept: np.ndarray
     db: np.ndarray
     cb: np.ndarray
+    a2a_torus: np.ndarray
     #: the fields as rows of one (fields, lanes) array, when they are views of it
     matrix: np.ndarray | None = field(default=None, repr=False, compare=False)
 
@@ -280,6 +284,18 @@ class StepParams:
     @staticmethod
     def stack(parts: "list[StepParams]") -> "StepParams":
         return StepParams.from_matrix(np.concatenate([p._matrix() for p in parts], axis=1))
+
+
+def _torus_factor(acc: Accelerator, group: int) -> float:
+    """The lane's ``a2a_torus``: 0 on a switch; on a torus the bisection factor of
+    the EP group's slice (at most one scale-up domain), with wraparound links if
+    the slice is at least ``acc.torus_wraparound`` chips."""
+    if acc.scaleup_topology != "torus":
+        return 0.0
+    g = min(group, acc.scaleup_domain)
+    assert acc.torus_dims is not None
+    wrap = acc.torus_wraparound is None or g >= acc.torus_wraparound
+    return torus_alltoall_factor(g, acc.torus_dims, wrap)
 
 
 def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan,
@@ -318,6 +334,7 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         redundant=plan.redundant if moe else 0,
         draft=opt.draft_tokens, accept=opt.acceptance,
         db=precision.dispatch_bytes, cb=precision.combine_bytes,
+        a2a_torus=_torus_factor(acc, plan.ep * plan.expert_tp),
     )
     vals.update(_kernel_lane(model, precision, acc, plan, opt, kv_split))
     return StepParams(**{k: np.array([float(v)], dtype=np.float64) for k, v in vals.items()})

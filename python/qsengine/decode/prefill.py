@@ -31,7 +31,7 @@ Formulas and assumptions: ``docs/model.md``, section "Whole requests".
   combination :func:`end_to_end`.
 
 Helpers only: the roofline and collectives come from
-:mod:`qsengine.decode.kernels` (``_roof``, ``_allreduce``, ``_link_bw``) and
+:mod:`qsengine.decode.kernels` (``_roof``, ``_allreduce``, ``_link_bw``, ``_ep_alltoall``) and
 :mod:`qsengine.decode.straggler` (``straggler_closed_form``); nothing here edits the decode step's pieces.
 """
 
@@ -46,7 +46,7 @@ import numpy as np
 
 from collections.abc import Callable, Sequence
 
-from qsengine.decode.kernels import _allreduce, _gemm, _link_bw, _roof
+from qsengine.decode.kernels import _allreduce, _ep_alltoall, _gemm, _link_bw, _roof
 from qsengine.decode.params import StepParams
 from qsengine.decode.straggler import straggler_closed_form
 from qsengine.specs import Model
@@ -350,12 +350,10 @@ def prefill_time(p: StepParams, prompt: np.ndarray, ctx_flops: np.ndarray, *, pi
     if is_moe.any():
         tokens_src = m * per_stage / p.tp
         group = p.ep * p.etp
-        inter = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
         t = 0.0
         for el in (p.db, p.cb):  # dispatch, then combine (Precision.dispatch_bytes, .combine_bytes)
             nbytes = tokens_src * p.top_k * p.d * el * (p.ep - 1) / p.ep
-            t = t + (p.latency + np.maximum(nbytes * (1 - inter) / (p.scaleup * p.link_eff),
-                                            nbytes * inter / (p.internode * p.link_eff)))
+            t = t + _ep_alltoall(nbytes, group, p)
         comm.append(np.where(is_moe & (p.ep > 1), t * p.moe_layers, 0.0))
         has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
         comm.append(np.where(has_etp, _allreduce(tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab, p.etp, p)

@@ -52,7 +52,7 @@ import numpy as np
 
 from qsengine.decode.breakdown import Piece, PieceArrays, StepBreakdown, StepTimes, breakdown
 from qsengine.decode.kernels import (_allreduce, _attn_core, _fitted_collective, _gemm, _link_bw, _roof,
-                                     grouped_cost, kernel_dtypes)
+                                     grouped_cost, kernel_dtypes, _ep_alltoall)
 from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepOptions, StepParams,
                                     check_speculation, step_params)
 from qsengine.decode.straggler import (MoeLayerShape, _inclusion_probabilities, max_iid_normal,
@@ -368,21 +368,21 @@ def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.
         tokens_src = micro_rows * p.dp / stage_gpus
         group = p.ep * p.etp
         remote = (p.ep - 1) / p.ep
-        inter_frac = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
         # dispatch (tokens out, Precision.dispatch_bytes per element) and combine (expert outputs back,
         # .combine_bytes), each one all-to-all; equal formats give 2 x one of them
         sent = []
         t = 0.0
         for el in (p.db, p.cb):
             nbytes = tokens_src * p.top_k * p.d * el * remote
-            t_one = np.maximum(nbytes * (1 - inter_frac) / (p.scaleup * p.link_eff),
-                               nbytes * inter_frac / (p.internode * p.link_eff))
-            t = t + (p.latency + t_one)
+            t_x = _ep_alltoall(nbytes, group, p)
+            if any_cal:  # NCCL all-to-all of the whole send buffer (self chunk included)
+                fit = _fitted_collective(tokens_src * p.top_k * p.d * el, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2)
+                # a fit measured on a switch (NVSwitch, transferred to TPUs) is a crossbar: a torus adds its
+                # bisection bound
+                fit = np.where(p.a2a_torus > 0, np.maximum(fit, t_x), fit)
+                t_x = np.where(cal & ~np.isnan(p.aa_a1), fit, t_x)
+            t = t + t_x
             sent.append(nbytes)
-        if any_cal:  # NCCL all-to-all of the whole send buffer (self chunk included), dispatch + combine
-            t_fit = (_fitted_collective(tokens_src * p.top_k * p.d * p.db, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2)
-                     + _fitted_collective(tokens_src * p.top_k * p.d * p.cb, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2))
-            t = np.where(cal & ~np.isnan(p.aa_a1), t_fit, t)
         comm.append(np.where(has_ep, t * n_moe, 0.0))
         if detail:
             keep("ep all-to-all", comm[-1], (sent[0] + sent[1]) * n_moe, 0.0, n_moe, has_ep, link=True)

@@ -134,6 +134,14 @@ def show_model(m: Model) -> str:
     return "\n".join(x for x in lines if x is not None)
 
 
+def _topology(a: Accelerator) -> str:
+    """``switch``, or ``torus, 3D (wraparound from 64 chips)``."""
+    if a.scaleup_topology != "torus":
+        return a.scaleup_topology
+    wrap = "every slice wraps around" if a.torus_wraparound is None else f"wraparound from {a.torus_wraparound} chips"
+    return f"torus, {a.torus_dims}D ({wrap})"
+
+
 def show_accelerator(a: Accelerator) -> str:
     rows = [
         ["HBM", f"{a.hbm_bytes / 1e9:g} GB"],
@@ -148,6 +156,7 @@ def show_accelerator(a: Accelerator) -> str:
         ["link efficiency", f"{a.link_efficiency:g}"],
         ["GPUs per node", a.gpus_per_node],
         ["scale-up domain", f"{a.scaleup_domain} GPUs"],
+        ["scale-up topology", _topology(a)],
         ["usable HBM", f"{a.usable_bytes / 1e9:,.1f} GB ({a.usable_hbm_fraction:g} x HBM - {a.runtime_reserve_bytes / 1e9:g} GB reserve)"],
     ]
     head = [f"{a.name} ({a.id})", f"source: {a.source}", ""]

@@ -22,6 +22,11 @@ from qsengine.specs._validate import (
 
 #: dtype keys an accelerator's ``flops`` table may use.
 FLOPS_DTYPES = ("fp32", "tf32", "fp16", "bf16", "fp8", "int8", "fp4", "nvfp4")
+#: Values of :attr:`Accelerator.scaleup_topology`: ``"switch"`` (every GPU of
+#: the domain reaches every other at its full scale-up bandwidth: NVSwitch, a
+#: fully connected Infinity Fabric) or ``"torus"`` (TPU ICI: a k-ary D-cube,
+#: links to nearest neighbours only; docs/model.md "Torus all-to-all").
+SCALEUP_TOPOLOGIES = ("switch", "torus")
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,15 @@ class Accelerator:
             minus weights and expert replicas) that the serving engine gives
             the KV cache (TensorRT-LLM's ``free_gpu_memory_fraction``); 1 =
             all of it. Serving policies set it (:mod:`qsengine.specs.serving`).
+        scaleup_topology: ``"switch"`` (default; a crossbar: NVSwitch,
+            Infinity Fabric) or ``"torus"`` (TPU ICI); see
+            :data:`SCALEUP_TOPOLOGIES`.
+        torus_dims: dimensions D of the torus (3 for TPU v5p, 2 for v6e);
+            required for a torus, None for a switch. ``scaleup_bandwidth`` is
+            then spread over the chip's 2·D links.
+        torus_wraparound: the smallest slice (chips) that has wraparound
+            links; smaller slices are meshes (TPU v5p: 64, one 4x4x4 cube).
+            None: every slice of the torus wraps around. Torus only.
     """
 
     id: str
@@ -74,6 +88,9 @@ class Accelerator:
     vendor: str = ""
     source: str = ""
     notes: str = field(default="", compare=False)
+    scaleup_topology: str = "switch"
+    torus_dims: int | None = None
+    torus_wraparound: int | None = None
 
     def __post_init__(self) -> None:
         src = current_source(f"Accelerator {self.id!r}" if isinstance(self.id, str) else "Accelerator")
@@ -103,10 +120,32 @@ class Accelerator:
         check_int(src, "scaleup_domain", self.scaleup_domain, minimum=1)
         check_str(src, "vendor", self.vendor)
         check_str(src, "source", self.source)
+        self._check_topology(src)
         if self.usable_bytes <= 0:
             raise fail(src, "runtime_reserve_bytes", self.runtime_reserve_bytes,
                        f"leaves no usable HBM: hbm_bytes x usable_hbm_fraction ({self.hbm_bytes * self.usable_hbm_fraction:.4g}) "
                        "must exceed the reserve")
+
+    def _check_topology(self, src: str) -> None:
+        """``scaleup_topology`` is known; a torus has ``torus_dims`` >= 1 (and
+        an optional ``torus_wraparound`` >= 1); a switch has neither."""
+        check_str(src, "scaleup_topology", self.scaleup_topology)
+        if self.scaleup_topology not in SCALEUP_TOPOLOGIES:
+            raise fail(src, "scaleup_topology", self.scaleup_topology,
+                       f"must be one of {list(SCALEUP_TOPOLOGIES)}"
+                       f"{did_you_mean(self.scaleup_topology, SCALEUP_TOPOLOGIES)}")
+        if self.scaleup_topology == "torus":
+            if self.torus_dims is None:
+                raise fail(src, "torus_dims", None, "a torus needs its number of dimensions (e.g. 3 for TPU v5p)")
+            # at most 8: deployed tori have 2-6 dimensions (TPU ICI 2-3, Fujitsu Tofu 6), and the slice search
+            # (kernels.torus_shape) recurses once per dimension
+            check_int(src, "torus_dims", self.torus_dims, minimum=1, maximum=8)
+            if self.torus_wraparound is not None:
+                check_int(src, "torus_wraparound", self.torus_wraparound, minimum=1)
+        else:
+            for f in ("torus_dims", "torus_wraparound"):
+                if getattr(self, f) is not None:
+                    raise fail(src, f, getattr(self, f), "only for scaleup_topology = 'torus'")
 
     def __hash__(self) -> int:  # dict field: hash by identity-defining fields
         return hash((self.id, self.hbm_bytes, self.hbm_bandwidth, tuple(sorted(self.flops.items()))))

@@ -103,6 +103,7 @@ _ACC_UNITS: dict[str, tuple[str, float]] = {
 _ACC_PLAIN = [
     "id", "name", "vendor", "source", "notes", "gpus_per_node", "scaleup_domain", "bandwidth_efficiency",
     "flops_efficiency", "link_efficiency", "usable_hbm_fraction", "kv_fraction", "flops_efficiency_by_dtype",
+    "scaleup_topology", "torus_dims", "torus_wraparound",
 ]
 _ACC_REQUIRED = ["id", "hbm_gb", "hbm_bandwidth_tbps", "scaleup_bandwidth_gb_s", "internode_bandwidth_gbit_s",
                  "gpus_per_node", "scaleup_domain", "flops_tflops"]
