@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 
 from qsengine.decode.breakdown import Piece, PieceArrays, StepBreakdown, StepTimes, breakdown
-from qsengine.decode.kernels import (_allreduce, _attn_core, _fitted_collective, _gemm, _link_bw, _roof,
-                                     grouped_cost, kernel_dtypes, _ep_alltoall)
+from qsengine.decode.kernels import (_allreduce, _attn_core, _ep_alltoall, _fitted_collective, _gemm, _link_bw,
+                                     _roof, grouped_cost, kernel_dtypes)
 from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepOptions, StepParams,
                                     check_speculation, step_params)
 from qsengine.decode.straggler import (MoeLayerShape, _inclusion_probabilities, max_iid_normal,

@@ -217,14 +217,15 @@ def _validate(cfg: StudyConfig) -> _Plan:
                                    "twin_attention": tw, **options})
     if not points:
         raise ValueError("study: every point is beyond its model's max_context and beyond_max_context='skip'")
+    workload, workload_label = _workload(cfg)
     settings = {
         "precision": precision if cfg.precision is None else cfg.precision,
         "precision_rule": "deployed precision per model" if cfg.precision is None else "given",
         "routing": cfg.routing if isinstance(cfg.routing, str) else repr(cfg.routing),
         "twin": f"q = {q}" + (" (1/sqrt(s))" if q == "sqrt" else "") + "; shapes: " + ", ".join(
             TWIN_SHAPE_TEXT[t] for t in twins),
-        "workload": _workload(cfg)[0],
-        "workload_label": _workload(cfg)[1],
+        "workload": workload,
+        "workload_label": workload_label,
         "serving": cfg.serving,
         "speculative": "off" if not cfg.draft_tokens else
                        f"{cfg.draft_tokens} draft token(s) per step at acceptance {cfg.acceptance:g} (both sides)",
