@@ -89,6 +89,7 @@ class RefGpu:
     weights: dict[str, float]
     kv_per_sequence: float
     kv_per_token_layer: float = 0.0
+    a2a_per_sequence: float = 0.0  # EP all-to-all buffer bytes per admitted sequence
     replicas: float = 0.0
     kv: float = 0.0
 
@@ -122,8 +123,20 @@ def floor_fit(free: float, per: float) -> int:
     return b
 
 
+def deepep_low_latency_bytes(hidden: int, experts: int, tokens: float) -> float:
+    """DeepEP's low-latency buffer bytes for ``tokens`` dispatched tokens per rank, read off
+    csrc/legacy/config.hpp ``LowLatencyLayout`` (two copies of: send, receive, signals;
+    signals left out as the engine does, < 4 KB)."""
+    groups = hidden // 128
+    dispatch_msg = 16 + max(hidden * 2, hidden + groups * 4)
+    combine_msg = groups * 4 + hidden * 2
+    send = max(tokens * dispatch_msg, experts * tokens * combine_msg)
+    recv = max(experts * tokens * dispatch_msg, experts * tokens * combine_msg)
+    return 2 * send + 2 * recv
+
+
 def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, num_gpus: int,
-                  context: int) -> list[RefGpu]:
+                  context: int, draft_tokens: int = 0) -> list[RefGpu]:
     assert plan_is_valid(model, plan, num_gpus)
     L, tp, pp = model.num_layers, plan.tp, plan.pp
     shard = 1 if plan.attn_dp else tp
@@ -146,6 +159,7 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
         local_index = d * tp + t
         w = dict.fromkeys(COMPONENTS, 0.0)
         kv_tokens = 0
+        decode_moe = 0
         for layer in range(s * L // pp, (s + 1) * L // pp):
             w["attention"] += model.attention_params * wb / shard
             w["norms"] += 2 * model.hidden_size * wb / shard
@@ -158,6 +172,7 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
                 w["shared_experts"] += model.shared_experts * model.shared_expert_params * eb / shard
                 w["router"] += model.router_params * wb / shard
             if layer >= model.encoder_layers:
+                decode_moe += int(moe and layer >= model.dense_layers)
                 j = layer - model.encoder_layers
                 kv_tokens += min(context, window) if j in local_decode else context
         if s == 0:
@@ -168,10 +183,16 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
             if model.tie_embeddings and pp > 1:
                 w["lm_head"] += model.embedding_params * wb / fshard
         per_seq = model.kv_bytes_per_token_per_layer(prec.kv_bytes) * kv_frac * kv_tokens
+        # a GPU that dispatches to other EP ranks in decode holds DeepEP's buffers for its tokens per step:
+        # (1 + drafts) rows per sequence per microbatch (pp of them), a 1/tp share of a replica's tokens
+        a2a = 0.0
+        if moe and plan.ep > 1 and decode_moe:
+            a2a = deepep_low_latency_bytes(model.hidden_size, model.routed_experts,
+                                           (1 + draft_tokens) / (pp * shard))
         gpus.append(RefGpu(
             gpu=g, replica=local_index if plan.attn_dp else d, stage=s,
             ep_rank=(local_index % (plan.ep * etp)) // etp if moe else 0, weights=w, kv_per_sequence=per_seq,
-            kv_per_token_layer=model.kv_bytes_per_token_per_layer(prec.kv_bytes) * kv_frac,
+            kv_per_token_layer=model.kv_bytes_per_token_per_layer(prec.kv_bytes) * kv_frac, a2a_per_sequence=a2a,
         ))
     return gpus
 
@@ -180,8 +201,8 @@ def _admit(gpus: list[RefGpu], usable: float, n_units: int) -> tuple[list[int], 
     weights_fit = all(g.weight_total + g.replicas <= usable for g in gpus)
     batches = [None] * n_units
     for g in gpus:
-        if g.kv_per_sequence > 0:
-            b = floor_fit(usable - g.weight_total - g.replicas, g.kv_per_sequence)
+        if g.kv_per_sequence + g.a2a_per_sequence > 0:
+            b = floor_fit(usable - g.weight_total - g.replicas, g.kv_per_sequence + g.a2a_per_sequence)
             batches[g.replica] = b if batches[g.replica] is None else min(batches[g.replica], b)
     out = [0 if (b is None or not weights_fit) else b for b in batches]
     return out, weights_fit

@@ -535,11 +535,13 @@ def side(model: Model, cluster: Cluster, context: int, plan: Plan | str, precisi
     pool = math.nan  # disaggregated: the prefill pool's best tokens/s per GPU x the cluster's GPUs
     for p in candidates:
         used = cluster if p.num_gpus == cluster.num_gpus else Cluster(acc, p.num_gpus)
-        pk = pack(model, used, admit, plan=p, precision=precision, draft_module=options.draft_tokens > 0)
+        pk = pack(model, used, admit, plan=p, precision=precision, draft_module=options.draft_tokens > 0,
+                      draft_tokens=options.draft_tokens)
         admitted = admit
         if laws and pk.feasible:
             admitted = math.ceil(read + Z99 * sd / math.sqrt(pk.admissible_batch))
-            pk = pack(model, used, admitted, plan=p, precision=precision, draft_module=options.draft_tokens > 0)
+            pk = pack(model, used, admitted, plan=p, precision=precision, draft_module=options.draft_tokens > 0,
+                      draft_tokens=options.draft_tokens)
         if model.is_moe:  # every GPU holds (E + redundant)/ep expert slots of each of its stage's MoE layers
             slots = (model.routed_experts + p.redundant) // p.ep
             per_slot = model.expert_params * precision.expert_bytes / p.expert_tp

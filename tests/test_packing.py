@@ -148,7 +148,7 @@ def test_summary_plot_to_dict_and_pandas():
     df = p.to_pandas()
     assert isinstance(df, pd.DataFrame) and len(df) == 8
     assert set(COMPONENTS) <= set(df.columns)
-    stack = df[list(COMPONENTS) + ["replicas", "kv", "reserve", "unusable", "free"]].sum(axis=1)
+    stack = df[list(COMPONENTS) + ["replicas", "kv", "a2a", "reserve", "unusable", "free"]].sum(axis=1)
     assert np.allclose(stack - df["overflow"], H200.hbm_bytes, rtol=1e-12)
 
 

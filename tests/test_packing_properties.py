@@ -102,12 +102,12 @@ def test_bytes_conserved_and_capacity_never_exceeded(case):
     for c, want in expected_component_bytes(model, prec, plan).items():
         assert m[c].sum() == pytest.approx(want, rel=1e-9, abs=1e-6), c
     usable = acc.usable_bytes
-    used = m[list(COMPONENTS)].sum(axis=1) + m["replicas"] + m["kv"]
+    used = m[list(COMPONENTS)].sum(axis=1) + m["replicas"] + m["kv"] + m["a2a"]
     fits = m["overflow"] == 0
     assert (used[fits] <= usable).all()
     assert (m.loc[~fits, "kv"] == 0).all()  # nothing placed on a GPU whose weights do not fit
     assert (m["free"] >= 0).all()
-    stack = m[list(COMPONENTS) + ["replicas", "kv", "reserve", "unusable", "free"]].sum(axis=1) - m["overflow"]
+    stack = m[list(COMPONENTS) + ["replicas", "kv", "a2a", "reserve", "unusable", "free"]].sum(axis=1) - m["overflow"]
     assert np.allclose(stack, acc.hbm_bytes, rtol=1e-9)
     assert p.feasible == (fits.all() and p.admissible_batch >= 1)
     assert p.cluster_batch == int(p.replica_batches.sum())
@@ -127,6 +127,9 @@ def test_reference_packer_agrees(case):
             assert math.isclose(row[c], g.weights[c], rel_tol=1e-12, abs_tol=1e-9), c
         assert math.isclose(row["kv_per_sequence"], g.kv_per_sequence, rel_tol=1e-12)
         assert math.isclose(row["kv"], g.kv, rel_tol=1e-12, abs_tol=1e-9)
+        assert math.isclose(row["a2a_per_sequence"], g.a2a_per_sequence, rel_tol=1e-12)
+        if p.feasible:
+            assert math.isclose(row["a2a"], r.replica_batches[g.replica] * g.a2a_per_sequence, rel_tol=1e-12)
     assert list(p.replica_batches) == r.replica_batches
     assert p.feasible == r.feasible and p.cluster_batch == r.cluster_batch
 

@@ -158,12 +158,13 @@ void pack_paged(const MemoryDesc& d, PackResult& r, const PagedRequest& req, con
     a[s] = sms[s].kv_per_token_layer * static_cast<double>(sms[s].kv_full_layers);
     b[s] = sms[s].kv_per_token_layer * static_cast<double>(sms[s].kv_local_layers);
   }
+  // a placed sequence also takes its share of the EP all-to-all buffers (kv_per_sequence's a2a term)
   std::vector<double> used(static_cast<std::size_t>(U * pp), 0.0);
   r.unit_sequences.assign(static_cast<std::size_t>(U), 0);
   auto fill = [&](std::int64_t u) {
     double f = 0;
     for (std::int64_t s = 0; s < pp; ++s) {
-      if (a[s] == 0 && b[s] == 0) continue;
+      if (a[s] == 0 && b[s] == 0 && sms[s].a2a_per_sequence == 0) continue;
       const double c = cap[u * pp + s];
       f = std::max(f, c > 0 ? used[u * pp + s] / c : std::numeric_limits<double>::infinity());
     }
@@ -189,7 +190,9 @@ void pack_paged(const MemoryDesc& d, PackResult& r, const PagedRequest& req, con
     }
     const std::int64_t local = d.local_window > 0 ? std::min(len, d.local_window) : len;
     const std::int64_t pf = (len + bs - 1) / bs * bs, pl = (local + bs - 1) / bs * bs;
-    for (std::int64_t s = 0; s < pp; ++s) need[s] = a[s] * static_cast<double>(pf) + b[s] * static_cast<double>(pl);
+    for (std::int64_t s = 0; s < pp; ++s) {
+      need[s] = a[s] * static_cast<double>(pf) + b[s] * static_cast<double>(pl) + sms[s].a2a_per_sequence;
+    }
     std::int64_t placed_unit = -1;
     tried.clear();
     while (!heap.empty()) {
@@ -224,7 +227,8 @@ void pack_paged(const MemoryDesc& d, PackResult& r, const PagedRequest& req, con
   r.kv_placed_bytes = 0;
   for (std::int64_t g = 0; g < r.num_gpus; ++g) {
     r.kv_bytes[g] = used[r.unit[g] * pp + r.stage[g]];
-    r.kv_placed_bytes += r.kv_bytes[g];
+    r.a2a_bytes[g] = static_cast<double>(r.unit_sequences[r.unit[g]]) * r.a2a_per_sequence[g];
+    r.kv_placed_bytes += r.kv_bytes[g] - r.a2a_bytes[g];
   }
 }
 
@@ -253,6 +257,7 @@ PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, s
   r.unit.resize(sz); r.stage.resize(sz); r.dp_rank.resize(sz); r.tp_rank.resize(sz); r.ep_rank.resize(sz);
   for (auto& w : r.weights) w.resize(sz);
   r.replica_bytes.assign(sz, 0.0); r.kv_bytes.assign(sz, 0.0); r.kv_per_sequence.resize(sz);
+  r.a2a_per_sequence.resize(sz); r.a2a_bytes.assign(sz, 0.0);
   r.reserve.assign(sz, d.reserve_bytes); r.unusable.assign(sz, d.hbm_bytes - d.hbm_bytes * d.usable_fraction);
   r.free.resize(sz); r.overflow.assign(sz, 0.0); r.replica_count.assign(sz, 0);
   std::vector<double> free0(sz);
@@ -264,6 +269,7 @@ PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, s
     r.ep_rank[g] = moe ? (local % (p.ep * etp)) / etp : 0;
     for (int c = 0; c < kNumComponents; ++c) r.weights[c][g] = sms[s].weights[c];
     r.kv_per_sequence[g] = kv_per_sequence(sms[s], context, d.local_window);
+    r.a2a_per_sequence[g] = sms[s].a2a_per_sequence;
     free0[g] = r.usable - sms[s].weight_total;
   }
 
@@ -382,7 +388,8 @@ PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, s
   } else if (bg >= 0) {
     r.binding = "kv";
     if (r.admissible_batch < 1) {
-      r.reason = cat("one sequence of ", context, " tokens needs ", gb(r.kv_per_sequence[bg]), " of KV cache on GPU ",
+      r.reason = cat("one sequence of ", context, " tokens needs ", gb(r.kv_per_sequence[bg]), " of KV cache",
+                     r.a2a_per_sequence[bg] > 0 ? " and EP all-to-all buffer" : "", " on GPU ",
                      bg, " (stage ", r.stage[bg], ") but only ", gb(free0[bg]), " is free after weights",
                      r.has_replicas ? " and replicas" : "", " under plan ", p.label());
     } else {
@@ -398,6 +405,7 @@ PackResult pack(const MemoryDesc& d, const PlanDesc& p, std::int64_t num_gpus, s
   } else if (adm.weights_fit) {
     for (std::int64_t g = 0; g < G; ++g) {
       r.kv_bytes[g] = static_cast<double>(r.unit_batch[r.unit[g]]) * r.kv_per_sequence[g];
+      r.a2a_bytes[g] = static_cast<double>(r.unit_batch[r.unit[g]]) * r.a2a_per_sequence[g];
     }
   }
 

@@ -43,8 +43,10 @@ StageMemory stage_memory(const MemoryDesc& d, const PlanDesc& p, std::int64_t s)
   m.first_layer = s * L / p.pp;
   const std::int64_t end = (s + 1) * L / p.pp;
   m.layers = end - m.first_layer;
+  std::int64_t decode_moe = 0;  // MoE layers that run in decode (not encoder layers)
   for (std::int64_t i = m.first_layer; i < end; ++i) {
     if (d.layer_is_moe[i]) ++m.moe_layers; else ++m.dense_layers;
+    if (d.layer_is_moe[i] && d.layer_has_kv[i]) ++decode_moe;
     if (d.layer_has_kv[i]) {
       if (d.layer_is_local[i]) ++m.kv_local_layers; else ++m.kv_full_layers;
     }
@@ -77,13 +79,18 @@ StageMemory stage_memory(const MemoryDesc& d, const PlanDesc& p, std::int64_t s)
                            static_cast<double>(d.num_kv_heads);
   }
   m.replica_bytes = moe ? static_cast<double>(m.moe_layers) * d.expert_bytes / static_cast<double>(etp) : 0.0;
+  // EP all-to-all buffers: sized for the tokens this GPU dispatches per step, (1 + drafts)/pp per
+  // sequence of its unit, split over the tp GPUs that share a replica's tokens (one GPU's own under attn_dp)
+  if (moe && p.ep > 1 && decode_moe > 0) {
+    m.a2a_per_sequence = d.a2a_bytes_per_token * d.a2a_rows_per_sequence / (static_cast<double>(p.pp) * shard);
+  }
   return m;
 }
 
 double kv_per_sequence(const StageMemory& sm, std::int64_t context, std::int64_t local_window) {
   const std::int64_t local_tokens = local_window > 0 ? std::min(context, local_window) : context;
   const std::int64_t tokens = sm.kv_full_layers * context + sm.kv_local_layers * local_tokens;
-  return sm.kv_per_token_layer * static_cast<double>(tokens);
+  return sm.kv_per_token_layer * static_cast<double>(tokens) + sm.a2a_per_sequence;
 }
 
 std::int64_t floor_fit(double free, double per) {

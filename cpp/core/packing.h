@@ -79,6 +79,12 @@ struct MemoryDesc {
   bool mla = false;                   // MLA latent KV: not split across TP ranks
   double kv_bytes_per_token_per_layer = 0;  // unsharded, one full-attention layer
   std::int64_t local_window = 0;      // tokens; 0 when there are no local layers
+  // EP all-to-all communication buffers (DeepEP low-latency layout, docs/packing.md "All-to-all
+  // buffers"): bytes one GPU allocates per token it dispatches in one step; a GPU of a stage with
+  // MoE layers under ep > 1 holds them for the tokens of its sequences, i.e. per admitted sequence
+  // a2a_bytes_per_token * a2a_rows_per_sequence / (pp * stage shard). 0: no buffers.
+  double a2a_bytes_per_token = 0;
+  double a2a_rows_per_sequence = 1;   // token rows per sequence per step (1 + draft tokens)
 
   double hbm_bytes = 0;
   double usable_fraction = 1.0;
@@ -184,11 +190,13 @@ struct StageMemory {
   std::array<double, kNumComponents> weights{};  // bytes per GPU
   double weight_total = 0;                        // sum of weights, component order
   double kv_per_token_layer = 0;  // bytes per cached token per layer on one GPU
+  double a2a_per_sequence = 0;    // EP all-to-all buffer bytes per admitted sequence on one GPU
   double replica_bytes = 0;       // one extra copy of one expert in every MoE layer of the stage, per GPU
 };
 StageMemory stage_memory(const MemoryDesc& desc, const PlanDesc& plan, std::int64_t stage);
 
-// KV bytes of one sequence of `context` tokens on one GPU of the stage.
+// Bytes of one sequence of `context` tokens on one GPU of the stage: its KV cache
+// plus its share of the EP all-to-all buffers (sm.a2a_per_sequence).
 double kv_per_sequence(const StageMemory& sm, std::int64_t context, std::int64_t local_window);
 // Largest b >= 0 with b * per <= free (exact in double arithmetic); per > 0.
 std::int64_t floor_fit(double free, double per);
@@ -303,7 +311,10 @@ struct PackResult {
   // per GPU (length num_gpus)
   std::vector<std::int64_t> unit, stage, dp_rank, tp_rank, ep_rank;
   std::array<std::vector<double>, kNumComponents> weights;
-  std::vector<double> replica_bytes, kv_bytes, kv_per_sequence, reserve, unusable, free, overflow;
+  // kv_bytes / kv_per_sequence count each sequence's share of the EP all-to-all buffers
+  // (a2a_per_sequence of it per sequence; a2a_bytes of it placed)
+  std::vector<double> replica_bytes, kv_bytes, kv_per_sequence, a2a_per_sequence, a2a_bytes, reserve, unusable, free,
+      overflow;
   std::vector<std::int64_t> replica_count;
   // fixed-context admission
   std::vector<std::int64_t> unit_batch;

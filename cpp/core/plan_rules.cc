@@ -29,6 +29,11 @@ void validate_desc(const MemoryDesc& d) {
   check_finite_nonneg(d.embedding_bytes, "embedding_bytes");
   check_finite_nonneg(d.lm_head_bytes, "lm_head_bytes");
   check_finite_nonneg(d.kv_bytes_per_token_per_layer, "kv_bytes_per_token_per_layer");
+  check_finite_nonneg(d.a2a_bytes_per_token, "a2a_bytes_per_token");
+  if (!(std::isfinite(d.a2a_rows_per_sequence) && d.a2a_rows_per_sequence >= 1)) {
+    throw InvalidArgument(cat("memory description a2a_rows_per_sequence=", d.a2a_rows_per_sequence,
+                              ": must be a finite number >= 1 (token rows per sequence per step)"));
+  }
   check_finite_nonneg(d.reserve_bytes, "reserve_bytes (accelerator.runtime_reserve_bytes)");
   const std::int64_t L = d.num_layers();
   if (L < 1) throw InvalidArgument("memory description: the model has no layers (num_layers must be >= 1)");

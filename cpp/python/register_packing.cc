@@ -142,6 +142,8 @@ void register_packing(py::module_& m) {
       .def_readwrite("num_kv_heads", &pk::MemoryDesc::num_kv_heads)
       .def_readwrite("mla", &pk::MemoryDesc::mla)
       .def_readwrite("kv_bytes_per_token_per_layer", &pk::MemoryDesc::kv_bytes_per_token_per_layer)
+      .def_readwrite("a2a_bytes_per_token", &pk::MemoryDesc::a2a_bytes_per_token)
+      .def_readwrite("a2a_rows_per_sequence", &pk::MemoryDesc::a2a_rows_per_sequence)
       .def_readwrite("local_window", &pk::MemoryDesc::local_window)
       .def_readwrite("hbm_bytes", &pk::MemoryDesc::hbm_bytes)
       .def_readwrite("usable_fraction", &pk::MemoryDesc::usable_fraction)
@@ -192,7 +194,7 @@ void register_packing(py::module_& m) {
 #undef QS_SCALAR
 #define QS_ARR(name) .def_property_readonly(#name, [](const pk::PackResult& r) { return to_numpy(r.name); })
       QS_ARR(unit) QS_ARR(stage) QS_ARR(dp_rank) QS_ARR(tp_rank) QS_ARR(ep_rank) QS_ARR(replica_bytes)
-      QS_ARR(kv_bytes) QS_ARR(kv_per_sequence) QS_ARR(reserve) QS_ARR(unusable) QS_ARR(free) QS_ARR(overflow)
+      QS_ARR(kv_bytes) QS_ARR(kv_per_sequence) QS_ARR(a2a_per_sequence) QS_ARR(a2a_bytes) QS_ARR(reserve) QS_ARR(unusable) QS_ARR(free) QS_ARR(overflow)
       QS_ARR(replica_count) QS_ARR(unit_batch) QS_ARR(expert_copies) QS_ARR(replica_expert) QS_ARR(replica_rank)
       QS_ARR(load_before) QS_ARR(load_after) QS_ARR(unit_sequences)
 #undef QS_ARR

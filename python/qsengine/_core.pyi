@@ -41,6 +41,8 @@ class MemoryDesc:
     num_kv_heads: int
     mla: bool
     kv_bytes_per_token_per_layer: float
+    a2a_bytes_per_token: float
+    a2a_rows_per_sequence: float
     local_window: int
     hbm_bytes: float
     usable_fraction: float
@@ -177,6 +179,10 @@ class PackResult:
     def kv_bytes(self) -> npt.NDArray[np.float64]: ...
     @property
     def kv_per_sequence(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def a2a_per_sequence(self) -> npt.NDArray[np.float64]: ...
+    @property
+    def a2a_bytes(self) -> npt.NDArray[np.float64]: ...
     @property
     def reserve(self) -> npt.NDArray[np.float64]: ...
     @property

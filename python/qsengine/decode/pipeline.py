@@ -571,7 +571,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
                                                                 attentions, at, qv),
                                             clusters[c[i]], precisions[pr[i]], int(adm_ctx[i]),
                                             None if np.isnan(slo[i]) else float(slo[i]), int(fixed[i]),
-                                            options[op[i]].draft_tokens > 0)
+                                            options[op[i]].draft_tokens)
         out[f"{side_name}_reason"][:] = reasons[grp]
         with_pf = feas & (req.mode > 0)
         out[f"{side_name}_prefill_tokens_per_s_per_gpu"][:] = np.where(with_pf, sd.pf[grp] / gpus, np.nan)
@@ -677,10 +677,10 @@ def _side_model(side: str, i: int, models: list[Model], m: np.ndarray, dq_dense:
 
 
 def _infeasible_reason(res: _SideSet, k: int, who: tuple[tuple, Any], cluster: Cluster, precision: Precision,
-                       context: int, slo: float | None, fixed: int = 0, draft: bool = False) -> str:
+                       context: int, slo: float | None, fixed: int = 0, draft: int = 0) -> str:
     """The reason an infeasible side reports (the packer's own words for the
-    plan that came closest to fitting; ``draft``: the speculative draft module
-    is resident)."""
+    plan that came closest to fitting; ``draft``: draft tokens per step, the
+    speculative draft module resident if > 0)."""
     from qsengine.packing import pack
 
     ident, build = who
@@ -698,7 +698,8 @@ def _infeasible_reason(res: _SideSet, k: int, who: tuple[tuple, Any], cluster: C
     got = _REASONS.get(key)
     if got is None:
         used = cluster if plan.num_gpus == cluster.num_gpus else Cluster(cluster.accelerator, plan.num_gpus)
-        got = pack(build(), used, context, plan=plan, precision=precision, draft_module=draft).reason
+        got = pack(build(), used, context, plan=plan, precision=precision, draft_module=draft > 0,
+                   draft_tokens=draft).reason
         if len(_REASONS) > 100_000:
             _REASONS.clear()
         _REASONS[key] = got

@@ -123,7 +123,8 @@ def family(model: Model, cluster: Cluster, precision: Precision, plan: Plan | st
         plan_list = [dataclasses.replace(plan, ep=1, etp=None, redundant=0)]
     else:
         plan_list = [plan]
-    pm = plan_memory(model, cluster, precision, plan_list, draft_module=options.draft_tokens > 0)
+    pm = plan_memory(model, cluster, precision, plan_list, draft_module=options.draft_tokens > 0,
+                     draft_tokens=options.draft_tokens)
     acc = cluster.accelerator
     params = StepParams.stack([step_params(model, precision, acc, p, options) for p in pm.plans]) if pm.plans \
         else None

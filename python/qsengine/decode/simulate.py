@@ -55,7 +55,7 @@ def _side_result(ev: Evaluation, sides: _SideSet, g: int, model: Model, point: P
         step = decode_step(model, point.precision, acc, plan, batch, read, popularity=pop, options=options)
     used = cluster if plan.num_gpus == cluster.num_gpus else Cluster(acc, plan.num_gpus)
     pk = pack(model, used, int(sd.admit[g]), plan=plan, precision=point.precision,
-              draft_module=options.draft_tokens > 0)
+              draft_module=options.draft_tokens > 0, draft_tokens=options.draft_tokens)
     return SideResult(model=model, feasible=True, plan=plan, batch=batch, replicas=plan.dp,
                       admissible_batch=int(pk.admissible_batch), batch_limit=LIMITS[int(sd.limit[g])],
                       step=step, packing=pk, routing=None if refined is None else refined.stats,

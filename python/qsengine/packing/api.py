@@ -114,6 +114,7 @@ def pack(
     seed: SeedLike = None,
     threads: int | None = None,
     draft_module: bool = False,
+    draft_tokens: int = 0,
 ) -> Packing:
     """Pack ``model`` onto ``cluster`` under ``plan`` at ``context`` tokens.
 
@@ -145,6 +146,9 @@ def pack(
         draft_module: the speculative-decoding draft (MTP) module is resident:
             one more decoder layer of the model's kind with its KV cache, plus
             its 2d×d projection (docs/model.md, "Speculative decoding").
+        draft_tokens: draft tokens per step (speculative decoding): a MoE's
+            EP all-to-all buffers hold 1 + draft_tokens token rows per
+            sequence (docs/packing.md, "All-to-all buffers").
 
     Returns:
         A :class:`Packing`. Infeasible packings are returned, not raised
@@ -159,7 +163,8 @@ def pack(
     nthreads = _threads(threads)
     if not isinstance(draft_module, (bool, np.bool_)):
         raise TypeError(f"draft_module={draft_module!r}: must be True or False")
-    desc = memory_description(model, prec, cluster.accelerator, bool(draft_module))
+    draft_tokens = _as_int(draft_tokens, "draft_tokens", 0)
+    desc = memory_description(model, prec, cluster.accelerator, bool(draft_module), draft_tokens)
     num_gpus = _as_int(cluster.num_gpus, "cluster.num_gpus", 1)
 
     pop = None

@@ -21,7 +21,8 @@ if TYPE_CHECKING:  # pragma: no cover
 COMPONENTS: tuple[str, ...] = tuple(_core.COMPONENTS)
 
 #: Per-GPU map columns that stack to the GPU's HBM capacity (in this order).
-STACK_COLUMNS: tuple[str, ...] = COMPONENTS + ("replicas", "kv", "reserve", "unusable", "free")
+#: "a2a": the EP all-to-all buffers (:func:`a2a_buffer_bytes_per_token`) of the admitted sequences.
+STACK_COLUMNS: tuple[str, ...] = COMPONENTS + ("replicas", "kv", "a2a", "reserve", "unusable", "free")
 
 BindingConstraint = Literal["weights", "kv", ""]
 
@@ -65,9 +66,44 @@ def _decode_local_mask(decode_layers: int, local_layers: int) -> list[int]:
     return [int((j + 1) * local_layers // decode_layers - j * local_layers // decode_layers) for j in range(decode_layers)]
 
 
+#: DeepEP's low-latency messages are laid out per 128 hidden channels (one fp32 scale or one bf16x2
+#: min/max pair per group), csrc/legacy/config.hpp ``LowLatencyLayout``.
+_DEEPEP_GROUP = 128
+
+
+def a2a_buffer_bytes_per_token(hidden: int, experts: int) -> float:
+    """Bytes of DeepEP's low-latency all-to-all buffers one GPU allocates per token it
+    may dispatch in one step (``num_max_dispatch_tokens_per_rank`` = T), for a model of
+    ``hidden`` channels and ``experts`` routed experts (docs/packing.md "All-to-all buffers").
+
+    DeepEP (github.com/deepseek-ai/DeepEP at dd758ca, csrc/legacy/config.hpp
+    ``LowLatencyLayout``; ``Buffer.get_low_latency_rdma_size_hint``) double-buffers a send,
+    a receive and a signalling buffer. With s = H/128 scale groups, a dispatch message is
+    16 + max(2H, H + 4s) bytes (bf16, or fp8 with fp32 scales), a combine message 4s + 2H;
+    send = max(T·dispatch, E·T·combine), receive = E·T·max(dispatch, combine). For E >= 2
+    the send buffer is E·T·combine, so the buffers take
+
+        2·E·(combine + max(dispatch, combine))  bytes per token of T
+
+    (14.9 MB for DeepSeek-V3: H = 7168, E = 256) plus 2·⌈4E/128⌉·128 bytes of signals and
+    an alignment round-up, both under 4 KB and left out. SGLang and vLLM serve expert
+    parallelism through DeepEP and size T to the decode batch per rank (DeepEP's README:
+    "the actual batch size in the decoding engine"; SGLang's
+    ``SGLANG_DEEPEP_NUM_MAX_DISPATCH_TOKENS_PER_RANK``, which it asserts the batch stays
+    under); TensorRT-LLM's own all-to-all workspace is taken at DeepEP's size (a transfer)."""
+    h = int(hidden)
+    e = int(experts)
+    scales = h // _DEEPEP_GROUP
+    dispatch = 16 + max(2 * h, h + 4 * scales)
+    combine = 4 * scales + 2 * h
+    send = max(dispatch, e * combine)  # per token of T
+    recv = e * max(dispatch, combine)
+    return float(2 * (send + recv))
+
+
 def memory_description(
     model: Model, precision: Precision | str | None = None, accelerator: Accelerator | None = None,
-    draft_module: bool = False,
+    draft_module: bool = False, draft_tokens: int = 0,
 ) -> _core.MemoryDesc:
     """Flatten model x precision x accelerator into the core's numeric description.
 
@@ -81,6 +117,10 @@ def memory_description(
     full attention and its own KV cache, sharded like the other layers (so
     on the last pipeline stage); its 2d×d projection and 3 norms are charged
     with the final norm (non-expert weights of the last stage).
+
+    The EP all-to-all buffers (:func:`a2a_buffer_bytes_per_token`) of a MoE are
+    sized for ``1 + draft_tokens`` token rows per sequence and step (a speculative
+    verify pass dispatches every draft token).
     """
     model = as_model(model)
     prec = as_precision(precision)
@@ -124,6 +164,9 @@ def memory_description(
     d.mla = att.kind == "mla"
     d.kv_bytes_per_token_per_layer = model.kv_bytes_per_token_per_layer(prec.kv_bytes)
     d.local_window = int(att.local_window or 0) if local else 0
+    if model.is_moe:
+        d.a2a_bytes_per_token = a2a_buffer_bytes_per_token(model.hidden_size, model.routed_experts)
+        d.a2a_rows_per_sequence = 1.0 + int(draft_tokens)
     if accelerator is not None:
         d.hbm_bytes = float(accelerator.hbm_bytes)
         d.usable_fraction = float(accelerator.usable_hbm_fraction)
@@ -182,12 +225,12 @@ class PlanMemory:
 
 
 def plan_memory(model: Model, cluster: Cluster, precision: Precision, plan_list: Sequence[Plan] | None = None,
-                draft_module: bool = False) -> PlanMemory:
+                draft_module: bool = False, draft_tokens: int = 0) -> PlanMemory:
     """The :class:`PlanMemory` of ``plan_list`` (default: every valid plan, in
     :func:`plans` order), with the speculative draft module resident if
-    ``draft_module`` (see :func:`memory_description`; the plans are the
-    model's own either way)."""
-    desc = memory_description(model, precision, cluster.accelerator, draft_module)
+    ``draft_module`` (see :func:`memory_description`, also for ``draft_tokens``;
+    the plans are the model's own either way)."""
+    desc = memory_description(model, precision, cluster.accelerator, draft_module, draft_tokens)
     g = int(cluster.num_gpus)
     if plan_list is None:
         pdescs = list(_core.enumerate_plans(memory_description(model, precision, cluster.accelerator) if draft_module

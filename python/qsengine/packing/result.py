@@ -285,6 +285,7 @@ class Packing:
         series = [(c, m[c].to_numpy()) for c in COMPONENTS] + [
             ("replicas", m["replicas"].to_numpy()),
             ("kv", m["kv"].to_numpy()),
+            ("a2a", m["a2a"].to_numpy()),
             ("reserve", (m["reserve"] + m["unusable"]).to_numpy()),
             ("free", m["free"].to_numpy()),
         ]
@@ -325,12 +326,15 @@ def _gpu_map(r: Any) -> pd.DataFrame:
     for i, c in enumerate(COMPONENTS):
         data[c] = r.weights(i)
     data["replicas"] = r.replica_bytes
-    data["kv"] = r.kv_bytes
+    # the core counts each sequence's EP all-to-all buffer share with its KV: shown apart
+    data["kv"] = r.kv_bytes - r.a2a_bytes
+    data["a2a"] = r.a2a_bytes
     data["reserve"] = r.reserve
     data["unusable"] = r.unusable
     data["free"] = r.free
     data["overflow"] = r.overflow
     data["capacity"] = np.full(n, r.capacity)
-    data["kv_per_sequence"] = r.kv_per_sequence
+    data["kv_per_sequence"] = r.kv_per_sequence - r.a2a_per_sequence
+    data["a2a_per_sequence"] = r.a2a_per_sequence
     data["replica_count"] = r.replica_count
     return pd.DataFrame(data)
