@@ -229,7 +229,9 @@ def test_calibrated_is_the_larger_of_the_transferred_fit_and_the_torus():
 R = qsengine.StepOptions(kernels="roofline")
 T = qsengine.StepOptions(overlap="tbo")
 #: switch points (NVSwitch, Infinity Fabric, across nodes, NVL72, prefill) whose records were pinned
-#: before tori existed (tests/data/switch_golden.json, float.hex)
+#: before tori existed (tests/data/switch_golden.json, float.hex; re-pinned once since, when the EP
+#: all-to-all buffers entered the admission, docs/packing.md "All-to-all buffers", a change of the
+#: packer, not of the torus code)
 GOLDEN_POINTS = [
     dict(model="deepseek-v3", cluster="16xh200", context=8192, microbatches=0),
     dict(model="deepseek-v3", cluster="16xh200", context=32768, microbatches=0, options=R),
