@@ -584,6 +584,58 @@ static void test_kv_fraction() {
   }
 }
 
+// EP all-to-all buffers: a2a_bytes_per_token * rows / (pp * shard) per admitted sequence on the GPUs of
+// stages with decode MoE layers under ep > 1, in every admission path (evaluate_plan, the batched
+// admission, pack and its paged placement), and nowhere else.
+static void test_a2a_buffers() {
+  MemoryDesc d = toy_moe();
+  d.a2a_bytes_per_token = 3e5;
+  d.a2a_rows_per_sequence = 2;  // one draft token
+  MemoryDesc none = toy_moe();
+  for (std::int64_t g : {2, 4, 8}) {
+    const std::vector<PlanDesc> ps = enumerate_plans(d, g);
+    AdmissionTable table(d, ps, g);
+    for (std::size_t i = 0; i < ps.size(); ++i) {
+      const PlanDesc& p = ps[i];
+      const double shard = p.attn_dp ? 1.0 : static_cast<double>(p.tp);
+      for (std::int64_t s = 0; s < p.pp; ++s) {
+        const StageMemory sm = stage_memory(d, p, s);
+        const double want = (p.ep > 1 && sm.moe_layers > 0) ? 3e5 * 2 / (static_cast<double>(p.pp) * shard) : 0.0;
+        CHECK(sm.a2a_per_sequence == want);
+        const StageMemory sn = stage_memory(none, p, s);
+        CHECK(kv_per_sequence(sm, 1000, d.local_window) == kv_per_sequence(sn, 1000, d.local_window) + want);
+      }
+      const PlanEval e = evaluate_plan(d, p, g, 1000);
+      const PlanEval en = evaluate_plan(none, p, g, 1000);
+      CHECK(e.unit_batch <= en.unit_batch);
+      if (p.ep == 1) CHECK(e.unit_batch == en.unit_batch);
+      const std::int64_t idx = static_cast<std::int64_t>(i), ctx = 1000;
+      std::int64_t b = -1;
+      std::uint8_t fit = 0;
+      admissible_batches(table, 1, &idx, &ctx, nullptr, &b, &fit, nullptr, 1);
+      CHECK(b == e.unit_batch);
+      const PackResult r = pack(d, p, g, 1000, nullptr, nullptr);
+      CHECK(r.admissible_batch == e.unit_batch);
+      for (std::int64_t k = 0; k < g; ++k) {
+        CHECK(r.a2a_bytes[k] == static_cast<double>(r.unit_batch[r.unit[k]]) * r.a2a_per_sequence[k]);
+        CHECK(r.free[k] >= 0);
+      }
+      // paged placement of equal lengths places what the fixed-context admission admits
+      PagedRequest req;
+      req.block_size = 1;
+      req.lengths.assign(static_cast<std::size_t>(r.cluster_batch + 3), 1000);
+      const PackResult rp = pack(d, p, g, 1000, nullptr, &req);
+      CHECK(rp.placed == r.cluster_batch);
+    }
+  }
+  MemoryDesc bad = toy_moe();
+  bad.a2a_bytes_per_token = -1;
+  CHECK(throws_invalid([&] { validate_desc(bad); }, "a2a_bytes_per_token"));
+  bad = toy_moe();
+  bad.a2a_rows_per_sequence = 0.5;
+  CHECK(throws_invalid([&] { validate_desc(bad); }, "a2a_rows_per_sequence"));
+}
+
 int main() {
   test_redundant_slots();
   test_place_slots();
@@ -593,6 +645,7 @@ int main() {
   test_enumeration_is_the_rules();
   test_floor_fit();
   test_kv_fraction();
+  test_a2a_buffers();
   test_replicas_reduce_imbalance();
   test_threads_and_sampling();
   test_paged();
