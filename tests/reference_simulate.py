@@ -351,8 +351,8 @@ def step_of(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, c
         # the roofline reads only bytes per token: a layout's, as plain bytes per element, divided by d + 1
         kv_el = prec.kv_bytes if prec.kv_layout == "plain" else (
             kv_token_layer_bytes(model, prec) / model.attention.kv_elements_per_token())
-        verify = decode_step(model, dataclasses.replace(prec, kv_bytes=kv_el / (dr + 1), kv_layout="plain"), acc, plan,
-                             batch * (dr + 1), context, popularity=pop, options=plain_opts)
+        vprec = dataclasses.replace(prec, kv_bytes=kv_el / (dr + 1), kv_layout="plain")
+        verify = decode_step(model, vprec, acc, plan, batch * (dr + 1), context, popularity=pop, options=plain_opts)
     else:
         verify = calibrated_step(model, prec, acc, plan, batch, context, pop, plain_opts, rows=dr + 1)
     one_opts = dataclasses.replace(plain_opts, overlap="none") if options.overlap == "tbo" else plain_opts

@@ -520,7 +520,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     out["dense_model"][:] = np.array([r[1] for r in dq_rec], dtype=object)[dq]
     out["dense_shape"][:] = dshape[dg]
     out["dense_kv_bytes_per_token"][:] = dkv[dg]
-    out["moe_kv_bytes_per_token"][:] = np.array([mm.kv_bytes_per_token(pp.kv_bytes, pp.kv_layout) if pp is not None else np.nan
+    out["moe_kv_bytes_per_token"][:] = np.array([mm.kv_bytes_per_token(pp.kv_bytes, pp.kv_layout) if pp is not None
+                                                 else np.nan
                                                  for mm in models for pp in precisions]
                                                 ).reshape(len(models), len(precisions))[m, pr]
     out["cluster"][:] = np.array([x.label for x in clusters], dtype=object)[c]

@@ -22,7 +22,6 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
-from qsengine.specs.precision import KV_LAYOUTS, mla_kv_bytes
 from qsengine.specs._validate import (
     check_bool,
     check_choice,
@@ -34,6 +33,7 @@ from qsengine.specs._validate import (
     fail,
     type_fail,
 )
+from qsengine.specs.precision import KV_LAYOUTS, mla_kv_bytes
 
 if TYPE_CHECKING:
     from qsengine.specs.precision import Precision

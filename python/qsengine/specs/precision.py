@@ -172,7 +172,8 @@ PRESETS: dict[str, Precision] = {
 
 def as_precision(x: "Precision | str | None") -> Precision:
     """A :class:`Precision` from itself or a preset name (case-insensitive:
-    ``"bf16"``, ``"fp8"``, ``"fp8-kvbf16"``, ``"fp8-flashmla"``, ``"fp4"``, ``"nvfp4-experts"``, ``"mxfp4-experts"``, ``"int8"``).
+    ``"bf16"``, ``"fp8"``, ``"fp8-kvbf16"``, ``"fp8-flashmla"``, ``"fp4"``, ``"nvfp4-experts"``,
+    ``"mxfp4-experts"``, ``"int8"``).
     ``None`` means the default, bf16 everywhere."""
     if x is None:
         return PRESETS["bf16"]
