@@ -49,6 +49,7 @@ MAX_SCALE_OVERHEAD = 1.0 / 8
 #: "FP8 KV Cache"; vLLM's ``fp8_ds_mla`` cache dtype, vllm/v1/attention/backends/mla/flashmla_sparse.py
 #: ``get_kv_cache_shape``: "custom storage format is 656 bytes"). It describes MLA caches only: MHA/GQA
 #: attention (a GQA dense twin, say) stores its K and V plain.
+KvLayout = Literal["plain", "flashmla-fp8"]
 KV_LAYOUTS: tuple[str, ...] = ("plain", "flashmla-fp8")
 #: FlashMLA fp8 cache: latent elements per fp32 scale, bytes per scale, bytes per RoPE element (bf16)
 FLASHMLA_FP8_GROUP = 128
@@ -107,7 +108,7 @@ class Precision:
     dispatch_bytes: float | None = None
     combine_bytes: float | None = None
     expert_compute: ComputeDtype | None = None
-    kv_layout: str = "plain"
+    kv_layout: KvLayout = "plain"
 
     def __post_init__(self) -> None:
         src = current_source(f"Precision {self.name!r}" if isinstance(self.name, str) else "Precision")
