@@ -26,7 +26,7 @@ POINT_FIELDS: dict[str, st.SearchStrategy[Any]] = {
     "context": st.one_of(st.sampled_from([1, 4096, 32768, 131072]), st.integers(1, 262144)),
     "q": st.one_of(st.just("sqrt"), st.none(), st.floats(1.05, 12.0)),
     "slo_tpot": st.one_of(st.none(), st.floats(0.002, 0.2)),
-    "precision": st.sampled_from([None, "bf16", "fp8", "fp8", "nvfp4-experts", "fp4"]),
+    "precision": st.sampled_from([None, "bf16", "fp8", "fp8", "nvfp4-experts", "fp4", "fp8-flashmla"]),
     "routing": st.sampled_from(["uniform", "uniform", "powerlaw:1.01"]),
     "twin_attention": st.sampled_from(["same", "same", "gqa"]),
     "break_even": st.booleans(),

@@ -182,7 +182,13 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
             w["lm_head"] += model.lm_head_params * wb / fshard
             if model.tie_embeddings and pp > 1:
                 w["lm_head"] += model.embedding_params * wb / fshard
-        per_seq = model.kv_bytes_per_token_per_layer(prec.kv_bytes) * kv_frac * kv_tokens
+        # FlashMLA's fp8 MLA cache (README "FP8 KV Cache"): r fp8 latent bytes, an fp32 scale per 128 of them,
+        # the e RoPE values in bf16; any other cache: the model's elements at kv_bytes
+        att = model.attention
+        per_tok = (att.kv_lora_rank + math.ceil(att.kv_lora_rank / 128) * 4.0 + 2.0 * att.qk_rope_head_dim
+                   if att.kind == "mla" and prec.kv_layout == "flashmla-fp8"
+                   else model.kv_bytes_per_token_per_layer(prec.kv_bytes))
+        per_seq = per_tok * kv_frac * kv_tokens
         # a GPU that dispatches to other EP ranks in decode holds DeepEP's buffers for its tokens per step:
         # (1 + drafts) rows per sequence per microbatch (pp of them), a 1/tp share of a replica's tokens
         a2a = 0.0
@@ -192,7 +198,7 @@ def reference_map(model: Model, prec: Precision, acc: Accelerator, plan: Plan, n
         gpus.append(RefGpu(
             gpu=g, replica=local_index if plan.attn_dp else d, stage=s,
             ep_rank=(local_index % (plan.ep * etp)) // etp if moe else 0, weights=w, kv_per_sequence=per_seq,
-            kv_per_token_layer=model.kv_bytes_per_token_per_layer(prec.kv_bytes) * kv_frac, a2a_per_sequence=a2a,
+            kv_per_token_layer=per_tok * kv_frac, a2a_per_sequence=a2a,
         ))
     return gpus
 

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from qsengine.calibration import runtime as kernels
+from qsengine.calibration.models import roofline_time
 from qsengine.decode.point import DEFAULT_SLO_TPOT
 from qsengine.decode.step import StepOptions, decode_step, moe_straggler_closed_form, step_params, step_time
 from qsengine.decode.straggler import _inclusion_probabilities
@@ -90,6 +91,18 @@ def _dtypes(prec: Precision) -> tuple[str | None, str | None, str | None]:
         grouped = "bf16" if prec.expert_bytes == 2 else ("w4a16_mxfp4" if prec.expert_bytes < 1 else None)
     kv = "bf16" if prec.kv_bytes == 2 else ("fp8" if prec.kv_bytes == 1 else None)
     return gemm, grouped, kv
+
+
+def kv_token_layer_bytes(model: Model, prec: Precision) -> float:
+    """Bytes one token adds to one layer's KV cache. FlashMLA's fp8 layout of an MLA cache (its README,
+    "FP8 KV Cache": per token 512 fp8 e4m3 latent values, 4 fp32 scales -- one per 128 of them -- and 64
+    bf16 RoPE values, 656 B), written here for any latent r and RoPE width e: r·1 + ceil(r/128)·4 + e·2.
+    Any other cache (plain layout, or MHA/GQA attention whatever the layout): the model's elements at kv_bytes."""
+    att = model.attention
+    if att.kind == "mla" and prec.kv_layout == "flashmla-fp8":
+        r, e = att.kv_lora_rank, att.qk_rope_head_dim
+        return r * 1.0 + math.ceil(r / 128) * 4.0 + e * 2.0
+    return model.kv_bytes_per_token_per_layer(prec.kv_bytes)
 
 
 def gemm_seconds(acc: Any, prec: Precision, m: float, n: float, k: float) -> float:
@@ -190,12 +203,21 @@ def calibrated_step(model: Model, prec: Precision, acc: Any, plan: Plan, batch: 
         else:
             flops = 4 * seqs_kv * ctx * heads * att.head_dim
         f = fit(fam, kv_dt) or fit("attention_gqa", kv_dt)
+        if f is not None and kind == "mla" and prec.kv_layout != "plain":
+            # the fitted fp8 MLA kernel streaming the layout's bytes per cached token (FlashMLA fp8: 656, not
+            # 576), Q and O in bf16: calibration.models.mla_work's bytes with the layout's token size
+            tok = kv_token_layer_bytes(model, prec)
+            nb = ((seqs_kv * ctx + f["stream_pad"] * min(ctx, f["split"])) * tok
+                  + seqs_kv * heads * (2 * r_kv + rope) * 2.0)
+            t = float(roofline_time(nb, flops, acc.hbm_bandwidth, acc.peak_flops("bf16"), f["eta_bw"], f["eta_f"],
+                                    f["p"], f["c0"], f.get("c1", 0.0), seqs_kv * heads))
+            return t + (rows - 1) * flops / (acc.peak_flops("bf16") * f["eta_f"])
         if f is not None:
             t = float(kernels.attention_time(acc, kind, seqs_kv, ctx, heads, kvh_gpu, att.head_dim, kv_dtype=kv_dt))
             # a verify pass's rows - 1 extra query rows: their score FLOPs at the kernel's fitted rate
             return t + (rows - 1) * flops / (acc.peak_flops("bf16") * f["eta_f"])
         if kind == "mla":
-            nbytes = seqs_kv * ctx * (r_kv + rope) * prec.kv_bytes + seqs_kv * heads * (2 * r_kv + rope) * 2
+            nbytes = seqs_kv * ctx * kv_token_layer_bytes(model, prec) + seqs_kv * heads * (2 * r_kv + rope) * 2
         else:
             nbytes = seqs_kv * kvh_gpu * ctx * 2 * att.head_dim * prec.kv_bytes + seqs_kv * heads * att.head_dim * 4
         rate = acc.peak_flops("bf16") * acc.flops_efficiency
@@ -326,8 +348,11 @@ def step_of(model: Model, prec: Precision, acc: Any, plan: Plan, batch: float, c
     if dr == 0:
         return plain_step(model, prec, acc, plan, batch, context, pop, plain_opts)
     if options.kernels == "roofline":
-        verify = decode_step(model, dataclasses.replace(prec, kv_bytes=prec.kv_bytes / (dr + 1)), acc, plan,
-                             batch * (dr + 1), context, popularity=pop, options=plain_opts)
+        # the roofline reads only bytes per token: a layout's, as plain bytes per element, divided by d + 1
+        kv_el = prec.kv_bytes if prec.kv_layout == "plain" else (
+            kv_token_layer_bytes(model, prec) / model.attention.kv_elements_per_token())
+        vprec = dataclasses.replace(prec, kv_bytes=kv_el / (dr + 1), kv_layout="plain")
+        verify = decode_step(model, vprec, acc, plan, batch * (dr + 1), context, popularity=pop, options=plain_opts)
     else:
         verify = calibrated_step(model, prec, acc, plan, batch, context, pop, plain_opts, rows=dr + 1)
     one_opts = dataclasses.replace(plain_opts, overlap="none") if options.overlap == "tbo" else plain_opts
@@ -396,7 +421,7 @@ def prefill_seconds(model: Model, precision: Precision, acc: Any, plan: Plan, pr
     compute = 0.0
     for layers, pairs in causal_layers(model, n_tok):
         nbytes = model.attention_params * precision.weight_bytes / shard + 2 * d * precision.weight_bytes \
-            + n_tok * model.kv_bytes_per_token_per_layer(precision.kv_bytes) / kv_split
+            + n_tok * kv_token_layer_bytes(model, precision) / kv_split
         compute += layers * roof(nbytes, (n_tok * 2.0 * att.params(d) + per_pair * pairs) / shard)
     if model.decode_dense_layers and model.dense_ffn_params:
         w = model.dense_ffn_params
@@ -454,7 +479,7 @@ def calibrated_prefill_compute(model: Model, precision: Precision, acc: Any, pla
         return gemm_seconds(acc, precision, m, n, k)
 
     proj = projections(model, plan, n_tok, gemm)
-    write = n_tok * model.kv_bytes_per_token_per_layer(precision.kv_bytes) / kv_split / (
+    write = n_tok * kv_token_layer_bytes(model, precision) / kv_split / (
         acc.hbm_bandwidth * acc.bandwidth_efficiency)
     rate = acc.peak_flops("bf16") * acc.flops_efficiency
     per_pair = 2.0 * att.num_heads * (att.head_dim + att.value_dim)

@@ -171,7 +171,11 @@ def _kernel_lane(model: Model, precision: Precision, acc: Accelerator, plan: Pla
         out.update(at_bw=acc.hbm_bandwidth * acc.bandwidth_efficiency,
                    at_f=acc.peak_flops("bf16") * acc.flops_efficiency, at_p=inf, at_c0=0.0, at_c1=0.0,
                    at_pad=0.0, at_split=inf)
-    out.update(at_kvb=precision.kv_bytes, at_h=heads, at_kvh=kvh, at_el=el, at_qo=qo, at_fl=flo,
+    # bytes per cached element as the precision's KV layout stores them (FlashMLA fp8: 656/576 of fp8's 1 B, the
+    # fp8 fit's efficiencies kept: the kernel streams the cache's bytes, docs/model.md "KV cache per token")
+    kvb = precision.kv_bytes if precision.kv_layout == "plain" else (
+        model.kv_bytes_per_token_per_layer(precision.kv_bytes, precision.kv_layout) / att.kv_elements_per_token())
+    out.update(at_kvb=kvb, at_h=heads, at_kvh=kvh, at_el=el, at_qo=qo, at_fl=flo,
                pf_core_f=acc.peak_flops("bf16") * acc.flops_efficiency)
     # routed experts
     if model.is_moe:

@@ -322,7 +322,7 @@ def step_params(model: Model, precision: Precision, acc: Accelerator, plan: Plan
         copies=plan.expert_copies if moe else 1,
         layers=model.decode_layers, local=att.local_layers, window=(att.local_window or 0) if att.local_layers else 0,
         attn_params=model.attention_params, attn_proj_flops=2.0 * att.params(model.hidden_size),
-        attn_ctx_flops=ctx_flops, kv_layer=model.kv_bytes_per_token_per_layer(precision.kv_bytes),
+        attn_ctx_flops=ctx_flops, kv_layer=model.kv_bytes_per_token_per_layer(precision.kv_bytes, precision.kv_layout),
         kv_split=kv_split,
         dense_layers=n_dense, ffn_params=model.dense_ffn_params if (n_dense > 0) else 0,
         moe_layers=n_moe, router_params=model.router_params if moe else 0,

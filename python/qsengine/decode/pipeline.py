@@ -451,7 +451,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             ffn[members] = explicit.dense_ffn_params
             dshape[members] = shape_label(explicit.attention, explicit.num_layers, explicit.hidden_size,
                                           explicit.dense_intermediate)
-            dkv[members] = explicit.kv_bytes_per_token(precision.kv_bytes)
+            dkv[members] = explicit.kv_bytes_per_token(precision.kv_bytes, precision.kv_layout)
             continue
         sol = solve_twins(model, qv[dgroup[members]], attentions[at[i]])
         if not sol.ok.all():  # the validator builds every twin first; keep its error if one slipped through
@@ -465,7 +465,7 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
             uw, inv = np.unique(sol.width[lsel], return_inverse=True)
             dshape[members[lsel]] = np.array([shape_label(sh.attention, sh.num_layers, sh.hidden, int(w))
                                               for w in uw.tolist()], dtype=object)[inv.reshape(-1)]
-            dkv[members[lsel]] = line.base.kv_bytes_per_token(precision.kv_bytes)
+            dkv[members[lsel]] = line.base.kv_bytes_per_token(precision.kv_bytes, precision.kv_layout)
     dense.fill(np.arange(d_first.size), _side(dfams, adm_ctx[d_first], slo[d_first], ffn, family=dfam_of,
                                               fixed=fixed[d_first], requests=req.take(d_first), cap=cap[d_first]),
                dfams, dfam_of)
@@ -520,7 +520,8 @@ def evaluate(columns: Columns, n: int, *, seeds: Sequence[Any] | None = None, th
     out["dense_model"][:] = np.array([r[1] for r in dq_rec], dtype=object)[dq]
     out["dense_shape"][:] = dshape[dg]
     out["dense_kv_bytes_per_token"][:] = dkv[dg]
-    out["moe_kv_bytes_per_token"][:] = np.array([mm.kv_bytes_per_token(pp.kv_bytes) if pp is not None else np.nan
+    out["moe_kv_bytes_per_token"][:] = np.array([mm.kv_bytes_per_token(pp.kv_bytes, pp.kv_layout) if pp is not None
+                                                 else np.nan
                                                  for mm in models for pp in precisions]
                                                 ).reshape(len(models), len(precisions))[m, pr]
     out["cluster"][:] = np.array([x.label for x in clusters], dtype=object)[c]

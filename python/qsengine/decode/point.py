@@ -430,12 +430,25 @@ class Validator:
                 raise ValueError(f"fields {name!r} = {values[name].arg!r} and 'output' = {out}: a length "
                                  "distribution needs whole requests: give output >= 1 generated tokens per request")
 
+    def _kv_layout(self, values: dict[str, Value]) -> None:
+        # a KV layout other than "plain" describes MLA caches (FlashMLA's fp8 cache); asked of a model without
+        # MLA it would silently change nothing, so it is refused (a GQA dense twin just keeps a plain cache)
+        from qsengine.specs.loaders import default_precision
+
+        m = values["model"].obj
+        prec = values["precision"].obj or default_precision(m)
+        if prec.kv_layout != "plain" and m.attention.kind != "mla":
+            raise ValueError(f"field 'precision' = {prec.name!r}: its kv_layout {prec.kv_layout!r} stores MLA "
+                             f"caches; model {m.id} has {m.attention.kind} attention (use a plain-layout precision, "
+                             "e.g. 'fp8')")
+
     #: (fields read, check) of :meth:`point`
     CHECKS: tuple[tuple[tuple[str, ...], Callable[["Validator", dict[str, Value]], None]], ...] = (
         (("model", "q", "dense", "twin_attention"), _twin),
         (("model", "dense", "plan", "cluster"), _plan),
         (("model", "dense", "context", "output"), _context),
         (("model", "routing", "microbatches"), _law),
+        (("model", "precision"), _kv_layout),
         (("batch", "slo_tpot"), _batch),
         (("context", "output", "prefill", "context_dist", "output_dist"), _request),
         (("options",), _speculation),

@@ -162,7 +162,7 @@ def memory_description(
     d.num_heads = att.num_heads
     d.num_kv_heads = att.num_kv_heads
     d.mla = att.kind == "mla"
-    d.kv_bytes_per_token_per_layer = model.kv_bytes_per_token_per_layer(prec.kv_bytes)
+    d.kv_bytes_per_token_per_layer = model.kv_bytes_per_token_per_layer(prec.kv_bytes, prec.kv_layout)
     d.local_window = int(att.local_window or 0) if local else 0
     if model.is_moe:
         d.a2a_bytes_per_token = a2a_buffer_bytes_per_token(model.hidden_size, model.routed_experts)

@@ -201,10 +201,10 @@ def _cmd_list(args: argparse.Namespace) -> int:
 
 def _list_precisions() -> str:
     rows = [[k, f"{p.weight_bytes:.4g}", f"{p.expert_bytes:.4g}", f"{p.kv_bytes:g}", f"{p.activation_bytes:g}",
-             f"{p.dispatch_bytes:.4g}", f"{p.combine_bytes:.4g}", p.compute, p.expert_compute]
+             f"{p.dispatch_bytes:.4g}", f"{p.combine_bytes:.4g}", p.compute, p.expert_compute, p.kv_layout]
             for k, p in PRESETS.items()]
     return table(["precision", "weight B", "expert B", "KV B", "activation B", "dispatch B", "combine B", "compute",
-                  "expert compute"], rows)
+                  "expert compute", "KV layout"], rows)
 
 
 def _cmd_show(args: argparse.Namespace) -> int:

@@ -33,6 +33,7 @@ from qsengine.specs._validate import (
     fail,
     type_fail,
 )
+from qsengine.specs.precision import KV_LAYOUTS, mla_kv_bytes
 
 if TYPE_CHECKING:
     from qsengine.specs.precision import Precision
@@ -309,24 +310,34 @@ class Model:
         return self.active_params / self.total_params
 
     # ----------------------------------------------------------- KV cache
-    def kv_bytes_per_token_per_layer(self, kv_bytes: float = 2.0) -> float:
-        """KV-cache bytes one token adds to one full-attention layer."""
+    def kv_bytes_per_token_per_layer(self, kv_bytes: float = 2.0, kv_layout: str = "plain") -> float:
+        """KV-cache bytes one token adds to one full-attention layer: its cached
+        elements at ``kv_bytes``, or for MLA as ``kv_layout`` stores them
+        (:func:`qsengine.specs.precision.mla_kv_bytes`; "flashmla-fp8": DeepSeek-V3
+        656 B instead of 576). MHA/GQA caches are plain whatever ``kv_layout``."""
+        a = self.attention
+        if kv_layout != "plain":
+            check_choice(f"Model {self.id!r}", "kv_layout", kv_layout, KV_LAYOUTS)
+            if a.kind == "mla":
+                assert a.kv_lora_rank is not None and a.qk_rope_head_dim is not None
+                return mla_kv_bytes(a.kv_lora_rank, a.qk_rope_head_dim, kv_bytes, kv_layout)
         return self.attention.kv_elements_per_token() * kv_bytes
 
-    def kv_bytes_per_token(self, kv_bytes: float = 2.0) -> float:
+    def kv_bytes_per_token(self, kv_bytes: float = 2.0, kv_layout: str = "plain") -> float:
         """KV bytes per token summed over decode layers, ignoring window caps
         (the per-token growth while context < every window)."""
-        return self.decode_layers * self.kv_bytes_per_token_per_layer(kv_bytes)
+        return self.decode_layers * self.kv_bytes_per_token_per_layer(kv_bytes, kv_layout)
 
-    def kv_bytes_per_token_long(self, kv_bytes: float = 2.0) -> float:
+    def kv_bytes_per_token_long(self, kv_bytes: float = 2.0, kv_layout: str = "plain") -> float:
         """KV bytes per token once the context exceeds every local window: only
         the full-attention decode layers still grow."""
-        return (self.decode_layers - self.attention.local_layers) * self.kv_bytes_per_token_per_layer(kv_bytes)
+        return (self.decode_layers - self.attention.local_layers) * self.kv_bytes_per_token_per_layer(kv_bytes,
+                                                                                                      kv_layout)
 
-    def kv_bytes_per_sequence(self, context: int, kv_bytes: float = 2.0) -> float:
+    def kv_bytes_per_sequence(self, context: int, kv_bytes: float = 2.0, kv_layout: str = "plain") -> float:
         """KV bytes of one sequence at ``context`` tokens, honouring local
         (sliding / chunked) layers, which hold at most ``local_window`` tokens."""
-        per = self.kv_bytes_per_token_per_layer(kv_bytes)
+        per = self.kv_bytes_per_token_per_layer(kv_bytes, kv_layout)
         local = self.attention.local_layers
         window = self.attention.local_window or context
         full = self.decode_layers - local
