@@ -46,6 +46,13 @@ def test_show_model(capsys):
     assert "70,272" in out and "1,152" in out
     for p in ("bf16", "fp8", "fp4"):
         assert any(line.startswith(p + " ") for line in out.splitlines())
+    # an MLA cache also as FlashMLA's fp8 layout stores it (512 + 4*4 + 64*2 = 656 B per layer)
+    assert "fp8 FlashMLA bytes" in out
+    assert any(line.startswith("per token per layer") and line.split()[-1] == "656" for line in out.splitlines())
+    assert any(line.startswith("per token (all decode layers)") and line.split()[-1] == "40,016"
+               for line in out.splitlines())
+    _, gqa, _ = run(capsys, "show", "llama-3.1-70b")
+    assert "FlashMLA" not in gqa  # the layout stores MLA caches only
 
 
 def test_show_windowed_model(capsys):

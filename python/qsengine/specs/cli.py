@@ -115,15 +115,19 @@ def show_model(m: Model) -> str:
     lines.append(f"deployed precision {m.deployed_precision or 'bf16 (fallback: none given)'}{src}: "
                  "the default of every command")
     lines.append("")
-    kv_rows = [["per token per layer", f"{m.kv_bytes_per_token_per_layer(2):,.0f}", f"{m.kv_bytes_per_token_per_layer(1):,.0f}"],
-               ["per token (all decode layers)", f"{m.kv_bytes_per_token(2):,.0f}", f"{m.kv_bytes_per_token(1):,.0f}"]]
+    # columns: (header, kv_bytes, kv_layout); an MLA cache also as FlashMLA's fp8 layout stores it
+    kv_cols = [("bf16 bytes", 2.0, "plain"), ("fp8 bytes", 1.0, "plain")]
+    if a.kind == "mla":
+        kv_cols.append(("fp8 FlashMLA bytes", 1.0, "flashmla-fp8"))
+    kv_rows = [["per token per layer"] + [f"{m.kv_bytes_per_token_per_layer(b, k):,.0f}" for _, b, k in kv_cols],
+               ["per token (all decode layers)"] + [f"{m.kv_bytes_per_token(b, k):,.0f}" for _, b, k in kv_cols]]
     if a.local_layers:
-        kv_rows.append(["per token beyond windows", f"{m.kv_bytes_per_token_long(2):,.0f}",
-                        f"{m.kv_bytes_per_token_long(1):,.0f}"])
+        kv_rows.append(["per token beyond windows"] + [f"{m.kv_bytes_per_token_long(b, k):,.0f}"
+                                                       for _, b, k in kv_cols])
     for ctx in (4096, 131072):
-        kv_rows.append([f"per sequence at {ctx:,} tokens", _gb(m.kv_bytes_per_sequence(ctx, 2)),
-                        _gb(m.kv_bytes_per_sequence(ctx, 1))])
-    lines.append(table(["KV cache", "bf16 bytes", "fp8 bytes"], kv_rows))
+        kv_rows.append([f"per sequence at {ctx:,} tokens"] + [_gb(m.kv_bytes_per_sequence(ctx, b, k))
+                                                               for _, b, k in kv_cols])
+    lines.append(table(["KV cache"] + [h for h, _, _ in kv_cols], kv_rows))
     lines.append("")
     mem_rows = []
     for p in SHOW_PRECISIONS:
