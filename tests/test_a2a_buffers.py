@@ -35,10 +35,6 @@ def test_linear_in_tokens_and_equal_to_the_layout(hidden, experts, tokens):
     assert math.isclose(per * tokens, deepep_low_latency_bytes(hidden, experts, tokens), rel_tol=1e-12)
 
 
-def _row(p, gpu=0):
-    return p.gpu_map.iloc[gpu]
-
-
 @pytest.mark.parametrize("plan", [Plan(tp=8, ep=8, attn_dp=True), Plan(tp=8, ep=8), Plan(tp=4, pp=2, ep=4)])
 def test_admission_closed_form_with_buffers(plan):
     """Per GPU: B = floor((usable - weights) / (KV per sequence + buffer per sequence)), the buffer per

@@ -158,7 +158,6 @@ void pack_paged(const MemoryDesc& d, PackResult& r, const PagedRequest& req, con
     a[s] = sms[s].kv_per_token_layer * static_cast<double>(sms[s].kv_full_layers);
     b[s] = sms[s].kv_per_token_layer * static_cast<double>(sms[s].kv_local_layers);
   }
-  // a placed sequence also takes its share of the EP all-to-all buffers (kv_per_sequence's a2a term)
   std::vector<double> used(static_cast<std::size_t>(U * pp), 0.0);
   r.unit_sequences.assign(static_cast<std::size_t>(U), 0);
   auto fill = [&](std::int64_t u) {
@@ -190,7 +189,7 @@ void pack_paged(const MemoryDesc& d, PackResult& r, const PagedRequest& req, con
     }
     const std::int64_t local = d.local_window > 0 ? std::min(len, d.local_window) : len;
     const std::int64_t pf = (len + bs - 1) / bs * bs, pl = (local + bs - 1) / bs * bs;
-    for (std::int64_t s = 0; s < pp; ++s) {
+    for (std::int64_t s = 0; s < pp; ++s) {  // its KV blocks and its share of the EP all-to-all buffers
       need[s] = a[s] * static_cast<double>(pf) + b[s] * static_cast<double>(pl) + sms[s].a2a_per_sequence;
     }
     std::int64_t placed_unit = -1;
