@@ -76,10 +76,10 @@ def test_each_calibrated_piece_is_the_runtime_kernel_at_its_shape(s):
     # collectives inside the scale-up domain
     nbytes = np.array([float(s["seqs"]) * m.hidden_size * 2.0])
     if tp > 1:
-        got = _one(K._fitted_collective(nbytes, p.ar_a1, p.ar_b1, p.ar_a2, p.ar_b2))
+        got = _one(K._fitted_collective("allreduce_fit", nbytes, p))
         assert got == pytest.approx(_one(rt.allreduce_time(acc, tp, nbytes)), rel=1e-12)
     if plan.ep > 1:
-        got = _one(K._fitted_collective(nbytes, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2))
+        got = _one(K._fitted_collective("alltoall_fit", nbytes, p))
         assert got == pytest.approx(_one(rt.alltoall_time(acc, plan.ep, nbytes)), rel=1e-12)
 
 

@@ -16,4 +16,5 @@ PYBIND11_MODULE(_core, m) {
   qs_py::register_errors(m);
   qs_py::register_packing(m);
   qs_py::register_routing(m);
+  qs_py::register_step(m);
 }

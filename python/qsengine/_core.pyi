@@ -434,3 +434,15 @@ class RouteResult:
 
 def route(request: RouteRequest, threads: int) -> RouteResult: ...
 def philox_raw(key0: int, key1: int, index: int, purpose: int, n: int) -> npt.NDArray[np.uint64]: ...
+
+# ---- step model (cpp/python/register_step.cc) -----------------------------------
+
+STEP_PASS_FIELDS: tuple[str, ...]
+STEP_PIECES: tuple[str, ...]
+SOFT_MAX_VECTORISED: bool
+
+def step_pass(fields: dict[str, npt.NDArray[np.float64]], batch: npt.ArrayLike, context: npt.ArrayLike,
+              tokens: npt.ArrayLike, moe_mean: npt.ArrayLike, moe_p50: npt.ArrayLike, moe_p99: npt.ArrayLike,
+              detail: bool = False) -> dict[str, npt.NDArray]: ...
+def step_kernel(kind: str, fields: dict[str, npt.NDArray[np.float64]], x: npt.ArrayLike, y: npt.ArrayLike,
+                z: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

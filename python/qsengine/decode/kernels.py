@@ -4,10 +4,11 @@ Per lane (once, when :func:`qsengine.decode.params.step_params` builds it):
 the calibration dtype of each kernel family (:func:`kernel_dtypes`), the
 fitted GEMM / decode-attention / grouped-GEMM / collective parameters and the
 per-GPU GEMM shapes (:func:`_kernel_lane`), the routed experts' cost
-(:func:`grouped_cost`). Over lanes (called by the step time): the roofline
-(:func:`_roof`), the link model of a collective (:func:`_link_bw`,
-:func:`_allreduce`, :func:`_ep_alltoall`), and the calibrated kernel times
-(:func:`_gemm`, :func:`_attn_core`, :func:`_fitted_collective`). The EP
+(:func:`grouped_cost`). Over lanes, for the prefill model and the draft
+module, the core's kernels (cpp/core/step.cc, where the decode pass computes
+them too): the roofline (:func:`_roof`), the link model of a collective
+(:func:`_link_bw`, :func:`_allreduce`, :func:`_ep_alltoall`) and the
+calibrated GEMM (:func:`_gemm`). The EP
 all-to-all on a torus (TPU ICI): :func:`torus_shape`,
 :func:`torus_alltoall_factor`. Formulas: ``docs/model.md`` ("Calibrated
 kernels", "Torus all-to-all").
@@ -17,10 +18,11 @@ from __future__ import annotations
 
 import math
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from qsengine import _core
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 if TYPE_CHECKING:
@@ -210,17 +212,26 @@ def _kernel_lane(model: Model, precision: Precision, acc: Accelerator, plan: Pla
 
 
 # ------------------------------------------------------ kernel times over lanes
+# The kernels themselves are the core's (cpp/core/step.cc, the one home of the step model's arithmetic): these
+# wrappers evaluate one of them over lanes for the Python layer's prefill model and draft module.
+def _kernel(kind: str, p: StepParams, x: Any, y: Any = 0.0, z: Any = 0.0
+            ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(value, bandwidth term, compute term) of the core's kernel ``kind`` over lanes (``_core.step_kernel``)."""
+    def arr(v: Any) -> np.ndarray:
+        return np.ascontiguousarray(np.atleast_1d(np.asarray(v, dtype=np.float64)))
+
+    return _core.step_kernel(kind, p.columns(), arr(x), arr(y), arr(z))
+
+
 def _roof(nbytes: np.ndarray, flops: np.ndarray, p: StepParams) -> tuple[np.ndarray, np.ndarray]:
     """Roofline time and whether bandwidth bound it (t_bw >= t_flops)."""
-    t_bw = nbytes / p.bw
-    t_f = flops / p.flops
-    bw_bound = t_bw >= t_f
-    return np.where(bw_bound, t_bw, t_f), bw_bound
+    t, tb, tf = _kernel("roof", p, nbytes, flops)
+    return t, tb >= tf
 
 
 def _link_bw(p: StepParams, group: np.ndarray) -> np.ndarray:
     """Per-GPU bandwidth (bytes/s) of a collective over ``group`` GPUs."""
-    return np.where(group <= p.domain, p.scaleup, p.internode) * p.link_eff
+    return _kernel("link_bandwidth", p, group)[0]
 
 
 def _ep_alltoall(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:
@@ -230,9 +241,30 @@ def _ep_alltoall(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.nda
     links, on a torus slowed by the lane's bisection factor ``a2a_torus``
     (:func:`torus_alltoall_factor`; 0 on a switch, so the time is the
     crossbar's): ``latency + max(in·max(1, f)/scaleup, out/internode)``."""
-    inter = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
-    t_in = nbytes * (1 - inter) / (p.scaleup * p.link_eff) * np.maximum(p.a2a_torus, 1.0)
-    return p.latency + np.maximum(t_in, nbytes * inter / (p.internode * p.link_eff))
+    return _kernel("ep_alltoall", p, nbytes, group)[0]
+
+
+def _allreduce(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:
+    """Ring all-reduce of ``nbytes`` per GPU over ``group`` GPUs (0 for one GPU)."""
+    return _kernel("allreduce", p, nbytes, group)[0]
+
+
+def _gemm(p: StepParams, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibrated GEMM ``[m,k] x [k,n]`` on one GPU (qsengine.calibration.gemm_time): (time, bandwidth term,
+    compute term); time 0 where ``n == 0`` (no such GEMM)."""
+    return _kernel("gemm", p, m, n, k)
+
+
+def _attn_core(p: StepParams, seqs: np.ndarray, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Calibrated decode attention core of one layer on one GPU
+    (qsengine.calibration.attention_time, gqa/mha/mla): (time, bandwidth term, compute term)."""
+    return _kernel("attention_core", p, seqs, ctx)
+
+
+def _fitted_collective(kind: str, nbytes: np.ndarray, p: StepParams) -> np.ndarray:
+    """A fitted collective of ``nbytes`` (``kind``: "allreduce_fit", "alltoall_fit" or
+    "expert_allreduce_fit"): ``min_j (alpha_j + S/beta_j)`` over the two fitted protocols (nan where not fitted)."""
+    return _kernel(kind, p, nbytes)[0]
 
 
 def _divisors(n: int) -> list[int]:
@@ -293,47 +325,3 @@ def torus_alltoall_factor(chips: int, dims: int, wraparound: bool = True) -> flo
     k = torus_shape(g, dims)[0]
     c = 2 if wraparound else 1
     return 2.0 * dims * g * (k * k // 4) / (c * k * (g - 1))
-
-
-def _allreduce(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:
-    """Ring all-reduce of ``nbytes`` per GPU over ``group`` GPUs (0 for one GPU)."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        t = p.latency + 2.0 * (group - 1) / group * nbytes / _link_bw(p, group)
-    return np.where(group > 1, t, 0.0)
-
-
-def _smax(x: np.ndarray, y: np.ndarray, pw: np.ndarray) -> np.ndarray:
-    """``(x^p + y^p)^(1/p)`` (qsengine.calibration.models.smax, over lanes with per-lane p)."""
-    hi = np.maximum(x, y)
-    lo = np.minimum(x, y)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        r = np.where(hi > 0, lo / hi, 0.0)
-    return hi * (1.0 + r ** pw) ** (1.0 / pw)
-
-
-def _gemm(p: StepParams, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Calibrated GEMM ``[m,k] x [k,n]`` on one GPU (qsengine.calibration.gemm_time):
-    (time, bandwidth term, compute term); 0 where ``n == 0`` (no such GEMM)."""
-    ne = n + p.g_pad
-    nb = m * k * p.g_ab + k * ne * p.g_wb + 2.0 * m * ne
-    fl = 2.0 * m * ne * k
-    tb = nb / p.g_bw
-    tf = fl / p.g_f
-    return np.where(n > 0, p.g_c0 + _smax(tb, tf, p.g_p), 0.0), tb, tf
-
-
-def _attn_core(p: StepParams, seqs: np.ndarray, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Calibrated decode attention core of one layer on one GPU
-    (qsengine.calibration.attention_time, gqa/mha/mla): (time, bandwidth term, compute term)."""
-    streams = seqs * p.at_kvh * ctx + p.at_pad * np.minimum(ctx, p.at_split)
-    nb = streams * p.at_el * p.at_kvb + seqs * p.at_h * p.at_qo
-    fl = seqs * ctx * p.at_h * p.at_fl
-    tb = nb / p.at_bw
-    tf = fl / p.at_f
-    return p.at_c0 + p.at_c1 * (seqs * p.at_h) + _smax(tb, tf, p.at_p), tb, tf
-
-
-def _fitted_collective(nbytes: np.ndarray, a1: np.ndarray, b1: np.ndarray, a2: np.ndarray,
-                       b2: np.ndarray) -> np.ndarray:
-    """``min_j (alpha_j + S/beta_j)`` over the two fitted protocols (nan where not fitted)."""
-    return np.minimum(a1 + nbytes / b1, a2 + nbytes / b2)

@@ -273,6 +273,10 @@ class StepParams:
     def _matrix(self) -> np.ndarray:
         return self.matrix if self.matrix is not None else np.stack([getattr(self, f) for f in STEP_FIELDS])
 
+    def columns(self) -> dict[str, np.ndarray]:
+        """The fields by name (the core's ``step_pass`` reads them)."""
+        return {f: getattr(self, f) for f in STEP_FIELDS}
+
     def take(self, idx: np.ndarray) -> "StepParams":
         """The lanes ``idx`` (one fancy-indexing of the field matrix)."""
         return StepParams.from_matrix(np.take(self._matrix(), idx, axis=1))  # C order: each field contiguous

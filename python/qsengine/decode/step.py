@@ -51,13 +51,13 @@ from typing import Any
 import numpy as np
 
 from qsengine.decode.breakdown import Piece, PieceArrays, StepBreakdown, StepTimes, breakdown
-from qsengine.decode.kernels import (_allreduce, _attn_core, _ep_alltoall, _fitted_collective, _gemm, _link_bw,
-                                     _roof, grouped_cost, kernel_dtypes)
+from qsengine import _core
+from qsengine.decode.kernels import _gemm, _roof, grouped_cost, kernel_dtypes
 from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepOptions, StepParams,
                                     check_speculation, step_params)
 from qsengine.decode.straggler import (MoeLayerShape, _inclusion_probabilities, max_iid_normal,
                                        moe_cost_coefficients, moe_layer_shape, moe_straggler_closed_form,
-                                       straggler_ceiling, straggler_closed_form)
+                                       routed_tokens, straggler_ceiling, straggler_closed_form, straggler_quantiles)
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 __all__ = [
@@ -105,10 +105,6 @@ def accepted_tokens(draft: Any, acceptance: Any) -> Any:
 # pipeline (qsengine.decode.pipeline) with arrays over points x plans x batches.
 # ---------------------------------------------------------------------------
 
-#: z of the normal 0.99 quantile (p99 = mean + Z99·sd of the summed straggler).
-Z99 = 2.3263478740408408
-
-
 def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
               uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
               detail: bool = False) -> StepTimes:
@@ -155,272 +151,43 @@ def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.
     """One forward pass of every lane of ``p`` (see :func:`step_time`): a plain
     decode step, or for a speculative lane its verify pass (d + 1 token rows
     per sequence, weights and KV read once), two-batch overlap included; no
-    draft passes, no division by the accepted tokens."""
-    batch = np.asarray(batch, dtype=np.float64)
-    ctx = np.asarray(context, dtype=np.float64)
+    draft passes, no division by the accepted tokens.
+
+    The pieces (attention, dense FFN, router + shared experts, LM head, the
+    collectives) are the core's pass (``qsengine._core.step_pass``, one home:
+    cpp/core/step.cc, formulas in docs/model.md); the routed experts' straggler
+    that it adds comes from here: the Monte Carlo's ``moe_step_time`` or the
+    closed form (:func:`~qsengine.decode.straggler.straggler_quantiles`)."""
+    batch = np.ascontiguousarray(batch, dtype=np.float64)
+    ctx = np.ascontiguousarray(context, dtype=np.float64)
     n_lanes = batch.shape[0]
-    detailed: list[PieceArrays] = []
-    no = np.zeros(n_lanes, dtype=bool)
-
-    def keep(name: str, time: np.ndarray, nbytes: Any, flops: Any, count: Any, present: Any,
-             bandwidth: np.ndarray | None = None, link: bool = False) -> None:
-        """Record a piece (callers only call it with ``detail``: its arguments cost)."""
-        def arr(x: Any) -> np.ndarray:
-            return np.broadcast_to(np.asarray(x, dtype=np.float64), (n_lanes,))
-        detailed.append(PieceArrays(name, arr(time), arr(nbytes), arr(flops), arr(count),
-                                    np.broadcast_to(np.asarray(present, dtype=bool), (n_lanes,)),
-                                    None if bandwidth is None else np.broadcast_to(bandwidth, (n_lanes,)), link))
-
-    micro = batch / p.pp
-    adp = p.attn_dp > 0
-    shard = np.where(adp, 1.0, p.tp)
-    # speculative verify pass (docs/model.md, "Speculative decoding"): each sequence runs its d draft tokens
-    # + 1 through the model, so token rows (GEMM rows, FLOPs, activations, routed tokens) are x(d+1), while
-    # weights and each sequence's KV cache are read once; x1.0 (d = 0) leaves every value bit for bit
-    spec_rows = 1.0 + p.draft
-    micro_rows = micro * spec_rows  # token rows of one microbatch
-    seqs_kv = np.where(adp, micro / p.tp, micro)  # sequences per attention group (KV caches read)
-    seqs = seqs_kv * spec_rows  # token rows per attention group
-    ctx_local = np.where(p.window > 0, np.minimum(ctx, p.window), ctx)
-    # kernels per lane: calibrated (kern = 1) or roofline; each is computed only if some lane needs it
-    cal = p.kern > 0
-    any_cal = bool(cal.any())
-    all_cal = any_cal and bool(cal.all())
-    roof_work = detail or not all_cal
-
-    def pick(t_cal: np.ndarray | None, t_roof: np.ndarray | None) -> np.ndarray:
-        if all_cal:
-            return t_cal  # type: ignore[return-value]
-        if not any_cal:
-            return t_roof  # type: ignore[return-value]
-        return np.where(cal, t_cal, t_roof)  # type: ignore[arg-type]
-
-    def gemms(shapes: tuple[tuple[np.ndarray, np.ndarray], ...], m: np.ndarray | None = None
-              ) -> tuple[np.ndarray, np.ndarray]:
-        """Summed calibrated GEMM time of ``shapes`` (n, k) at m tokens (default seqs), and whether bandwidth
-        bound them."""
-        t = np.zeros(n_lanes)
-        tb = np.zeros(n_lanes)
-        tf = np.zeros(n_lanes)
-        rows_m = seqs if m is None else m
-        for n_, k_ in shapes:
-            if not n_.any():
-                continue
-            tg, gb, gf = _gemm(p, rows_m, n_, k_)
-            t = t + tg
-            if detail:
-                tb = tb + np.where(n_ > 0, gb, 0.0)
-                tf = tf + np.where(n_ > 0, gf, 0.0)
-        return t, tb >= tf
-
-    # attention: full-context layers, then local-window layers
-    norm_bytes = 2 * p.d * p.wb
-    pieces = []
-    proj = ((p.ap_n1, p.ap_k1), (p.ap_n2, p.ap_k2), (p.ap_n3, p.ap_k3), (p.ap_n4, p.ap_k4))
-    for name, nl, c in (("attention", p.layers - p.local, ctx), ("attention (local)", p.local, ctx_local)):
-        if not detail and not (nl > 0).any():
-            pieces.append(np.zeros(n_lanes))
-            continue
-        t_r = b_r = t_c = b_c = None
-        if roof_work:  # the roofline's work: its time, and the bytes/FLOPs every piece reports
-            w = p.attn_params * p.wb / shard + norm_bytes
-            kv = seqs_kv * c * p.kv_layer / p.kv_split
-            fl = seqs * (p.attn_proj_flops + p.attn_ctx_flops * c) / shard
-            t_r, b_r = _roof(w + kv, fl, p)
-        if any_cal:
-            # the fitted kernel streams each sequence's KV once; the d extra query rows of a verify pass add
-            # their score FLOPs at the kernel's fitted compute rate (tf: one row's compute term)
-            t_c, tb, tf = _attn_core(p, seqs_kv, c)
-            t_c = t_c + p.draft * tf
-            tf = tf * spec_rows
-            t_p, _ = gemms(proj)
-            t_c = t_c + t_p
-            b_c = tb >= tf
-        t = pick(t_c, t_r)
-        pieces.append(np.where(nl > 0, t * nl, 0.0))
-        if detail:
-            keep(name, pieces[-1], (w + kv) * nl, fl * nl, nl, nl > 0, pick(b_c, b_r))
-    # dense FFN. A dense model under attention-DP runs its FFN and LM head
-    # tensor-parallel over the replica's tp GPUs, on all the replica's tokens
-    dense_adp = adp & (p.moe_layers == 0)
-    fshard = np.where(dense_adp, p.tp, shard)
-    ftok = np.where(dense_adp, micro_rows, seqs)
-    has = (p.dense_layers > 0) & (p.ffn_params > 0)
-    t_r = b_r = t_c = b_c = None
-    if roof_work:
-        w = p.ffn_params * p.wb / fshard
-        fl = 2.0 * ftok * p.ffn_params / fshard
-        t_r, b_r = _roof(w, fl, p)
-    if any_cal:
-        # FFN width per GPU, from P = mats·d·w (+ (mats-1)·w + d with biases; Model._ffn_params)
-        width = (p.ffn_params - p.ffn_bias * p.d) / (p.ffn_mats * p.d + p.ffn_bias * (p.ffn_mats - 1)) / fshard
-        t_c, b_c = gemms((((p.ffn_mats - 1) * width, p.d), (np.where(width > 0, p.d, 0.0), width)), m=ftok)
-    t = pick(t_c, t_r)
-    pieces.append(np.where(has, t * p.dense_layers, 0.0))
-    if detail:
-        keep("dense ffn", pieces[-1], w * p.dense_layers, fl * p.dense_layers, p.dense_layers, has, pick(b_c, b_r))
-    # MoE: router + shared experts, routed experts (straggler). Dense-only lanes
-    # skip it: its pieces would be exact zeros, and x + 0.0 == x for the
-    # non-negative times summed below, so the results are bit-identical.
-    n_moe = p.moe_layers
-    is_moe = n_moe > 0
-    any_moe = detail or bool(is_moe.any())
-    tokens = batch / p.pp * p.dp / p.copies * spec_rows
-    moe_mean = moe_p50 = moe_p99 = None
-    if any_moe:
-        t_r = b_r = t_c = b_c = None
-        if roof_work:
-            per_layer = p.router_params * p.wb / shard + p.shared_params * p.eb / shard
-            fl = 2.0 * seqs * (p.router_params + p.shared_params) / shard
-            t_r, b_r = _roof(per_layer, fl, p)
-        if any_cal:
-            t_c, b_c = gemms(((np.where(is_moe, p.experts, 0.0), p.d), (p.sh_n, p.d),
-                              (np.where(p.sh_k > 0, p.d, 0.0), p.sh_k)))
-        t = pick(t_c, t_r)
-        pieces.append(np.where(is_moe, t * n_moe, 0.0))
-        if detail:
-            keep("router + shared experts", pieces[-1], per_layer * n_moe, fl * n_moe, n_moe, is_moe,
-                 pick(b_c, b_r))
-        a = p.moe_a
-        bcoef = p.moe_b
-        fix = n_moe * p.moe_fix  # the grouped GEMM's fixed per-layer cost (0 for the roofline)
-        if moe_step_time is None:
-            def lanes(v: np.ndarray) -> np.ndarray:  # one plan's one-element parameters, over the lanes
-                return np.broadcast_to(v, (n_lanes,))
-
-            rows = np.flatnonzero(lanes(is_moe))
-            m = np.zeros(n_lanes)
-            s = np.zeros(n_lanes)
-            if rows.size:
-                experts = int(lanes(p.experts)[rows[0]])
-                top_k = int(lanes(p.top_k)[rows[0]])
-                if np.any(lanes(p.experts)[rows] != experts) or np.any(lanes(p.top_k)[rows] != top_k):
-                    raise ValueError("step_time: MoE lanes disagree on experts/top_k; the closed-form straggler "
-                                     "takes one routing law per call (split the lanes)")
-                red = lanes(p.redundant)[rows]
-                m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], lanes(p.ep)[rows],
-                                                         lanes(a)[rows], lanes(bcoef)[rows], None if uniform else pi,
-                                                         red.astype(np.int64) if red.any() else None)
-            moe_mean = np.where(is_moe, n_moe * m, 0.0)
-            sd = np.sqrt(n_moe) * s
-            moe_p50 = moe_mean
-            # the p99 is capped like the mean (straggler_ceiling): no GPU reads more than its experts
-            # (a GPU holds (E + R)/ep slots with R redundant ones)
-            ceiling = n_moe * straggler_ceiling((p.experts + p.redundant) // np.maximum(p.ep, 1), p.top_k, tokens,
-                                                a, bcoef)
-            moe_p99 = np.where(is_moe, np.minimum(moe_mean + Z99 * sd, np.maximum(ceiling, moe_mean)), 0.0)
-        else:
-            moe_mean, moe_p50, moe_p99 = (np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
-        if any_cal:
-            moe_mean, moe_p50, moe_p99 = (np.where(is_moe, v + fix, 0.0) for v in (moe_mean, moe_p50, moe_p99))
-        pieces.append(moe_mean)
-        if detail:
-            p1 = p.top_k / p.experts
-            with np.errstate(divide="ignore", invalid="ignore"):
-                # slots per GPU, (E + redundant)/ep; a slot's touch probability taken as uniform routing's
-                mean_u = ((p.experts + p.redundant) // p.ep) * -np.expm1(tokens * np.log1p(-np.minimum(p1, 1 - 1e-15)))
-                mean_n = tokens * p.top_k / p.ep
-            eb_layer = mean_u * p.expert_params * p.eb / p.etp
-            fl_layer = 2.0 * mean_n * p.expert_params / p.etp
-            _, bwb = _roof(eb_layer, fl_layer, p)
-            bwb = pick(a * mean_u >= bcoef * mean_n, bwb)
-            keep("routed experts (straggler)", moe_mean, eb_layer * n_moe, fl_layer * n_moe, n_moe, is_moe, bwb)
-    # LM head
-    t_r = b_r = t_c = b_c = None
-    if roof_work:
-        w = p.vd * p.wb / fshard
-        fl = 2.0 * ftok * p.vd / fshard
-        t_r, b_r = _roof(w, fl, p)
-    if any_cal:  # lm_n is vocab / shard: a dense model under attention-DP splits its LM head tp ways
-        t_c, b_c = gemms(((np.where(dense_adp, p.lm_n / p.tp, p.lm_n), p.d),), m=ftok)
-    t = pick(t_c, t_r)
-    pieces.append(t)
-    if detail:
-        keep("lm head", t, w, fl, 1.0, ~no, pick(b_c, b_r))
-
-    # communication: fitted collectives inside a scale-up domain for calibrated lanes, else the link model
-    comm = []
-    act = seqs * p.d * p.ab
-    n = 2 * p.layers
-    t = _allreduce(act, p.tp, p)
-    if any_cal:
-        t = np.where(cal & ~np.isnan(p.ar_a1), _fitted_collective(act, p.ar_a1, p.ar_b1, p.ar_a2, p.ar_b2), t)
-    comm.append(np.where(shard > 1, t * n, 0.0))
-    if detail:
-        keep("tp all-reduce", comm[-1], act * n, 0.0, n, shard > 1, link=True)
-    # attention-DP + TP FFN (dense): before each dense FFN (and the LM head) the
-    # replica's tp GPUs all-gather their sequences' activations and reduce-scatter
-    # the FFN's output: the bytes of a ring all-reduce of the replica's tokens
-    # plus one more collective latency
-    gathered = micro_rows * p.d * p.ab
-    n_adp = p.dense_layers + 1
-    t = _allreduce(gathered, p.tp, p) + p.latency
-    if any_cal:  # two fitted calls (reduce-scatter and all-gather), each moving half an all-reduce's bytes
-        t = np.where(cal & ~np.isnan(p.ar_a1),
-                     2.0 * _fitted_collective(gathered / 2.0, p.ar_a1, p.ar_b1, p.ar_a2, p.ar_b2), t)
-    comm.append(np.where(dense_adp & (p.tp > 1), t * n_adp, 0.0))
-    if detail:
-        keep("attention-dp gather/scatter", comm[-1], gathered * n_adp, 0.0, n_adp, dense_adp & (p.tp > 1),
-             link=True)
-    if any_moe:
-        has_ep = is_moe & (p.ep > 1)
-        stage_gpus = p.dp * p.tp
-        tokens_src = micro_rows * p.dp / stage_gpus
-        group = p.ep * p.etp
-        remote = (p.ep - 1) / p.ep
-        # dispatch (tokens out, Precision.dispatch_bytes per element) and combine (expert outputs back,
-        # .combine_bytes), each one all-to-all; equal formats give 2 x one of them
-        sent = []
-        t = 0.0
-        for el in (p.db, p.cb):
-            nbytes = tokens_src * p.top_k * p.d * el * remote
-            t_x = _ep_alltoall(nbytes, group, p)
-            if any_cal:  # NCCL all-to-all of the whole send buffer (self chunk included)
-                fit = _fitted_collective(tokens_src * p.top_k * p.d * el, p.aa_a1, p.aa_b1, p.aa_a2, p.aa_b2)
-                # a fit measured on a switch (NVSwitch, transferred to TPUs) is a crossbar: a torus adds its
-                # bisection bound
-                fit = np.where(p.a2a_torus > 0, np.maximum(fit, t_x), fit)
-                t_x = np.where(cal & ~np.isnan(p.aa_a1), fit, t_x)
-            t = t + t_x
-            sent.append(nbytes)
-        comm.append(np.where(has_ep, t * n_moe, 0.0))
-        if detail:
-            keep("ep all-to-all", comm[-1], (sent[0] + sent[1]) * n_moe, 0.0, n_moe, has_ep, link=True)
-        has_etp = is_moe & (p.etp > 1) & ~((shard > 1) & (p.etp == p.tp) & (p.ep == 1))
-        nbytes = tokens / np.maximum(p.ep, 1) * p.top_k * p.d * p.ab
-        t = _allreduce(nbytes, p.etp, p)
-        if any_cal:
-            t = np.where(cal & ~np.isnan(p.er_a1), _fitted_collective(nbytes, p.er_a1, p.er_b1, p.er_a2, p.er_b2), t)
-        comm.append(np.where(has_etp, t * n_moe, 0.0))
-        if detail:
-            keep("expert-tp all-reduce", comm[-1], nbytes * n_moe, 0.0, n_moe, has_etp, link=True)
-    nbytes = micro_rows * p.d * p.ab
-    t = (p.pp - 1) * (p.latency + nbytes / _link_bw(p, p.tp * p.pp))
-    comm.append(np.where(p.pp > 1, t, 0.0))
-    if detail:
-        keep("pp send", comm[-1], nbytes * (p.pp - 1), 0.0, p.pp - 1, p.pp > 1, link=True)
-
-    compute_time = pieces[0]
-    for x in pieces[1:]:
-        compute_time = compute_time + x
-    comm_time = comm[0]
-    for x in comm[1:]:
-        comm_time = comm_time + x
-    ov = p.overlap == 1
-    time = np.where(ov, np.maximum(compute_time, comm_time), compute_time + comm_time)
-    if moe_mean is None:  # dense only: no straggler, every quantile is the time
-        p50, p99 = time.copy(), time.copy()
-        c50 = c99 = compute_time
+    is_moe = np.broadcast_to(p.moe_layers > 0, (n_lanes,))
+    tokens = np.ascontiguousarray(np.broadcast_to(routed_tokens(p, batch), (n_lanes,)))
+    if moe_step_time is not None:
+        moe = tuple(np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
+    elif is_moe.any():
+        moe = straggler_quantiles(p, tokens, pi=pi, uniform=uniform)
     else:
-        det = compute_time - moe_mean
-        c50, c99 = det + moe_p50, det + moe_p99
-        p50 = np.where(ov, np.maximum(c50, comm_time), c50 + comm_time)
-        p99 = np.where(ov, np.maximum(c99, comm_time), c99 + comm_time)
+        moe = (np.zeros(n_lanes),) * 3
+    r = _core.step_pass(p.columns(), batch, ctx, tokens, *(np.ascontiguousarray(v) for v in moe), detail)
+    pieces: tuple[PieceArrays, ...] = ()
+    if detail:
+        pieces = tuple(PieceArrays(name, r["piece_time"][j], r["piece_bytes"][j], r["piece_flops"][j],
+                                   r["piece_count"][j], r["piece_present"][j],
+                                   None if j >= _FIRST_LINK_PIECE else r["piece_bandwidth_bound"][j],
+                                   j >= _FIRST_LINK_PIECE)
+                       for j, name in enumerate(_core.STEP_PIECES))
+    time, p50, p99 = r["time"], r["p50"], r["p99"]
     tbo = p.overlap == 2
     if tbo.any():
         time, p50, p99 = _two_batch_overlap(p, batch, ctx, tbo, time, p50, p99, pi, uniform, moe_step_time)
-    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=tuple(detailed),
-                     compute=compute_time, compute_p50=c50, compute_p99=c99, comm=comm_time)
+    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=pieces,
+                     compute=r["compute"], compute_p50=r["compute_p50"], compute_p99=r["compute_p99"],
+                     comm=r["comm"])
+
+
+#: The core's pieces from this one on are collectives (their bound is the link).
+_FIRST_LINK_PIECE = _core.STEP_PIECES.index("tp all-reduce")
 
 
 def _two_batch_overlap(p: StepParams, batch: np.ndarray, ctx: np.ndarray, tbo: np.ndarray, time: np.ndarray,

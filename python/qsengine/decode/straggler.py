@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qsengine.decode.params import StepOptions, step_params
+from qsengine.decode.params import StepOptions, StepParams, step_params
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 __all__ = [
@@ -28,7 +28,13 @@ __all__ = [
     "straggler_closed_form",
     "straggler_ceiling",
     "max_iid_normal",
+    "routed_tokens",
+    "straggler_quantiles",
+    "Z99",
 ]
+
+#: z of the normal 0.99 quantile (p99 = mean + Z99·sd of the summed straggler).
+Z99 = 2.3263478740408408
 
 
 @dataclass(frozen=True)
@@ -339,6 +345,53 @@ def _clark_max(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarra
         v_new = np.where(pos, np.maximum(e2 - e1 * e1, 0.0), 0.0)
         m, v = m_new, v_new
     return m, np.sqrt(v)
+
+
+def routed_tokens(p: StepParams, batch: np.ndarray) -> np.ndarray:
+    """Tokens one expert copy's EP group routes per step, per lane: the replica's
+    microbatch ``batch/pp`` over its ``dp`` replicas' share of the expert
+    ``copies``, times the ``1 + draft`` token rows of a speculative verify pass
+    (docs/model.md, "Routed experts")."""
+    return batch / p.pp * p.dp / p.copies * (1.0 + p.draft)
+
+
+def straggler_quantiles(p: StepParams, tokens: np.ndarray, pi: np.ndarray | None = None, uniform: bool = True
+                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(mean, p50, p99) of the routed experts' straggler summed over each lane's
+    decode MoE layers, by the closed form (:func:`straggler_closed_form`; ``pi``
+    the routing law's inclusion probabilities, ``uniform`` when None), 0 on dense
+    lanes and without the grouped GEMM's fixed term. The L layers are
+    independent: mean L·m, sd √L·s; the p99 is mean + Z99·sd, capped like the
+    mean at the physical ceiling (:func:`straggler_ceiling`: no GPU reads more
+    than its (E + R)/ep expert slots). One routing law per call: MoE lanes must
+    agree on experts and top-k (ValueError otherwise)."""
+    n_lanes = tokens.shape[0]
+
+    def lanes(v: np.ndarray) -> np.ndarray:  # one plan's one-element parameters, over the lanes
+        return np.broadcast_to(v, (n_lanes,))
+
+    n_moe = p.moe_layers
+    is_moe = n_moe > 0
+    rows = np.flatnonzero(lanes(is_moe))
+    m = np.zeros(n_lanes)
+    s = np.zeros(n_lanes)
+    if rows.size:
+        experts = int(lanes(p.experts)[rows[0]])
+        top_k = int(lanes(p.top_k)[rows[0]])
+        if np.any(lanes(p.experts)[rows] != experts) or np.any(lanes(p.top_k)[rows] != top_k):
+            raise ValueError("step_time: MoE lanes disagree on experts/top_k; the closed-form straggler "
+                             "takes one routing law per call (split the lanes)")
+        red = lanes(p.redundant)[rows]
+        m[rows], s[rows] = straggler_closed_form(experts, top_k, tokens[rows], lanes(p.ep)[rows],
+                                                 lanes(p.moe_a)[rows], lanes(p.moe_b)[rows], None if uniform else pi,
+                                                 red.astype(np.int64) if red.any() else None)
+    mean = np.where(is_moe, n_moe * m, 0.0)
+    sd = np.sqrt(n_moe) * s
+    ceiling = n_moe * straggler_ceiling((p.experts + p.redundant) // np.maximum(p.ep, 1), p.top_k, tokens,
+                                        p.moe_a, p.moe_b)
+    p99 = np.where(is_moe, np.minimum(mean + Z99 * sd, np.maximum(ceiling, mean)), 0.0)
+    return (np.ascontiguousarray(np.broadcast_to(mean, (n_lanes,))), np.ascontiguousarray(np.broadcast_to(mean, (n_lanes,))),
+            np.ascontiguousarray(np.broadcast_to(p99, (n_lanes,))))
 
 
 def moe_straggler_closed_form(

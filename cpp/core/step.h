@@ -1,0 +1,157 @@
+// qsengine core: the decode step model's one forward pass, over lanes.
+//
+// One lane is model x precision x accelerator x plan x options flattened to
+// numbers (the Python layer's StepParams, qsengine/decode/params.py), at one
+// batch and context. step_pass computes, per lane, the time of one forward pass
+// of one replica piece by piece: attention (full-context and local-window
+// layers), dense FFN, router + shared experts, the routed experts' straggler
+// (given: the Python layer computes it from the routing law's closed form or
+// the routing Monte Carlo), LM head, and communication (TP all-reduce,
+// attention-DP gather/scatter, EP all-to-all, expert-TP all-reduce, pipeline
+// sends), each by the calibrated kernel fits or the roofline. Every formula is
+// written out in docs/model.md; the Python layer adds two-batch overlap and the
+// speculative draft passes on top of this pass.
+//
+// Lanes are independent and evaluated in order; the arithmetic follows the
+// order of docs/model.md's formulas so that a lane's result does not depend on
+// the other lanes of the call.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace qs {
+namespace step {
+
+// The fields a pass reads, in one list (X-macro): each is a column of the
+// Python StepParams of the same name (docs/model.md names them).
+#define QS_STEP_FIELDS(X)                                                                                        \
+  X(d) X(wb) X(eb) X(ab) X(bw) X(flops) X(scaleup) X(internode) X(link_eff) X(domain) X(tp) X(pp) X(dp) X(ep)    \
+  X(etp) X(attn_dp) X(copies) X(layers) X(local) X(window) X(attn_params) X(attn_proj_flops) X(attn_ctx_flops)   \
+  X(kv_layer) X(kv_split) X(dense_layers) X(ffn_params) X(moe_layers) X(router_params) X(shared_params)          \
+  X(expert_params) X(experts) X(top_k) X(vd) X(latency) X(overlap) X(kern) X(g_bw) X(g_f) X(g_p) X(g_c0)         \
+  X(g_pad) X(g_wb) X(g_ab) X(ap_n1) X(ap_k1) X(ap_n2) X(ap_k2) X(ap_n3) X(ap_k3) X(ap_n4) X(ap_k4) X(ffn_mats)  \
+  X(ffn_bias) X(sh_n) X(sh_k) X(lm_n) X(at_bw) X(at_f) X(at_p) X(at_c0) X(at_c1) X(at_pad) X(at_split)          \
+  X(at_kvb) X(at_h) X(at_kvh) X(at_el) X(at_qo) X(at_fl) X(moe_fix) X(moe_a) X(moe_b) X(ar_a1) X(ar_b1) X(ar_a2) \
+  X(ar_b2) X(aa_a1) X(aa_b1) X(aa_a2) X(aa_b2) X(er_a1) X(er_b1) X(er_a2) X(er_b2) X(redundant) X(draft) X(db)   \
+  X(cb) X(a2a_torus)
+
+enum class Field : int {
+#define QS_STEP_ENUM(name) name,
+  QS_STEP_FIELDS(QS_STEP_ENUM)
+#undef QS_STEP_ENUM
+      kCount
+};
+constexpr int kNumFields = static_cast<int>(Field::kCount);
+
+// The fields' names, in Field order.
+const std::vector<std::string>& field_names();
+
+// One lane's value of every field.
+struct Lane {
+#define QS_STEP_MEMBER(name) double name;
+  QS_STEP_FIELDS(QS_STEP_MEMBER)
+#undef QS_STEP_MEMBER
+};
+
+// A column of one field: one value per lane (stride 1) or one value for every
+// lane (stride 0).
+struct Column {
+  const double* data = nullptr;
+  std::ptrdiff_t stride = 0;
+};
+
+// Per-lane inputs of one pass. moe_* are the routed experts' straggler summed
+// over the decode MoE layers (mean, p50, p99; 0 for dense lanes), without the
+// grouped GEMM's fixed term moe_fix, which the pass adds.
+struct PassInput {
+  std::int64_t lanes = 0;
+  Column fields[kNumFields];
+  const double* batch = nullptr;    // sequences of one replica
+  const double* context = nullptr;  // cached tokens per sequence
+  const double* tokens = nullptr;   // routed tokens per EP group per MoE layer (the straggler's B)
+  const double* moe_mean = nullptr;
+  const double* moe_p50 = nullptr;
+  const double* moe_p99 = nullptr;
+};
+
+// The pieces of a pass, in the order they are reported.
+enum class Piece : int {
+  kAttention,
+  kAttentionLocal,
+  kDenseFfn,
+  kRouterShared,
+  kRoutedExperts,
+  kLmHead,
+  kTpAllReduce,
+  kAttnDpGather,
+  kEpAllToAll,
+  kExpertTpAllReduce,
+  kPpSend,
+  kCount
+};
+constexpr int kNumPieces = static_cast<int>(Piece::kCount);
+
+// A piece's name as the step breakdown reports it.
+const char* piece_name(Piece p);
+// Whether the piece is communication (its bound is the link, not HBM or FLOPs).
+bool piece_is_link(Piece p);
+
+// Per-lane outputs (each array lanes long). compute/comm: the compute and
+// communication sums; compute_p50/_p99 with the straggler at that quantile.
+struct PassOutput {
+  double* time = nullptr;
+  double* p50 = nullptr;
+  double* p99 = nullptr;
+  double* compute = nullptr;
+  double* compute_p50 = nullptr;
+  double* compute_p99 = nullptr;
+  double* comm = nullptr;
+};
+
+// Per-piece, per-lane detail (each array kNumPieces x lanes, piece-major), or
+// all null for none: time, bytes moved, FLOPs, calls, whether the piece exists
+// on the lane, and whether HBM bandwidth (not FLOPs) bound it (compute pieces).
+struct PassDetail {
+  double* time = nullptr;
+  double* bytes = nullptr;
+  double* flops = nullptr;
+  double* count = nullptr;
+  std::uint8_t* present = nullptr;
+  std::uint8_t* bandwidth_bound = nullptr;
+};
+
+// The pass over every lane of `in` (InvalidArgument on a null input array or
+// negative lane count).
+void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail);
+
+// Kernel times of one lane (used by the pass, and over arrays by the Python
+// layer's prefill model):
+// roofline time of `bytes` and `flops` (and whether bandwidth bound it).
+double roof_time(double bytes, double flops, double bw, double peak, bool* bandwidth_bound = nullptr);
+// (x^p + y^p)^(1/p), the calibrated kernels' soft maximum (soft_max.cc).
+double soft_max(double x, double y, double p);
+// out[i] = soft_max(x[i], y[i], p[i]) for i < n, the powers in SIMD where the CPU and libm allow: the same
+// value for an input wherever it sits in the block.
+void soft_max_block(std::int64_t n, const double* x, const double* y, const double* p, double* out);
+// Whether soft_max_block runs its powers as SIMD calls on this machine.
+bool soft_max_is_vectorised();
+// Calibrated GEMM [m,k] x [k,n] on one GPU; 0 where n <= 0 (no such GEMM).
+// tb/tf (optional): its bandwidth and compute terms.
+double gemm_time(const Lane& l, double m, double n, double k, double* tb = nullptr, double* tf = nullptr);
+// Calibrated decode attention core of one layer on one GPU at `seqs` sequences of `ctx` cached tokens: time;
+// *tb, *tf its bandwidth and compute terms.
+double attention_core_time(const Lane& l, double seqs, double ctx, double* tb, double* tf);
+// A fitted collective of `bytes`: the faster of two protocols, min_j (alpha_j + bytes/beta_j).
+double fitted_collective(double bytes, double a1, double b1, double a2, double b2);
+// Per-GPU bandwidth of a collective over `group` GPUs (scale-up inside the domain, else the network).
+double link_bandwidth(const Lane& l, double group);
+// Ring all-reduce of `bytes` per GPU over `group` GPUs by the link model (0 for one GPU).
+double allreduce_time(const Lane& l, double bytes, double group);
+// One EP all-to-all (dispatch or combine) of `bytes` sent per GPU over `group` GPUs by the link model.
+double ep_alltoall_time(const Lane& l, double bytes, double group);
+
+}  // namespace step
+}  // namespace qs

@@ -1,0 +1,198 @@
+// Binding layer: qsengine._core step-model API. Thin: takes the step fields as a
+// mapping of name -> float64 array (one value per lane, or one for every lane),
+// runs the core pass with the GIL released, returns numpy arrays.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "core/errors.h"
+#include "core/step.h"
+#include "python/interrupt.h"
+#include "python/register.h"
+
+namespace py = pybind11;
+namespace st = qs::step;
+
+namespace qs_py {
+
+namespace {
+
+using Doubles = py::array_t<double, py::array::c_style | py::array::forcecast>;
+
+// A per-lane argument: 1-d, one entry per lane or one for every lane (broadcast).
+st::Column column(const Doubles& a, py::ssize_t lanes, const std::string& what, const char* who) {
+  if (a.ndim() != 1 || (a.shape(0) != lanes && a.shape(0) != 1)) {
+    throw qs::InvalidArgument(
+        std::string(who) + ": " + what + " has shape (" +
+        (a.ndim() == 1 ? std::to_string(a.shape(0)) : std::to_string(a.ndim()) + " dimensions") +
+        "): must be 1-d with one entry per lane (" + std::to_string(lanes) + ") or one for every lane");
+  }
+  return st::Column{a.data(), a.shape(0) == 1 ? 0 : 1};
+}
+
+// The step fields of `fields` (a mapping), kept alive in `keep`, as columns.
+void field_columns(const py::dict& fields, py::ssize_t lanes, std::vector<Doubles>& keep,
+                   st::Column (&cols)[st::kNumFields], const char* who) {
+  const auto& names = st::field_names();
+  keep.reserve(names.size());
+  for (std::size_t f = 0; f < names.size(); ++f) {
+    if (!fields.contains(names[f])) {
+      throw qs::InvalidArgument(std::string(who) + ": field '" + names[f] + "' is missing from the step fields");
+    }
+    keep.push_back(Doubles::ensure(fields[py::str(names[f])]));
+    if (!keep.back()) throw qs::InvalidArgument(std::string(who) + ": field '" + names[f] + "' is not a float array");
+    cols[f] = column(keep.back(), lanes, "field '" + names[f] + "'", who);
+  }
+}
+
+// A per-lane array that must have one entry per lane.
+const double* lanes_of(const Doubles& a, py::ssize_t lanes, const char* what) {
+  if (a.ndim() != 1 || a.shape(0) != lanes) {
+    throw qs::InvalidArgument(std::string("step_pass: ") + what + " must be 1-d with one entry per lane (" +
+                              std::to_string(lanes) + ")");
+  }
+  return a.data();
+}
+
+}  // namespace
+
+void register_step(py::module_& m) {
+  m.attr("STEP_PASS_FIELDS") = py::tuple(py::cast(st::field_names()));
+  m.attr("SOFT_MAX_VECTORISED") = st::soft_max_is_vectorised();
+  {
+    std::vector<std::string> names;
+    for (int p = 0; p < st::kNumPieces; ++p) names.emplace_back(st::piece_name(static_cast<st::Piece>(p)));
+    m.attr("STEP_PIECES") = py::tuple(py::cast(names));
+  }
+  m.def(
+      "step_pass",
+      [](const py::dict& fields, Doubles batch, Doubles context, Doubles tokens, Doubles moe_mean,
+         Doubles moe_p50, Doubles moe_p99, bool detail) {
+        if (batch.ndim() != 1) throw qs::InvalidArgument("step_pass: batch must be a 1-d array over the lanes");
+        const py::ssize_t n = batch.shape(0);
+        st::PassInput in;
+        in.lanes = n;
+        std::vector<Doubles> keep;
+        field_columns(fields, n, keep, in.fields, "step_pass");
+        in.batch = batch.data();
+        in.context = lanes_of(context, n, "context");
+        in.tokens = lanes_of(tokens, n, "tokens");
+        in.moe_mean = lanes_of(moe_mean, n, "moe_mean");
+        in.moe_p50 = lanes_of(moe_p50, n, "moe_p50");
+        in.moe_p99 = lanes_of(moe_p99, n, "moe_p99");
+        const char* names[] = {"time", "p50", "p99", "compute", "compute_p50", "compute_p99", "comm"};
+        std::vector<py::array_t<double>> outs;
+        for (int k = 0; k < 7; ++k) outs.emplace_back(n);
+        st::PassOutput out{outs[0].mutable_data(), outs[1].mutable_data(), outs[2].mutable_data(),
+                           outs[3].mutable_data(), outs[4].mutable_data(), outs[5].mutable_data(),
+                           outs[6].mutable_data()};
+        const std::vector<py::ssize_t> shape = {st::kNumPieces, n};
+        py::array_t<double> pt(shape), pb(shape), pf(shape), pc(shape);
+        py::array_t<bool> pp(shape), pw(shape);
+        st::PassDetail det;
+        if (detail) {
+          det = st::PassDetail{pt.mutable_data(), pb.mutable_data(), pf.mutable_data(), pc.mutable_data(),
+                               reinterpret_cast<std::uint8_t*>(pp.mutable_data()),
+                               reinterpret_cast<std::uint8_t*>(pw.mutable_data())};
+        }
+        without_gil([&] { st::step_pass(in, out, det); });
+        py::dict r;
+        for (int k = 0; k < 7; ++k) r[names[k]] = outs[static_cast<std::size_t>(k)];
+        if (detail) {
+          r["piece_time"] = pt;
+          r["piece_bytes"] = pb;
+          r["piece_flops"] = pf;
+          r["piece_count"] = pc;
+          r["piece_present"] = pp;
+          r["piece_bandwidth_bound"] = pw;
+        }
+        return r;
+      },
+      py::arg("fields"), py::arg("batch"), py::arg("context"), py::arg("tokens"), py::arg("moe_mean"),
+      py::arg("moe_p50"), py::arg("moe_p99"), py::arg("detail") = false,
+      "One forward pass of the decode step model over lanes (qsengine.decode.step; docs/model.md). fields: a "
+      "mapping name -> float64 array (one entry per lane, or one for every lane) holding every name of "
+      "STEP_PASS_FIELDS; batch, context, tokens (routed tokens per EP group) and the routed experts' straggler "
+      "summed over the MoE layers (moe_mean/p50/p99, 0 on dense lanes; without the grouped GEMM's fixed term): "
+      "one entry per lane. Returns a dict of per-lane arrays time, p50, p99, compute, compute_p50, compute_p99, "
+      "comm, and with detail the pieces (STEP_PIECES order) as (pieces, lanes) arrays piece_time, piece_bytes, "
+      "piece_flops, piece_count, piece_present, piece_bandwidth_bound.");
+
+  m.def(
+      "step_kernel",
+      [](const std::string& kind, const py::dict& fields, Doubles x, Doubles y, Doubles z) {
+        py::ssize_t n = 1;
+        for (const Doubles* a : {&x, &y, &z}) {
+          if (a->ndim() != 1) throw qs::InvalidArgument("step_kernel: arguments must be 1-d arrays");
+          if (a->shape(0) != 1) n = a->shape(0);
+        }
+        std::vector<Doubles> keep;
+        st::Column cols[st::kNumFields];
+        // fields may broadcast against the arguments: a lane count from either
+        for (const auto& name : st::field_names()) {
+          if (!fields.contains(name)) continue;  // field_columns names it
+          const Doubles a = Doubles::ensure(fields[py::str(name)]);
+          if (a && a.ndim() == 1 && a.shape(0) != 1) n = a.shape(0);
+        }
+        field_columns(fields, n, keep, cols, "step_kernel");
+        const st::Column cx = column(x, n, "x", "step_kernel"), cy = column(y, n, "y", "step_kernel"),
+                        cz = column(z, n, "z", "step_kernel");
+        static const std::vector<std::string> kinds = {"roof", "gemm", "attention_core", "link_bandwidth",
+                                                       "allreduce", "ep_alltoall", "allreduce_fit",
+                                                       "alltoall_fit", "expert_allreduce_fit"};
+        const auto it = std::find(kinds.begin(), kinds.end(), kind);
+        if (it == kinds.end()) {
+          std::string all;
+          for (const auto& x : kinds) all += (all.empty() ? "" : ", ") + x;
+          throw qs::InvalidArgument("step_kernel: kind = '" + kind + "': must be one of " + all);
+        }
+        const auto k = it - kinds.begin();
+        py::array_t<double> out(n), out_b(n), out_f(n);
+        double* o = out.mutable_data();
+        double* ob = out_b.mutable_data();
+        double* of = out_f.mutable_data();
+        without_gil([&] {
+          st::Lane l{};
+          double* slots[st::kNumFields] = {
+#define QS_STEP_SLOT(name) &l.name,
+              QS_STEP_FIELDS(QS_STEP_SLOT)
+#undef QS_STEP_SLOT
+          };
+          const double nan = std::numeric_limits<double>::quiet_NaN();
+          for (py::ssize_t i = 0; i < n; ++i) {
+            for (int f = 0; f < st::kNumFields; ++f) *slots[f] = cols[f].data[cols[f].stride * i];
+            const double a = cx.data[cx.stride * i], b = cy.data[cy.stride * i], c = cz.data[cz.stride * i];
+            double tb = nan, tf = nan;
+            switch (k) {
+              case 0: o[i] = st::roof_time(a, b, l.bw, l.flops); tb = a / l.bw; tf = b / l.flops; break;
+              case 1: o[i] = st::gemm_time(l, a, b, c, &tb, &tf); break;
+              case 2: o[i] = st::attention_core_time(l, a, b, &tb, &tf); break;
+              case 3: o[i] = st::link_bandwidth(l, a); break;
+              case 4: o[i] = st::allreduce_time(l, a, b); break;
+              case 5: o[i] = st::ep_alltoall_time(l, a, b); break;
+              case 6: o[i] = st::fitted_collective(a, l.ar_a1, l.ar_b1, l.ar_a2, l.ar_b2); break;
+              case 7: o[i] = st::fitted_collective(a, l.aa_a1, l.aa_b1, l.aa_a2, l.aa_b2); break;
+              default: o[i] = st::fitted_collective(a, l.er_a1, l.er_b1, l.er_a2, l.er_b2); break;
+            }
+            ob[i] = tb;
+            of[i] = tf;
+          }
+        });
+        return py::make_tuple(out, out_b, out_f);
+      },
+      py::arg("kind"), py::arg("fields"), py::arg("x"), py::arg("y"), py::arg("z"),
+      "One step-model kernel over lanes (arrays broadcast: one entry per lane or one for every lane; fields as "
+      "step_pass's): 'roof' (x bytes, y FLOPs), 'gemm' (x = m, y = n, z = k; 0 where n <= 0), 'attention_core' "
+      "(x = sequences, y = context), 'link_bandwidth' (x = group), 'allreduce' / 'ep_alltoall' (x bytes, y group; "
+      "link model), 'allreduce_fit' / 'alltoall_fit' / 'expert_allreduce_fit' (x bytes; the fitted TP all-reduce, "
+      "EP all-to-all, expert-TP all-reduce). Returns (value, bandwidth term, compute term), the terms nan for "
+      "the collectives.");
+}
+
+}  // namespace qs_py
