@@ -428,6 +428,9 @@ void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& det
       throw InvalidArgument("step_pass: field '" + field_names()[static_cast<std::size_t>(f)] + "' is missing");
     }
   }
+  bool any_indexed = false;
+  for (int f = 0; f < kNumFields; ++f) any_indexed = any_indexed || in.fields[f].indexed;
+  if (any_indexed && in.index == nullptr) throw InvalidArgument("step_pass: indexed fields need an index");
   if (!in.batch || !in.context || !in.tokens || !in.moe_mean || !in.moe_p50 || !in.moe_p99 || !out.time ||
       !out.p50 || !out.p99 || !out.compute || !out.compute_p50 || !out.compute_p99 || !out.comm) {
     throw InvalidArgument("step_pass: a per-lane input or output array is missing");
@@ -446,7 +449,10 @@ void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& det
           QS_STEP_FIELDS(QS_STEP_SLOT)
 #undef QS_STEP_SLOT
       };
-      for (int f = 0; f < kNumFields; ++f) *slots[f] = in.fields[f].data[in.fields[f].stride * i];
+      for (int f = 0; f < kNumFields; ++f) {
+        const Column& c = in.fields[f];
+        *slots[f] = c.data[c.indexed ? in.index[i] : c.stride * i];
+      }
     }
     sm.reset();
     for (int write = 0; write < 2; ++write) {

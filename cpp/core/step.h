@@ -56,11 +56,13 @@ struct Lane {
 #undef QS_STEP_MEMBER
 };
 
-// A column of one field: one value per lane (stride 1) or one value for every
-// lane (stride 0).
+// A column of one field: one value per lane (stride 1), one value for every
+// lane (stride 0), or, if `indexed`, one value per plan read at the lane's
+// PassInput::index (the plans' table is gathered lane by lane, not copied).
 struct Column {
   const double* data = nullptr;
   std::ptrdiff_t stride = 0;
+  bool indexed = false;
 };
 
 // Per-lane inputs of one pass. moe_* are the routed experts' straggler summed
@@ -69,6 +71,7 @@ struct Column {
 struct PassInput {
   std::int64_t lanes = 0;
   Column fields[kNumFields];
+  const std::int64_t* index = nullptr;  // per lane: its row of the indexed columns (needed if any is indexed)
   const double* batch = nullptr;    // sequences of one replica
   const double* context = nullptr;  // cached tokens per sequence
   const double* tokens = nullptr;   // routed tokens per EP group per MoE layer (the straggler's B)

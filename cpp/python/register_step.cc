@@ -7,6 +7,7 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <limits>
 #include <string>
 #include <vector>
@@ -24,6 +25,7 @@ namespace qs_py {
 namespace {
 
 using Doubles = py::array_t<double, py::array::c_style | py::array::forcecast>;
+using Index = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
 // A per-lane argument: 1-d, one entry per lane or one for every lane (broadcast).
 st::Column column(const Doubles& a, py::ssize_t lanes, const std::string& what, const char* who) {
@@ -36,10 +38,17 @@ st::Column column(const Doubles& a, py::ssize_t lanes, const std::string& what, 
   return st::Column{a.data(), a.shape(0) == 1 ? 0 : 1};
 }
 
-// The step fields of `fields` (a mapping), kept alive in `keep`, as columns.
+// The step fields of `fields` (a mapping), kept alive in `keep`, as columns. Fields named in `indexed` hold one
+// value per row of a table, read at index[i] for lane i (every index entry must be a row of each).
 void field_columns(const py::dict& fields, py::ssize_t lanes, std::vector<Doubles>& keep,
-                   st::Column (&cols)[st::kNumFields], const char* who) {
+                   st::Column (&cols)[st::kNumFields], const char* who, const std::vector<std::string>& indexed = {},
+                   std::int64_t index_max = -1) {
   const auto& names = st::field_names();
+  for (const auto& name : indexed) {
+    if (std::find(names.begin(), names.end(), name) == names.end()) {
+      throw qs::InvalidArgument(std::string(who) + ": indexed field '" + name + "' is not a step field");
+    }
+  }
   keep.reserve(names.size());
   for (std::size_t f = 0; f < names.size(); ++f) {
     if (!fields.contains(names[f])) {
@@ -47,7 +56,17 @@ void field_columns(const py::dict& fields, py::ssize_t lanes, std::vector<Double
     }
     keep.push_back(Doubles::ensure(fields[py::str(names[f])]));
     if (!keep.back()) throw qs::InvalidArgument(std::string(who) + ": field '" + names[f] + "' is not a float array");
-    cols[f] = column(keep.back(), lanes, "field '" + names[f] + "'", who);
+    const Doubles& a = keep.back();
+    if (std::find(indexed.begin(), indexed.end(), names[f]) != indexed.end()) {
+      if (a.ndim() != 1 || a.shape(0) <= index_max) {
+        throw qs::InvalidArgument(std::string(who) + ": indexed field '" + names[f] + "' has " +
+                                  std::to_string(a.ndim() == 1 ? a.shape(0) : 0) + " rows: the index reaches row " +
+                                  std::to_string(index_max));
+      }
+      cols[f] = st::Column{a.data(), 0, true};
+    } else {
+      cols[f] = column(a, lanes, "field '" + names[f] + "'", who);
+    }
   }
 }
 
@@ -73,13 +92,28 @@ void register_step(py::module_& m) {
   m.def(
       "step_pass",
       [](const py::dict& fields, Doubles batch, Doubles context, Doubles tokens, Doubles moe_mean,
-         Doubles moe_p50, Doubles moe_p99, bool detail) {
+         Doubles moe_p50, Doubles moe_p99, bool detail, std::optional<Index> index,
+         const std::vector<std::string>& indexed) {
         if (batch.ndim() != 1) throw qs::InvalidArgument("step_pass: batch must be a 1-d array over the lanes");
         const py::ssize_t n = batch.shape(0);
         st::PassInput in;
         in.lanes = n;
+        std::int64_t index_max = -1;
+        if (!indexed.empty()) {
+          if (!index || index->ndim() != 1 || index->shape(0) != n) {
+            throw qs::InvalidArgument("step_pass: indexed fields need an index with one entry per lane (" +
+                                      std::to_string(n) + ")");
+          }
+          const std::int64_t* ix = index->data();
+          for (py::ssize_t i = 0; i < n; ++i) {
+            if (ix[i] < 0) throw qs::InvalidArgument("step_pass: index[" + std::to_string(i) + "] = " +
+                                                     std::to_string(ix[i]) + ": must be >= 0");
+            index_max = std::max(index_max, ix[i]);
+          }
+          in.index = ix;
+        }
         std::vector<Doubles> keep;
-        field_columns(fields, n, keep, in.fields, "step_pass");
+        field_columns(fields, n, keep, in.fields, "step_pass", indexed, index_max);
         in.batch = batch.data();
         in.context = lanes_of(context, n, "context");
         in.tokens = lanes_of(tokens, n, "tokens");
@@ -115,12 +149,14 @@ void register_step(py::module_& m) {
         return r;
       },
       py::arg("fields"), py::arg("batch"), py::arg("context"), py::arg("tokens"), py::arg("moe_mean"),
-      py::arg("moe_p50"), py::arg("moe_p99"), py::arg("detail") = false,
+      py::arg("moe_p50"), py::arg("moe_p99"), py::arg("detail") = false, py::arg("index") = py::none(),
+      py::arg("indexed") = std::vector<std::string>{},
       "One forward pass of the decode step model over lanes (qsengine.decode.step; docs/model.md). fields: a "
       "mapping name -> float64 array (one entry per lane, or one for every lane) holding every name of "
       "STEP_PASS_FIELDS; batch, context, tokens (routed tokens per EP group) and the routed experts' straggler "
       "summed over the MoE layers (moe_mean/p50/p99, 0 on dense lanes; without the grouped GEMM's fixed term): "
-      "one entry per lane. Returns a dict of per-lane arrays time, p50, p99, compute, compute_p50, compute_p99, "
+      "one entry per lane. Fields named in indexed hold a table's rows, lane i reading row index[i] (the plans "
+      "of a stacked family list, gathered lane by lane). Returns a dict of per-lane arrays time, p50, p99, compute, compute_p50, compute_p99, "
       "comm, and with detail the pieces (STEP_PIECES order) as (pieces, lanes) arrays piece_time, piece_bytes, "
       "piece_flops, piece_count, piece_present, piece_bandwidth_bound.");
 

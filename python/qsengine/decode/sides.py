@@ -15,7 +15,7 @@ import numpy as np
 
 from qsengine._groups import split as _split
 from qsengine.decode.prefill import Requests, admission_context, end_to_end, prefill_ctx_flops, prefill_time
-from qsengine.decode.params import STEP_FIELDS, StepOptions, StepParams, step_params
+from qsengine.decode.params import STEP_FIELDS, StepOptions, StepParams, TakenParams, step_params
 from qsengine.decode.step import step_time
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
@@ -619,15 +619,18 @@ class _Stack:
     shared: dict[str, np.ndarray] = field(default_factory=dict)
     varying: tuple[str, ...] = ()
     varying_matrix: np.ndarray | None = None
+    #: every field by name: the shared ones and the rows of ``varying_matrix`` (TakenParams' table)
+    table: dict[str, np.ndarray] | None = None
 
-    def take(self, idx: np.ndarray) -> StepParams:
+    def take(self, idx: np.ndarray) -> StepParams | TakenParams:
         """The step parameters of global plans ``idx``: the fields that differ between plans
-        gathered per row, the shared ones one-element arrays that broadcast (elementwise, so
-        the same floats, without gathering them)."""
+        read per row at ``idx`` (by the core as it runs, not gathered here), the shared ones
+        one-element arrays that broadcast (elementwise, so the same floats)."""
         if self.varying_matrix is None:
             return self.params.take(idx)
-        m = np.take(self.varying_matrix, idx, axis=1)
-        return StepParams(**self.shared, **dict(zip(self.varying, m)))
+        if self.table is None:
+            self.table = {**self.shared, **dict(zip(self.varying, self.varying_matrix))}
+        return TakenParams(self.table, self.varying, idx)
 
 
 _STACKS: dict[tuple[int, ...], tuple[tuple[Family, ...], _Stack]] = {}

@@ -53,7 +53,7 @@ import numpy as np
 from qsengine.decode.breakdown import Piece, PieceArrays, StepBreakdown, StepTimes, breakdown
 from qsengine import _core
 from qsengine.decode.kernels import _gemm, _roof, grouped_cost, kernel_dtypes
-from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepOptions, StepParams,
+from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepLanes, StepOptions, StepParams,
                                     check_speculation, step_params)
 from qsengine.decode.straggler import (MoeLayerShape, _inclusion_probabilities, max_iid_normal,
                                        moe_cost_coefficients, moe_layer_shape, moe_straggler_closed_form,
@@ -105,7 +105,7 @@ def accepted_tokens(draft: Any, acceptance: Any) -> Any:
 # pipeline (qsengine.decode.pipeline) with arrays over points x plans x batches.
 # ---------------------------------------------------------------------------
 
-def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
+def step_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
               uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
               detail: bool = False) -> StepTimes:
     """Step time of one replica for every lane of ``p`` (see docs/model.md).
@@ -145,7 +145,7 @@ def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     return StepTimes(time=time, p50=p50, p99=p99, tokens=r.tokens, pieces=tuple(pieces))
 
 
-def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
+def _pass_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
                uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
                detail: bool = False) -> StepTimes:
     """One forward pass of every lane of ``p`` (see :func:`step_time`): a plain
@@ -169,7 +169,8 @@ def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.
         moe = straggler_quantiles(p, tokens, pi=pi, uniform=uniform)
     else:
         moe = (np.zeros(n_lanes),) * 3
-    r = _core.step_pass(p.columns(), batch, ctx, tokens, *(np.ascontiguousarray(v) for v in moe), detail)
+    cols, index, indexed = p.pass_columns()
+    r = _core.step_pass(cols, batch, ctx, tokens, *(np.ascontiguousarray(v) for v in moe), detail, index, indexed)
     pieces: tuple[PieceArrays, ...] = ()
     if detail:
         pieces = tuple(PieceArrays(name, r["piece_time"][j], r["piece_bytes"][j], r["piece_flops"][j],
@@ -190,7 +191,7 @@ def _pass_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.
 _FIRST_LINK_PIECE = _core.STEP_PIECES.index("tp all-reduce")
 
 
-def _two_batch_overlap(p: StepParams, batch: np.ndarray, ctx: np.ndarray, tbo: np.ndarray, time: np.ndarray,
+def _two_batch_overlap(p: StepLanes, batch: np.ndarray, ctx: np.ndarray, tbo: np.ndarray, time: np.ndarray,
                        p50: np.ndarray, p99: np.ndarray, pi: np.ndarray | None, uniform: bool,
                        moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
                        ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -219,7 +220,7 @@ def _two_batch_overlap(p: StepParams, batch: np.ndarray, ctx: np.ndarray, tbo: n
     return out[0], out[1], out[2]
 
 
-def draft_step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
+def draft_step_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
                     uniform: bool = True, detail: bool = False) -> StepTimes:
     """Time of ONE draft pass of the MTP / draft module for every lane of ``p``
     (docs/model.md, "Speculative decoding"). The module is one decoder block

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from qsengine.decode.params import StepOptions, StepParams, step_params
+from qsengine.decode.params import StepLanes, StepOptions, step_params
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 __all__ = [
@@ -347,7 +347,7 @@ def _clark_max(mu: np.ndarray, sigma: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return m, np.sqrt(v)
 
 
-def routed_tokens(p: StepParams, batch: np.ndarray) -> np.ndarray:
+def routed_tokens(p: StepLanes, batch: np.ndarray) -> np.ndarray:
     """Tokens one expert copy's EP group routes per step, per lane: the replica's
     microbatch ``batch/pp`` over its ``dp`` replicas' share of the expert
     ``copies``, times the ``1 + draft`` token rows of a speculative verify pass
@@ -355,7 +355,7 @@ def routed_tokens(p: StepParams, batch: np.ndarray) -> np.ndarray:
     return batch / p.pp * p.dp / p.copies * (1.0 + p.draft)
 
 
-def straggler_quantiles(p: StepParams, tokens: np.ndarray, pi: np.ndarray | None = None, uniform: bool = True
+def straggler_quantiles(p: StepLanes, tokens: np.ndarray, pi: np.ndarray | None = None, uniform: bool = True
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, p50, p99) of the routed experts' straggler summed over each lane's
     decode MoE layers, by the closed form (:func:`straggler_closed_form`; ``pi``
