@@ -7,10 +7,15 @@ Agreement. The core's arithmetic is the oracle's operation by operation, its
 sums numpy's pairwise sums; the one difference is the elementary functions:
 numpy evaluates exp/expm1/log1p with its own SIMD kernels, the core with the
 C library's. So (1) against the oracle run with the C library's exp/expm1/log1p
-the core agrees to rel 1e-12 (in practice bit for bit); (2) against the plain
-numpy oracle the mean agrees to rel 1e-12 and the variance to the oracle's own
-rounding: its sd is sqrt(E[X²] − E[X]²), whose cancellation loses
-(mean/sd)² ulps, so |Δ var| <= 1e-12·var + 1e3·eps·mean².
+the core agrees to rel 1e-12 (in practice bit for bit): the proof that the
+arithmetic is the same. (2) Against the plain numpy oracle, the results agree
+to the oracle's own conditioning: its sd is sqrt(E[X²] − E[X]²), whose
+cancellation loses (mean/sd)² ulps, so |Δ var| <= 1e-12·var + 1e3·eps·mean²;
+under uniform routing the mean agrees to rel 1e-12; with popularity an ulp
+of one π_e moves the oracle's 2049-point integral by up to ~1e4 ulps (measured:
+2.9e-12 at 16k DeepSeek-V3 lanes) and can swap the order in which Clark folds
+two slot classes of near-equal means (1.3e-9 measured), so there the mean is
+held to rel 1e-8.
 """
 
 from __future__ import annotations
@@ -66,7 +71,7 @@ def _rel(x: np.ndarray, y: np.ndarray) -> np.ndarray:
 @st.composite
 def routing_cases(draw, slots: bool):
     """(experts, top_k, tokens, gpus, a, b, pi, redundant) over 1-8 lanes."""
-    experts = draw(st.sampled_from([8, 16, 32, 64, 128]))
+    experts = draw(st.sampled_from([8, 16, 32, 64, 128, 256]))
     top_k = draw(st.integers(1, min(8, experts)))
     divisors = [g for g in (1, 2, 4, 8, 16, 32) if experts % g == 0]
     n = draw(st.integers(1, 8))
@@ -113,7 +118,7 @@ def test_core_equals_oracle_with_the_c_librarys_exp(case, libm_oracle):
 def test_core_equals_the_numpy_oracle(case):
     m0, s0 = _oracle(case)
     m1, s1 = S.straggler_closed_form(*case)
-    assert np.all(_rel(m1, m0) <= 1e-12), (m1, m0)
+    assert np.all(_rel(m1, m0) <= (1e-12 if case[6] is None else 1e-8)), (m1, m0)
     assert np.all(np.abs(s1 ** 2 - s0 ** 2) <= 1e-12 * s0 ** 2 + 1e3 * EPS * m0 ** 2), (s1, s0, m0)
 
 

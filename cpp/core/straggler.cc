@@ -4,6 +4,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstddef>
 #include <cstdio>
 #include <map>
 #include <mutex>
@@ -71,9 +72,9 @@ struct Work {
 };
 
 // Uniform routing: G identical GPUs of E//G experts each.
-MaxIid uniform_lane(std::int64_t experts, std::int64_t top_k, double B, std::int64_t G, double a, double b) {
+MaxIid uniform_lane(std::int64_t experts, std::int64_t top_k, double lp, double B, std::int64_t G, double a,
+                    double b, const MaxIid& c) {
   const double p1 = static_cast<double>(top_k) / static_cast<double>(experts);
-  const double lp = std::log1p(-std::min(p1, kMaxInclusion));
   const double touched = -std::expm1(B * lp);
   const double per = static_cast<double>(experts / G);
   const double mu_u = per * touched;
@@ -85,7 +86,6 @@ MaxIid uniform_lane(std::int64_t experts, std::int64_t top_k, double B, std::int
   const double var_n = B * var_tok;
   double mu, sig;
   binding_normal(mu_u, var_u, mu_n, var_n, a, b, &mu, &sig);
-  const MaxIid c = max_iid_normal(G);
   const double cap = np_max(ceiling(per, static_cast<double>(top_k), B, a, b), mu);
   return {np_min(mu + sig * c.mean, cap), sig * c.sd};
 }
@@ -121,7 +121,7 @@ MaxIid popularity_lane(const Routing& r, const double* lp, double B, std::int64_
 }
 
 // Redundant slots: classes of identical GPUs, each GPU's slots from the layout.
-MaxIid slots_lane(const SlotClasses& lay, const double* load, const double* lp, double B,
+MaxIid slots_lane(const SlotClasses& lay, const MaxIid* class_max, const double* load, const double* lp, double B,
                   double a, double b, Work& w) {
   const std::int64_t per = lay.per_gpu, c = lay.classes;
   w.t.resize(static_cast<std::size_t>(per));
@@ -145,7 +145,7 @@ MaxIid slots_lane(const SlotClasses& lay, const double* load, const double* lp, 
     double mu, sig;
     binding_normal(pairwise_sum(&u[0], per), pairwise_sum(&u[per], per), pairwise_sum(&u[2 * per], per),
                    pairwise_sum(&u[3 * per], per), a, b, &mu, &sig);
-    const MaxIid cs = max_iid_normal(lay.class_count[k]);
+    const MaxIid& cs = class_max[k];  // max_iid_normal(class_count[k])
     w.cmu[k] = mu + sig * cs.mean;
     w.csd[k] = sig * cs.sd;
   }
@@ -199,11 +199,11 @@ void check_routing(const Routing& r, const char* who) {
   }
 }
 
-const SlotClasses* find_layout(const Routing& r, std::int64_t G, std::int64_t R) {
-  for (const SlotClasses& s : r.slots) {
-    if (s.gpus == G && s.redundant == R) return &s;
+std::ptrdiff_t find_layout(const Routing& r, std::int64_t G, std::int64_t R) {
+  for (std::size_t k = 0; k < r.slots.size(); ++k) {
+    if (r.slots[k].gpus == G && r.slots[k].redundant == R) return static_cast<std::ptrdiff_t>(k);
   }
-  return nullptr;
+  return -1;
 }
 
 }  // namespace
@@ -276,9 +276,23 @@ MaxIid expected_max_normals(const double* mu, const double* sigma_in, std::int64
   for (int i = 0; i < n; ++i) x[i] = lo + span * (static_cast<double>(i) * (1.0 / (n - 1)));  // numpy.linspace(0, 1)
   x[n - 1] = lo + span * 1.0;
   for (int i = 0; i < n; ++i) cdf[i] = 1.0;
+  // erf_as split in three passes (its arithmetic unchanged) so that the two without exp vectorise
+  double* ex = t1;  // exp(-x*x) of each point, then the factor's sign*(1 - poly*e)
+  double* poly = t2;
   for (std::int64_t j = 0; j < g; ++j) {
     const double m = mu[j], s = sig(j) * kSqrt2;
-    for (int i = 0; i < n; ++i) cdf[i] *= 0.5 * (1.0 + erf_as((x[i] - m) / s));
+    for (int i = 0; i < n; ++i) {
+      const double z = (x[i] - m) / s, ax = std::fabs(z);
+      const double t = 1.0 / (1.0 + 0.3275911 * ax);
+      poly[i] = t * (0.254829592 + t * (-0.284496736 + t * (1.421413741 + t * (-1.453152027 + t * 1.061405429))));
+      ex[i] = -ax * ax;
+    }
+    for (int i = 0; i < n; ++i) ex[i] = std::exp(ex[i]);
+    for (int i = 0; i < n; ++i) {
+      const double z = (x[i] - m) / s;
+      const double sign = z > 0 ? 1.0 : z < 0 ? -1.0 : z;
+      cdf[i] *= 0.5 * (1.0 + sign * (1.0 - poly[i] * ex[i]));
+    }
   }
   // pdf = gradient(cdf) / gradient(x) (numpy.gradient, unit spacing, edge_order=1), then
   // trapezoid moments sum(diff(x) * (a[1:] + a[:-1]) / 2) of a1 = x*pdf and a2 = x*a1.
@@ -333,25 +347,26 @@ void closed_form(const Routing& r, const ClosedFormInput& in, double* mean, doub
   const char* who = "straggler_closed_form";
   check_routing(r, who);
   // Check every lane first, so that a bad lane leaves no output half-written.
+  const auto bad = [who](const char* field, std::int64_t i, const std::string& value, const std::string& rule) {
+    throw InvalidArgument(std::string(who) + ": " + field + "[" + std::to_string(i) + "] = " + value + ": " + rule);
+  };
   for (std::int64_t i = 0; i < in.lanes; ++i) {
     const double B = in.tokens[i], a = in.a[i], b = in.b[i];
     const std::int64_t G = in.gpus[i];
     const std::int64_t R = in.redundant.data ? in.redundant[i] : 0;
-    const std::string lane = "[" + std::to_string(i) + "]";
-    if (std::isnan(B) || std::isinf(B)) throw InvalidArgument(std::string(who) + ": tokens" + lane + " = " + num(B) + ": must be finite");
-    if (!(a >= 0.0 && a < HUGE_VAL)) throw InvalidArgument(std::string(who) + ": a" + lane + " = " + num(a) + ": must be finite and >= 0");
-    if (!(b >= 0.0 && b < HUGE_VAL)) throw InvalidArgument(std::string(who) + ": b" + lane + " = " + num(b) + ": must be finite and >= 0");
-    if (G < 1) throw InvalidArgument(std::string(who) + ": gpus" + lane + " = " + std::to_string(G) + ": must be >= 1");
-    if (R < 0) throw InvalidArgument(std::string(who) + ": redundant" + lane + " = " + std::to_string(R) + ": must be >= 0");
+    if (std::isnan(B) || std::isinf(B)) bad("tokens", i, num(B), "must be finite");
+    if (!(a >= 0.0 && a < HUGE_VAL)) bad("a", i, num(a), "must be finite and >= 0");
+    if (!(b >= 0.0 && b < HUGE_VAL)) bad("b", i, num(b), "must be finite and >= 0");
+    if (G < 1) bad("gpus", i, std::to_string(G), "must be >= 1");
+    if (R < 0) bad("redundant", i, std::to_string(R), "must be >= 0");
     if (!(B > 0)) continue;
     if (R > 0) {
-      if (find_layout(r, G, R) == nullptr) {
+      if (find_layout(r, G, R) < 0) {
         throw InvalidArgument(std::string(who) + ": layouts has no slot layout for gpus = " + std::to_string(G) +
                               ", redundant = " + std::to_string(R) + " (lane " + std::to_string(i) + ")");
       }
     } else if (r.pi != nullptr && r.experts % G != 0) {
-      throw InvalidArgument(std::string(who) + ": gpus" + lane + " = " + std::to_string(G) +
-                            ": must divide experts = " + std::to_string(r.experts) + " under popularity routing");
+      bad("gpus", i, std::to_string(G), "must divide experts = " + std::to_string(r.experts) + " under popularity routing");
     }
   }
   std::vector<double> lp, load;
@@ -364,7 +379,17 @@ void closed_form(const Routing& r, const ClosedFormInput& in, double* mean, doub
     lp.resize(static_cast<std::size_t>(r.experts));
     for (std::int64_t e = 0; e < r.experts; ++e) lp[e] = std::log1p(-std::min(ld[e], kMaxInclusion));
   }
+  // uniform routing: log(1 - k/E), one per call
+  const double lp_uniform =
+      std::log1p(-std::min(static_cast<double>(r.top_k) / static_cast<double>(r.experts), kMaxInclusion));
+  // each layout's classes: the maximum of class_count iid normals, looked up once per call
+  std::vector<std::vector<MaxIid>> class_max(r.slots.size());
+  for (std::size_t k = 0; k < r.slots.size(); ++k) {
+    for (std::int64_t c = 0; c < r.slots[k].classes; ++c) class_max[k].push_back(max_iid_normal(r.slots[k].class_count[c]));
+  }
   Work w;
+  std::int64_t last_g = -1;
+  MaxIid last_c{0.0, 1.0};
   for (std::int64_t i = 0; i < in.lanes; ++i) {
     const double B = in.tokens[i];
     if (!(B > 0)) {
@@ -376,11 +401,16 @@ void closed_form(const Routing& r, const ClosedFormInput& in, double* mean, doub
     const std::int64_t R = in.redundant.data ? in.redundant[i] : 0;
     MaxIid m;
     if (R > 0) {
-      m = slots_lane(*find_layout(r, G, R), ld, lp.data(), B, in.a[i], in.b[i], w);
+      const auto k = static_cast<std::size_t>(find_layout(r, G, R));
+      m = slots_lane(r.slots[k], class_max[k].data(), ld, lp.data(), B, in.a[i], in.b[i], w);
     } else if (r.pi != nullptr) {
       m = popularity_lane(r, lp.data(), B, G, in.a[i], in.b[i], w);
     } else {
-      m = uniform_lane(r.experts, r.top_k, B, G, in.a[i], in.b[i]);
+      if (G != last_g) {  // lanes of one G come in runs: skip the shared cache's lock
+        last_g = G;
+        last_c = max_iid_normal(G);
+      }
+      m = uniform_lane(r.experts, r.top_k, lp_uniform, B, G, in.a[i], in.b[i], last_c);
     }
     mean[i] = m.mean;
     sd[i] = m.sd;

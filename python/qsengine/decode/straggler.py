@@ -6,7 +6,12 @@ the routing Monte Carlo takes the same cost), and the closed form of the
 straggler ``max_g max(a·u_g, b·n_g)`` under independent routing over lanes
 (:func:`straggler_closed_form`: uniform, with expert popularity, with
 redundant EPLB slots), capped at its physical ceiling
-(:func:`straggler_ceiling`). Formulas: ``docs/model.md``.
+(:func:`straggler_ceiling`) and summed over a lane's MoE layers
+(:func:`straggler_quantiles`). The closed form's arithmetic lives in the C++
+core (``cpp/core/straggler.cc``, bound as ``_core.straggler_*``); the
+functions here are thin wrappers with numpy-array semantics (the numpy
+implementation they replaced is the test oracle ``tests/reference_straggler.py``).
+Formulas: ``docs/model.md``.
 """
 
 from __future__ import annotations
@@ -134,15 +139,17 @@ def _slot_layouts(experts: int, top_k: int, pi: np.ndarray | None, gpus: np.ndar
     class_share, class_count)`` per distinct (ep, R > 0) pair of the live lanes,
     placed by :func:`qsengine.decode.slots.slot_layout` from the loads π_e
     (uniform k/E when ``pi`` is None). One layout per distinct pair, not per lane."""
-    sel = live & (redundant > 0)
+    # lanes with gpus < 1 or an absurd R get no layout: the core names their error
+    sel = live & (redundant > 0) & (redundant < 2 ** 31) & (gpus >= 1) & (gpus < 2 ** 31)
     if not sel.any():
         return []
     from qsengine.decode.slots import slot_layout
 
     load = np.full(experts, top_k / experts) if pi is None else np.asarray(pi, dtype=np.float64)
-    pairs = np.unique(np.stack([gpus[sel], redundant[sel]], axis=1), axis=0)
+    keys = np.unique((gpus[sel].astype(np.int64) << 32) | redundant[sel].astype(np.int64))  # one sort of int64 keys
     out = []
-    for g, r in pairs.tolist():
+    for key in keys.tolist():
+        g, r = key >> 32, key & 0xFFFFFFFF
         lay = slot_layout(load, int(g), int(r))
         out.append((int(g), int(r), lay.class_expert, lay.class_share, lay.class_count))
     return out
