@@ -124,8 +124,6 @@ MaxIid popularity_lane(const Routing& r, const double* lp, double B, std::int64_
 MaxIid slots_lane(const SlotClasses& lay, const MaxIid* class_max, const double* load, const double* lp, double B,
                   double a, double b, Work& w) {
   const std::int64_t per = lay.per_gpu, c = lay.classes;
-  w.t.resize(static_cast<std::size_t>(per));
-  w.t2.resize(static_cast<std::size_t>(per));
   w.cmu.resize(static_cast<std::size_t>(c));
   w.csd.resize(static_cast<std::size_t>(c));
   std::vector<double>& u = w.grid;  // (4 x per) scratch: touched, its variance, assignments, their variance
@@ -417,7 +415,7 @@ void closed_form(const Routing& r, const ClosedFormInput& in, double* mean, doub
   }
 }
 
-void quantiles(Routing r, const QuantilesInput& in, double* mean, double* p50, double* p99) {
+void quantiles(const Routing& r, const QuantilesInput& in, double* mean, double* p50, double* p99) {
   std::vector<std::int64_t> rows;
   for (std::int64_t i = 0; i < in.lanes; ++i) {
     if (in.moe_layers[i] > 0) rows.push_back(i);

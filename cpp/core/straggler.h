@@ -123,7 +123,7 @@ struct QuantilesInput {
 // L*m, sd sqrt(L)*s, p99 = mean + kZ99*sd capped at L times the ceiling (not
 // below the mean); 0 on dense lanes (L = 0). MoE lanes must agree on experts
 // and top-k (routing.experts / top_k, which are taken from them).
-void quantiles(Routing routing, const QuantilesInput& in, double* mean, double* p50, double* p99);
+void quantiles(const Routing& routing, const QuantilesInput& in, double* mean, double* p50, double* p99);
 
 }  // namespace straggler
 }  // namespace qs
