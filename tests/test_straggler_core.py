@@ -174,6 +174,14 @@ def test_quantiles_equal_the_oracle(case, layers, uniform, libm_oracle):
     assert np.all(got[0][~moe] == 0) and np.all(got[2][~moe] == 0)
 
 
+def test_quantiles_of_dense_lanes_are_zero_whatever_the_law():
+    one = np.ones(3)
+    p = types.SimpleNamespace(moe_layers=one * 0, experts=one, top_k=one, ep=one, redundant=one * 0,
+                              moe_a=one * 0, moe_b=one * 0)
+    for got in S.straggler_quantiles(p, np.array([1.0, 50.0, 0.0]), np.full(64, 0.1), uniform=False):
+        assert np.array_equal(got, np.zeros(3))
+
+
 def test_quantiles_one_routing_law_per_call():
     one = np.ones(2)
     p = types.SimpleNamespace(moe_layers=one * 4, experts=np.array([64.0, 32.0]), top_k=one * 2, ep=one * 4,

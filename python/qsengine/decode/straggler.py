@@ -216,7 +216,7 @@ def straggler_quantiles(p: StepParams, tokens: np.ndarray, pi: np.ndarray | None
     is_moe = np.broadcast_to(fields["moe_layers"], (n_lanes,)) > 0
     rows = np.flatnonzero(is_moe)
     experts = top_k = 0
-    pi = None if uniform else pi
+    pi = None if (uniform or rows.size == 0) else pi  # no MoE lane: no routing law to check π against
     layouts: list = []
     if rows.size:
         experts = int(np.broadcast_to(fields["experts"], (n_lanes,))[rows[0]])
