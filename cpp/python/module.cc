@@ -17,4 +17,5 @@ PYBIND11_MODULE(_core, m) {
   qs_py::register_packing(m);
   qs_py::register_routing(m);
   qs_py::register_step(m);
+  qs_py::register_straggler(m);
 }

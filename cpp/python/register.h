@@ -9,5 +9,6 @@ void register_errors(pybind11::module_& m);
 void register_packing(pybind11::module_& m);
 void register_routing(pybind11::module_& m);
 void register_step(pybind11::module_& m);
+void register_straggler(pybind11::module_& m);
 
 }  // namespace qs_py
