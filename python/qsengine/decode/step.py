@@ -2,7 +2,8 @@
 
 One decode step generates one token for each of the ``batch`` sequences that a
 data-parallel replica serves. Every formula is written out in ``docs/model.md``;
-the code follows it piece by piece:
+the core's pass (``cpp/core/step.cc``, ``_core.step_pass``) follows it piece by
+piece:
 
 * **attention** per layer and GPU: its weight shard, the KV cache of the
   sequences it serves (B·T entries, split over tensor-parallel KV heads for
@@ -32,12 +33,12 @@ as ``pp`` microbatches of ``B/pp``; each token of a sequence takes one pass
 through all layers at microbatch ``B/pp``, so the per-token latency (TPOT) is
 the full-depth time at batch ``B/pp`` and throughput is ``B / TPOT``.
 
-This module is the step time itself (:func:`step_time`, the one-pass model,
-two-batch overlap, the speculative draft passes, :func:`decode_step`); its
-parts live a concept per module: the lane parameters and options in
-:mod:`qsengine.decode.params`, the kernel times (calibrated kernels, roofline,
-collectives) in :mod:`qsengine.decode.kernels`, the routed-expert straggler in
-:mod:`qsengine.decode.straggler`, the typed results in
+This module drives it (:func:`step_time`: the routed straggler added to the
+core's one-pass model, two-batch overlap, the speculative draft passes;
+:func:`decode_step`); its parts live a concept per module: the lane parameters
+and options in :mod:`qsengine.decode.params`, the calibrated kernels' per-lane
+fits and the core's kernels over lanes in :mod:`qsengine.decode.kernels`, the
+routed-expert straggler (also the core's) in :mod:`qsengine.decode.straggler`, the typed results in
 :mod:`qsengine.decode.breakdown`. The public names of all four are re-exported
 here (``__all__``).
 """
