@@ -115,6 +115,27 @@ def test_kernels_match_the_calibration_runtime():
     assert (K._gemm(p, seqs, np.zeros(1), p.ap_k1)[0] == 0).all()
 
 
+def test_link_kernels_and_the_roofline_are_their_formulas():
+    """The core's kernels over lanes (each reads only its own fields) against docs/model.md's formulas."""
+    from qsengine.decode import kernels as K
+
+    p, _, _ = _lanes(30, 11)
+    nbytes = np.linspace(1e3, 1e8, len(p))
+    group = np.array([1.0, 2.0, 4.0, 8.0, 16.0, 32.0] * 5)
+    bw = np.where(group <= p.domain, p.scaleup, p.internode) * p.link_eff
+    np.testing.assert_allclose(K._link_bw(p, group), bw, rtol=1e-15)
+    ring = np.where(group > 1, p.latency + 2.0 * (group - 1) / group * nbytes / bw, 0.0)
+    np.testing.assert_allclose(K._allreduce(nbytes, group, p), ring, rtol=1e-15)
+    inter = np.where(group <= p.domain, 0.0, 1.0 - p.domain / group)
+    a2a = p.latency + np.maximum(nbytes * (1 - inter) / (p.scaleup * p.link_eff) * np.maximum(p.a2a_torus, 1.0),
+                                 nbytes * inter / (p.internode * p.link_eff))
+    np.testing.assert_allclose(K._ep_alltoall(nbytes, group, p), a2a, rtol=1e-15)
+    flops = nbytes * np.linspace(1, 2000, len(p))
+    t, bound = K._roof(nbytes, flops, p)
+    np.testing.assert_allclose(t, np.maximum(nbytes / p.bw, flops / p.flops), rtol=1e-15)
+    assert np.array_equal(bound, nbytes / p.bw >= flops / p.flops)
+
+
 def test_bad_input_is_named():
     p, b, c = _lanes(3, 1)
     cols = p.columns()

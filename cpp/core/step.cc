@@ -401,6 +401,78 @@ double attention_core_time(const Lane& l, double seqs, double ctx, double* tb, d
   return attention_impl(l, seqs, ctx, tb, tf, sm);
 }
 
+const std::vector<std::string>& kernel_names() {
+  static const std::vector<std::string> names = {"roof",          "gemm",         "attention_core",
+                                                 "link_bandwidth", "allreduce",    "ep_alltoall",
+                                                 "allreduce_fit", "alltoall_fit", "expert_allreduce_fit"};
+  return names;
+}
+
+void kernel_over_lanes(Kernel kind, const Column* fields, Column x, Column y, Column z, std::int64_t lanes,
+                       double* value, double* bandwidth_term, double* compute_term) {
+  if (lanes < 0) throw InvalidArgument("step_kernel: lanes = " + std::to_string(lanes) + ": must be >= 0");
+  if (kind == Kernel::kCount) throw InvalidArgument("step_kernel: no such kernel");
+  const double nan = std::numeric_limits<double>::quiet_NaN();
+  // the fields each kernel reads (loading all of them would cost more than most kernels)
+  using F = Field;
+  static const std::vector<std::vector<F>> reads = {
+      {F::bw, F::flops},
+      {F::g_pad, F::g_ab, F::g_wb, F::g_bw, F::g_f, F::g_c0, F::g_p},
+      {F::at_kvh, F::at_pad, F::at_split, F::at_el, F::at_kvb, F::at_h, F::at_qo, F::at_fl, F::at_bw, F::at_f,
+       F::at_c0, F::at_c1, F::at_p},
+      {F::domain, F::scaleup, F::internode, F::link_eff},
+      {F::domain, F::scaleup, F::internode, F::link_eff, F::latency},
+      {F::domain, F::scaleup, F::internode, F::link_eff, F::latency, F::a2a_torus},
+      {F::ar_a1, F::ar_b1, F::ar_a2, F::ar_b2},
+      {F::aa_a1, F::aa_b1, F::aa_a2, F::aa_b2},
+      {F::er_a1, F::er_b1, F::er_a2, F::er_b2}};
+  const auto& need = reads[static_cast<std::size_t>(kind)];
+  // soft maxima only in the GEMM and the attention core: the other kernels are written by the first pass
+  const int passes = kind == Kernel::kGemm || kind == Kernel::kAttentionCore ? 2 : 1;
+  SoftMaxTape sm;
+  std::vector<Lane> block(static_cast<std::size_t>(std::min(lanes, kBlockLanes)));
+  for (std::int64_t lo = 0; lo < lanes; lo += kBlockLanes) {
+    const std::int64_t hi = std::min(lanes, lo + kBlockLanes);
+    for (std::int64_t i = lo; i < hi; ++i) {
+      Lane& l = block[static_cast<std::size_t>(i - lo)];
+      double* slots[kNumFields] = {
+#define QS_STEP_SLOT(name) &l.name,
+          QS_STEP_FIELDS(QS_STEP_SLOT)
+#undef QS_STEP_SLOT
+      };
+      for (const F f : need) {
+        const Column& c = fields[static_cast<int>(f)];
+        *slots[static_cast<int>(f)] = c.data[c.stride * i];
+      }
+    }
+    sm.reset();
+    for (int pass = 0; pass < passes; ++pass) {  // record the block's soft maxima, evaluate them, replay
+      const bool write = pass == passes - 1;
+      for (std::int64_t i = lo; i < hi; ++i) {
+        const Lane& l = block[static_cast<std::size_t>(i - lo)];
+        const double a = x.data[x.stride * i], b = y.data[y.stride * i], c = z.data[z.stride * i];
+        double v = 0.0, tb = nan, tf = nan;
+        switch (kind) {
+          case Kernel::kRoof: v = roof_time(a, b, l.bw, l.flops); tb = a / l.bw; tf = b / l.flops; break;
+          case Kernel::kGemm: v = gemm_impl(l, a, b, c, &tb, &tf, sm); break;
+          case Kernel::kAttentionCore: v = attention_impl(l, a, b, &tb, &tf, sm); break;
+          case Kernel::kLinkBandwidth: v = link_bandwidth(l, a); break;
+          case Kernel::kAllReduce: v = allreduce_time(l, a, b); break;
+          case Kernel::kEpAllToAll: v = ep_alltoall_time(l, a, b); break;
+          case Kernel::kAllReduceFit: v = fitted_collective(a, l.ar_a1, l.ar_b1, l.ar_a2, l.ar_b2); break;
+          case Kernel::kAllToAllFit: v = fitted_collective(a, l.aa_a1, l.aa_b1, l.aa_a2, l.aa_b2); break;
+          default: v = fitted_collective(a, l.er_a1, l.er_b1, l.er_a2, l.er_b2); break;
+        }
+        if (!write) continue;
+        value[i] = v;
+        bandwidth_term[i] = tb;
+        compute_term[i] = tf;
+      }
+      if (!write) sm.evaluate_and_replay();
+    }
+  }
+}
+
 double fitted_collective(double bytes, double a1, double b1, double a2, double b2) {
   return np_min(a1 + bytes / b1, a2 + bytes / b2);
 }

@@ -130,8 +130,28 @@ struct PassDetail {
 // negative lane count).
 void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail);
 
-// Kernel times of one lane (used by the pass, and over arrays by the Python
-// layer's prefill model):
+// The pass's kernels over lanes, for the Python layer's prefill model and draft module.
+enum class Kernel : int {
+  kRoof,                // x bytes, y FLOPs
+  kGemm,                // x = m, y = n, z = k (0 where n <= 0)
+  kAttentionCore,       // x = sequences, y = context
+  kLinkBandwidth,       // x = group
+  kAllReduce,           // x bytes, y group (link model)
+  kEpAllToAll,          // x bytes, y group (link model)
+  kAllReduceFit,        // x bytes (the fitted TP all-reduce)
+  kAllToAllFit,         // x bytes (the fitted EP all-to-all)
+  kExpertAllReduceFit,  // x bytes (the fitted expert-TP all-reduce)
+  kCount
+};
+// The kernels' names, in Kernel order.
+const std::vector<std::string>& kernel_names();
+// value[i] = kernel `kind` of lane i at (x[i], y[i], z[i]); bandwidth_term/compute_term: its two roofline terms
+// (roof, gemm, attention core; NaN for the others). Lanes in blocks whose soft maxima run together, as in
+// step_pass: a lane's result does not depend on the others.
+void kernel_over_lanes(Kernel kind, const Column* fields, Column x, Column y, Column z, std::int64_t lanes,
+                       double* value, double* bandwidth_term, double* compute_term);
+
+// Kernel times of one lane (scalar forms of the pass's kernels):
 // roofline time of `bytes` and `flops` (and whether bandwidth bound it).
 double roof_time(double bytes, double flops, double bw, double peak, bool* bandwidth_bound = nullptr);
 // (x^p + y^p)^(1/p), the calibrated kernels' soft maximum (soft_max.cc).

@@ -179,47 +179,19 @@ void register_step(py::module_& m) {
         field_columns(fields, n, keep, cols, "step_kernel");
         const st::Column cx = column(x, n, "x", "step_kernel"), cy = column(y, n, "y", "step_kernel"),
                         cz = column(z, n, "z", "step_kernel");
-        static const std::vector<std::string> kinds = {"roof", "gemm", "attention_core", "link_bandwidth",
-                                                       "allreduce", "ep_alltoall", "allreduce_fit",
-                                                       "alltoall_fit", "expert_allreduce_fit"};
+        const auto& kinds = st::kernel_names();
         const auto it = std::find(kinds.begin(), kinds.end(), kind);
         if (it == kinds.end()) {
           std::string all;
           for (const auto& x : kinds) all += (all.empty() ? "" : ", ") + x;
           throw qs::InvalidArgument("step_kernel: kind = '" + kind + "': must be one of " + all);
         }
-        const auto k = it - kinds.begin();
+        const auto k = static_cast<st::Kernel>(it - kinds.begin());
         py::array_t<double> out(n), out_b(n), out_f(n);
         double* o = out.mutable_data();
         double* ob = out_b.mutable_data();
         double* of = out_f.mutable_data();
-        without_gil([&] {
-          st::Lane l{};
-          double* slots[st::kNumFields] = {
-#define QS_STEP_SLOT(name) &l.name,
-              QS_STEP_FIELDS(QS_STEP_SLOT)
-#undef QS_STEP_SLOT
-          };
-          const double nan = std::numeric_limits<double>::quiet_NaN();
-          for (py::ssize_t i = 0; i < n; ++i) {
-            for (int f = 0; f < st::kNumFields; ++f) *slots[f] = cols[f].data[cols[f].stride * i];
-            const double a = cx.data[cx.stride * i], b = cy.data[cy.stride * i], c = cz.data[cz.stride * i];
-            double tb = nan, tf = nan;
-            switch (k) {
-              case 0: o[i] = st::roof_time(a, b, l.bw, l.flops); tb = a / l.bw; tf = b / l.flops; break;
-              case 1: o[i] = st::gemm_time(l, a, b, c, &tb, &tf); break;
-              case 2: o[i] = st::attention_core_time(l, a, b, &tb, &tf); break;
-              case 3: o[i] = st::link_bandwidth(l, a); break;
-              case 4: o[i] = st::allreduce_time(l, a, b); break;
-              case 5: o[i] = st::ep_alltoall_time(l, a, b); break;
-              case 6: o[i] = st::fitted_collective(a, l.ar_a1, l.ar_b1, l.ar_a2, l.ar_b2); break;
-              case 7: o[i] = st::fitted_collective(a, l.aa_a1, l.aa_b1, l.aa_a2, l.aa_b2); break;
-              default: o[i] = st::fitted_collective(a, l.er_a1, l.er_b1, l.er_a2, l.er_b2); break;
-            }
-            ob[i] = tb;
-            of[i] = tf;
-          }
-        });
+        without_gil([&] { st::kernel_over_lanes(k, cols, cx, cy, cz, n, o, ob, of); });
         return py::make_tuple(out, out_b, out_f);
       },
       py::arg("kind"), py::arg("fields"), py::arg("x"), py::arg("y"), py::arg("z"),
