@@ -383,24 +383,6 @@ double soft_max(double x, double y, double p) {
   return r;
 }
 
-double gemm_time(const Lane& l, double m, double n, double k, double* tb, double* tf) {
-  double b = 0.0, f = 0.0;
-  SoftMaxTape sm;
-  gemm_impl(l, m, n, k, &b, &f, sm);
-  sm.evaluate_and_replay();
-  const double t = gemm_impl(l, m, n, k, &b, &f, sm);
-  if (tb != nullptr) *tb = b;
-  if (tf != nullptr) *tf = f;
-  return t;
-}
-
-double attention_core_time(const Lane& l, double seqs, double ctx, double* tb, double* tf) {
-  SoftMaxTape sm;
-  attention_impl(l, seqs, ctx, tb, tf, sm);
-  sm.evaluate_and_replay();
-  return attention_impl(l, seqs, ctx, tb, tf, sm);
-}
-
 const std::vector<std::string>& kernel_names() {
   static const std::vector<std::string> names = {"roof",          "gemm",         "attention_core",
                                                  "link_bandwidth", "allreduce",    "ep_alltoall",

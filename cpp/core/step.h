@@ -161,12 +161,6 @@ double soft_max(double x, double y, double p);
 void soft_max_block(std::int64_t n, const double* x, const double* y, const double* p, double* out);
 // Whether soft_max_block runs its powers as SIMD calls on this machine.
 bool soft_max_is_vectorised();
-// Calibrated GEMM [m,k] x [k,n] on one GPU; 0 where n <= 0 (no such GEMM).
-// tb/tf (optional): its bandwidth and compute terms.
-double gemm_time(const Lane& l, double m, double n, double k, double* tb = nullptr, double* tf = nullptr);
-// Calibrated decode attention core of one layer on one GPU at `seqs` sequences of `ctx` cached tokens: time;
-// *tb, *tf its bandwidth and compute terms.
-double attention_core_time(const Lane& l, double seqs, double ctx, double* tb, double* tf);
 // A fitted collective of `bytes`: the faster of two protocols, min_j (alpha_j + bytes/beta_j).
 double fitted_collective(double bytes, double a1, double b1, double a2, double b2);
 // Per-GPU bandwidth of a collective over `group` GPUs (scale-up inside the domain, else the network).

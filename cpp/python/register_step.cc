@@ -8,13 +8,13 @@
 #include <algorithm>
 #include <cstdint>
 #include <optional>
-#include <limits>
 #include <string>
 #include <vector>
 
 #include "core/errors.h"
 #include "core/step.h"
 #include "python/interrupt.h"
+#include "python/lanes.h"
 #include "python/register.h"
 
 namespace py = pybind11;
@@ -27,15 +27,9 @@ namespace {
 using Doubles = py::array_t<double, py::array::c_style | py::array::forcecast>;
 using Index = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 
-// A per-lane argument: 1-d, one entry per lane or one for every lane (broadcast).
+// A per-lane argument as a column (lanes.h's rule).
 st::Column column(const Doubles& a, py::ssize_t lanes, const std::string& what, const char* who) {
-  if (a.ndim() != 1 || (a.shape(0) != lanes && a.shape(0) != 1)) {
-    throw qs::InvalidArgument(
-        std::string(who) + ": " + what + " has shape (" +
-        (a.ndim() == 1 ? std::to_string(a.shape(0)) : std::to_string(a.ndim()) + " dimensions") +
-        "): must be 1-d with one entry per lane (" + std::to_string(lanes) + ") or one for every lane");
-  }
-  return st::Column{a.data(), a.shape(0) == 1 ? 0 : 1};
+  return st::Column{a.data(), lane_stride(a, lanes, what, who)};
 }
 
 // The step fields of `fields` (a mapping), kept alive in `keep`, as columns. Fields named in `indexed` hold one
@@ -88,6 +82,9 @@ void register_step(py::module_& m) {
     std::vector<std::string> names;
     for (int p = 0; p < st::kNumPieces; ++p) names.emplace_back(st::piece_name(static_cast<st::Piece>(p)));
     m.attr("STEP_PIECES") = py::tuple(py::cast(names));
+    std::vector<bool> link;
+    for (int p = 0; p < st::kNumPieces; ++p) link.push_back(st::piece_is_link(static_cast<st::Piece>(p)));
+    m.attr("STEP_LINK_PIECES") = py::tuple(py::cast(link));
   }
   m.def(
       "step_pass",

@@ -13,6 +13,7 @@
 #include "core/errors.h"
 #include "core/straggler.h"
 #include "python/interrupt.h"
+#include "python/lanes.h"
 #include "python/register.h"
 
 namespace py = pybind11;
@@ -26,16 +27,10 @@ using Doubles = py::array_t<double, py::array::c_style | py::array::forcecast>;
 using Ints = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
 using Layout = std::tuple<std::int64_t, std::int64_t, Ints, Doubles, Ints>;
 
-// A per-lane argument: 1-d, one entry per lane or one for every lane (stride 0).
+// A per-lane argument as a column (lanes.h's rule).
 template <class T, class A>
 sg::Column<T> column(const A& a, py::ssize_t lanes, const std::string& what, const char* who) {
-  if (a.ndim() != 1 || (a.shape(0) != lanes && a.shape(0) != 1)) {
-    throw qs::InvalidArgument(std::string(who) + ": " + what + " has shape (" +
-                              (a.ndim() == 1 ? std::to_string(a.shape(0)) : std::to_string(a.ndim()) + " dimensions") +
-                              "): must be 1-d with one entry per lane (" + std::to_string(lanes) +
-                              ") or one for every lane");
-  }
-  return sg::Column<T>{a.data(), a.shape(0) == 1 ? 0 : 1};
+  return sg::Column<T>{a.data(), lane_stride(a, lanes, what, who)};
 }
 
 // The routing law: experts, top-k, pi (None: uniform) and the slot layouts.

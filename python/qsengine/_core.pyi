@@ -439,6 +439,7 @@ def philox_raw(key0: int, key1: int, index: int, purpose: int, n: int) -> npt.ND
 
 STEP_PASS_FIELDS: tuple[str, ...]
 STEP_PIECES: tuple[str, ...]
+STEP_LINK_PIECES: tuple[bool, ...]
 SOFT_MAX_VECTORISED: bool
 
 def step_pass(fields: dict[str, npt.NDArray[np.float64]], batch: npt.ArrayLike, context: npt.ArrayLike,

@@ -176,9 +176,8 @@ def _pass_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     if detail:
         pieces = tuple(PieceArrays(name, r["piece_time"][j], r["piece_bytes"][j], r["piece_flops"][j],
                                    r["piece_count"][j], r["piece_present"][j],
-                                   None if j >= _FIRST_LINK_PIECE else r["piece_bandwidth_bound"][j],
-                                   j >= _FIRST_LINK_PIECE)
-                       for j, name in enumerate(_core.STEP_PIECES))
+                                   None if link else r["piece_bandwidth_bound"][j], link)
+                       for j, (name, link) in enumerate(zip(_core.STEP_PIECES, _core.STEP_LINK_PIECES)))
     time, p50, p99 = r["time"], r["p50"], r["p99"]
     tbo = p.overlap == 2
     if tbo.any():
@@ -186,10 +185,6 @@ def _pass_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.n
     return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=pieces,
                      compute=r["compute"], compute_p50=r["compute_p50"], compute_p99=r["compute_p99"],
                      comm=r["comm"])
-
-
-#: The core's pieces from this one on are collectives (their bound is the link).
-_FIRST_LINK_PIECE = _core.STEP_PIECES.index("tp all-reduce")
 
 
 def _two_batch_overlap(p: StepLanes, batch: np.ndarray, ctx: np.ndarray, tbo: np.ndarray, time: np.ndarray,
