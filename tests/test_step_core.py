@@ -1,7 +1,8 @@
-"""The core's step pass (cpp/core/step.cc) as the Python layer calls it: the
-fields it reads are StepParams fields, a lane's result does not depend on the
-lanes beside it (the pass evaluates blocks of lanes together), the kernels it
-exposes agree with the calibration runtime, and bad input is named."""
+"""The core's step (cpp/core/step.cc's pass, cpp/core/step_time.cc's step over
+lanes) as the Python layer calls it: the fields it reads are StepParams fields,
+a lane's result does not depend on the lanes beside it (the pass evaluates
+blocks of lanes together), the pieces sum to the time (drafts included), the
+kernels it exposes agree with the calibration runtime, and bad input is named."""
 
 from __future__ import annotations
 
@@ -63,7 +64,12 @@ def test_a_plans_table_read_at_an_index_is_the_gathered_lanes():
 def test_the_core_reads_step_params_fields():
     assert set(_core.STEP_PASS_FIELDS) <= set(STEP_FIELDS)
     assert len(set(_core.STEP_PASS_FIELDS)) == len(_core.STEP_PASS_FIELDS)
-    assert _core.STEP_PIECES[0] == "attention" and _core.STEP_PIECES[-1] == "pp send"
+    pieces = _core.STEP_PIECES
+    assert len(pieces) == len(_core.STEP_LINK_PIECES) and len(pieces) % 2 == 1
+    half = len(pieces) // 2  # the verify pass's pieces, then the draft passes' and the MTP projection
+    assert pieces[0] == "attention" and pieces[half - 1] == "pp send" and pieces[-1] == "draft: mtp projection"
+    assert list(pieces[half:-1]) == ["draft: " + n for n in pieces[:half]]
+    assert _core.STEP_LINK_PIECES[:half] == _core.STEP_LINK_PIECES[half:-1]
 
 
 @settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -88,15 +94,19 @@ def test_a_lane_does_not_depend_on_its_neighbours(n, seed):
 @settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.integers(0, 2**32 - 1))
 def test_pieces_sum_to_the_time(seed):
-    """Without overlap or drafts, a lane's time is its compute pieces plus its communication pieces,
-    and every piece that is absent on a lane takes no time there."""
+    """Without overlap, a lane's time is its compute pieces plus its communication pieces, the draft
+    passes' and the MTP projection's included (each per accepted token), and every piece that is absent
+    on a lane takes no time there; without drafts the draft pieces are not reported."""
     p, b, c = _lanes(12, seed)
-    p = p.replace(overlap=np.zeros(len(p)), draft=np.zeros(len(p)))
-    r = step_time(p, b, c, detail=True)
+    p = p.replace(overlap=np.zeros(len(p)))
+    plain = step_time(p.replace(draft=np.zeros(len(p))), b, c, detail=True)
+    assert [pa.name for pa in plain.pieces] == [n for n in _core.STEP_PIECES if not n.startswith("draft: ")]
+    p = p.replace(draft=np.arange(len(p)) % 3.0)  # speculative and plain lanes in one call
+    for r in (plain, step_time(p, b, c, detail=True)):
+        np.testing.assert_allclose(sum(pa.time for pa in r.pieces), r.time, rtol=1e-12)
+        for pa in r.pieces:
+            assert (pa.time[~pa.present] == 0).all(), pa.name
     assert [pa.name for pa in r.pieces] == list(_core.STEP_PIECES)
-    np.testing.assert_allclose(sum(pa.time for pa in r.pieces), r.time, rtol=1e-12)
-    for pa in r.pieces:
-        assert (pa.time[~pa.present] == 0).all(), pa.name
 
 
 def test_kernels_match_the_calibration_runtime():
@@ -141,14 +151,26 @@ def test_bad_input_is_named():
     cols = p.columns()
     z = np.zeros(3)
     del cols["tp"]
-    with pytest.raises(ValueError, match="step_pass: field 'tp' is missing"):
-        _core.step_pass(cols, b, c, z, z, z, z)
+    with pytest.raises(ValueError, match="step_time: field 'tp' is missing"):
+        _core.step_time(cols, b, c)
     cols = p.columns()
     cols["bw"] = np.ones(2)
     with pytest.raises(ValueError, match=r"field 'bw' has shape \(2\)"):
-        _core.step_pass(cols, b, c, z, z, z, z)
-    with pytest.raises(ValueError, match="tokens must be 1-d with one entry per lane"):
-        _core.step_pass(p.columns(), b, c, np.zeros(2), z, z, z)
+        _core.step_time(cols, b, c)
+    with pytest.raises(ValueError, match="context must be 1-d with one entry per lane"):
+        _core.step_time(p.columns(), b, np.zeros(2))
+    with pytest.raises(ValueError, match="moe_mean must be 1-d with one entry per lane"):
+        _core.step_time(p.columns(), b, c, moe_mean=np.zeros(2), moe_p50=z, moe_p99=z)
+    with pytest.raises(ValueError, match="a given straggler needs moe_mean, moe_p50 and moe_p99"):
+        _core.step_time(p.columns(), b, c, moe_mean=z)
+    moe = step_params(as_model("qwen3-30b-a3b"), as_precision("fp8"), qsengine.as_accelerator("h200-sxm"),
+                      Plan(tp=1, dp=8, ep=8))
+    with pytest.raises(ValueError, match=r"experts = 128, top_k = 8; expected 0, 0\)"):
+        _core.step_time(moe.columns(), b[:1], c[:1])  # no routing law given
+    with pytest.raises(ValueError, match="MoE lanes disagree on experts/top_k"):
+        _core.step_time(moe.columns(), b[:1], c[:1], experts=64, top_k=8)
+    with pytest.raises(ValueError, match=r"pi has 3 entries: must be 1-d with one entry per expert \(128\)"):
+        _core.step_time(moe.columns(), b[:1], c[:1], experts=128, top_k=8, pi=np.ones(3))
     with pytest.raises(ValueError, match="kind = 'nope': must be one of roof, gemm"):
         _core.step_kernel("nope", p.columns(), z, z, z)
     with pytest.raises(ValueError, match="step_kernel: x has shape"):
@@ -156,13 +178,13 @@ def test_bad_input_is_named():
     # a plans' table read at an index: the index must reach only rows the indexed fields have
     cols = p.columns()
     with pytest.raises(ValueError, match="indexed fields need an index"):
-        _core.step_pass(cols, b, c, z, z, z, z, False, None, ["tp"])
+        _core.step_time(cols, b, c, None, ["tp"])
     with pytest.raises(ValueError, match=r"index\[1\] = -1: must be >= 0"):
-        _core.step_pass(cols, b, c, z, z, z, z, False, np.array([0, -1, 0]), ["tp"])
+        _core.step_time(cols, b, c, np.array([0, -1, 0]), ["tp"])
     with pytest.raises(ValueError, match="indexed field 'tp' has 3 rows: the index reaches row 7"):
-        _core.step_pass(cols, b, c, z, z, z, z, False, np.array([0, 7, 0]), ["tp"])
+        _core.step_time(cols, b, c, np.array([0, 7, 0]), ["tp"])
     with pytest.raises(ValueError, match="indexed field 'nope' is not a step field"):
-        _core.step_pass(cols, b, c, z, z, z, z, False, np.array([0, 1, 2]), ["nope"])
+        _core.step_time(cols, b, c, np.array([0, 1, 2]), ["nope"])
     # nothing to do: no lanes
     e = np.zeros(0)
-    assert _core.step_pass(p.take(np.zeros(0, np.int64)).columns(), e, e, e, e, e, e)["time"].size == 0
+    assert _core.step_time(p.take(np.zeros(0, np.int64)).columns(), e, e)["time"].size == 0

@@ -7,97 +7,13 @@
 #include <limits>
 
 #include "core/errors.h"
+#include "core/step_kernels.h"
 
 namespace qs {
 namespace step {
 namespace {
 
-// Lanes per block of step_pass (their soft maxima are evaluated together).
-constexpr std::int64_t kBlockLanes = 256;
-
-// numpy's maximum/minimum: a NaN in either argument gives NaN.
-inline double np_max(double a, double b) {
-  if (std::isnan(a)) return a;
-  if (std::isnan(b)) return b;
-  return a >= b ? a : b;
-}
-inline double np_min(double a, double b) {
-  if (std::isnan(a)) return a;
-  if (std::isnan(b)) return b;
-  return a <= b ? a : b;
-}
-
-// The soft maxima of a block of lanes, recorded and evaluated together so that
-// their powers run as SIMD calls (soft_max_block); see step_pass.
-class SoftMaxTape {
- public:
-  // Records (x, y, p) and returns 0, or on replay the recorded call's soft maximum.
-  double operator()(double x, double y, double p) {
-    if (!replay_) {
-      x_.push_back(x);
-      y_.push_back(y);
-      p_.push_back(p);
-      return 0.0;
-    }
-    return r_[at_++];
-  }
-  void evaluate_and_replay() {
-    r_.resize(x_.size());
-    soft_max_block(static_cast<std::int64_t>(x_.size()), x_.data(), y_.data(), p_.data(), r_.data());
-    replay_ = true;
-    at_ = 0;
-  }
-  void reset() {
-    x_.clear();
-    y_.clear();
-    p_.clear();
-    replay_ = false;
-    at_ = 0;
-  }
-
- private:
-  std::vector<double> x_, y_, p_, r_;
-  std::size_t at_ = 0;
-  bool replay_ = false;
-};
-
-// Python's float floor division a // b for the values the pass meets (b may be 0: inf or nan, as numpy).
-inline double floor_div(double a, double b) { return std::floor(a / b); }
-
-// Summed calibrated GEMMs of shapes (n_j, k_j) at m rows; *bw_bound: the summed bandwidth terms >= the compute terms.
-inline double gemm_impl(const Lane& l, double m, double n, double k, double* tb, double* tf, SoftMaxTape& sm) {
-  const double ne = n + l.g_pad;
-  const double nb = m * k * l.g_ab + k * ne * l.g_wb + 2.0 * m * ne;
-  const double fl = 2.0 * m * ne * k;
-  *tb = nb / l.g_bw;
-  *tf = fl / l.g_f;
-  return n > 0 ? l.g_c0 + sm(*tb, *tf, l.g_p) : 0.0;
-}
-
-inline double attention_impl(const Lane& l, double seqs, double ctx, double* tb, double* tf, SoftMaxTape& sm) {
-  const double streams = seqs * l.at_kvh * ctx + l.at_pad * np_min(ctx, l.at_split);
-  const double nb = streams * l.at_el * l.at_kvb + seqs * l.at_h * l.at_qo;
-  const double fl = seqs * ctx * l.at_h * l.at_fl;
-  *tb = nb / l.at_bw;
-  *tf = fl / l.at_f;
-  return l.at_c0 + l.at_c1 * (seqs * l.at_h) + sm(*tb, *tf, l.at_p);
-}
-
-template <int N>
-inline double gemms(const Lane& l, double m, const double (&n)[N], const double (&k)[N], bool* bw_bound,
-                    SoftMaxTape& sm) {
-  double t = 0.0, sb = 0.0, sf = 0.0;
-  for (int j = 0; j < N; ++j) {
-    double gb = 0.0, gf = 0.0;
-    t = t + gemm_impl(l, m, n[j], k[j], &gb, &gf, sm);
-    if (n[j] > 0) {
-      sb = sb + gb;
-      sf = sf + gf;
-    }
-  }
-  *bw_bound = sb >= sf;
-  return t;
-}
+using namespace detail;  // NOLINT: the step model's own kernels
 
 struct Recorder {
   const PassDetail& d;
@@ -474,46 +390,20 @@ double ep_alltoall_time(const Lane& l, double bytes, double group) {
   return l.latency + np_max(t_in, bytes * inter / (l.internode * l.link_eff));
 }
 
-void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail) {
-  if (in.lanes < 0) throw InvalidArgument("step_pass: lanes = " + std::to_string(in.lanes) + ": must be >= 0");
-  if (in.lanes == 0) return;
-  for (int f = 0; f < kNumFields; ++f) {
-    if (in.fields[f].data == nullptr) {
-      throw InvalidArgument("step_pass: field '" + field_names()[static_cast<std::size_t>(f)] + "' is missing");
-    }
-  }
-  bool any_indexed = false;
-  for (int f = 0; f < kNumFields; ++f) any_indexed = any_indexed || in.fields[f].indexed;
-  if (any_indexed && in.index == nullptr) throw InvalidArgument("step_pass: indexed fields need an index");
-  if (!in.batch || !in.context || !in.tokens || !in.moe_mean || !in.moe_p50 || !in.moe_p99 || !out.time ||
-      !out.p50 || !out.p99 || !out.compute || !out.compute_p50 || !out.compute_p99 || !out.comm) {
-    throw InvalidArgument("step_pass: a per-lane input or output array is missing");
-  }
+void pass_lanes(const Lane* lanes, std::int64_t n, const double* batch, const double* context,
+                const double* tokens, const double* moe_mean, const double* moe_p50, const double* moe_p99,
+                const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride) {
   // Lanes in blocks: the block's soft maxima are recorded (a first evaluation), evaluated together
   // (soft_max_block: SIMD powers) and replayed in the same order by the second evaluation, which writes.
-  SoftMaxTape sm;
-  std::vector<Lane> block(static_cast<std::size_t>(std::min(in.lanes, kBlockLanes)));
+  thread_local SoftMaxTape sm;
   double res[7];
-  for (std::int64_t lo = 0; lo < in.lanes; lo += kBlockLanes) {
-    const std::int64_t hi = std::min(in.lanes, lo + kBlockLanes);
-    for (std::int64_t i = lo; i < hi; ++i) {
-      Lane& lane = block[static_cast<std::size_t>(i - lo)];
-      double* slots[kNumFields] = {
-#define QS_STEP_SLOT(name) &lane.name,
-          QS_STEP_FIELDS(QS_STEP_SLOT)
-#undef QS_STEP_SLOT
-      };
-      for (int f = 0; f < kNumFields; ++f) {
-        const Column& c = in.fields[f];
-        *slots[f] = c.data[c.indexed ? in.index[i] : c.stride * i];
-      }
-    }
+  for (std::int64_t lo = 0; lo < n; lo += kBlockLanes) {
+    const std::int64_t hi = std::min(n, lo + kBlockLanes);
     sm.reset();
     for (int write = 0; write < 2; ++write) {
       for (std::int64_t i = lo; i < hi; ++i) {
-        const Recorder rec{detail, in.lanes, i, write == 1};
-        one_lane(block[static_cast<std::size_t>(i - lo)], in.batch[i], in.context[i], in.tokens[i], in.moe_mean[i],
-                 in.moe_p50[i], in.moe_p99[i], rec, sm, res);
+        const Recorder rec{detail, detail_stride, i, write == 1};
+        one_lane(lanes[i], batch[i], context[i], tokens[i], moe_mean[i], moe_p50[i], moe_p99[i], rec, sm, res);
         if (write == 0) continue;
         out.time[i] = res[0];
         out.p50[i] = res[1];
@@ -525,6 +415,57 @@ void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& det
       }
       if (write == 0) sm.evaluate_and_replay();
     }
+  }
+}
+
+void gather_lanes(const Column* fields, const std::int64_t* index, std::int64_t lo, std::int64_t hi, Lane* lanes) {
+  for (std::int64_t i = lo; i < hi; ++i) {
+    Lane& lane = lanes[i - lo];
+    double* slots[kNumFields] = {
+#define QS_STEP_SLOT(name) &lane.name,
+        QS_STEP_FIELDS(QS_STEP_SLOT)
+#undef QS_STEP_SLOT
+    };
+    for (int f = 0; f < kNumFields; ++f) {
+      const Column& c = fields[f];
+      *slots[f] = c.data[c.indexed ? index[i] : c.stride * i];
+    }
+  }
+}
+
+void check_columns(const Column* fields, const std::int64_t* index, const char* who) {
+  bool any_indexed = false;
+  for (int f = 0; f < kNumFields; ++f) {
+    if (fields[f].data == nullptr) {
+      throw InvalidArgument(std::string(who) + ": field '" + field_names()[static_cast<std::size_t>(f)] +
+                            "' is missing");
+    }
+    any_indexed = any_indexed || fields[f].indexed;
+  }
+  if (any_indexed && index == nullptr) throw InvalidArgument(std::string(who) + ": indexed fields need an index");
+}
+
+void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail) {
+  if (in.lanes < 0) throw InvalidArgument("step_pass: lanes = " + std::to_string(in.lanes) + ": must be >= 0");
+  if (in.lanes == 0) return;
+  check_columns(in.fields, in.index, "step_pass");
+  if (!in.batch || !in.context || !in.tokens || !in.moe_mean || !in.moe_p50 || !in.moe_p99 || !out.time ||
+      !out.p50 || !out.p99 || !out.compute || !out.compute_p50 || !out.compute_p99 || !out.comm) {
+    throw InvalidArgument("step_pass: a per-lane input or output array is missing");
+  }
+  std::vector<Lane> block(static_cast<std::size_t>(std::min(in.lanes, kBlockLanes)));
+  for (std::int64_t lo = 0; lo < in.lanes; lo += kBlockLanes) {
+    const std::int64_t hi = std::min(in.lanes, lo + kBlockLanes);
+    gather_lanes(in.fields, in.index, lo, hi, block.data());
+    const PassOutput o{out.time + lo, out.p50 + lo, out.p99 + lo, out.compute + lo, out.compute_p50 + lo,
+                       out.compute_p99 + lo, out.comm + lo};
+    PassDetail d;
+    if (detail.time != nullptr) {
+      d = PassDetail{detail.time + lo, detail.bytes + lo, detail.flops + lo, detail.count + lo,
+                     detail.present + lo, detail.bandwidth_bound + lo};
+    }
+    pass_lanes(block.data(), hi - lo, in.batch + lo, in.context + lo, in.tokens + lo, in.moe_mean + lo,
+               in.moe_p50 + lo, in.moe_p99 + lo, o, d, in.lanes);
   }
 }
 

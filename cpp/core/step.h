@@ -22,6 +22,8 @@
 #include <string>
 #include <vector>
 
+#include "core/straggler.h"
+
 namespace qs {
 namespace step {
 
@@ -36,7 +38,7 @@ namespace step {
   X(ffn_bias) X(sh_n) X(sh_k) X(lm_n) X(at_bw) X(at_f) X(at_p) X(at_c0) X(at_c1) X(at_pad) X(at_split)          \
   X(at_kvb) X(at_h) X(at_kvh) X(at_el) X(at_qo) X(at_fl) X(moe_fix) X(moe_a) X(moe_b) X(ar_a1) X(ar_b1) X(ar_a2) \
   X(ar_b2) X(aa_a1) X(aa_b1) X(aa_a2) X(aa_b2) X(er_a1) X(er_b1) X(er_a2) X(er_b2) X(redundant) X(draft) X(db)   \
-  X(cb) X(a2a_torus)
+  X(cb) X(a2a_torus) X(accept)
 
 enum class Field : int {
 #define QS_STEP_ENUM(name) name,
@@ -129,6 +131,77 @@ struct PassDetail {
 // The pass over every lane of `in` (InvalidArgument on a null input array or
 // negative lane count).
 void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail);
+
+// The pass over `n` lanes given as structs (the per-lane arrays as in PassInput), writing out[0, n) and, with
+// detail, piece j of lane i at detail.<array>[j * detail_stride + i].
+void pass_lanes(const Lane* lanes, std::int64_t n, const double* batch, const double* context,
+                const double* tokens, const double* moe_mean, const double* moe_p50, const double* moe_p99,
+                const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride);
+// lanes[i - lo] = lane i of the columns, for i in [lo, hi).
+void gather_lanes(const Column* fields, const std::int64_t* index, std::int64_t lo, std::int64_t hi, Lane* lanes);
+// InvalidArgument naming `who` if a column is missing, or indexed without an index.
+void check_columns(const Column* fields, const std::int64_t* index, const char* who);
+
+// ---------------------------------------------------------------------------
+// The decode step over lanes (step_time.cc): the routed tokens, the routed
+// experts' straggler, the pass, two-batch overlap and the speculative draft
+// passes (docs/model.md, "The decode step", "Overlap", "Speculative decoding").
+// ---------------------------------------------------------------------------
+
+// Where the routed experts' straggler comes from: the closed form of `routing`
+// (independent routing; needed whenever a MoE lane is evaluated, also for the
+// draft passes), or, for the verify pass (and the half-batch pass of two-batch
+// overlap lanes), given per lane (mean, p50, p99 summed over the MoE layers,
+// without the grouped GEMM's fixed term: the routing Monte Carlo's).
+struct Straggler {
+  const straggler::Routing* routing = nullptr;
+  const double* mean = nullptr;  // null: the closed form
+  const double* p50 = nullptr;
+  const double* p99 = nullptr;
+};
+
+// Per-lane outputs of step_time: mean, p50, p99 TPOT (per accepted token for
+// speculative lanes) and the routed tokens per EP group of the verify pass (0 on dense lanes).
+struct StepOutput {
+  double* time = nullptr;
+  double* p50 = nullptr;
+  double* p99 = nullptr;
+  double* tokens = nullptr;
+};
+
+// The step's detail pieces: the verify pass's kNumPieces, then the draft
+// passes' kNumPieces (d passes summed) and the draft module's MTP projection,
+// each per accepted token (so they sum to the time).
+constexpr int kNumStepPieces = 2 * kNumPieces + 1;
+// Name of detail piece j ("draft: <piece>" for the draft passes').
+std::string step_piece_name(int j);
+// Whether detail piece j is communication.
+bool step_piece_is_link(int j);
+
+// Expected tokens a sequence gains per speculative step with d drafts accepted
+// with probability a each (chain acceptance): (1 - a^(d+1)) / (1 - a), d + 1 at
+// a >= 1 (Leviathan et al., arXiv:2211.17192, eq. 1).
+double accepted_tokens(double draft, double accept);
+
+// The step over `n` lanes given as structs; detail (kNumStepPieces rows of stride
+// detail_stride, or all null) as in pass_lanes. InvalidArgument if a MoE lane
+// needs the closed form without a routing law, or disagrees with it.
+void step_lanes(const Lane* lanes, std::int64_t n, const double* batch, const double* context,
+                const Straggler& straggler, const StepOutput& out, const PassDetail& detail,
+                std::int64_t detail_stride);
+
+// Lanes of step_time: the fields as columns (as PassInput), batch and context.
+struct StepInput {
+  std::int64_t lanes = 0;
+  Column fields[kNumFields];
+  const std::int64_t* index = nullptr;
+  const double* batch = nullptr;
+  const double* context = nullptr;
+  Straggler straggler;
+};
+
+// The step over every lane of `in` (detail: kNumStepPieces x lanes, or all null).
+void step_time(const StepInput& in, const StepOutput& out, const PassDetail& detail);
 
 // The pass's kernels over lanes, for the Python layer's prefill model and draft module.
 enum class Kernel : int {

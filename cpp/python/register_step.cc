@@ -65,12 +65,37 @@ void field_columns(const py::dict& fields, py::ssize_t lanes, std::vector<Double
 }
 
 // A per-lane array that must have one entry per lane.
-const double* lanes_of(const Doubles& a, py::ssize_t lanes, const char* what) {
+const double* lanes_of(const Doubles& a, py::ssize_t lanes, const char* what, const char* who) {
   if (a.ndim() != 1 || a.shape(0) != lanes) {
-    throw qs::InvalidArgument(std::string("step_pass: ") + what + " must be 1-d with one entry per lane (" +
+    throw qs::InvalidArgument(std::string(who) + ": " + what + " must be 1-d with one entry per lane (" +
                               std::to_string(lanes) + ")");
   }
   return a.data();
+}
+
+// The lanes' rows of the indexed fields (null if none are indexed); every entry must be >= 0.
+const std::int64_t* index_of(const std::optional<Index>& index, const std::vector<std::string>& indexed,
+                             py::ssize_t lanes, const char* who) {
+  if (indexed.empty()) return nullptr;
+  if (!index || index->ndim() != 1 || index->shape(0) != lanes) {
+    throw qs::InvalidArgument(std::string(who) + ": indexed fields need an index with one entry per lane (" +
+                              std::to_string(lanes) + ")");
+  }
+  const std::int64_t* ix = index->data();
+  for (py::ssize_t i = 0; i < lanes; ++i) {
+    if (ix[i] < 0) {
+      throw qs::InvalidArgument(std::string(who) + ": index[" + std::to_string(i) + "] = " + std::to_string(ix[i]) +
+                                ": must be >= 0");
+    }
+  }
+  return ix;
+}
+
+// The largest entry of the first `lanes` of `index` (-1 if none).
+std::int64_t index_max(const std::int64_t* index, py::ssize_t lanes) {
+  std::int64_t m = -1;
+  for (py::ssize_t i = 0; index != nullptr && i < lanes; ++i) m = std::max(m, index[i]);
+  return m;
 }
 
 }  // namespace
@@ -80,50 +105,41 @@ void register_step(py::module_& m) {
   m.attr("SOFT_MAX_VECTORISED") = st::soft_max_is_vectorised();
   {
     std::vector<std::string> names;
-    for (int p = 0; p < st::kNumPieces; ++p) names.emplace_back(st::piece_name(static_cast<st::Piece>(p)));
+    for (int p = 0; p < st::kNumStepPieces; ++p) names.emplace_back(st::step_piece_name(p));
     m.attr("STEP_PIECES") = py::tuple(py::cast(names));
     std::vector<bool> link;
-    for (int p = 0; p < st::kNumPieces; ++p) link.push_back(st::piece_is_link(static_cast<st::Piece>(p)));
+    for (int p = 0; p < st::kNumStepPieces; ++p) link.push_back(st::step_piece_is_link(p));
     m.attr("STEP_LINK_PIECES") = py::tuple(py::cast(link));
   }
   m.def(
-      "step_pass",
-      [](const py::dict& fields, Doubles batch, Doubles context, Doubles tokens, Doubles moe_mean,
-         Doubles moe_p50, Doubles moe_p99, bool detail, std::optional<Index> index,
-         const std::vector<std::string>& indexed) {
-        if (batch.ndim() != 1) throw qs::InvalidArgument("step_pass: batch must be a 1-d array over the lanes");
+      "step_time",
+      [](const py::dict& fields, Doubles batch, Doubles context, std::optional<Index> index,
+         const std::vector<std::string>& indexed, std::int64_t experts, std::int64_t top_k,
+         std::optional<LawDoubles> pi, const std::vector<SlotLayout>& layouts, std::optional<Doubles> moe_mean,
+         std::optional<Doubles> moe_p50, std::optional<Doubles> moe_p99, bool detail) {
+        const char* who = "step_time";
+        if (batch.ndim() != 1) throw qs::InvalidArgument("step_time: batch must be a 1-d array over the lanes");
         const py::ssize_t n = batch.shape(0);
-        st::PassInput in;
+        st::StepInput in;
         in.lanes = n;
-        std::int64_t index_max = -1;
-        if (!indexed.empty()) {
-          if (!index || index->ndim() != 1 || index->shape(0) != n) {
-            throw qs::InvalidArgument("step_pass: indexed fields need an index with one entry per lane (" +
-                                      std::to_string(n) + ")");
-          }
-          const std::int64_t* ix = index->data();
-          for (py::ssize_t i = 0; i < n; ++i) {
-            if (ix[i] < 0) throw qs::InvalidArgument("step_pass: index[" + std::to_string(i) + "] = " +
-                                                     std::to_string(ix[i]) + ": must be >= 0");
-            index_max = std::max(index_max, ix[i]);
-          }
-          in.index = ix;
-        }
         std::vector<Doubles> keep;
-        field_columns(fields, n, keep, in.fields, "step_pass", indexed, index_max);
+        in.index = index_of(index, indexed, n, who);
+        field_columns(fields, n, keep, in.fields, who, indexed, index_max(in.index, indexed.empty() ? 0 : n));
         in.batch = batch.data();
-        in.context = lanes_of(context, n, "context");
-        in.tokens = lanes_of(tokens, n, "tokens");
-        in.moe_mean = lanes_of(moe_mean, n, "moe_mean");
-        in.moe_p50 = lanes_of(moe_p50, n, "moe_p50");
-        in.moe_p99 = lanes_of(moe_p99, n, "moe_p99");
-        const char* names[] = {"time", "p50", "p99", "compute", "compute_p50", "compute_p99", "comm"};
-        std::vector<py::array_t<double>> outs;
-        for (int k = 0; k < 7; ++k) outs.emplace_back(n);
-        st::PassOutput out{outs[0].mutable_data(), outs[1].mutable_data(), outs[2].mutable_data(),
-                           outs[3].mutable_data(), outs[4].mutable_data(), outs[5].mutable_data(),
-                           outs[6].mutable_data()};
-        const std::vector<py::ssize_t> shape = {st::kNumPieces, n};
+        in.context = lanes_of(context, n, "context", who);
+        const qs::straggler::Routing law = routing_law(experts, top_k, pi, layouts, who);
+        in.straggler.routing = &law;
+        if (moe_mean || moe_p50 || moe_p99) {
+          if (!(moe_mean && moe_p50 && moe_p99)) {
+            throw qs::InvalidArgument("step_time: a given straggler needs moe_mean, moe_p50 and moe_p99");
+          }
+          in.straggler.mean = lanes_of(*moe_mean, n, "moe_mean", who);
+          in.straggler.p50 = lanes_of(*moe_p50, n, "moe_p50", who);
+          in.straggler.p99 = lanes_of(*moe_p99, n, "moe_p99", who);
+        }
+        py::array_t<double> time(n), p50(n), p99(n), tokens(n);
+        const st::StepOutput out{time.mutable_data(), p50.mutable_data(), p99.mutable_data(), tokens.mutable_data()};
+        const std::vector<py::ssize_t> shape = {st::kNumStepPieces, n};
         py::array_t<double> pt(shape), pb(shape), pf(shape), pc(shape);
         py::array_t<bool> pp(shape), pw(shape);
         st::PassDetail det;
@@ -132,9 +148,12 @@ void register_step(py::module_& m) {
                                reinterpret_cast<std::uint8_t*>(pp.mutable_data()),
                                reinterpret_cast<std::uint8_t*>(pw.mutable_data())};
         }
-        without_gil([&] { st::step_pass(in, out, det); });
+        without_gil([&] { st::step_time(in, out, det); });
         py::dict r;
-        for (int k = 0; k < 7; ++k) r[names[k]] = outs[static_cast<std::size_t>(k)];
+        r["time"] = time;
+        r["p50"] = p50;
+        r["p99"] = p99;
+        r["tokens"] = tokens;
         if (detail) {
           r["piece_time"] = pt;
           r["piece_bytes"] = pb;
@@ -145,17 +164,23 @@ void register_step(py::module_& m) {
         }
         return r;
       },
-      py::arg("fields"), py::arg("batch"), py::arg("context"), py::arg("tokens"), py::arg("moe_mean"),
-      py::arg("moe_p50"), py::arg("moe_p99"), py::arg("detail") = false, py::arg("index") = py::none(),
-      py::arg("indexed") = std::vector<std::string>{},
-      "One forward pass of the decode step model over lanes (qsengine.decode.step; docs/model.md). fields: a "
-      "mapping name -> float64 array (one entry per lane, or one for every lane) holding every name of "
-      "STEP_PASS_FIELDS; batch, context, tokens (routed tokens per EP group) and the routed experts' straggler "
-      "summed over the MoE layers (moe_mean/p50/p99, 0 on dense lanes; without the grouped GEMM's fixed term): "
-      "one entry per lane. Fields named in indexed hold a table's rows, lane i reading row index[i] (the plans "
-      "of a stacked family list, gathered lane by lane). Returns a dict of per-lane arrays time, p50, p99, compute, compute_p50, compute_p99, "
-      "comm, and with detail the pieces (STEP_PIECES order) as (pieces, lanes) arrays piece_time, piece_bytes, "
-      "piece_flops, piece_count, piece_present, piece_bandwidth_bound.");
+      py::arg("fields"), py::arg("batch"), py::arg("context"), py::arg("index") = py::none(),
+      py::arg("indexed") = std::vector<std::string>{}, py::arg("experts") = 0, py::arg("top_k") = 0,
+      py::arg("pi") = py::none(), py::arg("layouts") = std::vector<SlotLayout>{}, py::arg("moe_mean") = py::none(),
+      py::arg("moe_p50") = py::none(), py::arg("moe_p99") = py::none(), py::arg("detail") = false,
+      "The decode step over lanes (qsengine.decode.step.step_time; docs/model.md): the routed tokens, the routed "
+      "experts' straggler, one forward pass, two-batch overlap and the speculative draft passes. fields: a mapping "
+      "name -> float64 array (one entry per lane, or one for every lane) holding every name of STEP_PASS_FIELDS; "
+      "fields named in indexed hold a table's rows, lane i reading row index[i]. batch, context: one entry per "
+      "lane. The straggler: the closed form of the routing law (experts, top_k, pi: None uniform, layouts: one "
+      "(gpus, redundant, class_expert, class_share, class_count) per (ep, R > 0) pair), or moe_mean/p50/p99 per "
+      "lane (the Monte Carlo's, for the verify pass; the draft passes take the closed form). Returns a dict of "
+      "per-lane arrays time, p50, p99, tokens and with detail the pieces (STEP_PIECES order) as (pieces, lanes) "
+      "arrays piece_time, piece_bytes, piece_flops, piece_count, piece_present, piece_bandwidth_bound.");
+
+  m.def("accepted_tokens", py::vectorize(st::accepted_tokens), py::arg("draft"), py::arg("accept"),
+        "Expected tokens a sequence gains per speculative step with `draft` drafts, each accepted with probability "
+        "`accept` given the ones before it were: (1 - a^(d+1)) / (1 - a), d + 1 at a >= 1 (arrays broadcast).");
 
   m.def(
       "step_kernel",

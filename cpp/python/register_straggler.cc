@@ -25,40 +25,11 @@ namespace {
 
 using Doubles = py::array_t<double, py::array::c_style | py::array::forcecast>;
 using Ints = py::array_t<std::int64_t, py::array::c_style | py::array::forcecast>;
-using Layout = std::tuple<std::int64_t, std::int64_t, Ints, Doubles, Ints>;
 
 // A per-lane argument as a column (lanes.h's rule).
 template <class T, class A>
 sg::Column<T> column(const A& a, py::ssize_t lanes, const std::string& what, const char* who) {
   return sg::Column<T>{a.data(), lane_stride(a, lanes, what, who)};
-}
-
-// The routing law: experts, top-k, pi (None: uniform) and the slot layouts.
-sg::Routing routing(std::int64_t experts, std::int64_t top_k, const std::optional<Doubles>& pi,
-                    const std::vector<Layout>& layouts, const char* who) {
-  sg::Routing r;
-  r.experts = experts;
-  r.top_k = top_k;
-  if (pi) {
-    if (pi->ndim() != 1 || pi->shape(0) != experts) {
-      throw qs::InvalidArgument(std::string(who) + ": pi has " +
-                                (pi->ndim() == 1 ? std::to_string(pi->shape(0)) + " entries" : std::to_string(pi->ndim()) + " dimensions") +
-                                ": must be 1-d with one entry per expert (" + std::to_string(experts) + ")");
-    }
-    r.pi = pi->data();
-  }
-  for (std::size_t k = 0; k < layouts.size(); ++k) {
-    const auto& [gpus, red, expert, share, count] = layouts[k];
-    const std::string tag = std::string(who) + ": layouts[" + std::to_string(k) + "]";
-    if (expert.ndim() != 2 || share.ndim() != 2 || count.ndim() != 1 || expert.shape(0) != share.shape(0) ||
-        expert.shape(1) != share.shape(1) || expert.shape(0) != count.shape(0)) {
-      throw qs::InvalidArgument(tag + ": class_expert and class_share must be (classes, per_gpu) arrays and "
-                                "class_count (classes,)");
-    }
-    r.slots.push_back(sg::SlotClasses{gpus, red, expert.shape(0), expert.shape(1), expert.data(), share.data(),
-                                      count.data()});
-  }
-  return r;
 }
 
 }  // namespace
@@ -97,11 +68,11 @@ void register_straggler(py::module_& m) {
   m.def(
       "straggler_closed_form",
       [](std::int64_t experts, std::int64_t top_k, Doubles tokens, Ints gpus, Doubles a, Doubles b,
-         std::optional<Doubles> pi, std::optional<Ints> redundant, const std::vector<Layout>& layouts) {
+         std::optional<Doubles> pi, std::optional<Ints> redundant, const std::vector<SlotLayout>& layouts) {
         const char* who = "straggler_closed_form";
         if (tokens.ndim() != 1) throw qs::InvalidArgument("straggler_closed_form: tokens must be a 1-d array over the lanes");
         const py::ssize_t n = tokens.shape(0);
-        const sg::Routing r = routing(experts, top_k, pi, layouts, who);
+        const sg::Routing r = routing_law(experts, top_k, pi, layouts, who);
         sg::ClosedFormInput in;
         in.lanes = n;
         in.tokens = column<double>(tokens, n, "tokens", who);
@@ -116,7 +87,7 @@ void register_straggler(py::module_& m) {
         return py::make_tuple(mean, sd);
       },
       py::arg("experts"), py::arg("top_k"), py::arg("tokens"), py::arg("gpus"), py::arg("a"), py::arg("b"),
-      py::arg("pi") = py::none(), py::arg("redundant") = py::none(), py::arg("layouts") = std::vector<Layout>{},
+      py::arg("pi") = py::none(), py::arg("redundant") = py::none(), py::arg("layouts") = std::vector<SlotLayout>{},
       "Mean and sd of one MoE layer's straggler max_g max(a*u_g, b*n_g) per lane (0 where tokens <= 0): tokens, "
       "gpus, a, b, redundant 1-d (one entry per lane or one for every lane); pi the per-expert inclusion "
       "probabilities (None: uniform k/E); layouts one (gpus, redundant, class_expert, class_share, class_count) "
@@ -125,7 +96,7 @@ void register_straggler(py::module_& m) {
   m.def(
       "straggler_quantiles",
       [](std::int64_t experts, std::int64_t top_k, Doubles tokens, const py::dict& fields, std::optional<Doubles> pi,
-         const std::vector<Layout>& layouts) {
+         const std::vector<SlotLayout>& layouts) {
         const char* who = "straggler_quantiles";
         if (tokens.ndim() != 1) throw qs::InvalidArgument("straggler_quantiles: tokens must be a 1-d array over the lanes");
         const py::ssize_t n = tokens.shape(0);
@@ -145,7 +116,7 @@ void register_straggler(py::module_& m) {
         for (std::size_t f = 0; f < keep.size(); ++f) {
           *cols[f] = column<double>(keep[f], n, std::string("field '") + names[f] + "'", who);
         }
-        const sg::Routing r = routing(experts, top_k, pi, layouts, who);
+        const sg::Routing r = routing_law(experts, top_k, pi, layouts, who);
         py::array_t<double> mean(n), p50(n), p99(n);
         double* pm = mean.mutable_data();
         double* p5 = p50.mutable_data();
@@ -154,7 +125,7 @@ void register_straggler(py::module_& m) {
         return py::make_tuple(mean, p50, p99);
       },
       py::arg("experts"), py::arg("top_k"), py::arg("tokens"), py::arg("fields"), py::arg("pi") = py::none(),
-      py::arg("layouts") = std::vector<Layout>{},
+      py::arg("layouts") = std::vector<SlotLayout>{},
       "(mean, p50, p99) of the routed experts' straggler summed over each lane's MoE layers (0 on dense lanes): "
       "fields a mapping of the StepParams columns moe_layers, experts, top_k, ep, redundant, moe_a, moe_b (one "
       "entry per lane or one for every lane); experts/top_k the MoE lanes' routing law (ValueError when a MoE lane "

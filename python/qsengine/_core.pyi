@@ -5,7 +5,7 @@ parameter names and defaults against pybind11's signatures, which stubtest
 cannot read); the allowlist there says what stubtest cannot judge.
 """
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import numpy as np
 import numpy.typing as npt
@@ -442,10 +442,13 @@ STEP_PIECES: tuple[str, ...]
 STEP_LINK_PIECES: tuple[bool, ...]
 SOFT_MAX_VECTORISED: bool
 
-def step_pass(fields: dict[str, npt.NDArray[np.float64]], batch: npt.ArrayLike, context: npt.ArrayLike,
-              tokens: npt.ArrayLike, moe_mean: npt.ArrayLike, moe_p50: npt.ArrayLike, moe_p99: npt.ArrayLike,
-              detail: bool = False, index: npt.ArrayLike | None = None,
-              indexed: list[str] | tuple[str, ...] = ...) -> dict[str, npt.NDArray]: ...
+def step_time(fields: dict[str, npt.NDArray[np.float64]], batch: npt.ArrayLike, context: npt.ArrayLike,
+              index: npt.ArrayLike | None = None, indexed: list[str] | tuple[str, ...] = ..., experts: int = 0,
+              top_k: int = 0, pi: npt.ArrayLike | None = None,
+              layouts: list[tuple[int, int, npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]] = ...,
+              moe_mean: npt.ArrayLike | None = None, moe_p50: npt.ArrayLike | None = None,
+              moe_p99: npt.ArrayLike | None = None, detail: bool = False) -> dict[str, npt.NDArray]: ...
+def accepted_tokens(draft: npt.ArrayLike, accept: npt.ArrayLike) -> Any: ...
 def step_kernel(kind: str, fields: dict[str, npt.NDArray[np.float64]], x: npt.ArrayLike, y: npt.ArrayLike,
                 z: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...
 

@@ -109,11 +109,6 @@ class StepTimes:
     p99: np.ndarray
     tokens: np.ndarray
     pieces: tuple[PieceArrays, ...] = ()
-    #: mean compute time (pieces summed, straggler included), its p50 and p99, and the communication time
-    compute: np.ndarray | None = None
-    compute_p50: np.ndarray | None = None
-    compute_p99: np.ndarray | None = None
-    comm: np.ndarray | None = None
 
 
 def breakdown(r: StepTimes, i: int, batch: int, context: float) -> StepBreakdown:

@@ -33,8 +33,9 @@ as ``pp`` microbatches of ``B/pp``; each token of a sequence takes one pass
 through all layers at microbatch ``B/pp``, so the per-token latency (TPOT) is
 the full-depth time at batch ``B/pp`` and throughput is ``B / TPOT``.
 
-This module drives it (:func:`step_time`: the routed straggler added to the
-core's one-pass model, two-batch overlap, the speculative draft passes;
+The step over lanes is the core's (``cpp/core/step_time.cc``: the routed
+tokens, the straggler, the pass, two-batch overlap, the speculative draft
+passes); this module is its typed driver (:func:`step_time`,
 :func:`decode_step`); its parts live a concept per module: the lane parameters
 and options in :mod:`qsengine.decode.params`, the calibrated kernels' per-lane
 fits and the core's kernels over lanes in :mod:`qsengine.decode.kernels`, the
@@ -53,12 +54,12 @@ import numpy as np
 
 from qsengine.decode.breakdown import Piece, PieceArrays, StepBreakdown, StepTimes, breakdown
 from qsengine import _core
-from qsengine.decode.kernels import _gemm, _roof, grouped_cost, kernel_dtypes
+from qsengine.decode.kernels import grouped_cost, kernel_dtypes
 from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepLanes, StepOptions, StepParams,
                                     check_speculation, step_params)
 from qsengine.decode.straggler import (MoeLayerShape, _inclusion_probabilities, max_iid_normal,
-                                       moe_cost_coefficients, moe_layer_shape, moe_straggler_closed_form,
-                                       routed_tokens, straggler_ceiling, straggler_closed_form, straggler_quantiles)
+                                       _slot_layouts, moe_cost_coefficients, moe_layer_shape,
+                                       moe_straggler_closed_form, straggler_ceiling, straggler_closed_form)
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 __all__ = [
@@ -79,7 +80,7 @@ __all__ = [
     "StepParams",
     "step_params",
     "step_time",
-    "draft_step_time",
+    "routing_law",
     "accepted_tokens",
     "check_speculation",
     "MAX_DRAFT_TOKENS",
@@ -94,166 +95,88 @@ def accepted_tokens(draft: Any, acceptance: Any) -> Any:
     (chain acceptance: draft i counts only if drafts 1..i-1 did; the verify pass
     always yields one token). Leviathan et al., arXiv:2211.17192, eq. (1):
     (1 - a^(d+1)) / (1 - a); d + 1 at a = 1."""
-    d = np.asarray(draft, dtype=np.float64)
-    a = np.asarray(acceptance, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        return np.where(a >= 1.0, d + 1.0, (1.0 - a ** (d + 1.0)) / (1.0 - a))
+    return _core.accepted_tokens(np.asarray(draft, dtype=np.float64), np.asarray(acceptance, dtype=np.float64))
 
 
 # ---------------------------------------------------------------------------
-# The vectorised core. Every step time, scalar or swept, is computed here:
-# :func:`decode_step` calls it with one-element arrays, the closed-form fast
-# pipeline (qsengine.decode.pipeline) with arrays over points x plans x batches.
+# The vectorised core. Every step time, scalar or swept, is computed by the
+# core's step_time: :func:`decode_step` calls it with one-element arrays, the
+# pipeline (qsengine.decode.pipeline, sides) with arrays over points x plans x
+# batches (the side search calls the core's step directly, GIL released).
 # ---------------------------------------------------------------------------
+
+def routing_law(p: StepLanes, pi: np.ndarray | None = None, uniform: bool = True
+                ) -> tuple[int, int, np.ndarray | None, list]:
+    """The closed-form straggler's routing law of the MoE lanes of ``p``, as the
+    core takes it: (experts, top_k, pi, slot layouts). Experts and top-k are
+    the first MoE lane's (the core refuses lanes that disagree); ``pi`` the
+    inclusion probabilities (None where ``uniform`` or no lane is MoE); one slot
+    layout per distinct (ep, R > 0) pair of the MoE lanes
+    (:func:`~qsengine.decode.straggler._slot_layouts`)."""
+    names = ("moe_layers", "experts", "top_k", "redundant", "ep")
+    cols = dict(zip(names, np.broadcast_arrays(*(np.asarray(getattr(p, k)).reshape(-1) for k in names))))
+    rows = np.flatnonzero(cols["moe_layers"] > 0)
+    if rows.size == 0:
+        return 0, 0, None, []
+
+    def lanes(name: str) -> np.ndarray:
+        return cols[name][rows]
+
+    experts, top_k = int(lanes("experts")[0]), int(lanes("top_k")[0])
+    pi = None if uniform else np.ascontiguousarray(pi, dtype=np.float64)
+    red = lanes("redundant").astype(np.int64)
+    layouts: list = []
+    if red.any():
+        layouts = _slot_layouts(experts, top_k, pi, lanes("ep").astype(np.int64), red, np.ones(rows.size, bool))
+    return experts, top_k, pi, layouts
+
 
 def step_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
               uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-              detail: bool = False) -> StepTimes:
-    """Step time of one replica for every lane of ``p`` (see docs/model.md).
+              detail: bool = False, law: tuple | None = None) -> StepTimes:
+    """Step time of one replica for every lane of ``p`` (see docs/model.md),
+    computed by the core (``_core.step_time``, cpp/core/step_time.cc: the
+    routed tokens, the straggler, the pass of cpp/core/step.cc, two-batch
+    overlap and the speculative draft passes).
 
     ``batch`` and ``context`` are arrays over the lanes. The routed-expert
     straggler comes from ``moe_step_time`` (mean, p50, p99 arrays from the
-    Monte Carlo, without the grouped GEMM's fixed term, which is added here;
+    Monte Carlo, without the grouped GEMM's fixed term, which the core adds;
     for two-batch-overlap lanes the straggler of one half-batch microbatch)
-    or, if None, from the closed form (``pi`` = inclusion
-    probabilities, ``uniform`` when None), which takes one routing law per
-    call: MoE lanes must agree on experts and top-k (ValueError otherwise).
+    or, if None, from the closed form (``pi`` = inclusion probabilities,
+    ``uniform`` when None), which takes one routing law per call: MoE lanes
+    must agree on experts and top-k (ValueError otherwise). ``law``: the
+    routing law as :func:`routing_law` gives it, when the caller has it.
 
-    Speculative lanes (``p.draft`` = d > 0; docs/model.md, "Speculative
-    decoding"): the step is one verify pass of d + 1 token rows per sequence
-    (``moe_step_time`` is its straggler) plus d passes of the one-block draft
-    module (:func:`draft_step_time`, closed-form straggler with ``pi``), and
-    every time, quantile and piece is per accepted token: divided by
-    1 + a + ... + a^d (:func:`accepted_tokens`). With ``detail`` the draft
-    passes' pieces follow, named ``"draft: <piece>"`` (d passes summed).
+    Two-batch-overlap lanes (``overlap`` = "tbo"): two half-batch microbatches
+    alternate compute C and communication M, T = 2·max(C, M) + min(C, M)/L
+    (docs/model.md, "Overlap"). Speculative lanes (``p.draft`` = d > 0;
+    docs/model.md, "Speculative decoding"): the step is one verify pass of
+    d + 1 token rows per sequence (``moe_step_time`` is its straggler) plus d
+    passes of the one-block draft module (closed-form straggler with ``pi``)
+    with its MTP projection, and every time, quantile and piece is per
+    accepted token: divided by 1 + a + ... + a^d (:func:`accepted_tokens`).
+    With ``detail`` the pieces follow the core's ``STEP_PIECES``; the draft
+    passes' (``"draft: <piece>"``, d passes summed) only when a lane speculates.
     """
-    r = _pass_time(p, batch, context, pi=pi, uniform=uniform, moe_step_time=moe_step_time, detail=detail)
-    spec = p.draft > 0
-    if not spec.any():
-        return r
-    batch = np.asarray(batch, dtype=np.float64)
-    dr = draft_step_time(p, batch, np.asarray(context, dtype=np.float64), pi=pi, uniform=uniform, detail=detail)
-    acc = np.where(spec, accepted_tokens(p.draft, p.accept), 1.0)
-    time, p50, p99 = (np.where(spec, (v + p.draft * dv) / acc, v)  # other lanes exactly as without drafts
-                      for v, dv in ((r.time, dr.time), (r.p50, dr.p50), (r.p99, dr.p99)))
-    pieces = []
-    if detail:  # per accepted token, like the time: the pieces of a speculative lane still sum to it
-        pieces = [dataclasses.replace(pa, time=pa.time / acc, bytes=pa.bytes / acc, flops=pa.flops / acc)
-                  for pa in r.pieces]
-        pieces += [dataclasses.replace(pa, name="draft: " + pa.name, time=pa.time * p.draft / acc,
-                                       bytes=pa.bytes * p.draft / acc, flops=pa.flops * p.draft / acc,
-                                       count=pa.count * p.draft, present=pa.present & spec) for pa in dr.pieces]
-    return StepTimes(time=time, p50=p50, p99=p99, tokens=r.tokens, pieces=tuple(pieces))
-
-
-def _pass_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
-               uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-               detail: bool = False) -> StepTimes:
-    """One forward pass of every lane of ``p`` (see :func:`step_time`): a plain
-    decode step, or for a speculative lane its verify pass (d + 1 token rows
-    per sequence, weights and KV read once), two-batch overlap included; no
-    draft passes, no division by the accepted tokens.
-
-    The pieces (attention, dense FFN, router + shared experts, LM head, the
-    collectives) are the core's pass (``qsengine._core.step_pass``, one home:
-    cpp/core/step.cc, formulas in docs/model.md); the routed experts' straggler
-    that it adds comes from here: the Monte Carlo's ``moe_step_time`` or the
-    closed form (:func:`~qsengine.decode.straggler.straggler_quantiles`)."""
     batch = np.ascontiguousarray(batch, dtype=np.float64)
     ctx = np.ascontiguousarray(context, dtype=np.float64)
-    n_lanes = batch.shape[0]
-    is_moe = np.broadcast_to(p.moe_layers > 0, (n_lanes,))
-    tokens = np.ascontiguousarray(np.broadcast_to(routed_tokens(p, batch), (n_lanes,)))
+    experts, top_k, law_pi, layouts = routing_law(p, pi, uniform) if law is None else law
+    mst: tuple = (None, None, None)
     if moe_step_time is not None:
-        moe = tuple(np.where(is_moe, np.asarray(v, dtype=np.float64), 0.0) for v in moe_step_time)
-    elif is_moe.any():
-        moe = straggler_quantiles(p, tokens, pi=pi, uniform=uniform)
-    else:
-        moe = (np.zeros(n_lanes),) * 3
+        mst = tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), batch.shape))
+                    for v in moe_step_time)
     cols, index, indexed = p.pass_columns()
-    r = _core.step_pass(cols, batch, ctx, tokens, *(np.ascontiguousarray(v) for v in moe), detail, index, indexed)
+    r = _core.step_time(cols, batch, ctx, index, list(indexed), experts, top_k, law_pi, layouts, *mst, detail)
     pieces: tuple[PieceArrays, ...] = ()
     if detail:
+        spec = bool((np.asarray(p.draft) > 0).any())
         pieces = tuple(PieceArrays(name, r["piece_time"][j], r["piece_bytes"][j], r["piece_flops"][j],
                                    r["piece_count"][j], r["piece_present"][j],
                                    None if link else r["piece_bandwidth_bound"][j], link)
-                       for j, (name, link) in enumerate(zip(_core.STEP_PIECES, _core.STEP_LINK_PIECES)))
-    time, p50, p99 = r["time"], r["p50"], r["p99"]
-    tbo = p.overlap == 2
-    if tbo.any():
-        time, p50, p99 = _two_batch_overlap(p, batch, ctx, tbo, time, p50, p99, pi, uniform, moe_step_time)
-    return StepTimes(time=time, p50=p50, p99=p99, tokens=np.where(is_moe, tokens, 0.0), pieces=pieces,
-                     compute=r["compute"], compute_p50=r["compute_p50"], compute_p99=r["compute_p99"],
-                     comm=r["comm"])
-
-
-def _two_batch_overlap(p: StepLanes, batch: np.ndarray, ctx: np.ndarray, tbo: np.ndarray, time: np.ndarray,
-                       p50: np.ndarray, p99: np.ndarray, pi: np.ndarray | None, uniform: bool,
-                       moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None,
-                       ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Step time of the ``tbo`` lanes under two-batch overlap (SGLang TBO,
-    https://lmsys.org/blog/2025-05-05-large-scale-ep/; DeepSeek's dual
-    micro-batch overlap, https://github.com/deepseek-ai/profile-data): the
-    replica's batch runs as two microbatches of ``B/2`` that alternate, layer
-    by layer, between compute and communication, so one's communication hides
-    behind the other's compute. With ``C`` and ``M`` the compute and
-    communication time of one half-batch step (every weight is read by each
-    microbatch), ``T = 2·max(C, M) + min(C, M)/L`` (the shorter stream is
-    exposed for one layer of L, at the start). Quantiles take ``C`` at that
-    quantile. For Monte Carlo lanes ``moe_step_time`` is the straggler of
-    one microbatch (the routing Monte Carlo runs at half the tokens)."""
-    rows = np.flatnonzero(tbo)
-    sub = p.take(rows).replace(overlap=np.zeros(rows.size))
-    mst = None if moe_step_time is None else tuple(np.asarray(v, dtype=np.float64)[rows] for v in moe_step_time)
-    h = _pass_time(sub, batch[rows] / 2.0, ctx[rows], pi=pi, uniform=uniform, moe_step_time=mst)  # type: ignore[arg-type]
-    layers = sub.layers
-    out = []
-    for full, c in ((time, h.compute), (p50, h.compute_p50), (p99, h.compute_p99)):
-        assert c is not None and h.comm is not None
-        t = full.copy()
-        t[rows] = 2.0 * np.maximum(c, h.comm) + np.minimum(c, h.comm) / layers
-        out.append(t)
-    return out[0], out[1], out[2]
-
-
-def draft_step_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
-                    uniform: bool = True, detail: bool = False) -> StepTimes:
-    """Time of ONE draft pass of the MTP / draft module for every lane of ``p``
-    (docs/model.md, "Speculative decoding"). The module is one decoder block
-    of the lane's kind (an MoE layer for an MoE model, a dense FFN layer for a
-    dense one; DeepSeek-V3 report arXiv:2412.19437 §2.2), run on the
-    microbatch ``batch/pp`` of one token per sequence, with its own one-layer
-    KV cache over the context (full attention), the shared LM head, the TP/EP
-    collectives of one layer and no pipeline sends; plus the 2d×d projection
-    of [norm(h); norm(emb)] (the piece "mtp projection", a GEMM of
-    ``seqs`` rows, n = d/shard, k = 2d). Its routed experts take the closed-form
-    straggler of ``pi``. Two-batch overlap does not apply (one layer has
-    nothing to alternate with: ``overlap="tbo"`` runs it without overlap);
-    ``"full"`` does. Built on the one-pass model over a one-block view of ``p``."""
-    batch = np.asarray(batch, dtype=np.float64)
-    is_moe = p.moe_layers > 0
-    one = np.ones_like(p.layers)
-    zero = np.zeros_like(p.layers)
-    q = p.replace(layers=one, local=zero, window=zero, pp=one, draft=zero,
-                  overlap=np.where(p.overlap == 2, 0.0, p.overlap),
-                  moe_layers=np.where(is_moe, 1.0, 0.0), dense_layers=np.where(is_moe, 0.0, 1.0))
-    micro = batch / p.pp
-    r = _pass_time(q, micro, context, pi=pi, uniform=uniform, detail=detail)
-    shard = np.where(p.attn_dp > 0, 1.0, p.tp)
-    seqs = np.where(p.attn_dp > 0, micro / p.tp, micro)
-    proj = 2.0 * p.d * p.d
-    w = proj * p.wb / shard
-    fl = 2.0 * seqs * proj / shard
-    t_r, b_r = _roof(w, fl, p)
-    t_c, tb, tf = _gemm(p, seqs, p.d / shard, 2.0 * p.d)
-    cal = p.kern > 0
-    t = np.where(cal, t_c, t_r)
-    pieces = r.pieces
-    if detail:
-        n = t.shape[0]
-        pieces = pieces + (PieceArrays("mtp projection", t, w, fl, np.ones(n), np.ones(n, bool),
-                                       np.where(cal, tb >= tf, b_r)),)
-    return StepTimes(time=r.time + t, p50=r.p50 + t, p99=r.p99 + t, tokens=r.tokens, pieces=pieces)
+                       for j, (name, link) in enumerate(zip(_core.STEP_PIECES, _core.STEP_LINK_PIECES))
+                       if spec or not name.startswith("draft: "))
+    return StepTimes(time=r["time"], p50=r["p50"], p99=r["p99"], tokens=r["tokens"], pieces=pieces)
 
 
 def decode_step(
