@@ -1,13 +1,14 @@
-"""The fast paths of decode/sides.py give the same floats as the plain ones:
-shared step fields broadcast instead of gathered, and the bisection's
-in-bracket pruning of dense rows (which relies on B / TPOT growing with B)."""
+"""The core's side search (cpp/core/side_search.h, called by decode/sides.py)
+gives exactly the answer of trying every batch of every plan: the regula-falsi
+bisection and its exact pruning (in-bracket pruning of dense rows relies on
+B / TPOT growing with B, checked here too), for dense twins and MoE lanes; bad
+input to the search is named."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from qsengine.decode.params import STEP_FIELDS
 from qsengine.decode.sides import _DEFAULT_OPTIONS, _side, _stacked, family, in_order_best
 from qsengine.decode.step import step_time
 from qsengine.packing import admissible_batches
@@ -23,47 +24,6 @@ def _twin_family(model: str, cluster: str, prec: str, q: float):
     assert sol.ok[0]
     return family(sol.lines[0].base, as_cluster(cluster), as_precision(prec), "auto", _DEFAULT_OPTIONS,
                   override=True), float(sol.ffn_params()[0])
-
-
-@pytest.mark.parametrize("models", [DENSE, ["qwen3-30b-a3b", "mixtral-8x7b"]])
-def test_stack_take_broadcasts_the_fields_every_plan_shares(models):
-    """_Stack.take: shared fields are one-element arrays equal to every plan's
-    value, the others gathered; the step model gives bit-identical floats."""
-    fams = [family(as_model(m), as_cluster(c), as_precision("fp8"), "auto", _DEFAULT_OPTIONS)
-            for m in models for c in CLUSTERS[:2]]
-    fams = [f for f in fams if f.plans]
-    if models[0] in DENSE:
-        stack = _stacked(fams)
-    else:  # MoE families stack only with their own routing law: one model
-        fams = fams[:1]
-        stack = _stacked(fams)
-    assert stack.varying_matrix is not None and stack.shared and stack.varying
-    assert set(stack.shared) | set(stack.varying) == set(STEP_FIELDS)
-    rng = np.random.default_rng(0)
-    idx = rng.integers(0, len(stack.params), 3000)
-    cheap, full = stack.take(idx), stack.params.take(idx)
-    for f in STEP_FIELDS:
-        a, b = getattr(cheap, f), getattr(full, f)
-        assert a.shape == ((1,) if f in stack.shared else (idx.size,)), f
-        assert np.array_equal(np.broadcast_to(a, b.shape), b, equal_nan=True), f
-    batch = rng.integers(1, 512, idx.size).astype(np.float64)
-    ctx = rng.integers(512, 131072, idx.size).astype(np.float64)
-    pi = fams[0].pi
-    r1 = step_time(cheap, batch, ctx, pi=pi, uniform=pi is None)
-    r2 = step_time(full, batch, ctx, pi=pi, uniform=pi is None)
-    for name in ("time", "p50", "p99", "tokens"):
-        assert np.array_equal(getattr(r1, name), getattr(r2, name)), name
-
-
-def test_two_batch_overlap_stacks_gather_every_field():
-    from qsengine.decode.params import StepOptions
-
-    fam = family(as_model("llama-3.1-8b"), as_cluster("8xh100"), as_precision("fp8"), "auto",
-                 StepOptions(overlap="tbo"))
-    stack = _stacked([fam])
-    assert stack.varying_matrix is None
-    idx = np.arange(len(stack.params))
-    assert np.array_equal(stack.take(idx).matrix, stack.params.take(idx).matrix, equal_nan=True)
 
 
 @pytest.mark.parametrize("model", DENSE)
@@ -85,7 +45,7 @@ def test_dense_tpot_per_sequence_never_grows_with_the_batch(model, cluster, prec
                 assert np.all(np.diff(per) <= 1e-12 * per[1:]), (fam.plans[k].label, ctx, name)
 
 
-def _exhaustive(fams, fam_of, ctx, slo, ffn):
+def _exhaustive(fams, fam_of, ctx, slo, ffn, override=True):
     """(plan, batch, time, p99, tps) per lane by evaluating every admissible
     batch of every plan: the largest that meets the p99 target, then the
     in-order best plan by tokens/s."""
@@ -96,14 +56,16 @@ def _exhaustive(fams, fam_of, ctx, slo, ffn):
         T = np.full((1, P), np.nan)
         at = {}
         for k in range(P):
-            adm = int(admissible_batches(fam.memory, np.array([k]), np.array([ctx[i]]),
-                                         np.array([ffn[i] * fam.precision.weight_bytes]))[0][0])
+            fb = np.array([ffn[i] * fam.precision.weight_bytes]) if override else None
+            adm = int(admissible_batches(fam.memory, np.array([k]), np.array([ctx[i]]), fb)[0][0])
             if adm < 1:
                 continue
             u = np.arange(1, adm + 1)
             b = (u * fam.unit[k]).astype(np.float64)
-            p = fam.params.take(np.full(u.size, k)).replace(ffn_params=np.full(u.size, ffn[i]))
-            r = step_time(p, b, np.full(u.size, float(ctx[i])))
+            p = fam.params.take(np.full(u.size, k))
+            if override:
+                p = p.replace(ffn_params=np.full(u.size, ffn[i]))
+            r = step_time(p, b, np.full(u.size, float(ctx[i])), pi=fam.pi, uniform=fam.pi is None)
             ok = np.flatnonzero(r.p99 <= slo[i]) if not np.isnan(slo[i]) else np.array([u.size - 1])
             if ok.size == 0:
                 continue
@@ -144,3 +106,45 @@ def test_bisection_with_pruning_equals_the_exhaustive_scan(seed):
         assert got == w, (i, got, w)
         bound += side.limit[i] == 1
     assert bound > 0  # the targets bind somewhere, so the bisection ran
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_moe_lanes_under_binding_targets_equal_the_exhaustive_scan(seed):
+    """MoE lanes (closed-form straggler, uniform and power-law routing; not pruned inside the bracket):
+    the chosen plan, batch, time, p99 and tokens/s are exactly those of trying every batch."""
+    rng = np.random.default_rng(100 + seed)
+    routing = str(rng.choice(["uniform", "powerlaw:1.2"]))
+    fam = family(as_model("qwen3-30b-a3b"), as_cluster(str(rng.choice(CLUSTERS[:2]))), as_precision("fp8"), "auto",
+                 _DEFAULT_OPTIONS, routing=routing)
+    n = 5
+    ctx = rng.choice([1024, 8192, 65536], n)
+    slo = rng.choice([0.004, 0.008, 0.015, np.nan], n)
+    ffn = np.zeros(n)  # MoE families do not override the dense FFN
+    side = _side(fam, ctx, slo)
+    want = _exhaustive([fam], np.zeros(n, np.int64), ctx, slo, ffn, override=False)
+    assert (side.limit == 1).any()  # the targets bind somewhere, so the bisection ran
+    for i, w in enumerate(want):
+        if w is None:
+            assert not side.feasible[i]
+            continue
+        assert (int(side.plan[i]), int(side.batch[i]), side.time[i], side.p99[i], side.tps[i]) == w, i
+
+
+def test_the_core_search_names_bad_input():
+    from qsengine import _core
+
+    fam = family(as_model("llama-3.1-8b"), as_cluster("8xh100"), as_precision("fp8"), "auto", _DEFAULT_OPTIONS)
+    stack = _stacked([fam])
+    one = np.zeros(1, np.int64)
+    args = dict(plans=stack.fields, unit=stack.unit, lanes=1, context=np.ones(1), slo=np.full(1, np.nan))
+    with pytest.raises(ValueError, match=r"plan\[0\] = 99: must be in \[0, "):
+        _core.side_search(plan=np.array([99]), lane=one, units=np.ones(1, np.int64), **args)
+    with pytest.raises(ValueError, match=r"lane\[0\] = 3: must be in \[0, 1\)"):
+        _core.side_search(plan=one, lane=np.array([3]), units=np.ones(1, np.int64), **args)
+    with pytest.raises(ValueError, match=r"units\[0\] = 0: must be >= 1"):
+        _core.side_search(plan=one, lane=one, units=one, **args)
+    with pytest.raises(ValueError, match="units must be 1-d with one entry per row"):
+        _core.side_search(plan=one, lane=one, units=np.ones(2, np.int64), **args)
+    got = _core.side_search(plan=np.zeros(0, np.int64), lane=np.zeros(0, np.int64), units=np.zeros(0, np.int64),
+                            **{**args, "context": np.zeros(0), "slo": np.zeros(0)})
+    assert got["time"].size == 0

@@ -39,28 +39,6 @@ def _lanes(n: int, seed: int) -> tuple[StepParams, np.ndarray, np.ndarray]:
     return StepParams.stack(parts), np.array(batch), np.array(ctx)
 
 
-def test_a_plans_table_read_at_an_index_is_the_gathered_lanes():
-    """TakenParams (the sides' lanes of a stacked plan table, read by the core at an index) gives the
-    same bits as the gathered StepParams, pieces included, with per-lane overrides and sub-takes."""
-    from qsengine.decode.params import TakenParams
-
-    p, b, c = _lanes(9, 3)
-    table = p.columns()
-    varying = tuple(f for f in STEP_FIELDS if not np.all(table[f] == table[f][0]))
-    shared = {f: (v if f in varying else v[:1].copy()) for f, v in table.items()}
-    idx = np.random.default_rng(3).integers(0, len(p), 500)
-    ffn = np.linspace(1e9, 2e10, idx.size)
-    lanes = TakenParams(shared, varying, idx).replace(ffn_params=ffn)
-    full = p.take(idx).replace(ffn_params=ffn)
-    got, want = step_time(lanes, b[idx], c[idx], detail=True), step_time(full, b[idx], c[idx], detail=True)
-    for name in ("time", "p50", "p99", "tokens"):
-        assert np.array_equal(getattr(got, name), getattr(want, name)), name
-    for a, w in zip(got.pieces, want.pieces):
-        assert np.array_equal(a.time, w.time) and np.array_equal(a.bytes, w.bytes), a.name
-    sub = np.arange(0, idx.size, 7)
-    assert np.array_equal(step_time(lanes.take(sub), b[idx][sub], c[idx][sub]).time, want.time[sub])
-
-
 def test_the_core_reads_step_params_fields():
     assert set(_core.STEP_PASS_FIELDS) <= set(STEP_FIELDS)
     assert len(set(_core.STEP_PASS_FIELDS)) == len(_core.STEP_PASS_FIELDS)
@@ -175,16 +153,6 @@ def test_bad_input_is_named():
         _core.step_kernel("nope", p.columns(), z, z, z)
     with pytest.raises(ValueError, match="step_kernel: x has shape"):
         _core.step_kernel("roof", p.columns(), np.zeros(5), z, z)
-    # a plans' table read at an index: the index must reach only rows the indexed fields have
-    cols = p.columns()
-    with pytest.raises(ValueError, match="indexed fields need an index"):
-        _core.step_time(cols, b, c, None, ["tp"])
-    with pytest.raises(ValueError, match=r"index\[1\] = -1: must be >= 0"):
-        _core.step_time(cols, b, c, np.array([0, -1, 0]), ["tp"])
-    with pytest.raises(ValueError, match="indexed field 'tp' has 3 rows: the index reaches row 7"):
-        _core.step_time(cols, b, c, np.array([0, 7, 0]), ["tp"])
-    with pytest.raises(ValueError, match="indexed field 'nope' is not a step field"):
-        _core.step_time(cols, b, c, np.array([0, 1, 2]), ["nope"])
     # nothing to do: no lanes
     e = np.zeros(0)
     assert _core.step_time(p.take(np.zeros(0, np.int64)).columns(), e, e)["time"].size == 0

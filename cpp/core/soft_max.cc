@@ -57,8 +57,12 @@ bool soft_max_is_vectorised() {
 void soft_max_block(std::int64_t n, const double* x, const double* y, const double* p, double* out) {
   if (n <= 0) return;
   const std::int64_t n4 = (n + 3) / 4 * 4;  // padded with r = 0, p = 1 (finite, unused)
-  thread_local std::vector<double> hi, r, pw, u, inv, v;
-  for (auto* a : {&hi, &r, &pw, &u, &inv, &v}) a->assign(static_cast<std::size_t>(n4), 0.0);
+  thread_local std::vector<double> buffers[6];
+  std::vector<double>(&buf)[6] = buffers;  // the thread's buffers, looked up once per call
+  for (auto& a : buf) {
+    if (a.size() < static_cast<std::size_t>(n4)) a.resize(static_cast<std::size_t>(n4));
+  }
+  std::vector<double>&hi = buf[0], &r = buf[1], &pw = buf[2], &u = buf[3], &inv = buf[4], &v = buf[5];
   for (std::int64_t i = 0; i < n; ++i) {
     // numpy's maximum/minimum (a NaN gives NaN), then r = lo/hi (0 where hi <= 0)
     const double a = x[i], b = y[i];
@@ -68,7 +72,10 @@ void soft_max_block(std::int64_t n, const double* x, const double* y, const doub
     r[i] = h > 0 ? l / h : 0.0;
     pw[i] = p[i];
   }
-  for (std::int64_t i = n; i < n4; ++i) pw[i] = 1.0;
+  for (std::int64_t i = n; i < n4; ++i) {
+    r[i] = 0.0;
+    pw[i] = 1.0;
+  }
   pow_lanes(n4, r.data(), pw.data(), u.data());
   for (std::int64_t i = 0; i < n4; ++i) {
     u[i] = 1.0 + u[i];

@@ -31,7 +31,7 @@ struct Recorder {
   }
 };
 
-void one_lane(const Lane& l, double batch, double ctx, double tokens, double moe_in_mean, double moe_in_p50,
+void one_lane(const Lane& l, double ffn_params, double batch, double ctx, double tokens, double moe_in_mean, double moe_in_p50,
               double moe_in_p99, const Recorder& rec, SoftMaxTape& sm, double* res) {
   const bool detail = rec.d.time != nullptr;
   const double micro = batch / l.pp;
@@ -89,18 +89,18 @@ void one_lane(const Lane& l, double batch, double ctx, double tokens, double moe
   const double fshard = dense_adp ? l.tp : shard;
   const double ftok = dense_adp ? micro_rows : seqs;
   {
-    const bool has = l.dense_layers > 0 && l.ffn_params > 0;
+    const bool has = l.dense_layers > 0 && ffn_params > 0;
     double t_r = 0.0, w = 0.0, fl = 0.0, t_c = 0.0;
     bool b_r = false, b_c = false;
     if (roof_work) {
-      w = l.ffn_params * l.wb / fshard;
-      fl = 2.0 * ftok * l.ffn_params / fshard;
+      w = ffn_params * l.wb / fshard;
+      fl = 2.0 * ftok * ffn_params / fshard;
       t_r = roof_time(w, fl, l.bw, l.flops, &b_r);
     }
     if (cal) {
       // FFN width per GPU, from P = mats·d·w (+ (mats-1)·w + d with biases; Model._ffn_params)
       const double width =
-          (l.ffn_params - l.ffn_bias * l.d) / (l.ffn_mats * l.d + l.ffn_bias * (l.ffn_mats - 1)) / fshard;
+          (ffn_params - l.ffn_bias * l.d) / (l.ffn_mats * l.d + l.ffn_bias * (l.ffn_mats - 1)) / fshard;
       const double n[2] = {(l.ffn_mats - 1) * width, width > 0 ? l.d : 0.0};
       const double k[2] = {l.d, width};
       t_c = gemms(l, ftok, n, k, &b_c, sm);
@@ -390,12 +390,13 @@ double ep_alltoall_time(const Lane& l, double bytes, double group) {
   return l.latency + np_max(t_in, bytes * inter / (l.internode * l.link_eff));
 }
 
-void pass_lanes(const Lane* lanes, std::int64_t n, const double* batch, const double* context,
+void pass_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const double* tokens, const double* moe_mean, const double* moe_p50, const double* moe_p99,
                 const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride) {
   // Lanes in blocks: the block's soft maxima are recorded (a first evaluation), evaluated together
   // (soft_max_block: SIMD powers) and replayed in the same order by the second evaluation, which writes.
-  thread_local SoftMaxTape sm;
+  thread_local SoftMaxTape tape;
+  SoftMaxTape& sm = tape;  // the thread's tape, its address looked up once per call
   double res[7];
   for (std::int64_t lo = 0; lo < n; lo += kBlockLanes) {
     const std::int64_t hi = std::min(n, lo + kBlockLanes);
@@ -403,7 +404,7 @@ void pass_lanes(const Lane* lanes, std::int64_t n, const double* batch, const do
     for (int write = 0; write < 2; ++write) {
       for (std::int64_t i = lo; i < hi; ++i) {
         const Recorder rec{detail, detail_stride, i, write == 1};
-        one_lane(lanes[i], batch[i], context[i], tokens[i], moe_mean[i], moe_p50[i], moe_p99[i], rec, sm, res);
+        one_lane(lanes[i], lanes.ffn_params(i), batch[i], context[i], tokens[i], moe_mean[i], moe_p50[i], moe_p99[i], rec, sm, res);
         if (write == 0) continue;
         out.time[i] = res[0];
         out.p50[i] = res[1];
@@ -418,7 +419,7 @@ void pass_lanes(const Lane* lanes, std::int64_t n, const double* batch, const do
   }
 }
 
-void gather_lanes(const Column* fields, const std::int64_t* index, std::int64_t lo, std::int64_t hi, Lane* lanes) {
+void gather_lanes(const Column* fields, std::int64_t lo, std::int64_t hi, Lane* lanes) {
   for (std::int64_t i = lo; i < hi; ++i) {
     Lane& lane = lanes[i - lo];
     double* slots[kNumFields] = {
@@ -428,35 +429,34 @@ void gather_lanes(const Column* fields, const std::int64_t* index, std::int64_t 
     };
     for (int f = 0; f < kNumFields; ++f) {
       const Column& c = fields[f];
-      *slots[f] = c.data[c.indexed ? index[i] : c.stride * i];
+      *slots[f] = c.data[c.stride * i];
     }
   }
 }
 
-void check_columns(const Column* fields, const std::int64_t* index, const char* who) {
-  bool any_indexed = false;
+void check_columns(const Column* fields, const char* who) {
   for (int f = 0; f < kNumFields; ++f) {
     if (fields[f].data == nullptr) {
       throw InvalidArgument(std::string(who) + ": field '" + field_names()[static_cast<std::size_t>(f)] +
                             "' is missing");
     }
-    any_indexed = any_indexed || fields[f].indexed;
   }
-  if (any_indexed && index == nullptr) throw InvalidArgument(std::string(who) + ": indexed fields need an index");
 }
 
 void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail) {
   if (in.lanes < 0) throw InvalidArgument("step_pass: lanes = " + std::to_string(in.lanes) + ": must be >= 0");
   if (in.lanes == 0) return;
-  check_columns(in.fields, in.index, "step_pass");
+  check_columns(in.fields, "step_pass");
   if (!in.batch || !in.context || !in.tokens || !in.moe_mean || !in.moe_p50 || !in.moe_p99 || !out.time ||
       !out.p50 || !out.p99 || !out.compute || !out.compute_p50 || !out.compute_p99 || !out.comm) {
     throw InvalidArgument("step_pass: a per-lane input or output array is missing");
   }
   std::vector<Lane> block(static_cast<std::size_t>(std::min(in.lanes, kBlockLanes)));
+  std::vector<const Lane*> refs(block.size());
+  for (std::size_t j = 0; j < block.size(); ++j) refs[j] = &block[j];
   for (std::int64_t lo = 0; lo < in.lanes; lo += kBlockLanes) {
     const std::int64_t hi = std::min(in.lanes, lo + kBlockLanes);
-    gather_lanes(in.fields, in.index, lo, hi, block.data());
+    gather_lanes(in.fields, lo, hi, block.data());
     const PassOutput o{out.time + lo, out.p50 + lo, out.p99 + lo, out.compute + lo, out.compute_p50 + lo,
                        out.compute_p99 + lo, out.comm + lo};
     PassDetail d;
@@ -464,7 +464,7 @@ void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& det
       d = PassDetail{detail.time + lo, detail.bytes + lo, detail.flops + lo, detail.count + lo,
                      detail.present + lo, detail.bandwidth_bound + lo};
     }
-    pass_lanes(block.data(), hi - lo, in.batch + lo, in.context + lo, in.tokens + lo, in.moe_mean + lo,
+    pass_lanes(Lanes{refs.data()}, hi - lo, in.batch + lo, in.context + lo, in.tokens + lo, in.moe_mean + lo,
                in.moe_p50 + lo, in.moe_p99 + lo, o, d, in.lanes);
   }
 }

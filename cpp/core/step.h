@@ -58,13 +58,11 @@ struct Lane {
 #undef QS_STEP_MEMBER
 };
 
-// A column of one field: one value per lane (stride 1), one value for every
-// lane (stride 0), or, if `indexed`, one value per plan read at the lane's
-// PassInput::index (the plans' table is gathered lane by lane, not copied).
+// A column of one field: one value per lane (stride 1) or one value for every
+// lane (stride 0).
 struct Column {
   const double* data = nullptr;
   std::ptrdiff_t stride = 0;
-  bool indexed = false;
 };
 
 // Per-lane inputs of one pass. moe_* are the routed experts' straggler summed
@@ -73,7 +71,6 @@ struct Column {
 struct PassInput {
   std::int64_t lanes = 0;
   Column fields[kNumFields];
-  const std::int64_t* index = nullptr;  // per lane: its row of the indexed columns (needed if any is indexed)
   const double* batch = nullptr;    // sequences of one replica
   const double* context = nullptr;  // cached tokens per sequence
   const double* tokens = nullptr;   // routed tokens per EP group per MoE layer (the straggler's B)
@@ -132,15 +129,25 @@ struct PassDetail {
 // negative lane count).
 void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail);
 
-// The pass over `n` lanes given as structs (the per-lane arrays as in PassInput), writing out[0, n) and, with
+// The lanes of a call without copying them: lane i is *lane[i], with its dense-FFN parameters ffn[i] where ffn
+// is given (a dense twin line's width, per lane) instead of the struct's.
+struct Lanes {
+  const Lane* const* lane = nullptr;
+  const double* ffn = nullptr;
+  const Lane& operator[](std::int64_t i) const { return *lane[i]; }
+  double ffn_params(std::int64_t i) const { return ffn != nullptr ? ffn[i] : lane[i]->ffn_params; }
+  Lanes from(std::int64_t i) const { return Lanes{lane + i, ffn != nullptr ? ffn + i : nullptr}; }
+};
+
+// The pass over `n` lanes (the per-lane arrays as in PassInput), writing out[0, n) and, with
 // detail, piece j of lane i at detail.<array>[j * detail_stride + i].
-void pass_lanes(const Lane* lanes, std::int64_t n, const double* batch, const double* context,
+void pass_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const double* tokens, const double* moe_mean, const double* moe_p50, const double* moe_p99,
                 const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride);
 // lanes[i - lo] = lane i of the columns, for i in [lo, hi).
-void gather_lanes(const Column* fields, const std::int64_t* index, std::int64_t lo, std::int64_t hi, Lane* lanes);
-// InvalidArgument naming `who` if a column is missing, or indexed without an index.
-void check_columns(const Column* fields, const std::int64_t* index, const char* who);
+void gather_lanes(const Column* fields, std::int64_t lo, std::int64_t hi, Lane* lanes);
+// InvalidArgument naming `who` if a column is missing.
+void check_columns(const Column* fields, const char* who);
 
 // ---------------------------------------------------------------------------
 // The decode step over lanes (step_time.cc): the routed tokens, the routed
@@ -183,10 +190,10 @@ bool step_piece_is_link(int j);
 // a >= 1 (Leviathan et al., arXiv:2211.17192, eq. 1).
 double accepted_tokens(double draft, double accept);
 
-// The step over `n` lanes given as structs; detail (kNumStepPieces rows of stride
+// The step over `n` lanes; detail (kNumStepPieces rows of stride
 // detail_stride, or all null) as in pass_lanes. InvalidArgument if a MoE lane
 // needs the closed form without a routing law, or disagrees with it.
-void step_lanes(const Lane* lanes, std::int64_t n, const double* batch, const double* context,
+void step_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const Straggler& straggler, const StepOutput& out, const PassDetail& detail,
                 std::int64_t detail_stride);
 
@@ -194,7 +201,6 @@ void step_lanes(const Lane* lanes, std::int64_t n, const double* batch, const do
 struct StepInput {
   std::int64_t lanes = 0;
   Column fields[kNumFields];
-  const std::int64_t* index = nullptr;
   const double* batch = nullptr;
   const double* context = nullptr;
   Straggler straggler;

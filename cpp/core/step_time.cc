@@ -25,18 +25,44 @@ using namespace detail;  // NOLINT: the step model's own kernels
 // token rows of a speculative verify pass (docs/model.md, "Routed experts").
 inline double routed_tokens(const Lane& l, double batch) { return batch / l.pp * l.dp / l.copies * (1.0 + l.draft); }
 
-// Per-lane scratch of one block.
+// Per-lane scratch of one block of lanes.
 struct Block {
   std::vector<double> tokens, mean, p50, p99, r[7];
-  explicit Block(std::size_t n) : tokens(n), mean(n), p50(n), p99(n) {
-    for (auto& v : r) v.resize(n);
+  Block() : tokens(kBlockLanes), mean(kBlockLanes), p50(kBlockLanes), p99(kBlockLanes) {
+    for (auto& v : r) v.resize(kBlockLanes);
   }
   PassOutput out() { return {r[0].data(), r[1].data(), r[2].data(), r[3].data(), r[4].data(), r[5].data(), r[6].data()}; }
 };
 
+// A thread's scratch of step_block, allocated once: the verify pass (v), the two-batch-overlap half pass (h),
+// the draft pass (d), the straggler's columns, the derived lanes and their pointers.
+struct Scratch {
+  Block v, h, d;
+  std::vector<double> cols[7], batch, ctx, acc, proj_t, proj_w, proj_fl;
+  std::vector<std::uint8_t> proj_bw;
+  std::vector<std::int64_t> rows;
+  std::vector<Lane> derived;
+  std::vector<const Lane*> refs;
+  SoftMaxTape tape;
+  Scratch() {
+    for (auto& c : cols) c.resize(kBlockLanes);
+    for (auto* v : {&batch, &ctx, &acc, &proj_t, &proj_w, &proj_fl}) v->resize(kBlockLanes);
+    proj_bw.resize(kBlockLanes);
+    rows.reserve(kBlockLanes);
+    derived.resize(kBlockLanes);
+    refs.resize(kBlockLanes);
+    for (std::size_t j = 0; j < derived.size(); ++j) refs[j] = &derived[j];
+  }
+};
+
+Scratch& scratch() {
+  thread_local Scratch s;
+  return s;
+}
+
 // The straggler (mean, p50, p99) of lanes `l` at `tokens`: given (where a lane is MoE) or the closed form.
-void straggler_of(const Lane* l, std::int64_t n, const double* tokens, const Straggler& s, bool given, Block& b,
-                  const std::int64_t* rows = nullptr) {
+void straggler_of(Lanes l, std::int64_t n, const double* tokens, const Straggler& s, bool given, Block& b,
+                  std::vector<double> (&cols)[7], const std::int64_t* rows = nullptr) {
   bool any_moe = false;
   for (std::int64_t i = 0; i < n; ++i) any_moe = any_moe || l[i].moe_layers > 0;
   if (given) {  // rows: the lanes' positions in the given arrays
@@ -56,8 +82,6 @@ void straggler_of(const Lane* l, std::int64_t n, const double* tokens, const Str
     return;
   }
   if (s.routing == nullptr) throw InvalidArgument("step_time: MoE lanes need a routing law for the closed-form straggler");
-  std::vector<double> cols[7];
-  for (auto& c : cols) c.resize(static_cast<std::size_t>(n));
   for (std::int64_t i = 0; i < n; ++i) {
     const auto j = static_cast<std::size_t>(i);
     cols[0][j] = l[i].moe_layers;
@@ -87,45 +111,45 @@ PassDetail offset(const PassDetail& d, std::int64_t by) {
 }
 
 // One block (n <= kBlockLanes lanes) of step_lanes.
-void step_block(const Lane* L, std::int64_t n, const double* batch, const double* ctx, const Straggler& s,
-                const StepOutput& out, const PassDetail& detail, std::int64_t stride) {
-  const auto un = static_cast<std::size_t>(n);
+void step_block(Lanes L, std::int64_t n, const double* batch, const double* ctx, const Straggler& s,
+                const StepOutput& out, const PassDetail& detail, std::int64_t stride, Scratch& w) {
   const bool want_detail = detail.time != nullptr;
   const bool given = s.mean != nullptr;
   // the (verify) pass
-  Block v(un);
+  Block& v = w.v;
   for (std::int64_t i = 0; i < n; ++i) v.tokens[static_cast<std::size_t>(i)] = routed_tokens(L[i], batch[i]);
-  straggler_of(L, n, v.tokens.data(), s, given, v);
+  straggler_of(L, n, v.tokens.data(), s, given, v, w.cols);
   pass_lanes(L, n, batch, ctx, v.tokens.data(), v.mean.data(), v.p50.data(), v.p99.data(), v.out(), detail, stride);
   double* time = v.r[0].data();
   double* p50 = v.r[1].data();
   double* p99 = v.r[2].data();
+  const Lanes derived{w.refs.data()};  // lanes derived from L's (their FFN parameters resolved)
 
   // Two-batch overlap (SGLang TBO, https://lmsys.org/blog/2025-05-05-large-scale-ep/; DeepSeek's dual micro-batch
   // overlap, https://github.com/deepseek-ai/profile-data): two microbatches of B/2 alternate between compute C and
   // communication M of one half-batch step: T = 2 max(C, M) + min(C, M)/L; quantiles take C at the quantile. The
   // Monte Carlo's straggler is already of one microbatch (it runs at half the tokens).
-  std::vector<std::int64_t> rows;
+  auto& rows = w.rows;
+  rows.clear();
   for (std::int64_t i = 0; i < n; ++i) {
     if (L[i].overlap == 2) rows.push_back(i);
   }
   if (!rows.empty()) {
     const auto m = static_cast<std::int64_t>(rows.size());
-    std::vector<Lane> sub(rows.size());
-    std::vector<double> hb(rows.size()), hc(rows.size());
-    Block h(rows.size());
+    Block& h = w.h;
     for (std::size_t j = 0; j < rows.size(); ++j) {
-      sub[j] = L[rows[j]];
-      sub[j].overlap = 0.0;
-      hb[j] = batch[rows[j]] / 2.0;
-      hc[j] = ctx[rows[j]];
-      h.tokens[j] = routed_tokens(sub[j], hb[j]);
+      w.derived[j] = L[rows[j]];
+      w.derived[j].ffn_params = L.ffn_params(rows[j]);
+      w.derived[j].overlap = 0.0;
+      w.batch[j] = batch[rows[j]] / 2.0;
+      w.ctx[j] = ctx[rows[j]];
+      h.tokens[j] = routed_tokens(w.derived[j], w.batch[j]);
     }
-    straggler_of(sub.data(), m, h.tokens.data(), s, given, h, rows.data());
-    pass_lanes(sub.data(), m, hb.data(), hc.data(), h.tokens.data(), h.mean.data(), h.p50.data(), h.p99.data(),
-               h.out(), PassDetail{}, 0);
+    straggler_of(derived, m, h.tokens.data(), s, given, h, w.cols, rows.data());
+    pass_lanes(derived, m, w.batch.data(), w.ctx.data(), h.tokens.data(), h.mean.data(), h.p50.data(),
+               h.p99.data(), h.out(), PassDetail{}, 0);
     for (std::size_t j = 0; j < rows.size(); ++j) {
-      const double comm = h.r[6][j], layers = sub[j].layers;
+      const double comm = h.r[6][j], layers = w.derived[j].layers;
       const double c[3] = {h.r[3][j], h.r[4][j], h.r[5][j]};
       double* dst[3] = {time, p50, p99};
       for (int q = 0; q < 3; ++q) dst[q][rows[j]] = 2.0 * np_max(c[q], comm) + np_min(c[q], comm) / layers;
@@ -141,68 +165,68 @@ void step_block(const Lane* L, std::int64_t n, const double* batch, const double
   for (std::int64_t i = 0; i < n; ++i) {
     if (L[i].draft > 0 || want_detail) rows.push_back(i);
   }
-  std::vector<double> acc(un, 1.0);
+  double* acc = w.acc.data();
+  std::fill(acc, acc + n, 1.0);
   if (!rows.empty()) {
     const auto m = static_cast<std::int64_t>(rows.size());
-    std::vector<Lane> q(rows.size());
-    std::vector<double> micro(rows.size()), qc(rows.size());
-    Block d(rows.size());
+    Block& d = w.d;
+    double* micro = w.batch.data();
     for (std::size_t j = 0; j < rows.size(); ++j) {
       const Lane& l = L[rows[j]];
       const bool is_moe = l.moe_layers > 0;
-      q[j] = l;
-      q[j].layers = 1.0;
-      q[j].local = 0.0;
-      q[j].window = 0.0;
-      q[j].pp = 1.0;
-      q[j].draft = 0.0;
-      q[j].overlap = l.overlap == 2 ? 0.0 : l.overlap;
-      q[j].moe_layers = is_moe ? 1.0 : 0.0;
-      q[j].dense_layers = is_moe ? 0.0 : 1.0;
+      Lane& q = w.derived[j];
+      q = l;
+      q.ffn_params = L.ffn_params(rows[j]);
+      q.layers = 1.0;
+      q.local = 0.0;
+      q.window = 0.0;
+      q.pp = 1.0;
+      q.draft = 0.0;
+      q.overlap = l.overlap == 2 ? 0.0 : l.overlap;
+      q.moe_layers = is_moe ? 1.0 : 0.0;
+      q.dense_layers = is_moe ? 0.0 : 1.0;
       micro[j] = batch[rows[j]] / l.pp;
-      qc[j] = ctx[rows[j]];
-      d.tokens[j] = routed_tokens(q[j], micro[j]);
+      w.ctx[j] = ctx[rows[j]];
+      d.tokens[j] = routed_tokens(q, micro[j]);
     }
-    straggler_of(q.data(), m, d.tokens.data(), s, false, d);
-    // the draft pieces go to rows kNumPieces.. of the detail; the lanes are sparse there only without detail
+    straggler_of(derived, m, d.tokens.data(), s, false, d, w.cols);
+    // the draft pieces go to rows kNumPieces.. of the detail (with detail, rows holds every lane)
     PassDetail dd;
-    std::vector<std::int64_t> dense_rows;
     if (want_detail) dd = offset(detail, static_cast<std::int64_t>(kNumPieces) * stride);
-    pass_lanes(q.data(), m, micro.data(), qc.data(), d.tokens.data(), d.mean.data(), d.p50.data(), d.p99.data(),
+    pass_lanes(derived, m, micro, w.ctx.data(), d.tokens.data(), d.mean.data(), d.p50.data(), d.p99.data(),
                d.out(), dd, stride);
     // the MTP projection: a GEMM of `seqs` rows, n = d/shard, k = 2d (calibrated), or its roofline
-    SoftMaxTape sm;
-    std::vector<double> proj_t(rows.size()), proj_w(rows.size()), proj_fl(rows.size());
-    std::vector<std::uint8_t> proj_bw(rows.size());
+    SoftMaxTape& sm = w.tape;
+    sm.reset();
     for (int pass = 0; pass < 2; ++pass) {
       for (std::size_t j = 0; j < rows.size(); ++j) {
         const Lane& l = L[rows[j]];
         const double shard = l.attn_dp > 0 ? 1.0 : l.tp;
         const double seqs = l.attn_dp > 0 ? micro[j] / l.tp : micro[j];
         const double proj = 2.0 * l.d * l.d;
-        const double w = proj * l.wb / shard;
+        const double pw = proj * l.wb / shard;
         const double fl = 2.0 * seqs * proj / shard;
         bool b_r = false;
-        const double t_r = roof_time(w, fl, l.bw, l.flops, &b_r);
+        const double t_r = roof_time(pw, fl, l.bw, l.flops, &b_r);
         double tb = 0.0, tf = 0.0;
         const double t_c = gemm_impl(l, seqs, l.d / shard, 2.0 * l.d, &tb, &tf, sm);
         if (pass == 0) continue;
         const bool cal = l.kern > 0;
-        proj_t[j] = cal ? t_c : t_r;
-        proj_w[j] = w;
-        proj_fl[j] = fl;
-        proj_bw[j] = (cal ? tb >= tf : b_r) ? 1 : 0;
+        w.proj_t[j] = cal ? t_c : t_r;
+        w.proj_w[j] = pw;
+        w.proj_fl[j] = fl;
+        w.proj_bw[j] = (cal ? tb >= tf : b_r) ? 1 : 0;
       }
       if (pass == 0) sm.evaluate_and_replay();
     }
     for (std::size_t j = 0; j < rows.size(); ++j) {
       const std::int64_t i = rows[j];
       const Lane& l = L[i];
-      const double t = proj_t[j];
+      const double t = w.proj_t[j];
       const double dv[3] = {d.r[0][j] + t, d.r[1][j] + t, d.r[2][j] + t};  // one draft pass
       if (l.draft > 0) {
         const double a = accepted_tokens(l.draft, l.accept);
-        acc[static_cast<std::size_t>(i)] = a;
+        acc[i] = a;
         time[i] = (time[i] + l.draft * dv[0]) / a;
         p50[i] = (p50[i] + l.draft * dv[1]) / a;
         p99[i] = (p99[i] + l.draft * dv[2]) / a;
@@ -210,16 +234,16 @@ void step_block(const Lane* L, std::int64_t n, const double* batch, const double
       if (!want_detail) continue;
       const std::int64_t at = static_cast<std::int64_t>(2 * kNumPieces) * stride + i;
       detail.time[at] = t;
-      detail.bytes[at] = proj_w[j];
-      detail.flops[at] = proj_fl[j];
+      detail.bytes[at] = w.proj_w[j];
+      detail.flops[at] = w.proj_fl[j];
       detail.count[at] = 1.0;
       detail.present[at] = 1;
-      detail.bandwidth_bound[at] = proj_bw[j];
+      detail.bandwidth_bound[at] = w.proj_bw[j];
     }
   }
   if (want_detail) {  // per accepted token: the verify pieces / acc, the draft pieces x d / acc
     for (std::int64_t i = 0; i < n; ++i) {
-      const double a = acc[static_cast<std::size_t>(i)], dr = L[i].draft;
+      const double a = acc[i], dr = L[i].draft;
       const bool spec = dr > 0;
       for (int j = 0; j < kNumPieces; ++j) {
         const std::int64_t at = j * stride + i;
@@ -238,11 +262,10 @@ void step_block(const Lane* L, std::int64_t n, const double* batch, const double
     }
   }
   for (std::int64_t i = 0; i < n; ++i) {
-    const auto j = static_cast<std::size_t>(i);
     out.time[i] = time[i];
     out.p50[i] = p50[i];
     out.p99[i] = p99[i];
-    out.tokens[i] = L[i].moe_layers > 0 ? v.tokens[j] : 0.0;
+    out.tokens[i] = L[i].moe_layers > 0 ? v.tokens[static_cast<std::size_t>(i)] : 0.0;
   }
 }
 
@@ -265,23 +288,24 @@ double accepted_tokens(double draft, double accept) {
   return accept >= 1.0 ? draft + 1.0 : (1.0 - std::pow(accept, draft + 1.0)) / (1.0 - accept);
 }
 
-void step_lanes(const Lane* lanes, std::int64_t n, const double* batch, const double* context,
+void step_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const Straggler& straggler, const StepOutput& out, const PassDetail& detail,
                 std::int64_t detail_stride) {
+  Scratch& w = scratch();
   for (std::int64_t lo = 0; lo < n; lo += kBlockLanes) {
     const std::int64_t hi = std::min(n, lo + kBlockLanes);
     Straggler s = straggler;
     if (s.mean != nullptr) s = Straggler{s.routing, s.mean + lo, s.p50 + lo, s.p99 + lo};
-    step_block(lanes + lo, hi - lo, batch + lo, context + lo, s,
+    step_block(lanes.from(lo), hi - lo, batch + lo, context + lo, s,
                StepOutput{out.time + lo, out.p50 + lo, out.p99 + lo, out.tokens + lo}, offset(detail, lo),
-               detail_stride);
+               detail_stride, w);
   }
 }
 
 void step_time(const StepInput& in, const StepOutput& out, const PassDetail& detail) {
   if (in.lanes < 0) throw InvalidArgument("step_time: lanes = " + std::to_string(in.lanes) + ": must be >= 0");
   if (in.lanes == 0) return;
-  check_columns(in.fields, in.index, "step_time");
+  check_columns(in.fields, "step_time");
   if (!in.batch || !in.context || !out.time || !out.p50 || !out.p99 || !out.tokens) {
     throw InvalidArgument("step_time: a per-lane input or output array is missing");
   }
@@ -290,14 +314,17 @@ void step_time(const StepInput& in, const StepOutput& out, const PassDetail& det
     throw InvalidArgument("step_time: a given straggler needs its mean, p50 and p99");
   }
   std::vector<Lane> block(static_cast<std::size_t>(std::min(in.lanes, kBlockLanes)));
+  std::vector<const Lane*> refs(block.size());
+  for (std::size_t j = 0; j < block.size(); ++j) refs[j] = &block[j];
+  Scratch& w = scratch();
   for (std::int64_t lo = 0; lo < in.lanes; lo += kBlockLanes) {
     const std::int64_t hi = std::min(in.lanes, lo + kBlockLanes);
-    gather_lanes(in.fields, in.index, lo, hi, block.data());
+    gather_lanes(in.fields, lo, hi, block.data());
     Straggler sb = s;
     if (s.mean != nullptr) sb = Straggler{s.routing, s.mean + lo, s.p50 + lo, s.p99 + lo};
-    step_block(block.data(), hi - lo, in.batch + lo, in.context + lo, sb,
-               StepOutput{out.time + lo, out.p50 + lo, out.p99 + lo, out.tokens + lo}, offset(detail, lo),
-               in.lanes);
+    step_block(Lanes{refs.data()}, hi - lo, in.batch + lo, in.context + lo, sb,
+               StepOutput{out.time + lo, out.p50 + lo, out.p99 + lo, out.tokens + lo}, offset(detail, lo), in.lanes,
+               w);
   }
 }
 

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "core/errors.h"
+#include "core/side_search.h"
 #include "core/step.h"
 #include "python/interrupt.h"
 #include "python/lanes.h"
@@ -32,17 +33,10 @@ st::Column column(const Doubles& a, py::ssize_t lanes, const std::string& what, 
   return st::Column{a.data(), lane_stride(a, lanes, what, who)};
 }
 
-// The step fields of `fields` (a mapping), kept alive in `keep`, as columns. Fields named in `indexed` hold one
-// value per row of a table, read at index[i] for lane i (every index entry must be a row of each).
+// The step fields of `fields` (a mapping), kept alive in `keep`, as columns.
 void field_columns(const py::dict& fields, py::ssize_t lanes, std::vector<Doubles>& keep,
-                   st::Column (&cols)[st::kNumFields], const char* who, const std::vector<std::string>& indexed = {},
-                   std::int64_t index_max = -1) {
+                   st::Column (&cols)[st::kNumFields], const char* who) {
   const auto& names = st::field_names();
-  for (const auto& name : indexed) {
-    if (std::find(names.begin(), names.end(), name) == names.end()) {
-      throw qs::InvalidArgument(std::string(who) + ": indexed field '" + name + "' is not a step field");
-    }
-  }
   keep.reserve(names.size());
   for (std::size_t f = 0; f < names.size(); ++f) {
     if (!fields.contains(names[f])) {
@@ -50,17 +44,7 @@ void field_columns(const py::dict& fields, py::ssize_t lanes, std::vector<Double
     }
     keep.push_back(Doubles::ensure(fields[py::str(names[f])]));
     if (!keep.back()) throw qs::InvalidArgument(std::string(who) + ": field '" + names[f] + "' is not a float array");
-    const Doubles& a = keep.back();
-    if (std::find(indexed.begin(), indexed.end(), names[f]) != indexed.end()) {
-      if (a.ndim() != 1 || a.shape(0) <= index_max) {
-        throw qs::InvalidArgument(std::string(who) + ": indexed field '" + names[f] + "' has " +
-                                  std::to_string(a.ndim() == 1 ? a.shape(0) : 0) + " rows: the index reaches row " +
-                                  std::to_string(index_max));
-      }
-      cols[f] = st::Column{a.data(), 0, true};
-    } else {
-      cols[f] = column(a, lanes, "field '" + names[f] + "'", who);
-    }
+    cols[f] = column(keep.back(), lanes, "field '" + names[f] + "'", who);
   }
 }
 
@@ -71,31 +55,6 @@ const double* lanes_of(const Doubles& a, py::ssize_t lanes, const char* what, co
                               std::to_string(lanes) + ")");
   }
   return a.data();
-}
-
-// The lanes' rows of the indexed fields (null if none are indexed); every entry must be >= 0.
-const std::int64_t* index_of(const std::optional<Index>& index, const std::vector<std::string>& indexed,
-                             py::ssize_t lanes, const char* who) {
-  if (indexed.empty()) return nullptr;
-  if (!index || index->ndim() != 1 || index->shape(0) != lanes) {
-    throw qs::InvalidArgument(std::string(who) + ": indexed fields need an index with one entry per lane (" +
-                              std::to_string(lanes) + ")");
-  }
-  const std::int64_t* ix = index->data();
-  for (py::ssize_t i = 0; i < lanes; ++i) {
-    if (ix[i] < 0) {
-      throw qs::InvalidArgument(std::string(who) + ": index[" + std::to_string(i) + "] = " + std::to_string(ix[i]) +
-                                ": must be >= 0");
-    }
-  }
-  return ix;
-}
-
-// The largest entry of the first `lanes` of `index` (-1 if none).
-std::int64_t index_max(const std::int64_t* index, py::ssize_t lanes) {
-  std::int64_t m = -1;
-  for (py::ssize_t i = 0; index != nullptr && i < lanes; ++i) m = std::max(m, index[i]);
-  return m;
 }
 
 }  // namespace
@@ -113,8 +72,7 @@ void register_step(py::module_& m) {
   }
   m.def(
       "step_time",
-      [](const py::dict& fields, Doubles batch, Doubles context, std::optional<Index> index,
-         const std::vector<std::string>& indexed, std::int64_t experts, std::int64_t top_k,
+      [](const py::dict& fields, Doubles batch, Doubles context, std::int64_t experts, std::int64_t top_k,
          std::optional<LawDoubles> pi, const std::vector<SlotLayout>& layouts, std::optional<Doubles> moe_mean,
          std::optional<Doubles> moe_p50, std::optional<Doubles> moe_p99, bool detail) {
         const char* who = "step_time";
@@ -123,8 +81,7 @@ void register_step(py::module_& m) {
         st::StepInput in;
         in.lanes = n;
         std::vector<Doubles> keep;
-        in.index = index_of(index, indexed, n, who);
-        field_columns(fields, n, keep, in.fields, who, indexed, index_max(in.index, indexed.empty() ? 0 : n));
+        field_columns(fields, n, keep, in.fields, who);
         in.batch = batch.data();
         in.context = lanes_of(context, n, "context", who);
         const qs::straggler::Routing law = routing_law(experts, top_k, pi, layouts, who);
@@ -164,19 +121,102 @@ void register_step(py::module_& m) {
         }
         return r;
       },
-      py::arg("fields"), py::arg("batch"), py::arg("context"), py::arg("index") = py::none(),
-      py::arg("indexed") = std::vector<std::string>{}, py::arg("experts") = 0, py::arg("top_k") = 0,
+      py::arg("fields"), py::arg("batch"), py::arg("context"), py::arg("experts") = 0, py::arg("top_k") = 0,
       py::arg("pi") = py::none(), py::arg("layouts") = std::vector<SlotLayout>{}, py::arg("moe_mean") = py::none(),
       py::arg("moe_p50") = py::none(), py::arg("moe_p99") = py::none(), py::arg("detail") = false,
       "The decode step over lanes (qsengine.decode.step.step_time; docs/model.md): the routed tokens, the routed "
       "experts' straggler, one forward pass, two-batch overlap and the speculative draft passes. fields: a mapping "
       "name -> float64 array (one entry per lane, or one for every lane) holding every name of STEP_PASS_FIELDS; "
-      "fields named in indexed hold a table's rows, lane i reading row index[i]. batch, context: one entry per "
-      "lane. The straggler: the closed form of the routing law (experts, top_k, pi: None uniform, layouts: one "
+      "batch, context: one entry per lane. The straggler: the closed form of the routing law (experts, top_k, pi: None uniform, layouts: one "
       "(gpus, redundant, class_expert, class_share, class_count) per (ep, R > 0) pair), or moe_mean/p50/p99 per "
       "lane (the Monte Carlo's, for the verify pass; the draft passes take the closed form). Returns a dict of "
       "per-lane arrays time, p50, p99, tokens and with detail the pieces (STEP_PIECES order) as (pieces, lanes) "
       "arrays piece_time, piece_bytes, piece_flops, piece_count, piece_present, piece_bandwidth_bound.");
+
+  m.def(
+      "side_search",
+      [](const py::dict& plans, Index unit, Index plan, Index lane, std::int64_t lanes, Doubles context,
+         Doubles slo, Index units, std::optional<Index> fixed, std::optional<Doubles> stall,
+         std::optional<Doubles> ffn, std::int64_t experts, std::int64_t top_k, std::optional<LawDoubles> pi,
+         const std::vector<SlotLayout>& layouts) {
+        const char* who = "side_search";
+        if (unit.ndim() != 1) throw qs::InvalidArgument("side_search: unit must be a 1-d array over the plans");
+        if (plan.ndim() != 1) throw qs::InvalidArgument("side_search: plan must be a 1-d array over the rows");
+        const py::ssize_t P = unit.shape(0), K = plan.shape(0);
+        std::vector<Doubles> keep;
+        st::Column cols[st::kNumFields];
+        field_columns(plans, P, keep, cols, who);
+        std::vector<st::Lane> table(static_cast<std::size_t>(P));
+        if (P > 0) st::gather_lanes(cols, 0, P, table.data());
+        auto ints_of = [&](const Index& a, const char* what) {
+          if (a.ndim() != 1 || a.shape(0) != K) {
+            throw qs::InvalidArgument(std::string(who) + ": " + what + " must be 1-d with one entry per row (" +
+                                      std::to_string(K) + ")");
+          }
+          return a.data();
+        };
+        auto doubles_of = [&](const Doubles& a, const char* what) {
+          if (a.ndim() != 1 || a.shape(0) != K) {
+            throw qs::InvalidArgument(std::string(who) + ": " + what + " must be 1-d with one entry per row (" +
+                                      std::to_string(K) + ")");
+          }
+          return a.data();
+        };
+        qs::side::SearchInput in;
+        in.plans = table.data();
+        in.num_plans = P;
+        in.unit = unit.data();
+        in.rows = K;
+        in.lanes = lanes;
+        in.plan = plan.data();
+        in.lane = ints_of(lane, "lane");
+        in.context = doubles_of(context, "context");
+        in.slo = doubles_of(slo, "slo");
+        in.units = ints_of(units, "units");
+        if (fixed) in.fixed = ints_of(*fixed, "fixed");
+        if (stall) in.stall = doubles_of(*stall, "stall");
+        if (ffn) in.ffn = doubles_of(*ffn, "ffn");
+        const qs::straggler::Routing law = routing_law(experts, top_k, pi, layouts, who);
+        in.straggler.routing = &law;
+        py::array_t<double> top_time(K), top_p99(K), top_step(K), time(K), p99(K), step(K);
+        py::array_t<bool> top_valid(K), binds(K), valid(K);
+        py::array_t<std::int64_t> units_out(K);
+        const qs::side::SearchOutput out{top_time.mutable_data(),
+                                         top_p99.mutable_data(),
+                                         top_step.mutable_data(),
+                                         reinterpret_cast<std::uint8_t*>(top_valid.mutable_data()),
+                                         reinterpret_cast<std::uint8_t*>(binds.mutable_data()),
+                                         units_out.mutable_data(),
+                                         time.mutable_data(),
+                                         p99.mutable_data(),
+                                         step.mutable_data(),
+                                         reinterpret_cast<std::uint8_t*>(valid.mutable_data())};
+        without_gil([&] { qs::side::search(in, out); });
+        py::dict r;
+        r["top_time"] = top_time;
+        r["top_p99"] = top_p99;
+        r["top_step"] = top_step;
+        r["top_valid"] = top_valid;
+        r["binds"] = binds;
+        r["units"] = units_out;
+        r["time"] = time;
+        r["p99"] = p99;
+        r["step"] = step;
+        r["valid"] = valid;
+        return r;
+      },
+      py::arg("plans"), py::arg("unit"), py::arg("plan"), py::arg("lane"), py::arg("lanes"), py::arg("context"),
+      py::arg("slo"), py::arg("units"), py::arg("fixed") = py::none(), py::arg("stall") = py::none(),
+      py::arg("ffn") = py::none(), py::arg("experts") = 0, py::arg("top_k") = 0, py::arg("pi") = py::none(),
+      py::arg("layouts") = std::vector<SlotLayout>{},
+      "One side's operating points (cpp/core/side_search.h; qsengine.decode.sides): plans, the stacked plans' "
+      "step fields (one entry per plan, or one for every plan) and unit (sequences per admission unit, per "
+      "plan); per row (a lane x plan that packs): plan, lane (< lanes), context (tokens read), slo (p99 TPOT "
+      "target, nan: none), units (admission units held), fixed (a fixed cluster batch, 0: none), stall (colocated "
+      "prefill stall per sequence and step), ffn (dense-FFN parameters replacing the plan's); the routing law "
+      "as step_time's. Returns a dict of per-row arrays: top_time, top_p99, top_step, top_valid (at the HBM-max "
+      "or fixed batch), binds (the target binds there), units, time, p99, step, valid (the answer; valid False: "
+      "never chosen).");
 
   m.def("accepted_tokens", py::vectorize(st::accepted_tokens), py::arg("draft"), py::arg("accept"),
         "Expected tokens a sequence gains per speculative step with `draft` drafts, each accepted with probability "

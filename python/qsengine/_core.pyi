@@ -443,11 +443,16 @@ STEP_LINK_PIECES: tuple[bool, ...]
 SOFT_MAX_VECTORISED: bool
 
 def step_time(fields: dict[str, npt.NDArray[np.float64]], batch: npt.ArrayLike, context: npt.ArrayLike,
-              index: npt.ArrayLike | None = None, indexed: list[str] | tuple[str, ...] = ..., experts: int = 0,
-              top_k: int = 0, pi: npt.ArrayLike | None = None,
+              experts: int = 0, top_k: int = 0, pi: npt.ArrayLike | None = None,
               layouts: list[tuple[int, int, npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]] = ...,
               moe_mean: npt.ArrayLike | None = None, moe_p50: npt.ArrayLike | None = None,
               moe_p99: npt.ArrayLike | None = None, detail: bool = False) -> dict[str, npt.NDArray]: ...
+def side_search(plans: dict[str, npt.NDArray[np.float64]], unit: npt.ArrayLike, plan: npt.ArrayLike,
+                lane: npt.ArrayLike, lanes: int, context: npt.ArrayLike, slo: npt.ArrayLike, units: npt.ArrayLike,
+                fixed: npt.ArrayLike | None = None, stall: npt.ArrayLike | None = None,
+                ffn: npt.ArrayLike | None = None, experts: int = 0, top_k: int = 0, pi: npt.ArrayLike | None = None,
+                layouts: list[tuple[int, int, npt.ArrayLike, npt.ArrayLike, npt.ArrayLike]] = ...
+                ) -> dict[str, npt.NDArray]: ...
 def accepted_tokens(draft: npt.ArrayLike, accept: npt.ArrayLike) -> Any: ...
 def step_kernel(kind: str, fields: dict[str, npt.NDArray[np.float64]], x: npt.ArrayLike, y: npt.ArrayLike,
                 z: npt.ArrayLike) -> tuple[npt.NDArray[np.float64], npt.NDArray[np.float64], npt.NDArray[np.float64]]: ...

@@ -26,7 +26,7 @@ from qsengine import _core
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 if TYPE_CHECKING:
-    from qsengine.decode.params import StepLanes, StepOptions
+    from qsengine.decode.params import StepOptions, StepParams
 
 __all__ = ["grouped_coefficients", "grouped_cost", "kernel_dtypes", "torus_alltoall_factor", "torus_shape"]
 
@@ -214,30 +214,27 @@ def _kernel_lane(model: Model, precision: Precision, acc: Accelerator, plan: Pla
 # ------------------------------------------------------ kernel times over lanes
 # The kernels themselves are the core's (cpp/core/step.cc, the one home of the step model's arithmetic): these
 # wrappers evaluate one of them over lanes for the Python layer's prefill model and draft module.
-def _kernel(kind: str, p: StepLanes, x: Any, y: Any = 0.0, z: Any = 0.0
+def _kernel(kind: str, p: StepParams, x: Any, y: Any = 0.0, z: Any = 0.0
             ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(value, bandwidth term, compute term) of the core's kernel ``kind`` over lanes (``_core.step_kernel``)."""
     def arr(v: Any) -> np.ndarray:
         return np.ascontiguousarray(np.atleast_1d(np.asarray(v, dtype=np.float64)))
 
-    cols, index, indexed = p.pass_columns()
-    if indexed:  # a plans' table: its per-plan fields at the lanes' plans
-        cols = {**cols, **{f: cols[f][index] for f in indexed}}
-    return _core.step_kernel(kind, cols, arr(x), arr(y), arr(z))
+    return _core.step_kernel(kind, p.columns(), arr(x), arr(y), arr(z))
 
 
-def _roof(nbytes: np.ndarray, flops: np.ndarray, p: StepLanes) -> tuple[np.ndarray, np.ndarray]:
+def _roof(nbytes: np.ndarray, flops: np.ndarray, p: StepParams) -> tuple[np.ndarray, np.ndarray]:
     """Roofline time and whether bandwidth bound it (t_bw >= t_flops)."""
     t, tb, tf = _kernel("roof", p, nbytes, flops)
     return t, tb >= tf
 
 
-def _link_bw(p: StepLanes, group: np.ndarray) -> np.ndarray:
+def _link_bw(p: StepParams, group: np.ndarray) -> np.ndarray:
     """Per-GPU bandwidth (bytes/s) of a collective over ``group`` GPUs."""
     return _kernel("link_bandwidth", p, group)[0]
 
 
-def _ep_alltoall(nbytes: np.ndarray, group: np.ndarray, p: StepLanes) -> np.ndarray:
+def _ep_alltoall(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:
     """One EP all-to-all (dispatch or combine) by the link model: each GPU of
     ``group`` sends ``nbytes`` to the others; the share of destinations beyond
     the scale-up domain goes over the network, the rest over the scale-up
@@ -247,24 +244,24 @@ def _ep_alltoall(nbytes: np.ndarray, group: np.ndarray, p: StepLanes) -> np.ndar
     return _kernel("ep_alltoall", p, nbytes, group)[0]
 
 
-def _allreduce(nbytes: np.ndarray, group: np.ndarray, p: StepLanes) -> np.ndarray:
+def _allreduce(nbytes: np.ndarray, group: np.ndarray, p: StepParams) -> np.ndarray:
     """Ring all-reduce of ``nbytes`` per GPU over ``group`` GPUs (0 for one GPU)."""
     return _kernel("allreduce", p, nbytes, group)[0]
 
 
-def _gemm(p: StepLanes, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _gemm(p: StepParams, m: np.ndarray, n: np.ndarray, k: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Calibrated GEMM ``[m,k] x [k,n]`` on one GPU (qsengine.calibration.gemm_time): (time, bandwidth term,
     compute term); time 0 where ``n == 0`` (no such GEMM)."""
     return _kernel("gemm", p, m, n, k)
 
 
-def _attn_core(p: StepLanes, seqs: np.ndarray, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _attn_core(p: StepParams, seqs: np.ndarray, ctx: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Calibrated decode attention core of one layer on one GPU
     (qsengine.calibration.attention_time, gqa/mha/mla): (time, bandwidth term, compute term)."""
     return _kernel("attention_core", p, seqs, ctx)
 
 
-def _fitted_collective(kind: str, nbytes: np.ndarray, p: StepLanes) -> np.ndarray:
+def _fitted_collective(kind: str, nbytes: np.ndarray, p: StepParams) -> np.ndarray:
     """A fitted collective of ``nbytes`` (``kind``: "allreduce_fit", "alltoall_fit" or
     "expert_allreduce_fit"): ``min_j (alpha_j + S/beta_j)`` over the two fitted protocols (nan where not fitted)."""
     return _kernel(kind, p, nbytes)[0]

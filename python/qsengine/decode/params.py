@@ -18,7 +18,6 @@ from typing import Any, Literal
 
 import numpy as np
 
-from qsengine import _core
 from qsengine.decode.kernels import _kernel_lane, torus_alltoall_factor
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
@@ -34,8 +33,6 @@ __all__ = [
     "STEP_FIELDS",
     "StepOptions",
     "StepParams",
-    "TakenParams",
-    "StepLanes",
     "check_speculation",
     "step_params",
 ]
@@ -277,12 +274,8 @@ class StepParams:
         return self.matrix if self.matrix is not None else np.stack([getattr(self, f) for f in STEP_FIELDS])
 
     def columns(self) -> dict[str, np.ndarray]:
-        """The fields by name (the core's ``step_pass`` reads them)."""
+        """The fields by name (the core's ``step_time`` and ``side_search`` read them)."""
         return {f: getattr(self, f) for f in STEP_FIELDS}
-
-    def pass_columns(self) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple[str, ...]]:
-        """(fields, index, indexed) as the core's ``step_pass`` takes them: every field over the lanes."""
-        return self.columns(), None, ()
 
     def take(self, idx: np.ndarray) -> "StepParams":
         """The lanes ``idx`` (one fancy-indexing of the field matrix)."""
@@ -295,56 +288,6 @@ class StepParams:
     @staticmethod
     def stack(parts: "list[StepParams]") -> "StepParams":
         return StepParams.from_matrix(np.concatenate([p._matrix() for p in parts], axis=1))
-
-
-class TakenParams:
-    """Lanes of a table of plans (:class:`StepParams` whose fields are one value
-    for every plan or one per plan), without copying the table: lane i is plan
-    ``index[i]``. The core's pass reads the per-plan fields at the index as it
-    runs (``pass_columns``); a field read here is gathered on first use.
-    ``overrides``: fields given per lane (or one value for every lane) instead
-    of the table's. Quacks like :class:`StepParams` for the step model."""
-
-    __slots__ = ("_table", "_varying", "_index", "_overrides", "_cache")
-
-    def __init__(self, table: dict[str, np.ndarray], varying: tuple[str, ...], index: np.ndarray,
-                 overrides: dict[str, np.ndarray] | None = None) -> None:
-        self._table = table
-        self._varying = frozenset(varying)
-        self._index = np.ascontiguousarray(index, dtype=np.int64)
-        self._overrides = overrides or {}
-        self._cache: dict[str, np.ndarray] = {}
-
-    def __getattr__(self, name: str) -> np.ndarray:
-        if name.startswith("_") or name not in self._table:
-            raise AttributeError(name)
-        got = self._overrides.get(name)
-        if got is not None:
-            return got
-        got = self._cache.get(name)
-        if got is None:
-            got = self._table[name][self._index] if name in self._varying else self._table[name]
-            self._cache[name] = got
-        return got
-
-    def __len__(self) -> int:
-        return int(self._index.size)
-
-    def pass_columns(self) -> tuple[dict[str, np.ndarray], np.ndarray | None, tuple[str, ...]]:
-        indexed = tuple(f for f in _core.STEP_PASS_FIELDS if f in self._varying and f not in self._overrides)
-        return {**self._table, **self._overrides}, self._index, indexed
-
-    def replace(self, **fields: np.ndarray) -> "TakenParams":
-        over = {**self._overrides, **{k: np.ascontiguousarray(v, dtype=np.float64) for k, v in fields.items()}}
-        return TakenParams(self._table, tuple(self._varying), self._index, over)
-
-    def take(self, idx: np.ndarray) -> "TakenParams":
-        over = {k: (v if v.shape[0] == 1 else v[idx]) for k, v in self._overrides.items()}
-        return TakenParams(self._table, tuple(self._varying), self._index[idx], over)
-
-
-#: What the step model evaluates: lanes as arrays, or lanes of a plans' table.
-StepLanes = StepParams | TakenParams
 
 
 def _torus_factor(acc: Accelerator, group: int) -> float:

@@ -15,8 +15,9 @@ import numpy as np
 
 from qsengine._groups import split as _split
 from qsengine.decode.prefill import Requests, admission_context, end_to_end, prefill_ctx_flops, prefill_time
-from qsengine.decode.params import STEP_FIELDS, StepOptions, StepParams, TakenParams, step_params
-from qsengine.decode.step import step_time
+from qsengine import _core
+from qsengine.decode.params import StepOptions, StepParams, step_params
+from qsengine.decode.step import routing_law
 from qsengine.packing import PlanMemory, admissible_batches, plan_memory
 from qsengine.specs import Cluster, Model, Plan, Precision
 
@@ -317,161 +318,26 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         if col.any():
             stall = np.where(col, t_req / requests.output[lane[rows]], 0.0)
 
-    def step(sub: np.ndarray | None, b: np.ndarray) -> dict[str, np.ndarray]:
-        """time and p99 of rows ``sub`` (None: all) at ``b`` admitted units
-        (batch per replica = b x unit; a fixed batch where one is given), in
-        cache-sized blocks (the step model is elementwise over rows). The TPOT
-        a user sees: colocated rows add their amortised prefill stall B·t_pf/O
-        to both; ``step`` is the decode step's mean alone (throughput)."""
-        idx = np.arange(rows.size) if sub is None else sub
-        got = {"time": np.empty(idx.size), "p99": np.empty(idx.size), "step": np.empty(idx.size)}
-        for lo in range(0, idx.size, _BLOCK):
-            blk = idx[lo:lo + _BLOCK]
-            sp = stack.take(gplan[blk])
-            if ffn_rows is not None:
-                sp = sp.replace(ffn_params=ffn_rows[blk])
-            bb = np.where(fx[blk] > 0, fx_rep[blk], b[lo:lo + _BLOCK] * unit[blk]).astype(np.float64)
-            r = step_time(sp, bb, c[blk], pi=pi, uniform=pi is None)
-            got["step"][lo:lo + blk.size] = r.time
-            if stall is None:
-                got["time"][lo:lo + blk.size] = r.time
-                got["p99"][lo:lo + blk.size] = r.p99
-            else:
-                got["time"][lo:lo + blk.size] = r.time + bb * stall[blk]
-                got["p99"][lo:lo + blk.size] = r.p99 + bb * stall[blk]
-        return got
-
+    # every row at its HBM-max (or fixed) batch, and the rows whose p99 misses the target bisected to the
+    # largest batch that meets it, with exact pruning: the core's search (cpp/core/side_search.h)
     units = adm[rows]
     limit = np.zeros(K, np.int8)
     if cap is not None and bool((cap > 0).any()):  # the serving engine's sequences per scheduler
         pa = stack.params
         units = capped_units(units, cap[lane[rows]].astype(np.int64), pa.attn_dp[gplan], pa.tp[gplan], unit)
         limit[units < adm[rows]] = 3
-    top = step(None, units)
-    time, p99, dec = top["time"], top["p99"], top["step"]
-    valid = np.ones(K, bool)
     has_fixed = fx > 0
     limit[has_fixed] = 2
-    # the plan cannot hold the fixed batch, or cannot split it evenly over its replicas
-    too_big = has_fixed & ((-(-fx_rep // unit) > units) | (fx % dp_rows != 0) | (fx_rep < 1))
-    valid[too_big] = False
+    got = _core.side_search(stack.fields, stack.unit, gplan, lane[rows], n, np.ascontiguousarray(c, np.float64),
+                            np.ascontiguousarray(s, np.float64), units, None if fixed is None else fx, stall,
+                            ffn_rows, *stack.law(pi))
+    limit[got["binds"]] = 1
     # the maximum-throughput point: every plan at its HBM-max (or fixed) batch, before the target caps it
     max_batch = np.where(has_fixed, fx_rep, units * unit)
-    max_time, max_p99 = time.copy(), p99.copy()
+    max_time, max_p99, max_valid = got["top_time"], got["top_p99"], got["top_valid"]
     with np.errstate(divide="ignore", invalid="ignore"):
-        max_thr = np.where(dec > 0, max_batch / dec, 0.0) * stack.dp[gplan]
-    max_valid = valid.copy()
-    has_slo = ~np.isnan(s) & ~has_fixed
-    over = np.flatnonzero(has_slo & ~(p99 <= s))
-
-    def bisect(rows_b: np.ndarray) -> None:
-        """The largest batch whose p99 meets the target, for rows ``rows_b``
-        (invalid if even one admission unit misses it, or if pruned: see below)."""
-        if rows_b.size == 0:
-            return
-        first = step(rows_b, np.ones(rows_b.size, np.int64))
-        miss = first["p99"] > s[rows_b]
-        valid[rows_b[miss]] = False
-        act = rows_b[~miss]
-        # Bracket [lo meets, hi misses] shrunk by regula falsi with the Illinois
-        # modification (the p99 is close to affine in the batch), falling back to
-        # the midpoint whenever a step did not halve the bracket: the same answer
-        # as bisection, the largest batch that meets the target, in fewer steps.
-        lo = np.ones(act.size, np.int64)
-        hi = units[act].copy()
-        flo = first["p99"][~miss] - s[act]
-        fhi = p99[act] - s[act]
-        halve = np.zeros(act.size, bool)
-        moved = np.zeros(act.size, np.int8)  # +1 lo moved last, -1 hi moved last
-        # the step model's values at lo (the answer's: kept, not evaluated again) and the mean TPOT at hi
-        t_lo, p_lo, d_lo = first["time"][~miss], first["p99"][~miss], first["step"][~miss]
-        t_hi = time[act].copy()
-        lane_a, w = lane_r[act], unit[act] * stack.dp[gplan[act]]
-        on = np.ones(act.size, bool)  # not pruned
-        # rows whose B·dp/TPOT provably grows with B: dense plans (every piece of their step is
-        # a nonnegative intercept plus a nonnegative slope in B, combined by sums, max, min and
-        # the kernels' p-norms, so TPOT/B never grows); an MoE straggler's spread can jump where
-        # its binding resource switches (straggler.straggler_closed_form), so MoE rows are not pruned here
-        mono = stack.params.moe_layers[gplan[act]] == 0
-        prune = bool(mono.any())
-        while True:
-            if prune:
-                # Pruning inside the bracket (exact): a monotone row's answer serves at least its
-                # value at lo, which raises its lane's best, and at most its value at hi (which
-                # misses), so a row whose hi is below (1 - 1e-9) of its lane's best cannot be
-                # chosen and stops here.
-                m_on = on & mono
-                with np.errstate(divide="ignore", invalid="ignore"):
-                    np.maximum.at(best_known, lane_a[m_on], (np.where(t_lo > 0, lo / t_lo, 0.0) * w)[m_on])
-                    cap_hi = np.where(t_hi > 0, hi / t_hi, np.inf) * w  # no bound from a nan or zero TPOT
-                on &= ~(mono & (cap_hi * (1.0 + 1e-9) < best_known[lane_a]))
-            live = np.flatnonzero(on & (hi - lo > 1))
-            if live.size == 0:
-                break
-            a, b, fa, fb = lo[live], hi[live], flo[live], fhi[live]
-            with np.errstate(divide="ignore", invalid="ignore"):
-                guess = a + np.floor((b - a) * (-fa) / (fb - fa))
-            guess = np.where(np.isfinite(guess), guess, (a + b) // 2).astype(np.int64)
-            mid = np.where(halve[live], (a + b) // 2, np.clip(guess, a + 1, b - 1))
-            at_mid = step(act[live], mid)
-            got = at_mid["p99"] - s[act[live]]
-            meets = got <= 0
-            width = b - a
-            lo[live] = np.where(meets, mid, a)
-            hi[live] = np.where(meets, b, mid)
-            flo[live] = np.where(meets, got, fa)
-            fhi[live] = np.where(meets, fb, got)
-            t_lo[live] = np.where(meets, at_mid["time"], t_lo[live])
-            p_lo[live] = np.where(meets, at_mid["p99"], p_lo[live])
-            d_lo[live] = np.where(meets, at_mid["step"], d_lo[live])
-            t_hi[live] = np.where(meets, t_hi[live], at_mid["time"])
-            side = np.where(meets, 1, -1).astype(np.int8)
-            same = side == moved[live]  # Illinois: the kept end's value halves when it stays twice
-            fhi[live] = np.where(same & meets, fhi[live] / 2, fhi[live])
-            flo[live] = np.where(same & ~meets, flo[live] / 2, flo[live])
-            moved[live] = side
-            halve[live] = 2 * (hi[live] - lo[live]) > width
-        kept = act[on]
-        units[kept] = lo[on]
-        time[kept] = t_lo[on]
-        p99[kept] = p_lo[on]
-        dec[kept] = d_lo[on]
-        valid[act[~on]] = False  # never chosen: another plan of its lane serves more
-
-    if over.size:
-        limit[over] = 1
-        # Pruning (exact): a row's throughput under the target is at most its HBM-max
-        # throughput, so a row whose maximum is below (1 - 1e-9) of the best its lane
-        # already has cannot be chosen, and its bisection is skipped. The lane's best
-        # starts from the rows that meet the target at their maximum (exact), then
-        # the binding row with the largest maximum per lane is bisected first. The
-        # throughput is B·dp / TPOT: decode, or for colocated prefill (TPOT with its
-        # stalls) the end-to-end rate its plans are ranked by, B·dp/(t_step + B·t_pf/O),
-        # which grows with B wherever B/t_step does.
-        lane_r = lane[rows]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            bound = np.where(max_time > 0, max_batch / max_time, 0.0) * stack.dp[gplan]
-        best_known = np.zeros(n)
-        final_rows = np.flatnonzero(valid & ~(has_slo & ~(p99 <= s)))
-        np.maximum.at(best_known, lane_r[final_rows], bound[final_rows])
-
-        def alive(cand: np.ndarray) -> np.ndarray:
-            return cand[bound[cand] * (1.0 + 1e-9) >= best_known[lane_r[cand]]]
-
-        cand = alive(over)
-        cand = cand[np.lexsort((-bound[cand], lane_r[cand]))]
-        lead = np.ones(cand.size, bool)
-        lead[1:] = lane_r[cand[1:]] != lane_r[cand[:-1]]
-        first_round = cand[lead]
-        bisect(first_round)
-        done = first_round[valid[first_round]]
-        with np.errstate(divide="ignore", invalid="ignore"):
-            got = np.where(time[done] > 0, units[done] * unit[done] / time[done], 0.0) * stack.dp[gplan[done]]
-        np.maximum.at(best_known, lane_r[done], got)
-        second_round = alive(cand[~lead])
-        bisect(second_round)
-        pruned = np.setdiff1d(over, np.concatenate([first_round, second_round]), assume_unique=True)
-        valid[pruned] = False  # never chosen: another plan of its lane serves more
+        max_thr = np.where(got["top_step"] > 0, max_batch / got["top_step"], 0.0) * stack.dp[gplan]
+    units, time, p99, dec, valid = got["units"], got["time"], got["p99"], got["step"], got["valid"]
     batch = np.where(has_fixed, fx_rep, units * unit)
     with np.errstate(divide="ignore", invalid="ignore"):
         thr = np.where(dec > 0, batch / dec, 0.0) * stack.dp[gplan]  # decode tokens/s (stalls not counted)
@@ -614,23 +480,18 @@ class _Stack:
     dp: np.ndarray
     unit: np.ndarray
     override: np.ndarray
-    #: the step-model fields equal on every plan, as one-element arrays (none under two-batch
-    #: overlap, whose half-batch pass gathers lanes of its own), and the matrix of the others
-    shared: dict[str, np.ndarray] = field(default_factory=dict)
-    varying: tuple[str, ...] = ()
-    varying_matrix: np.ndarray | None = None
-    #: every field by name: the shared ones and the rows of ``varying_matrix`` (TakenParams' table)
-    table: dict[str, np.ndarray] | None = None
+    #: the step fields by name, as the core's side search reads them (one entry per plan)
+    fields: dict[str, np.ndarray] = field(default_factory=dict)
+    _laws: dict[Any, tuple] = field(default_factory=dict)
 
-    def take(self, idx: np.ndarray) -> StepParams | TakenParams:
-        """The step parameters of global plans ``idx``: the fields that differ between plans
-        read per row at ``idx`` (by the core as it runs, not gathered here), the shared ones
-        one-element arrays that broadcast (elementwise, so the same floats)."""
-        if self.varying_matrix is None:
-            return self.params.take(idx)
-        if self.table is None:
-            self.table = {**self.shared, **dict(zip(self.varying, self.varying_matrix))}
-        return TakenParams(self.table, self.varying, idx)
+    def law(self, pi: np.ndarray | None) -> tuple:
+        """The closed-form straggler's routing law of the plans under ``pi``
+        (None: uniform), as the core takes it (:func:`~qsengine.decode.step.routing_law`; cached)."""
+        key = None if pi is None else pi.tobytes()
+        got = self._laws.get(key)
+        if got is None:
+            got = self._laws[key] = routing_law(self.params, pi, uniform=pi is None)
+        return got
 
 
 _STACKS: dict[tuple[int, ...], tuple[tuple[Family, ...], _Stack]] = {}
@@ -642,28 +503,16 @@ def _stacked(fams: Sequence[Family]) -> _Stack:
     if got is None:
         present = [f for f in fams if f.plans]
         counts = [len(f.plans) for f in fams]
-        stack = _Stack(offset=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64),
-                       params=StepParams.stack([f.params for f in present]),  # type: ignore[misc]
+        params = StepParams.stack([f.params for f in present])  # type: ignore[misc]
+        stack = _Stack(offset=np.concatenate([[0], np.cumsum(counts)[:-1]]).astype(np.int64), params=params,
                        dp=np.concatenate([f.dp for f in present]),
                        unit=np.concatenate([f.unit for f in present]),
-                       override=np.concatenate([np.full(len(f.plans), f.override) for f in present]))
-        _share(stack)
+                       override=np.concatenate([np.full(len(f.plans), f.override) for f in present]),
+                       fields=params.columns())
         if len(_STACKS) > 4096:
             _STACKS.clear()
         got = _STACKS[key] = (tuple(fams), stack)  # keep the families alive: their ids stay unique
     return got[1]
-
-
-def _share(stack: _Stack) -> None:
-    """Split the stack's step fields into those equal on every plan (``shared``) and the others."""
-    pa = stack.params
-    if (pa.overlap == 2).any():
-        return
-    m = pa._matrix()
-    same = [bool(np.array_equal(row, np.full(row.size, row[0]), equal_nan=True)) for row in m]
-    stack.shared = {f: m[i, :1].copy() for i, f in enumerate(STEP_FIELDS) if same[i]}
-    stack.varying = tuple(f for i, f in enumerate(STEP_FIELDS) if not same[i])
-    stack.varying_matrix = np.ascontiguousarray(m[[not x for x in same]])
 
 
 def in_order_best(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -46,7 +46,6 @@ here (``__all__``).
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from typing import Any
 
@@ -55,7 +54,7 @@ import numpy as np
 from qsengine.decode.breakdown import Piece, PieceArrays, StepBreakdown, StepTimes, breakdown
 from qsengine import _core
 from qsengine.decode.kernels import grouped_cost, kernel_dtypes
-from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepLanes, StepOptions, StepParams,
+from qsengine.decode.params import (KERNELS, MAX_DRAFT_TOKENS, OVERLAP, StepOptions, StepParams,
                                     check_speculation, step_params)
 from qsengine.decode.straggler import (MoeLayerShape, _inclusion_probabilities, max_iid_normal,
                                        _slot_layouts, moe_cost_coefficients, moe_layer_shape,
@@ -105,7 +104,7 @@ def accepted_tokens(draft: Any, acceptance: Any) -> Any:
 # batches (the side search calls the core's step directly, GIL released).
 # ---------------------------------------------------------------------------
 
-def routing_law(p: StepLanes, pi: np.ndarray | None = None, uniform: bool = True
+def routing_law(p: StepParams, pi: np.ndarray | None = None, uniform: bool = True
                 ) -> tuple[int, int, np.ndarray | None, list]:
     """The closed-form straggler's routing law of the MoE lanes of ``p``, as the
     core takes it: (experts, top_k, pi, slot layouts). Experts and top-k are
@@ -131,7 +130,7 @@ def routing_law(p: StepLanes, pi: np.ndarray | None = None, uniform: bool = True
     return experts, top_k, pi, layouts
 
 
-def step_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
+def step_time(p: StepParams, batch: np.ndarray, context: np.ndarray, *, pi: np.ndarray | None = None,
               uniform: bool = True, moe_step_time: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
               detail: bool = False, law: tuple | None = None) -> StepTimes:
     """Step time of one replica for every lane of ``p`` (see docs/model.md),
@@ -166,8 +165,7 @@ def step_time(p: StepLanes, batch: np.ndarray, context: np.ndarray, *, pi: np.nd
     if moe_step_time is not None:
         mst = tuple(np.ascontiguousarray(np.broadcast_to(np.asarray(v, dtype=np.float64), batch.shape))
                     for v in moe_step_time)
-    cols, index, indexed = p.pass_columns()
-    r = _core.step_time(cols, batch, ctx, index, list(indexed), experts, top_k, law_pi, layouts, *mst, detail)
+    r = _core.step_time(p.columns(), batch, ctx, experts, top_k, law_pi, layouts, *mst, detail)
     pieces: tuple[PieceArrays, ...] = ()
     if detail:
         spec = bool((np.asarray(p.draft) > 0).any())

@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from qsengine import _core
-from qsengine.decode.params import StepLanes, StepOptions, step_params
+from qsengine.decode.params import StepOptions, StepParams, step_params
 from qsengine.specs import Accelerator, Model, Plan, Precision
 
 __all__ = [
@@ -33,7 +33,6 @@ __all__ = [
     "straggler_closed_form",
     "straggler_ceiling",
     "max_iid_normal",
-    "routed_tokens",
     "straggler_quantiles",
     "Z99",
 ]
@@ -191,15 +190,7 @@ def straggler_closed_form(experts: int, top_k: int, tokens: np.ndarray, gpus: np
     return mean, sd
 
 
-def routed_tokens(p: StepLanes, batch: np.ndarray) -> np.ndarray:
-    """Tokens one expert copy's EP group routes per step, per lane: the replica's
-    microbatch ``batch/pp`` over its ``dp`` replicas' share of the expert
-    ``copies``, times the ``1 + draft`` token rows of a speculative verify pass
-    (docs/model.md, "Routed experts")."""
-    return batch / p.pp * p.dp / p.copies * (1.0 + p.draft)
-
-
-def straggler_quantiles(p: StepLanes, tokens: np.ndarray, pi: np.ndarray | None = None, uniform: bool = True
+def straggler_quantiles(p: StepParams, tokens: np.ndarray, pi: np.ndarray | None = None, uniform: bool = True
                         ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(mean, p50, p99) of the routed experts' straggler summed over each lane's
     decode MoE layers, by the closed form (:func:`straggler_closed_form`; ``pi``

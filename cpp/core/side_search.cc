@@ -1,0 +1,323 @@
+// qsengine core: one side's search for its operating points (see side_search.h).
+#include "core/side_search.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <numeric>
+#include <string>
+#include <vector>
+
+#include "core/errors.h"
+#include "core/step_kernels.h"
+
+namespace qs {
+namespace side {
+namespace {
+
+using step::detail::kBlockLanes;
+using step::detail::np_max;
+
+// numpy's floor division of int64 (Python semantics: rounds toward -inf).
+inline std::int64_t floor_div(std::int64_t a, std::int64_t b) {
+  const std::int64_t q = a / b;
+  return (a % b != 0 && ((a < 0) != (b < 0))) ? q - 1 : q;
+}
+
+class Search {
+ public:
+  Search(const SearchInput& in, const SearchOutput& out) : in_(in), out_(out) {}
+
+  void run();
+
+ private:
+  // time (user TPOT), p99 (user) and the step's mean of rows `rows` at `b` admission units each (a fixed batch
+  // where the row has one).
+  void evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time, double* p99,
+                double* step);
+  void bisect(const std::vector<std::int64_t>& rows_b);
+  double dp(std::int64_t r) const { return in_.plans[in_.plan[r]].dp; }
+  std::int64_t unit(std::int64_t r) const { return in_.unit[in_.plan[r]]; }
+  std::int64_t fixed(std::int64_t r) const { return in_.fixed == nullptr ? 0 : in_.fixed[r]; }
+  std::int64_t fixed_rep(std::int64_t r) const {
+    return floor_div(fixed(r), static_cast<std::int64_t>(dp(r)));  // a fixed cluster batch split over the replicas
+  }
+  bool alive(std::int64_t r) const { return bound_[r] * (1.0 + 1e-9) >= best_[in_.lane[r]]; }
+
+  const SearchInput& in_;
+  const SearchOutput& out_;
+  std::vector<double> best_;   // per lane: the best throughput known
+  std::vector<double> bound_;  // per row: its HBM-max throughput
+  // scratch of evaluate
+  std::vector<const step::Lane*> lanes_;
+  std::vector<double> ffn_, batch_, ctx_, t_, p50_, p99_, tok_;
+};
+
+void Search::evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time,
+                      double* p99, double* step) {
+  const auto n = static_cast<std::int64_t>(rows.size());
+  const auto cap = static_cast<std::size_t>(std::min(n, kBlockLanes));
+  lanes_.resize(cap);
+  for (auto* v : {&ffn_, &batch_, &ctx_, &t_, &p50_, &p99_, &tok_}) v->resize(cap);
+  for (std::int64_t lo = 0; lo < n; lo += kBlockLanes) {
+    const std::int64_t hi = std::min(n, lo + kBlockLanes);
+    for (std::int64_t i = lo; i < hi; ++i) {
+      const std::int64_t r = rows[static_cast<std::size_t>(i)];
+      const auto j = static_cast<std::size_t>(i - lo);
+      lanes_[j] = &in_.plans[in_.plan[r]];
+      if (in_.ffn != nullptr) ffn_[j] = in_.ffn[r];
+      const std::int64_t fx = fixed(r);
+      batch_[j] = static_cast<double>(fx > 0 ? fixed_rep(r) : b[static_cast<std::size_t>(i)] * unit(r));
+      ctx_[j] = in_.context[r];
+    }
+    step::step_lanes(step::Lanes{lanes_.data(), in_.ffn != nullptr ? ffn_.data() : nullptr}, hi - lo, batch_.data(), ctx_.data(), in_.straggler,
+                     step::StepOutput{t_.data(), p50_.data(), p99_.data(), tok_.data()}, step::PassDetail{}, 0);
+    for (std::int64_t i = lo; i < hi; ++i) {
+      const std::int64_t r = rows[static_cast<std::size_t>(i)];
+      const auto j = static_cast<std::size_t>(i - lo);
+      step[i] = t_[j];
+      if (in_.stall == nullptr) {
+        time[i] = t_[j];
+        p99[i] = p99_[j];
+      } else {
+        time[i] = t_[j] + batch_[j] * in_.stall[r];
+        p99[i] = p99_[j] + batch_[j] * in_.stall[r];
+      }
+    }
+  }
+}
+
+void Search::bisect(const std::vector<std::int64_t>& rows_b) {
+  if (rows_b.empty()) return;
+  const std::size_t m = rows_b.size();
+  std::vector<double> ft(m), fp(m), fs(m);
+  evaluate(rows_b, std::vector<std::int64_t>(m, 1), ft.data(), fp.data(), fs.data());
+  // rows that miss the target at one admission unit are invalid; the others bracket [1, units]
+  std::vector<std::int64_t> act, lo, hi;
+  std::vector<double> flo, fhi, t_lo, p_lo, d_lo, t_hi;
+  for (std::size_t j = 0; j < m; ++j) {
+    const std::int64_t r = rows_b[j];
+    const double s = in_.slo[r];
+    if (fp[j] > s) {
+      out_.valid[r] = 0;
+      continue;
+    }
+    act.push_back(r);
+    lo.push_back(1);
+    hi.push_back(out_.units[r]);
+    flo.push_back(fp[j] - s);
+    fhi.push_back(out_.p99[r] - s);
+    t_lo.push_back(ft[j]);
+    p_lo.push_back(fp[j]);
+    d_lo.push_back(fs[j]);
+    t_hi.push_back(out_.time[r]);
+  }
+  const std::size_t k = act.size();
+  std::vector<std::uint8_t> halve(k, 0), on(k, 1), mono(k, 0);
+  std::vector<std::int8_t> moved(k, 0);  // +1 lo moved last, -1 hi moved last
+  std::vector<double> w(k);
+  bool prune = false;
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::int64_t r = act[j];
+    w[j] = static_cast<double>(unit(r)) * dp(r);
+    mono[j] = in_.plans[in_.plan[r]].moe_layers == 0 ? 1 : 0;
+    prune = prune || mono[j] != 0;
+  }
+  std::vector<std::int64_t> live_rows, mids;
+  std::vector<std::size_t> live;
+  std::vector<double> mt, mp, ms;
+  const double inf = std::numeric_limits<double>::infinity();
+  while (true) {
+    if (prune) {
+      for (std::size_t j = 0; j < k; ++j) {
+        if (on[j] && mono[j]) {
+          const double v = (t_lo[j] > 0 ? static_cast<double>(lo[j]) / t_lo[j] : 0.0) * w[j];
+          double& best = best_[in_.lane[act[j]]];
+          best = np_max(best, v);
+        }
+      }
+      for (std::size_t j = 0; j < k; ++j) {
+        if (!mono[j]) continue;
+        const double cap_hi = (t_hi[j] > 0 ? static_cast<double>(hi[j]) / t_hi[j] : inf) * w[j];
+        if (cap_hi * (1.0 + 1e-9) < best_[in_.lane[act[j]]]) on[j] = 0;
+      }
+    }
+    live.clear();
+    live_rows.clear();
+    mids.clear();
+    for (std::size_t j = 0; j < k; ++j) {
+      if (!on[j] || hi[j] - lo[j] <= 1) continue;
+      const std::int64_t a = lo[j], b = hi[j];
+      const double fa = flo[j], fb = fhi[j];
+      // the regula falsi point, clipped to [a + 1, b - 1] (in floating point first: a finite guess lies in
+      // [a, b) since fa <= 0 < fb, but the cast must never see an out-of-range value)
+      const double g = static_cast<double>(a) + std::floor(static_cast<double>(b - a) * (-fa) / (fb - fa));
+      const double gc = std::min(std::max(g, static_cast<double>(a + 1)), static_cast<double>(b - 1));
+      const std::int64_t guess = std::isfinite(g) ? static_cast<std::int64_t>(gc) : floor_div(a + b, 2);
+      const std::int64_t mid = halve[j] ? floor_div(a + b, 2) : std::min(std::max(guess, a + 1), b - 1);
+      live.push_back(j);
+      live_rows.push_back(act[j]);
+      mids.push_back(mid);
+    }
+    if (live.empty()) break;
+    mt.resize(live.size());
+    mp.resize(live.size());
+    ms.resize(live.size());
+    evaluate(live_rows, mids, mt.data(), mp.data(), ms.data());
+    for (std::size_t q = 0; q < live.size(); ++q) {
+      const std::size_t j = live[q];
+      const double got = mp[q] - in_.slo[act[j]];
+      const bool meets = got <= 0;
+      const std::int64_t width = hi[j] - lo[j];
+      if (meets) {
+        lo[j] = mids[q];
+        flo[j] = got;
+        t_lo[j] = mt[q];
+        p_lo[j] = mp[q];
+        d_lo[j] = ms[q];
+      } else {
+        hi[j] = mids[q];
+        fhi[j] = got;
+        t_hi[j] = mt[q];
+      }
+      const std::int8_t side = meets ? 1 : -1;
+      if (side == moved[j]) {  // Illinois: the kept end's value halves when the same end moved twice
+        if (meets) fhi[j] = fhi[j] / 2;
+        else flo[j] = flo[j] / 2;
+      }
+      moved[j] = side;
+      halve[j] = 2 * (hi[j] - lo[j]) > width ? 1 : 0;
+    }
+  }
+  for (std::size_t j = 0; j < k; ++j) {
+    const std::int64_t r = act[j];
+    if (!on[j]) {  // never chosen: another plan of its lane serves more
+      out_.valid[r] = 0;
+      continue;
+    }
+    out_.units[r] = lo[j];
+    out_.time[r] = t_lo[j];
+    out_.p99[r] = p_lo[j];
+    out_.step[r] = d_lo[j];
+  }
+}
+
+void Search::run() {
+  const std::int64_t K = in_.rows;
+  std::vector<std::int64_t> all(static_cast<std::size_t>(K)), units(static_cast<std::size_t>(K));
+  std::iota(all.begin(), all.end(), 0);
+  for (std::int64_t r = 0; r < K; ++r) units[static_cast<std::size_t>(r)] = in_.units[r];
+  evaluate(all, units, out_.top_time, out_.top_p99, out_.top_step);
+  std::vector<std::int64_t> over;
+  for (std::int64_t r = 0; r < K; ++r) {
+    const std::int64_t fx = fixed(r);
+    bool ok = true;
+    if (fx > 0) {  // the plan cannot hold the fixed batch, or cannot split it evenly over its replicas
+      const std::int64_t rep = fixed_rep(r), u = unit(r);
+      const auto d = static_cast<std::int64_t>(dp(r));
+      ok = !(-floor_div(-rep, u) > in_.units[r] || fx % d != 0 || rep < 1);
+    }
+    out_.top_valid[r] = ok ? 1 : 0;
+    out_.valid[r] = ok ? 1 : 0;
+    out_.units[r] = in_.units[r];
+    out_.time[r] = out_.top_time[r];
+    out_.p99[r] = out_.top_p99[r];
+    out_.step[r] = out_.top_step[r];
+    const bool has_slo = !std::isnan(in_.slo[r]) && fx <= 0;
+    const bool binds = has_slo && !(out_.top_p99[r] <= in_.slo[r]);
+    out_.binds[r] = binds ? 1 : 0;
+    if (binds) over.push_back(r);
+  }
+  if (over.empty()) return;
+  // the lane's best starts from the rows that meet the target at their maximum
+  best_.assign(static_cast<std::size_t>(in_.lanes), 0.0);
+  bound_.resize(static_cast<std::size_t>(K));
+  for (std::int64_t r = 0; r < K; ++r) {
+    const double max_batch = static_cast<double>(fixed(r) > 0 ? fixed_rep(r) : in_.units[r] * unit(r));
+    bound_[r] = (out_.top_time[r] > 0 ? max_batch / out_.top_time[r] : 0.0) * dp(r);
+    if (out_.valid[r] && !out_.binds[r]) best_[in_.lane[r]] = np_max(best_[in_.lane[r]], bound_[r]);
+  }
+  // the binding rows still alive, by lane, the largest maximum first (stable: plan order among equals)
+  std::vector<std::int64_t> cand;
+  for (const std::int64_t r : over) {
+    if (alive(r)) cand.push_back(r);
+  }
+  std::stable_sort(cand.begin(), cand.end(), [&](std::int64_t a, std::int64_t b) {
+    if (in_.lane[a] != in_.lane[b]) return in_.lane[a] < in_.lane[b];
+    const double ka = -bound_[a], kb = -bound_[b];  // NaN last
+    if (std::isnan(ka) || std::isnan(kb)) return !std::isnan(ka) && std::isnan(kb);
+    return ka < kb;
+  });
+  // rounds: each lane bisects its next row still alive (the lane's best raised by every row it finished), so a
+  // row is skipped as soon as a plan tried before it serves more than its maximum
+  std::vector<std::uint8_t> seen(static_cast<std::size_t>(K), 0);
+  std::vector<std::size_t> next, stop;  // per lane of cand: the position of its next row, the end of its rows
+  for (std::size_t j = 0; j < cand.size(); ++j) {
+    if (j == 0 || in_.lane[cand[j]] != in_.lane[cand[j - 1]]) {
+      if (j > 0) stop.push_back(j);
+      next.push_back(j);
+    }
+  }
+  stop.push_back(cand.size());
+  std::vector<std::int64_t> round;
+  while (true) {
+    round.clear();
+    for (std::size_t l = 0; l < next.size(); ++l) {
+      while (next[l] < stop[l]) {
+        const std::int64_t r = cand[next[l]++];
+        if (alive(r)) {
+          round.push_back(r);
+          seen[static_cast<std::size_t>(r)] = 1;
+          break;
+        }
+      }
+    }
+    if (round.empty()) break;
+    bisect(round);
+    for (const std::int64_t r : round) {
+      if (!out_.valid[r]) continue;
+      const double got =
+          (out_.time[r] > 0 ? static_cast<double>(out_.units[r] * unit(r)) / out_.time[r] : 0.0) * dp(r);
+      best_[in_.lane[r]] = np_max(best_[in_.lane[r]], got);
+    }
+  }
+  // binding rows never bisected: another plan of their lane serves more, so they are never chosen
+  for (const std::int64_t r : over) {
+    if (!seen[static_cast<std::size_t>(r)]) out_.valid[r] = 0;
+  }
+}
+
+}  // namespace
+
+void search(const SearchInput& in, const SearchOutput& out) {
+  if (in.rows < 0 || in.lanes < 0 || in.num_plans < 0) {
+    throw InvalidArgument("side_search: rows, lanes and plans must be >= 0");
+  }
+  if (in.rows == 0) return;
+  if (!in.plans || !in.unit || !in.plan || !in.lane || !in.context || !in.slo || !in.units || !out.top_time ||
+      !out.top_p99 || !out.top_step || !out.top_valid || !out.binds || !out.units || !out.time || !out.p99 ||
+      !out.step || !out.valid) {
+    throw InvalidArgument("side_search: an input or output array is missing");
+  }
+  for (std::int64_t r = 0; r < in.rows; ++r) {
+    if (in.plan[r] < 0 || in.plan[r] >= in.num_plans) {
+      throw InvalidArgument("side_search: plan[" + std::to_string(r) + "] = " + std::to_string(in.plan[r]) +
+                            ": must be in [0, " + std::to_string(in.num_plans) + ")");
+    }
+    if (in.lane[r] < 0 || in.lane[r] >= in.lanes) {
+      throw InvalidArgument("side_search: lane[" + std::to_string(r) + "] = " + std::to_string(in.lane[r]) +
+                            ": must be in [0, " + std::to_string(in.lanes) + ")");
+    }
+    if (in.units[r] < 1) {
+      throw InvalidArgument("side_search: units[" + std::to_string(r) + "] = " + std::to_string(in.units[r]) +
+                            ": must be >= 1 (rows are plans that pack)");
+    }
+    if (in.unit[in.plan[r]] < 1 || !(in.plans[in.plan[r]].dp >= 1)) {
+      throw InvalidArgument("side_search: plan " + std::to_string(in.plan[r]) + ": unit and dp must be >= 1");
+    }
+  }
+  Search(in, out).run();
+}
+
+}  // namespace side
+}  // namespace qs
