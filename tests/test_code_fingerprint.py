@@ -8,6 +8,7 @@ checked on a copy of it, hashed by the same functions.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -80,3 +81,41 @@ def test_changes_with_any_byte_of_the_code(copy, tmp_path, change):
         core = tmp_path / "core.so"
         core.write_bytes(CORE[1].read_bytes() + b"\0")
     assert _fingerprint(copy, core) != qsengine.code_fingerprint()
+
+
+def test_results_files_and_the_study_record_it(tmp_path, capsys):
+    """`qsengine sweep`'s results.parquet and `qsengine study`'s outputs name the code, and the
+    study's checkpoint written by other code is refused from the command line with the way out."""
+    import pyarrow.parquet as pq
+
+    from qsengine.cli import main
+    from qsengine.study import StudyConfig, checkpoint_dir
+
+    here = qsengine.code_fingerprint()
+    grid = tmp_path / "g.toml"
+    grid.write_text('[grid]\nmodel = ["qwen3-30b-a3b"]\ncluster = ["8xh100"]\ncontext = [4096]\n')
+    assert main(["sweep", str(grid), "--out", str(tmp_path / "sw"), "--no-progress", "--seed", "1"]) == 0
+    assert pq.read_schema(tmp_path / "sw" / "results.parquet").metadata[b"qsengine.code"] == here.encode()
+
+    out = tmp_path / "study"
+    argv = ["study", "--models", "qwen3-30b-a3b", "--clusters", "8xh100", "--contexts", "4K", "--microbatches", "0",
+            "--twins", "same", "--out", str(out), "--no-figures", "--no-progress"]
+    assert main(argv) == 0
+    capsys.readouterr()
+    table = pq.read_table(out / "results.parquet")
+    assert table.schema.metadata[b"qsengine.code"] == here.encode()
+    assert json.loads(table.schema.metadata[b"qsengine.study"])["qsengine_code"] == here
+    assert set(table.column("qsengine_code").to_pylist()) == {here}
+    assert f"(code {here})" in (out / "summary.md").read_text()
+
+    ck = checkpoint_dir(StudyConfig(models=("qwen3-30b-a3b",), clusters=("8xh100",), contexts=("4K",),
+                                    microbatches=0, twins=("same",), out=out))
+    meta = json.loads((ck / "meta.json").read_text())
+    (ck / "meta.json").write_text(json.dumps({**meta, "code": "0" * FINGERPRINT_HEX}))
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"qsengine: error: checkpoint {ck} was written by other code" in err
+    assert "0" * FINGERPRINT_HEX in err and here in err and "--no-resume" in err
+    assert main([*argv, "--no-resume"]) == 0
+    assert "(1 computed, 0 resumed)" in capsys.readouterr().out
+    assert json.loads((ck / "meta.json").read_text())["code"] == here
