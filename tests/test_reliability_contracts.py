@@ -297,6 +297,7 @@ def test_results_file_records_its_format_and_other_versions_are_refused(tmp_path
     meta = read_results_table(res).schema.metadata
     assert meta[b"qsengine.format"] == RESULTS_FORMAT.encode()
     assert meta[b"qsengine.format_version"] == str(RESULTS_FORMAT_VERSION).encode()
+    assert meta[b"qsengine.code"] == q.code_fingerprint().encode()  # the code that computed it
     df = read_results_table(res).to_pandas()
     assert len(df) == 2 and report(out)  # the current version reads and plots
     # an older file (before versions were recorded) is read as version 1

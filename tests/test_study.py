@@ -73,7 +73,8 @@ def test_study_uses_each_models_deployed_precision(tmp_path):
     assert list(df["in_precision"]) == list(df["precision"])
 
 
-SETTINGS = ["precision", "routing", "twin", "workload", "slo_tpot_ms", "microbatches", "seed", "qsengine_version"]
+SETTINGS = ["precision", "routing", "twin", "workload", "slo_tpot_ms", "microbatches", "seed", "qsengine_version",
+            "qsengine_code"]
 
 
 def test_run_settings_recorded_everywhere(tmp_path):
@@ -85,15 +86,18 @@ def test_run_settings_recorded_everywhere(tmp_path):
         assert col in csv.columns, col
     assert set(csv["precision"]) == {"bf16"} and set(csv["seed"]) == {7}
     assert set(csv["slo_tpot_ms"]) == {50.0} and set(csv["qsengine_version"]) == {qsengine.__version__}
+    assert set(csv["qsengine_code"]) == {qsengine.code_fingerprint()}
     table = pq.read_table(out / "results.parquet")
     meta = json.loads(table.schema.metadata[b"qsengine.study"])
     assert meta["seed"] == 7 and meta["slo_tpot_ms"] == 50.0 and meta["routing"] == "uniform"
     assert meta["precision"] == {"qwen3-30b-a3b": "bf16"} and meta["qsengine_version"] == qsengine.__version__
+    assert meta["qsengine_code"] == qsengine.code_fingerprint()
     for col in SETTINGS:
         assert col in table.column_names
     summary = (out / "summary.md").read_text()
     for text in ("precision: qwen3-30b-a3b bf16", "routing: uniform", "twin: q = sqrt", "workload:",
-                 "both sides at p99 ≤ 50.0 ms per token", "seed: 7", f"qsengine {qsengine.__version__}"):
+                 "both sides at p99 ≤ 50.0 ms per token", "seed: 7",
+                 f"qsengine {qsengine.__version__} (code {qsengine.code_fingerprint()})"):
         assert text in summary, text
     assert format_summary(df).splitlines()[0].startswith("qsengine study")
 

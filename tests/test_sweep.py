@@ -275,6 +275,49 @@ def test_checkpoint_format_version_refused(tmp_path):
         _sweep(checkpoint=ck)
 
 
+def _meta(ck):
+    return json.loads((ck / "meta.json").read_text())
+
+
+def test_checkpoint_records_its_code_and_the_same_code_resumes(reference, tmp_path):
+    ck = tmp_path / "ck"
+    first = _sweep(checkpoint=ck, chunk_size=5)
+    here = qsengine.code_fingerprint()
+    assert _meta(ck)["code"] == here == first.attrs["sweep"]["code"]
+    again = _sweep(checkpoint=ck, chunk_size=5)
+    assert again.attrs["sweep"]["computed_points"] == 0 and again.attrs["sweep"]["resumed_points"] == N
+    pdt.assert_frame_equal(again, reference)
+
+
+@pytest.mark.parametrize("stored", ["0123456789abcdef", "legacy"])
+def test_checkpoint_of_other_code_refused_then_overwritten(reference, tmp_path, stored):
+    """The qsengine version is the same at every commit: a checkpoint of other code (or of code
+    before the fingerprint was recorded) would be resumed silently without the ``code`` key."""
+    ck = tmp_path / "ck"
+    _sweep(checkpoint=ck, chunk_size=5)
+    meta = _meta(ck)
+    if stored == "legacy":
+        del meta["code"]
+    else:
+        meta["code"] = stored
+    (ck / "meta.json").write_text(json.dumps(meta))
+    files = sorted(p.name for p in ck.iterdir())
+    here = qsengine.code_fingerprint()
+    with pytest.raises(ValueError) as info:
+        _sweep(checkpoint=ck, chunk_size=5)
+    msg = str(info.value)
+    there = "none there: written before qsengine recorded it" if stored == "legacy" else f"{stored} there"
+    assert msg.startswith(f"checkpoint {ck} was written by other code (code fingerprint {there}; {here} here)"), msg
+    assert "delete the directory" in msg and "resume=False" in msg and "--no-resume" in msg
+    assert sorted(p.name for p in ck.iterdir()) == files  # refused before anything is touched
+    with pytest.raises(ValueError, match="written by other code"):  # a seed=None resume too
+        _sweep(checkpoint=ck, seed=None)
+    df = _sweep(checkpoint=ck, chunk_size=5, resume=False)
+    assert df.attrs["sweep"]["computed_points"] == N and _meta(ck)["code"] == here
+    pdt.assert_frame_equal(df, reference)
+    assert _sweep(checkpoint=ck).attrs["sweep"]["computed_points"] == 0
+
+
 BASE = {"model": ["qwen3-30b-a3b"], "cluster": ["8xh100"], "context": [4096]}
 
 

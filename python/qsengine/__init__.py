@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from qsengine import specs as _specs
 from qsengine._core import __version__
+from qsengine._fingerprint import code_fingerprint
 from qsengine._limits import get_memory_limit, get_work_limit, set_memory_limit, set_work_limit
 from qsengine.errors import QsengineWarning, ResourceLimitError, SpecError
 from qsengine.packing import Packing, min_gpus, pack, plans, rank_plans
@@ -38,6 +39,7 @@ from qsengine.sweeps import load_results, sweep
 
 __all__ = [
     "__version__",
+    "code_fingerprint",
     "QsengineWarning",
     "ResourceLimitError",
     "SpecError",

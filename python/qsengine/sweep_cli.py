@@ -70,14 +70,14 @@ def write_results(df, out: Path, metadata: dict[str, str] | None = None) -> list
     ``results.csv`` in ``out``, each written atomically."""
     import pyarrow as pa
 
-    from qsengine import __version__
+    from qsengine import __version__, code_fingerprint
     from qsengine.sweeps.checkpoint import atomic_write_bytes, results_metadata, table_to_parquet_bytes
 
     pq_path, csv_path = out / "results.parquet", out / "results.csv"
     table = pa.Table.from_pandas(df, preserve_index=False)
     extra = {k.encode(): v.encode() for k, v in (metadata or {}).items()}
-    table = table.replace_schema_metadata({**(table.schema.metadata or {}), **results_metadata(__version__),
-                                           **extra})
+    table = table.replace_schema_metadata({**(table.schema.metadata or {}),
+                                           **results_metadata(__version__, code_fingerprint()), **extra})
     atomic_write_bytes(pq_path, table_to_parquet_bytes(table))
     buf = io.StringIO()
     df.to_csv(buf, index=False)

@@ -7,12 +7,16 @@ from 4K to 128K tokens, each model at its deployed precision.
 The study is a :func:`qsengine.sweep` over model × cluster × context: the whole
 grid is validated before any work, completed points are checkpointed under
 ``OUT/checkpoint/<key>/`` (``key`` hashes the grid and seed), a re-run resumes
-exactly, and it runs in-process or on Dask. It writes, in ``OUT``:
+exactly (a checkpoint written by other code is refused: ``--no-resume`` /
+``resume=False`` starts over), and it runs in-process or on Dask. It writes,
+in ``OUT``:
 
 * ``summary.md``: the run settings, then one verdict line per model × cluster
   (answer first), then the table;
 * ``results.{csv,parquet}``: one row per point, with the run settings as
-  columns (and in the parquet schema metadata, key ``qsengine.study``);
+  columns (and in the parquet schema metadata, key ``qsengine.study``),
+  among them ``qsengine_version`` and ``qsengine_code``, the
+  :func:`qsengine.code_fingerprint` of the code that computed them;
 * ``ratio_vs_context.png``: dense/MoE throughput ratio vs context, one panel
   per model, one line per cluster; infeasible points marked below the data;
 * ``hbm_per_gpu.png``: HBM use per GPU of the MoE and of its twin;

@@ -160,7 +160,7 @@ class _Plan:
 
 def _validate(cfg: StudyConfig) -> _Plan:
     """Every input checked (and every spec loaded) before any work."""
-    from qsengine import __version__
+    from qsengine import __version__, code_fingerprint
     from qsengine.specs.loaders import as_cluster, as_model, as_precision, default_precision
 
     if not cfg.models or not cfg.clusters or not cfg.contexts:
@@ -235,8 +235,11 @@ def _validate(cfg: StudyConfig) -> _Plan:
         "tie": cfg.tie,
         "beyond_max_context": cfg.beyond_max_context,
         "qsengine_version": __version__,
+        "qsengine_code": code_fingerprint(),  # the version is the same at every commit; this is not
     }
-    # the key covers the specs' content too: an edited model or cluster file gets its own checkpoint
+    # the key covers the specs' content too: an edited model or cluster file gets its own checkpoint;
+    # not the code fingerprint: a checkpoint of other code is refused by the sweep (meta.json "code"),
+    # never left behind beside a new one at every edit
     ident = json.dumps({"points": points, "seed": cfg.seed, "version": __version__,
                         "specs": [repr(m) for m in models.values()] + [repr(c) for c in clusters]},
                        sort_keys=True, default=repr)

@@ -89,6 +89,7 @@ def _annotate(raw, plan: _Plan, cfg: StudyConfig):
     df["microbatches"] = str(cfg.microbatches)
     df["seed"] = cfg.seed
     df["qsengine_version"] = plan.settings["qsengine_version"]
+    df["qsengine_code"] = plan.settings["qsengine_code"]
     for side in ("moe", "dense"):
         tpot = df[f"{side}_tpot_ms"].astype(float)
         df[f"{side}_tokens_per_s_per_user"] = np.where(tpot > 0, 1e3 / tpot, np.nan)

@@ -119,7 +119,7 @@ def format_summary(df, *, markdown: bool = False) -> str:
         "- latency target: " + ("none: each side at the largest batch its HBM holds" if slo is None else
                                 f"both sides at p99 ≤ {fmt_num(slo)} ms per token (equal latency); "
                                 "[max throughput: …] = each side at the largest batch its HBM holds"),
-        f"- seed: {s.get('seed')}; qsengine {s.get('qsengine_version')}",
+        f"- seed: {s.get('seed')}; qsengine {s.get('qsengine_version')} (code {s.get('qsengine_code')})",
         f"- ratio = dense tokens/s ÷ MoE tokens/s; a tie is within ±{s.get('tie', DEFAULT_TIE):.0%} of 1 "
         "(or 2 standard errors of the Monte Carlo, if larger); ±: one standard error",
         "",

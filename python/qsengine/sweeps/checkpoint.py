@@ -2,7 +2,8 @@
 
 Layout of ``DIR``::
 
-    meta.json                  format version, grid fingerprint, sweep seed
+    meta.json                  format version, grid fingerprint, sweep seed,
+                               qsengine version and code fingerprint (``code``)
     chunk-<sha>.parquet        one completed chunk of points; <sha> is the first
                                32 hex digits of the SHA-256 of the file's bytes
     chunk-<sha>.parquet.corrupt  a chunk that failed verification (kept aside)
@@ -17,7 +18,15 @@ Guarantees (see ``docs`` / ARCHITECTURE "Sweeps"):
   :class:`qsengine.QsengineWarning`, moved aside and its points recomputed;
   it is never read silently;
 * ``meta.json`` carries :data:`FORMAT_VERSION`; a checkpoint of another
-  version is refused with a clear message rather than misread.
+  version is refused with a clear message rather than misread;
+* ``meta.json`` carries the code fingerprint (``code``,
+  :func:`qsengine.code_fingerprint`): :func:`qsengine.sweep` refuses to resume
+  a checkpoint written by other code, or one without the key (written before it
+  was recorded), naming both fingerprints; ``resume=False`` (``--no-resume``)
+  starts over. ``qsengine_version`` alone is the same at every commit, so
+  without this an upgraded qsengine would silently resume older code's results.
+  (A new key, not a new layout: :data:`FORMAT_VERSION` is unchanged, and an
+  older checkpoint is refused by the code check rather than misread.)
 """
 
 from __future__ import annotations
@@ -91,14 +100,15 @@ def table_to_parquet_bytes(table) -> bytes:
 #: was recorded (no key) have the same columns as version 1 and are read as it.
 RESULTS_FORMAT = "qsengine.sweep.results"
 RESULTS_FORMAT_VERSION = 1
-_RESULTS_KEYS = (b"qsengine.format", b"qsengine.format_version", b"qsengine.version")
 
 
-def results_metadata(version: str) -> dict[bytes, bytes]:
-    """Schema metadata that marks a results table (merge into the table's own)."""
+def results_metadata(version: str, code: str) -> dict[bytes, bytes]:
+    """Schema metadata that marks a results table (merge into the table's own):
+    its format, and the qsengine version and code fingerprint that wrote it."""
     return {b"qsengine.format": RESULTS_FORMAT.encode(),
             b"qsengine.format_version": str(RESULTS_FORMAT_VERSION).encode(),
-            b"qsengine.version": version.encode()}
+            b"qsengine.version": version.encode(),
+            b"qsengine.code": code.encode()}
 
 
 def read_results_table(path: str | os.PathLike[str]):

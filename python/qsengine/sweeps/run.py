@@ -38,7 +38,7 @@ __all__ = ["sweep", "load_results"]
 
 
 def _check_meta(ck: Checkpoint, meta: dict[str, Any], points: _Points, seed_rec: dict[str, Any],
-                version: str) -> None:
+                version: str, code: str) -> None:
     what = []
     if meta.get("grid_hash") != points.grid_hash:
         what.append("grid")
@@ -49,6 +49,14 @@ def _check_meta(ck: Checkpoint, meta: dict[str, Any], points: _Points, seed_rec:
     if what:
         raise ValueError(f"checkpoint {ck.path} was written for a different {'/'.join(what)}; "
                          "use a new directory or resume=False to overwrite")
+    # the same version at every commit: only the code fingerprint tells older code's results
+    # apart; a checkpoint without one (written before it was recorded) cannot be trusted either
+    there = meta.get("code")
+    if there != code:
+        there = f"{there} there" if "code" in meta else "none there: written before qsengine recorded it"
+        raise ValueError(f"checkpoint {ck.path} was written by other code (code fingerprint {there}; {code} here), "
+                         "its results may differ from this code's: delete the directory, use a new one or pass "
+                         "resume=False (qsengine sweep/study: --no-resume) to start over")
 
 
 def sweep(
@@ -82,8 +90,9 @@ def sweep(
         checkpoint: a directory; each completed chunk is written there
             atomically as parquet, with ``meta.json``.
         resume: reuse the checkpoint's completed points (refused if it was
-            written for another grid, seed or qsengine version); False clears
-            the checkpoint's files and starts over.
+            written for another grid, seed or qsengine version, or by other
+            code: :func:`qsengine.code_fingerprint`, recorded in ``meta.json``
+            as ``code``); False clears the checkpoint's files and starts over.
         progress: a tqdm bar with an ETA (only on a terminal).
         seed: the sweep seed (None | int | SeedSequence). With None and an
             existing checkpoint, the checkpoint's seed is reused; otherwise
@@ -108,7 +117,7 @@ def sweep(
     """
     import pyarrow as pa
 
-    from qsengine import __version__
+    from qsengine import __version__, code_fingerprint
 
     t0 = time.perf_counter()
     if chunk_size is not None and (not _is_int(chunk_size) or chunk_size < 1):
@@ -141,7 +150,8 @@ def sweep(
         root = as_seed_sequence(seed)
     seed_rec = seed_record(root)
     info = {"format_version": FORMAT_VERSION, "grid_hash": points.grid_hash, "seed": seed_rec,
-            "qsengine_version": __version__, "points": len(points.ids), "unique_points": len(points.unique)}
+            "qsengine_version": __version__, "code": code_fingerprint(), "points": len(points.ids),
+            "unique_points": len(points.unique)}
     info["grid_fingerprint"] = hashlib.sha256(canonical_json(info).encode()).hexdigest()[:32]
 
     inputs = _inputs_table(points)
@@ -150,7 +160,7 @@ def sweep(
     done: set[str] = set()
     if ck is not None:
         if meta is not None:
-            _check_meta(ck, meta, points, seed_rec, __version__)
+            _check_meta(ck, meta, points, seed_rec, __version__, info["code"])
             scan = ck.scan(set(unique_ids), ["point_id", *inputs.column_names[1:]])
             tables, done = scan.tables, scan.done
         else:
