@@ -90,27 +90,105 @@ void Search::evaluate(const std::vector<std::int64_t>& rows, const std::vector<s
 void Search::bisect(const std::vector<std::int64_t>& rows_b) {
   if (rows_b.empty()) return;
   const std::size_t m = rows_b.size();
-  std::vector<double> ft(m), fp(m), fs(m);
-  evaluate(rows_b, std::vector<std::int64_t>(m, 1), ft.data(), fp.data(), fs.data());
-  // rows that miss the target at one admission unit are invalid; the others bracket [1, units]
+  // Each row's bracket starts as [1, units]: the value at units is the top evaluation's.
+  std::vector<std::int64_t> lo0(m, 1), hi0(m);
+  std::vector<double> flo0(m), fhi0(m), t_lo0(m), p_lo0(m), d_lo0(m), t_hi0(m);
+  std::vector<std::uint8_t> known_lo(m, 0), out(m, 0);
+  for (std::size_t j = 0; j < m; ++j) {
+    const std::int64_t r = rows_b[j];
+    hi0[j] = out_.units[r];
+    fhi0[j] = out_.p99[r] - in_.slo[r];
+    t_hi0[j] = out_.time[r];
+  }
+  // A probe first, for dense rows whose lane already has a best to beat: the batch B_top * s / p99(B_top), where
+  // the TPOT would meet the target if it were proportional to the batch. A TPOT with a positive intercept misses
+  // there, so the probe usually closes the bracket from above near the answer, and the row stops at once when
+  // B * dp / TPOT there is below its lane's best (in-bracket pruning, below): a row that cannot win costs one
+  // evaluation. A probe that meets is the bracket's low end (and then one sequence meets too).
+  std::vector<std::int64_t> probe_rows, probe_b;
+  std::vector<std::size_t> probe_at;
+  for (std::size_t j = 0; j < m; ++j) {
+    const std::int64_t r = rows_b[j];
+    const double p99_top = out_.p99[r], best = best_[in_.lane[r]];
+    if (in_.plans[in_.plan[r]].moe_layers != 0 || !(best > 0) || hi0[j] < 3 || !(p99_top > 0) ||
+        !std::isfinite(p99_top)) {
+      continue;
+    }
+    const double g = std::floor(static_cast<double>(hi0[j]) * in_.slo[r] / p99_top);
+    const double gc = std::min(std::max(g, 1.0), static_cast<double>(hi0[j] - 1));
+    if (!std::isfinite(gc)) continue;
+    probe_rows.push_back(r);
+    probe_b.push_back(static_cast<std::int64_t>(gc));
+    probe_at.push_back(j);
+  }
+  if (!probe_rows.empty()) {
+    const std::size_t q = probe_rows.size();
+    std::vector<double> pt(q), pp(q), ps(q);
+    evaluate(probe_rows, probe_b, pt.data(), pp.data(), ps.data());
+    for (std::size_t i = 0; i < q; ++i) {
+      const std::size_t j = probe_at[i];
+      const std::int64_t r = rows_b[j];
+      const double got = pp[i] - in_.slo[r];
+      if (got <= 0) {
+        lo0[j] = probe_b[i];
+        flo0[j] = got;
+        t_lo0[j] = pt[i];
+        p_lo0[j] = pp[i];
+        d_lo0[j] = ps[i];
+        known_lo[j] = 1;
+        continue;
+      }
+      hi0[j] = probe_b[i];
+      fhi0[j] = got;
+      t_hi0[j] = pt[i];
+      const double w = static_cast<double>(unit(r)) * dp(r);
+      const double cap_hi = (pt[i] > 0 ? static_cast<double>(hi0[j]) / pt[i] : std::numeric_limits<double>::infinity()) * w;
+      if (hi0[j] == 1 || cap_hi * (1.0 + 1e-9) < best_[in_.lane[r]]) {  // misses at one unit, or cannot win
+        out_.valid[r] = 0;
+        out[j] = 1;
+      }
+    }
+  }
+  // the other rows at one admission unit: rows that miss the target there are invalid
+  std::vector<std::int64_t> one_rows;
+  std::vector<std::size_t> one_at;
+  for (std::size_t j = 0; j < m; ++j) {
+    if (!out[j] && !known_lo[j]) {
+      one_rows.push_back(rows_b[j]);
+      one_at.push_back(j);
+    }
+  }
+  if (!one_rows.empty()) {
+    const std::size_t q = one_rows.size();
+    std::vector<double> ft(q), fp(q), fs(q);
+    evaluate(one_rows, std::vector<std::int64_t>(q, 1), ft.data(), fp.data(), fs.data());
+    for (std::size_t i = 0; i < q; ++i) {
+      const std::size_t j = one_at[i];
+      const std::int64_t r = rows_b[j];
+      if (fp[i] > in_.slo[r]) {
+        out_.valid[r] = 0;
+        out[j] = 1;
+        continue;
+      }
+      flo0[j] = fp[i] - in_.slo[r];
+      t_lo0[j] = ft[i];
+      p_lo0[j] = fp[i];
+      d_lo0[j] = fs[i];
+    }
+  }
   std::vector<std::int64_t> act, lo, hi;
   std::vector<double> flo, fhi, t_lo, p_lo, d_lo, t_hi;
   for (std::size_t j = 0; j < m; ++j) {
-    const std::int64_t r = rows_b[j];
-    const double s = in_.slo[r];
-    if (fp[j] > s) {
-      out_.valid[r] = 0;
-      continue;
-    }
-    act.push_back(r);
-    lo.push_back(1);
-    hi.push_back(out_.units[r]);
-    flo.push_back(fp[j] - s);
-    fhi.push_back(out_.p99[r] - s);
-    t_lo.push_back(ft[j]);
-    p_lo.push_back(fp[j]);
-    d_lo.push_back(fs[j]);
-    t_hi.push_back(out_.time[r]);
+    if (out[j]) continue;
+    act.push_back(rows_b[j]);
+    lo.push_back(lo0[j]);
+    hi.push_back(hi0[j]);
+    flo.push_back(flo0[j]);
+    fhi.push_back(fhi0[j]);
+    t_lo.push_back(t_lo0[j]);
+    p_lo.push_back(p_lo0[j]);
+    d_lo.push_back(d_lo0[j]);
+    t_hi.push_back(t_hi0[j]);
   }
   const std::size_t k = act.size();
   std::vector<std::uint8_t> halve(k, 0), on(k, 1), mono(k, 0);
@@ -317,6 +395,27 @@ void search(const SearchInput& in, const SearchOutput& out) {
     }
   }
   Search(in, out).run();
+}
+
+void in_order_best(std::int64_t rows, const std::int64_t* lane, const double* score, const std::uint8_t* valid,
+                   std::int64_t lanes, double* best, std::int64_t* row) {
+  for (std::int64_t l = 0; l < lanes; ++l) {
+    best[l] = std::numeric_limits<double>::quiet_NaN();
+    row[l] = -1;
+  }
+  for (std::int64_t r = 0; r < rows; ++r) {
+    const std::int64_t l = lane[r];
+    if (l < 0 || l >= lanes) {
+      throw InvalidArgument("in_order_best: lane[" + std::to_string(r) + "] = " + std::to_string(l) +
+                            ": must be in [0, " + std::to_string(lanes) + ")");
+    }
+    const double t = score[r];
+    if (!valid[r] || std::isnan(t)) continue;
+    if (std::isnan(best[l]) || t > best[l] * (1 + 1e-12)) {
+      best[l] = t;
+      row[l] = r;
+    }
+  }
 }
 
 }  // namespace side

@@ -70,5 +70,12 @@ struct SearchOutput {
 // InvalidArgument on a missing array, a row's plan or lane out of range, or units < 1.
 void search(const SearchInput& in, const SearchOutput& out);
 
+// Each lane's choice among its rows: an in-order scan (rows in array order, so each lane's rows in plan order)
+// in which a row with a score (valid, not NaN) replaces the lane's best only if better by a relative 1e-12, so
+// earlier plans win near-ties. best[l]: the chosen score (NaN: none); row[l]: the chosen row (-1: none).
+// InvalidArgument if a row's lane is out of [0, lanes).
+void in_order_best(std::int64_t rows, const std::int64_t* lane, const double* score, const std::uint8_t* valid,
+                   std::int64_t lanes, double* best, std::int64_t* row);
+
 }  // namespace side
 }  // namespace qs

@@ -443,31 +443,5 @@ void check_columns(const Column* fields, const char* who) {
   }
 }
 
-void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail) {
-  if (in.lanes < 0) throw InvalidArgument("step_pass: lanes = " + std::to_string(in.lanes) + ": must be >= 0");
-  if (in.lanes == 0) return;
-  check_columns(in.fields, "step_pass");
-  if (!in.batch || !in.context || !in.tokens || !in.moe_mean || !in.moe_p50 || !in.moe_p99 || !out.time ||
-      !out.p50 || !out.p99 || !out.compute || !out.compute_p50 || !out.compute_p99 || !out.comm) {
-    throw InvalidArgument("step_pass: a per-lane input or output array is missing");
-  }
-  std::vector<Lane> block(static_cast<std::size_t>(std::min(in.lanes, kBlockLanes)));
-  std::vector<const Lane*> refs(block.size());
-  for (std::size_t j = 0; j < block.size(); ++j) refs[j] = &block[j];
-  for (std::int64_t lo = 0; lo < in.lanes; lo += kBlockLanes) {
-    const std::int64_t hi = std::min(in.lanes, lo + kBlockLanes);
-    gather_lanes(in.fields, lo, hi, block.data());
-    const PassOutput o{out.time + lo, out.p50 + lo, out.p99 + lo, out.compute + lo, out.compute_p50 + lo,
-                       out.compute_p99 + lo, out.comm + lo};
-    PassDetail d;
-    if (detail.time != nullptr) {
-      d = PassDetail{detail.time + lo, detail.bytes + lo, detail.flops + lo, detail.count + lo,
-                     detail.present + lo, detail.bandwidth_bound + lo};
-    }
-    pass_lanes(Lanes{refs.data()}, hi - lo, in.batch + lo, in.context + lo, in.tokens + lo, in.moe_mean + lo,
-               in.moe_p50 + lo, in.moe_p99 + lo, o, d, in.lanes);
-  }
-}
-
 }  // namespace step
 }  // namespace qs

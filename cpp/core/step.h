@@ -2,15 +2,15 @@
 //
 // One lane is model x precision x accelerator x plan x options flattened to
 // numbers (the Python layer's StepParams, qsengine/decode/params.py), at one
-// batch and context. step_pass computes, per lane, the time of one forward pass
+// batch and context. pass_lanes computes, per lane, the time of one forward pass
 // of one replica piece by piece: attention (full-context and local-window
 // layers), dense FFN, router + shared experts, the routed experts' straggler
-// (given: the Python layer computes it from the routing law's closed form or
-// the routing Monte Carlo), LM head, and communication (TP all-reduce,
-// attention-DP gather/scatter, EP all-to-all, expert-TP all-reduce, pipeline
-// sends), each by the calibrated kernel fits or the roofline. Every formula is
-// written out in docs/model.md; the Python layer adds two-batch overlap and the
-// speculative draft passes on top of this pass.
+// (given), LM head, and communication (TP all-reduce, attention-DP
+// gather/scatter, EP all-to-all, expert-TP all-reduce, pipeline sends), each by
+// the calibrated kernel fits or the roofline. step_lanes / step_time
+// (step_time.cc) add the routed tokens, the straggler (closed form or the
+// routing Monte Carlo's), two-batch overlap and the speculative draft passes.
+// Every formula is written out in docs/model.md.
 //
 // Lanes are independent and evaluated in order; the arithmetic follows the
 // order of docs/model.md's formulas so that a lane's result does not depend on
@@ -65,20 +65,6 @@ struct Column {
   std::ptrdiff_t stride = 0;
 };
 
-// Per-lane inputs of one pass. moe_* are the routed experts' straggler summed
-// over the decode MoE layers (mean, p50, p99; 0 for dense lanes), without the
-// grouped GEMM's fixed term moe_fix, which the pass adds.
-struct PassInput {
-  std::int64_t lanes = 0;
-  Column fields[kNumFields];
-  const double* batch = nullptr;    // sequences of one replica
-  const double* context = nullptr;  // cached tokens per sequence
-  const double* tokens = nullptr;   // routed tokens per EP group per MoE layer (the straggler's B)
-  const double* moe_mean = nullptr;
-  const double* moe_p50 = nullptr;
-  const double* moe_p99 = nullptr;
-};
-
 // The pieces of a pass, in the order they are reported.
 enum class Piece : int {
   kAttention,
@@ -125,10 +111,6 @@ struct PassDetail {
   std::uint8_t* bandwidth_bound = nullptr;
 };
 
-// The pass over every lane of `in` (InvalidArgument on a null input array or
-// negative lane count).
-void step_pass(const PassInput& in, const PassOutput& out, const PassDetail& detail);
-
 // The lanes of a call without copying them: lane i is *lane[i], with its dense-FFN parameters ffn[i] where ffn
 // is given (a dense twin line's width, per lane) instead of the struct's.
 struct Lanes {
@@ -139,8 +121,11 @@ struct Lanes {
   Lanes from(std::int64_t i) const { return Lanes{lane + i, ffn != nullptr ? ffn + i : nullptr}; }
 };
 
-// The pass over `n` lanes (the per-lane arrays as in PassInput), writing out[0, n) and, with
-// detail, piece j of lane i at detail.<array>[j * detail_stride + i].
+// The pass over `n` lanes at batch[i] sequences of one replica and context[i] cached tokens each; tokens[i]
+// routed tokens per EP group per MoE layer (the straggler's B) and moe_mean/p50/p99[i] the routed experts'
+// straggler summed over the decode MoE layers (0 for dense lanes), without the grouped GEMM's fixed term
+// moe_fix, which the pass adds. Writes out[0, n) and, with detail, piece j of lane i at
+// detail.<array>[j * detail_stride + i].
 void pass_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const double* tokens, const double* moe_mean, const double* moe_p50, const double* moe_p99,
                 const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride);
@@ -197,7 +182,7 @@ void step_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* 
                 const Straggler& straggler, const StepOutput& out, const PassDetail& detail,
                 std::int64_t detail_stride);
 
-// Lanes of step_time: the fields as columns (as PassInput), batch and context.
+// Lanes of step_time: the fields as columns, batch and context.
 struct StepInput {
   std::int64_t lanes = 0;
   Column fields[kNumFields];
@@ -226,7 +211,7 @@ enum class Kernel : int {
 const std::vector<std::string>& kernel_names();
 // value[i] = kernel `kind` of lane i at (x[i], y[i], z[i]); bandwidth_term/compute_term: its two roofline terms
 // (roof, gemm, attention core; NaN for the others). Lanes in blocks whose soft maxima run together, as in
-// step_pass: a lane's result does not depend on the others.
+// pass_lanes: a lane's result does not depend on the others.
 void kernel_over_lanes(Kernel kind, const Column* fields, Column x, Column y, Column z, std::int64_t lanes,
                        double* value, double* bandwidth_term, double* compute_term);
 

@@ -29,7 +29,7 @@ inline double np_min(double a, double b) {
 }
 
 // The soft maxima of a block of lanes, recorded and evaluated together so that
-// their powers run as SIMD calls (soft_max_block); see step_pass.
+// their powers run as SIMD calls (soft_max_block); see pass_lanes.
 class SoftMaxTape {
  public:
   // Records (x, y, p) and returns 0, or on replay the recorded call's soft maximum.

@@ -40,6 +40,8 @@ struct Scratch {
   Block v, h, d;
   std::vector<double> cols[7], batch, ctx, acc, proj_t, proj_w, proj_fl;
   std::vector<std::uint8_t> proj_bw;
+  std::vector<double> dt, db, df, dc;  // the draft pass's detail (pieces x kBlockLanes), with detail only
+  std::vector<std::uint8_t> dp, dw;
   std::vector<std::int64_t> rows;
   std::vector<Lane> derived;
   std::vector<const Lane*> refs;
@@ -159,11 +161,19 @@ void step_block(Lanes L, std::int64_t n, const double* batch, const double* ctx,
   // Speculative decoding: the verify pass plus d passes of the one-block draft module (its own one-layer KV cache,
   // the shared LM head, one layer's collectives, no pipeline sends, no two-batch overlap; DeepSeek-V3 report
   // arXiv:2412.19437 §2.2) and its 2d x d projection of [norm(h); norm(emb)], at the microbatch B/pp, its routed
-  // experts by the closed form; every value per accepted token. With detail every lane's draft pieces are
-  // computed (0 where d = 0), so the pieces sum to the time on every lane.
+  // experts by the closed form; every value per accepted token. With detail, a lane without drafts reports its
+  // draft pieces absent and 0, so the pieces sum to the time on every lane.
   rows.clear();
   for (std::int64_t i = 0; i < n; ++i) {
-    if (L[i].draft > 0 || want_detail) rows.push_back(i);
+    if (L[i].draft > 0) {
+      rows.push_back(i);
+    } else if (want_detail) {
+      for (int j = kNumPieces; j < kNumStepPieces; ++j) {
+        const std::int64_t at = j * stride + i;
+        detail.time[at] = detail.bytes[at] = detail.flops[at] = detail.count[at] = 0.0;
+        detail.present[at] = detail.bandwidth_bound[at] = 0;
+      }
+    }
   }
   double* acc = w.acc.data();
   std::fill(acc, acc + n, 1.0);
@@ -190,11 +200,30 @@ void step_block(Lanes L, std::int64_t n, const double* batch, const double* ctx,
       d.tokens[j] = routed_tokens(q, micro[j]);
     }
     straggler_of(derived, m, d.tokens.data(), s, false, d, w.cols);
-    // the draft pieces go to rows kNumPieces.. of the detail (with detail, rows holds every lane)
+    // the draft pieces go to rows kNumPieces.. of the detail, through a dense scratch (rows are sparse)
     PassDetail dd;
-    if (want_detail) dd = offset(detail, static_cast<std::int64_t>(kNumPieces) * stride);
+    if (want_detail) {
+      for (auto* a : {&w.dt, &w.db, &w.df, &w.dc}) a->resize(static_cast<std::size_t>(kNumPieces) * kBlockLanes);
+      w.dp.resize(static_cast<std::size_t>(kNumPieces) * kBlockLanes);
+      w.dw.resize(static_cast<std::size_t>(kNumPieces) * kBlockLanes);
+      dd = PassDetail{w.dt.data(), w.db.data(), w.df.data(), w.dc.data(), w.dp.data(), w.dw.data()};
+    }
     pass_lanes(derived, m, micro, w.ctx.data(), d.tokens.data(), d.mean.data(), d.p50.data(), d.p99.data(),
-               d.out(), dd, stride);
+               d.out(), dd, kBlockLanes);
+    if (want_detail) {
+      for (std::size_t j = 0; j < rows.size(); ++j) {
+        for (int p = 0; p < kNumPieces; ++p) {
+          const std::size_t from = static_cast<std::size_t>(p) * kBlockLanes + j;
+          const std::int64_t at = (kNumPieces + p) * stride + rows[j];
+          detail.time[at] = w.dt[from];
+          detail.bytes[at] = w.db[from];
+          detail.flops[at] = w.df[from];
+          detail.count[at] = w.dc[from];
+          detail.present[at] = w.dp[from];
+          detail.bandwidth_bound[at] = w.dw[from];
+        }
+      }
+    }
     // the MTP projection: a GEMM of `seqs` rows, n = d/shard, k = 2d (calibrated), or its roofline
     SoftMaxTape& sm = w.tape;
     sm.reset();

@@ -218,6 +218,30 @@ void register_step(py::module_& m) {
       "or fixed batch), binds (the target binds there), units, time, p99, step, valid (the answer; valid False: "
       "never chosen).");
 
+  m.def(
+      "in_order_best",
+      [](Index lane, Doubles score, py::array_t<bool, py::array::c_style | py::array::forcecast> valid,
+         std::int64_t lanes) {
+        const py::ssize_t K = lane.ndim() == 1 ? lane.shape(0) : -1;
+        if (K < 0 || score.ndim() != 1 || score.shape(0) != K || valid.ndim() != 1 || valid.shape(0) != K) {
+          throw qs::InvalidArgument("in_order_best: lane, score and valid must be 1-d with one entry per row");
+        }
+        if (lanes < 0) throw qs::InvalidArgument("in_order_best: lanes must be >= 0");
+        py::array_t<double> best(lanes);
+        py::array_t<std::int64_t> row(lanes);
+        const std::int64_t* pl = lane.data();
+        const double* ps = score.data();
+        const auto* pv = reinterpret_cast<const std::uint8_t*>(valid.data());
+        double* pb = best.mutable_data();
+        std::int64_t* pr = row.mutable_data();
+        without_gil([&] { qs::side::in_order_best(K, pl, ps, pv, lanes, pb, pr); });
+        return py::make_tuple(best, row);
+      },
+      py::arg("lane"), py::arg("score"), py::arg("valid"), py::arg("lanes"),
+      "Each lane's choice among its rows (cpp/core/side_search.h): an in-order scan in which a row with a "
+      "score (valid, not nan) replaces the lane's best only if better by a relative 1e-12. Returns (best per "
+      "lane, nan: none; row per lane, -1: none).");
+
   m.def("accepted_tokens", py::vectorize(st::accepted_tokens), py::arg("draft"), py::arg("accept"),
         "Expected tokens a sequence gains per speculative step with `draft` drafts, each accepted with probability "
         "`accept` given the ones before it were: (1 - a^(d+1)) / (1 - a), d + 1 at a >= 1 (arrays broadcast).");
@@ -258,7 +282,7 @@ void register_step(py::module_& m) {
       },
       py::arg("kind"), py::arg("fields"), py::arg("x"), py::arg("y"), py::arg("z"),
       "One step-model kernel over lanes (arrays broadcast: one entry per lane or one for every lane; fields as "
-      "step_pass's): 'roof' (x bytes, y FLOPs), 'gemm' (x = m, y = n, z = k; 0 where n <= 0), 'attention_core' "
+      "step_time's): 'roof' (x bytes, y FLOPs), 'gemm' (x = m, y = n, z = k; 0 where n <= 0), 'attention_core' "
       "(x = sequences, y = context), 'link_bandwidth' (x = group), 'allreduce' / 'ep_alltoall' (x bytes, y group; "
       "link model), 'allreduce_fit' / 'alltoall_fit' / 'expert_allreduce_fit' (x bytes; the fitted TP all-reduce, "
       "EP all-to-all, expert-TP all-reduce). Returns (value, bandwidth term, compute term), the terms nan for "

@@ -344,30 +344,32 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     score, pf_rows, pool = thr, None, None
     if t_req is not None:
         score, pf_rows, pool = _prefill_rows(fams, stack, gplan, fam_row[rows], lane[rows], t_req, thr, requests, n)
-    # in-order selection: a plan replaces the best only if better by 1e-12 (relative)
-    P = int(counts.max())
-    T = np.full((n, P), np.nan)
-    T[lane[rows[valid]], pidx[rows[valid]]] = score[valid]
-    where = np.full((n, P), -1)
-    where[lane[rows], pidx[rows]] = np.arange(K)
-    best, arg = in_order_best(T)
-    feas = arg >= 0
-    k = np.maximum(where[np.arange(n), np.maximum(arg, 0)], 0)
+    # in-order selection (the core's scan over each lane's rows, in plan order): a plan replaces the best only if
+    # better by 1e-12 (relative)
+    lane_rows, pidx_rows = lane[rows], pidx[rows]
+    best, k = _core.in_order_best(lane_rows, score, valid, n)
+    feas = k >= 0
+    k = np.maximum(k, 0)
+    arg = np.where(feas, pidx_rows[k], -1) if K else np.full(n, -1)
     # the reason reported when no plan is feasible: the first plan that packs
     # but misses the SLO at its smallest batch (or cannot hold the fixed
     # batch), else the packing-infeasible plan with the least weight on its
     # fullest GPU (first of equals)
-    slo_fail = np.zeros((n, P), bool)
-    slo_fail[lane[rows[~valid]], pidx[rows[~valid]]] = True
-    packs_but = slo_fail.any(axis=1)
-    out.why = np.argmax(slo_fail, axis=1)
-    if K and has_fixed.any():  # a fixed batch: report the plan that holds the most
-        A = np.full((n, P), -1)
-        A[lane[rows[~valid]], pidx[rows[~valid]]] = (units * unit * dp_rows)[~valid]
-        lanes_fx = np.zeros(n, bool)
-        lanes_fx[lane[rows[has_fixed]]] = True
-        out.why = np.where(lanes_fx, np.argmax(A, axis=1), out.why)
-    at = np.maximum(where[np.arange(n), out.why], 0)
+    bad_rows = np.flatnonzero(~valid)  # each lane's rows are contiguous, in plan order
+    bad_lanes, first_bad = np.unique(lane_rows[bad_rows], return_index=True)
+    packs_but = np.zeros(n, bool)
+    packs_but[bad_lanes] = True
+    at = np.zeros(n, np.int64)  # the reported plan's row (where packs_but)
+    at[bad_lanes] = bad_rows[first_bad]
+    if K and has_fixed.any():  # a fixed batch: report the plan that holds the most (the first of equals)
+        held = (units * unit * dp_rows)[bad_rows]
+        fx_bad = has_fixed[bad_rows]
+        sel = bad_rows[fx_bad]
+        if sel.size:
+            o = np.lexsort((-held[fx_bad], lane_rows[sel]))  # by lane, the most held first, plan order among equals
+            lanes_sel, first = np.unique(lane_rows[sel[o]], return_index=True)
+            at[lanes_sel] = sel[o][first]
+    out.why = np.where(packs_but, pidx_rows[at] if K else 0, 0)
     if K:
         out.why_kind = np.where(packs_but, np.where(has_fixed[at], 2, 1), 0).astype(np.int8)
         out.why_adm = np.where(packs_but, (units * unit * dp_rows)[at], 0)
@@ -403,12 +405,10 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
         col = requests.mode[lane[rows]] == 1  # type: ignore[union-attr]
         max_score = max_thr.copy()
         max_score[col] = end_to_end(max_thr[col], pf_rows[col], requests.take(lane[rows][col]))  # type: ignore[union-attr]
-    T[:] = np.nan
-    T[lane[rows[max_valid]], pidx[rows[max_valid]]] = max_score[max_valid]
-    _, marg = in_order_best(T)
-    mfeas = marg >= 0
-    mk = np.maximum(where[np.arange(n), np.maximum(marg, 0)], 0)
-    out.max_plan = marg
+    _, mk = _core.in_order_best(lane_rows, max_score, max_valid, n)
+    mfeas = mk >= 0
+    mk = np.maximum(mk, 0)
+    out.max_plan = np.where(mfeas, pidx_rows[mk], -1)
     out.max_batch = np.where(mfeas, max_batch[mk], 0)
     out.max_time = np.where(mfeas, max_time[mk], np.nan)
     out.max_p99 = np.where(mfeas, max_p99[mk], np.nan)
@@ -518,30 +518,12 @@ def _stacked(fams: Sequence[Family]) -> _Stack:
 def in_order_best(T: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Per row of ``T`` (nan = no value): the value and column that a scan in
     column order keeps when a value replaces the best only if better by 1e-12
-    (relative): plans earlier in the enumeration win near-ties. Rows whose
-    maximum beats every other value by more than that tolerance take the
-    argmax; the few others are scanned."""
+    (relative): plans earlier in the enumeration win near-ties (the core's
+    ``in_order_best`` over the rows' columns, as ``_side`` chooses)."""
     n, P = T.shape
-    valid = ~np.isnan(T)
-    filled = np.where(valid, T, -np.inf)
-    arg = np.argmax(filled, axis=1)
-    best = filled[np.arange(n), arg]
-    second = np.max(np.where(np.arange(P) == arg[:, None], -np.inf, filled), axis=1) if P > 1 \
-        else np.full(n, -np.inf)
-    clear = ((best > second * (1 + 1e-12)) & (best >= 0)) | (second == -np.inf)
-    arg = np.where(valid.any(axis=1), arg, -1)
-    best = np.where(arg >= 0, best, np.nan)
-    scan = np.flatnonzero(~clear & (arg >= 0))
-    if scan.size:
-        b = np.full(scan.size, np.nan)
-        a = np.full(scan.size, -1)
-        for j in range(P):
-            t = T[scan, j]
-            better = ~np.isnan(t) & (np.isnan(b) | (t > b * (1 + 1e-12)))
-            b = np.where(better, t, b)
-            a = np.where(better, j, a)
-        best[scan], arg[scan] = b, a
-    return best, arg
+    score = np.ascontiguousarray(T, dtype=np.float64).reshape(-1)
+    best, row = _core.in_order_best(np.repeat(np.arange(n, dtype=np.int64), P), score, ~np.isnan(score), n)
+    return best, np.where(row >= 0, row % max(P, 1), -1)
 
 
 @dataclass
