@@ -31,6 +31,9 @@ class Search {
   void run();
 
  private:
+  void search_rows();
+
+ private:
   // time (user TPOT), p99 (user) and the step's mean of rows `rows` at `b` admission units each (a fixed batch
   // where the row has one).
   void evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time, double* p99,
@@ -281,6 +284,19 @@ void Search::bisect(const std::vector<std::int64_t>& rows_b) {
 }
 
 void Search::run() {
+  search_rows();
+  // the operating points' batches and decode throughputs
+  for (std::int64_t r = 0; r < in_.rows; ++r) {
+    const std::int64_t top = fixed(r) > 0 ? fixed_rep(r) : in_.units[r] * unit(r);
+    const std::int64_t at = fixed(r) > 0 ? fixed_rep(r) : out_.units[r] * unit(r);
+    out_.top_batch[r] = top;
+    out_.batch[r] = at;
+    out_.top_tps[r] = (out_.top_step[r] > 0 ? static_cast<double>(top) / out_.top_step[r] : 0.0) * dp(r);
+    out_.tps[r] = (out_.step[r] > 0 ? static_cast<double>(at) / out_.step[r] : 0.0) * dp(r);
+  }
+}
+
+void Search::search_rows() {
   const std::int64_t K = in_.rows;
   std::vector<std::int64_t> all(static_cast<std::size_t>(K)), units(static_cast<std::size_t>(K));
   std::iota(all.begin(), all.end(), 0);
@@ -374,7 +390,7 @@ void search(const SearchInput& in, const SearchOutput& out) {
   if (in.rows == 0) return;
   if (!in.plans || !in.unit || !in.plan || !in.lane || !in.context || !in.slo || !in.units || !out.top_time ||
       !out.top_p99 || !out.top_step || !out.top_valid || !out.binds || !out.units || !out.time || !out.p99 ||
-      !out.step || !out.valid) {
+      !out.step || !out.valid || !out.top_batch || !out.top_tps || !out.batch || !out.tps) {
     throw InvalidArgument("side_search: an input or output array is missing");
   }
   for (std::int64_t r = 0; r < in.rows; ++r) {

@@ -65,6 +65,12 @@ struct SearchOutput {
   double* p99 = nullptr;
   double* step = nullptr;
   std::uint8_t* valid = nullptr;  // 0: top_valid 0, misses the target at one unit, or pruned (never chosen)
+  // sequences per replica (the fixed batch's share, or units x unit) and decode tokens/s of the cluster's
+  // replicas, batch x dp / step (stalls not counted), at the top and at the answer
+  std::int64_t* top_batch = nullptr;
+  double* top_tps = nullptr;
+  std::int64_t* batch = nullptr;
+  double* tps = nullptr;
 };
 
 // InvalidArgument on a missing array, a row's plan or lane out of range, or units < 1.

@@ -190,8 +190,10 @@ void test_side_search_equals_every_batch() {
   in.units = units.data();
   std::vector<double> tt(3), tp(3), ts(3), t(3), p(3), s(3);
   std::uint8_t tv[3], b[3], v[3];
-  std::vector<std::int64_t> u(3);
-  const qs::side::SearchOutput out{tt.data(), tp.data(), ts.data(), tv, b, u.data(), t.data(), p.data(), s.data(), v};
+  std::vector<std::int64_t> u(3), tb(3), bb(3);
+  std::vector<double> ttps(3), tps(3);
+  const qs::side::SearchOutput out{tt.data(), tp.data(), ts.data(), tv,          b,          u.data(), t.data(),
+                                   p.data(),  s.data(),  v,         tb.data(), ttps.data(), bb.data(), tps.data()};
   qs::side::search(in, out);
   for (int r = 0; r < 3; ++r) {
     std::int64_t want = 0;
@@ -203,8 +205,10 @@ void test_side_search_equals_every_batch() {
       CHECK(v[r] == 0);
       continue;
     }
-    CHECK(v[r] == 1 && u[static_cast<std::size_t>(r)] == want);
-    CHECK(t[static_cast<std::size_t>(r)] == pass_of(l, static_cast<double>(want), 8192)[0]);
+    const auto j = static_cast<std::size_t>(r);
+    CHECK(v[r] == 1 && u[j] == want && bb[j] == want && tb[j] == units_max);
+    CHECK(t[j] == pass_of(l, static_cast<double>(want), 8192)[0]);
+    CHECK(tps[j] == static_cast<double>(want) / t[j] * l.dp && ttps[j] == static_cast<double>(units_max) / tt[j] * l.dp);
   }
   CHECK(v[2] == 0);
   // bad input is named

@@ -180,7 +180,8 @@ void register_step(py::module_& m) {
         in.straggler.routing = &law;
         py::array_t<double> top_time(K), top_p99(K), top_step(K), time(K), p99(K), step(K);
         py::array_t<bool> top_valid(K), binds(K), valid(K);
-        py::array_t<std::int64_t> units_out(K);
+        py::array_t<std::int64_t> units_out(K), top_batch(K), batch(K);
+        py::array_t<double> top_tps(K), tps(K);
         const qs::side::SearchOutput out{top_time.mutable_data(),
                                          top_p99.mutable_data(),
                                          top_step.mutable_data(),
@@ -190,7 +191,11 @@ void register_step(py::module_& m) {
                                          time.mutable_data(),
                                          p99.mutable_data(),
                                          step.mutable_data(),
-                                         reinterpret_cast<std::uint8_t*>(valid.mutable_data())};
+                                         reinterpret_cast<std::uint8_t*>(valid.mutable_data()),
+                                         top_batch.mutable_data(),
+                                         top_tps.mutable_data(),
+                                         batch.mutable_data(),
+                                         tps.mutable_data()};
         without_gil([&] { qs::side::search(in, out); });
         py::dict r;
         r["top_time"] = top_time;
@@ -203,6 +208,10 @@ void register_step(py::module_& m) {
         r["p99"] = p99;
         r["step"] = step;
         r["valid"] = valid;
+        r["top_batch"] = top_batch;
+        r["top_tps"] = top_tps;
+        r["batch"] = batch;
+        r["tps"] = tps;
         return r;
       },
       py::arg("plans"), py::arg("unit"), py::arg("plan"), py::arg("lane"), py::arg("lanes"), py::arg("context"),
@@ -216,7 +225,8 @@ void register_step(py::module_& m) {
       "prefill stall per sequence and step), ffn (dense-FFN parameters replacing the plan's); the routing law "
       "as step_time's. Returns a dict of per-row arrays: top_time, top_p99, top_step, top_valid (at the HBM-max "
       "or fixed batch), binds (the target binds there), units, time, p99, step, valid (the answer; valid False: "
-      "never chosen).");
+      "never chosen), and the sequences per replica and decode tokens/s of the cluster at both (top_batch, "
+      "top_tps, batch, tps).");
 
   m.def(
       "in_order_best",

@@ -297,26 +297,28 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     rows = np.flatnonzero(ok)
     stack = _stacked(fams)
     gplan = stack.offset[fam_row[rows]] + pidx[rows]
+    lane_rows, pidx_rows = lane[rows], pidx[rows]
     ffn_rows = None
     if ffn_params is not None and any(f.override for f in fams):
         own = stack.params.ffn_params[gplan]
-        ffn_rows = np.where(stack.override[gplan], ffn_params[lane[rows]], own)
-    c = ctx[rows].astype(np.float64) if requests is None else requests.read[lane[rows]]
-    s = slo[lane[rows]]
+        ffn_rows = np.where(stack.override[gplan], ffn_params[lane_rows], own)
+    c = ctx[rows].astype(np.float64) if requests is None else requests.read[lane_rows]
+    s = slo[lane_rows]
     unit = stack.unit[gplan]
     K = rows.size
-    fx = np.zeros(K, np.int64) if fixed is None else np.asarray(fixed, dtype=np.int64)[lane[rows]]
-    dp_rows = stack.dp[gplan].astype(np.int64)
-    fx_rep = fx // dp_rows  # a fixed cluster batch split evenly over the plan's replicas
+    fx = has_fixed = None  # a fixed cluster batch per row (the core splits it over the plan's replicas)
+    if fixed is not None:
+        fx = np.asarray(fixed, dtype=np.int64)[lane_rows]
+        has_fixed = fx > 0
     pi = fams[0].pi
     # whole requests: seconds of one replica per prefilled request (rows of lanes with a prefill mode), and
     # the colocated prefill stall per running sequence and decode step, t_pf / O (docs/model.md "Prefill stalls")
     t_req = stall = None
     if requests is not None and bool((requests.mode > 0).any()):
-        t_req = _prefill_seconds(fams, stack, gplan, fam_row[rows], lane[rows], ffn_rows, requests, pi)
-        col = requests.mode[lane[rows]] == 1
+        t_req = _prefill_seconds(fams, stack, gplan, fam_row[rows], lane_rows, ffn_rows, requests, pi)
+        col = requests.mode[lane_rows] == 1
         if col.any():
-            stall = np.where(col, t_req / requests.output[lane[rows]], 0.0)
+            stall = np.where(col, t_req / requests.output[lane_rows], 0.0)
 
     # every row at its HBM-max (or fixed) batch, and the rows whose p99 misses the target bisected to the
     # largest batch that meets it, with exact pruning: the core's search (cpp/core/side_search.h)
@@ -324,29 +326,23 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     limit = np.zeros(K, np.int8)
     if cap is not None and bool((cap > 0).any()):  # the serving engine's sequences per scheduler
         pa = stack.params
-        units = capped_units(units, cap[lane[rows]].astype(np.int64), pa.attn_dp[gplan], pa.tp[gplan], unit)
+        units = capped_units(units, cap[lane_rows].astype(np.int64), pa.attn_dp[gplan], pa.tp[gplan], unit)
         limit[units < adm[rows]] = 3
-    has_fixed = fx > 0
-    limit[has_fixed] = 2
-    got = _core.side_search(stack.fields, stack.unit, gplan, lane[rows], n, np.ascontiguousarray(c, np.float64),
-                            np.ascontiguousarray(s, np.float64), units, None if fixed is None else fx, stall,
-                            ffn_rows, *stack.law(pi))
+    if has_fixed is not None:
+        limit[has_fixed] = 2
+    got = _core.side_search(stack.fields, stack.unit, gplan, lane_rows, n, np.ascontiguousarray(c, np.float64),
+                            np.ascontiguousarray(s, np.float64), units, fx, stall, ffn_rows, *stack.law(pi))
     limit[got["binds"]] = 1
     # the maximum-throughput point: every plan at its HBM-max (or fixed) batch, before the target caps it
-    max_batch = np.where(has_fixed, fx_rep, units * unit)
     max_time, max_p99, max_valid = got["top_time"], got["top_p99"], got["top_valid"]
-    with np.errstate(divide="ignore", invalid="ignore"):
-        max_thr = np.where(got["top_step"] > 0, max_batch / got["top_step"], 0.0) * stack.dp[gplan]
-    units, time, p99, dec, valid = got["units"], got["time"], got["p99"], got["step"], got["valid"]
-    batch = np.where(has_fixed, fx_rep, units * unit)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        thr = np.where(dec > 0, batch / dec, 0.0) * stack.dp[gplan]  # decode tokens/s (stalls not counted)
+    max_batch, max_thr = got["top_batch"], got["top_tps"]
+    units, time, p99, valid = got["units"], got["time"], got["p99"], got["valid"]
+    batch, thr = got["batch"], got["tps"]  # decode tokens/s (stalls not counted)
     score, pf_rows, pool = thr, None, None
     if t_req is not None:
-        score, pf_rows, pool = _prefill_rows(fams, stack, gplan, fam_row[rows], lane[rows], t_req, thr, requests, n)
+        score, pf_rows, pool = _prefill_rows(fams, stack, gplan, fam_row[rows], lane_rows, t_req, thr, requests, n)
     # in-order selection (the core's scan over each lane's rows, in plan order): a plan replaces the best only if
     # better by 1e-12 (relative)
-    lane_rows, pidx_rows = lane[rows], pidx[rows]
     best, k = _core.in_order_best(lane_rows, score, valid, n)
     feas = k >= 0
     k = np.maximum(k, 0)
@@ -355,25 +351,26 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     # but misses the SLO at its smallest batch (or cannot hold the fixed
     # batch), else the packing-infeasible plan with the least weight on its
     # fullest GPU (first of equals)
-    bad_rows = np.flatnonzero(~valid)  # each lane's rows are contiguous, in plan order
-    bad_lanes, first_bad = np.unique(lane_rows[bad_rows], return_index=True)
+    bad_rows = np.flatnonzero(~valid)
+    bad_lane = lane_rows[bad_rows]
+    first_bad = np.flatnonzero(np.r_[True, bad_lane[1:] != bad_lane[:-1]]) if bad_rows.size else bad_rows
+    bad_lanes = bad_lane[first_bad]  # each lane's rows are contiguous, in plan order: its first invalid plan
     packs_but = np.zeros(n, bool)
     packs_but[bad_lanes] = True
     at = np.zeros(n, np.int64)  # the reported plan's row (where packs_but)
     at[bad_lanes] = bad_rows[first_bad]
-    if K and has_fixed.any():  # a fixed batch: report the plan that holds the most (the first of equals)
-        held = (units * unit * dp_rows)[bad_rows]
-        fx_bad = has_fixed[bad_rows]
-        sel = bad_rows[fx_bad]
-        if sel.size:
-            o = np.lexsort((-held[fx_bad], lane_rows[sel]))  # by lane, the most held first, plan order among equals
-            lanes_sel, first = np.unique(lane_rows[sel[o]], return_index=True)
-            at[lanes_sel] = sel[o][first]
+    held = units * unit * stack.dp[gplan].astype(np.int64)  # sequences the cluster holds (invalid rows: HBM max)
+    if has_fixed is not None and has_fixed[bad_rows].any():  # a fixed batch: report the plan that holds the most
+        sel = bad_rows[has_fixed[bad_rows]]
+        o = sel[np.lexsort((-held[sel], lane_rows[sel]))]  # by lane, the most held first, plan order among equals
+        first = np.flatnonzero(np.r_[True, lane_rows[o][1:] != lane_rows[o][:-1]])
+        at[lane_rows[o][first]] = o[first]
     out.why = np.where(packs_but, pidx_rows[at] if K else 0, 0)
     if K:
-        out.why_kind = np.where(packs_but, np.where(has_fixed[at], 2, 1), 0).astype(np.int8)
-        out.why_adm = np.where(packs_but, (units * unit * dp_rows)[at], 0)
-    none_ok = (np.bincount(lane[rows], minlength=n) == 0) & ~packs_but & (counts[fam_of] > 0)
+        fixed_at = has_fixed[at] if has_fixed is not None else np.zeros(n, bool)
+        out.why_kind = np.where(packs_but, np.where(fixed_at, 2, 1), 0).astype(np.int8)
+        out.why_adm = np.where(packs_but, held[at], 0)
+    none_ok = (np.bincount(lane_rows, minlength=n) == 0) & ~packs_but & (counts[fam_of] > 0)
     if none_ok.any():
         lane_start = np.empty(n, np.int64)
         lane_start[order] = start
@@ -402,9 +399,9 @@ def _side(fams: "Family | Sequence[Family]", context: np.ndarray, slo: np.ndarra
     # the maximum-throughput point: the same objective (end to end for colocated prefill) at the HBM-max batches
     max_score = max_thr
     if pf_rows is not None:
-        col = requests.mode[lane[rows]] == 1  # type: ignore[union-attr]
+        col = requests.mode[lane_rows] == 1  # type: ignore[union-attr]
         max_score = max_thr.copy()
-        max_score[col] = end_to_end(max_thr[col], pf_rows[col], requests.take(lane[rows][col]))  # type: ignore[union-attr]
+        max_score[col] = end_to_end(max_thr[col], pf_rows[col], requests.take(lane_rows[col]))  # type: ignore[union-attr]
     _, mk = _core.in_order_best(lane_rows, max_score, max_valid, n)
     mfeas = mk >= 0
     mk = np.maximum(mk, 0)
