@@ -37,7 +37,20 @@ class Search {
   // time (user TPOT), p99 (user) and the step's mean of rows `rows` at `b` admission units each (a fixed batch
   // where the row has one).
   void evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time, double* p99,
-                double* step);
+                double* step, bool lower_bound = false);
+  // rows at their HBM-max (or fixed) batch: the top_* outputs, and every other output initialised from them
+  void tops(const std::vector<std::int64_t>& rows);
+  // the flows of lanes whose rows are all evaluated at the top first, and of dense lanes without stalls
+  void exact_flow(const std::vector<std::int64_t>& rows);
+  void bounded_flow(const std::vector<std::int64_t>& rows);
+  // rounds over `cand` (grouped by lane): each round takes from every lane its next row that take(r) accepts
+  // (the rows it refuses are passed over) and hands the round to run(round)
+  template <class Take, class Run>
+  void rounds(const std::vector<std::int64_t>& cand, Take take, Run run);
+  // the cluster's tokens/s at row r's answer (the TPOT a user sees)
+  double served(std::int64_t r) const {
+    return (out_.time[r] > 0 ? static_cast<double>(out_.units[r] * unit(r)) / out_.time[r] : 0.0) * dp(r);
+  }
   void bisect(const std::vector<std::int64_t>& rows_b);
   double dp(std::int64_t r) const { return in_.plans[in_.plan[r]].dp; }
   std::int64_t unit(std::int64_t r) const { return in_.unit[in_.plan[r]]; }
@@ -57,7 +70,7 @@ class Search {
 };
 
 void Search::evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time,
-                      double* p99, double* step) {
+                      double* p99, double* step, bool lower_bound) {
   const auto n = static_cast<std::int64_t>(rows.size());
   const auto cap = static_cast<std::size_t>(std::min(n, kBlockLanes));
   lanes_.resize(cap);
@@ -74,7 +87,8 @@ void Search::evaluate(const std::vector<std::int64_t>& rows, const std::vector<s
       ctx_[j] = in_.context[r];
     }
     step::step_lanes(step::Lanes{lanes_.data(), in_.ffn != nullptr ? ffn_.data() : nullptr}, hi - lo, batch_.data(), ctx_.data(), in_.straggler,
-                     step::StepOutput{t_.data(), p50_.data(), p99_.data(), tok_.data()}, step::PassDetail{}, 0);
+                     step::StepOutput{t_.data(), p50_.data(), p99_.data(), tok_.data()}, step::PassDetail{}, 0,
+                     lower_bound);
     for (std::int64_t i = lo; i < hi; ++i) {
       const std::int64_t r = rows[static_cast<std::size_t>(i)];
       const auto j = static_cast<std::size_t>(i - lo);
@@ -296,55 +310,38 @@ void Search::run() {
   }
 }
 
-void Search::search_rows() {
-  const std::int64_t K = in_.rows;
-  std::vector<std::int64_t> all(static_cast<std::size_t>(K)), units(static_cast<std::size_t>(K));
-  std::iota(all.begin(), all.end(), 0);
-  for (std::int64_t r = 0; r < K; ++r) units[static_cast<std::size_t>(r)] = in_.units[r];
-  evaluate(all, units, out_.top_time, out_.top_p99, out_.top_step);
-  std::vector<std::int64_t> over;
-  for (std::int64_t r = 0; r < K; ++r) {
+void Search::tops(const std::vector<std::int64_t>& rows) {
+  std::vector<std::int64_t> units(rows.size());
+  for (std::size_t j = 0; j < rows.size(); ++j) units[j] = in_.units[rows[j]];
+  std::vector<double> t(rows.size()), p(rows.size()), d(rows.size());
+  evaluate(rows, units, t.data(), p.data(), d.data());
+  for (std::size_t j = 0; j < rows.size(); ++j) {
+    const std::int64_t r = rows[j];
+    out_.top_time[r] = t[j];
+    out_.top_p99[r] = p[j];
+    out_.top_step[r] = d[j];
     const std::int64_t fx = fixed(r);
     bool ok = true;
     if (fx > 0) {  // the plan cannot hold the fixed batch, or cannot split it evenly over its replicas
       const std::int64_t rep = fixed_rep(r), u = unit(r);
-      const auto d = static_cast<std::int64_t>(dp(r));
-      ok = !(-floor_div(-rep, u) > in_.units[r] || fx % d != 0 || rep < 1);
+      const auto dpr = static_cast<std::int64_t>(dp(r));
+      ok = !(-floor_div(-rep, u) > in_.units[r] || fx % dpr != 0 || rep < 1);
     }
     out_.top_valid[r] = ok ? 1 : 0;
     out_.valid[r] = ok ? 1 : 0;
     out_.units[r] = in_.units[r];
-    out_.time[r] = out_.top_time[r];
-    out_.p99[r] = out_.top_p99[r];
-    out_.step[r] = out_.top_step[r];
+    out_.time[r] = t[j];
+    out_.p99[r] = p[j];
+    out_.step[r] = d[j];
     const bool has_slo = !std::isnan(in_.slo[r]) && fx <= 0;
-    const bool binds = has_slo && !(out_.top_p99[r] <= in_.slo[r]);
-    out_.binds[r] = binds ? 1 : 0;
-    if (binds) over.push_back(r);
+    out_.binds[r] = has_slo && !(p[j] <= in_.slo[r]) ? 1 : 0;
+    const double max_batch = static_cast<double>(fx > 0 ? fixed_rep(r) : in_.units[r] * unit(r));
+    bound_[r] = (t[j] > 0 ? max_batch / t[j] : 0.0) * dp(r);
   }
-  if (over.empty()) return;
-  // the lane's best starts from the rows that meet the target at their maximum
-  best_.assign(static_cast<std::size_t>(in_.lanes), 0.0);
-  bound_.resize(static_cast<std::size_t>(K));
-  for (std::int64_t r = 0; r < K; ++r) {
-    const double max_batch = static_cast<double>(fixed(r) > 0 ? fixed_rep(r) : in_.units[r] * unit(r));
-    bound_[r] = (out_.top_time[r] > 0 ? max_batch / out_.top_time[r] : 0.0) * dp(r);
-    if (out_.valid[r] && !out_.binds[r]) best_[in_.lane[r]] = np_max(best_[in_.lane[r]], bound_[r]);
-  }
-  // the binding rows still alive, by lane, the largest maximum first (stable: plan order among equals)
-  std::vector<std::int64_t> cand;
-  for (const std::int64_t r : over) {
-    if (alive(r)) cand.push_back(r);
-  }
-  std::stable_sort(cand.begin(), cand.end(), [&](std::int64_t a, std::int64_t b) {
-    if (in_.lane[a] != in_.lane[b]) return in_.lane[a] < in_.lane[b];
-    const double ka = -bound_[a], kb = -bound_[b];  // NaN last
-    if (std::isnan(ka) || std::isnan(kb)) return !std::isnan(ka) && std::isnan(kb);
-    return ka < kb;
-  });
-  // rounds: each lane bisects its next row still alive (the lane's best raised by every row it finished), so a
-  // row is skipped as soon as a plan tried before it serves more than its maximum
-  std::vector<std::uint8_t> seen(static_cast<std::size_t>(K), 0);
+}
+
+template <class Take, class Run>
+void Search::rounds(const std::vector<std::int64_t>& cand, Take take, Run run) {
   std::vector<std::size_t> next, stop;  // per lane of cand: the position of its next row, the end of its rows
   for (std::size_t j = 0; j < cand.size(); ++j) {
     if (j == 0 || in_.lane[cand[j]] != in_.lane[cand[j - 1]]) {
@@ -359,26 +356,189 @@ void Search::search_rows() {
     for (std::size_t l = 0; l < next.size(); ++l) {
       while (next[l] < stop[l]) {
         const std::int64_t r = cand[next[l]++];
-        if (alive(r)) {
+        if (take(r)) {
           round.push_back(r);
-          seen[static_cast<std::size_t>(r)] = 1;
           break;
         }
       }
     }
     if (round.empty()) break;
-    bisect(round);
-    for (const std::int64_t r : round) {
-      if (!out_.valid[r]) continue;
-      const double got =
-          (out_.time[r] > 0 ? static_cast<double>(out_.units[r] * unit(r)) / out_.time[r] : 0.0) * dp(r);
-      best_[in_.lane[r]] = np_max(best_[in_.lane[r]], got);
-    }
+    run(round);
   }
+}
+
+// Rows by lane, the largest key first (stable: plan order among equals; NaN last). The rows of a lane usually
+// come together (the Python layer lays them out lane by lane): then each lane's run is sorted alone.
+void sort_by_lane_then_key(std::vector<std::int64_t>& rows, const std::int64_t* lane, std::int64_t lanes,
+                           const std::vector<double>& key) {
+  auto by_key = [&](std::int64_t a, std::int64_t b) {
+    const double ka = -key[static_cast<std::size_t>(a)], kb = -key[static_cast<std::size_t>(b)];
+    if (std::isnan(ka) || std::isnan(kb)) return !std::isnan(ka) && std::isnan(kb);
+    return ka < kb;
+  };
+  bool together = true;  // every lane's rows in one run
+  std::vector<std::uint8_t> seen(static_cast<std::size_t>(lanes), 0);
+  for (std::size_t j = 0; j < rows.size() && together; ++j) {
+    if (j > 0 && lane[rows[j]] == lane[rows[j - 1]]) continue;
+    std::uint8_t& s = seen[static_cast<std::size_t>(lane[rows[j]])];
+    together = s == 0;
+    s = 1;
+  }
+  if (!together) {
+    std::stable_sort(rows.begin(), rows.end(), [&](std::int64_t a, std::int64_t b) {
+      if (lane[a] != lane[b]) return lane[a] < lane[b];
+      return by_key(a, b);
+    });
+    return;
+  }
+  for (std::size_t lo = 0; lo < rows.size();) {
+    std::size_t hi = lo + 1;
+    while (hi < rows.size() && lane[rows[hi]] == lane[rows[lo]]) ++hi;
+    std::stable_sort(rows.begin() + static_cast<std::ptrdiff_t>(lo), rows.begin() + static_cast<std::ptrdiff_t>(hi),
+                     by_key);
+    lo = hi;
+  }
+}
+
+void Search::exact_flow(const std::vector<std::int64_t>& rows) {
+  tops(rows);
+  // the lane's best starts from the rows that meet the target at their maximum
+  std::vector<std::int64_t> over;
+  for (const std::int64_t r : rows) {
+    if (out_.binds[r]) over.push_back(r);
+    else if (out_.valid[r]) best_[in_.lane[r]] = np_max(best_[in_.lane[r]], bound_[r]);
+  }
+  // the binding rows still alive, by lane, the largest maximum first; rounds: each lane bisects its next row
+  // still alive (the lane's best raised by every row it finished), so a row is skipped as soon as a plan tried
+  // before it serves more than its maximum
+  std::vector<std::int64_t> cand;
+  for (const std::int64_t r : over) {
+    if (alive(r)) cand.push_back(r);
+  }
+  sort_by_lane_then_key(cand, in_.lane, in_.lanes, bound_);
+  std::vector<std::uint8_t> seen(static_cast<std::size_t>(in_.rows), 0);
+  rounds(cand, [&](std::int64_t r) { return alive(r); },
+         [&](const std::vector<std::int64_t>& round) {
+           for (const std::int64_t r : round) seen[static_cast<std::size_t>(r)] = 1;
+           bisect(round);
+           for (const std::int64_t r : round) {
+             if (out_.valid[r]) best_[in_.lane[r]] = np_max(best_[in_.lane[r]], served(r));
+           }
+         });
   // binding rows never bisected: another plan of their lane serves more, so they are never chosen
   for (const std::int64_t r : over) {
     if (!seen[static_cast<std::size_t>(r)]) out_.valid[r] = 0;
   }
+}
+
+// Dense lanes without prefill stalls: B*dp/TPOT grows with B on their rows, so a row serves at most its
+// throughput at the HBM-max (or fixed) batch at either operating point, and at most that with the step's lower
+// bound (each soft maximum taken as max(x, y): one pass, no powers): its upper bound. Each lane searches best
+// first, one action per round (the rounds' actions evaluated together across lanes): it bisects its binding row
+// of the largest throughput at the maximum (exact, evaluated) when that is at least the upper bound of its next
+// row not yet evaluated, else evaluates that row at its maximum (a row that meets the target there serves that;
+// a row that misses it waits for its bisection). A row whose upper bound, or maximum, is below (1 - 1e-9) of the
+// best its lane already serves under the target is never chosen at either point (that best is at most the
+// maximum-throughput point's, since a row serves no more under the target than at its maximum) and is dropped:
+// not evaluated at all, or not bisected.
+void Search::bounded_flow(const std::vector<std::int64_t>& rows) {
+  std::vector<std::int64_t> units(rows.size());
+  for (std::size_t j = 0; j < rows.size(); ++j) units[j] = in_.units[rows[j]];
+  std::vector<double> t(rows.size()), p(rows.size()), d(rows.size());
+  evaluate(rows, units, t.data(), p.data(), d.data(), true);
+  std::vector<double> ub(static_cast<std::size_t>(in_.rows), 0.0);
+  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
+  for (std::size_t j = 0; j < rows.size(); ++j) {
+    const std::int64_t r = rows[j];
+    const double max_batch = static_cast<double>(fixed(r) > 0 ? fixed_rep(r) : in_.units[r] * unit(r));
+    ub[static_cast<std::size_t>(r)] = t[j] > 0 ? max_batch / t[j] * dp(r) : inf;  // no bound from a nan or zero
+    out_.top_time[r] = out_.top_p99[r] = out_.top_step[r] = nan;  // rows never evaluated: never chosen
+    out_.time[r] = out_.p99[r] = out_.step[r] = nan;
+    out_.top_valid[r] = out_.valid[r] = out_.binds[r] = 0;
+    out_.units[r] = in_.units[r];
+  }
+  std::vector<std::int64_t> cand = rows;
+  sort_by_lane_then_key(cand, in_.lane, in_.lanes, ub);
+  struct LaneState {
+    std::size_t next, stop;              // its rows not yet evaluated: cand[next, stop), the largest bound first
+    std::vector<std::int64_t> pending;  // its binding rows not yet bisected
+  };
+  std::vector<LaneState> lanes;
+  for (std::size_t j = 0; j < cand.size(); ++j) {
+    if (j == 0 || in_.lane[cand[j]] != in_.lane[cand[j - 1]]) {
+      if (j > 0) lanes.back().stop = j;
+      lanes.push_back(LaneState{j, cand.size(), {}});
+    }
+  }
+  auto dropped = [&](double key, std::int64_t lane) { return key * (1.0 + 1e-9) < best_[lane]; };
+  std::vector<std::int64_t> top_rows, bis_rows;
+  std::vector<std::size_t> top_state;  // the lane (state) of each row in top_rows
+  std::vector<std::size_t> active(lanes.size()), still;  // lanes with rows left
+  std::iota(active.begin(), active.end(), std::size_t{0});
+  while (!active.empty()) {
+    top_rows.clear();
+    top_state.clear();
+    bis_rows.clear();
+    still.clear();
+    for (const std::size_t li : active) {
+      LaneState& ls = lanes[li];
+      if (ls.next == ls.stop && ls.pending.empty()) continue;
+      const std::int64_t l = in_.lane[ls.next < ls.stop ? cand[ls.next] : ls.pending.front()];
+      while (ls.next < ls.stop && dropped(ub[static_cast<std::size_t>(cand[ls.next])], l)) ++ls.next;
+      std::size_t kept = 0;
+      for (const std::int64_t r : ls.pending) {
+        if (dropped(bound_[r], l)) out_.valid[r] = 0;  // never chosen: another plan of the lane serves more
+        else ls.pending[kept++] = r;
+      }
+      ls.pending.resize(kept);
+      std::size_t at = ls.pending.size();  // the pending row of the largest maximum (the first of equals)
+      for (std::size_t q = 0; q < ls.pending.size(); ++q) {
+        if (at == ls.pending.size() || bound_[ls.pending[q]] > bound_[ls.pending[at]]) at = q;
+      }
+      const bool has_next = ls.next < ls.stop, has_pending = at < ls.pending.size();
+      if (has_pending && (!has_next || !(bound_[ls.pending[at]] < ub[static_cast<std::size_t>(cand[ls.next])]))) {
+        bis_rows.push_back(ls.pending[at]);
+        ls.pending.erase(ls.pending.begin() + static_cast<std::ptrdiff_t>(at));
+      } else if (has_next) {
+        top_rows.push_back(cand[ls.next++]);
+        top_state.push_back(li);
+      } else {
+        continue;  // nothing left: the lane is done
+      }
+      still.push_back(li);
+    }
+    active.swap(still);
+    if (top_rows.empty() && bis_rows.empty()) break;
+    if (!top_rows.empty()) {
+      tops(top_rows);
+      for (std::size_t k = 0; k < top_rows.size(); ++k) {
+        const std::int64_t r = top_rows[k];
+        if (!out_.valid[r]) continue;
+        if (out_.binds[r]) lanes[top_state[k]].pending.push_back(r);  // waits for its bisection
+        else best_[in_.lane[r]] = np_max(best_[in_.lane[r]], bound_[r]);
+      }
+    }
+    bisect(bis_rows);
+    for (const std::int64_t r : bis_rows) {
+      if (out_.valid[r]) best_[in_.lane[r]] = np_max(best_[in_.lane[r]], served(r));
+    }
+  }
+}
+
+void Search::search_rows() {
+  best_.assign(static_cast<std::size_t>(in_.lanes), 0.0);
+  bound_.assign(static_cast<std::size_t>(in_.rows), 0.0);
+  // a lane takes the bounded flow if every row of it is dense (B*dp/TPOT grows with B) and without a stall
+  std::vector<std::uint8_t> bounded(static_cast<std::size_t>(in_.lanes), 1);
+  for (std::int64_t r = 0; r < in_.rows; ++r) {
+    const bool dense = in_.plans[in_.plan[r]].moe_layers == 0;
+    const bool no_stall = in_.stall == nullptr || in_.stall[r] == 0;
+    if (!(dense && no_stall)) bounded[static_cast<std::size_t>(in_.lane[r])] = 0;
+  }
+  std::vector<std::int64_t> exact, bound;
+  for (std::int64_t r = 0; r < in_.rows; ++r) (bounded[static_cast<std::size_t>(in_.lane[r])] ? bound : exact).push_back(r);
+  if (!exact.empty()) exact_flow(exact);
+  if (!bound.empty()) bounded_flow(bound);
 }
 
 }  // namespace
