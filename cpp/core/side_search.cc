@@ -37,12 +37,11 @@ class Search {
   // time (user TPOT), p99 (user) and the step's mean of rows `rows` at `b` admission units each (a fixed batch
   // where the row has one).
   void evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time, double* p99,
-                double* step, bool lower_bound = false);
+                double* step);
   // rows at their HBM-max (or fixed) batch: the top_* outputs, and every other output initialised from them
   void tops(const std::vector<std::int64_t>& rows);
-  // the flows of lanes whose rows are all evaluated at the top first, and of dense lanes without stalls
-  void exact_flow(const std::vector<std::int64_t>& rows);
-  void bounded_flow(const std::vector<std::int64_t>& rows);
+  // the search of the rows of some lanes (every row of each)
+  void search_lanes(const std::vector<std::int64_t>& rows);
   // rounds over `cand` (grouped by lane): each round takes from every lane its next row that take(r) accepts
   // (the rows it refuses are passed over) and hands the round to run(round)
   template <class Take, class Run>
@@ -64,13 +63,15 @@ class Search {
   const SearchOutput& out_;
   std::vector<double> best_;   // per lane: the best throughput known
   std::vector<double> bound_;  // per row: its HBM-max throughput
+  std::vector<std::uint8_t> seen_;  // per row: bisected (search_lanes; cleared after use)
+  bool together_ = true;            // the rows of each lane come together
   // scratch of evaluate
   std::vector<const step::Lane*> lanes_;
   std::vector<double> ffn_, batch_, ctx_, t_, p50_, p99_, tok_;
 };
 
 void Search::evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time,
-                      double* p99, double* step, bool lower_bound) {
+                      double* p99, double* step) {
   const auto n = static_cast<std::int64_t>(rows.size());
   const auto cap = static_cast<std::size_t>(std::min(n, kBlockLanes));
   lanes_.resize(cap);
@@ -87,8 +88,7 @@ void Search::evaluate(const std::vector<std::int64_t>& rows, const std::vector<s
       ctx_[j] = in_.context[r];
     }
     step::step_lanes(step::Lanes{lanes_.data(), in_.ffn != nullptr ? ffn_.data() : nullptr}, hi - lo, batch_.data(), ctx_.data(), in_.straggler,
-                     step::StepOutput{t_.data(), p50_.data(), p99_.data(), tok_.data()}, step::PassDetail{}, 0,
-                     lower_bound);
+                     step::StepOutput{t_.data(), p50_.data(), p99_.data(), tok_.data()}, step::PassDetail{}, 0);
     for (std::int64_t i = lo; i < hi; ++i) {
       const std::int64_t r = rows[static_cast<std::size_t>(i)];
       const auto j = static_cast<std::size_t>(i - lo);
@@ -219,19 +219,20 @@ void Search::bisect(const std::vector<std::int64_t>& rows_b) {
     prune = prune || mono[j] != 0;
   }
   std::vector<std::int64_t> live_rows, mids;
-  std::vector<std::size_t> live;
+  std::vector<std::size_t> live, open(k);  // open: the rows still searching (the others are done)
+  std::iota(open.begin(), open.end(), std::size_t{0});
   std::vector<double> mt, mp, ms;
   const double inf = std::numeric_limits<double>::infinity();
   while (true) {
     if (prune) {
-      for (std::size_t j = 0; j < k; ++j) {
+      for (const std::size_t j : open) {
         if (on[j] && mono[j]) {
           const double v = (t_lo[j] > 0 ? static_cast<double>(lo[j]) / t_lo[j] : 0.0) * w[j];
           double& best = best_[in_.lane[act[j]]];
           best = np_max(best, v);
         }
       }
-      for (std::size_t j = 0; j < k; ++j) {
+      for (const std::size_t j : open) {
         if (!mono[j]) continue;
         const double cap_hi = (t_hi[j] > 0 ? static_cast<double>(hi[j]) / t_hi[j] : inf) * w[j];
         if (cap_hi * (1.0 + 1e-9) < best_[in_.lane[act[j]]]) on[j] = 0;
@@ -240,7 +241,7 @@ void Search::bisect(const std::vector<std::int64_t>& rows_b) {
     live.clear();
     live_rows.clear();
     mids.clear();
-    for (std::size_t j = 0; j < k; ++j) {
+    for (const std::size_t j : open) {
       if (!on[j] || hi[j] - lo[j] <= 1) continue;
       const std::int64_t a = lo[j], b = hi[j];
       const double fa = flo[j], fb = fhi[j];
@@ -254,6 +255,7 @@ void Search::bisect(const std::vector<std::int64_t>& rows_b) {
       live_rows.push_back(act[j]);
       mids.push_back(mid);
     }
+    open = live;  // a row done (closed or pruned) stays done
     if (live.empty()) break;
     mt.resize(live.size());
     mp.resize(live.size());
@@ -367,23 +369,15 @@ void Search::rounds(const std::vector<std::int64_t>& cand, Take take, Run run) {
   }
 }
 
-// Rows by lane, the largest key first (stable: plan order among equals; NaN last). The rows of a lane usually
-// come together (the Python layer lays them out lane by lane): then each lane's run is sorted alone.
-void sort_by_lane_then_key(std::vector<std::int64_t>& rows, const std::int64_t* lane, std::int64_t lanes,
+// Rows by lane, the largest key first (stable: plan order among equals; NaN last). `together`: the rows of each
+// lane already come together (each lane's run is then sorted alone).
+void sort_by_lane_then_key(std::vector<std::int64_t>& rows, const std::int64_t* lane, bool together,
                            const std::vector<double>& key) {
   auto by_key = [&](std::int64_t a, std::int64_t b) {
     const double ka = -key[static_cast<std::size_t>(a)], kb = -key[static_cast<std::size_t>(b)];
     if (std::isnan(ka) || std::isnan(kb)) return !std::isnan(ka) && std::isnan(kb);
     return ka < kb;
   };
-  bool together = true;  // every lane's rows in one run
-  std::vector<std::uint8_t> seen(static_cast<std::size_t>(lanes), 0);
-  for (std::size_t j = 0; j < rows.size() && together; ++j) {
-    if (j > 0 && lane[rows[j]] == lane[rows[j - 1]]) continue;
-    std::uint8_t& s = seen[static_cast<std::size_t>(lane[rows[j]])];
-    together = s == 0;
-    s = 1;
-  }
   if (!together) {
     std::stable_sort(rows.begin(), rows.end(), [&](std::int64_t a, std::int64_t b) {
       if (lane[a] != lane[b]) return lane[a] < lane[b];
@@ -400,7 +394,7 @@ void sort_by_lane_then_key(std::vector<std::int64_t>& rows, const std::int64_t* 
   }
 }
 
-void Search::exact_flow(const std::vector<std::int64_t>& rows) {
+void Search::search_lanes(const std::vector<std::int64_t>& rows) {
   tops(rows);
   // the lane's best starts from the rows that meet the target at their maximum
   std::vector<std::int64_t> over;
@@ -415,8 +409,8 @@ void Search::exact_flow(const std::vector<std::int64_t>& rows) {
   for (const std::int64_t r : over) {
     if (alive(r)) cand.push_back(r);
   }
-  sort_by_lane_then_key(cand, in_.lane, in_.lanes, bound_);
-  std::vector<std::uint8_t> seen(static_cast<std::size_t>(in_.rows), 0);
+  sort_by_lane_then_key(cand, in_.lane, together_, bound_);
+  std::vector<std::uint8_t>& seen = seen_;  // rows of `rows` bisected (all 0 on entry)
   rounds(cand, [&](std::int64_t r) { return alive(r); },
          [&](const std::vector<std::int64_t>& round) {
            for (const std::int64_t r : round) seen[static_cast<std::size_t>(r)] = 1;
@@ -428,117 +422,41 @@ void Search::exact_flow(const std::vector<std::int64_t>& rows) {
   // binding rows never bisected: another plan of their lane serves more, so they are never chosen
   for (const std::int64_t r : over) {
     if (!seen[static_cast<std::size_t>(r)]) out_.valid[r] = 0;
-  }
-}
-
-// Dense lanes without prefill stalls: B*dp/TPOT grows with B on their rows, so a row serves at most its
-// throughput at the HBM-max (or fixed) batch at either operating point, and at most that with the step's lower
-// bound (each soft maximum taken as max(x, y): one pass, no powers): its upper bound. Each lane searches best
-// first, one action per round (the rounds' actions evaluated together across lanes): it bisects its binding row
-// of the largest throughput at the maximum (exact, evaluated) when that is at least the upper bound of its next
-// row not yet evaluated, else evaluates that row at its maximum (a row that meets the target there serves that;
-// a row that misses it waits for its bisection). A row whose upper bound, or maximum, is below (1 - 1e-9) of the
-// best its lane already serves under the target is never chosen at either point (that best is at most the
-// maximum-throughput point's, since a row serves no more under the target than at its maximum) and is dropped:
-// not evaluated at all, or not bisected.
-void Search::bounded_flow(const std::vector<std::int64_t>& rows) {
-  std::vector<std::int64_t> units(rows.size());
-  for (std::size_t j = 0; j < rows.size(); ++j) units[j] = in_.units[rows[j]];
-  std::vector<double> t(rows.size()), p(rows.size()), d(rows.size());
-  evaluate(rows, units, t.data(), p.data(), d.data(), true);
-  std::vector<double> ub(static_cast<std::size_t>(in_.rows), 0.0);
-  const double nan = std::numeric_limits<double>::quiet_NaN(), inf = std::numeric_limits<double>::infinity();
-  for (std::size_t j = 0; j < rows.size(); ++j) {
-    const std::int64_t r = rows[j];
-    const double max_batch = static_cast<double>(fixed(r) > 0 ? fixed_rep(r) : in_.units[r] * unit(r));
-    ub[static_cast<std::size_t>(r)] = t[j] > 0 ? max_batch / t[j] * dp(r) : inf;  // no bound from a nan or zero
-    out_.top_time[r] = out_.top_p99[r] = out_.top_step[r] = nan;  // rows never evaluated: never chosen
-    out_.time[r] = out_.p99[r] = out_.step[r] = nan;
-    out_.top_valid[r] = out_.valid[r] = out_.binds[r] = 0;
-    out_.units[r] = in_.units[r];
-  }
-  std::vector<std::int64_t> cand = rows;
-  sort_by_lane_then_key(cand, in_.lane, in_.lanes, ub);
-  struct LaneState {
-    std::size_t next, stop;              // its rows not yet evaluated: cand[next, stop), the largest bound first
-    std::vector<std::int64_t> pending;  // its binding rows not yet bisected
-  };
-  std::vector<LaneState> lanes;
-  for (std::size_t j = 0; j < cand.size(); ++j) {
-    if (j == 0 || in_.lane[cand[j]] != in_.lane[cand[j - 1]]) {
-      if (j > 0) lanes.back().stop = j;
-      lanes.push_back(LaneState{j, cand.size(), {}});
-    }
-  }
-  auto dropped = [&](double key, std::int64_t lane) { return key * (1.0 + 1e-9) < best_[lane]; };
-  std::vector<std::int64_t> top_rows, bis_rows;
-  std::vector<std::size_t> top_state;  // the lane (state) of each row in top_rows
-  std::vector<std::size_t> active(lanes.size()), still;  // lanes with rows left
-  std::iota(active.begin(), active.end(), std::size_t{0});
-  while (!active.empty()) {
-    top_rows.clear();
-    top_state.clear();
-    bis_rows.clear();
-    still.clear();
-    for (const std::size_t li : active) {
-      LaneState& ls = lanes[li];
-      if (ls.next == ls.stop && ls.pending.empty()) continue;
-      const std::int64_t l = in_.lane[ls.next < ls.stop ? cand[ls.next] : ls.pending.front()];
-      while (ls.next < ls.stop && dropped(ub[static_cast<std::size_t>(cand[ls.next])], l)) ++ls.next;
-      std::size_t kept = 0;
-      for (const std::int64_t r : ls.pending) {
-        if (dropped(bound_[r], l)) out_.valid[r] = 0;  // never chosen: another plan of the lane serves more
-        else ls.pending[kept++] = r;
-      }
-      ls.pending.resize(kept);
-      std::size_t at = ls.pending.size();  // the pending row of the largest maximum (the first of equals)
-      for (std::size_t q = 0; q < ls.pending.size(); ++q) {
-        if (at == ls.pending.size() || bound_[ls.pending[q]] > bound_[ls.pending[at]]) at = q;
-      }
-      const bool has_next = ls.next < ls.stop, has_pending = at < ls.pending.size();
-      if (has_pending && (!has_next || !(bound_[ls.pending[at]] < ub[static_cast<std::size_t>(cand[ls.next])]))) {
-        bis_rows.push_back(ls.pending[at]);
-        ls.pending.erase(ls.pending.begin() + static_cast<std::ptrdiff_t>(at));
-      } else if (has_next) {
-        top_rows.push_back(cand[ls.next++]);
-        top_state.push_back(li);
-      } else {
-        continue;  // nothing left: the lane is done
-      }
-      still.push_back(li);
-    }
-    active.swap(still);
-    if (top_rows.empty() && bis_rows.empty()) break;
-    if (!top_rows.empty()) {
-      tops(top_rows);
-      for (std::size_t k = 0; k < top_rows.size(); ++k) {
-        const std::int64_t r = top_rows[k];
-        if (!out_.valid[r]) continue;
-        if (out_.binds[r]) lanes[top_state[k]].pending.push_back(r);  // waits for its bisection
-        else best_[in_.lane[r]] = np_max(best_[in_.lane[r]], bound_[r]);
-      }
-    }
-    bisect(bis_rows);
-    for (const std::int64_t r : bis_rows) {
-      if (out_.valid[r]) best_[in_.lane[r]] = np_max(best_[in_.lane[r]], served(r));
-    }
+    seen[static_cast<std::size_t>(r)] = 0;
   }
 }
 
 void Search::search_rows() {
   best_.assign(static_cast<std::size_t>(in_.lanes), 0.0);
   bound_.assign(static_cast<std::size_t>(in_.rows), 0.0);
-  // a lane takes the bounded flow if every row of it is dense (B*dp/TPOT grows with B) and without a stall
-  std::vector<std::uint8_t> bounded(static_cast<std::size_t>(in_.lanes), 1);
-  for (std::int64_t r = 0; r < in_.rows; ++r) {
-    const bool dense = in_.plans[in_.plan[r]].moe_layers == 0;
-    const bool no_stall = in_.stall == nullptr || in_.stall[r] == 0;
-    if (!(dense && no_stall)) bounded[static_cast<std::size_t>(in_.lane[r])] = 0;
+  seen_.assign(static_cast<std::size_t>(in_.rows), 0);
+  // Lanes in groups of kGroupLanes, each searched to completion before the next, so a group's rows stay in
+  // cache (a round of the search visits one row per lane: across every lane of a call it reads its arrays a row
+  // here and there; 1.29 s -> 1.12 s for the dense sides of bench_sweep's grid). The rows of a lane come
+  // together (the Python layer lays them out lane by lane); if they do not, all rows are one group.
+  constexpr std::int64_t kGroupLanes = 256;
+  std::vector<std::uint8_t> seen_lane(static_cast<std::size_t>(in_.lanes), 0);
+  bool& together = together_;
+  together = true;
+  for (std::int64_t r = 0; r < in_.rows && together; ++r) {
+    if (r > 0 && in_.lane[r] == in_.lane[r - 1]) continue;
+    std::uint8_t& s = seen_lane[static_cast<std::size_t>(in_.lane[r])];
+    together = s == 0;
+    s = 1;
   }
-  std::vector<std::int64_t> exact, bound;
-  for (std::int64_t r = 0; r < in_.rows; ++r) (bounded[static_cast<std::size_t>(in_.lane[r])] ? bound : exact).push_back(r);
-  if (!exact.empty()) exact_flow(exact);
-  if (!bound.empty()) bounded_flow(bound);
+  std::vector<std::int64_t> group;
+  std::int64_t lanes_in = 0;
+  for (std::int64_t r = 0; r < in_.rows; ++r) {
+    const bool new_lane = r == 0 || in_.lane[r] != in_.lane[r - 1];
+    if (together && new_lane && lanes_in == kGroupLanes) {
+      search_lanes(group);
+      group.clear();
+      lanes_in = 0;
+    }
+    if (new_lane) ++lanes_in;
+    group.push_back(r);
+  }
+  search_lanes(group);
 }
 
 }  // namespace

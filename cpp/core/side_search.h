@@ -24,17 +24,9 @@
 // falling back to the midpoint whenever a step did not halve the bracket: the
 // same answer as bisection, the largest batch that meets the target, in fewer
 // steps. Rows advance in synchronous rounds (each round's evaluations as one
-// call of the step), so the result does not depend on how rows are grouped.
-//
-// Dense lanes without prefill stalls search best first (bounded_flow): a row
-// serves at most its throughput at its maximum batch at either operating
-// point, and at most that with the step's lower bound (each kernel's soft
-// maximum (x^p + y^p)^(1/p) taken as max(x, y): one pass, no powers; every time
-// the step computes is nondecreasing in each soft maximum). Each lane takes one
-// action per round: it bisects its evaluated binding row of the largest maximum
-// when that is at least the bound of its next row not yet evaluated, else it
-// evaluates that row at its maximum. Rows whose bound falls below (1 - 1e-9) of
-// the lane's best are dropped unevaluated (top_valid and valid 0, top_* NaN).
+// call of the step), so the result does not depend on how rows are grouped;
+// lanes are searched in groups of 256, each to completion, so a group's rows
+// stay in cache.
 #pragma once
 
 #include <cstdint>

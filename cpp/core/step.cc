@@ -392,7 +392,7 @@ double ep_alltoall_time(const Lane& l, double bytes, double group) {
 
 void pass_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const double* tokens, const double* moe_mean, const double* moe_p50, const double* moe_p99,
-                const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride, bool lower_bound) {
+                const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride) {
   // Lanes in blocks: the block's soft maxima are recorded (a first evaluation), evaluated together
   // (soft_max_block: SIMD powers) and replayed in the same order by the second evaluation, which writes.
   thread_local SoftMaxTape tape;
@@ -400,8 +400,8 @@ void pass_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* 
   double res[7];
   for (std::int64_t lo = 0; lo < n; lo += kBlockLanes) {
     const std::int64_t hi = std::min(n, lo + kBlockLanes);
-    sm.reset(lower_bound);
-    for (int write = lower_bound ? 1 : 0; write < 2; ++write) {  // a bound needs no recording pass
+    sm.reset();
+    for (int write = 0; write < 2; ++write) {
       for (std::int64_t i = lo; i < hi; ++i) {
         const Recorder rec{detail, detail_stride, i, write == 1};
         one_lane(lanes[i], lanes.ffn_params(i), batch[i], context[i], tokens[i], moe_mean[i], moe_p50[i], moe_p99[i], rec, sm, res);

@@ -125,12 +125,10 @@ struct Lanes {
 // routed tokens per EP group per MoE layer (the straggler's B) and moe_mean/p50/p99[i] the routed experts'
 // straggler summed over the decode MoE layers (0 for dense lanes), without the grouped GEMM's fixed term
 // moe_fix, which the pass adds. Writes out[0, n) and, with detail, piece j of lane i at
-// detail.<array>[j * detail_stride + i]. With lower_bound, each soft maximum is taken as max(x, y) (one pass, no
-// powers): every value is then a lower bound of the pass's (the step is nondecreasing in each soft maximum).
+// detail.<array>[j * detail_stride + i].
 void pass_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const double* tokens, const double* moe_mean, const double* moe_p50, const double* moe_p99,
-                const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride,
-                bool lower_bound = false);
+                const PassOutput& out, const PassDetail& detail, std::int64_t detail_stride);
 // lanes[i - lo] = lane i of the columns, for i in [lo, hi).
 void gather_lanes(const Column* fields, std::int64_t lo, std::int64_t hi, Lane* lanes);
 // InvalidArgument naming `who` if a column is missing.
@@ -178,11 +176,11 @@ bool step_piece_is_link(int j);
 double accepted_tokens(double draft, double accept);
 
 // The step over `n` lanes; detail (kNumStepPieces rows of stride
-// detail_stride, or all null) and lower_bound as in pass_lanes. InvalidArgument if a MoE lane
+// detail_stride, or all null) as in pass_lanes. InvalidArgument if a MoE lane
 // needs the closed form without a routing law, or disagrees with it.
 void step_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const Straggler& straggler, const StepOutput& out, const PassDetail& detail,
-                std::int64_t detail_stride, bool lower_bound = false);
+                std::int64_t detail_stride);
 
 // Lanes of step_time: the fields as columns, batch and context.
 struct StepInput {

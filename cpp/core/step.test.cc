@@ -219,40 +219,6 @@ void test_side_search_equals_every_batch() {
   CHECK(qs::test::throws_invalid([&] { qs::side::search(in, out); }, "units[0] = 0: must be >= 1"));
 }
 
-Lane calibrated_lane(double p) {
-  Lane l = roofline_lane();
-  l.kern = 1;
-  l.g_bw = 3e12; l.g_f = 6e14; l.g_p = p; l.g_c0 = 4e-6; l.g_pad = 64; l.g_wb = 1; l.g_ab = 2;
-  l.at_bw = 3.5e12; l.at_f = 4e14; l.at_p = p; l.at_c0 = 6e-6; l.at_c1 = 1e-9; l.at_pad = 0; l.at_split = 1e9;
-  l.at_kvb = 1; l.at_h = 16; l.at_kvh = 4; l.at_el = 256; l.at_qo = 512; l.at_fl = 512;
-  l.ap_n1 = 4096; l.ap_k1 = 4096; l.ap_n2 = 4096; l.ap_k2 = 4096; l.ffn_mats = 3; l.lm_n = 64128;
-  return l;
-}
-
-void test_the_lower_bound_is_a_lower_bound() {
-  // each soft maximum taken as max(x, y): below the step for p < inf, the step itself at p = inf (where the soft
-  // maximum is the maximum), for plain, two-batch-overlap and speculative lanes
-  for (const double overlap : {0.0, 1.0, 2.0}) {
-    for (const double draft : {0.0, 2.0}) {
-      std::vector<Lane> lanes = {calibrated_lane(2.5), calibrated_lane(std::numeric_limits<double>::infinity())};
-      for (Lane& l : lanes) {
-        l.overlap = overlap;
-        l.draft = draft;
-        l.accept = 0.7;
-      }
-      std::vector<const Lane*> refs = {&lanes[0], &lanes[1]};
-      for (const double batch : {1.0, 48.0, 700.0}) {
-        const double b[2] = {batch, batch}, c[2] = {8192, 8192};
-        double t[2], p50[2], p99[2], tok[2], lt[2], l50[2], l99[2], ltok[2];
-        step_lanes(Lanes{refs.data()}, 2, b, c, Straggler{}, StepOutput{t, p50, p99, tok}, PassDetail{}, 0);
-        step_lanes(Lanes{refs.data()}, 2, b, c, Straggler{}, StepOutput{lt, l50, l99, ltok}, PassDetail{}, 0, true);
-        CHECK(lt[0] < t[0] && l99[0] <= p99[0] && lt[0] > 0.5 * t[0]);
-        CHECK(close(lt[1], t[1], 1e-15) && close(l99[1], p99[1], 1e-15));
-      }
-    }
-  }
-}
-
 void test_bad_input() {
   StepInput in;
   in.lanes = -1;
@@ -283,7 +249,6 @@ int main() {
   test_two_batch_overlap_is_its_formula();
   test_speculative_steps_are_per_accepted_token();
   test_side_search_equals_every_batch();
-  test_the_lower_bound_is_a_lower_bound();
   test_bad_input();
   return qs::test::report("step_test");
 }

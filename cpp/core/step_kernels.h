@@ -32,11 +32,8 @@ inline double np_min(double a, double b) {
 // their powers run as SIMD calls (soft_max_block); see pass_lanes.
 class SoftMaxTape {
  public:
-  // Records (x, y, p) and returns 0, or on replay the recorded call's soft maximum; in bound mode, max(x, y) at
-  // once: (x^p + y^p)^(1/p) >= max(x, y) for x, y >= 0 and p > 0, and every time the step computes is
-  // nondecreasing in each soft maximum, so the step computed so is a lower bound of the step (one pass, no powers).
+  // Records (x, y, p) and returns 0, or on replay the recorded call's soft maximum.
   double operator()(double x, double y, double p) {
-    if (bound_) return np_max(x, y);
     if (!replay_) {
       x_.push_back(x);
       y_.push_back(y);
@@ -51,21 +48,18 @@ class SoftMaxTape {
     replay_ = true;
     at_ = 0;
   }
-  void reset(bool bound = false) {
+  void reset() {
     x_.clear();
     y_.clear();
     p_.clear();
     replay_ = false;
     at_ = 0;
-    bound_ = bound;
   }
-  bool bound() const { return bound_; }
 
  private:
   std::vector<double> x_, y_, p_, r_;
   std::size_t at_ = 0;
   bool replay_ = false;
-  bool bound_ = false;
 };
 
 // Python's float floor division a // b for the values the pass meets (b may be 0: inf or nan, as numpy).

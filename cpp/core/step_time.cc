@@ -114,15 +114,14 @@ PassDetail offset(const PassDetail& d, std::int64_t by) {
 
 // One block (n <= kBlockLanes lanes) of step_lanes.
 void step_block(Lanes L, std::int64_t n, const double* batch, const double* ctx, const Straggler& s,
-                const StepOutput& out, const PassDetail& detail, std::int64_t stride, Scratch& w, bool bound) {
+                const StepOutput& out, const PassDetail& detail, std::int64_t stride, Scratch& w) {
   const bool want_detail = detail.time != nullptr;
   const bool given = s.mean != nullptr;
   // the (verify) pass
   Block& v = w.v;
   for (std::int64_t i = 0; i < n; ++i) v.tokens[static_cast<std::size_t>(i)] = routed_tokens(L[i], batch[i]);
   straggler_of(L, n, v.tokens.data(), s, given, v, w.cols);
-  pass_lanes(L, n, batch, ctx, v.tokens.data(), v.mean.data(), v.p50.data(), v.p99.data(), v.out(), detail, stride,
-             bound);
+  pass_lanes(L, n, batch, ctx, v.tokens.data(), v.mean.data(), v.p50.data(), v.p99.data(), v.out(), detail, stride);
   double* time = v.r[0].data();
   double* p50 = v.r[1].data();
   double* p99 = v.r[2].data();
@@ -150,7 +149,7 @@ void step_block(Lanes L, std::int64_t n, const double* batch, const double* ctx,
     }
     straggler_of(derived, m, h.tokens.data(), s, given, h, w.cols, rows.data());
     pass_lanes(derived, m, w.batch.data(), w.ctx.data(), h.tokens.data(), h.mean.data(), h.p50.data(),
-               h.p99.data(), h.out(), PassDetail{}, 0, bound);
+               h.p99.data(), h.out(), PassDetail{}, 0);
     for (std::size_t j = 0; j < rows.size(); ++j) {
       const double comm = h.r[6][j], layers = w.derived[j].layers;
       const double c[3] = {h.r[3][j], h.r[4][j], h.r[5][j]};
@@ -210,7 +209,7 @@ void step_block(Lanes L, std::int64_t n, const double* batch, const double* ctx,
       dd = PassDetail{w.dt.data(), w.db.data(), w.df.data(), w.dc.data(), w.dp.data(), w.dw.data()};
     }
     pass_lanes(derived, m, micro, w.ctx.data(), d.tokens.data(), d.mean.data(), d.p50.data(), d.p99.data(),
-               d.out(), dd, kBlockLanes, bound);
+               d.out(), dd, kBlockLanes);
     if (want_detail) {
       for (std::size_t j = 0; j < rows.size(); ++j) {
         for (int p = 0; p < kNumPieces; ++p) {
@@ -227,7 +226,7 @@ void step_block(Lanes L, std::int64_t n, const double* batch, const double* ctx,
     }
     // the MTP projection: a GEMM of `seqs` rows, n = d/shard, k = 2d (calibrated), or its roofline
     SoftMaxTape& sm = w.tape;
-    sm.reset(bound);
+    sm.reset();
     for (int pass = 0; pass < 2; ++pass) {
       for (std::size_t j = 0; j < rows.size(); ++j) {
         const Lane& l = L[rows[j]];
@@ -320,7 +319,7 @@ double accepted_tokens(double draft, double accept) {
 
 void step_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* context,
                 const Straggler& straggler, const StepOutput& out, const PassDetail& detail,
-                std::int64_t detail_stride, bool lower_bound) {
+                std::int64_t detail_stride) {
   Scratch& w = scratch();
   for (std::int64_t lo = 0; lo < n; lo += kBlockLanes) {
     const std::int64_t hi = std::min(n, lo + kBlockLanes);
@@ -328,7 +327,7 @@ void step_lanes(Lanes lanes, std::int64_t n, const double* batch, const double* 
     if (s.mean != nullptr) s = Straggler{s.routing, s.mean + lo, s.p50 + lo, s.p99 + lo};
     step_block(lanes.from(lo), hi - lo, batch + lo, context + lo, s,
                StepOutput{out.time + lo, out.p50 + lo, out.p99 + lo, out.tokens + lo}, offset(detail, lo),
-               detail_stride, w, lower_bound);
+               detail_stride, w);
   }
 }
 
@@ -354,7 +353,7 @@ void step_time(const StepInput& in, const StepOutput& out, const PassDetail& det
     if (s.mean != nullptr) sb = Straggler{s.routing, s.mean + lo, s.p50 + lo, s.p99 + lo};
     step_block(Lanes{refs.data()}, hi - lo, in.batch + lo, in.context + lo, sb,
                StepOutput{out.time + lo, out.p50 + lo, out.p99 + lo, out.tokens + lo}, offset(detail, lo), in.lanes,
-               w, false);
+               w);
   }
 }
 
