@@ -2,7 +2,7 @@
 
 One decode step generates one token for each of the ``batch`` sequences that a
 data-parallel replica serves. Every formula is written out in ``docs/model.md``;
-the core's pass (``cpp/core/step.cc``, ``_core.step_pass``) follows it piece by
+the core's pass (``cpp/core/step.cc``, run by ``_core.step_time``) follows it piece by
 piece:
 
 * **attention** per layer and GPU: its weight shard, the KV cache of the
