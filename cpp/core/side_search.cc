@@ -32,8 +32,6 @@ class Search {
 
  private:
   void search_rows();
-
- private:
   // time (user TPOT), p99 (user) and the step's mean of rows `rows` at `b` admission units each (a fixed batch
   // where the row has one).
   void evaluate(const std::vector<std::int64_t>& rows, const std::vector<std::int64_t>& b, double* time, double* p99,
@@ -48,7 +46,7 @@ class Search {
   void rounds(const std::vector<std::int64_t>& cand, Take take, Run run);
   // the cluster's tokens/s at row r's answer (the TPOT a user sees)
   double served(std::int64_t r) const {
-    return (out_.time[r] > 0 ? static_cast<double>(out_.units[r] * unit(r)) / out_.time[r] : 0.0) * dp(r);
+    return (out_.time[r] > 0 ? static_cast<double>(batch_at(r, out_.units[r])) / out_.time[r] : 0.0) * dp(r);
   }
   void bisect(const std::vector<std::int64_t>& rows_b);
   double dp(std::int64_t r) const { return in_.plans[in_.plan[r]].dp; }
@@ -56,6 +54,11 @@ class Search {
   std::int64_t fixed(std::int64_t r) const { return in_.fixed == nullptr ? 0 : in_.fixed[r]; }
   std::int64_t fixed_rep(std::int64_t r) const {
     return floor_div(fixed(r), static_cast<std::int64_t>(dp(r)));  // a fixed cluster batch split over the replicas
+  }
+  // sequences per replica of row r at its HBM-max (or fixed) batch, and at `units` admission units
+  std::int64_t top_batch(std::int64_t r) const { return fixed(r) > 0 ? fixed_rep(r) : in_.units[r] * unit(r); }
+  std::int64_t batch_at(std::int64_t r, std::int64_t units) const {
+    return fixed(r) > 0 ? fixed_rep(r) : units * unit(r);
   }
   bool alive(std::int64_t r) const { return bound_[r] * (1.0 + 1e-9) >= best_[in_.lane[r]]; }
 
@@ -83,8 +86,7 @@ void Search::evaluate(const std::vector<std::int64_t>& rows, const std::vector<s
       const auto j = static_cast<std::size_t>(i - lo);
       lanes_[j] = &in_.plans[in_.plan[r]];
       if (in_.ffn != nullptr) ffn_[j] = in_.ffn[r];
-      const std::int64_t fx = fixed(r);
-      batch_[j] = static_cast<double>(fx > 0 ? fixed_rep(r) : b[static_cast<std::size_t>(i)] * unit(r));
+      batch_[j] = static_cast<double>(batch_at(r, b[static_cast<std::size_t>(i)]));
       ctx_[j] = in_.context[r];
     }
     step::step_lanes(step::Lanes{lanes_.data(), in_.ffn != nullptr ? ffn_.data() : nullptr}, hi - lo, batch_.data(), ctx_.data(), in_.straggler,
@@ -303,8 +305,7 @@ void Search::run() {
   search_rows();
   // the operating points' batches and decode throughputs
   for (std::int64_t r = 0; r < in_.rows; ++r) {
-    const std::int64_t top = fixed(r) > 0 ? fixed_rep(r) : in_.units[r] * unit(r);
-    const std::int64_t at = fixed(r) > 0 ? fixed_rep(r) : out_.units[r] * unit(r);
+    const std::int64_t top = top_batch(r), at = batch_at(r, out_.units[r]);
     out_.top_batch[r] = top;
     out_.batch[r] = at;
     out_.top_tps[r] = (out_.top_step[r] > 0 ? static_cast<double>(top) / out_.top_step[r] : 0.0) * dp(r);
@@ -337,7 +338,7 @@ void Search::tops(const std::vector<std::int64_t>& rows) {
     out_.step[r] = d[j];
     const bool has_slo = !std::isnan(in_.slo[r]) && fx <= 0;
     out_.binds[r] = has_slo && !(p[j] <= in_.slo[r]) ? 1 : 0;
-    const double max_batch = static_cast<double>(fx > 0 ? fixed_rep(r) : in_.units[r] * unit(r));
+    const double max_batch = static_cast<double>(top_batch(r));
     bound_[r] = (t[j] > 0 ? max_batch / t[j] : 0.0) * dp(r);
   }
 }
